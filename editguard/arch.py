@@ -1,0 +1,130 @@
+"""The architecture table: where each model family keeps the pieces editguard reads and rewrites.
+
+Data, not classes: `arch_table.json` holds one row per `config.model_type` with module-path templates
+(`{layer}` placeholders). Nothing else in editguard branches on the model family.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Iterable
+
+from .errors import EditguardError, UnsupportedError
+
+ROLES = ("layer", "mlp", "mlp_out", "attn", "attn_out")  # per-layer module templates
+GLOBAL_ROLES = ("base", "final_norm", "embed", "unembed")
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, dict[str, Any]]:
+    raw = json.loads(resources.files("editguard").joinpath("arch_table.json").read_text())
+    defaults = raw.pop("_defaults")
+    raw.pop("_doc", None)
+    return {name: {**defaults, **row} for name, row in raw.items()}
+
+
+def supported() -> list[str]:
+    return sorted(_table())
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    base: str
+    layer: str
+    mlp: str
+    mlp_out: str
+    attn: str
+    attn_out: str
+    final_norm: str
+    embed: str
+    unembed: str
+    mlp_out_transposed: bool
+    tie_default: bool
+    num_layers_keys: tuple[str, ...]
+    aliases: tuple[tuple[str, str], ...] = field(default=())
+
+    # -- module paths -------------------------------------------------------------------------
+    def module(self, role: str, layer: int | None = None) -> str:
+        template = getattr(self, role)
+        if "{layer}" in template:
+            if layer is None:
+                raise ValueError(f"role {role!r} needs a layer index")
+            return template.format(layer=layer)
+        return template
+
+    def weight_name(self, role: str, layer: int | None = None) -> str:
+        """Canonical tensor name (as the transformers module tree names it)."""
+        return self.module(role, layer) + ".weight"
+
+    def tensor_candidates(self, canonical: str) -> list[str]:
+        """The canonical name and the alias spellings files may use for it, in that order."""
+        names = [canonical]
+        for canon_prefix, stored_prefix in self.aliases:
+            if canonical.startswith(canon_prefix):
+                names.append(stored_prefix + canonical[len(canon_prefix):])
+        return names
+
+    def canonical_tensor_name(self, stored: str) -> str:
+        """Inverse of the aliases: how transformers names a tensor a file stores as `stored`."""
+        for canon_prefix, stored_prefix in self.aliases:
+            if stored.startswith(stored_prefix) and not stored.startswith(canon_prefix):
+                return canon_prefix + stored[len(stored_prefix):]
+        return stored
+
+    def mlp_out_layer_of(self, tensor_name: str, num_layers: int) -> int | None:
+        """Layer index if `tensor_name` (any alias) is an MLP output projection weight."""
+        canonical = self.canonical_tensor_name(tensor_name)
+        for layer in range(num_layers):
+            if canonical == self.weight_name("mlp_out", layer):
+                return layer
+        return None
+
+    # -- config -------------------------------------------------------------------------------
+    def num_layers(self, config: dict[str, Any]) -> int:
+        config = _text_config(config)
+        for key in self.num_layers_keys:
+            if isinstance(config.get(key), int):
+                return config[key]
+        raise EditguardError(f"config.json of this {self.model_type} model has none of {list(self.num_layers_keys)}")
+
+    def tied(self, config: dict[str, Any]) -> bool:
+        value = config.get("tie_word_embeddings")
+        if value is None:
+            value = _text_config(config).get("tie_word_embeddings")
+        return self.tie_default if value is None else bool(value)
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    # Multimodal wrappers keep the language model's settings in text_config.
+    return config.get("text_config") or config
+
+
+def for_model_type(model_type: str | None) -> Arch:
+    row = _table().get(model_type or "")
+    if row is None:
+        raise UnsupportedError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(supported())}"
+        )
+    return Arch(
+        model_type=model_type,
+        **{k: v for k, v in row.items() if k not in ("num_layers_keys", "aliases")},
+        num_layers_keys=tuple(row["num_layers_keys"]),
+        aliases=tuple(tuple(pair) for pair in row["aliases"]),
+    )
+
+
+def for_config(config: dict[str, Any]) -> Arch:
+    return for_model_type(config.get("model_type"))
+
+
+def module_names(arch: Arch, num_layers: int) -> Iterable[tuple[str, int | None, str]]:
+    """Every (role, layer, module path) the table names for a model with `num_layers` layers."""
+    for role in GLOBAL_ROLES:
+        yield role, None, arch.module(role)
+    for layer in range(num_layers):
+        for role in ROLES:
+            yield role, layer, arch.module(role, layer)

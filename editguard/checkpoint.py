@@ -1,0 +1,375 @@
+"""A folder of weight files, read one tensor at a time and copied with some tensors replaced.
+
+Safetensors headers are parsed here (not trusted blindly) so a corrupt or truncated file is one clear
+error before any tensor is touched. Pickle checkpoints are refused unless the caller allows them, and
+even then are read only with `torch.load(weights_only=True)`: no code from a checkpoint ever runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .errors import EditguardError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# safetensors dtype tag -> (torch dtype, bytes per element)
+_DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+_TAGS = {dtype: tag for tag, (dtype, _) in _DTYPES.items()}
+
+# Whole safetensors headers larger than this are not real checkpoints (the format caps them at 100 MB).
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # file name inside the checkpoint folder
+    dtype: str  # safetensors tag, e.g. "F32"
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype][0]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors file's header: tensors by name, and the free-form metadata."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        raw_len = handle.read(8)
+        if len(raw_len) < 8:
+            raise EditguardError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise EditguardError(f"{path}: corrupt or truncated safetensors file (header length {header_len} "
+                                 f"does not fit in a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EditguardError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise EditguardError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    end_max = 0
+    for name, entry in header.items():
+        try:
+            tag, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise EditguardError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        if tag not in _DTYPES:
+            raise EditguardError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
+        if end - begin != math.prod(shape) * _DTYPES[tag][1] or begin < 0:
+            raise EditguardError(f"{path}: corrupt safetensors header (tensor {name!r} size does not match its shape)")
+        tensors[name] = TensorInfo(name, path.name, tag, shape, data_start + begin, data_start + end)
+        end_max = max(end_max, end)
+    if data_start + end_max != size:
+        state = "truncated" if data_start + end_max > size else "has trailing bytes"
+        raise EditguardError(f"{path}: corrupt safetensors file ({state}: header describes "
+                             f"{data_start + end_max} bytes, file has {size})")
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor, any dtype (bf16 included)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+class Checkpoint:
+    """One model folder: config.json plus safetensors shards (or, if allowed, pickle files)."""
+
+    def __init__(self, folder: str | os.PathLike, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise EditguardError(f"no such model folder: {self.folder}")
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise EditguardError(f"{self.folder} has no config.json: not a Hugging Face model folder")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EditguardError(f"{config_path}: not valid JSON") from None
+        self.allow_pickle = allow_pickle
+        self._tensors: dict[str, TensorInfo] = {}
+        self.file_metadata: dict[str, dict[str, str]] = {}
+        self._pickle_state: dict[str, dict[str, torch.Tensor]] = {}
+        self._pickle_names: dict[str, str] = {}
+        self.format = self._scan()
+
+    # -- discovery ----------------------------------------------------------------------------
+    def _scan(self) -> str:
+        shards = self._safetensors_files()
+        if shards:
+            for shard in shards:
+                tensors, metadata = read_safetensors_header(self.folder / shard)
+                self._tensors.update(tensors)
+                self.file_metadata[shard] = metadata
+            return "safetensors"
+        pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if not pickles:
+            raise EditguardError(f"{self.folder} holds no weights (*.safetensors)")
+        if not self.allow_pickle:
+            raise EditguardError(
+                f"{self.folder} holds only pickle weights ({', '.join(pickles)}); pickle can run code, so editguard "
+                "refuses it. Convert to safetensors, or pass --allow-pickle to read it with torch.load(weights_only=True)"
+            )
+        for name in pickles:
+            for tensor_name in self._load_pickle(name):
+                self._pickle_names[tensor_name] = name
+        return "pickle"
+
+    def _safetensors_files(self) -> list[str]:
+        index = self.folder / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise EditguardError(f"{index}: corrupt shard index") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (self.folder / f).is_file()]
+            if missing:
+                raise EditguardError(f"{self.folder}: shard index names missing files: {', '.join(missing)}")
+            return files
+        return sorted(p.name for p in self.folder.glob("*.safetensors"))
+
+    def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
+        if file not in self._pickle_state:
+            try:
+                state = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+                raise EditguardError(f"{self.folder / file}: refused to load pickle ({str(exc).splitlines()[0]})") from None
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            if not isinstance(state, dict):
+                raise EditguardError(f"{self.folder / file}: pickle does not hold a state dict")
+            self._pickle_state[file] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return self._pickle_state[file]
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def files(self) -> list[str]:
+        """Weight files, in order."""
+        if self.format == "safetensors":
+            return sorted(self.file_metadata)
+        return sorted(set(self._pickle_names.values()))
+
+    def names(self) -> list[str]:
+        return list(self._tensors) if self.format == "safetensors" else list(self._pickle_names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors or name in self._pickle_names
+
+    def info(self, name: str) -> TensorInfo:
+        if self.format == "safetensors":
+            if name not in self._tensors:
+                raise EditguardError(f"tensor {name!r} is not in {self.folder}")
+            return self._tensors[name]
+        tensor = self.read(name)
+        return TensorInfo(name, self._pickle_names[name], _TAGS.get(tensor.dtype, "F32"), tuple(tensor.shape), 0, 0)
+
+    def find(self, candidates: Iterable[str]) -> str | None:
+        """The first of several possible spellings of a tensor name that this checkpoint stores."""
+        for name in candidates:
+            if name in self:
+                return name
+        return None
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor from disk without touching the others."""
+        if self.format == "pickle":
+            if name not in self._pickle_names:
+                raise EditguardError(f"tensor {name!r} is not in {self.folder}")
+            tensor = self._load_pickle(self._pickle_names[name])[name]
+        else:
+            info = self.info(name)
+            with open(self.folder / info.file, "rb") as handle:
+                handle.seek(info.start)
+                raw = bytearray(handle.read(info.nbytes))
+            tensor = torch.frombuffer(raw, dtype=info.torch_dtype).reshape(info.shape) if raw else \
+                torch.empty(info.shape, dtype=info.torch_dtype)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.read(name)
+
+    def weight_files_size(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in self.files)
+
+    # -- writing ------------------------------------------------------------------------------
+    def write_copy(
+        self,
+        out_dir: str | os.PathLike,
+        replacements: dict[str, torch.Tensor],
+        extra_files: dict[str, bytes] | None = None,
+        force: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Write a complete model folder equal to this one with some tensors replaced.
+
+        Only shards that hold a replaced tensor are rewritten (streamed, byte ranges copied); the others
+        are copied (kernel-side copy). The folder appears atomically: it is built beside
+        `out_dir` and renamed into place, so an interrupted or failed write (disk full) leaves nothing.
+        Returns the names of the rewritten files.
+        """
+        out = Path(out_dir).resolve()
+        if out == self.folder.resolve():
+            raise EditguardError("output folder is the input folder; editguard never modifies its input")
+        if out.exists() and not force:
+            raise EditguardError(f"output folder {out} already exists (use --force to replace it)")
+        for name in replacements:
+            if name not in self:
+                raise EditguardError(f"cannot replace {name!r}: not in {self.folder}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        rewritten: list[str] = []
+        try:
+            if self.format == "pickle":
+                rewritten = self._write_pickle_as_safetensors(tmp, replacements)
+            else:
+                touched = {self._tensors[name].file for name in replacements}
+                for shard in self.files:
+                    if shard in touched:
+                        if progress:
+                            progress(f"rewriting {shard}")
+                        self._rewrite_shard(shard, tmp / shard, replacements)
+                        rewritten.append(shard)
+                    else:
+                        _copy(self.folder / shard, tmp / shard)
+                if (self.folder / SAFETENSORS_INDEX).is_file():
+                    _copy(self.folder / SAFETENSORS_INDEX, tmp / SAFETENSORS_INDEX)
+            weight_files = set(self.files) | {SAFETENSORS_INDEX}
+            for item in self.folder.iterdir():
+                if item.name in weight_files or item.suffix in PICKLE_SUFFIXES or item.name.startswith("."):
+                    continue
+                if item.is_file():
+                    _copy(item, tmp / item.name)
+                elif item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+            _replace_dir(tmp, out)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise EditguardError(f"disk full while writing {out}; nothing was written") from None
+            raise EditguardError(f"could not write {out}: {exc.strerror or exc}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return rewritten
+
+    def _rewrite_shard(self, shard: str, dest: Path, replacements: dict[str, torch.Tensor]) -> None:
+        entries = sorted((info for info in self._tensors.values() if info.file == shard), key=lambda i: i.start)
+        header: dict = {}
+        metadata = self.file_metadata.get(shard) or {}
+        if metadata:
+            header["__metadata__"] = metadata
+        payload: list[tuple[TensorInfo, torch.Tensor | None]] = []
+        offset = 0
+        for info in entries:
+            new = replacements.get(info.name)
+            if new is not None:
+                new = new.detach().to("cpu").contiguous()
+                tag = _TAGS.get(new.dtype)
+                if tag is None:
+                    raise EditguardError(f"cannot store dtype {new.dtype} for {info.name}")
+                size = new.numel() * new.element_size()
+                header[info.name] = {"dtype": tag, "shape": list(new.shape), "data_offsets": [offset, offset + size]}
+            else:
+                size = info.nbytes
+                header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + size]}
+            payload.append((info, new))
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+        with open(self.folder / shard, "rb") as src, open(dest, "wb") as dst:
+            dst.write(struct.pack("<Q", len(blob)))
+            dst.write(blob)
+            for info, new in payload:
+                if new is not None:
+                    dst.write(tensor_bytes(new))
+                else:
+                    src.seek(info.start)
+                    remaining = info.nbytes
+                    while remaining:
+                        chunk = src.read(min(remaining, 64 << 20))
+                        dst.write(chunk)
+                        remaining -= len(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+
+    def _write_pickle_as_safetensors(self, tmp: Path, replacements: dict[str, torch.Tensor]) -> list[str]:
+        tensors = {name: replacements.get(name, self.read(name)) for name in self.names()}
+        write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
+        return ["model.safetensors"]
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise EditguardError(f"disk full while writing {path}; nothing was written") from None
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy(src: Path, dest: Path) -> None:
+    # A copy, not a hard link: a later in-place write to the output must never reach the input.
+    shutil.copy2(src, dest)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

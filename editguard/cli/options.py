@@ -1,0 +1,48 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import EditguardError
+from ..resolve import ModelRef, resolve
+from . import state
+
+ModelArg = Annotated[str, typer.Argument(
+    metavar="MODEL", help="Hub id (org/name), local folder, .gguf file, or demo:smollm2-135m / demo:gemma3-270m.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit.")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Read pickle weights (*.bin, *.pt, ...) with torch.load(weights_only=True).")]
+DeviceMap = Annotated[str, typer.Option("--device-map", help="cpu | auto | cuda | cuda:N (accelerate placement).")]
+Dtype = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16 | auto.")]
+MaxMemory = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="Per-device caps for --device-map auto, e.g. '0=20GiB,cpu=60GiB'.")]
+OffloadFolder = Annotated[Optional[str], typer.Option("--offload-folder", help="Where accelerate may offload weights.")]
+
+
+def resolve_model(spec: str, revision: str | None = None, allow_pickle: bool = False) -> ModelRef:
+    """Resolve with a spinner: a first use may download or convert (tens of seconds)."""
+    with state.out().progress(f"resolving {spec}") as advance:
+        return resolve(spec, revision=revision, allow_pickle=allow_pickle,
+                       progress=lambda message: advance(0, description=message))
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    if not text:
+        return None
+    caps: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip():
+            raise EditguardError(f"--max-memory: expected DEVICE=SIZE pairs, got {item!r}")
+        key = key.strip()
+        caps[int(key) if key.isdigit() else key] = value.strip()
+    return caps
+
+
+def load_options(device_map: str, dtype: str, max_memory: str | None, offload_folder: str | None,
+                 allow_pickle: bool) -> dict:
+    return dict(device_map=device_map, dtype=dtype, max_memory=parse_max_memory(max_memory),
+                offload_folder=offload_folder, allow_pickle=allow_pickle)

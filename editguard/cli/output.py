@@ -1,0 +1,96 @@
+"""One output switch for every command: human text on stderr, or one JSON (or SARIF) document on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+
+FORMATS = ("human", "json", "sarif")
+
+
+@dataclass
+class Output:
+    format: str = "human"
+    quiet: bool = False
+    verbose: bool = False
+    console: Console = field(default_factory=lambda: _stderr_console())
+
+    @property
+    def human(self) -> bool:
+        return self.format == "human"
+
+    def note(self, message: str) -> None:
+        """A progress or status line: human mode only, silenced by --quiet."""
+        if self.human and not self.quiet:
+            self.console.print(message, style="dim")
+
+    def debug(self, message: str) -> None:
+        if self.verbose and self.human:
+            self.console.print(message, style="dim italic")
+
+    @contextlib.contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        """A Rich progress bar (spinner when `total` is unknown); yields `advance(n=1, **fields)`.
+
+        Off in json/sarif mode and with --quiet, so machine output stays clean.
+        """
+        if not self.human or self.quiet:
+            yield lambda *a, **k: None
+            return
+        columns = [SpinnerColumn(), TextColumn("{task.description}")]
+        if total is not None:
+            columns += [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        else:
+            columns += [TimeElapsedColumn()]
+        columns.append(TextColumn("{task.fields[info]}", style="cyan"))
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task(description, total=total, info="")
+
+            def advance(n: int = 1, info: str | None = None, description: str | None = None) -> None:
+                kwargs: dict[str, Any] = {"advance": n}
+                if info is not None:
+                    kwargs["info"] = info
+                if description is not None:
+                    kwargs["description"] = description
+                bar.update(task, **kwargs)
+
+            yield advance
+
+    def status_callback(self) -> Callable[[str], None]:
+        return self.note
+
+    def emit(self, data: Any, render: Callable[[Console, Any], None] | None = None, sarif: Any = None) -> None:
+        """The command's result: JSON/SARIF on stdout, or `render` to stderr for people."""
+        if self.format == "json":
+            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        elif self.format == "sarif":
+            sys.stdout.write(json.dumps(sarif if sarif is not None else data, indent=2, default=str) + "\n")
+        elif render is not None and not (self.quiet and data is None):
+            render(self.console, data)
+
+    def error(self, message: str, exit_code: int) -> None:
+        self.console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        if self.format == "json":  # a SARIF consumer gets no document rather than a non-SARIF one
+            sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
+
+
+def _stderr_console() -> Console:
+    console = Console(stderr=True, highlight=False)
+    if not console.is_terminal:  # logs and CI: do not squeeze tensor names into 80 columns
+        console = Console(stderr=True, highlight=False, width=160)
+    return console
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

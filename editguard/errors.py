@@ -1,0 +1,25 @@
+"""The one exception family the CLI turns into a single line and an exit code."""
+
+from __future__ import annotations
+
+# Exit codes are part of the CLI contract (README documents them).
+EXIT_CLEAN = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+EXIT_UNSUPPORTED = 3
+
+
+class EditguardError(Exception):
+    """An expected failure with a message meant for the user (bad input, missing file, ...)."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedError(EditguardError):
+    """Valid input that editguard cannot handle (unknown architecture, ...)."""
+
+    exit_code = EXIT_UNSUPPORTED

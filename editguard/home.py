@@ -1,0 +1,36 @@
+"""Where editguard keeps what it builds once (converted demo models, statistics, ...)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """`$EDITGUARD_HOME`, else `$XDG_CACHE_HOME/editguard`, else `~/.cache/editguard`."""
+    env = os.environ.get("EDITGUARD_HOME")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "editguard"
+
+
+def cache_dir(*parts: str) -> Path:
+    path = home().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock, so two processes building the same artefact wait for each other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,146 @@
+"""Holding a whole model: transformers + accelerate device mapping, frozen, in eval mode.
+
+Weight-level work never comes here (it reads tensors lazily through `Checkpoint`); this is for work
+that runs the network (editing, probing, mask training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from . import arch as arch_table
+from .arch import Arch
+from .checkpoint import Checkpoint
+from .errors import EditguardError
+from .quiet import quiet_transformers
+from .resolve import ModelRef
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    arch: Arch
+    num_layers: int
+    ref: ModelRef
+    checkpoint: Checkpoint
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.module("embed").weight.device
+
+    def module(self, role: str, layer: int | None = None) -> torch.nn.Module:
+        return self.model.get_submodule(self.arch.module(role, layer))
+
+    def layer_range_check(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise EditguardError(f"layer {layer} is out of range: this model has layers 0-{self.num_layers - 1}")
+
+
+def load_tokenizer(ref: ModelRef):
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=False)
+        except Exception as exc:
+            raise EditguardError(f"{ref.spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    ref: ModelRef,
+    *,
+    device_map: str = "cpu",
+    dtype: str = "float32",
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    allow_pickle: bool = False,
+    keep_on_device: Iterable[str] = (),
+) -> LoadedModel:
+    """Load `ref` with transformers, never trusting remote code and never unpickling unless allowed.
+
+    `keep_on_device` names modules (e.g. the edited MLP projections) that must hold real weights: with
+    accelerate's automatic placement they would otherwise risk being offloaded to `meta`/disk.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = ref.checkpoint(allow_pickle=allow_pickle)  # refuses pickle, validates headers
+    arch = arch_table.for_config(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    if dtype not in DTYPES and dtype != "auto":
+        raise EditguardError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    kwargs: dict = dict(dtype=torch_dtype, trust_remote_code=False, use_safetensors=checkpoint.format == "safetensors")
+    if device_map != "cpu" or max_memory or offload_folder:
+        kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+        if offload_folder:
+            kwargs["offload_folder"] = offload_folder
+        keep = list(keep_on_device)
+        if device_map == "auto" and keep:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(ref.path, trust_remote_code=False)
+            kwargs["device_map"] = _auto_map_keeping(config, torch_dtype, max_memory, keep)
+    with quiet_transformers():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+        except EditguardError:
+            raise
+        except Exception as exc:
+            raise EditguardError(f"{ref.spec}: transformers could not load it ({str(exc).splitlines()[0][:240]})") from None
+    model.eval()
+    model.requires_grad_(False)
+    for name in keep_on_device:
+        weight = model.get_submodule(name).weight
+        if weight.device.type == "meta":
+            raise EditguardError(f"{name} was offloaded; give it room with --max-memory or --device-map cpu")
+    tokenizer = load_tokenizer(ref)
+    return LoadedModel(model, tokenizer, arch, num_layers, ref, checkpoint)
+
+
+def _auto_map_keeping(config, dtype, max_memory, keep: list[str]) -> dict:
+    """transformers' own automatic map, with the kept modules forced onto the first real device.
+
+    A disk-mapped ancestor of a kept module is split along the path to it: its other children stay
+    where they were mapped, the kept module gets real memory.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.accelerate import _get_device_map
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype)
+    device_map = dict(_get_device_map(empty, "auto", max_memory, None))
+    offloaded = ("disk", "meta")
+    real = [d for d in device_map.values() if d not in offloaded]
+    first = real[0] if real else "cpu"
+    for module in keep:
+        owner = max((k for k in device_map if k == "" or module == k or module.startswith(k + ".")),
+                    key=len, default=None)
+        if owner is not None and device_map[owner] in offloaded:
+            where = device_map.pop(owner)
+            prefix, node = owner, empty.get_submodule(owner)
+            rest = module[len(owner):].lstrip(".").split(".")
+            for step in rest:
+                join = (lambda name: f"{prefix}.{name}" if prefix else name)
+                for name, _ in node.named_parameters(recurse=False):
+                    device_map[join(name)] = where
+                for name, _ in node.named_children():
+                    if name != step:
+                        device_map[join(name)] = where
+                prefix, node = join(step), node.get_submodule(step)
+            device_map[module] = first
+        for key in device_map:
+            if key.startswith(module + ".") and device_map[key] in offloaded:
+                device_map[key] = first
+    return device_map

@@ -1,0 +1,72 @@
+"""Which shipped (or user-trained) mask fits a model: the registry `inspect` and `scan` consult.
+
+Each mask folder holds `index.json`: a list of entries written by `editguard train` (model type, target
+tensor names and shapes, base-weight fingerprints). Folders searched, in order: `$EDITGUARD_MASKS`
+(os.pathsep-separated), the `masks/` folder of this source tree, `$EDITGUARD_HOME/masks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .arch import Arch
+from .checkpoint import Checkpoint
+from .home import home
+
+INDEX = "index.json"
+
+
+def mask_dirs() -> list[Path]:
+    dirs = [Path(p) for p in os.environ.get("EDITGUARD_MASKS", "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parent.parent / "masks")
+    dirs.append(home() / "masks")
+    seen, unique = set(), []
+    for d in dirs:
+        if d.resolve() not in seen and (d / INDEX).is_file():
+            seen.add(d.resolve())
+            unique.append(d)
+    return unique
+
+
+def entries() -> list[dict]:
+    found = []
+    for folder in mask_dirs():
+        try:
+            items = json.loads((folder / INDEX).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a broken user index must not break inspect; `editguard masks` reports it
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and "file" in item:
+                found.append({**item, "path": str(folder / item["file"])})
+    return found
+
+
+def fingerprint(tensor) -> str:
+    """Identity of a base weight: sha256 of its float32 bytes (orientation as stored)."""
+    from .checkpoint import tensor_bytes
+    import torch
+
+    return hashlib.sha256(tensor_bytes(tensor.to(torch.float32))).hexdigest()[:16]
+
+
+def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:
+    """Index entries whose target tensors exist here with the right shapes; 'exact' when the base
+    weights' fingerprint matches too (the mask was trained on this very model)."""
+    fits = []
+    for entry in entries():
+        if entry.get("model_type") != arch.model_type:
+            continue
+        ok, exact = True, True
+        for target in entry.get("targets", []):
+            stored = checkpoint.find(arch.tensor_candidates(target["tensor"]))
+            if stored is None or list(checkpoint.info(stored).shape) != list(target["stored_shape"]):
+                ok = False
+                break
+            if target.get("fingerprint") and fingerprint(checkpoint.read(stored)) != target["fingerprint"]:
+                exact = False
+        if ok:
+            fits.append({**entry, "match": "exact" if exact else "shape"})
+    return sorted(fits, key=lambda e: e["match"] != "exact")

@@ -1,0 +1,110 @@
+"""Model reference -> local folder: a hub id, a local folder, a .gguf file, or a demo model."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint
+from .demo import DEMO_PREFIX, ensure_demo, ensure_gguf_folder
+from .errors import EditguardError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# What editguard needs from a hub repository: never the whole repo.
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template*",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "README.md",
+]
+HUB_PICKLE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + ["*.bin.index.json"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    spec: str  # what the user typed
+    kind: str  # "hub" | "local" | "gguf" | "demo"
+    path: Path  # local folder with config.json and weights
+    model_id: str  # stable identity recorded in banks, masks and reports
+    revision: str | None = None  # hub commit, when known
+
+    def checkpoint(self, allow_pickle: bool = False) -> Checkpoint:
+        return Checkpoint(self.path, allow_pickle=allow_pickle)
+
+
+def resolve(
+    spec: str,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ModelRef:
+    """Turn whatever the user typed into a local model folder, fetching or converting it if needed."""
+    if spec.startswith(DEMO_PREFIX):
+        name = spec[len(DEMO_PREFIX):]
+        return ModelRef(spec, "demo", ensure_demo(name, progress), model_id=spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                folder = ensure_gguf_folder(path, progress)
+                return ModelRef(spec, "gguf", folder, model_id=str(path.resolve()))
+            raise EditguardError(f"{spec}: expected a model folder or a .gguf file")
+        return ModelRef(spec, "local", path.resolve(), model_id=str(path.resolve()))
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        folder = _hub_download(spec, revision, allow_pickle, progress)
+        return ModelRef(spec, "hub", folder, model_id=spec, revision=folder.name)
+    raise EditguardError(f"no such file or folder: {spec}")
+
+
+def hub_cache_dir() -> Path:
+    # Read at call time (huggingface_hub reads its constants once, at import).
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(hf_home).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progress) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub_errors
+
+    offline = hub_offline()
+    patterns = HUB_PATTERNS + (HUB_PICKLE_PATTERNS if allow_pickle else [])
+    if progress:
+        progress(f"resolving {repo_id} in the Hugging Face cache" + ("" if offline else " (downloading what is missing)"))
+    try:
+        folder = Path(snapshot_download(
+            repo_id, revision=revision, allow_patterns=patterns, cache_dir=hub_cache_dir(),
+            local_files_only=offline, token=os.environ.get("HF_TOKEN") or None,
+        ))
+    except hub_errors.LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+        raise EditguardError(f"{repo_id}{'@' + revision if revision else ''} is not in the local Hugging Face "
+                             f"cache ({hub_cache_dir()}) and {why}") from None
+    except hub_errors.GatedRepoError:
+        raise EditguardError(f"{repo_id} is gated: accept its licence on the Hub and set HF_TOKEN") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise EditguardError(f"{repo_id}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise EditguardError(f"{repo_id}: no revision {revision!r}") from None
+    except (hub_errors.HfHubHTTPError, OSError) as exc:
+        raise EditguardError(f"{repo_id}: download failed ({str(exc).splitlines()[0][:200]})") from None
+    if not (folder / "config.json").is_file():
+        raise EditguardError(f"{repo_id}: the cached snapshot has no config.json")
+    return folder

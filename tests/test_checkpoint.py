@@ -1,0 +1,122 @@
+"""Lazy reads, validation of corrupt files, and the atomic sharded writer."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from editguard.checkpoint import Checkpoint, read_safetensors_header
+from editguard.errors import EditguardError
+
+
+def _sharded(tmp_path: Path) -> Path:
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    a = {"x.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "y.bias": torch.ones(4, dtype=torch.bfloat16)}
+    b = {"z.weight": torch.full((3, 2), 7.0)}
+    save_file(a, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(b, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in a} | {k: "model-00002-of-00002.safetensors" for k in b}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_lazy_read_and_index(tmp_path):
+    ck = Checkpoint(_sharded(tmp_path))
+    assert ck.format == "safetensors"
+    assert sorted(ck.names()) == ["x.weight", "y.bias", "z.weight"]
+    assert ck.info("z.weight").file == "model-00002-of-00002.safetensors"
+    assert torch.equal(ck.read("x.weight"), torch.arange(6, dtype=torch.float32).reshape(2, 3))
+    assert ck.read("y.bias").dtype == torch.bfloat16
+
+
+def test_write_copy_rewrites_only_the_touched_shard(tmp_path):
+    src = _sharded(tmp_path)
+    before = _digest(src)
+    ck = Checkpoint(src)
+    out = tmp_path / "out"
+    new = torch.zeros(3, 2)
+    rewritten = ck.write_copy(out, {"z.weight": new}, extra_files={"note.json": b"{}"})
+    assert rewritten == ["model-00002-of-00002.safetensors"]
+    assert _digest(src) == before, "input must never change"
+    after = _digest(out)
+    assert after["model-00001-of-00002.safetensors"] == before["model-00001-of-00002.safetensors"]
+    assert after["model-00002-of-00002.safetensors"] != before["model-00002-of-00002.safetensors"]
+    assert torch.equal(load_file(out / "model-00002-of-00002.safetensors")["z.weight"], new)
+    assert (out / "tokenizer.json").exists() and (out / "note.json").exists()
+    assert load_file(out / "model-00002-of-00002.safetensors").keys() == {"z.weight"}
+    # bf16 and metadata survive a rewrite of their shard
+    ck.write_copy(tmp_path / "out2", {"y.bias": torch.zeros(4, dtype=torch.bfloat16)})
+    _, meta = read_safetensors_header(tmp_path / "out2" / "model-00001-of-00002.safetensors")
+    assert meta == {"format": "pt"}
+    assert Checkpoint(tmp_path / "out2").read("y.bias").dtype == torch.bfloat16
+
+
+def test_existing_output_refused_unless_force(tmp_path):
+    ck = Checkpoint(_sharded(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(EditguardError, match="already exists"):
+        ck.write_copy(out, {})
+    ck.write_copy(out, {}, force=True)
+    assert (out / "config.json").exists()
+    with pytest.raises(EditguardError, match="input folder"):
+        ck.write_copy(ck.folder, {}, force=True)
+
+
+def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
+    src = _sharded(tmp_path)
+    ck = Checkpoint(src)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("editguard.checkpoint.os.fsync", full)
+    with pytest.raises(EditguardError, match="disk full"):
+        ck.write_copy(tmp_path / "out", {"z.weight": torch.zeros(3, 2)})
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("sharded",)]
+    assert leftovers == []
+
+
+def test_truncated_and_corrupt_files(tmp_path):
+    src = _sharded(tmp_path)
+    shard = src / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-5])
+    with pytest.raises(EditguardError, match="truncated"):
+        Checkpoint(src)
+    shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(EditguardError, match="corrupt"):
+        Checkpoint(src)
+    shard.write_bytes(b"abc")
+    with pytest.raises(EditguardError, match="not a safetensors"):
+        Checkpoint(src)
+    shard.write_bytes(b"\xff" * 64)
+    with pytest.raises(EditguardError, match="corrupt or truncated"):
+        Checkpoint(src)
+
+
+def test_folder_problems(tmp_path):
+    with pytest.raises(EditguardError, match="no such model folder"):
+        Checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EditguardError, match="no config.json"):
+        Checkpoint(tmp_path / "empty")
+    src = _sharded(tmp_path)
+    (src / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(EditguardError, match="missing files"):
+        Checkpoint(src)
+    shutil.rmtree(src)

@@ -1,0 +1,68 @@
+"""A planted pickle whose unpickling would create a file: no command may ever run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+
+from editguard.checkpoint import Checkpoint
+from editguard.errors import EditguardError
+
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling calls os.system -> creates the marker file
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def evil_folder(tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    marker = tmp_path / "PWNED"
+    with open(folder / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"model.embed_tokens.weight": _Payload(str(marker))}, handle)
+    return folder, marker
+
+
+def test_pickle_refused_by_default(evil_folder, cli):
+    folder, marker = evil_folder
+    result = cli("inspect", folder)
+    assert result.code == 2
+    assert "pickle" in result.err and "--allow-pickle" in result.err
+    assert "Traceback" not in result.err
+    assert not marker.exists()
+
+
+def test_pickle_with_allow_flag_still_never_executes(evil_folder, cli):
+    folder, marker = evil_folder
+    result = cli("inspect", "--allow-pickle", folder)
+    assert result.code == 2
+    assert "refused to load pickle" in result.err
+    assert not marker.exists()
+    with pytest.raises(EditguardError):
+        Checkpoint(folder, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_benign_pickle_readable_with_flag(tmp_path, pico_models, cli):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "llama-bin"
+    shutil.copytree(pico_models["llama"], folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert cli("inspect", folder).code == 2
+    result = cli("-f", "json", "inspect", "--allow-pickle", folder)
+    assert result.code == 0, result.err
+    assert result.json["weight_format"] == "pickle"
+    assert result.json["num_layers"] == 2

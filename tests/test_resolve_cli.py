@@ -1,0 +1,116 @@
+"""Model references and the CLI contract: one line, exit 2 (3 for unsupported), JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from editguard.resolve import resolve
+
+from conftest import requires_demo
+
+
+def _fake_hub_cache(cache: Path, repo: str, folder: Path, commit: str = "a" * 40) -> Path:
+    """The standard huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<sha>/...}."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_resolved_from_local_cache_offline(tmp_path, pico_models, monkeypatch, cli):
+    cache = tmp_path / "hub"
+    _fake_hub_cache(cache, "pico-org/pico-llama", pico_models["llama"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ref = resolve("pico-org/pico-llama")
+    assert ref.kind == "hub" and ref.revision == "a" * 40 and (ref.path / "config.json").exists()
+    result = cli("-f", "json", "inspect", "pico-org/pico-llama")
+    assert result.code == 0, result.err
+    assert result.json["revision"] == "a" * 40
+    missing = cli("inspect", "pico-org/not-cached")
+    assert missing.code == 2
+    assert "not in the local Hugging Face cache" in missing.err and "HF_HUB_OFFLINE" in missing.err
+    assert len(missing.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+def test_inspect_pico(model_type, pico_models, cli):
+    result = cli("-f", "json", "inspect", pico_models[model_type])
+    assert result.code == 0, result.err
+    info = result.json
+    assert info["architecture"] == model_type and info["num_layers"] == 2
+    layer = info["edit_targets"]["layers"][1]
+    assert layer["file"] == "model.safetensors"
+    assert info["edit_targets"]["transposed"] == (model_type == "gpt2")
+    assert layer["shape_out_in"][0] == 32
+    human = cli("inspect", pico_models[model_type])
+    assert human.code == 0 and human.out == ""  # human text goes to stderr
+    assert "mlp" in human.err
+
+
+def _one_line_error(result, code: int, text: str):
+    assert result.code == code, (result.code, result.err)
+    assert text in result.err
+    assert "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
+    _one_line_error(cli("inspect", tmp_path / "nope"), 2, "no such file or folder")
+    (tmp_path / "noconfig").mkdir()
+    _one_line_error(cli("inspect", tmp_path / "noconfig"), 2, "no config.json")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 definitely a zip")
+    _one_line_error(cli("inspect", fake), 2, "not a GGUF file")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(pico_models["llama"], corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _one_line_error(cli("inspect", corrupt), 2, "truncated")
+    alien = tmp_path / "alien"
+    shutil.copytree(pico_models["llama"], alien)
+    config = json.loads((alien / "config.json").read_text())
+    config["model_type"] = "mamba"
+    (alien / "config.json").write_text(json.dumps(config))
+    _one_line_error(cli("inspect", alien), 3, "unsupported architecture 'mamba'")
+    _one_line_error(cli("inspect", "demo:nonexistent"), 2, "unknown demo model")
+    _one_line_error(cli("-f", "yaml", "inspect", "x"), 2, "unknown --format")
+
+
+def test_json_error_document(tmp_path, cli):
+    result = cli("-f", "json", "inspect", tmp_path / "nope")
+    assert result.code == 2
+    assert result.json["exit_code"] == 2 and "no such file" in result.json["error"]
+
+
+def test_usage_error_exit_2(cli):
+    assert cli("inspect").code == 2
+    assert cli("no-such-command").code == 2
+
+
+def test_console_script_end_to_end(pico_models):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "editguard", "-f", "json", "inspect", str(pico_models["qwen2"])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["architecture"] == "qwen2"
+
+
+@requires_demo
+def test_inspect_demo_model(cli):
+    result = cli("inspect", "demo:smollm2-135m")
+    assert result.code == 0, result.err
+    assert "30 layers" in result.err
+    assert "model.layers.29.mlp.down_proj.weight" in result.err
+    assert "[576, 1536]" in result.err
+    info = cli("-f", "json", "inspect", "demo:smollm2-135m").json
+    assert info["num_layers"] == 30 and info["tied_embeddings"] is True
+    assert all(t["stored_shape"] == [576, 1536] for t in info["edit_targets"]["layers"])
