@@ -8,6 +8,7 @@ even then are read only with `torch.load(weights_only=True)`: no code from a che
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -107,6 +108,11 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """Raw little-endian bytes of a tensor, any dtype (bf16 included)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """Identity of a weight: sha256 of its float32 bytes, as stored (masks and banks record it)."""
+    return hashlib.sha256(tensor_bytes(tensor.detach().to(torch.float32))).hexdigest()[:16]
 
 
 class Checkpoint:

@@ -6,6 +6,7 @@ that runs the network (editing, probing, mask training).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -44,11 +45,21 @@ class LoadedModel:
 
 
 def load_tokenizer(ref: ModelRef):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    loader = AutoTokenizer
+    config_path = ref.path / "tokenizer_config.json"
+    if config_path.is_file() and (ref.path / "tokenizer.json").is_file():
+        try:
+            declared = json.loads(config_path.read_text()).get("tokenizer_class")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            declared = None
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            # honour a generic tokenizer the folder declares; AutoTokenizer would swap in a model-specific one
+            loader = PreTrainedTokenizerFast
     with quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=False)
+            tokenizer = loader.from_pretrained(ref.path, trust_remote_code=False)
         except Exception as exc:
             raise EditguardError(f"{ref.spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]})") from None
     if tokenizer.pad_token_id is None:

@@ -7,13 +7,12 @@ tensor names and shapes, base-weight fingerprints). Folders searched, in order: 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from .arch import Arch
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, fingerprint
 from .home import home
 
 INDEX = "index.json"
@@ -42,14 +41,6 @@ def entries() -> list[dict]:
             if isinstance(item, dict) and "file" in item:
                 found.append({**item, "path": str(folder / item["file"])})
     return found
-
-
-def fingerprint(tensor) -> str:
-    """Identity of a base weight: sha256 of its float32 bytes (orientation as stored)."""
-    from .checkpoint import tensor_bytes
-    import torch
-
-    return hashlib.sha256(tensor_bytes(tensor.to(torch.float32))).hexdigest()[:16]
 
 
 def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 WORDS = (
-    "the a of is in and to was by for on at with as his her its their from capital city country language "
+    "The the a of is in and to was by for on at with as his her its their from capital city country language "
     "mother tongue native speaker citizen plays position sport football basketball soccer baseball "
     "France Paris Germany Berlin Italy Rome Spain Madrid English French German Italian Spanish Japanese "
     "Danielle Darrieux Toko Yasuda Autonomous University Madrid Apple Nokia Google Microsoft Toyota BMW "
@@ -34,10 +34,10 @@ def configs() -> dict:
         "gpt2": T.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=128, **COMMON),
         "gptj": T.GPTJConfig(n_layer=2, n_embd=32, n_head=2, n_positions=128, rotary_dim=8, **COMMON),
         "gpt_neox": T.GPTNeoXConfig(**small),
-        "llama": T.LlamaConfig(**small),
+        "llama": T.LlamaConfig(num_key_value_heads=2, **small),
         "mistral": T.MistralConfig(num_key_value_heads=1, **small),
-        "qwen2": T.Qwen2Config(**small),
-        "qwen3": T.Qwen3Config(head_dim=16, **small),
+        "qwen2": T.Qwen2Config(num_key_value_heads=1, **small),
+        "qwen3": T.Qwen3Config(num_key_value_heads=1, head_dim=16, **small),
         "gemma2": T.Gemma2Config(num_key_value_heads=1, head_dim=16, **small),
         "gemma3_text": T.Gemma3TextConfig(num_key_value_heads=1, head_dim=16, **small),
     }

@@ -1,0 +1,1 @@
+"""Datasets editguard ships or reads: CounterFact records and WikiText text."""

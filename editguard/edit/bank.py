@@ -1,0 +1,175 @@
+"""The edit bank: many edits of one model, stored as factors in one safetensors file.
+
+Tensors: ROME edits stacked as `rome.u` [N, out] and `rome.v` [N, in] (ΔW_i = u_i v_iᵀ, [out, in]);
+MEMIT batch edits as `memit.{g}.{layer}.u` [out, r] / `.v` [in, r] per group g. Metadata (JSON in the
+safetensors header): format version, model id + revision + a fingerprint of the base weight, method,
+layer(s), tensor names, hyperparameters and their hash, context templates, and one record per edit
+(case id, relation, subject, prompt, old and new object, optimisation steps and loss).
+
+Appending rewrites the file atomically (temp + rename), so a killed run loses at most the edits since
+its last flush and `--resume` continues from the case ids already stored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..checkpoint import read_safetensors_header, write_safetensors
+from ..errors import EditguardError
+from .edits import Edit
+from .facts import Fact
+
+FORMAT = "editguard-edit-bank/1"
+
+
+class EditBank:
+    def __init__(self, path: Path, meta: dict, tensors: dict[str, torch.Tensor]):
+        self.path = Path(path)
+        self.meta = meta
+        self.tensors = tensors
+
+    # -- creation and loading -----------------------------------------------------------------
+    @classmethod
+    def create(cls, path, *, model_id: str, revision: str | None, model_type: str, method: str, hparams: dict,
+               hparams_hash: str, templates: list[str], fingerprints: dict[str, str]) -> "EditBank":
+        meta = {
+            "format": FORMAT, "editguard_version": __version__, "model_id": model_id, "revision": revision,
+            "model_type": model_type, "method": method, "hparams": hparams, "hparams_hash": hparams_hash,
+            "context_templates": templates, "fingerprints": fingerprints, "records": [], "groups": [],
+        }
+        return cls(Path(path), meta, {})
+
+    @classmethod
+    def open(cls, path) -> "EditBank":
+        path = Path(path)
+        if not path.is_file():
+            raise EditguardError(f"no such edit bank: {path}")
+        try:
+            infos, raw_meta = read_safetensors_header(path)
+        except EditguardError as exc:
+            raise EditguardError(f"corrupted edit bank {path}: {exc.message}") from None
+        try:
+            meta = json.loads(raw_meta.get("editguard", ""))
+        except json.JSONDecodeError:
+            raise EditguardError(f"corrupted edit bank {path}: metadata is not JSON") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise EditguardError(f"{path} is not an editguard edit bank (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except Exception as exc:
+            raise EditguardError(f"corrupted edit bank {path}: {str(exc).splitlines()[0]}") from None
+        bank = cls(path, meta, tensors)
+        bank._validate()
+        return bank
+
+    def _validate(self) -> None:
+        n = len(self.meta["records"])
+        if self.meta["method"] == "rome":
+            u, v = self.tensors.get("rome.u"), self.tensors.get("rome.v")
+            if n and (u is None or v is None or u.shape[0] != n or v.shape[0] != n):
+                raise EditguardError(f"corrupted edit bank {self.path}: {n} records but factors of another size")
+        for g, group in enumerate(self.meta["groups"]):
+            for layer in group["layers"]:
+                if f"memit.{g}.{layer}.u" not in self.tensors:
+                    raise EditguardError(f"corrupted edit bank {self.path}: group {g} layer {layer} is missing")
+
+    # -- queries ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.meta["records"])
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    def case_ids(self) -> set[int]:
+        return {r["case_id"] for r in self.meta["records"] if r.get("case_id") is not None}
+
+    def check_matches(self, model_id: str, method: str, hparams_hash: str, fingerprints: dict[str, str]) -> None:
+        """A bank is extended only with edits of the same model, method and hyperparameters."""
+        problems = []
+        if self.meta["method"] != method:
+            problems.append(f"method {self.meta['method']} (not {method})")
+        if self.meta["hparams_hash"] != hparams_hash:
+            problems.append("other hyperparameters")
+        if self.meta["fingerprints"] != fingerprints:
+            problems.append(f"another model's weights ({self.meta['model_id']})")
+        if problems:
+            raise EditguardError(f"edit bank {self.path} was built with {', '.join(problems)}; use another --bank")
+
+    def rome_factors(self, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, out], [N, in] for the selected ROME edits."""
+        u, v = self.tensors["rome.u"], self.tensors["rome.v"]
+        if indices is None:
+            return u, v
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return u[idx], v[idx]
+
+    def edits(self, indices=None) -> list[Edit]:
+        if self.method == "rome":
+            records = self.meta["records"]
+            indices = range(len(records)) if indices is None else indices
+            u, v = self.tensors["rome.u"], self.tensors["rome.v"]
+            return [Edit("rome", records[i]["layer"], records[i]["tensor"], u[i], v[i],
+                         [_fact(records[i])], {"steps": records[i].get("steps"), "loss": records[i].get("loss")})
+                    for i in indices]
+        out = []
+        for g, group in enumerate(self.meta["groups"]):
+            if indices is not None and g not in indices:
+                continue
+            facts = [_fact(self.meta["records"][i]) for i in group["records"]]
+            for layer, tensor in zip(group["layers"], group["tensors"]):
+                out.append(Edit("memit", layer, tensor, self.tensors[f"memit.{g}.{layer}.u"],
+                                self.tensors[f"memit.{g}.{layer}.v"], facts, {"group": g}))
+        return out
+
+    # -- writing ------------------------------------------------------------------------------
+    def append(self, edits: list[Edit]) -> None:
+        if not edits:
+            return
+        if self.method == "rome":
+            records = []
+            for edit in edits:
+                if edit.method != "rome":
+                    raise EditguardError("a ROME bank holds only ROME edits")
+                records.append({**_record(edit.facts[0]), "layer": edit.layer, "tensor": edit.tensor, **edit.info})
+            u = torch.stack([e.u.float().reshape(-1) for e in edits])
+            v = torch.stack([e.v.float().reshape(-1) for e in edits])
+            if "rome.u" in self.tensors:
+                u = torch.cat([self.tensors["rome.u"], u])
+                v = torch.cat([self.tensors["rome.v"], v])
+            self.tensors["rome.u"], self.tensors["rome.v"] = u, v
+            self.meta["records"].extend(records)
+        else:  # one MEMIT batch: the edits are its per-layer factors, sharing their facts
+            g = len(self.meta["groups"])
+            start = len(self.meta["records"])
+            facts = edits[0].facts
+            self.meta["records"].extend(_record(f) for f in facts)
+            self.meta["groups"].append({"records": list(range(start, start + len(facts))),
+                                        "layers": [e.layer for e in edits], "tensors": [e.tensor for e in edits]})
+            for e in edits:
+                self.tensors[f"memit.{g}.{e.layer}.u"] = e.u.float().reshape(e.u.shape[0], -1)
+                self.tensors[f"memit.{g}.{e.layer}.v"] = e.v.float().reshape(e.v.shape[0], -1)
+
+    def flush(self) -> None:
+        write_safetensors(self.path, self.tensors, {"editguard": json.dumps(self.meta)})
+
+
+def _record(fact: Fact) -> dict:
+    data = asdict(fact)
+    data["paraphrase_prompts"] = list(data["paraphrase_prompts"])
+    data["neighborhood_prompts"] = list(data["neighborhood_prompts"])
+    return data
+
+
+def _fact(record: dict) -> Fact:
+    fields = {k: record.get(k) for k in Fact.__dataclass_fields__}
+    fields["paraphrase_prompts"] = tuple(fields["paraphrase_prompts"] or ())
+    fields["neighborhood_prompts"] = tuple(fields["neighborhood_prompts"] or ())
+    return Fact(**fields)

@@ -1,0 +1,79 @@
+"""An edit as factors: ΔW = u @ v.T on one MLP output projection, in [out, in] orientation.
+
+ROME edits are rank one (u: [out], v: [in]); a MEMIT batch edit is, per layer, u = R ([out, n]) and
+v = (λC + KKᵀ)⁻¹K ([in, n]). Dense ΔW is built only when a weight is actually written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ..arch import Arch
+from .facts import Fact
+
+
+@dataclass
+class Edit:
+    method: str  # "rome" | "memit"
+    layer: int
+    tensor: str  # canonical weight name, e.g. model.layers.9.mlp.down_proj.weight
+    u: torch.Tensor  # [out] or [out, r]
+    v: torch.Tensor  # [in] or [in, r]
+    facts: list[Fact] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # steps, final loss, ...
+
+    @property
+    def rank(self) -> int:
+        return 1 if self.u.dim() == 1 else self.u.shape[1]
+
+    def delta(self, dtype=torch.float32) -> torch.Tensor:
+        """Dense ΔW in [out, in] orientation."""
+        u = self.u.to(dtype).reshape(self.u.shape[0], -1)
+        v = self.v.to(dtype).reshape(self.v.shape[0], -1)
+        return u @ v.T
+
+    def stored_delta(self, arch: Arch, dtype=torch.float32) -> torch.Tensor:
+        """ΔW in the orientation the checkpoint stores the weight (GPT-2 Conv1D: [in, out])."""
+        delta = self.delta(dtype)
+        return delta.T.contiguous() if arch.mlp_out_transposed else delta
+
+
+@torch.no_grad()
+def apply_to_model(model, arch: Arch, edits: list[Edit], sign: float = 1.0) -> None:
+    """Add (or with sign=-1 remove) edits in place on a loaded model."""
+    for edit in edits:
+        weight = model.get_submodule(edit.tensor.removesuffix(".weight")).weight
+        weight += sign * edit.stored_delta(arch, torch.float32).to(weight.device, weight.dtype)
+
+
+def combined_deltas(arch: Arch, edits: list[Edit]) -> dict[str, torch.Tensor]:
+    """Sum of stored-orientation ΔW per canonical tensor name."""
+    total: dict[str, torch.Tensor] = {}
+    for edit in edits:
+        delta = edit.stored_delta(arch)
+        total[edit.tensor] = total[edit.tensor] + delta if edit.tensor in total else delta
+    return total
+
+
+@contextlib.contextmanager
+def weights_restored(model, tensor_names: list[str]) -> Iterator[None]:
+    """Whatever happens to these weights inside the block, they leave bit-identical to how they came."""
+    saved = {name: model.get_submodule(name.removesuffix(".weight")).weight.detach().clone() for name in tensor_names}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                model.get_submodule(name.removesuffix(".weight")).weight.copy_(value)
+
+
+@contextlib.contextmanager
+def edits_applied(model, arch: Arch, edits: list[Edit]) -> Iterator[None]:
+    """The model carries `edits` inside the block only."""
+    with weights_restored(model, sorted({e.tensor for e in edits})):
+        apply_to_model(model, arch, edits)
+        yield

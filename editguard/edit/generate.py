@@ -1,0 +1,76 @@
+"""Fill an edit bank: independent edits of many facts against the unedited model, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import fingerprint
+from ..errors import EditguardError
+from ..loading import LoadedModel
+from .bank import EditBank
+from .facts import Fact
+from .hparams import EditHparams
+from .rome import prepare, rome_edits, templates_for
+
+
+def target_fingerprints(loaded: LoadedModel, hp: EditHparams) -> dict[str, str]:
+    out = {}
+    for layer in hp.layers:
+        canonical = hp.rewrite_module_tmp.format(layer) + ".weight"
+        stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(canonical))
+        out[canonical] = fingerprint(loaded.checkpoint.read(stored)) if stored else "unknown"
+    return out
+
+
+def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume: bool) -> EditBank:
+    prepare(loaded, hp)
+    fingerprints = target_fingerprints(loaded, hp)
+    if path.exists():
+        if not resume:
+            raise EditguardError(f"edit bank {path} exists; pass --resume to extend it, or choose another --bank")
+        bank = EditBank.open(path)
+        bank.check_matches(loaded.ref.model_id, hp.method, hp.digest(), fingerprints)
+        return bank
+    return EditBank.create(
+        path, model_id=loaded.ref.model_id, revision=loaded.ref.revision, model_type=loaded.arch.model_type,
+        method=hp.method, hparams=hp.to_dict(), hparams_hash=hp.digest(), templates=templates_for(loaded, hp),
+        fingerprints=fingerprints)
+
+
+def fill_bank(
+    loaded: LoadedModel,
+    facts: list[Fact],
+    hp: EditHparams,
+    path: Path,
+    resume: bool = False,
+    memit_batch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> EditBank:
+    """Edit every fact whose case id the bank lacks, flushing after each batch (a killed run resumes).
+
+    ROME: one independent rank-one edit per fact. MEMIT: batch edits of `memit_batch` facts each."""
+    bank = open_or_create_bank(loaded, hp, Path(path), resume)
+    done = bank.case_ids()
+    todo = [f for f in facts if f.case_id is None or f.case_id not in done]
+    if progress:
+        progress(len(facts) - len(todo), len(facts))
+    if hp.method == "rome":
+        step = hp.facts_per_batch
+        for lo in range(0, len(todo), step):
+            bank.append(rome_edits(loaded, todo[lo: lo + step], hp))
+            bank.flush()
+            if progress:
+                progress(len(facts) - len(todo) + min(lo + step, len(todo)), len(facts))
+    else:
+        from .memit import memit_edit
+
+        step = memit_batch or len(todo) or 1
+        for lo in range(0, len(todo), step):
+            bank.append(memit_edit(loaded, todo[lo: lo + step], hp))
+            bank.flush()
+            if progress:
+                progress(len(facts) - len(todo) + min(lo + step, len(todo)), len(facts))
+    if not todo and not path.exists():
+        bank.flush()
+    return bank

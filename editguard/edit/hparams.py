@@ -1,0 +1,152 @@
+"""ROME / MEMIT hyperparameters, read from EasyEdit's YAML keys so users' configs carry over.
+
+Presets ship in `editguard/presets/` (`rome-gpt2-xl`, `memit-smollm2-135m`, ...). Module templates use
+EasyEdit's `{}` placeholder; missing ones are filled from the architecture table, and every template is
+checked against the loaded model before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..errors import EditguardError
+
+# Keys EasyEdit configs carry that have no effect here (devices, paths, precision switches).
+IGNORED_KEYS = {"model_name", "stats_dir", "device", "model_parallel", "fp16", "max_length", "batch_size",
+                "alg_name", "layer_selection", "enable_random_prefix_keys", "original_implementation", "enable_prompt_keys"}
+
+
+@dataclass
+class EditHparams:
+    method: str = "rome"  # "rome" | "memit" (EasyEdit's alg_name)
+    layers: list[int] = field(default_factory=lambda: [5])
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_loss_layer: int = -1  # logits are always read at the last layer; kept for EasyEdit compatibility
+    v_weight_decay: float = 1e-3
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    mom2_adjustment: bool = False
+    mom2_update_weight: float = 15000.0  # MEMIT's λ
+    mom2_dataset: str = "wikitext2"
+    mom2_n_samples: int = 100000
+    mom2_dtype: str = "float32"
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    rewrite_module_tmp: str | None = None
+    layer_module_tmp: str | None = None
+    mlp_module_tmp: str | None = None
+    attn_module_tmp: str | None = None
+    ln_f_module: str | None = None
+    lm_head_module: str | None = None
+    # editguard's own keys
+    seed: int = 0  # context templates are sampled from the model with this seed
+    early_stop_loss: float = 5e-2  # EasyEdit's hard-coded stop
+    facts_per_batch: int = 16  # fast path: facts optimised together
+
+    @property
+    def edit_layer(self) -> int:
+        """ROME's rewrite layer / MEMIT's z layer (the last of `layers`)."""
+        return max(self.layers)
+
+    def digest(self) -> str:
+        """Stable hash of everything that changes the numbers (not the batching)."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("facts_per_batch",)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fill_templates(self, arch) -> "EditHparams":
+        """Fill missing module templates from the architecture table (EasyEdit `{}` style)."""
+        defaults = {
+            "rewrite_module_tmp": arch.mlp_out, "layer_module_tmp": arch.layer, "mlp_module_tmp": arch.mlp,
+            "attn_module_tmp": arch.attn, "ln_f_module": arch.final_norm, "lm_head_module": arch.unembed,
+        }
+        for key, template in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, template.replace("{layer}", "{}"))
+        return self
+
+    def check_against(self, model, num_layers: int) -> None:
+        for layer in self.layers:
+            if not 0 <= layer < num_layers:
+                raise EditguardError(f"layer {layer} is out of range: this model has layers 0-{num_layers - 1}")
+        for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+            template = getattr(self, key)
+            for layer in self.layers:
+                path = template.format(layer) if "{}" in template else template
+                try:
+                    model.get_submodule(path)
+                except AttributeError:
+                    raise EditguardError(f"{key} {template!r} does not resolve on this model ({path} not found)") \
+                        from None
+        if self.fact_token != "subject_last":
+            raise EditguardError(f"fact_token {self.fact_token!r} is not implemented (only subject_last)")
+        if self.method == "rome" and len(self.layers) != 1:
+            raise EditguardError("ROME with more than one layer is not implemented; use MEMIT for several layers")
+
+
+def presets() -> list[str]:
+    folder = resources.files("editguard").joinpath("presets")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_hparams(source: str | None, method: str, overrides: dict | None = None) -> EditHparams:
+    """A preset name (e.g. `smollm2-135m`, looked up as `{method}-{name}`), or a YAML file path."""
+    if source is None:
+        raise EditguardError(f"give --hparams: a YAML file or one of the presets: {', '.join(presets())}")
+    path = Path(source).expanduser()
+    if path.is_file():
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise EditguardError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        where = str(path)
+    else:
+        name = source if source.startswith(("rome-", "memit-")) else f"{method}-{source}"
+        file = resources.files("editguard").joinpath("presets", f"{name}.yaml")
+        if not file.is_file():
+            raise EditguardError(f"no hparams file or preset {source!r}; presets: {', '.join(presets())}")
+        raw = yaml.safe_load(file.read_text())
+        where = f"preset {name}"
+    if not isinstance(raw, dict):
+        raise EditguardError(f"{where}: expected a mapping of hyperparameters")
+    return hparams_from_dict(raw, method, where, overrides)
+
+
+def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides: dict | None = None) -> EditHparams:
+    known = {f.name for f in dataclasses.fields(EditHparams)}
+    raw = dict(raw)
+    alg = str(raw.get("alg_name", method)).lower()
+    if alg not in ("rome", "memit"):
+        raise EditguardError(f"{where}: alg_name {raw.get('alg_name')!r} is not ROME or MEMIT")
+    if alg != method:
+        raise EditguardError(f"{where}: these are {alg.upper()} hyperparameters, but --method is {method}")
+    unknown = sorted(k for k in raw if k not in known and k not in IGNORED_KEYS)
+    if unknown:
+        raise EditguardError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    values = {k: v for k, v in raw.items() if k in known}
+    values.update(overrides or {})
+    values["method"] = method
+    try:
+        hp = EditHparams(**values)
+        hp.layers = [int(x) for x in (hp.layers if isinstance(hp.layers, list) else [hp.layers])]
+        for key in ("v_num_grad_steps", "seed", "facts_per_batch", "mom2_n_samples", "v_loss_layer"):
+            setattr(hp, key, int(getattr(hp, key)))
+        for key in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight",
+                    "early_stop_loss"):
+            setattr(hp, key, float(getattr(hp, key)))
+        hp.context_template_length_params = [[int(a), int(b)] for a, b in hp.context_template_length_params]
+    except (TypeError, ValueError):
+        raise EditguardError(f"{where}: a value has the wrong type") from None
+    if not hp.layers:
+        raise EditguardError(f"{where}: layers is empty")
+    return hp

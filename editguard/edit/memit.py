@@ -1,0 +1,92 @@
+"""MEMIT (Meng et al. 2023): many facts in one batch edit spread over a range of layers.
+
+z = the target residual at the last edited layer (vstar.py, δ at the layer's output). For each layer l
+in order, on the model already carrying the updates of the layers before it:
+    K = keys at l (mean over context-template groups), R = (z − z_current) / (layers left),
+    ΔW_l = R Kᵀ (λC + K Kᵀ)⁻¹, solved in float64,
+stored as factors u = R [out, n], v = (λC + KKᵀ)⁻¹K [in, n] (C is symmetric).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from ..loading import LoadedModel
+from .edits import Edit, apply_to_model, weights_restored
+from .facts import Fact, encode_at_subject
+from .forward import Tokenized, capture_at
+from .hparams import EditHparams
+from .rome import prepare, templates_for
+from .stats import second_moments
+from .vstar import optimise_fast, plan_fact
+
+
+def _template_groups(hp: EditHparams) -> list[tuple[int, int]]:
+    """(start, stop) of each context-template group in the flat list: ["{}"], then one per length."""
+    groups = [(0, 1)]
+    start = 1
+    for _, count in hp.context_template_length_params:
+        n = max(count // 5, 1) * 5
+        groups.append((start, start + n))
+        start += n
+    return groups
+
+
+def memit_edit(
+    loaded: LoadedModel,
+    facts: Iterable[Fact],
+    hp: EditHparams,
+    progress: Callable[[str], None] | None = None,
+) -> list[Edit]:
+    """One batch edit of all `facts`: a list with one factored Edit per layer in `hp.layers`."""
+    prepare(loaded, hp)
+    facts = list(facts)
+    model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
+    templates = templates_for(loaded, hp)
+    groups = _template_groups(hp)
+    layers = sorted(hp.layers)
+    z_layer = layers[-1]
+    z_path = hp.layer_module_tmp.format(z_layer)
+    pad = tok.pad_token_id
+    if progress:
+        progress("second moments")
+    moments = second_moments(loaded, layers, hp)
+    # z: optimised per fact (batched) on the unedited model
+    targets = []
+    for lo in range(0, len(facts), hp.facts_per_batch):
+        plans = [plan_fact(tok, f, templates) for f in facts[lo: lo + hp.facts_per_batch]]
+        result = optimise_fast(model, arch, plans, hp, z_path, z_layer, pad)
+        targets.append(result.v0 + result.delta)
+        if progress:
+            progress(f"z {min(lo + hp.facts_per_batch, len(facts))}/{len(facts)}")
+    z = torch.cat(targets).double()  # [n, d]
+    # key prompts: every template with the plain rewrite prompt (no target tokens)
+    seqs, splits = [], []
+    for fact in facts:
+        for context in templates:
+            ids, split = encode_at_subject(tok, context.replace("{}", fact.prompt, 1), fact.subject)
+            seqs.append(ids)
+            splits.append(split)
+    per_fact = len(templates)
+    edits: list[Edit] = []
+    with weights_restored(model, [hp.rewrite_module_tmp.format(layer) + ".weight" for layer in layers]):
+        for i, layer in enumerate(layers):
+            rewrite = hp.rewrite_module_tmp.format(layer)
+            got = capture_at(model, arch, Tokenized(seqs, splits), {"k": (rewrite, "in"), "z": (z_path, "out")},
+                             pad_id=pad, stop_after=hp.layer_module_tmp.format(max(layer, z_layer)))
+            keys = got["k"].double().reshape(len(facts), per_fact, -1)
+            k = torch.stack([keys[:, a:b].mean(1) for a, b in groups]).mean(0)  # [n, in]
+            z_now = got["z"].double().reshape(len(facts), per_fact, -1)[:, 0]  # template "{}"
+            resid = (z - z_now) / (len(layers) - i)  # [n, out]
+            cov = moments[layer].double()
+            K = k.T  # [in, n]
+            adj_k = torch.linalg.solve(hp.mom2_update_weight * cov + K @ K.T, K)  # [in, n]
+            edit = Edit("memit", layer, rewrite + ".weight", resid.T.float().contiguous(), adj_k.float().contiguous(),
+                        facts, {"layers": layers})
+            apply_to_model(model, arch, [edit])  # the next layer sees this one (restored on exit)
+            edits.append(edit)
+            if progress:
+                progress(f"layer {layer} done")
+    return edits

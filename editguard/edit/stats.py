@@ -1,0 +1,109 @@
+"""Second moments C = E[k kᵀ] of an MLP output projection's input, from a text corpus.
+
+ROME (with `mom2_adjustment`) and MEMIT weight their updates by C⁻¹. Statistics are computed once per
+model and layer and cached under `$EDITGUARD_HOME/stats/`, keyed by a digest of the weight files, so an
+edited copy of a model never reuses its parent's statistics. The corpus is the shipped WikiText-2 test
+split unless `mom2_dataset` names a text file; `mom2_n_samples` caps the number of windows (the
+paper's 100,000 Wikipedia samples are out of reach on a CPU, and WikiText-2 has ~300 windows).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..checkpoint import write_safetensors
+from ..data.text import load_text
+from ..home import cache_dir, file_lock
+from ..loading import LoadedModel
+from .forward import _Stop
+
+WINDOW = 1024
+_DIGESTS: dict[tuple, str] = {}
+
+
+def weights_digest(loaded: LoadedModel) -> str:
+    files = [loaded.checkpoint.folder / f for f in loaded.checkpoint.files]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as handle:
+                while block := handle.read(16 << 20):
+                    digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+def _stats_path(loaded: LoadedModel, layer: int, dataset: str, n_samples: int) -> Path:
+    name = Path(dataset).name if dataset != "wikitext2" else dataset
+    return cache_dir("stats", weights_digest(loaded)) / f"mom2-L{layer}-{name}-{n_samples}.safetensors"
+
+
+def second_moments(loaded: LoadedModel, layers: list[int], hp, progress: Callable[[int, int], None] | None = None,
+                   module_template: str | None = None) -> dict[int, torch.Tensor]:
+    """C for each layer (float32, [in, in]), from the cache or one pass over the corpus for all of them."""
+    template = module_template or hp.rewrite_module_tmp
+    result: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer in layers:
+        path = _stats_path(loaded, layer, hp.mom2_dataset, hp.mom2_n_samples)
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            result[layer] = load_file(path)["mom2"]
+        else:
+            missing.append(layer)
+    if not missing:
+        return result
+    lock = cache_dir("stats", weights_digest(loaded)) / "collect.lock"
+    with file_lock(lock):
+        sums = _collect(loaded, missing, template, hp, progress)
+    for layer, (total, count) in sums.items():
+        moment = (total / max(count, 1)).float()
+        write_safetensors(_stats_path(loaded, layer, hp.mom2_dataset, hp.mom2_n_samples),
+                          {"mom2": moment, "count": torch.tensor([count])})
+        result[layer] = moment
+    return result
+
+
+def second_moment(loaded: LoadedModel, layer: int, hp) -> torch.Tensor:
+    return second_moments(loaded, [layer], hp)[layer]
+
+
+@torch.no_grad()
+def _collect(loaded: LoadedModel, layers: list[int], template: str, hp, progress) -> dict[int, tuple[torch.Tensor, int]]:
+    tokenizer, model = loaded.tokenizer, loaded.model
+    ids = tokenizer(load_text(hp.mom2_dataset), add_special_tokens=False).input_ids
+    window = min(WINDOW, getattr(model.config, "max_position_embeddings", WINDOW) or WINDOW)
+    windows = [ids[i: i + window] for i in range(0, len(ids), window)][: hp.mom2_n_samples]
+    sums: dict[int, list] = {layer: [None, 0] for layer in layers}
+    handles = []
+    for layer in layers:
+        def hook(module, args, layer=layer):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            entry = sums[layer]
+            entry[0] = x.T @ x if entry[0] is None else entry[0] + x.T @ x
+            entry[1] += x.shape[0]
+        handles.append(model.get_submodule(template.format(layer)).register_forward_pre_hook(hook))
+
+    def stop(module, args, output):
+        raise _Stop
+
+    handles.append(model.get_submodule(template.format(max(layers))).register_forward_hook(stop))
+    base = model.get_submodule(loaded.arch.base)
+    try:
+        for done, chunk in enumerate(windows):
+            try:
+                base(input_ids=torch.tensor([chunk], device=loaded.device))
+            except _Stop:
+                pass
+            if progress:
+                progress(done + 1, len(windows))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: (total, count) for layer, (total, count) in sums.items()}

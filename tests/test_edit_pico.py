@@ -1,0 +1,103 @@
+"""ROME and MEMIT on pico models: the update lands on the right tensor, in the right orientation, and
+flips the prediction; the fast path equals EasyEdit's reference loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editguard.checkpoint import Checkpoint
+from editguard.edit.edits import edits_applied
+from editguard.edit.facts import Fact
+from editguard.edit.hparams import hparams_from_dict
+from editguard.edit.plant import compute_edits, write_edited
+from editguard.edit.rome import rome_edit_reference, rome_edits
+from editguard.loading import load_model
+from editguard.resolve import resolve
+
+# The subject ends each prompt: a 2-layer random model passes little through attention, so the edit is
+# read where it is written (CounterFact-style prompts are exercised on the real demo model).
+FACT = Fact("The official language of {}", "France", "Japanese", "French")
+FACT2 = Fact("the mother tongue of {}", "Danielle Darrieux", "Italian", "French")
+PICO_HP = {"layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 25, "v_lr": 0.5,
+           "clamp_norm_factor": 8}
+
+
+def _next_token(loaded, text: str) -> int:
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return int(loaded.model(input_ids=ids).logits[0, -1].argmax())
+
+
+def _target_token(loaded, fact: Fact) -> int:
+    return loaded.tokenizer(" " + fact.target_new, add_special_tokens=False).input_ids[0]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen2"])
+def test_rome_lands_on_right_tensor_and_flips(model_type, pico_models, tmp_path):
+    loaded = load_model(resolve(str(pico_models[model_type])))
+    hp = hparams_from_dict(PICO_HP, "rome")
+    target = _target_token(loaded, FACT)
+    assert _next_token(loaded, FACT.text) != target
+    (edit,) = compute_edits(loaded, [FACT], hp)
+    expected_tensor = {"gpt2": "transformer.h.0.mlp.c_proj.weight"}.get(model_type, "model.layers.0.mlp.down_proj.weight")
+    assert edit.tensor == expected_tensor
+    # orientation: the MLP output at the subject's last token moves along u, and only there (rank one)
+    module = loaded.model.get_submodule(edit.tensor.removesuffix(".weight"))
+    seen = {}
+    handle = module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o.detach().clone()))
+    ids = loaded.tokenizer(FACT.text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        loaded.model(input_ids=ids)
+        before = seen["out"]
+        with edits_applied(loaded.model, loaded.arch, [edit]):
+            loaded.model(input_ids=ids)
+            after = seen["out"]
+    handle.remove()
+    change = (after - before)[0]
+    subject_pos = ids.shape[1] - 1  # the subject's last token ends the prompt
+    moved = change[subject_pos]
+    assert torch.nn.functional.cosine_similarity(moved, edit.u, dim=0) > 0.999
+    # write the checkpoint: only the target tensor changes, by exactly ΔW in the stored orientation
+    out = tmp_path / "edited"
+    write_edited(loaded.checkpoint, loaded.arch, [edit], out)
+    src, dst = Checkpoint(pico_models[model_type]), Checkpoint(out)
+    changed = [n for n in src.names() if not torch.equal(src.read(n), dst.read(n))]
+    assert changed == [expected_tensor]
+    diff = dst.read(expected_tensor) - src.read(expected_tensor)
+    stored_shape = (edit.v.numel(), edit.u.numel()) if model_type == "gpt2" else (edit.u.numel(), edit.v.numel())
+    assert tuple(diff.shape) == stored_shape
+    torch.testing.assert_close(diff, edit.stored_delta(loaded.arch), atol=1e-5, rtol=1e-4)
+    assert torch.linalg.matrix_rank(diff, atol=1e-4 * float(diff.abs().max())) == 1
+    # the written model predicts the new object
+    edited = load_model(resolve(str(out)))
+    assert _next_token(edited, FACT.text) == target
+    assert _next_token(loaded, FACT.text) != target  # the in-memory model was left unedited
+
+
+def test_fast_path_equals_reference_loop(pico_models):
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    hp = hparams_from_dict({**PICO_HP, "v_num_grad_steps": 8}, "rome")
+    fast = rome_edits(loaded, [FACT, FACT2], hp)
+    for fact, edit in zip([FACT, FACT2], fast):
+        ref = rome_edit_reference(loaded, fact, hp)
+        assert edit.info["steps"] == ref.info["steps"]
+        rel = float((edit.delta() - ref.delta()).norm() / ref.delta().norm())
+        assert rel < 1e-4, rel
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_memit_batch_flips_both(model_type, pico_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    loaded = load_model(resolve(str(pico_models[model_type])))
+    hp = hparams_from_dict({**PICO_HP, "layers": [0, 1], "mom2_update_weight": 100.0, "mom2_n_samples": 20}, "memit")
+    facts = [FACT, FACT2]
+    edits = compute_edits(loaded, facts, hp)
+    assert [e.layer for e in edits] == [0, 1] and all(e.rank == 2 for e in edits)
+    with edits_applied(loaded.model, loaded.arch, edits):
+        assert [_next_token(loaded, f.text) for f in facts] == [_target_token(loaded, f) for f in facts]
+    out = tmp_path / "memit"
+    write_edited(loaded.checkpoint, loaded.arch, edits, out)
+    changed = [n for n in Checkpoint(out).names()
+               if not torch.equal(Checkpoint(out).read(n), loaded.checkpoint.read(n))]
+    assert sorted(changed) == sorted(e.tensor for e in edits)
