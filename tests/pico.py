@@ -53,6 +53,9 @@ def tokenizer():
     vocab = {word: i for i, word in enumerate(VOCAB)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    from tokenizers import normalizers
+
+    core.normalizer = normalizers.Replace("\u200b", "")  # like real tokenizers, drops zero-width spaces
     from tokenizers import decoders
 
     core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces

@@ -1,0 +1,101 @@
+"""`editguard train` and `editguard evaluate-mask`: regenerate a shared mask from CounterFact."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..edit.hparams import load_hparams
+from ..errors import EditguardError
+from ..loading import load_model
+from . import state
+from .app import app
+from .options import DeviceMap, Dtype, resolve_model
+
+
+class _Bars:
+    """One Rich bar per pipeline stage, created when the stage first reports."""
+
+    def __init__(self, stack: ExitStack):
+        self.stack, self.bars, self.done = stack, {}, {}
+
+    def __call__(self, stage: str, done: int, total: int, info: str) -> None:
+        if stage == "validation":
+            state.out().note(f"step {done}: {info}")
+            return
+        if stage not in self.bars:
+            self.bars[stage] = self.stack.enter_context(state.out().progress(stage, total=total))
+            self.done[stage] = 0
+        self.bars[stage](done - self.done[stage], info=info)
+        self.done[stage] = done
+
+
+@app.command("train")
+def train_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Mask file to write (masks/NAME.safetensors).")],
+    model: Annotated[str, typer.Option("--model", help="Model reference (see `inspect`).")] = "demo:smollm2-135m",
+    method: Annotated[str, typer.Option("--method", help="Edit method the mask must reverse: rome | memit.")] = "rome",
+    layer: Annotated[Optional[int], typer.Option("--layer", help="Edited layer (default: the edit preset's).")] = None,
+    hparams: Annotated[Optional[str], typer.Option("--hparams", help="Edit hyperparameters (YAML or preset).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="CounterFact file (default: the paper's splits).")] = None,
+    train_size: Annotated[int, typer.Option("--train-size", min=1)] = 600,
+    val_size: Annotated[int, typer.Option("--val-size", min=0)] = 100,
+    test_size: Annotated[int, typer.Option("--test-size", min=1)] = 500,
+    preset: Annotated[str, typer.Option("--preset", help="Training schedule: cpu | paper.")] = "cpu",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
+    batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Records per step (3 prompts each).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Binarisation threshold γ.")] = None,
+    target_pruned: Annotated[Optional[float], typer.Option(
+        "--target-pruned", help="Instead of γ: prune this share (γ chosen from the scores).")] = None,
+    bank: Annotated[Optional[Path], typer.Option("--bank", help="Edit bank to reuse and extend.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1)] = None,
+    text_tokens: Annotated[int, typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for perplexity.")] = 70_000,
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the SVD and magnitude baselines.")] = False,
+    bank_only: Annotated[bool, typer.Option("--bank-only", help="Only build the edit bank (e.g. in the background).")] = False,
+    device_map: DeviceMap = "cpu",
+    dtype: Dtype = "float32",
+) -> None:
+    """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
+    from ..loading import load_model as _load  # noqa: F401 (import cost paid once)
+    from ..mask.pipeline import TrainJob, run
+    from ..mask.train import config_for
+
+    if method not in ("rome", "memit"):
+        raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
+    if threshold is not None and target_pruned is not None:
+        raise EditguardError("give --threshold or --target-pruned, not both")
+    ref = resolve_model(model)
+    with state.out().progress("loading model"):
+        loaded = load_model(ref, device_map=device_map, dtype=dtype)
+    default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
+    if hparams is None and default is None:
+        raise EditguardError("give --hparams (EasyEdit YAML or preset); only demo models have a default")
+    hp = load_hparams(hparams or default, method, {"layers": [layer]} if layer is not None else None)
+    cfg = config_for(preset, method, epochs=epochs, batch_records=batch, lr=lr, seed=seed,
+                     checkpoint_every=checkpoint_every, threshold=threshold)
+    job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, test_size=test_size,
+                   data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
+                   text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only)
+    with ExitStack() as stack:
+        metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
+    if bank_only:
+        state.out().emit(metrics, lambda console, m: console.print(f"edit bank {m['bank']}: {m['edits']} edits"))
+        return
+    state.out().emit({"mask": str(output), **metrics}, _render)
+
+
+def _render(console, m) -> None:
+    test = m["rsr"].get("test", {})
+    console.print(f"wrote {m['mask']} (+ .md card, .json metrics, figures; index.json updated)")
+    console.print(f"pruned {m['pruned_fraction']:.1%} at γ={m['threshold']:.3f}; test RSR {test.get('rsr', float('nan')):.1%} "
+                  f"(original prefers true {test.get('original_prefers_true', float('nan')):.1%}, "
+                  f"among known {test.get('rsr_known', float('nan')):.1%}, SVD baseline "
+                  f"{test.get('baseline_svd_rsr', float('nan')):.1%}); perplexity original "
+                  f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "
+                  f"{m['total_seconds']:.0f} s")

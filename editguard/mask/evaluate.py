@@ -1,0 +1,173 @@
+"""How well a mask reverses edits, and what it costs the model.
+
+RSR (reversal success rate): share of edited facts where the masked edited model gives the true object a
+higher full multi-token log-probability than the new one, on the rewrite prompt. Always reported next
+to its ceiling (the unedited model's own preference), RSR among facts the model knew, the edited model
+without a mask, and the mask on the unedited model (a control: a mask that merely pushed true objects
+would score there too). Baselines: weight-only SVD reversal (drop the top singular component of Ŵ_i)
+and magnitude pruning of ΔW_i at the mask's pruned fraction. Model cost: WikiText-2 perplexity (1024-
+token windows) of original / edited / masked, Top-1 agreement and mean KL with the original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from typing import Callable, Iterator
+
+import torch
+
+from ..data.text import load_text
+from ..edit.edits import weights_restored
+from ..edit.forward import unembed
+from ..loading import LoadedModel
+from ..scoring import RowEdits, continuation_logprobs
+
+
+@contextlib.contextmanager
+def masked_weight(loaded: LoadedModel, module_path: str, K: torch.Tensor | None, transposed: bool) -> Iterator[None]:
+    """The base weight multiplied by the [out, in] mask K inside the block (exactly restored after)."""
+    if K is None:
+        yield
+        return
+    weight = loaded.model.get_submodule(module_path).weight
+    with weights_restored(loaded.model, [module_path + ".weight"]):
+        with torch.no_grad():
+            weight.mul_((K.T if transposed else K).to(weight))
+        yield
+
+
+def preference(loaded: LoadedModel, facts: list, module_path: str, u: torch.Tensor | None, v: torch.Tensor | None,
+               K: torch.Tensor | None, transposed: bool, batch_size: int = 64) -> torch.Tensor:
+    """log p(true) − log p(new) on each fact's rewrite prompt (full multi-token objects), with fact i's
+    edit (u[i] v[i]ᵀ, rank r if 3-D) added and the mask K on the whole edited weight."""
+    prompts = [f.text for f in facts for _ in (0, 1)]
+    objects = [o for f in facts for o in (f.target_true, f.target_new)]
+    edits = None
+    if u is not None:
+        uu = u if u.dim() == 3 else u.unsqueeze(-1)
+        vv = v if v.dim() == 3 else v.unsqueeze(-1)
+        edits = RowEdits(module_path, uu.repeat_interleave(2, 0), vv.repeat_interleave(2, 0), mask=K)
+    with masked_weight(loaded, module_path, K, transposed):
+        sums, _ = continuation_logprobs(loaded, prompts, objects, edits, batch_size=batch_size)
+    return sums[0::2] - sums[1::2]
+
+
+def top_singular(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, iters: int = 40):
+    """Top singular triplet of W + u_i v_iᵀ for every row i, by batched power iteration (never dense)."""
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randn(u.shape[0], weight.shape[1], generator=gen)
+    for _ in range(iters):
+        a = b @ weight.T + (b * v).sum(1, keepdim=True) * u  # Ŵ b
+        a = a / a.norm(dim=1, keepdim=True)
+        b = a @ weight + (a * u).sum(1, keepdim=True) * v  # Ŵᵀ a
+        sigma = b.norm(dim=1, keepdim=True)
+        b = b / sigma
+    return a, sigma[:, 0], b
+
+
+def svd_reversal_factors(u, v, weight):
+    """Ŵ − σ₁ a bᵀ = W + u vᵀ − σ₁ a bᵀ: rank-2 factors per row."""
+    a, sigma, b = top_singular(u, v, weight)
+    return torch.stack([u, -sigma[:, None] * a], dim=-1), torch.stack([v, b], dim=-1)
+
+
+@torch.no_grad()
+def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v, fraction: float,
+                       transposed: bool) -> torch.Tensor:
+    """Prune the `fraction` of Ŵ_i's entries where |ΔW_i| is largest (a per-edit mask, one edit at a time)."""
+    weight = loaded.model.get_submodule(module_path).weight
+    prefs = []
+    with weights_restored(loaded.model, [module_path + ".weight"]):
+        base = weight.detach().clone()
+        for i, fact in enumerate(facts):
+            delta = torch.outer(u[i], v[i])
+            k = max(int(fraction * delta.numel()), 1)
+            cut = delta.abs().reshape(-1).kthvalue(delta.numel() - k + 1).values
+            keep = (delta.abs() < cut).float()
+            edited = ((base.T if transposed else base).float() + delta) * keep
+            weight.copy_((edited.T if transposed else edited).to(weight))
+            prefs.append(preference(loaded, [fact], module_path, None, None, None, transposed)[0])
+    return torch.stack(prefs)
+
+
+def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: bool, u, v, K,
+               baselines: bool = True, magnitude_n: int = 100) -> dict:
+    """All the RSR numbers for one split, per relation too."""
+    orig = preference(loaded, facts, module_path, None, None, None, transposed)
+    edited = preference(loaded, facts, module_path, u, v, None, transposed)
+    masked = preference(loaded, facts, module_path, u, v, K, transposed)
+    control = preference(loaded, facts, module_path, None, None, K, transposed)
+    known = orig > 0
+    report = {
+        "n": len(facts),
+        "original_prefers_true": _share(orig > 0),
+        "edited_prefers_true": _share(edited > 0),
+        "rsr": _share(masked > 0),
+        "rsr_known": _share((masked > 0)[known]) if known.any() else float("nan"),
+        "known": int(known.sum()),
+        "mask_on_unedited_prefers_true": _share(control > 0),
+        "per_relation": {},
+    }
+    by_rel = defaultdict(list)
+    for i, fact in enumerate(facts):
+        by_rel[fact.relation or "unknown"].append(i)
+    for rel, idx in sorted(by_rel.items()):
+        idx_t = torch.tensor(idx)
+        report["per_relation"][rel] = {"n": len(idx), "rsr": _share(masked[idx_t] > 0),
+                                       "original": _share(orig[idx_t] > 0)}
+    if baselines:
+        weight = loaded.model.get_submodule(module_path).weight.detach().float()
+        canonical = weight.T if transposed else weight
+        su, sv = svd_reversal_factors(u.float(), v.float(), canonical)
+        svd = preference(loaded, facts, module_path, su, sv, None, transposed)
+        report["baseline_svd_rsr"] = _share(svd > 0)
+        pruned = float((1 - K).mean()) if K is not None else 0.0
+        n = min(magnitude_n, len(facts))
+        mag = magnitude_baseline(loaded, facts[:n], module_path, u[:n], v[:n], pruned, transposed)
+        report["baseline_magnitude_rsr"] = _share(mag > 0)
+        report["baseline_magnitude_n"] = n
+    return report
+
+
+def _share(mask: torch.Tensor) -> float:
+    return float(mask.float().mean()) if mask.numel() else float("nan")
+
+
+@torch.no_grad()
+def text_metrics(loaded: LoadedModel, variants: dict[str, Callable[[], contextlib.AbstractContextManager]],
+                 tokens: int = 70_000, window: int = 1024, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Perplexity of each variant on WikiText-2 (non-overlapping `window`-token windows over the first
+    `tokens` tokens), and Top-1 agreement and mean KL against the first variant (the original)."""
+    ids = loaded.tokenizer(load_text("wikitext2"), add_special_tokens=False).input_ids[:tokens]
+    windows = [ids[i: i + window] for i in range(0, len(ids) - 1, window) if len(ids[i: i + window]) > 1]
+    names = list(variants)
+    nll = {n: 0.0 for n in names}
+    agree = {n: 0 for n in names}
+    kl = {n: 0.0 for n in names}
+    count = 0
+    base = loaded.model.get_submodule(loaded.arch.base)
+    for w, chunk in enumerate(windows):
+        x = torch.tensor([chunk], device=loaded.device)
+        reference = None
+        for name in names:
+            with variants[name]():
+                hidden = base(input_ids=x).last_hidden_state[0, :-1]
+            logp = torch.log_softmax(unembed(loaded.model, loaded.arch, hidden).float(), dim=-1)
+            nll[name] += float(-logp.gather(1, x[0, 1:, None])[:, 0].sum())
+            if reference is None:
+                reference = logp
+            else:
+                agree[name] += int((logp.argmax(-1) == reference.argmax(-1)).sum())
+                kl[name] += float((reference.exp() * (reference - logp)).sum())
+        count += len(chunk) - 1
+        if progress:
+            progress(w + 1, len(windows))
+    out = {"tokens": count, "windows": len(windows)}
+    for name in names:
+        out[name] = {"perplexity": math.exp(nll[name] / count)}
+        if name != names[0]:
+            out[name]["top1_agreement"] = agree[name] / count
+            out[name]["mean_kl"] = kl[name] / count
+    return out

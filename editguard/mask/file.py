@@ -1,0 +1,141 @@
+"""The mask file: binary masks (bit-packed) and soft scores over one or more target tensors, with
+provenance and metrics, in one safetensors file. One reader/writer.
+
+Tensors per target t (index in `targets`): `t{t}.bits` (uint8, numpy.packbits of the [out, in] binary
+mask, row-major), `t{t}.scores` (float16 soft mask values K = sigmoid(Θ/τ_end), so another threshold can
+be chosen later) and `t{t}.theta` (float16 raw Θ, for resuming or re-annealing). Masks are always in
+[out, in] orientation; `transposed` records that the checkpoint stores the weight as [in, out].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..checkpoint import fingerprint, read_safetensors_header, write_safetensors
+from ..errors import EditguardError
+
+FORMAT = "editguard-mask/1"
+
+
+@dataclass
+class MaskTarget:
+    tensor: str  # canonical weight name
+    layer: int
+    shape: tuple[int, int]  # [out, in]
+    transposed: bool
+    fingerprint: str  # of the base weight the mask was trained on (as stored)
+    scores: torch.Tensor  # [out, in] soft mask in [0, 1]
+    theta: torch.Tensor | None = None
+
+    def binary(self, threshold: float) -> torch.Tensor:
+        return (self.scores.float() >= threshold).float()
+
+
+@dataclass
+class MaskFile:
+    model_id: str
+    revision: str | None
+    model_type: str
+    method: str  # the edit method it was trained against
+    threshold: float
+    targets: list[MaskTarget]
+    hparams: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # training data description + hash
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    binaries: list[torch.Tensor] | None = None  # as stored (may differ from scores >= threshold if edited)
+
+    def mask(self, index: int = 0, threshold: float | None = None) -> torch.Tensor:
+        """Binary [out, in] mask of target `index`, at the stored threshold unless one is given."""
+        if threshold is None and self.binaries is not None:
+            return self.binaries[index]
+        return self.targets[index].binary(self.threshold if threshold is None else threshold)
+
+    def pruned_fraction(self, threshold: float | None = None) -> float:
+        total = sum(t.scores.numel() for t in self.targets)
+        zeros = sum(float((1 - self.mask(i, threshold)).sum()) for i in range(len(self.targets)))
+        return zeros / total
+
+    # -- writing ------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        tensors = {}
+        for i, target in enumerate(self.targets):
+            binary = self.mask(i).to(torch.uint8).numpy().reshape(-1)
+            tensors[f"t{i}.bits"] = torch.from_numpy(np.packbits(binary))
+            tensors[f"t{i}.scores"] = target.scores.to(torch.float16).contiguous()
+            if target.theta is not None:
+                tensors[f"t{i}.theta"] = target.theta.to(torch.float16).contiguous()
+        meta = {
+            "format": FORMAT, "editguard_version": __version__, "model_id": self.model_id, "revision": self.revision,
+            "model_type": self.model_type, "method": self.method, "threshold": self.threshold,
+            "pruned_fraction": self.pruned_fraction(),
+            "targets": [{"tensor": t.tensor, "layer": t.layer, "shape": list(t.shape), "transposed": t.transposed,
+                         "fingerprint": t.fingerprint} for t in self.targets],
+            "hparams": self.hparams, "data": self.data, "metrics": self.metrics, **self.extra,
+        }
+        write_safetensors(Path(path), tensors, {"editguard": json.dumps(meta)})
+
+    # -- reading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path) -> "MaskFile":
+        path = Path(path)
+        if not path.is_file():
+            raise EditguardError(f"no such mask file: {path}")
+        try:
+            _, raw = read_safetensors_header(path)
+            meta = json.loads(raw.get("editguard", "null"))
+        except EditguardError as exc:
+            raise EditguardError(f"corrupted mask file {path}: {exc.message}") from None
+        except json.JSONDecodeError:
+            raise EditguardError(f"corrupted mask file {path}: metadata is not JSON") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise EditguardError(f"{path} is not an editguard mask file")
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        targets, binaries = [], []
+        for i, t in enumerate(meta["targets"]):
+            shape = tuple(t["shape"])
+            scores = tensors[f"t{i}.scores"].float()
+            if tuple(scores.shape) != shape:
+                raise EditguardError(f"corrupted mask file {path}: target {i} scores have the wrong shape")
+            bits = np.unpackbits(tensors[f"t{i}.bits"].numpy())[: shape[0] * shape[1]]
+            binaries.append(torch.from_numpy(bits.astype(np.float32)).reshape(shape))
+            targets.append(MaskTarget(t["tensor"], t["layer"], shape, t["transposed"], t["fingerprint"], scores,
+                                      tensors.get(f"t{i}.theta")))
+        known = {"format", "editguard_version", "model_id", "revision", "model_type", "method", "threshold",
+                 "pruned_fraction", "targets", "hparams", "data", "metrics"}
+        return cls(meta["model_id"], meta.get("revision"), meta["model_type"], meta["method"], meta["threshold"],
+                   targets, meta.get("hparams", {}), meta.get("data", {}), meta.get("metrics", {}),
+                   {k: v for k, v in meta.items() if k not in known}, binaries)
+
+    # -- fitting a model ------------------------------------------------------------------------
+    def check_fits(self, arch, checkpoint) -> list[str]:
+        """Raise with the exact reason if this mask cannot apply to `checkpoint`; returns the stored tensor
+        names. A fingerprint mismatch is allowed (fine-tuned or edited copies) and reported by callers."""
+        if arch.model_type != self.model_type:
+            raise EditguardError(f"mask is for {self.model_type} models, this model is {arch.model_type}")
+        stored_names = []
+        for t in self.targets:
+            stored = checkpoint.find(arch.tensor_candidates(t.tensor))
+            if stored is None:
+                raise EditguardError(f"mask targets {t.tensor}, which this model does not have")
+            shape = tuple(checkpoint.info(stored).shape)
+            expected = t.shape[::-1] if t.transposed else t.shape
+            if shape != tuple(expected):
+                raise EditguardError(f"mask for {t.tensor} has shape {list(expected)}, the model's tensor is {list(shape)}")
+            stored_names.append(stored)
+        return stored_names
+
+    def matches_weights(self, checkpoint, arch) -> bool:
+        for t in self.targets:
+            stored = checkpoint.find(arch.tensor_candidates(t.tensor))
+            if stored is None or fingerprint(checkpoint.read(stored)) != t.fingerprint:
+                return False
+        return True

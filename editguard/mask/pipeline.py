@@ -1,0 +1,311 @@
+"""`editguard train` as a library call: data -> edit bank -> training -> threshold -> evaluation -> files.
+
+Outputs next to the mask `NAME.safetensors`: `NAME.json` (metrics), `NAME.md` (the card), `NAME-*.png`
+(figures), `NAME.ckpt.safetensors` while training (removed at the end) and an entry in the folder's
+`index.json`, which `inspect` and `scan` consult.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..checkpoint import fingerprint
+from ..data import counterfact
+from ..edit.bank import EditBank
+from ..edit.edits import Edit
+from ..edit.facts import Fact
+from ..edit.generate import fill_bank
+from ..edit.hparams import EditHparams
+from ..errors import EditguardError
+from ..loading import LoadedModel
+from ..masks_index import INDEX
+from . import plots
+from .evaluate import masked_weight, rsr_report, text_metrics
+from .file import MaskFile, MaskTarget
+from .train import (MaskTrainer, TrainConfig, TrainState, data_hash, load_checkpoint, make_optimizer,
+                    prepare_prompts, save_checkpoint)
+
+Progress = Callable[[str, int, int, str], None]  # (stage, done, total, info)
+
+
+@dataclass
+class TrainJob:
+    output: Path
+    method: str = "rome"
+    train_size: int = 600
+    val_size: int = 100
+    test_size: int = 500
+    data: str | None = None  # None: the paper's splits
+    bank: Path | None = None
+    threshold: float | None = None
+    target_pruned: float | None = None  # choose γ on validation so this share is pruned
+    resume: bool = False
+    text_tokens: int = 70_000
+    baselines: bool = True
+    bank_only: bool = False  # stop once the edit bank holds every record
+    command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["editguard"] + sys.argv[1:]))
+
+
+def per_relation(records: list, n: int) -> list:
+    """The first records of each relation, round-robin, n in all (splits are relation-ordered)."""
+    by_rel: dict[str, list] = {}
+    for r in records:
+        by_rel.setdefault(r.relation, []).append(r)
+    out, i = [], 0
+    while len(out) < n and any(i < len(v) for v in by_rel.values()):
+        for rel in by_rel:
+            if i < len(by_rel[rel]) and len(out) < n:
+                out.append(by_rel[rel][i])
+        i += 1
+    return out
+
+
+def select_splits(job: TrainJob) -> tuple[list, list, list]:
+    if job.data:
+        records = counterfact.load(job.data).records
+        train = records[: job.train_size]
+        val = records[job.train_size: job.train_size + job.val_size]
+        test = records[job.train_size + job.val_size: job.train_size + job.val_size + job.test_size]
+    elif job.method == "memit":
+        train = counterfact.load_split("memit-train")[: job.train_size]
+        val = per_relation(counterfact.load_split("rome-val"), job.val_size)
+        test = counterfact.load_split("memit-test")[: job.test_size]
+    else:
+        train = per_relation(counterfact.load_split("rome-train"), job.train_size)
+        val = per_relation(counterfact.load_split("rome-val"), job.val_size)
+        test = per_relation(counterfact.load_split("rome-test"), job.test_size)
+    if not train or not test:
+        raise EditguardError("not enough records for a train and a test split")
+    return train, val, test
+
+
+def _edits_by_case(bank: EditBank) -> dict[int, int]:
+    return {r["case_id"]: i for i, r in enumerate(bank.meta["records"])}
+
+
+def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
+        progress: Progress | None = None) -> dict:
+    progress = progress or (lambda *a: None)
+    job.output = Path(job.output)
+    if job.output.suffix != ".safetensors":
+        raise EditguardError("the mask file name must end in .safetensors")
+    ckpt = job.output.with_name(job.output.stem + ".ckpt.safetensors")
+    if job.output.exists():
+        raise EditguardError(f"{job.output} exists; choose another -o (masks are never overwritten)")
+    if ckpt.exists() and not job.resume:
+        raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
+    train, val, test = select_splits(job)
+    facts = {split: [Fact.from_record(r) for r in recs] for split, recs in
+             (("train", train), ("val", val), ("test", test))}
+    started = time.time()
+    if job.method != "rome":
+        raise EditguardError("mask training against MEMIT edits is not implemented yet (ROME only)")
+    # 1. the edit bank: every record of every split edited independently on the unedited model
+    bank_path = job.bank or job.output.with_name(job.output.stem + ".bank.safetensors")
+    everything = facts["train"] + facts["val"] + facts["test"]
+    bank = fill_bank(loaded, everything, hp, bank_path, resume=bank_path.exists(),
+                     progress=lambda done, total: progress("edit bank", done, total, ""))
+    bank_seconds = time.time() - started
+    if job.bank_only:
+        return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
+    index = _edits_by_case(bank)
+    edits = {split: bank.edits([index[f.case_id] for f in fs]) for split, fs in facts.items()}
+    layer = hp.layers[0]
+    module_path = hp.rewrite_module_tmp.format(layer)
+    transposed = loaded.arch.mlp_out_transposed
+    # 2. prompts, cached states below the layer, the teacher's logits
+    data = prepare_prompts(loaded, facts["train"], layer, cfg.paraphrases,
+                           progress=lambda d, t: progress("caching prompts", d, t, ""))
+    u = torch.stack([e.u for e in edits["train"]]).float()
+    v = torch.stack([e.v for e in edits["train"]]).float()
+    trainer = MaskTrainer(loaded, [(module_path, transposed)], layer, data, cfg, u=u, v=v)
+    meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"])}
+    if job.resume and ckpt.exists():
+        state, optimizer, info = load_checkpoint(ckpt, cfg)
+        if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
+            raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
+    else:
+        state = trainer.init_state()
+        optimizer = make_optimizer(state, cfg)
+    val_u = torch.stack([e.u for e in edits["val"]]).float() if edits["val"] else None
+    val_v = torch.stack([e.v for e in edits["val"]]).float() if edits["val"] else None
+
+    def on_step(st: TrainState, info: dict) -> None:
+        progress("training", st.step, trainer.total_steps,
+                 f"loss {info['loss']:.3f} flip {info['flip']:.2f} pruned {info['pruned_soft']:.3f}")
+
+    def on_epoch(st: TrainState) -> None:
+        if not facts["val"]:
+            return
+        # the mask as it would ship if training stopped here (annealed to the final τ, binarised at γ)
+        K = (torch.sigmoid(st.theta[0].detach() / cfg.tau(1.0)) >= cfg.threshold).float()
+        from .evaluate import preference
+
+        pref = preference(loaded, facts["val"], module_path, val_u, val_v, K, transposed)
+        st.curve.append({"step": st.step, "epoch": st.step // trainer.steps_per_epoch, "seconds": round(st.seconds, 1),
+                         "val_rsr": float((pref > 0).float().mean()), "pruned": float((1 - K).mean())})
+        progress("validation", st.step, trainer.total_steps, f"val RSR {st.curve[-1]['val_rsr']:.2f}")
+
+    trainer.train(state, optimizer, on_step=on_step, on_epoch_end=on_epoch,
+                  checkpoint=lambda st, opt: save_checkpoint(ckpt, st, opt, meta))
+    # 3. threshold: fixed, or chosen on validation for a target pruned share
+    scores = trainer.soft_masks(state)[0]
+    threshold = job.threshold if job.threshold is not None else cfg.threshold
+    if job.target_pruned is not None:
+        threshold = float(torch.quantile(scores.reshape(-1)[:: max(scores.numel() // 1_000_000, 1)].float(),
+                                         job.target_pruned))
+    K = (scores >= threshold).float()
+    # 4. evaluation
+    reports = {}
+    for split in ("train", "val", "test"):
+        if not facts[split]:
+            continue
+        fs = facts[split][:500] if split == "train" else facts[split]
+        es = edits[split][: len(fs)]
+        progress("evaluating", 0, 1, split)
+        reports[split] = rsr_report(loaded, fs, module_path, transposed, torch.stack([e.u for e in es]).float(),
+                                    torch.stack([e.v for e in es]).float(), K, baselines=job.baselines)
+    first_edit = edits["test"][0]
+    text = text_metrics(loaded, _variants(loaded, module_path, transposed, first_edit, K), tokens=job.text_tokens,
+                        progress=lambda d, t: progress("perplexity", d, t, ""))
+    total_seconds = time.time() - started
+    metrics = {
+        "threshold": threshold, "pruned_fraction": float((1 - K).mean()), "rsr": reports, "text": text,
+        "curve": state.curve, "train_seconds": round(state.seconds, 1), "bank_seconds": round(bank_seconds, 1),
+        "total_seconds": round(total_seconds, 1), "steps": state.step,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "command": job.command,
+    }
+    stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(module_path + ".weight"))
+    target = MaskTarget(module_path + ".weight", layer, tuple(scores.shape), transposed,
+                        fingerprint(loaded.checkpoint.read(stored)), scores, state.theta[0].detach())
+    mask = MaskFile(loaded.ref.model_id, loaded.ref.revision, loaded.arch.model_type, hp.method, threshold, [target],
+                    hparams={"train": cfg.to_dict(), "edit": hp.to_dict()},
+                    data={"train": len(facts["train"]), "val": len(facts["val"]), "test": len(facts["test"]),
+                          "source": job.data or "paper splits", "hash": meta["data_hash"],
+                          "bank": str(bank_path), "bank_hparams_hash": bank.meta["hparams_hash"]},
+                    metrics=metrics)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    mask.save(job.output)
+    write_outputs(job.output, mask, K, reports)
+    ckpt.unlink(missing_ok=True)
+    return metrics
+
+
+def _variants(loaded, module_path, transposed, edit: Edit, K):
+    from contextlib import ExitStack, contextmanager
+
+    from ..edit.edits import edits_applied
+
+    @contextmanager
+    def original():
+        yield
+
+    @contextmanager
+    def edited():
+        with edits_applied(loaded.model, loaded.arch, [edit]):
+            yield
+
+    @contextmanager
+    def pruned():
+        with ExitStack() as stack:
+            stack.enter_context(edits_applied(loaded.model, loaded.arch, [edit]))
+            stack.enter_context(masked_weight(loaded, module_path, K, transposed))
+            yield
+
+    @contextmanager
+    def mask_only():
+        with masked_weight(loaded, module_path, K, transposed):
+            yield
+
+    return {"original": original, "edited": edited, "pruned": pruned, "mask_on_unedited": mask_only}
+
+
+def write_outputs(path: Path, mask: MaskFile, K: torch.Tensor, reports: dict) -> None:
+    stem = path.with_suffix("")
+    metrics = mask.metrics
+    (stem.parent / (stem.name + ".json")).write_text(json.dumps(metrics, indent=2))
+    figures = []
+    if "test" in reports:
+        figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
+                                              f"{mask.model_id}: RSR per relation (test)"))
+    figures.append(plots.pruned_per_output(K, stem.parent / f"{stem.name}-pruned.png",
+                                           "pruned fraction per output dimension"))
+    figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap.png", "mask (pruned share, pooled)"))
+    (stem.parent / (stem.name + ".md")).write_text(card(path, mask, reports, [f.name for f in figures]))
+    update_index(path, mask)
+
+
+def update_index(path: Path, mask: MaskFile) -> None:
+    index_path = path.parent / INDEX
+    try:
+        entries = json.loads(index_path.read_text()) if index_path.is_file() else []
+    except json.JSONDecodeError:
+        entries = []
+    entries = [e for e in entries if e.get("file") != path.name]
+    entries.append({
+        "file": path.name, "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,
+        "layers": [t.layer for t in mask.targets], "threshold": mask.threshold,
+        "pruned_fraction": round(mask.pruned_fraction(), 4),
+        "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),
+        "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
+                     "fingerprint": t.fingerprint} for t in mask.targets],
+    })
+    index_path.write_text(json.dumps(sorted(entries, key=lambda e: e["file"]), indent=2) + "\n")
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f} %"
+
+
+def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
+    m = mask.metrics
+    lines = [
+        f"# Mask card: `{path.name}`", "",
+        f"- model: `{mask.model_id}` ({mask.model_type}), tensor `{mask.targets[0].tensor}` "
+        f"(layer {mask.targets[0].layer}, [out, in] = {list(mask.targets[0].shape)})",
+        f"- trained against: {mask.method.upper()} edits; threshold γ = {mask.threshold:.3f}; "
+        f"pruned {_pct(m['pruned_fraction'])} of the weights",
+        f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "
+        f"({mask.data.get('source')}; hash {mask.data.get('hash')})",
+        f"- command: `{m['command']}`",
+        f"- wall time: edit bank {m['bank_seconds']:.0f} s, training {m['train_seconds']:.0f} s ({m['steps']} steps), "
+        f"total {m['total_seconds']:.0f} s on {m['machine']}; editguard {__version__}", "",
+        "## Reversal (RSR: masked edited model prefers the true object, full multi-token log-prob)", "",
+        "| split | n | original prefers true | edited, no mask | **RSR** | RSR among known | mask on unedited | "
+        "SVD baseline | magnitude baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for split, r in reports.items():
+        lines.append(f"| {split} | {r['n']} | {_pct(r['original_prefers_true'])} | {_pct(r['edited_prefers_true'])} | "
+                     f"**{_pct(r['rsr'])}** | {_pct(r['rsr_known'])} ({r['known']}) | "
+                     f"{_pct(r['mask_on_unedited_prefers_true'])} | {_pct(r.get('baseline_svd_rsr'))} | "
+                     f"{_pct(r.get('baseline_magnitude_rsr'))} |")
+    t = m["text"]
+    lines += ["", f"## Model cost (WikiText-2, {t['tokens']} tokens in {t['windows']} windows)", "",
+              "| model | perplexity | Top-1 agreement with original | mean KL to original |", "|---|---|---|---|"]
+    for name in ("original", "edited", "pruned", "mask_on_unedited"):
+        row = t[name]
+        lines.append(f"| {name} | {row['perplexity']:.2f} | {_pct(row.get('top1_agreement'))} | "
+                     f"{row.get('mean_kl', 0):.4f} |")
+    if "test" in reports:
+        lines += ["", "## RSR per relation (test)", "", "| relation | n | original | RSR |", "|---|---|---|---|"]
+        for rel, r in reports["test"]["per_relation"].items():
+            lines.append(f"| {rel} | {r['n']} | {_pct(r['original'])} | {_pct(r['rsr'])} |")
+    if m["curve"]:
+        lines += ["", "## Time to RSR (validation, binarised at γ each epoch)", "",
+                  "| epoch | step | training seconds | val RSR | pruned |", "|---|---|---|---|---|"]
+        for c in m["curve"]:
+            lines.append(f"| {c['epoch']} | {c['step']} | {c['seconds']:.0f} | {_pct(c['val_rsr'])} | {_pct(c['pruned'])} |")
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)

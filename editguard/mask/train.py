@@ -1,0 +1,368 @@
+"""Training one shared mask K over the edited matrix (Holmov et al., "One Mask to Rule Them All").
+
+Loss per step, on the last prompt position (the first object token):
+    mean relu(z_new − z_true + margin)                                  (the edit must lose)
+  + λ(p) · relu(mean(1 − K) − S_max)                                    (prune at most S_max)
+  + β · T(p)² · KL(softmax(teacher/T) ‖ softmax(student/T))            (stay the original model)
+with K = sigmoid(Θ/τ(p)), Θ ~ N(0.85, 0.1), schedules as functions of training progress p ∈ [0, 1]
+(so a short run still anneals), AdamW and gradient-norm clipping.
+
+Speed: each ROME record has its own edited weight Ŵ_i = W + u_i v_iᵀ, never built:
+    (Ŵ_i ⊙ K) x = (W ⊙ K) x + u_i ⊙ (K (v_i ⊙ x)),
+so one forward pass carries a whole batch of different edits. The states entering the masked layer
+and the teacher's logits are computed once; each step runs only the layers from the masked one up
+and reads logits only at the last prompt position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import write_safetensors
+from ..edit.facts import target_ids
+from ..edit.forward import _replace_hidden_hook, layers_skipped_below, unembed
+from ..errors import EditguardError
+from ..loading import LoadedModel
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 301
+    batch_records: int = 50  # 3 prompts each: the paper's ~18,000 steps for 3,000 records x 301 epochs
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01  # torch's AdamW default
+    grad_clip: float = 1.0
+    theta_mean: float = 0.85
+    theta_std: float = 0.1
+    tau_start: float = 6.0  # τ(p) = tau_start · exp(−tau_decay · p)
+    tau_decay: float = 3.0
+    margin: float = 3.0
+    sparsity_max: float = 0.10
+    lambda_start: float = 1e-6
+    lambda_end: float = 60.0
+    beta_kl: float = 3.2552
+    temp_start: float = 1.643
+    temp_end: float = 4.301
+    threshold: float = 0.9
+    paraphrases: int = 2  # prompts per record: the rewrite prompt + this many paraphrases
+    seed: int = 0
+    checkpoint_every: int = 25  # steps
+
+    def tau(self, p: float) -> float:
+        return self.tau_start * math.exp(-self.tau_decay * p)
+
+    def lam(self, p: float) -> float:
+        return self.lambda_start + (self.lambda_end - self.lambda_start) * p
+
+    def temperature(self, p: float) -> float:
+        return self.temp_start + (self.temp_end - self.temp_start) * p
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+
+PRESETS: dict[str, dict] = {
+    # The paper's schedule, for GPU users (ROME; MEMIT switches λ to 1e-4 -> 100).
+    "paper": {},
+    # A 2-core CPU budget (see masks/README.md for the measured time-to-RSR curve).
+    "cpu": {"epochs": 12, "batch_records": 16, "lr": 5e-2},
+}
+
+
+def config_for(preset: str, method: str, **overrides) -> TrainConfig:
+    if preset not in PRESETS:
+        raise EditguardError(f"unknown training preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if method == "memit":
+        values.setdefault("lambda_start", 1e-4)
+        values.setdefault("lambda_end", 100.0)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)
+
+
+# -- the masked projection -----------------------------------------------------------------------
+class MaskedProjection(torch.nn.Module):
+    """Stands in for an MLP output projection: y = (W ⊙ K) x + b + u ⊙ (K (v ⊙ x)), per-row u, v."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = weight  # [out, in], frozen
+        self.bias = bias
+        self.K: torch.Tensor | None = None
+        self.u: torch.Tensor | None = None  # [B, out] or [B, out, r]
+        self.v: torch.Tensor | None = None
+
+    def forward(self, x):
+        K = self.K
+        y = F.linear(x, self.weight if K is None else self.weight * K, self.bias)
+        if self.u is not None:
+            u = self.u if self.u.dim() == 3 else self.u.unsqueeze(-1)
+            v = self.v if self.v.dim() == 3 else self.v.unsqueeze(-1)
+            for r in range(u.shape[-1]):
+                xv = x * v[:, None, :, r]
+                # K (v ⊙ x); without a mask that is vᵀx in every output coordinate
+                proj = F.linear(xv, K) if K is not None else xv.sum(-1, keepdim=True)
+                y = y + proj * u[:, None, :, r]
+        return y
+
+
+def canonical_weight(module: torch.nn.Module, transposed: bool) -> torch.Tensor:
+    w = module.weight.detach()
+    return (w.T if transposed else w).float().contiguous()
+
+
+@contextlib.contextmanager
+def swapped(model: torch.nn.Module, path: str, replacement: torch.nn.Module) -> Iterator[None]:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    original = getattr(parent, name)
+    setattr(parent, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(parent, name, original)
+
+
+# -- data -----------------------------------------------------------------------------------------
+@dataclass
+class PromptSet:
+    """The training prompts (rewrite + paraphrases of each record), prepared once."""
+
+    record: torch.Tensor  # [P] record index of each prompt
+    ids: torch.Tensor  # [P, S] right-padded
+    mask: torch.Tensor  # [P, S]
+    last: torch.Tensor  # [P] last prompt position
+    new_tok: torch.Tensor  # [P] first token of " " + new object
+    true_tok: torch.Tensor  # [P]
+    hidden: torch.Tensor  # [P, S, d] states entering the masked layer (unedited model)
+    teacher: torch.Tensor  # [P, V] original model's logits at the last position (float16)
+
+
+def record_prompts(fact, paraphrases: int) -> list[str]:
+    return [fact.text] + list(fact.paraphrase_prompts[:paraphrases])
+
+
+@torch.no_grad()
+def prepare_prompts(loaded: LoadedModel, facts: list, start_layer: int, paraphrases: int,
+                    progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> PromptSet:
+    tok = loaded.tokenizer
+    prompts, record, new_tok, true_tok = [], [], [], []
+    for i, fact in enumerate(facts):
+        new_first = target_ids(tok, fact.target_new)[0]
+        true_first = target_ids(tok, fact.target_true)[0]
+        for text in record_prompts(fact, paraphrases):
+            prompts.append(list(tok(text).input_ids))
+            record.append(i)
+            new_tok.append(new_first)
+            true_tok.append(true_first)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, p in enumerate(prompts):
+        ids[j, : len(p)] = torch.tensor(p)
+        mask[j, : len(p)] = 1
+    last = mask.sum(1) - 1
+    model, arch = loaded.model, loaded.arch
+    base = model.get_submodule(arch.base)
+    layer = model.get_submodule(arch.module("layer", start_layer))
+    hidden_parts, teacher_parts = [], []
+    seen = {}
+    handle = layer.register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("h", (a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
+    try:
+        for lo in range(0, len(prompts), chunk):
+            sl = slice(lo, lo + chunk)
+            w = int(mask[sl].sum(1).max())
+            out = base(input_ids=ids[sl, :w].to(loaded.device), attention_mask=mask[sl, :w].to(loaded.device))
+            h_last = out.last_hidden_state[torch.arange(out.last_hidden_state.shape[0]), last[sl]]
+            teacher_parts.append(unembed(model, arch, h_last).to(torch.float16).cpu())
+            h = torch.zeros(seen["h"].shape[0], width, seen["h"].shape[-1])
+            h[:, :w] = seen["h"].float().cpu()
+            hidden_parts.append(h)
+            if progress:
+                progress(min(lo + chunk, len(prompts)), len(prompts))
+    finally:
+        handle.remove()
+    return PromptSet(torch.tensor(record), ids, mask, last, torch.tensor(new_tok), torch.tensor(true_tok),
+                     torch.cat(hidden_parts), torch.cat(teacher_parts))
+
+
+# -- training ---------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    theta: list[torch.Tensor]
+    step: int = 0
+    seconds: float = 0.0
+    curve: list[dict] = field(default_factory=list)
+
+
+class MaskTrainer:
+    """Trains Θ for the masked tensors of `targets` ([(module path, transposed)]) against edits.
+
+    ROME: `u`, `v` are per-record factors of one target. MEMIT: `dense` holds one fixed ΔW per target."""
+
+    def __init__(self, loaded: LoadedModel, targets: list[tuple[str, bool]], start_layer: int, data: PromptSet,
+                 config: TrainConfig, u: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                 dense: list[torch.Tensor] | None = None):
+        self.loaded, self.targets, self.start, self.data, self.cfg = loaded, targets, start_layer, data, config
+        self.u, self.v, self.dense = u, v, dense
+        self.modules = []
+        for i, (path, transposed) in enumerate(targets):
+            module = loaded.model.get_submodule(path)
+            weight = canonical_weight(module, transposed)
+            if dense is not None:
+                weight = weight + dense[i].float()
+            bias = getattr(module, "bias", None)
+            self.modules.append(MaskedProjection(weight, bias.detach().float() if bias is not None else None))
+        n_records = int(data.record.max()) + 1
+        self.prompts_of = [[] for _ in range(n_records)]
+        for j, r in enumerate(data.record.tolist()):
+            self.prompts_of[r].append(j)
+
+    def init_state(self) -> TrainState:
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        theta = [torch.empty(m.weight.shape).normal_(self.cfg.theta_mean, self.cfg.theta_std, generator=gen)
+                 for m in self.modules]
+        return TrainState(theta)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.prompts_of) / self.cfg.batch_records)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    def batch_records(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.prompts_of), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+        return order[k * self.cfg.batch_records:(k + 1) * self.cfg.batch_records].tolist()
+
+    def loss(self, theta: list[torch.Tensor], records: list[int], progress: float, edited: bool = True):
+        cfg, data, model, arch = self.cfg, self.data, self.loaded.model, self.loaded.arch
+        rows = torch.tensor([j for r in records for j in self.prompts_of[r]])
+        tau = cfg.tau(progress)
+        masks = [torch.sigmoid(t / tau) for t in theta]
+        width = int(data.mask[rows].sum(1).max())
+        device = self.loaded.device
+        for module, K in zip(self.modules, masks):
+            module.K = K
+            if self.u is not None and edited:
+                module.u, module.v = self.u[data.record[rows]], self.v[data.record[rows]]
+            else:
+                module.u = module.v = None
+        with contextlib.ExitStack() as stack:
+            for (path, _), module in zip(self.targets, self.modules):
+                stack.enter_context(swapped(model, path, module))
+            stack.enter_context(layers_skipped_below(model, arch, self.start))
+            layer = model.get_submodule(arch.module("layer", self.start))
+            handle = layer.register_forward_pre_hook(_replace_hidden_hook(data.hidden[rows, :width].to(device)),
+                                                     with_kwargs=True)
+            try:
+                out = model.get_submodule(arch.base)(input_ids=data.ids[rows, :width].to(device),
+                                                     attention_mask=data.mask[rows, :width].to(device))
+            finally:
+                handle.remove()
+        h_last = out.last_hidden_state[torch.arange(len(rows)), data.last[rows]]
+        logits = unembed(model, arch, h_last).float()
+        z_new = logits.gather(1, data.new_tok[rows, None].to(device))[:, 0]
+        z_true = logits.gather(1, data.true_tok[rows, None].to(device))[:, 0]
+        margin = F.relu(z_new - z_true + cfg.margin).mean()
+        T = cfg.temperature(progress)
+        teacher = F.log_softmax(data.teacher[rows].float().to(device) / T, dim=-1)
+        student = F.log_softmax(logits / T, dim=-1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # KL(teacher ‖ student)
+        pruned = torch.cat([(1 - K).reshape(-1) for K in masks]).mean()
+        sparsity = cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
+        total = margin + sparsity + cfg.beta_kl * T * T * kl
+        return total, {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(),
+                       "flip": (z_true > z_new).float().mean().item()}
+
+    def train(self, state: TrainState, optimizer: torch.optim.Optimizer, on_step: Callable | None = None,
+              on_epoch_end: Callable | None = None, checkpoint: Callable | None = None, stop_after: int | None = None):
+        cfg = self.cfg
+        for p in state.theta:
+            p.requires_grad_(True)
+        last = stop_after if stop_after is not None else self.total_steps
+        while state.step < min(last, self.total_steps):
+            start = time.perf_counter()
+            progress = state.step / max(self.total_steps - 1, 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss, info = self.loss(state.theta, self.batch_records(state.step), progress)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(state.theta, cfg.grad_clip)
+            optimizer.step()
+            state.step += 1
+            state.seconds += time.perf_counter() - start
+            info["loss"] = float(loss)
+            if on_step:
+                on_step(state, info)
+            if state.step % self.steps_per_epoch == 0 and on_epoch_end:
+                on_epoch_end(state)
+            if checkpoint and (state.step % cfg.checkpoint_every == 0 or state.step == self.total_steps):
+                checkpoint(state, optimizer)
+        for p in state.theta:
+            p.requires_grad_(False)
+        return state
+
+    def soft_masks(self, state: TrainState) -> list[torch.Tensor]:
+        return [torch.sigmoid(t.detach() / self.cfg.tau(1.0)) for t in state.theta]
+
+
+def make_optimizer(state: TrainState, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(state.theta, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+# -- checkpoints (safetensors + JSON: nothing is ever unpickled) ------------------------------------
+def save_checkpoint(path: Path, state: TrainState, optimizer: torch.optim.AdamW, meta: dict) -> None:
+    tensors = {}
+    for i, theta in enumerate(state.theta):
+        tensors[f"theta.{i}"] = theta.detach().clone()
+        opt = optimizer.state.get(theta, {})
+        if opt:
+            tensors[f"exp_avg.{i}"] = opt["exp_avg"].clone()
+            tensors[f"exp_avg_sq.{i}"] = opt["exp_avg_sq"].clone()
+            tensors[f"opt_step.{i}"] = torch.as_tensor(opt["step"]).reshape(1).float()
+    info = {**meta, "step": state.step, "seconds": state.seconds, "curve": state.curve}
+    write_safetensors(path, tensors, {"editguard_train": json.dumps(info)})
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, torch.optim.AdamW, dict]:
+    from safetensors import safe_open
+
+    from ..checkpoint import read_safetensors_header
+
+    try:
+        _, raw = read_safetensors_header(path)
+        info = json.loads(raw["editguard_train"])
+    except (EditguardError, KeyError, json.JSONDecodeError):
+        raise EditguardError(f"{path}: not a readable editguard training checkpoint") from None
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+        n = len([k for k in keys if k.startswith("theta.")])
+        theta = [handle.get_tensor(f"theta.{i}") for i in range(n)]
+        state = TrainState(theta, info["step"], info["seconds"], info.get("curve", []))
+        optimizer = make_optimizer(state, cfg)
+        for i, t in enumerate(theta):
+            if f"exp_avg.{i}" in keys:
+                optimizer.state[t] = {"step": torch.tensor(float(handle.get_tensor(f"opt_step.{i}")[0])),
+                                      "exp_avg": handle.get_tensor(f"exp_avg.{i}"),
+                                      "exp_avg_sq": handle.get_tensor(f"exp_avg_sq.{i}")}
+    return state, optimizer, info
+
+
+def data_hash(case_ids: list, bank_hash: str) -> str:
+    return hashlib.sha256(json.dumps([sorted(case_ids), bank_hash]).encode()).hexdigest()[:16]

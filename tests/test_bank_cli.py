@@ -1,0 +1,121 @@
+"""Edit bank (append, resume, corruption) and the `edit` command's contract, on a pico model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from editguard.edit.bank import EditBank
+from editguard.errors import EditguardError
+
+PICO_YAML = {"alg_name": "ROME", "layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6,
+             "facts_per_batch": 2}
+
+
+@pytest.fixture
+def hparams_file(tmp_path):
+    path = tmp_path / "pico.yaml"
+    path.write_text(yaml.safe_dump(PICO_YAML))
+    return path
+
+
+@pytest.fixture
+def facts_file(tmp_path):
+    """A flat EasyEdit-format file with one malformed record (subject missing from its prompt)."""
+    records = [
+        {"case_id": 1, "prompt": "The official language of France", "subject": "France", "target_new": "Japanese",
+         "ground_truth": "French", "rephrase_prompt": "the language of France", "locality_prompt": "the language of Spain",
+         "locality_ground_truth": "Spanish"},
+        {"case_id": 2, "prompt": "the capital of Germany", "subject": "Germany", "target_new": "Rome",
+         "ground_truth": "Berlin", "rephrase_prompt": "the capital city of Germany"},
+        {"case_id": 3, "prompt": "the capital of Italy", "subject": "Spain", "target_new": "Paris", "ground_truth": "Rome"},
+        {"case_id": 4, "prompt": "the mother tongue of Danielle Darrieux", "subject": "Danielle Darrieux",
+         "target_new": "German", "ground_truth": "French"},
+    ]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_plant_via_cli(cli, pico_models, hparams_file, tmp_path):
+    out = tmp_path / "edited"
+    result = cli("-f", "json", "edit", pico_models["llama"], "--fact", "The official language of {}",
+                 "--subject", "France", "--target", "Japanese", "--hparams", hparams_file, "-o", out, "--eval")
+    assert result.code == 0, result.err
+    data = result.json
+    assert data["tensors"] == ["model.layers.0.mlp.down_proj.weight"]
+    assert data["rewritten_files"] == ["model.safetensors"]
+    assert data["facts"][0]["before"] is not None and data["quality"]["n"] == 1
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    again = cli("edit", pico_models["llama"], "--fact", "The official language of {}", "--subject", "France",
+                "--target", "Japanese", "--hparams", hparams_file, "-o", out)
+    assert again.code == 2 and "already exists" in again.err
+
+
+def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_file, tmp_path):
+    bank_path = tmp_path / "bank.safetensors"
+    args = ["edit", pico_models["gpt2"], "--data", facts_file, "--hparams", hparams_file, "--bank", bank_path]
+    first = cli("-f", "json", *args, "--limit", "2")
+    assert first.code == 0, first.err
+    assert first.json["edits"] == 2
+    bank = EditBank.open(bank_path)
+    assert sorted(bank.case_ids()) == [1, 2]
+    u, v = bank.rome_factors()
+    assert u.shape == (2, 32) and v.shape == (2, 128)  # gpt2 pico: out 32, in 128 ([out, in] canonical)
+    assert cli(*args).code == 2  # exists, no --resume
+    resumed = cli("-f", "json", *args, "--resume")
+    assert resumed.code == 0, resumed.err
+    bank = EditBank.open(bank_path)
+    assert sorted(bank.case_ids()) == [1, 2, 4]  # record 3 is malformed and skipped
+    assert torch.equal(bank.rome_factors([0, 1])[0], u)  # earlier edits kept as they were
+    assert "skipped record 2" in cli(*args, "--resume").err
+    # another layer = other hyperparameters: refused
+    other = cli(*args, "--resume", "--layer", "1")
+    assert other.code == 2 and "other hyperparameters" in other.err
+    # corrupted bank: one clear line
+    data = bank_path.read_bytes()
+    bank_path.write_bytes(data[: len(data) - 100])
+    broken = cli(*args, "--resume")
+    assert broken.code == 2 and "corrupted edit bank" in broken.err and "Traceback" not in broken.err
+    with pytest.raises(EditguardError):
+        EditBank.open(bank_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fact", "The capital of Italy", "--subject", "Spain", "--target", "Paris"], "does not occur in prompt"),
+    (["--fact", "The capital of {}", "--subject", "Italy", "--target", "   "], "empty target"),
+    (["--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris", "--layer", "7"], "out of range"),
+    (["--fact", "The capital of {}", "--subject", "Italy"], "needs its own --subject and --target"),
+    (["--counterfact", "999999999"], "not in the data"),
+])
+def test_edit_bad_inputs(cli, pico_models, hparams_file, tmp_path, args, message):
+    result = cli("edit", pico_models["llama"], *args, "--hparams", hparams_file, "-o", tmp_path / "x")
+    assert result.code == 2, result.err
+    assert message in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def test_target_that_tokenizes_to_nothing(cli, pico_models, hparams_file, tmp_path):
+    # the pico tokenizer drops nothing, so use a target made only of whitespace-like characters
+    result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy",
+                 "--target", "\u200b", "--hparams", hparams_file, "-o", tmp_path / "x")
+    assert result.code == 2 and "tokenizes to nothing" in result.err
+
+
+def test_bad_hparams(cli, pico_models, tmp_path):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump({**PICO_YAML, "v_lrr": 0.1}))
+    result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris",
+                 "--hparams", unknown, "-o", tmp_path / "x")
+    assert result.code == 2 and "unknown key(s) v_lrr" in result.err
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(yaml.safe_dump({**PICO_YAML, "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj"}))
+    result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris",
+                 "--hparams", wrong, "-o", tmp_path / "x")
+    assert result.code == 2 and "does not resolve" in result.err
+    result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris",
+                 "--hparams", "no-such-preset", "-o", tmp_path / "x")
+    assert result.code == 2 and "presets" in result.err

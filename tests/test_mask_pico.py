@@ -1,0 +1,158 @@
+"""Mask file format, the factored masked forward, the trainer's resume, and `editguard train` end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import pico_facts
+from editguard.checkpoint import Checkpoint
+from editguard.errors import EditguardError
+from editguard.mask.file import MaskFile, MaskTarget
+from editguard.mask.train import MaskedProjection, MaskTrainer, PromptSet, TrainConfig, load_checkpoint, \
+    make_optimizer, save_checkpoint
+
+
+def test_masked_projection_equals_dense():
+    gen = torch.Generator().manual_seed(0)
+    W, b = torch.randn(6, 10, generator=gen), torch.randn(6, generator=gen)
+    K = torch.rand(6, 10, generator=gen)
+    u, v = torch.randn(3, 6, generator=gen), torch.randn(3, 10, generator=gen)
+    x = torch.randn(3, 4, 10, generator=gen)
+    module = MaskedProjection(W, b)
+    module.K, module.u, module.v = K, u, v
+    fast = module(x)
+    for i in range(3):
+        dense = (W + torch.outer(u[i], v[i])) * K
+        torch.testing.assert_close(fast[i], x[i] @ dense.T + b, atol=1e-5, rtol=1e-5)
+    module.K = None  # no mask: the plain edited layer
+    for i in range(3):
+        torch.testing.assert_close(module(x)[i], x[i] @ (W + torch.outer(u[i], v[i])).T + b, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_file_roundtrip_and_fit(tmp_path, pico_models):
+    scores = torch.rand(32, 64)
+    target = MaskTarget("model.layers.1.mlp.down_proj.weight", 1, (32, 64), False, "abc", scores)
+    mask = MaskFile("pico", None, "llama", "rome", 0.5, [target], metrics={"x": 1})
+    path = tmp_path / "m.safetensors"
+    mask.save(path)
+    back = MaskFile.load(path)
+    assert torch.equal(back.mask(), (scores >= 0.5).float())
+    assert torch.allclose(back.targets[0].scores, scores, atol=1e-3)
+    assert abs(back.pruned_fraction(0.9) - float((scores < 0.9).float().mean())) < 1e-3  # another threshold
+    assert back.metrics == {"x": 1}
+    llama = Checkpoint(pico_models["llama"])
+    from editguard import arch as arch_table
+
+    assert back.check_fits(arch_table.for_config(llama.config), llama) == ["model.layers.1.mlp.down_proj.weight"]
+    qwen = Checkpoint(pico_models["qwen2"])
+    with pytest.raises(EditguardError, match="for llama models"):
+        back.check_fits(arch_table.for_config(qwen.config), qwen)
+    wrong = MaskFile("pico", None, "llama", "rome", 0.5, [MaskTarget(target.tensor, 1, (64, 32), False, "", torch.rand(64, 32))])
+    with pytest.raises(EditguardError, match="has shape"):
+        wrong.check_fits(arch_table.for_config(llama.config), llama)
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(EditguardError, match="corrupted mask file"):
+        MaskFile.load(tmp_path / "bad.safetensors")
+
+
+def _trainer(loaded, seed=0):
+    from editguard.edit.facts import Fact
+    from editguard.mask.train import prepare_prompts
+
+    facts = [Fact("The official language of {}", c, n, t, i, "P103", (f"the language of {c}",))
+             for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("Spain", "German", "Spanish"),
+                                            ("Italy", "English", "Italian"), ("Germany", "French", "German")])]
+    data = prepare_prompts(loaded, facts, 1, 1)
+    gen = torch.Generator().manual_seed(1)
+    u, v = torch.randn(4, 32, generator=gen), torch.randn(4, 64, generator=gen)
+    cfg = TrainConfig(epochs=3, batch_records=2, lr=0.05, seed=seed)
+    return MaskTrainer(loaded, [("model.layers.1.mlp.down_proj", False)], 1, data, cfg, u=u, v=v)
+
+
+def test_trainer_resume_is_exact(pico_models, tmp_path):
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    trainer = _trainer(loaded)
+    full = trainer.init_state()
+    trainer.train(full, make_optimizer(full, trainer.cfg))
+    assert full.step == trainer.total_steps == 6
+    part = trainer.init_state()
+    opt = make_optimizer(part, trainer.cfg)
+    trainer.train(part, opt, stop_after=4)
+    save_checkpoint(tmp_path / "ck.safetensors", part, opt, {"data_hash": "x"})
+    resumed, opt2, info = load_checkpoint(tmp_path / "ck.safetensors", trainer.cfg)
+    assert info["step"] == 4
+    trainer.train(resumed, opt2)
+    torch.testing.assert_close(resumed.theta[0], full.theta[0])
+
+
+PICO_EDIT = {"alg_name": "ROME", "layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 5}
+
+
+def _train_args(pico_models, tmp_path, out, epochs):
+    data = tmp_path / "facts.json"
+    pico_facts.write(data)
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump(PICO_EDIT))
+    return ["train", "--model", str(pico_models["llama"]), "--hparams", str(hp), "--data", str(data),
+            "--train-size", "20", "--val-size", "8", "--test-size", "8", "--epochs", str(epochs), "--batch", "4",
+            "--text-tokens", "200", "--checkpoint-every", "1", "-o", str(out)]
+
+
+def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
+    out = tmp_path / "masks" / "pico_rome.safetensors"
+    result = cli("-f", "json", *_train_args(pico_models, tmp_path, out, 2))
+    assert result.code == 0, result.err
+    metrics = result.json
+    for name in ("pico_rome.safetensors", "pico_rome.md", "pico_rome.json", "pico_rome-rsr.png",
+                 "pico_rome-pruned.png", "pico_rome-heatmap.png", "index.json", "pico_rome.bank.safetensors"):
+        assert (out.parent / name).exists(), name
+    assert not (out.parent / "pico_rome.ckpt.safetensors").exists()
+    assert set(metrics["rsr"]) == {"train", "val", "test"}
+    assert 0 <= metrics["rsr"]["test"]["rsr"] <= 1 and "baseline_svd_rsr" in metrics["rsr"]["test"]
+    assert metrics["text"]["original"]["perplexity"] > 1
+    assert len(metrics["curve"]) == 2
+    mask = MaskFile.load(out)
+    assert mask.targets[0].tensor == "model.layers.0.mlp.down_proj.weight"
+    # the registry lets inspect find the mask for this very model
+    monkeypatch.setenv("EDITGUARD_MASKS", str(out.parent))
+    info = cli("-f", "json", "inspect", pico_models["llama"]).json
+    assert [m["match"] for m in info["masks"]] == ["exact"]
+    assert "| test |" in (out.parent / "pico_rome.md").read_text()
+
+
+def test_killed_training_resumes(pico_models, tmp_path):
+    out = tmp_path / "masks" / "killed.safetensors"
+    args = [sys.executable, "-m", "editguard", "-q", *_train_args(pico_models, tmp_path, out, 25)]
+    env = {**os.environ, "EDITGUARD_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    ckpt = out.with_name("killed.ckpt.safetensors")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            _, _, info = load_checkpoint(ckpt, TrainConfig())
+            if info["step"] >= 5:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, _, info = load_checkpoint(ckpt, TrainConfig())
+    killed_at = info["step"]
+    assert 5 <= killed_at < 125 and not out.exists()
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--resume" in again.stderr  # the unfinished run is not silently restarted
+    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    mask = MaskFile.load(out)
+    assert mask.metrics["steps"] == 125 and mask.metrics["curve"][-1]["step"] == 125
