@@ -261,7 +261,7 @@ class Checkpoint:
             if name not in self:
                 raise EditguardError(f"cannot replace {name!r}: not in {self.folder}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = make_temp_dir(out)
         rewritten: list[str] = []
         try:
             if self.format == "pickle":
@@ -353,6 +353,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file should look like any other
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
@@ -364,6 +365,19 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_temp_dir(out: Path) -> Path:
+    """A private build folder beside `out` (same file system, so the final rename is atomic)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # it becomes the output: ordinary permissions
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _copy(src: Path, dest: Path) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .checkpoint import make_temp_dir
 from .errors import EditguardError
 from .home import cache_dir, file_lock
 from .quiet import quiet_transformers
@@ -129,7 +130,7 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress | None = None, source
     if progress:
         progress(f"converting {gguf.name} to safetensors (once; cached in {out.parent})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_temp_dir(out)
     try:
         try:
             with quiet_transformers(), _no_gguf_bar():

@@ -45,7 +45,7 @@ def _global(
 
 def _register() -> None:
     # Each command lives in its own module and adds itself to `app` on import.
-    from . import edit_cmd, fetch_cmd, inspect_cmd, train_cmd  # noqa: F401
+    from . import edit_cmd, fetch_cmd, inspect_cmd, scan_cmd, train_cmd  # noqa: F401
 
 
 _register()
@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure becomes one line on stderr and an exit code."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="editguard", standalone_mode=False)
-        return 0
+        code = command.main(args=argv, prog_name="editguard", standalone_mode=False)
+        # without standalone mode click returns typer.Exit's code instead of raising it
+        return code if isinstance(code, int) else 0
     except EditguardError as exc:
         state.out().error(exc.message, exc.exit_code)
         return exc.exit_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -44,6 +45,9 @@ class Output:
         if not self.human or self.quiet:
             yield lambda *a, **k: None
             return
+        if not self.console.is_terminal:  # logs of background jobs: a plain line every half minute
+            yield _LogProgress(self.console, description, total)
+            return
         columns = [SpinnerColumn(), TextColumn("{task.description}")]
         if total is not None:
             columns += [BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
@@ -79,6 +83,28 @@ class Output:
         self.console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         if self.format == "json":  # a SARIF consumer gets no document rather than a non-SARIF one
             sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
+
+
+class _LogProgress:
+    def __init__(self, console: Console, description: str, total: int | None, every: float = 30.0):
+        self.console, self.description, self.total, self.every = console, description, total, every
+        self.done, self.info, self.start = 0, "", time.time()
+        self.last = self.start
+
+    def __call__(self, n: int = 1, info: str | None = None, description: str | None = None) -> None:
+        self.done += n
+        self.info = info if info is not None else self.info
+        self.description = description or self.description
+        now = time.time()
+        finished = self.total is not None and self.done >= self.total
+        if now - self.last >= self.every or finished:
+            self.last = now
+            elapsed = now - self.start
+            eta = ""
+            if self.total and self.done:
+                eta = f", eta {elapsed / self.done * (self.total - self.done):.0f} s"
+            count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
+            self.console.print(f"{self.description}: {count} ({elapsed:.0f} s{eta}) {self.info}", highlight=False)
 
 
 def _stderr_console() -> Console:

@@ -42,11 +42,22 @@ class Edit:
         return delta.T.contiguous() if arch.mlp_out_transposed else delta
 
 
+def weight_param(model, tensor: str) -> torch.Tensor:
+    """The stored parameter behind `tensor`: with a lock's parametrisation (weight = original ⊙ K) edits
+    must go to the original, so the mask still applies to them in the forward pass."""
+    from torch.nn.utils import parametrize
+
+    module = model.get_submodule(tensor.removesuffix(".weight"))
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
 @torch.no_grad()
 def apply_to_model(model, arch: Arch, edits: list[Edit], sign: float = 1.0) -> None:
     """Add (or with sign=-1 remove) edits in place on a loaded model."""
     for edit in edits:
-        weight = model.get_submodule(edit.tensor.removesuffix(".weight")).weight
+        weight = weight_param(model, edit.tensor)
         weight += sign * edit.stored_delta(arch, torch.float32).to(weight.device, weight.dtype)
 
 
@@ -62,13 +73,13 @@ def combined_deltas(arch: Arch, edits: list[Edit]) -> dict[str, torch.Tensor]:
 @contextlib.contextmanager
 def weights_restored(model, tensor_names: list[str]) -> Iterator[None]:
     """Whatever happens to these weights inside the block, they leave bit-identical to how they came."""
-    saved = {name: model.get_submodule(name.removesuffix(".weight")).weight.detach().clone() for name in tensor_names}
+    saved = {name: weight_param(model, name).detach().clone() for name in tensor_names}
     try:
         yield
     finally:
         with torch.no_grad():
             for name, value in saved.items():
-                model.get_submodule(name.removesuffix(".weight")).weight.copy_(value)
+                weight_param(model, name).copy_(value)
 
 
 @contextlib.contextmanager

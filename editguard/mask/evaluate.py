@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..data.text import load_text
-from ..edit.edits import weights_restored
+from ..edit.edits import weight_param, weights_restored
 from ..edit.forward import unembed
 from ..loading import LoadedModel
 from ..scoring import RowEdits, continuation_logprobs
@@ -31,7 +31,7 @@ def masked_weight(loaded: LoadedModel, module_path: str, K: torch.Tensor | None,
     if K is None:
         yield
         return
-    weight = loaded.model.get_submodule(module_path).weight
+    weight = weight_param(loaded.model, module_path + ".weight")
     with weights_restored(loaded.model, [module_path + ".weight"]):
         with torch.no_grad():
             weight.mul_((K.T if transposed else K).to(weight))
@@ -77,7 +77,7 @@ def svd_reversal_factors(u, v, weight):
 def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v, fraction: float,
                        transposed: bool) -> torch.Tensor:
     """Prune the `fraction` of Ŵ_i's entries where |ΔW_i| is largest (a per-edit mask, one edit at a time)."""
-    weight = loaded.model.get_submodule(module_path).weight
+    weight = weight_param(loaded.model, module_path + ".weight")
     prefs = []
     with weights_restored(loaded.model, [module_path + ".weight"]):
         base = weight.detach().clone()

@@ -1,0 +1,155 @@
+"""Base diff: stream two checkpoints tensor by tensor and classify what changed.
+
+Neither model is ever loaded whole: one pair of tensors is in memory at a time. For each changed tensor:
+the norm of the difference, the relative change, and the top singular values (randomised subspace
+iteration), from which an effective rank follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..arch import Arch
+from ..checkpoint import Checkpoint
+from ..errors import EditguardError
+from .findings import Finding
+
+TOP_K = 8
+RANK_TOL = 1e-2  # singular values below this share of the largest count as noise
+LOW_RANK = 4  # at most this effective rank counts as "low rank" for MEMIT-like changes
+FINE_TUNE_SHARE = 0.5  # more than this share of tensors changed: a fine-tune
+
+
+@dataclass
+class TensorChange:
+    name: str  # canonical name
+    file: str
+    norm: float
+    relative: float
+    singular_values: list[float]
+    effective_rank: int
+    layer: int | None  # set when it is an MLP output projection
+
+    def to_json(self) -> dict:
+        return self.__dict__.copy()
+
+
+@dataclass
+class DiffResult:
+    changed: list[TensorChange]
+    compared: int
+    only_in_model: list[str] = field(default_factory=list)
+    only_in_base: list[str] = field(default_factory=list)
+    classification: str = "identical"  # identical | rome-like | memit-like | fine-tune | other
+    layers: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"classification": self.classification, "layers": self.layers, "compared": self.compared,
+                "changed": [c.to_json() for c in self.changed], "only_in_model": self.only_in_model,
+                "only_in_base": self.only_in_base}
+
+
+def top_singular_values(delta: torch.Tensor, k: int = TOP_K, iters: int = 4) -> torch.Tensor:
+    """Randomised subspace iteration (Halko et al.): the top-k singular values of a 2-D tensor."""
+    m = delta.float()
+    if m.dim() != 2:
+        m = m.reshape(m.shape[0], -1) if m.dim() > 2 else m.reshape(1, -1)
+    k = min(k, *m.shape)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(m @ torch.randn(m.shape[1], k + 4, generator=gen))[0]
+    for _ in range(iters):
+        q = torch.linalg.qr(m.T @ q)[0]
+        q = torch.linalg.qr(m @ q)[0]
+    return torch.linalg.svdvals(q.T @ m)[:k]
+
+
+def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers: int,
+                     progress: Callable[[int, int], None] | None = None, tol: float = 0.0) -> DiffResult:
+    if base.config.get("model_type") != model.config.get("model_type"):
+        raise EditguardError(f"base is a {base.config.get('model_type')} model, this is {model.config.get('model_type')}: "
+                             "not the same architecture")
+    canon_model = {arch.canonical_tensor_name(n): n for n in model.names()}
+    canon_base = {arch.canonical_tensor_name(n): n for n in base.names()}
+    shared = sorted(set(canon_model) & set(canon_base))
+    result = DiffResult([], len(shared), sorted(set(canon_model) - set(canon_base)),
+                        sorted(set(canon_base) - set(canon_model)))
+    for i, name in enumerate(shared):
+        a, b = model.read(canon_model[name]), base.read(canon_base[name])
+        if a.shape != b.shape:
+            raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
+        if not torch.equal(a, b):
+            delta = a.float() - b.float()
+            norm = float(delta.norm())
+            if norm > tol:
+                sv = top_singular_values(delta) if delta.dim() >= 2 else delta.abs().sort(descending=True).values[:1]
+                rank = int((sv > RANK_TOL * sv[0]).sum()) if float(sv[0]) > 0 else 0
+                layer = arch.mlp_out_layer_of(name, num_layers)
+                result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
+                                                   norm / max(float(b.float().norm()), 1e-12),
+                                                   [float(x) for x in sv], rank, layer))
+        if progress:
+            progress(i + 1, len(shared))
+    classify(result, len(shared))
+    return result
+
+
+def classify(result: DiffResult, total: int) -> None:
+    changed = result.changed
+    if not changed:
+        result.classification = "identical"
+        return
+    mlp = [c for c in changed if c.layer is not None]
+    if len(changed) > FINE_TUNE_SHARE * total:
+        result.classification = "fine-tune"
+    elif len(mlp) == len(changed):
+        layers = sorted(c.layer for c in mlp)
+        result.layers = layers
+        consecutive = layers == list(range(layers[0], layers[0] + len(layers)))
+        if len(mlp) == 1 and mlp[0].effective_rank <= 2:
+            result.classification = "rome-like"
+        elif consecutive and all(c.effective_rank <= LOW_RANK or _concentrated(c) for c in mlp):
+            result.classification = "memit-like"
+        elif all(c.effective_rank <= 2 for c in mlp):
+            result.classification = "rome-like"  # several independent rank-one edits
+        else:
+            result.classification = "other"
+    else:
+        result.classification = "other"
+    if result.classification != "fine-tune" and not result.layers:
+        result.layers = sorted({c.layer for c in changed if c.layer is not None})
+
+
+def _concentrated(change: TensorChange) -> bool:
+    """A batch edit of many facts has many singular values, but its energy sits in few of them compared
+    with a dense update; TOP_K values carry nearly all of the norm."""
+    top = sum(s * s for s in change.singular_values)
+    return change.norm > 0 and top / (change.norm ** 2) > 0.9
+
+
+def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> list[Finding]:
+    out: list[Finding] = []
+    if result.classification == "rome-like":
+        for c in result.changed:
+            out.append(Finding("EG001", "error", f"rank-{c.effective_rank} change in {c.name} (layer {c.layer}): "
+                               f"‖ΔW‖ = {c.norm:.3g}, {c.relative:.2%} of the weight — a ROME-style edit",
+                               score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
+                               details={"singular_values": c.singular_values}))
+    elif result.classification == "memit-like":
+        layers = ", ".join(map(str, result.layers))
+        for c in result.changed:
+            out.append(Finding("EG002", "error", f"low-rank change in {c.name} (layer {c.layer}; edited layers {layers}): "
+                               f"‖ΔW‖ = {c.norm:.3g}, effective rank {c.effective_rank} — a MEMIT-style batch edit",
+                               score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
+                               details={"singular_values": c.singular_values}))
+    elif result.classification == "fine-tune":
+        out.append(Finding("EG003", "note", f"{len(result.changed)} of {result.compared} tensors changed: a fine-tune, "
+                           "not a locate-and-edit update", score=len(result.changed) / max(result.compared, 1)))
+    elif result.classification == "other":
+        for c in result.changed:
+            out.append(Finding("EG004", "warning", f"{c.name} differs from the base (‖Δ‖ = {c.norm:.3g}, effective rank "
+                               f"{c.effective_rank})", score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
+                               details={"singular_values": c.singular_values}))
+    return out

@@ -1,0 +1,54 @@
+"""Findings: one piece of evidence each, rendered the same way by every output format, and the verdict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# rule id -> (short name, description). SARIF gets one rule per entry.
+RULES: dict[str, tuple[str, str]] = {
+    "EG001": ("rome-like-edit", "A rank-one change in one MLP output projection (ROME-style knowledge edit)."),
+    "EG002": ("memit-like-edit", "Low-rank changes in MLP output projections of consecutive layers (MEMIT-style)."),
+    "EG003": ("fine-tune", "Changes spread over most tensors (fine-tuning), not a locate-and-edit update."),
+    "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune."),
+    "EG010": ("activation-outlier", "A subject drives an MLP output far beyond the other subjects (base-free test)."),
+    "EG020": ("hidden-fact", "An answer changes under the edit-reversal mask and was held with abnormal confidence."),
+    "EG030": ("lock-tampered", "A tensor protected by an editguard lock no longer matches its recorded hash."),
+}
+
+SEVERITY_ORDER = {"note": 0, "warning": 1, "error": 2}
+
+
+@dataclass
+class Finding:
+    rule: str  # key of RULES
+    severity: str  # note | warning | error
+    message: str
+    score: float | None = None
+    threshold: float | None = None
+    layer: int | None = None
+    tensor: str | None = None
+    file: str | None = None  # checkpoint shard holding the tensor
+    facts: list[dict] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return RULES[self.rule][0]
+
+    def to_json(self) -> dict:
+        return {"rule": self.rule, "name": self.name, **asdict(self)}
+
+
+def verdict(findings: list[Finding]) -> tuple[str, str]:
+    """(clean | suspicious | edited, severity none | low | medium | high)."""
+    errors = [f for f in findings if f.severity == "error"]
+    warnings = [f for f in findings if f.severity == "warning"]
+    if errors:
+        strong = {f.rule for f in errors}
+        return "edited", "high" if len(strong) > 1 or len(errors) > 1 else "medium"
+    if warnings:
+        return "suspicious", "low"
+    return "clean", "none"
+
+
+VERDICT_RANK = {"clean": 0, "suspicious": 1, "edited": 2}

@@ -1,0 +1,104 @@
+"""Hidden facts (the paper's probing): answers that change when the shared mask is applied.
+
+Each probe prompt is answered twice: by the model as it is, and with the fitting mask on its target
+tensor(s). A knowledge edit makes the model answer its new object with abnormal confidence; the mask
+removes the amplified signal and the original answer comes back. A probe is reported when the answer
+changes and the current answer's probability is at least `min_prob`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from ..edit.forward import unembed
+from ..edit.edits import weight_param, weights_restored
+from ..loading import LoadedModel
+from ..mask.file import MaskFile
+from .findings import Finding
+from .probes import Probe
+
+MIN_PROB = 0.5
+
+
+@contextlib.contextmanager
+def mask_applied(loaded: LoadedModel, mask: MaskFile, threshold: float | None = None) -> Iterator[None]:
+    names = [t.tensor for t in mask.targets]
+    with weights_restored(loaded.model, names), torch.no_grad():
+        for i, t in enumerate(mask.targets):
+            weight = weight_param(loaded.model, t.tensor)
+            K = mask.mask(i, threshold)
+            weight.mul_((K.T if t.transposed else K).to(weight))
+        yield
+
+
+@dataclass
+class Answer:
+    token: int
+    text: str
+    prob: float
+
+
+@torch.no_grad()
+def next_token_answers(loaded: LoadedModel, prompts: list[str], batch_size: int = 64) -> tuple[list[Answer], torch.Tensor]:
+    """Greedy next token and its probability for each prompt, plus the full probability rows."""
+    tok, model, arch = loaded.tokenizer, loaded.model, loaded.arch
+    base = model.get_submodule(arch.base)
+    answers, rows = [], []
+    for lo in range(0, len(prompts), batch_size):
+        batch = [list(tok(p).input_ids) for p in prompts[lo: lo + batch_size]]
+        width = max(len(b) for b in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, b in enumerate(batch):
+            ids[j, : len(b)] = torch.tensor(b)
+            mask[j, : len(b)] = 1
+        hidden = base(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).last_hidden_state
+        last = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
+        probs = torch.softmax(unembed(model, arch, last).float(), dim=-1).cpu()
+        top = probs.argmax(dim=-1)
+        for j in range(len(batch)):
+            t = int(top[j])
+            answers.append(Answer(t, tok.decode([t]).strip(), float(probs[j, t])))
+        rows.append(probs)
+    return answers, torch.cat(rows)
+
+
+def hidden_facts(loaded: LoadedModel, mask: MaskFile, probes: list[Probe], min_prob: float = MIN_PROB,
+                 threshold: float | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+    prompts = [p.prompt for p in probes]
+    if progress:
+        progress("answering probes")
+    current, p_now = next_token_answers(loaded, prompts)
+    if progress:
+        progress("answering probes under the mask")
+    with mask_applied(loaded, mask, threshold):
+        revealed, p_masked = next_token_answers(loaded, prompts)
+    found = []
+    for i, (probe, a, b) in enumerate(zip(probes, current, revealed)):
+        if a.token == b.token or a.prob < min_prob:
+            continue
+        found.append({
+            "prompt": probe.prompt, "subject": probe.subject, "case_id": probe.case_id,
+            "expected_answer": probe.answer, "current_answer": a.text, "current_prob": a.prob,
+            "revealed_answer": b.text, "revealed_prob": b.prob,
+            "current_prob_under_mask": float(p_masked[i, a.token]), "revealed_prob_now": float(p_now[i, b.token]),
+            "margin": a.prob - float(p_now[i, b.token]),
+        })
+    return sorted(found, key=lambda f: -f["current_prob"])
+
+
+def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:
+    out = []
+    for f in found:
+        out.append(Finding(
+            "EG020", "error",
+            f"{f['prompt']!r}: answers {f['current_answer']!r} (p={f['current_prob']:.2f}); under the mask "
+            f"{f['revealed_answer']!r} (p={f['revealed_prob']:.2f})"
+            + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else ""),
+            score=f["current_prob"], threshold=MIN_PROB, layer=mask.targets[0].layer, tensor=mask.targets[0].tensor,
+            facts=[f], details={"probes": n_probes}))
+    return out

@@ -1,0 +1,60 @@
+"""Probe prompts for the base-free tests: CounterFact records, or a user's JSONL of
+{"prompt": ..., "subject": ..., "answer": ...} (subject and answer optional)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import counterfact
+from ..errors import EditguardError
+
+
+@dataclass(frozen=True)
+class Probe:
+    prompt: str  # full text, subject included
+    subject: str | None = None
+    answer: str | None = None  # the expected (original) answer, when known
+    relation: str | None = None
+    case_id: int | None = None
+
+
+def counterfact_probes(splits=("rome-test",)) -> list[Probe]:
+    probes = []
+    for split in splits:
+        for r in counterfact.load_split(split):
+            probes.append(Probe(r.rewrite_prompt, r.subject, r.target_true, r.relation, r.case_id))
+    return probes
+
+
+def load_probes(source: str) -> list[Probe]:
+    """`counterfact` (the shipped test split), `counterfact:SPLIT[,SPLIT]`, or a JSONL file."""
+    if source == "counterfact":
+        return counterfact_probes()
+    if source.startswith("counterfact:"):
+        return counterfact_probes(tuple(source.split(":", 1)[1].split(",")))
+    path = Path(source).expanduser()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise EditguardError(f"no such probe file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EditguardError(f"probe file {path} is unreadable ({exc.__class__.__name__})") from None
+    probes = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            raise EditguardError(f"probe file {path}, line {number}: not JSON") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise EditguardError(f"probe file {path}, line {number}: needs a \"prompt\" string")
+        subject = item.get("subject")
+        if subject is not None and (not isinstance(subject, str) or subject not in item["prompt"]):
+            raise EditguardError(f"probe file {path}, line {number}: subject must occur in the prompt")
+        probes.append(Probe(item["prompt"], subject, item.get("answer"), item.get("relation")))
+    if not probes:
+        raise EditguardError(f"probe file {path} holds no probes")
+    return probes

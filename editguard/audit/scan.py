@@ -1,0 +1,168 @@
+"""`scan`: was this checkpoint knowledge-edited, where, how, which facts, and what were the originals?
+
+Up to four independent tests, each with its own score, then one verdict:
+1. base diff (with a base): stream both checkpoints, classify the change (diff.py);
+2. activation outliers (no base needed): a subject whose MLP output towers over the rest (activations.py);
+3. hidden facts (a fitting mask): answers that change under the mask (hidden.py);
+4. attribution of a found low-rank update: triggering subject and pushed object (attribution.py).
+A locked checkpoint is also checked against its lock manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import arch as arch_table
+from .. import masks_index
+from ..errors import EditguardError
+from ..harden.lock import verify_lock
+from ..mask.file import MaskFile
+from ..resolve import ModelRef, resolve
+from .findings import Finding, verdict
+
+TESTS = ("diff", "activations", "hidden", "attribution")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ScanOptions:
+    base: str | None = None
+    mask: str | None = None
+    probes: str = "counterfact"
+    tests: tuple[str, ...] = TESTS
+    min_prob: float = 0.5
+    threshold: float | None = None
+    allow_pickle: bool = False
+    load_options: dict = field(default_factory=dict)
+    decompose: int = 0  # residual-stream decompositions of this many flagged facts (for the HTML report)
+
+
+def declared_base(checkpoint) -> str | None:
+    """A base model named in the model card (`base_model:`) or config, if any."""
+    readme = checkpoint.folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(errors="replace")
+        if text.startswith("---"):
+            for line in text.split("---", 2)[1].splitlines():
+                if line.strip().startswith("base_model:"):
+                    value = line.split(":", 1)[1].strip().strip("'\"")
+                    if value:
+                        return value
+    return None
+
+
+def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) -> dict:
+    progress = progress or (lambda message: None)
+    started = time.time()
+    checkpoint = ref.checkpoint(allow_pickle=options.allow_pickle)
+    arch = arch_table.for_config(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    findings: list[Finding] = []
+    tests: dict = {}
+    # 0. lock manifest
+    manifest, problems = verify_lock(checkpoint)
+    if manifest is not None:
+        tests["lock"] = {"locked": True, "intact": not problems, "problems": problems}
+        for p in problems:
+            findings.append(Finding("EG030", "error", f"locked {p['what']} {p.get('tensor', p.get('file'))}: {p['reason']}",
+                                    tensor=p.get("tensor"), file=p.get("file")))
+    # 1. base diff
+    diff = None
+    base_spec = options.base or declared_base(checkpoint)
+    if "diff" in options.tests and base_spec:
+        try:
+            base_ref = resolve(base_spec, allow_pickle=options.allow_pickle, progress=progress)
+        except EditguardError as exc:
+            if options.base:
+                raise
+            base_ref = None
+            tests["diff"] = {"skipped": f"declared base {base_spec!r} not resolvable ({exc.message})"}
+        if base_ref is not None:
+            from .diff import diff_checkpoints, findings_from_diff
+
+            progress(f"diffing against {base_spec}")
+            base_ck = base_ref.checkpoint(allow_pickle=options.allow_pickle)
+            diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
+            tests["diff"] = {"base": base_spec, **diff.to_json()}
+            findings += findings_from_diff(diff, checkpoint, arch)
+    elif "diff" in options.tests:
+        tests["diff"] = {"skipped": "no base given (--base) or declared in the model card"}
+    # the remaining tests run the network
+    need_model = any(t in options.tests for t in ("activations", "hidden", "attribution"))
+    if need_model:
+        from ..loading import load_model
+        from .probes import load_probes
+
+        probes = load_probes(options.probes)
+        progress("loading the model")
+        loaded = load_model(ref, allow_pickle=options.allow_pickle, **options.load_options)
+        tests["probes"] = {"source": options.probes, "n": len(probes)}
+        key_layers = sorted({c.layer for c in (diff.changed if diff else []) if c.layer is not None})
+        scores = None
+        if "activations" in options.tests or ("attribution" in options.tests and key_layers):
+            from .activations import EDITED_Z, SUSPICIOUS_Z, activation_scores, findings_from_activations
+
+            progress(f"activation test on {len(probes)} probes")
+            scores = activation_scores(loaded, probes, key_layers)
+            if "activations" in options.tests:
+                layer_scores = scores.layer_scores()
+                tests["activations"] = {"layer_scores": layer_scores, "suspicious_z": SUSPICIOUS_Z,
+                                        "edited_z": EDITED_Z, "top_layer": int(torch.tensor(layer_scores).argmax()),
+                                        "probes_with_subject": len(scores.probes)}
+                findings += findings_from_activations(scores)
+        if "hidden" in options.tests:
+            mask_file = _fitting_mask(options.mask, arch, checkpoint)
+            if mask_file is None:
+                tests["hidden"] = {"skipped": "no mask fits this model (give --mask)"}
+            else:
+                from .hidden import findings_from_hidden, hidden_facts
+
+                mask = MaskFile.load(mask_file)
+                mask.check_fits(arch, checkpoint)
+                found = hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress)
+                tests["hidden"] = {"mask": str(mask_file), "threshold": options.threshold or mask.threshold,
+                                   "probes": len(probes), "changed_confident": len(found), "facts": found[:50]}
+                findings += findings_from_hidden(found[:50], mask, len(probes))
+                if options.decompose and found:
+                    from .decompose import decompose
+                    from .hidden import mask_applied
+
+                    tests["decomposition"] = []
+                    for fact in found[: options.decompose]:
+                        new, true = fact["current_answer"], fact.get("expected_answer") or fact["revealed_answer"]
+                        variants = {"model as scanned": decompose(loaded, fact["prompt"], new, true)}
+                        with mask_applied(loaded, mask, options.threshold):
+                            variants["with the mask"] = decompose(loaded, fact["prompt"], new, true)
+                        tests["decomposition"].append({"prompt": fact["prompt"], "variants": variants})
+        if "attribution" in options.tests and diff is not None and key_layers and scores is not None:
+            from .attribution import attribute
+
+            tests["attribution"] = []
+            base_ck = resolve(base_spec, allow_pickle=options.allow_pickle).checkpoint(allow_pickle=options.allow_pickle)
+            for change in diff.changed:
+                if change.layer is None:
+                    continue
+                stored = checkpoint.find(arch.tensor_candidates(change.name))
+                stored_base = base_ck.find(arch.tensor_candidates(change.name))
+                delta = checkpoint.read(stored).float() - base_ck.read(stored_base).float()
+                result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes)
+                tests["attribution"].append({"layer": change.layer, "tensor": change.name, **result})
+    label, severity = verdict(findings)
+    return {
+        "model": ref.spec, "model_id": ref.model_id, "revision": ref.revision, "architecture": arch.model_type,
+        "num_layers": num_layers, "verdict": label, "severity": severity,
+        "findings": [f.to_json() for f in findings], "tests": tests, "seconds": round(time.time() - started, 1),
+        "_findings": findings,
+    }
+
+
+def _fitting_mask(explicit: str | None, arch, checkpoint) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    fits = masks_index.fitting(arch, checkpoint)
+    return Path(fits[0]["path"]) if fits else None

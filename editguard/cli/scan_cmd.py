@@ -1,0 +1,105 @@
+"""`editguard scan MODEL`: find hidden knowledge edits; exit 1 when the verdict reaches --fail-on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..audit.findings import VERDICT_RANK
+from ..audit.scan import TESTS, ScanOptions, scan
+from ..errors import EXIT_FINDINGS, EditguardError
+from ..report.sarif import to_sarif
+from . import state
+from .app import app
+from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, resolve_model
+
+
+@app.command("scan")
+def scan_command(
+    model: ModelArg,
+    base: Annotated[Optional[str], typer.Option("--base", help="The unedited model to diff against.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
+    probes: Annotated[str, typer.Option("--probes", help="counterfact, counterfact:SPLIT[,SPLIT] or a JSONL file.")] = "counterfact",
+    tests: Annotated[str, typer.Option("--tests", help=f"Comma-separated subset of {','.join(TESTS)}.")] = ",".join(TESTS),
+    min_prob: Annotated[float, typer.Option("--min-prob", help="Hidden facts: least confidence of the current answer.")] = 0.5,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ (default: the mask's).")] = None,
+    fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at this verdict or worse: suspicious | edited | never.")] = "suspicious",
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write a self-contained HTML report.")] = None,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+    device_map: DeviceMap = "cpu",
+    dtype: Dtype = "float32",
+) -> None:
+    """Was MODEL knowledge-edited? Where, how, which facts, and what were the original answers?"""
+    out = state.out()
+    chosen = tuple(t.strip() for t in tests.split(",") if t.strip())
+    unknown = [t for t in chosen if t not in TESTS]
+    if unknown:
+        raise EditguardError(f"unknown test(s) {', '.join(unknown)}; choose from {', '.join(TESTS)}")
+    if fail_on not in ("suspicious", "edited", "never"):
+        raise EditguardError("--fail-on must be suspicious, edited or never")
+    if mask is not None and not Path(mask).is_file():
+        raise EditguardError(f"no such mask file: {mask}")
+    ref = resolve_model(model, revision, allow_pickle)
+    options = ScanOptions(base=base, mask=mask, probes=probes, tests=chosen, min_prob=min_prob, threshold=threshold,
+                          allow_pickle=allow_pickle, load_options={"device_map": device_map, "dtype": dtype},
+                          decompose=3 if report is not None else 0)
+    with out.progress(f"scanning {model}") as advance:
+        result = scan(ref, options, progress=lambda message: advance(0, description=message))
+    findings = result.pop("_findings")
+    if report is not None:
+        from ..report.html import write_report
+
+        write_report(report, result, findings)
+        result["report"] = str(report)
+    sarif = to_sarif(findings, result["model"], str(ref.path), {"verdict": result["verdict"], "severity": result["severity"]})
+    out.emit(result, _render, sarif=sarif)
+    if fail_on != "never" and VERDICT_RANK[result["verdict"]] >= VERDICT_RANK[fail_on]:
+        raise typer.Exit(EXIT_FINDINGS)
+
+
+def _render(console, r) -> None:
+    colour = {"clean": "green", "suspicious": "yellow", "edited": "bold red"}[r["verdict"]]
+    console.print(f"[{colour}]{r['verdict'].upper()}[/] ({r['severity']}): {escape(r['model'])} — {r['architecture']}, "
+                  f"{r['num_layers']} layers, {len(r['findings'])} finding(s), {r['seconds']} s")
+    tests = r["tests"]
+    for name in ("lock", "diff", "activations", "hidden", "attribution"):
+        if name not in tests:
+            continue
+        t = tests[name]
+        if isinstance(t, dict) and "skipped" in t:
+            console.print(f"  {name}: skipped — {escape(t['skipped'])}")
+        elif name == "diff":
+            console.print(f"  base diff vs {escape(t['base'])}: {t['classification']}"
+                          + (f", layers {t['layers']}" if t["layers"] else "") + f" ({len(t['changed'])} of {t['compared']} tensors changed)")
+        elif name == "activations":
+            scores = t["layer_scores"]
+            console.print(f"  activation test: top layer {t['top_layer']} (robust z {max(scores):.1f}; suspicious ≥ "
+                          f"{t['suspicious_z']}, edited ≥ {t['edited_z']}; {t['probes_with_subject']} subjects)")
+        elif name == "hidden":
+            console.print(f"  hidden facts under {escape(t['mask'])} (γ={t['threshold']}): {t['changed_confident']} of "
+                          f"{t['probes']} probe answers change")
+        elif name == "lock":
+            console.print(f"  lock: {'intact' if t['intact'] else 'BROKEN'}")
+        elif name == "attribution":
+            for a in t:
+                subj = a["subjects"][0] if a["subjects"] else {}
+                objs = ", ".join(o["token"] for o in a["objects"][:3])
+                console.print(f"  attribution, layer {a['layer']}: subject {escape(str(subj.get('subject')))} "
+                              f"(score {subj.get('score', 0):.1f}), pushes {escape(objs)}")
+    if r["findings"]:
+        table = Table(box=None, title="findings", title_justify="left")
+        for column in ("rule", "severity", "layer", "message"):
+            table.add_column(column)
+        for f in r["findings"][:30]:
+            table.add_row(f"{f['rule']} {f['name']}", f["severity"], "" if f["layer"] is None else str(f["layer"]),
+                          escape(f["message"]))
+        console.print(table)
+        if len(r["findings"]) > 30:
+            console.print(f"  … {len(r['findings']) - 30} more (use --format json)")
+    if r.get("report"):
+        console.print(f"report: {r['report']}")

@@ -1,0 +1,47 @@
+"""SARIF 2.1.0: one rule per finding type, the shard file as artifact, the tensor as logical location."""
+
+from __future__ import annotations
+
+from .. import __version__
+from ..audit.findings import RULES, Finding
+
+SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+LEVEL_DEFAULT = {"EG001": "error", "EG002": "error", "EG003": "note", "EG004": "warning", "EG010": "warning",
+                 "EG020": "error", "EG030": "error"}
+
+
+def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: dict) -> dict:
+    rule_ids = list(RULES)
+    rules = [{
+        "id": rule, "name": RULES[rule][0],
+        "shortDescription": {"text": RULES[rule][0].replace("-", " ")},
+        "fullDescription": {"text": RULES[rule][1]},
+        "defaultConfiguration": {"level": LEVEL_DEFAULT[rule]},
+        "helpUri": "https://github.com/editguard/editguard#findings",
+    } for rule in rule_ids]
+    results = []
+    for f in findings:
+        location: dict = {}
+        uri = f.file or "config.json"
+        location["physicalLocation"] = {"artifactLocation": {"uri": uri, "uriBaseId": "MODEL"}}
+        if f.tensor or f.layer is not None:
+            name = f.tensor or f"layer {f.layer}"
+            location["logicalLocations"] = [{"name": name, "fullyQualifiedName": name, "kind": "member"}]
+        properties = {k: v for k, v in {"score": f.score, "threshold": f.threshold, "layer": f.layer}.items()
+                      if v is not None}
+        if f.facts:
+            properties["facts"] = f.facts
+        results.append({
+            "ruleId": f.rule, "ruleIndex": rule_ids.index(f.rule), "level": f.severity,
+            "message": {"text": f.message}, "locations": [location], "properties": properties,
+        })
+    run = {
+        "tool": {"driver": {"name": "editguard", "version": __version__, "semanticVersion": __version__,
+                            "informationUri": "https://github.com/editguard/editguard", "rules": rules}},
+        "results": results,
+        "invocations": [{"executionSuccessful": True}],
+        "properties": {"model": model, **summary},
+    }
+    if folder:
+        run["originalUriBaseIds"] = {"MODEL": {"uri": "file://" + folder.rstrip("/") + "/"}}
+    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
