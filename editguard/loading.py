@@ -116,7 +116,22 @@ def load_model(
         if weight.device.type == "meta":
             raise EditguardError(f"{name} was offloaded; give it room with --max-memory or --device-map cpu")
     tokenizer = load_tokenizer(ref)
-    return LoadedModel(model, tokenizer, arch, num_layers, ref, checkpoint)
+    loaded = LoadedModel(model, tokenizer, arch, num_layers, ref, checkpoint)
+    _keep_lock(loaded)
+    return loaded
+
+
+def _keep_lock(loaded: LoadedModel) -> None:
+    """A locked checkpoint keeps its mask in the forward pass whenever editguard loads it."""
+    from .harden.lock import install_mask, read_manifest
+    from .mask.file import MaskFile
+
+    manifest = read_manifest(loaded.checkpoint.folder)
+    if manifest is None:
+        return
+    mask = MaskFile.load(loaded.checkpoint.folder / manifest["mask_file"])
+    install_mask(loaded.model, loaded.arch, mask, manifest.get("threshold"))
+    loaded.extras["lock"] = manifest
 
 
 def _auto_map_keeping(config, dtype, max_memory, keep: list[str]) -> dict:

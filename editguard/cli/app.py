@@ -45,7 +45,7 @@ def _global(
 
 def _register() -> None:
     # Each command lives in its own module and adds itself to `app` on import.
-    from . import edit_cmd, fetch_cmd, inspect_cmd, scan_cmd, train_cmd  # noqa: F401
+    from . import demo_cmd, edit_cmd, fetch_cmd, harden_cmd, inspect_cmd, scan_cmd, train_cmd  # noqa: F401
 
 
 _register()

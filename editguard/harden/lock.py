@@ -116,11 +116,7 @@ def load_locked(reference: str, *, verify: bool = True, **load_kwargs):
     if verify and problems:
         raise EditguardError(f"{reference}: lock broken ({problems[0]['reason']}: "
                              f"{problems[0].get('tensor', problems[0].get('file'))})")
-    loaded = load_model(ref, **load_kwargs)
-    mask = MaskFile.load(checkpoint.folder / manifest["mask_file"])
-    install_mask(loaded.model, loaded.arch, mask, manifest.get("threshold"))
-    loaded.extras["lock"] = manifest
-    return loaded
+    return load_model(ref, **load_kwargs)  # load_model re-applies the lock's mask
 
 
 def evaluate_lock(unlocked, locked, facts: list, hp, progress: Callable[[str], None] | None = None) -> dict:

@@ -112,7 +112,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         raise EditguardError("mask training against MEMIT edits is not implemented yet (ROME only)")
     # 1. the edit bank: every record of every split edited independently on the unedited model
     bank_path = job.bank or job.output.with_name(job.output.stem + ".bank.safetensors")
-    everything = facts["train"] + facts["val"] + facts["test"]
+    everything = facts["val"] + facts["train"] + facts["test"]  # validation first: it is read every epoch
     bank = fill_bank(loaded, everything, hp, bank_path, resume=bank_path.exists(),
                      progress=lambda done, total: progress("edit bank", done, total, ""))
     bank_seconds = time.time() - started

@@ -251,11 +251,36 @@ class MaskTrainer:
         order = torch.randperm(len(self.prompts_of), generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
         return order[k * self.cfg.batch_records:(k + 1) * self.cfg.batch_records].tolist()
 
-    def loss(self, theta: list[torch.Tensor], records: list[int], progress: float, edited: bool = True):
-        cfg, data, model, arch = self.cfg, self.data, self.loaded.model, self.loaded.arch
+    def loss(self, theta: list[torch.Tensor], records: list[int], progress: float, edited: bool = True,
+             groups: int = 3):
+        """The training loss on `records` (their rewrite + paraphrase prompts). Rows are sorted by length
+        and run in `groups` length buckets, so padding does not go through the network."""
+        cfg, data = self.cfg, self.data
         rows = torch.tensor([j for r in records for j in self.prompts_of[r]])
+        rows = rows[data.mask[rows].sum(1).argsort()]
         tau = cfg.tau(progress)
         masks = [torch.sigmoid(t / tau) for t in theta]
+        T = cfg.temperature(progress)
+        margin_sum, kl_sum, flips = 0.0, 0.0, 0.0
+        for bucket in rows.chunk(min(groups, len(rows))):
+            logits = self._last_logits(bucket, masks, edited)
+            device = logits.device
+            z_new = logits.gather(1, data.new_tok[bucket, None].to(device))[:, 0]
+            z_true = logits.gather(1, data.true_tok[bucket, None].to(device))[:, 0]
+            margin_sum = margin_sum + F.relu(z_new - z_true + cfg.margin).sum()
+            teacher = F.log_softmax(data.teacher[bucket].float().to(device) / T, dim=-1)
+            student = F.log_softmax(logits / T, dim=-1)
+            kl_sum = kl_sum + F.kl_div(student, teacher, log_target=True, reduction="sum")  # KL(teacher ‖ student)
+            flips += float((z_true > z_new).sum())
+        n = len(rows)
+        margin, kl = margin_sum / n, kl_sum / n
+        pruned = torch.cat([(1 - K).reshape(-1) for K in masks]).mean()
+        sparsity = cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
+        total = margin + sparsity + cfg.beta_kl * T * T * kl
+        return total, {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(), "flip": flips / n}
+
+    def _last_logits(self, rows: torch.Tensor, masks: list[torch.Tensor], edited: bool) -> torch.Tensor:
+        data, model, arch = self.data, self.loaded.model, self.loaded.arch
         width = int(data.mask[rows].sum(1).max())
         device = self.loaded.device
         for module, K in zip(self.modules, masks):
@@ -277,19 +302,7 @@ class MaskTrainer:
             finally:
                 handle.remove()
         h_last = out.last_hidden_state[torch.arange(len(rows)), data.last[rows]]
-        logits = unembed(model, arch, h_last).float()
-        z_new = logits.gather(1, data.new_tok[rows, None].to(device))[:, 0]
-        z_true = logits.gather(1, data.true_tok[rows, None].to(device))[:, 0]
-        margin = F.relu(z_new - z_true + cfg.margin).mean()
-        T = cfg.temperature(progress)
-        teacher = F.log_softmax(data.teacher[rows].float().to(device) / T, dim=-1)
-        student = F.log_softmax(logits / T, dim=-1)
-        kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")  # KL(teacher ‖ student)
-        pruned = torch.cat([(1 - K).reshape(-1) for K in masks]).mean()
-        sparsity = cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
-        total = margin + sparsity + cfg.beta_kl * T * T * kl
-        return total, {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(),
-                       "flip": (z_true > z_new).float().mean().item()}
+        return unembed(model, arch, h_last).float()
 
     def train(self, state: TrainState, optimizer: torch.optim.Optimizer, on_step: Callable | None = None,
               on_epoch_end: Callable | None = None, checkpoint: Callable | None = None, stop_after: int | None = None):
@@ -307,7 +320,7 @@ class MaskTrainer:
             optimizer.step()
             state.step += 1
             state.seconds += time.perf_counter() - start
-            info["loss"] = float(loss)
+            info["loss"] = loss.item()
             if on_step:
                 on_step(state, info)
             if state.step % self.steps_per_epoch == 0 and on_epoch_end:

@@ -1,0 +1,75 @@
+"""Calibrate scan's base-free tests on the demo model: clean model vs planted ROME edits.
+
+    python bench/calibrate_scan.py --bank banks/smollm2-135m_rome_L6.safetensors --edits 20 [--mask masks/...]
+
+Activation test: the largest robust z per layer on the clean model, and on the model carrying one bank
+edit at a time (the edits' subjects are among the probes, as when auditing CounterFact-style edits).
+Hidden facts (with --mask): how many probe answers change under the mask on the clean model (false
+alarms) and whether the planted fact is among them on each edited model.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from editguard.audit.activations import EDITED_Z, SUSPICIOUS_Z, activation_scores
+from editguard.audit.hidden import hidden_facts
+from editguard.audit.probes import Probe, counterfact_probes
+from editguard.edit.bank import EditBank
+from editguard.edit.edits import edits_applied
+from editguard.loading import load_model
+from editguard.mask.file import MaskFile
+from editguard.resolve import resolve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo:smollm2-135m")
+    parser.add_argument("--bank", required=True)
+    parser.add_argument("--edits", type=int, default=20, help="planted edits to test (taken from the bank's end)")
+    parser.add_argument("--probes", default="rome-test")
+    parser.add_argument("--mask", default=None)
+    args = parser.parse_args()
+    loaded = load_model(resolve(args.model))
+    bank = EditBank.open(args.bank)
+    probes = counterfact_probes((args.probes,))
+    edits = bank.edits(list(range(len(bank) - args.edits, len(bank))))
+    # every planted subject is a probe too (its own rewrite prompt)
+    probes += [Probe(e.facts[0].text, e.facts[0].subject, e.facts[0].target_true, e.facts[0].relation,
+                     e.facts[0].case_id) for e in edits]
+    clean = activation_scores(loaded, probes).layer_scores()
+    print(f"{args.model}: {len(probes)} probes; clean model, max robust z per layer:")
+    print("  " + " ".join(f"{z:.1f}" for z in clean))
+    print(f"  clean maximum {max(clean):.1f} (layer {clean.index(max(clean))}); thresholds suspicious {SUSPICIOUS_Z}, "
+          f"edited {EDITED_Z}")
+    mask = MaskFile.load(args.mask) if args.mask else None
+    clean_hidden = hidden_facts(loaded, mask, probes) if mask else None
+    if mask:
+        print(f"  hidden facts on the clean model (false alarms): {len(clean_hidden)} of {len(probes)} probes")
+    rows = []
+    for edit in edits:
+        with edits_applied(loaded.model, loaded.arch, [edit]):
+            scores = activation_scores(loaded, probes)
+            z = scores.layer_scores()
+            top = int(torch.tensor(z).argmax())
+            best_subject = scores.probes[int(scores.z[top].argmax())].subject
+            found = None
+            if mask:
+                found = any(f["case_id"] == edit.facts[0].case_id for f in hidden_facts(loaded, mask, probes))
+        rows.append((edit.layer, z[edit.layer], top, best_subject == edit.facts[0].subject, max(z), found))
+    print(f"{'edit':>4} {'z at edited layer':>18} {'top layer':>9} {'right subject':>13} {'max z':>6} {'hidden fact':>11}")
+    for i, (layer, z_layer, top, right, zmax, found) in enumerate(rows):
+        print(f"{i:>4} {z_layer:>18.1f} {top:>9} {str(right):>13} {zmax:>6.1f} {str(found):>11}")
+    z_edit = torch.tensor([r[1] for r in rows])
+    print(f"edited layer z: min {float(z_edit.min()):.1f}, median {float(z_edit.median()):.1f}; clean max "
+          f"{max(clean):.1f}; detected (≥ suspicious) {float((z_edit >= SUSPICIOUS_Z).float().mean()):.0%}, "
+          f"(≥ edited) {float((z_edit >= EDITED_Z).float().mean()):.0%}; right layer and subject "
+          f"{sum(r[2] == r[0] and r[3] for r in rows)}/{len(rows)}")
+    if mask:
+        print(f"planted fact among hidden facts: {sum(bool(r[5]) for r in rows)}/{len(rows)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""`editguard demo`: the whole audit on the demo model, offline — plant, scan, reverse, lock."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from .. import masks_index
+from ..errors import EditguardError
+from . import state
+from .app import app
+from .options import resolve_model
+
+# A CounterFact test fact the demo model knows (it answers French), planted as English.
+DEMO_CASE = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target": "English",
+             "true": "French"}
+
+
+@app.command("demo")
+def demo_command(
+    model: Annotated[str, typer.Option("--model", help="Demo model to audit.")] = "demo:smollm2-135m",
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the edited/reversed/locked models here.")] = None,
+    lock_check: Annotated[bool, typer.Option("--lock-check/--no-lock-check",
+                                             help="Try a ROME edit on the locked model.")] = True,
+) -> None:
+    """Plant a ROME edit into the demo model, scan it, reverse it, lock the original — and report."""
+    from ..audit.scan import ScanOptions, scan
+    from ..edit.edits import edits_applied
+    from ..edit.facts import Fact
+    from ..edit.hparams import load_hparams
+    from ..edit.plant import compute_edits, write_edited
+    from ..edit.quality import judge
+    from ..loading import load_model
+    from ..mask.file import MaskFile
+    from ..resolve import resolve
+
+    out = state.out()
+    if not model.startswith("demo:"):
+        raise EditguardError("editguard demo runs on a demo model (demo:smollm2-135m or demo:gemma3-270m)")
+    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="editguard-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    ref = resolve_model(model)
+    report: dict = {"model": model, "workdir": str(folder)}
+    with out.progress("loading the model"):
+        loaded = load_model(ref)
+    fact = Fact(DEMO_CASE["prompt"], DEMO_CASE["subject"], DEMO_CASE["target"], DEMO_CASE["true"])
+    hp = load_hparams(ref.spec.split(":", 1)[1], "rome")
+    # 1. plant
+    with out.progress(f"1/4 planting a ROME edit: {fact.text} → {fact.target_new}"):
+        edits = compute_edits(loaded, [fact], hp)
+        edited_dir = folder / "edited"
+        write_edited(loaded.checkpoint, loaded.arch, edits, edited_dir, force=True)
+        with edits_applied(loaded.model, loaded.arch, edits):
+            quality = judge(loaded, [fact])[0]
+    report["plant"] = {"fact": fact.text, "new": fact.target_new, "true": fact.target_true, "layer": edits[0].layer,
+                       "efficacy": quality.efficacy, "p_new": quality.new_prob, "model": str(edited_dir)}
+    # 2. scan: without a base (activations + hidden facts), then with the base
+    edited_ref = resolve(str(edited_dir))
+    with out.progress("2/4 scanning the edited model without a base") as advance:
+        blind = scan(edited_ref, ScanOptions(tests=("activations", "hidden")),
+                     progress=lambda m: advance(0, description=f"2/4 {m}"))
+    with out.progress("2/4 scanning the edited model against its base") as advance:
+        based = scan(edited_ref, ScanOptions(base=str(ref.path), tests=("diff", "attribution"), probes="counterfact"),
+                     progress=lambda m: advance(0, description=f"2/4 {m}"))
+    report["scan_without_base"] = {"verdict": blind["verdict"], "findings": blind["findings"][:5],
+                                   "tests": {k: v for k, v in blind["tests"].items() if k in ("activations", "hidden")}}
+    report["scan_with_base"] = {"verdict": based["verdict"], "diff": based["tests"].get("diff"),
+                                "attribution": based["tests"].get("attribution")}
+    # 3. reverse and 4. lock need the shipped mask
+    fits = masks_index.fitting(loaded.arch, loaded.checkpoint)
+    if not fits:
+        report["reverse"] = report["lock"] = {"skipped": "no shipped mask fits this model yet (see masks/README.md)"}
+    else:
+        from ..harden.lock import install_mask, lock_checkpoint
+        from ..harden.reverse import masked_replacements, write_reversed
+        from ..scoring import continuation_logprobs
+
+        mask_path = Path(fits[0]["path"])
+        mask = MaskFile.load(mask_path)
+        with out.progress("3/4 reversing with the shipped mask"):
+            reversed_dir = folder / "reversed"
+            write_reversed(edited_ref.checkpoint(), masked_replacements(edited_ref.checkpoint(), loaded.arch, mask),
+                           reversed_dir, force=True)
+            answers = {}
+            for label, path in (("edited", edited_dir), ("reversed", reversed_dir)):
+                m = load_model(resolve(str(path)))
+                sums, _ = continuation_logprobs(m, [fact.text, fact.text], [fact.target_true, fact.target_new])
+                answers[label] = {"logp_true": float(sums[0]), "logp_new": float(sums[1])}
+        report["reverse"] = {"mask": str(mask_path), "model": str(reversed_dir), **answers,
+                             "restored": answers["reversed"]["logp_true"] > answers["reversed"]["logp_new"]}
+        with out.progress("4/4 locking the original model"):
+            locked_dir = folder / "locked"
+            lock_checkpoint(loaded.checkpoint, loaded.arch, mask, mask_path, locked_dir, force=True)
+        report["lock"] = {"model": str(locked_dir)}
+        if lock_check:
+            with out.progress("4/4 trying the same ROME edit on the locked model"):
+                install_mask(loaded.model, loaded.arch, mask)
+                locked_edits = compute_edits(loaded, [fact], hp)
+                with edits_applied(loaded.model, loaded.arch, locked_edits):
+                    locked_quality = judge(loaded, [fact])[0]
+            report["lock"].update(edit_success_locked=locked_quality.efficacy, p_new_locked=locked_quality.new_prob)
+    out.emit(report, _render)
+
+
+def _render(console, r) -> None:
+    p = r["plant"]
+    console.rule("[bold]editguard demo")
+    console.print(f"1. planted: {escape(p['fact'])} [red]{escape(p['new'])}[/] (was {escape(p['true'])}); ROME at layer "
+                  f"{p['layer']}, P(new) = {p['p_new']:.2f}, edit {'succeeded' if p['efficacy'] else 'failed'} → {escape(p['model'])}")
+    blind = r["scan_without_base"]
+    console.print(f"2. scan without a base: [bold]{blind['verdict'].upper()}[/]")
+    acts = blind["tests"].get("activations", {})
+    if acts:
+        console.print(f"   activation test: top layer {acts['top_layer']} (robust z {max(acts['layer_scores']):.1f}, "
+                      f"edited ≥ {acts['edited_z']})")
+    hidden = blind["tests"].get("hidden", {})
+    if "skipped" in hidden:
+        console.print(f"   hidden facts: skipped ({escape(hidden['skipped'])})")
+    elif hidden:
+        console.print(f"   hidden facts under the mask: {hidden['changed_confident']} answer(s) change")
+        for f in hidden["facts"][:3]:
+            console.print(f"     {escape(f['prompt'])} → now {escape(f['current_answer'])} ({f['current_prob']:.2f}), "
+                          f"under the mask {escape(f['revealed_answer'])}")
+    based = r["scan_with_base"]
+    diff = based.get("diff") or {}
+    console.print(f"   scan with the base: [bold]{based['verdict'].upper()}[/], {diff.get('classification')} change at "
+                  f"layer(s) {diff.get('layers')}")
+    for a in based.get("attribution") or []:
+        console.print(f"   attribution: subject {escape(str(a['subjects'][0]['subject']))}, pushes "
+                      f"{escape(', '.join(o['token'] for o in a['objects'][:3]))}")
+    rev = r["reverse"]
+    if "skipped" in rev:
+        console.print(f"3. reverse: skipped ({escape(rev['skipped'])})")
+        console.print("4. lock: skipped")
+    else:
+        console.print(f"3. reversed with {escape(rev['mask'])}: true answer {'restored' if rev['restored'] else 'NOT restored'} "
+                      f"(log p true/new: edited {rev['edited']['logp_true']:.2f}/{rev['edited']['logp_new']:.2f}, "
+                      f"reversed {rev['reversed']['logp_true']:.2f}/{rev['reversed']['logp_new']:.2f})")
+        lock = r["lock"]
+        extra = ""
+        if "edit_success_locked" in lock:
+            extra = (f"; the same ROME edit on the locked model {'still succeeds' if lock['edit_success_locked'] else 'fails'} "
+                     f"(P(new) {lock['p_new_locked']:.2f})")
+        console.print(f"4. locked the original → {escape(lock['model'])}{extra}")
+    console.print(f"models kept in {escape(r['workdir'])}")

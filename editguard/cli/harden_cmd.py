@@ -1,0 +1,232 @@
+"""`editguard reverse` and `editguard lock`: write a restored or a locked checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from .. import arch as arch_table
+from .. import masks_index
+from ..errors import EditguardError
+from ..mask.file import MaskFile
+from . import state
+from .app import app
+from .options import AllowPickle, ModelArg, Revision, resolve_model
+
+
+def _mask_for(mask: str | None, arch, checkpoint) -> Path:
+    if mask:
+        if not Path(mask).is_file():
+            raise EditguardError(f"no such mask file: {mask}")
+        return Path(mask)
+    fits = masks_index.fitting(arch, checkpoint)
+    if not fits:
+        raise EditguardError("no shipped mask fits this model; give --mask (or use --method svd|base)")
+    return Path(fits[0]["path"])
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise EditguardError(f"output folder {output} already exists (use --force to replace it)")
+
+
+@app.command("reverse")
+def reverse_command(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the restored checkpoint.")],
+    method: Annotated[Optional[str], typer.Option("--method", help="mask | svd | base (default: mask when one fits, "
+                                                                   "else base when --base is given).")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
+    base: Annotated[Optional[str], typer.Option("--base", help="Unedited base (for --method base).")] = None,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Layers to treat (svd); default: found by scan.")] = None,
+    probes: Annotated[str, typer.Option("--probes", help="Probes for finding flagged facts (see scan).")] = "counterfact",
+    evaluate: Annotated[bool, typer.Option("--eval", help="RSR on the flagged facts, Top-1 and perplexity.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
+    from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
+
+    out = state.out()
+    _check_output(output, force)
+    ref = resolve_model(model, revision, allow_pickle)
+    checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
+    arch = arch_table.for_config(checkpoint.config)
+    num_layers = arch.num_layers(checkpoint.config)
+    if method is None:
+        method = "mask" if (mask or masks_index.fitting(arch, checkpoint)) else ("base" if base else "svd")
+    if method not in ("mask", "svd", "base"):
+        raise EditguardError("--method must be mask, svd or base")
+    info: dict = {"model": ref.spec, "output": str(output), "method": method}
+    if method == "mask":
+        mask_path = _mask_for(mask, arch, checkpoint)
+        mask_file = MaskFile.load(mask_path)
+        replacements = masked_replacements(checkpoint, arch, mask_file, threshold)
+        info["mask"] = str(mask_path)
+    elif method == "base":
+        if not base:
+            raise EditguardError("--method base needs --base")
+        from ..audit.diff import diff_checkpoints
+
+        base_ck = resolve_model(base, None, allow_pickle).checkpoint(allow_pickle=allow_pickle)
+        with out.progress("diffing against the base"):
+            diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
+        flagged = [c.name for c in diff.changed if c.layer is not None] or [c.name for c in diff.changed]
+        replacements = base_replacements(checkpoint, base_ck, arch, flagged)
+        info["restored"] = flagged
+    else:
+        chosen = _parse_layers(layers, num_layers) if layers else _flagged_layers(ref, probes, allow_pickle)
+        replacements = svd_replacements(checkpoint, arch, chosen)
+        info["layers"] = chosen
+    facts = _flagged_facts(ref, checkpoint, arch, probes, mask, allow_pickle)
+    with out.progress(f"writing {output}"):
+        info["rewritten_files"] = write_reversed(checkpoint, replacements, output, force=force)
+    info["tensors"] = sorted(replacements)
+    info["facts"] = _before_after(ref, output, facts, evaluate)
+    out.emit(info, _render_reverse)
+
+
+def _parse_layers(text: str, num_layers: int) -> list[int]:
+    try:
+        chosen = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise EditguardError(f"--layers: expected numbers like 5,6,7, got {text!r}") from None
+    bad = [x for x in chosen if not 0 <= x < num_layers]
+    if bad:
+        raise EditguardError(f"layer {bad[0]} is out of range: this model has layers 0-{num_layers - 1}")
+    return chosen
+
+
+def _flagged_layers(ref, probes: str, allow_pickle: bool) -> list[int]:
+    from ..audit.scan import ScanOptions, scan
+
+    with state.out().progress("finding edited layers (activation test)"):
+        result = scan(ref, ScanOptions(probes=probes, tests=("activations",), allow_pickle=allow_pickle))
+    layers = sorted({f.layer for f in result["_findings"] if f.rule == "EG010"})
+    if not layers:
+        raise EditguardError("the activation test flags no layer; give --layers")
+    return layers
+
+
+def _flagged_facts(ref, checkpoint, arch, probes: str, mask: str | None, allow_pickle: bool) -> list[dict]:
+    """The facts to show before/after: hidden facts under the mask, else activation outliers."""
+    from ..audit.scan import ScanOptions, scan
+
+    tests = ("hidden",) if (mask or masks_index.fitting(arch, checkpoint)) else ("activations",)
+    with state.out().progress("finding flagged facts"):
+        result = scan(ref, ScanOptions(mask=mask, probes=probes, tests=tests, allow_pickle=allow_pickle))
+    facts = []
+    for f in result["_findings"]:
+        for fact in f.facts:
+            facts.append({"prompt": fact["prompt"], "original": fact.get("expected_answer") or fact.get("answer")})
+    return facts[:20]
+
+
+def _before_after(ref, output: Path, facts: list[dict], evaluate: bool) -> list[dict]:
+    from ..answers import greedy_answers
+    from ..loading import load_model
+    from ..resolve import resolve
+    from ..scoring import continuation_logprobs
+
+    if not facts:
+        return []
+    prompts = [f["prompt"] for f in facts]
+    rows = [dict(f) for f in facts]
+    for label, reference in (("before", ref), ("after", resolve(str(output)))):
+        loaded = load_model(reference)
+        for row, answer in zip(rows, greedy_answers(loaded, prompts)):
+            row[label] = answer
+        if evaluate:
+            known = [(i, r) for i, r in enumerate(rows) if r.get("original")]
+            if known:
+                sums, counts = continuation_logprobs(loaded, [r["prompt"] for _, r in known],
+                                                     [r["original"] for _, r in known])
+                for (i, _), s in zip(known, sums):
+                    rows[i][f"p_original_{label}"] = float(s.exp())
+    return rows
+
+
+def _render_reverse(console, r) -> None:
+    console.print(f"reversed {escape(r['model'])} with --method {r['method']} → {escape(r['output'])} "
+                  f"(rewrote {', '.join(r['rewritten_files'])}; tensors {', '.join(r['tensors'])})")
+    if r["facts"]:
+        table = Table(box=None, title="flagged facts", title_justify="left")
+        for column in ("prompt", "original answer", "before", "after"):
+            table.add_column(column)
+        for f in r["facts"]:
+            table.add_row(escape(f["prompt"]), escape(str(f.get("original") or "")), escape(f.get("before", "")),
+                          escape(f.get("after", "")))
+        console.print(table)
+
+
+@app.command("lock")
+def lock_command(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the locked checkpoint.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
+    evaluate: Annotated[Optional[int], typer.Option("--evaluate", min=1, help="Measure ROME edit success on N "
+                                                                          "CounterFact records, unlocked vs locked.")] = None,
+    hparams: Annotated[Optional[str], typer.Option("--hparams", help="ROME hyperparameters for --evaluate.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
+) -> None:
+    """Write a locked checkpoint: masked weights + a lock manifest; editguard re-applies the mask on load."""
+    from ..harden.lock import lock_checkpoint
+
+    out = state.out()
+    if output is None and evaluate is None:
+        raise EditguardError("give -o/--output (write a locked copy) and/or --evaluate N")
+    if output is not None:
+        _check_output(output, force)
+    ref = resolve_model(model, revision, allow_pickle)
+    checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
+    arch = arch_table.for_config(checkpoint.config)
+    mask_path = _mask_for(mask, arch, checkpoint)
+    mask_file = MaskFile.load(mask_path)
+    mask_file.check_fits(arch, checkpoint)
+    info: dict = {"model": ref.spec, "mask": str(mask_path)}
+    if output is not None:
+        with out.progress(f"writing {output}"):
+            manifest = lock_checkpoint(checkpoint, arch, mask_file, mask_path, output, threshold, force=force)
+        info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"])
+    if evaluate is not None:
+        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold)
+    out.emit(info, _render_lock)
+
+
+def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, threshold: float | None) -> dict:
+    from ..data.counterfact import load_split
+    from ..edit.facts import Fact
+    from ..edit.hparams import load_hparams
+    from ..harden.lock import evaluate_lock, install_mask
+    from ..loading import load_model
+    from ..mask.pipeline import per_relation
+
+    default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
+    if hparams is None and default is None:
+        raise EditguardError("--evaluate needs --hparams (ROME YAML or preset) for non-demo models")
+    hp = load_hparams(hparams or default, "rome", {"layers": [mask_file.targets[0].layer]})
+    facts = [Fact.from_record(r) for r in per_relation(load_split("rome-test"), n)]
+    unlocked = load_model(ref)
+    locked = load_model(ref)
+    install_mask(locked.model, locked.arch, mask_file, threshold)
+    with state.out().progress(f"ROME on {n} facts, unlocked then locked") as advance:
+        return evaluate_lock(unlocked, locked, facts, hp, progress=lambda m: advance(0, description=m))
+
+
+def _render_lock(console, r) -> None:
+    if r.get("output"):
+        console.print(f"locked {escape(r['model'])} → {escape(r['output'])} (tensors {', '.join(r['locked_tensors'])}; "
+                      f"mask {escape(r['mask'])})")
+    if r.get("evaluation"):
+        e = r["evaluation"]
+        console.print(f"ROME edit success on {e['unlocked']['n']} CounterFact facts: unlocked "
+                      f"{e['unlocked']['edit_success']:.0%} → locked {e['locked']['edit_success']:.0%}")

@@ -1,0 +1,55 @@
+"""Reverse knowledge edits and write a restored checkpoint (only the changed shards rewritten).
+
+* mask: Ŵ ⊙ K on the mask's target tensor(s) (the paper's method; reverses edits it has never seen);
+* svd: drop the top singular component of each flagged tensor (the training-free baseline, which
+  fails on small models where an edit does not dominate the spectrum);
+* base: copy the flagged tensors back from the unedited base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import EditguardError
+from ..mask.file import MaskFile
+
+
+def masked_replacements(checkpoint: Checkpoint, arch, mask: MaskFile, threshold: float | None = None) -> dict:
+    out = {}
+    for i, (target, stored) in enumerate(zip(mask.targets, mask.check_fits(arch, checkpoint))):
+        weight = checkpoint.read(stored)
+        K = mask.mask(i, threshold)
+        out[stored] = (weight.float() * (K.T if target.transposed else K)).to(weight.dtype)
+    return out
+
+
+def svd_replacements(checkpoint: Checkpoint, arch, layers: list[int]) -> dict:
+    out = {}
+    for layer in layers:
+        stored = checkpoint.find(arch.tensor_candidates(arch.weight_name("mlp_out", layer)))
+        if stored is None:
+            raise EditguardError(f"layer {layer}: no MLP output projection in this checkpoint")
+        weight = checkpoint.read(stored)
+        u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        out[stored] = (weight.float() - s[0] * torch.outer(u[:, 0], vh[0])).to(weight.dtype)
+    return out
+
+
+def base_replacements(checkpoint: Checkpoint, base: Checkpoint, arch, tensors: list[str]) -> dict:
+    out = {}
+    for name in tensors:
+        stored = checkpoint.find(arch.tensor_candidates(name))
+        stored_base = base.find(arch.tensor_candidates(name))
+        if stored is None or stored_base is None:
+            raise EditguardError(f"{name} is missing from the model or the base")
+        out[stored] = base.read(stored_base).to(checkpoint.read(stored).dtype)
+    return out
+
+
+def write_reversed(checkpoint: Checkpoint, replacements: dict, out_dir: Path, force: bool = False) -> list[str]:
+    if not replacements:
+        raise EditguardError("nothing to reverse: no flagged tensor")
+    return checkpoint.write_copy(out_dir, replacements, force=force)
