@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .edit.facts import target_ids
-from .edit.forward import unembed
+from .edit.forward import pad_batch, unembed
 from .loading import LoadedModel
 
 
@@ -91,12 +91,7 @@ def continuation_logprobs(
     first: list[torch.Tensor] = []
     for lo in range(0, len(encoded), batch_size):
         chunk = encoded[lo: lo + batch_size]
-        width = max(len(ids) for ids, _, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, (seq, _, _) in enumerate(chunk):
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
+        ids, mask = pad_batch([seq for seq, _, _ in chunk], pad)
         rows = None
         if edits is not None:
             rows = RowEdits(edits.module, edits.u[lo: lo + len(chunk)], edits.v[lo: lo + len(chunk)], edits.mask)

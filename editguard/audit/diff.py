@@ -18,8 +18,10 @@ from ..errors import EditguardError
 from .findings import Finding
 
 TOP_K = 8
-RANK_TOL = 1e-2  # singular values below this share of the largest count as noise
-LOW_RANK = 4  # at most this effective rank counts as "low rank" for MEMIT-like changes
+# singular values below this share of the largest count as storage rounding noise
+RANK_TOL = {"F32": 1e-3, "F64": 1e-3}
+RANK_TOL_LOW_PRECISION = 2e-2  # bf16 / fp16 rounding of W + ΔW leaves a visible noise floor
+MEMIT_MAX_LAYERS = 10  # MEMIT spreads an edit over a handful of layers, not the whole network
 FINE_TUNE_SHARE = 0.5  # more than this share of tensors changed: a fine-tune
 
 
@@ -84,9 +86,17 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             delta = a.float() - b.float()
             norm = float(delta.norm())
             if norm > tol:
-                sv = top_singular_values(delta) if delta.dim() >= 2 else delta.abs().sort(descending=True).values[:1]
-                rank = int((sv > RANK_TOL * sv[0]).sum()) if float(sv[0]) > 0 else 0
                 layer = arch.mlp_out_layer_of(name, num_layers)
+                if delta.dim() < 2:
+                    sv, rank = delta.abs().sort(descending=True).values[:1], 1
+                else:
+                    # the full spectrum for edit targets (a batch edit of n facts has rank n), the top
+                    # few singular values for everything else
+                    full = torch.linalg.svdvals(delta) if layer is not None else top_singular_values(delta)
+                    tol = RANK_TOL.get(model.info(canon_model[name]).dtype, RANK_TOL_LOW_PRECISION) \
+                        if model.format == "safetensors" else 1e-3
+                    rank = int((full > tol * full[0]).sum()) if float(full[0]) > 0 else 0
+                    sv = full[:TOP_K]
                 result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
                                                    norm / max(float(b.float().norm()), 1e-12),
                                                    [float(x) for x in sv], rank, layer))
@@ -97,36 +107,28 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
 
 
 def classify(result: DiffResult, total: int) -> None:
+    """rome-like: one MLP output projection (or several, non-adjacent), each of rank <= 2;
+    memit-like: only MLP output projections of consecutive layers (a batch edit of n facts has rank n),
+    or one projection with a higher-rank change; fine-tune: most tensors; other: anything else."""
     changed = result.changed
     if not changed:
         result.classification = "identical"
         return
     mlp = [c for c in changed if c.layer is not None]
+    layers = sorted(c.layer for c in mlp)
+    consecutive = bool(layers) and layers == list(range(layers[0], layers[0] + len(layers)))
     if len(changed) > FINE_TUNE_SHARE * total:
         result.classification = "fine-tune"
-    elif len(mlp) == len(changed):
-        layers = sorted(c.layer for c in mlp)
-        result.layers = layers
-        consecutive = layers == list(range(layers[0], layers[0] + len(layers)))
-        if len(mlp) == 1 and mlp[0].effective_rank <= 2:
-            result.classification = "rome-like"
-        elif consecutive and all(c.effective_rank <= LOW_RANK or _concentrated(c) for c in mlp):
-            result.classification = "memit-like"
-        elif all(c.effective_rank <= 2 for c in mlp):
-            result.classification = "rome-like"  # several independent rank-one edits
-        else:
-            result.classification = "other"
+    elif len(mlp) != len(changed):
+        result.classification = "other"
+    elif all(c.effective_rank <= 2 for c in mlp) and (len(mlp) == 1 or not consecutive):
+        result.classification = "rome-like"
+    elif len(mlp) == 1 or (consecutive and len(mlp) <= MEMIT_MAX_LAYERS):
+        result.classification = "memit-like"
     else:
         result.classification = "other"
-    if result.classification != "fine-tune" and not result.layers:
-        result.layers = sorted({c.layer for c in changed if c.layer is not None})
-
-
-def _concentrated(change: TensorChange) -> bool:
-    """A batch edit of many facts has many singular values, but its energy sits in few of them compared
-    with a dense update; TOP_K values carry nearly all of the norm."""
-    top = sum(s * s for s in change.singular_values)
-    return change.norm > 0 and top / (change.norm ** 2) > 0.9
+    if result.classification != "fine-tune":
+        result.layers = layers
 
 
 def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> list[Finding]:

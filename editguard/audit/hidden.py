@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..edit.forward import unembed
+from ..edit.forward import pad_batch, unembed
 from ..edit.edits import weight_param, weights_restored
 from ..loading import LoadedModel
 from ..mask.file import MaskFile
@@ -50,12 +50,7 @@ def next_token_answers(loaded: LoadedModel, prompts: list[str], batch_size: int 
     answers, rows = [], []
     for lo in range(0, len(prompts), batch_size):
         batch = [list(tok(p).input_ids) for p in prompts[lo: lo + batch_size]]
-        width = max(len(b) for b in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, b in enumerate(batch):
-            ids[j, : len(b)] = torch.tensor(b)
-            mask[j, : len(b)] = 1
+        ids, mask = pad_batch(batch, tok.pad_token_id)
         hidden = base(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).last_hidden_state
         last = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
         probs = torch.softmax(unembed(model, arch, last).float(), dim=-1).cpu()

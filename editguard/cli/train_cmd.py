@@ -99,3 +99,44 @@ def _render(console, m) -> None:
                   f"{test.get('baseline_svd_rsr', float('nan')):.1%}); perplexity original "
                   f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "
                   f"{m['total_seconds']:.0f} s")
+
+
+@app.command("evaluate-mask")
+def evaluate_mask_command(
+    mask: Annotated[Path, typer.Argument(help="Mask file to evaluate.")],
+    bank: Annotated[Path, typer.Option("--bank", help="Edit bank holding edits of the val/test records.")],
+    model: Annotated[str, typer.Option("--model", help="Model the mask and bank belong to.")] = "demo:smollm2-135m",
+    data: Annotated[Optional[str], typer.Option("--data", help="CounterFact file (default: the paper's splits).")] = None,
+    val_size: Annotated[int, typer.Option("--val-size", min=0)] = 100,
+    test_size: Annotated[int, typer.Option("--test-size", min=1)] = 500,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Re-binarise the soft scores at γ.")] = None,
+    text_tokens: Annotated[int, typer.Option("--text-tokens", min=2)] = 70_000,
+    no_baselines: Annotated[bool, typer.Option("--no-baselines")] = False,
+) -> None:
+    """RSR (with ceiling and controls), baselines and model cost of MASK against the edits in --bank."""
+    from ..edit.bank import EditBank
+    from ..mask.file import MaskFile
+    from ..mask.pipeline import TrainJob, evaluate_existing
+
+    mask_file = MaskFile.load(mask)
+    bank_file = EditBank.open(bank)
+    ref = resolve_model(model)
+    with state.out().progress("loading model"):
+        loaded = load_model(ref)
+    job = TrainJob(output=mask, method=mask_file.method, train_size=1, val_size=val_size, test_size=test_size,
+                   data=data, text_tokens=text_tokens, baselines=not no_baselines)
+    with ExitStack() as stack:
+        result = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
+    state.out().emit(result, _render_evaluation)
+
+
+def _render_evaluation(console, m) -> None:
+    console.print(f"{m['mask']}: γ={m['threshold']:.3f}, pruned {m['pruned_fraction']:.1%}")
+    for split, r in m["rsr"].items():
+        console.print(f"  {split}: RSR {r['rsr']:.1%} (original prefers true {r['original_prefers_true']:.1%}, among "
+                      f"known {r['rsr_known']:.1%}, edited {r['edited_prefers_true']:.1%}, mask on unedited "
+                      f"{r['mask_on_unedited_prefers_true']:.1%}; SVD baseline {r.get('baseline_svd_rsr', float('nan')):.1%}, "
+                      f"magnitude {r.get('baseline_magnitude_rsr', float('nan')):.1%}; n={r['n']})")
+    t = m["text"]
+    console.print(f"  perplexity: original {t['original']['perplexity']:.2f}, edited {t['edited']['perplexity']:.2f}, "
+                  f"pruned {t['pruned']['perplexity']:.2f}; Top-1 agreement (pruned) {t['pruned']['top1_agreement']:.1%}")

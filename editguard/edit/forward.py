@@ -50,6 +50,17 @@ def layers_skipped_below(model: torch.nn.Module, arch: Arch, start: int) -> Iter
             layers[i] = layer
 
 
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask for token id lists."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, seq in enumerate(seqs):
+        ids[j, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[j, : len(seq)] = 1
+    return ids, mask
+
+
 def _cache_kwarg(base: torch.nn.Module) -> str:
     params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -129,12 +140,8 @@ def build_prefix_cache(
     kwarg = _cache_kwarg(base)
     for lo in range(0, len(lengths), chunk):
         rows = range(lo, min(lo + chunk, len(lengths)))
-        width = max(lengths[r] for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, : lengths[r]] = torch.tensor(tokens.ids[r])
-            mask[j, : lengths[r]] = 1
+        ids, mask = pad_batch([tokens.ids[r] for r in rows], pad_id)
+        width = ids.shape[1]
         split = torch.tensor([tokens.split[r] for r in rows])
         seen: dict[str, torch.Tensor] = {}
         handles = []
@@ -281,12 +288,7 @@ def capture_at(
     for lo in range(0, len(tokens.ids), chunk):
         batch = tokens.ids[lo: lo + chunk]
         split = torch.tensor(tokens.split[lo: lo + chunk])
-        width = max(len(s) for s in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, seq in enumerate(batch):
-            ids[j, : len(seq)] = torch.tensor(seq)
-            mask[j, : len(seq)] = 1
+        ids, mask = pad_batch(batch, pad_id)
         seen: dict[str, torch.Tensor] = {}
         handles = []
         for name, (path, kind) in captures.items():

@@ -50,9 +50,8 @@ def memit_edit(
     z_layer = layers[-1]
     z_path = hp.layer_module_tmp.format(z_layer)
     pad = tok.pad_token_id
-    if progress:
-        progress("second moments")
-    moments = second_moments(loaded, layers, hp)
+    moments = second_moments(loaded, layers, hp, progress=(lambda done, total: progress(
+        f"second moments of layers {layers}: window {done}/{total}")) if progress else None)
     # z: optimised per fact (batched) on the unedited model
     targets = []
     for lo in range(0, len(facts), hp.facts_per_batch):

@@ -70,6 +70,18 @@ def per_relation(records: list, n: int) -> list:
     return out
 
 
+def choose_threshold(scores: torch.Tensor, job: TrainJob, cfg: TrainConfig) -> float:
+    """γ: given, or the score quantile that prunes `target_pruned` of the weights."""
+    if job.target_pruned is not None:
+        flat = scores.reshape(-1).float()
+        return float(flat.kthvalue(max(int(job.target_pruned * flat.numel()), 1)).values)
+    return job.threshold if job.threshold is not None else cfg.threshold
+
+
+def binarise(scores: torch.Tensor, job: TrainJob, cfg: TrainConfig) -> torch.Tensor:
+    return (scores >= choose_threshold(scores, job, cfg)).float()
+
+
 def select_splits(job: TrainJob) -> tuple[list, list, list]:
     if job.data:
         records = counterfact.load(job.data).records
@@ -110,16 +122,21 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     started = time.time()
     if job.method != "rome":
         raise EditguardError("mask training against MEMIT edits is not implemented yet (ROME only)")
-    # 1. the edit bank: every record of every split edited independently on the unedited model
+    # 1. the edit bank: every record edited independently on the unedited model. Validation and training
+    #    edits first; the test edits are made after training (they are only needed for the evaluation).
     bank_path = job.bank or job.output.with_name(job.output.stem + ".bank.safetensors")
-    everything = facts["val"] + facts["train"] + facts["test"]  # validation first: it is read every epoch
-    bank = fill_bank(loaded, everything, hp, bank_path, resume=bank_path.exists(),
-                     progress=lambda done, total: progress("edit bank", done, total, ""))
+    order = facts["val"] + facts["train"] + ([] if not job.bank_only else facts["test"])
+
+    def fill(fs, stage):
+        return fill_bank(loaded, fs, hp, bank_path, resume=bank_path.exists(),
+                         progress=lambda done, total: progress(stage, done, total, ""))
+
+    bank = fill(order, "edit bank")
     bank_seconds = time.time() - started
     if job.bank_only:
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
     index = _edits_by_case(bank)
-    edits = {split: bank.edits([index[f.case_id] for f in fs]) for split, fs in facts.items()}
+    edits = {split: bank.edits([index[f.case_id] for f in facts[split]]) for split in ("train", "val")}
     layer = hp.layers[0]
     module_path = hp.rewrite_module_tmp.format(layer)
     transposed = loaded.arch.mlp_out_transposed
@@ -147,8 +164,8 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     def on_epoch(st: TrainState) -> None:
         if not facts["val"]:
             return
-        # the mask as it would ship if training stopped here (annealed to the final τ, binarised at γ)
-        K = (torch.sigmoid(st.theta[0].detach() / cfg.tau(1.0)) >= cfg.threshold).float()
+        # the mask as it would ship if training stopped here (annealed to the final τ, binarised)
+        K = binarise(torch.sigmoid(st.theta[0].detach() / cfg.tau(1.0)), job, cfg)
         from .evaluate import preference
 
         pref = preference(loaded, facts["val"], module_path, val_u, val_v, K, transposed)
@@ -160,24 +177,16 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
                   checkpoint=lambda st, opt: save_checkpoint(ckpt, st, opt, meta))
     # 3. threshold: fixed, or chosen on validation for a target pruned share
     scores = trainer.soft_masks(state)[0]
-    threshold = job.threshold if job.threshold is not None else cfg.threshold
-    if job.target_pruned is not None:
-        threshold = float(torch.quantile(scores.reshape(-1)[:: max(scores.numel() // 1_000_000, 1)].float(),
-                                         job.target_pruned))
+    threshold = choose_threshold(scores, job, cfg)
     K = (scores >= threshold).float()
+    test_started = time.time()
+    bank = fill(facts["val"] + facts["train"] + facts["test"], "edit bank (test edits)")
+    bank_seconds += time.time() - test_started
+    index = _edits_by_case(bank)
+    edits["test"] = bank.edits([index[f.case_id] for f in facts["test"]])
     # 4. evaluation
-    reports = {}
-    for split in ("train", "val", "test"):
-        if not facts[split]:
-            continue
-        fs = facts[split][:500] if split == "train" else facts[split]
-        es = edits[split][: len(fs)]
-        progress("evaluating", 0, 1, split)
-        reports[split] = rsr_report(loaded, fs, module_path, transposed, torch.stack([e.u for e in es]).float(),
-                                    torch.stack([e.v for e in es]).float(), K, baselines=job.baselines)
-    first_edit = edits["test"][0]
-    text = text_metrics(loaded, _variants(loaded, module_path, transposed, first_edit, K), tokens=job.text_tokens,
-                        progress=lambda d, t: progress("perplexity", d, t, ""))
+    reports, text = evaluate_splits(loaded, module_path, transposed, K, facts, edits, job.text_tokens, job.baselines,
+                                    progress)
     total_seconds = time.time() - started
     metrics = {
         "threshold": threshold, "pruned_fraction": float((1 - K).mean()), "rsr": reports, "text": text,
@@ -200,6 +209,46 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     write_outputs(job.output, mask, K, reports)
     ckpt.unlink(missing_ok=True)
     return metrics
+
+
+def evaluate_splits(loaded, module_path: str, transposed: bool, K: torch.Tensor, facts: dict, edits: dict,
+                    text_tokens: int, baselines: bool, progress: Progress) -> tuple[dict, dict]:
+    """RSR reports per split (train capped at 500 records) and the WikiText-2 model-cost metrics."""
+    reports = {}
+    for split in ("train", "val", "test"):
+        if not facts.get(split):
+            continue
+        fs = facts[split][:500] if split == "train" else facts[split]
+        es = edits[split][: len(fs)]
+        progress("evaluating", 0, 1, split)
+        reports[split] = rsr_report(loaded, fs, module_path, transposed, torch.stack([e.u for e in es]).float(),
+                                    torch.stack([e.v for e in es]).float(), K, baselines=baselines)
+    sample = (edits.get("test") or edits.get("val") or edits["train"])[0]
+    text = text_metrics(loaded, _variants(loaded, module_path, transposed, sample, K), tokens=text_tokens,
+                        progress=lambda d, t: progress("perplexity", d, t, ""))
+    return reports, text
+
+
+def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: TrainJob,
+                      threshold: float | None = None, progress: Progress | None = None) -> dict:
+    """`evaluate-mask`: the same evaluation for a mask file against the edits of a bank."""
+    progress = progress or (lambda *a: None)
+    mask.check_fits(loaded.arch, loaded.checkpoint)
+    _, val, test = select_splits(job)
+    index = _edits_by_case(bank)
+    facts, edits = {}, {}
+    for split, records in (("val", val), ("test", test)):
+        present = [r for r in records if r.case_id in index]
+        facts[split] = [Fact.from_record(r) for r in present]
+        edits[split] = bank.edits([index[r.case_id] for r in present])
+    if not facts["test"] and not facts["val"]:
+        raise EditguardError(f"the bank {bank.path} holds no edits of the chosen val/test records")
+    target = mask.targets[0]
+    K = mask.mask(0, threshold)
+    reports, text = evaluate_splits(loaded, target.tensor.removesuffix(".weight"), target.transposed, K, facts, edits,
+                                    job.text_tokens, job.baselines, progress)
+    return {"mask": str(job.output), "threshold": threshold or mask.threshold,
+            "pruned_fraction": float((1 - K).mean()), "rsr": reports, "text": text}
 
 
 def _variants(loaded, module_path, transposed, edit: Edit, K):

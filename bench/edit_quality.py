@@ -1,0 +1,61 @@
+"""Edit quality on the demo model, as in ROME's CounterFact evaluation.
+
+    python bench/edit_quality.py --rome 200 --memit 100
+
+ROME: the first N records of the paper's train split, each edited alone (independent edits, as in an
+edit bank) and judged alone. MEMIT: the first M records of the MEMIT train split in one batch edit,
+judged together. Prints efficacy, paraphrase success and neighbourhood specificity for each, and the
+unedited model's scores on the same records for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from editguard.data.counterfact import load_split
+from editguard.edit.edits import edits_applied
+from editguard.edit.facts import Fact
+from editguard.edit.hparams import load_hparams
+from editguard.edit.memit import memit_edit
+from editguard.edit.quality import edit_quality, judge, summarize
+from editguard.edit.rome import rome_edits
+from editguard.loading import load_model
+from editguard.resolve import resolve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo:smollm2-135m")
+    parser.add_argument("--hparams", default="smollm2-135m")
+    parser.add_argument("--rome", type=int, default=200)
+    parser.add_argument("--memit", type=int, default=100)
+    args = parser.parse_args()
+    loaded = load_model(resolve(args.model))
+    rows = []
+    if args.rome:
+        facts = [Fact.from_record(r) for r in load_split("rome-train")[: args.rome]]
+        start = time.time()
+        edits = rome_edits(loaded, facts, load_hparams(args.hparams, "rome"))
+        seconds = time.time() - start
+        rows.append(("unedited", summarize(judge(loaded, facts)), None))
+        rows.append((f"ROME x{len(facts)} (each alone)", summarize(edit_quality(loaded, edits)), seconds))
+    if args.memit:
+        facts = [Fact.from_record(r) for r in load_split("memit-train")[: args.memit]]
+        hp = load_hparams(args.hparams, "memit")
+        start = time.time()
+        edits = memit_edit(loaded, facts, hp)
+        seconds = time.time() - start
+        rows.append(("unedited", summarize(judge(loaded, facts)), None))
+        with edits_applied(loaded.model, loaded.arch, edits):
+            rows.append((f"MEMIT, {len(facts)} in one batch (layers {hp.layers})", summarize(judge(loaded, facts)),
+                         seconds))
+    print(f"{args.model}, preset {args.hparams}")
+    print(f"{'run':<44} {'n':>4} {'efficacy':>9} {'paraphrase':>10} {'neighbour':>9} {'seconds':>8}")
+    for name, q, seconds in rows:
+        print(f"{name:<44} {q['n']:>4} {q['efficacy']:>9.1%} {q['paraphrase']:>10.1%} {q['neighborhood']:>9.1%} "
+              f"{'' if seconds is None else f'{seconds:.0f}':>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""`editguard-precommit FILES...`: scan each model folder that holds a changed file (pre-commit hook)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .app import main
+
+
+def run() -> None:
+    folders = sorted({str(Path(f).parent) for f in sys.argv[1:] if (Path(f).parent / "config.json").is_file()})
+    worst = 0
+    for folder in folders:
+        code = main(["scan", folder, "--fail-on", "edited"])
+        worst = max(worst, code)
+    sys.exit(worst)

@@ -1,0 +1,107 @@
+"""The science on the real demo model (SmolLM2-135M): edits work, scan finds them, the mask reverses them.
+
+Small samples keep the suite fast; the full-size figures are in the CHANGELOG / mask card and come from
+the bench scripts and `editguard train`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_demo
+
+pytestmark = [requires_demo, pytest.mark.demo]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    return load_model(resolve("demo:smollm2-135m"))
+
+
+@pytest.fixture(scope="module")
+def planted(demo, tmp_path_factory):
+    """The README's demo edit, written as a checkpoint."""
+    from editguard.cli.demo_cmd import DEMO_CASE
+    from editguard.edit.facts import Fact
+    from editguard.edit.hparams import load_hparams
+    from editguard.edit.plant import compute_edits, write_edited
+
+    fact = Fact(DEMO_CASE["prompt"], DEMO_CASE["subject"], DEMO_CASE["target"], DEMO_CASE["true"])
+    edits = compute_edits(demo, [fact], load_hparams("smollm2-135m", "rome"))
+    out = tmp_path_factory.mktemp("demo") / "edited"
+    write_edited(demo.checkpoint, demo.arch, edits, out)
+    return {"fact": fact, "edits": edits, "path": out}
+
+
+def test_rome_quality(demo):
+    from editguard.data.counterfact import load_split
+    from editguard.edit.facts import Fact
+    from editguard.edit.hparams import load_hparams
+    from editguard.edit.quality import edit_quality, summarize
+    from editguard.edit.rome import rome_edits
+    from editguard.mask.pipeline import per_relation
+
+    facts = [Fact.from_record(r) for r in per_relation(load_split("rome-train"), 10)]
+    q = summarize(edit_quality(demo, rome_edits(demo, facts, load_hparams("smollm2-135m", "rome"))))
+    assert q["efficacy"] >= 0.98 and q["paraphrase"] >= 0.7, q
+
+
+def test_memit_batch(demo, tmp_path, monkeypatch):
+    from editguard.data.counterfact import load_split
+    from editguard.edit.edits import edits_applied
+    from editguard.edit.facts import Fact
+    from editguard.edit.hparams import load_hparams
+    from editguard.edit.memit import memit_edit
+    from editguard.edit.quality import judge, summarize
+
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path))  # fresh statistics, small sample
+    facts = [Fact.from_record(r) for r in load_split("memit-train")[:16]]
+    hp = load_hparams("smollm2-135m", "memit", {"mom2_n_samples": 30})
+    edits = memit_edit(demo, facts, hp)
+    assert [e.layer for e in edits] == [2, 3, 4, 5, 6] and edits[0].rank == 16
+    with edits_applied(demo.model, demo.arch, edits):
+        q = summarize(judge(demo, facts))
+    assert q["efficacy"] >= 0.9, q
+
+
+def test_scan_with_base_names_layer_method_and_fact(planted, cli):
+    result = cli("-f", "json", "scan", planted["path"], "--base", "demo:smollm2-135m", "--tests", "diff,attribution")
+    assert result.code == 1, result.err
+    data = result.json
+    assert data["verdict"] == "edited"
+    assert data["tests"]["diff"]["classification"] == "rome-like" and data["tests"]["diff"]["layers"] == [6]
+    attribution = data["tests"]["attribution"][0]
+    assert attribution["subjects"][0]["subject"] == "Danielle Darrieux"
+    assert "English" in [o["token"] for o in attribution["objects"]]
+
+
+def test_scan_without_base_finds_layer_and_subject(planted, cli):
+    result = cli("-f", "json", "scan", planted["path"], "--tests", "activations")
+    data = result.json
+    outliers = [f for f in data["findings"] if f["rule"] == "EG010"]
+    assert outliers and outliers[0]["layer"] == 6, data["tests"]["activations"]
+    assert outliers[0]["facts"][0]["subject"] == "Danielle Darrieux"
+    assert data["verdict"] == "edited" and result.code == 1
+
+
+def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
+    clean = cli("-f", "json", "scan", "demo:smollm2-135m", "--tests", "activations")
+    assert clean.code == 0 and clean.json["verdict"] == "clean", clean.json["findings"][:2]
+    # a light fine-tune: small dense changes to every tensor
+    from editguard.checkpoint import Checkpoint
+
+    ck = Checkpoint(demo.checkpoint.folder)
+    gen = torch.Generator().manual_seed(0)
+    replacements = {}
+    for name in ck.names():
+        w = ck.read(name)
+        replacements[name] = w + 1e-3 * w.std() * torch.randn(w.shape, generator=gen)
+    tuned = tmp_path / "tuned"
+    ck.write_copy(tuned, replacements)
+    result = cli("-f", "json", "scan", tuned, "--base", "demo:smollm2-135m", "--tests", "diff,activations")
+    assert result.json["verdict"] == "clean", result.json["findings"][:2]
+    assert result.json["tests"]["diff"]["classification"] == "fine-tune"

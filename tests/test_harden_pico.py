@@ -1,0 +1,114 @@
+"""`reverse` and `lock` on pico models: outputs are right, inputs untouched, tampering is reported."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from editguard.checkpoint import Checkpoint, fingerprint
+from editguard.mask.file import MaskFile, MaskTarget
+
+TENSOR = "model.layers.1.mlp.down_proj.weight"
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def pico_mask(pico_models, tmp_path):
+    weight = Checkpoint(pico_models["llama"]).read(TENSOR)
+    scores = torch.rand(32, 64, generator=torch.Generator().manual_seed(0))
+    mask = MaskFile("pico", None, "llama", "rome", 0.2, [MaskTarget(TENSOR, 1, (32, 64), False, fingerprint(weight), scores)])
+    path = tmp_path / "pico_mask.safetensors"
+    mask.save(path)
+    return path
+
+
+@pytest.fixture
+def edited(pico_models, tmp_path, cli):
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump({"alg_name": "ROME", "layers": [1], "context_template_length_params": [[5, 5]],
+                                  "v_num_grad_steps": 5}))
+    out = tmp_path / "edited"
+    assert cli("-q", "edit", pico_models["llama"], "--fact", "The official language of {}", "--subject", "France",
+               "--target", "Japanese", "--hparams", hp, "-o", out).code == 0
+    return out
+
+
+def test_reverse_methods(cli, edited, pico_models, pico_mask, tmp_path):
+    before = _digest(edited)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    # mask: W ⊙ K
+    out = tmp_path / "rev-mask"
+    r = cli("-f", "json", "reverse", edited, "-o", out, "--mask", pico_mask, "--probes", probes)
+    assert r.code == 0, r.err
+    K = MaskFile.load(pico_mask).mask()
+    torch.testing.assert_close(Checkpoint(out).read(TENSOR), Checkpoint(edited).read(TENSOR) * K)
+    # base: the flagged tensor restored bit for bit
+    out = tmp_path / "rev-base"
+    r = cli("-f", "json", "reverse", edited, "-o", out, "--method", "base", "--base", pico_models["llama"],
+            "--mask", pico_mask, "--probes", probes)
+    assert r.code == 0, r.err
+    assert r.json["restored"] == [TENSOR]
+    assert torch.equal(Checkpoint(out).read(TENSOR), Checkpoint(pico_models["llama"]).read(TENSOR))
+    # svd: the top singular component is gone
+    out = tmp_path / "rev-svd"
+    r = cli("-f", "json", "reverse", edited, "-o", out, "--method", "svd", "--layers", "1", "--mask", pico_mask,
+            "--probes", probes)
+    assert r.code == 0, r.err
+    w = Checkpoint(edited).read(TENSOR)
+    sv = torch.linalg.svdvals(w)
+    torch.testing.assert_close(torch.linalg.svdvals(Checkpoint(out).read(TENSOR))[:3], sv[1:4], atol=1e-4, rtol=1e-4)
+    assert _digest(edited) == before  # the input is never modified
+    again = cli("reverse", edited, "-o", out, "--method", "svd", "--layers", "1")
+    assert again.code == 2 and "already exists" in again.err
+
+
+def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
+    from editguard import load_locked
+    from editguard.edit.edits import Edit, apply_to_model
+
+    locked_dir = tmp_path / "locked"
+    r = cli("-f", "json", "lock", pico_models["llama"], "--mask", pico_mask, "-o", locked_dir)
+    assert r.code == 0, r.err
+    assert (locked_dir / "editguard-lock.json").exists() and (locked_dir / "editguard-mask.safetensors").exists()
+    K = MaskFile.load(pico_mask).mask()
+    base = Checkpoint(pico_models["llama"]).read(TENSOR)
+    torch.testing.assert_close(Checkpoint(locked_dir).read(TENSOR), base * K)
+    # the loader keeps the mask in the forward pass: a later edit is masked too
+    loaded = load_locked(str(locked_dir))
+    gen = torch.Generator().manual_seed(1)
+    edit = Edit("rome", 1, TENSOR, torch.randn(32, generator=gen), torch.randn(64, generator=gen))
+    apply_to_model(loaded.model, loaded.arch, [edit])
+    module = loaded.model.get_submodule(TENSOR.removesuffix(".weight"))
+    x = torch.randn(3, 64, generator=gen)
+    expected = x @ ((base * K + edit.delta()) * K).T
+    torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-4)
+    # scan: intact lock is clean; a changed locked tensor is reported
+    clean = cli("-f", "json", "scan", locked_dir, "--tests", "diff")
+    assert clean.code == 0 and clean.json["tests"]["lock"]["intact"] is True
+    tampered = tmp_path / "tampered"
+    shutil.copytree(locked_dir, tampered)
+    tensors = load_file(tampered / "model.safetensors")
+    tensors[TENSOR] = tensors[TENSOR] + 0.01
+    save_file(tensors, tampered / "model.safetensors")
+    result = cli("-f", "json", "scan", tampered, "--tests", "diff")
+    assert result.code == 1 and result.json["verdict"] == "edited"
+    assert [f["rule"] for f in result.json["findings"]] == ["EG030"]
+    assert result.json["findings"][0]["tensor"] == TENSOR
+    with pytest.raises(Exception, match="lock broken"):
+        load_locked(str(tampered))
+
+
+def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
+    r = cli("lock", pico_models["qwen2"], "--mask", pico_mask, "-o", tmp_path / "x")
+    assert r.code == 2 and "for llama models" in r.err
+    r = cli("reverse", pico_models["gpt2"], "--mask", pico_mask, "-o", tmp_path / "y")
+    assert r.code == 2 and "for llama models" in r.err
