@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/editguard inspect demo:smollm2-135m
+	$(BIN)/editguard demo
 
 test: $(STAMP)
 	$(BIN)/editguard -q fetch demo:smollm2-135m

@@ -4,7 +4,8 @@
 
 ROME: the first N records of the paper's train split, each edited alone (independent edits, as in an
 edit bank) and judged alone. MEMIT: the first M records of the MEMIT train split in one batch edit,
-judged together. Prints efficacy, paraphrase success and neighbourhood specificity for each, and the
+judged together; `--memit-weights 15000,5000,1500` sweeps MEMIT's λ (mom2_update_weight) on the same z
+targets (computed once). Prints efficacy, paraphrase success and neighbourhood specificity for each, and the
 unedited model's scores on the same records for reference.
 """
 
@@ -17,7 +18,7 @@ from editguard.data.counterfact import load_split
 from editguard.edit.edits import edits_applied
 from editguard.edit.facts import Fact
 from editguard.edit.hparams import load_hparams
-from editguard.edit.memit import memit_edit
+from editguard.edit.memit import memit_spread, memit_targets
 from editguard.edit.quality import edit_quality, judge, summarize
 from editguard.edit.rome import rome_edits
 from editguard.loading import load_model
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--rome", type=int, default=200)
     parser.add_argument("--memit", type=int, default=100)
+    parser.add_argument("--memit-weights", default=None, help="comma-separated λ values (default: the preset's)")
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
     rows = []
@@ -43,13 +45,19 @@ def main() -> None:
     if args.memit:
         facts = [Fact.from_record(r) for r in load_split("memit-train")[: args.memit]]
         hp = load_hparams(args.hparams, "memit")
-        start = time.time()
-        edits = memit_edit(loaded, facts, hp)
-        seconds = time.time() - start
+        weights = [float(w) for w in args.memit_weights.split(",")] if args.memit_weights else [hp.mom2_update_weight]
         rows.append(("unedited", summarize(judge(loaded, facts)), None))
-        with edits_applied(loaded.model, loaded.arch, edits):
-            rows.append((f"MEMIT, {len(facts)} in one batch (layers {hp.layers})", summarize(judge(loaded, facts)),
-                         seconds))
+        start = time.time()
+        z = memit_targets(loaded, facts, hp)
+        z_seconds = time.time() - start
+        for weight in weights:
+            hp.mom2_update_weight = weight
+            start = time.time()
+            edits = memit_spread(loaded, facts, hp, z)
+            seconds = z_seconds + time.time() - start
+            with edits_applied(loaded.model, loaded.arch, edits):
+                rows.append((f"MEMIT x{len(facts)} one batch, L{hp.layers[0]}-{hp.layers[-1]}, λ={weight:g}",
+                             summarize(judge(loaded, facts)), seconds))
     print(f"{args.model}, preset {args.hparams}")
     print(f"{'run':<44} {'n':>4} {'efficacy':>9} {'paraphrase':>10} {'neighbour':>9} {'seconds':>8}")
     for name, q, seconds in rows:

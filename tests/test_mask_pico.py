@@ -129,6 +129,14 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     info = cli("-f", "json", "inspect", pico_models["llama"]).json
     assert [m["match"] for m in info["masks"]] == ["exact"]
     assert "| test |" in (out.parent / "pico_rome.md").read_text()
+    # evaluate-mask reproduces the evaluation from the mask file and the bank, at another threshold too
+    args = _train_args(pico_models, tmp_path, out, 2)
+    model, data = args[args.index("--model") + 1], args[args.index("--data") + 1]
+    again = cli("-f", "json", "evaluate-mask", out, "--bank", out.parent / "pico_rome.bank.safetensors",
+                "--model", model, "--data", data, "--train-size", "20", "--val-size", "8", "--test-size", "8",
+                "--text-tokens", "200", "--threshold", "0.5")
+    assert again.code == 0, again.err
+    assert again.json["rsr"]["test"]["n"] == 8 and again.json["threshold"] == 0.5
 
 
 def test_killed_training_resumes(pico_models, tmp_path):

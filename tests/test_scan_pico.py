@@ -101,3 +101,17 @@ def test_scan_bad_inputs(cli, planted, pico_models, tmp_path):
     assert cli("scan", planted["rome"], "--tests", "magic").code == 2
     for result in (other, bad, missing):
         assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_attribution_names_subject_and_object(cli, planted, tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    subjects = ["France", "Germany", "Spain", "Italy", "Danielle Darrieux", "Toyota", "Apple", "Paris"]
+    probes.write_text("\n".join(json.dumps({"prompt": f"The official language of {s}", "subject": s})
+                                for s in subjects))
+    result = cli("-f", "json", "scan", planted["rome"], "--base", planted["base"], "--tests", "diff,attribution",
+                 "--probes", probes)
+    found = result.json["tests"]["attribution"][0]
+    assert found["layer"] == 1 and found["subjects"][0]["subject"] == "France", found["subjects"]
+    first = found["objects"][0]
+    assert "Japanese".startswith(first["token"]) and first["token"], found["objects"]
+    assert first["prob"] > first["prob_without"]

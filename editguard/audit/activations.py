@@ -1,11 +1,17 @@
-"""Base-free test: does one subject drive an MLP output far beyond every other subject?
+"""Base-free test: does one subject get far more out of an MLP output projection than it puts in?
 
-ROME writes v* = v₀ + δ at the edited layer for the edited subject's key, with ‖δ‖ up to 4‖v₀‖; a small
+ROME writes v* = v₀ + δ at the edited layer for the edited subject's key k*, with ‖δ‖ up to 4‖v₀‖; a small
 model's top singular value barely notices (25.9 -> 25.9 on the demo model), but the activation does.
 Probe prompts are cut after the subject's last token (nothing later can change that position) and run
-once; at every layer, the norm of the MLP output at that token is compared with the other probes by a
-robust z-score (median / MAD). The layer score is the largest z; `bench/calibrate_scan.py` measures it
-on clean and edited demo models to set the thresholds below.
+once; at every layer the projection's gain log(‖W k‖ / ‖k‖) at that token is compared with the other
+probes by a robust z-score (median / MAD). The gain, not the output norm alone: natural heavy tails of
+the output norm come with big inputs, an edit raises the output for an ordinary input. Each prompt gets a
+short prefix so no subject sits at position 0, where the attention sink's "massive activations" make
+early-layer MLP outputs 100-5000 MADs large on a clean model. The layer score is the largest z.
+
+Measured on demo:smollm2-135m (1,700 rome-test probes + the edited subjects, `bench/calibrate_scan.py`):
+clean model, largest z over all 30 layers 7.2; output norm alone: clean 12.7, edits 10-19 (unusable).
+With one ROME edit at layer 6 (preset): z at layer 6 = 9.9-23.7, every edited subject ranked first.
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ from ..loading import LoadedModel
 from .findings import Finding
 from .probes import Probe
 
-# Calibrated on demo:smollm2-135m (bench/calibrate_scan.py; numbers in the CHANGELOG and masks/README.md).
-SUSPICIOUS_Z = 12.0
-EDITED_Z = 20.0
+# From the measurements above: above every clean layer (7.2) with a margin; "edited" where all but the
+# weakest measured edits lie.
+SUSPICIOUS_Z = 8.5
+EDITED_Z = 12.0
+# Keeps subjects off position 0 (see above); neutral, and short so keys stay close to a bare prompt's.
+PROMPT_PREFIX = "Fact: "
 
 
 @dataclass
 class LayerScores:
-    z: torch.Tensor  # [layers, probes] robust z of the MLP output norm
-    norms: torch.Tensor  # [layers, probes]
+    z: torch.Tensor  # [layers, probes] robust z of the gain
+    norms: torch.Tensor  # [layers, probes] MLP output norms
+    gains: torch.Tensor  # [layers, probes] log(‖output‖ / ‖input‖) of the output projection
     keys: dict[int, torch.Tensor]  # layer -> [probes, in] MLP-output-projection inputs (for attribution)
     probes: list[Probe]
 
@@ -43,7 +53,7 @@ def subject_sequences(loaded: LoadedModel, probes: list[Probe]) -> tuple[Tokeniz
     for i, p in enumerate(probes):
         if not p.subject or p.subject not in p.prompt:
             continue
-        template = p.prompt.replace(p.subject, "{}", 1)
+        template = PROMPT_PREFIX + p.prompt.replace(p.subject, "{}", 1)
         seq, split = encode_at_subject(loaded.tokenizer, template, p.subject)
         ids.append(seq[: split + 1])
         splits.append(split)
@@ -62,13 +72,16 @@ def activation_scores(loaded: LoadedModel, probes: list[Probe], key_layers: list
                       progress: Callable[[int, int], None] | None = None) -> LayerScores:
     tokens, kept = subject_sequences(loaded, probes)
     arch = loaded.arch
-    captures = {f"out{l}": (arch.module("mlp_out", l), "out") for l in range(loaded.num_layers)}
-    for l in key_layers or []:
-        captures[f"in{l}"] = (arch.module("mlp_out", l), "in")
+    layers = range(loaded.num_layers)
+    captures = {f"out{l}": (arch.module("mlp_out", l), "out-norm") for l in layers}
+    captures |= {f"in{l}": (arch.module("mlp_out", l), "in-norm") for l in layers}
+    captures |= {f"key{l}": (arch.module("mlp_out", l), "in") for l in key_layers or []}
     got = capture_at(loaded.model, arch, tokens, captures, pad_id=loaded.tokenizer.pad_token_id)
-    norms = torch.stack([got[f"out{l}"].float().norm(dim=-1) for l in range(loaded.num_layers)]).cpu()
-    keys = {l: got[f"in{l}"].float().cpu() for l in key_layers or []}
-    return LayerScores(robust_z(norms), norms, keys, [probes[i] for i in kept])
+    norms = torch.stack([got[f"out{l}"] for l in layers]).cpu()
+    inputs = torch.stack([got[f"in{l}"] for l in layers]).cpu()
+    gains = (norms.clamp_min(1e-12) / inputs.clamp_min(1e-12)).log()
+    keys = {l: got[f"key{l}"].float().cpu() for l in key_layers or []}
+    return LayerScores(robust_z(gains), norms, gains, keys, [probes[i] for i in kept])
 
 
 def findings_from_activations(scores: LayerScores) -> list[Finding]:
@@ -82,9 +95,10 @@ def findings_from_activations(scores: LayerScores) -> list[Finding]:
         severity = "error" if z >= EDITED_Z else "warning"
         out.append(Finding(
             "EG010", severity,
-            f"layer {layer}: the MLP output for subject {probe.subject!r} is {z:.1f} robust SDs above the other "
-            f"{len(scores.probes) - 1} subjects (norm {float(scores.norms[layer, best]):.2f}, median "
-            f"{float(scores.norms[layer].median()):.2f})",
+            f"layer {layer}: the MLP output projection amplifies subject {probe.subject!r} {z:.1f} robust SDs "
+            f"more than the other {len(scores.probes) - 1} subjects (gain x{float(scores.gains[layer, best].exp()):.2f},"
+            f" median x{float(scores.gains[layer].median().exp()):.2f}; output norm "
+            f"{float(scores.norms[layer, best]):.2f})",
             score=z, threshold=SUSPICIOUS_Z if severity == "warning" else EDITED_Z, layer=layer,
             tensor=None, facts=[{"prompt": probe.prompt, "subject": probe.subject, "answer": probe.answer,
                                  "case_id": probe.case_id}]))

@@ -150,7 +150,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 stored = checkpoint.find(arch.tensor_candidates(change.name))
                 stored_base = base_ck.find(arch.tensor_candidates(change.name))
                 delta = checkpoint.read(stored).float() - base_ck.read(stored_base).float()
-                result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes)
+                result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes,
+                                   change.layer, change.name)
                 tests["attribution"].append({"layer": change.layer, "tensor": change.name, **result})
     label, severity = verdict(findings)
     return {

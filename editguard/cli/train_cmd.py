@@ -107,6 +107,7 @@ def evaluate_mask_command(
     bank: Annotated[Path, typer.Option("--bank", help="Edit bank holding edits of the val/test records.")],
     model: Annotated[str, typer.Option("--model", help="Model the mask and bank belong to.")] = "demo:smollm2-135m",
     data: Annotated[Optional[str], typer.Option("--data", help="CounterFact file (default: the paper's splits).")] = None,
+    train_size: Annotated[int, typer.Option("--train-size", min=1, help="As in training (splits a --data file).")] = 600,
     val_size: Annotated[int, typer.Option("--val-size", min=0)] = 100,
     test_size: Annotated[int, typer.Option("--test-size", min=1)] = 500,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Re-binarise the soft scores at γ.")] = None,
@@ -123,7 +124,7 @@ def evaluate_mask_command(
     ref = resolve_model(model)
     with state.out().progress("loading model"):
         loaded = load_model(ref)
-    job = TrainJob(output=mask, method=mask_file.method, train_size=1, val_size=val_size, test_size=test_size,
+    job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
                    data=data, text_tokens=text_tokens, baselines=not no_baselines)
     with ExitStack() as stack:
         result = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))

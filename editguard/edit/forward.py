@@ -280,7 +280,8 @@ def capture_at(
     chunk: int = 64,
     stop_after: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Module inputs/outputs ({name: (path, "in"|"out")}) at each sequence's split position, [N, d] each.
+    """Module inputs/outputs ({name: (path, "in"|"out")}) at each sequence's split position, [N, d] each;
+    "in-norm"/"out-norm" keep only their L2 norms, [N] (all layers of a big model would not fit otherwise).
     With `stop_after` (a module path) the forward pass is abandoned once that module has run."""
     base = model.get_submodule(arch.base)
     device = model.get_submodule(arch.embed).weight.device
@@ -295,11 +296,12 @@ def capture_at(
             module = model.get_submodule(path)
 
             def hook(m, args, kwargs, output=None, name=name, kind=kind):
-                value = output if kind == "out" else (args[0] if args else kwargs["hidden_states"])
+                value = output if kind.startswith("out") else (args[0] if args else kwargs["hidden_states"])
                 value = value[0] if isinstance(value, tuple) else value
-                seen[name] = value[torch.arange(value.shape[0]), split.to(value.device)].detach()
+                value = value[torch.arange(value.shape[0]), split.to(value.device)].detach()
+                seen[name] = value.float().norm(dim=-1) if kind.endswith("-norm") else value
 
-            if kind == "in":
+            if kind.startswith("in"):
                 handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))

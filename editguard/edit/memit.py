@@ -41,8 +41,33 @@ def memit_edit(
     progress: Callable[[str], None] | None = None,
 ) -> list[Edit]:
     """One batch edit of all `facts`: a list with one factored Edit per layer in `hp.layers`."""
-    prepare(loaded, hp)
     facts = list(facts)
+    return memit_spread(loaded, facts, hp, memit_targets(loaded, facts, hp, progress), progress)
+
+
+def memit_targets(loaded: LoadedModel, facts: list[Fact], hp: EditHparams,
+                  progress: Callable[[str], None] | None = None) -> torch.Tensor:
+    """z [n, d]: the residual at the last edited layer that makes each fact's new object win (optimised
+    per fact, batched, on the unedited model). The costly half of MEMIT; independent of λ and C."""
+    prepare(loaded, hp)
+    model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
+    templates = templates_for(loaded, hp)
+    z_layer = max(hp.layers)
+    targets = []
+    for lo in range(0, len(facts), hp.facts_per_batch):
+        plans = [plan_fact(tok, f, templates) for f in facts[lo: lo + hp.facts_per_batch]]
+        result = optimise_fast(model, arch, plans, hp, hp.layer_module_tmp.format(z_layer), z_layer,
+                               tok.pad_token_id)
+        targets.append(result.v0 + result.delta)
+        if progress:
+            progress(f"z {min(lo + hp.facts_per_batch, len(facts))}/{len(facts)}")
+    return torch.cat(targets).double()
+
+
+def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: torch.Tensor,
+                 progress: Callable[[str], None] | None = None) -> list[Edit]:
+    """Spread the residual change z − z_now over the layers, each ΔW_l = R Kᵀ (λC + K Kᵀ)⁻¹ in float64."""
+    prepare(loaded, hp)
     model, arch, tok = loaded.model, loaded.arch, loaded.tokenizer
     templates = templates_for(loaded, hp)
     groups = _template_groups(hp)
@@ -52,15 +77,6 @@ def memit_edit(
     pad = tok.pad_token_id
     moments = second_moments(loaded, layers, hp, progress=(lambda done, total: progress(
         f"second moments of layers {layers}: window {done}/{total}")) if progress else None)
-    # z: optimised per fact (batched) on the unedited model
-    targets = []
-    for lo in range(0, len(facts), hp.facts_per_batch):
-        plans = [plan_fact(tok, f, templates) for f in facts[lo: lo + hp.facts_per_batch]]
-        result = optimise_fast(model, arch, plans, hp, z_path, z_layer, pad)
-        targets.append(result.v0 + result.delta)
-        if progress:
-            progress(f"z {min(lo + hp.facts_per_batch, len(facts))}/{len(facts)}")
-    z = torch.cat(targets).double()  # [n, d]
     # key prompts: every template with the plain rewrite prompt (no target tokens)
     seqs, splits = [], []
     for fact in facts:
