@@ -2,8 +2,9 @@
 
     python bench/edit_quality.py --rome 200 --memit 100
 
-ROME: the first N records of the paper's train split, each edited alone (independent edits, as in an
-edit bank) and judged alone. MEMIT: the first M records of the MEMIT train split in one batch edit,
+ROME: the first N/10 records of each relation in the paper's train split, each edited alone (independent
+edits, as in an edit bank) and judged alone; `--bank BANK` judges the edits already in a bank (e.g. the
+committed one, which holds the first 40 per relation) instead of recomputing them. MEMIT: the first M records of the MEMIT train split in one batch edit,
 judged together; `--memit-weights 15000,5000,1500` sweeps MEMIT's λ (mom2_update_weight) on the same z
 targets (computed once). Prints efficacy, paraphrase success and neighbourhood specificity for each, and the
 unedited model's scores on the same records for reference.
@@ -15,6 +16,7 @@ import argparse
 import time
 
 from editguard.data.counterfact import load_split
+from editguard.edit.bank import EditBank
 from editguard.edit.edits import edits_applied
 from editguard.edit.facts import Fact
 from editguard.edit.hparams import load_hparams
@@ -22,6 +24,7 @@ from editguard.edit.memit import memit_spread, memit_targets
 from editguard.edit.quality import edit_quality, judge, summarize
 from editguard.edit.rome import rome_edits
 from editguard.loading import load_model
+from editguard.mask.pipeline import per_relation
 from editguard.resolve import resolve
 
 
@@ -31,15 +34,25 @@ def main() -> None:
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--rome", type=int, default=200)
     parser.add_argument("--memit", type=int, default=100)
+    parser.add_argument("--bank", default=None, help="take the ROME edits from this bank")
     parser.add_argument("--memit-weights", default=None, help="comma-separated λ values (default: the preset's)")
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
     rows = []
     if args.rome:
-        facts = [Fact.from_record(r) for r in load_split("rome-train")[: args.rome]]
+        facts = [Fact.from_record(r) for r in per_relation(load_split("rome-train"), args.rome)]
         start = time.time()
-        edits = rome_edits(loaded, facts, load_hparams(args.hparams, "rome"))
-        seconds = time.time() - start
+        if args.bank:
+            bank = EditBank.open(args.bank)
+            index = {r["case_id"]: i for i, r in enumerate(bank.meta["records"])}
+            missing = [f.case_id for f in facts if f.case_id not in index]
+            if missing:
+                raise SystemExit(f"{args.bank} lacks {len(missing)} of these records (e.g. case {missing[0]})")
+            edits = bank.edits([index[f.case_id] for f in facts])
+            seconds = None
+        else:
+            edits = rome_edits(loaded, facts, load_hparams(args.hparams, "rome"))
+            seconds = time.time() - start
         rows.append(("unedited", summarize(judge(loaded, facts)), None))
         rows.append((f"ROME x{len(facts)} (each alone)", summarize(edit_quality(loaded, edits)), seconds))
     if args.memit:

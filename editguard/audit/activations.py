@@ -9,9 +9,10 @@ the output norm come with big inputs, an edit raises the output for an ordinary 
 short prefix so no subject sits at position 0, where the attention sink's "massive activations" make
 early-layer MLP outputs 100-5000 MADs large on a clean model. The layer score is the largest z.
 
-Measured on demo:smollm2-135m (1,700 rome-test probes + the edited subjects, `bench/calibrate_scan.py`):
-clean model, largest z over all 30 layers 7.2; output norm alone: clean 12.7, edits 10-19 (unusable).
-With one ROME edit at layer 6 (preset): z at layer 6 = 9.9-23.7, every edited subject ranked first.
+Measured on demo:smollm2-135m (1,700 rome-test probes + the edited subjects; `bench/calibrate_scan.py`
+repeats it on bank edits): clean model, largest z over all 30 layers 7.2 (output norm alone: 12.7 clean,
+10-19 edited, unusable). Eight single ROME edits at layer 6 (the preset): z at layer 6 = 9.9-26.3, the
+edited subject ranked first every time, every other layer ≤ 7.6; the README's demo edit passes 12.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from ..loading import LoadedModel
 from .findings import Finding
 from .probes import Probe
 
-# From the measurements above: above every clean layer (7.2) with a margin; "edited" where all but the
-# weakest measured edits lie.
+# From the measurements above: above every clean or unedited layer (≤ 7.6) with a margin; "edited" where
+# seven of the eight measured edits lie.
 SUSPICIOUS_Z = 8.5
 EDITED_Z = 12.0
 # Keeps subjects off position 0 (see above); neutral, and short so keys stay close to a bare prompt's.
