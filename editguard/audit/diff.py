@@ -133,18 +133,16 @@ def classify(result: DiffResult, total: int) -> None:
 
 def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> list[Finding]:
     out: list[Finding] = []
-    if result.classification == "rome-like":
-        for c in result.changed:
-            out.append(Finding("EG001", "error", f"rank-{c.effective_rank} change in {c.name} (layer {c.layer}): "
-                               f"‖ΔW‖ = {c.norm:.3g}, {c.relative:.2%} of the weight — a ROME-style edit",
-                               score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
-                               details={"singular_values": c.singular_values}))
-    elif result.classification == "memit-like":
+    if result.classification in ("rome-like", "memit-like"):
         layers = ", ".join(map(str, result.layers))
         for c in result.changed:
-            out.append(Finding("EG002", "error", f"low-rank change in {c.name} (layer {c.layer}; edited layers {layers}): "
-                               f"‖ΔW‖ = {c.norm:.3g}, effective rank {c.effective_rank} — a MEMIT-style batch edit",
-                               score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
+            if result.classification == "rome-like":
+                rule, what = "EG001", (f"rank-{c.effective_rank} change in {c.name} (layer {c.layer}): ‖ΔW‖ = "
+                                       f"{c.norm:.3g}, {c.relative:.2%} of the weight — a ROME-style edit")
+            else:
+                rule, what = "EG002", (f"low-rank change in {c.name} (layer {c.layer}; edited layers {layers}): ‖ΔW‖ = "
+                                       f"{c.norm:.3g}, effective rank {c.effective_rank} — a MEMIT-style batch edit")
+            out.append(Finding(rule, "error", what, score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
     elif result.classification == "fine-tune":
         out.append(Finding("EG003", "note", f"{len(result.changed)} of {result.compared} tensors changed: a fine-tune, "
