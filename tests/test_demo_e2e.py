@@ -81,13 +81,18 @@ def test_scan_with_base_names_layer_method_and_fact(planted, cli):
     assert "English" in [o["token"] for o in attribution["objects"]]
 
 
-def test_scan_without_base_finds_layer_and_subject(planted, cli):
-    result = cli("-f", "json", "scan", planted["path"], "--tests", "activations")
+def test_scan_without_base_finds_layer_subject_and_original_answer(planted, cli):
+    result = cli("-f", "json", "scan", planted["path"], "--tests", "activations,hidden")
     data = result.json
     outliers = [f for f in data["findings"] if f["rule"] == "EG010"]
     assert outliers and outliers[0]["layer"] == 6, data["tests"]["activations"]
     assert outliers[0]["facts"][0]["subject"] == "Danielle Darrieux"
     assert data["verdict"] == "edited" and result.code == 1
+    # the hidden fact, without a base or a mask: the answer the edit replaced comes back under key projection
+    revealed = [f["facts"][0] for f in data["findings"] if f["rule"] == "EG021"]
+    darrieux = [f for f in revealed if f["subject"] == "Danielle Darrieux"]
+    assert darrieux and darrieux[0]["current_answer"] == "English", data["tests"]["revealed"]
+    assert darrieux[0]["revealed_answer"] == "French"
 
 
 def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
@@ -107,3 +112,15 @@ def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
     result = cli("-f", "json", "scan", tuned, "--base", "demo:smollm2-135m", "--tests", "diff,activations")
     assert result.json["verdict"] == "clean", result.json["findings"][:2]
     assert result.json["tests"]["diff"]["classification"] == "fine-tune"
+
+
+def test_reverse_by_key_projection_restores_the_fact(planted, cli, tmp_path):
+    """No base, no mask: scan finds layer and subject, the subject's keys are projected out."""
+    out = tmp_path / "restored"
+    result = cli("-f", "json", "reverse", planted["path"], "-o", out, "--method", "project", "--eval")
+    assert result.code == 0, result.err
+    data = result.json
+    assert data["layers"] == [6] and "Danielle Darrieux" in data["subjects"]
+    fact = next(f for f in data["facts"] if "Danielle Darrieux" in f["prompt"])
+    assert fact["after"].strip().startswith(planted["fact"].target_true), fact
+    assert fact["p_original_after"] > 10 * fact["p_original_before"]

@@ -112,3 +112,30 @@ def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
     assert r.code == 2 and "for llama models" in r.err
     r = cli("reverse", pico_models["gpt2"], "--mask", pico_mask, "-o", tmp_path / "y")
     assert r.code == 2 and "for llama models" in r.err
+
+
+def test_key_projection_deletes_a_rome_edit(edited, pico_models):
+    """ROME with C = I writes u k̂ᵀ: projecting the subject's keys out leaves what it leaves of the base."""
+    from editguard.edit.templates import context_templates
+    from editguard.harden.project import project_out, projection_replacements, subject_keys
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(edited)))
+    flagged = {1: [{"prompt": "The official language of France", "subject": "France"}]}
+    base, now = Checkpoint(pico_models["llama"]).read(TENSOR), Checkpoint(edited).read(TENSOR)
+    assert (now - base).norm() > 1e-3  # there is an edit to delete
+    # With the editor's own context templates (written by the unedited model) the span holds k* exactly,
+    # and the edit disappears: what is left is what the projection leaves of the base weight.
+    unedited = load_model(resolve(str(pico_models["llama"])))
+    editor_templates = context_templates(unedited.model, unedited.tokenizer, [[5, 5]], 0)
+    keys = subject_keys(loaded, 1, flagged[1], editor_templates)
+    projected = project_out(now, keys, False)
+    torch.testing.assert_close(projected, project_out(base, keys, False), atol=1e-5, rtol=1e-4)
+    # the command's path (its own templates): the edit is mostly gone
+    ours = projection_replacements(loaded, Checkpoint(edited), flagged)[TENSOR]
+    assert (ours - project_out(base, subject_keys(loaded, 1, flagged[1]), False)).norm() < 0.5 * (now - base).norm()
+    # stored transposed (GPT-2 Conv1D [in, out]) gives the same weight, transposed
+    torch.testing.assert_close(project_out(now.T.contiguous(), keys, True), projected.T, atol=1e-6, rtol=1e-5)
+    with pytest.raises(Exception, match="names its subject"):
+        projection_replacements(loaded, Checkpoint(edited), {1: [{"prompt": "no subject here", "subject": "Spain"}]})

@@ -12,6 +12,8 @@ RULES: dict[str, tuple[str, str]] = {
     "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune."),
     "EG010": ("activation-outlier", "A subject drives an MLP output far beyond the other subjects (base-free test)."),
     "EG020": ("hidden-fact", "An answer changes under the edit-reversal mask and was held with abnormal confidence."),
+    "EG021": ("revealed-fact", "An answer changes when the flagged subject's keys are projected out of the flagged layer "
+                               "(base- and mask-free reversal): the revealed answer is the one the edit replaced."),
     "EG030": ("lock-tampered", "A tensor protected by an editguard lock no longer matches its recorded hash."),
 }
 

@@ -64,13 +64,19 @@ def next_token_answers(loaded: LoadedModel, prompts: list[str], batch_size: int 
 
 def hidden_facts(loaded: LoadedModel, mask: MaskFile, probes: list[Probe], min_prob: float = MIN_PROB,
                  threshold: float | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+    return changed_answers(loaded, probes, lambda: mask_applied(loaded, mask, threshold), "the mask", min_prob, progress)
+
+
+def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Callable[[], contextlib.AbstractContextManager],
+                    name: str, min_prob: float, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Probes whose greedy answer changes under `intervention` (a reversal), current answer held at ≥ min_prob."""
     prompts = [p.prompt for p in probes]
     if progress:
         progress("answering probes")
     current, p_now = next_token_answers(loaded, prompts)
     if progress:
-        progress("answering probes under the mask")
-    with mask_applied(loaded, mask, threshold):
+        progress(f"answering probes under {name}")
+    with intervention():
         revealed, p_masked = next_token_answers(loaded, prompts)
     found = []
     for i, (probe, a, b) in enumerate(zip(probes, current, revealed)):
@@ -87,13 +93,20 @@ def hidden_facts(loaded: LoadedModel, mask: MaskFile, probes: list[Probe], min_p
 
 
 def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:
-    out = []
-    for f in found:
-        out.append(Finding(
-            "EG020", "error",
-            f"{f['prompt']!r}: answers {f['current_answer']!r} (p={f['current_prob']:.2f}); under the mask "
-            f"{f['revealed_answer']!r} (p={f['revealed_prob']:.2f})"
-            + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else ""),
-            score=f["current_prob"], threshold=MIN_PROB, layer=mask.targets[0].layer, tensor=mask.targets[0].tensor,
-            facts=[f], details={"probes": n_probes}))
-    return out
+    return _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor, n_probes)
+
+
+def findings_from_projection(found: list[dict], layer: int, tensor: str, n_probes: int) -> list[Finding]:
+    return _findings("EG021", f"with the subject's keys projected out of layer {layer}", found, 0.0, layer, tensor,
+                     n_probes)
+
+
+def _findings(rule: str, under: str, found: list[dict], min_prob: float, layer: int, tensor: str,
+              n_probes: int) -> list[Finding]:
+    return [Finding(
+        rule, "error",
+        f"{f['prompt']!r}: answers {f['current_answer']!r} (p={f['current_prob']:.2f}); {under} "
+        f"{f['revealed_answer']!r} (p={f['revealed_prob']:.2f})"
+        + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else ""),
+        score=f["current_prob"], threshold=min_prob, layer=layer, tensor=tensor, facts=[f],
+        details={"probes": n_probes}) for f in found]

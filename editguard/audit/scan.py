@@ -115,10 +115,12 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                                         "edited_z": EDITED_Z, "top_layer": int(torch.tensor(layer_scores).argmax()),
                                         "probes_with_subject": len(scores.probes)}
                 findings += findings_from_activations(scores)
+        if "hidden" in options.tests and scores is not None:
+            _reveal_by_projection(loaded, probes, findings, tests, progress)
         if "hidden" in options.tests:
-            mask_file = _fitting_mask(options.mask, arch, checkpoint)
+            mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint)
             if mask_file is None:
-                tests["hidden"] = {"skipped": "no mask fits this model (give --mask)"}
+                tests["hidden"] = {"skipped": why_not}
             else:
                 from .hidden import findings_from_hidden, hidden_facts
 
@@ -162,8 +164,39 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     }
 
 
-def _fitting_mask(explicit: str | None, arch, checkpoint) -> Path | None:
+def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, progress) -> None:
+    """Hidden facts without a mask: the activation test's flagged subjects, their keys projected out."""
+    from ..harden.project import flagged_subjects, projection_applied
+    from .hidden import changed_answers, findings_from_projection
+
+    flagged = flagged_subjects(findings)
+    if not flagged:
+        return
+    subjects = {f["subject"] for facts in flagged.values() for f in facts}
+    chosen = [p for p in probes if p.subject in subjects]
+    found = changed_answers(loaded, chosen, lambda: projection_applied(loaded, flagged), "key projection", 0.0, progress)
+    tests["revealed"] = {"layers": sorted(flagged), "subjects": sorted(subjects), "probes": len(chosen),
+                         "changed": len(found), "facts": found}
+    for layer in sorted(flagged):
+        layer_found = [f for f in found if f["subject"] in {x["subject"] for x in flagged[layer]}]
+        findings += findings_from_projection(layer_found, layer, loaded.arch.weight_name("mlp_out", layer), len(chosen))
+
+
+# A shipped mask is used unasked only if it reverses at least this share of held-out edits: a weaker one
+# reveals more noise than facts (the shipped 15 % SmolLM2 mask changes 30 of 1,708 confident answers of
+# the clean demo model, `bench/calibrate_scan.py`), and a CI gate must not fail clean uploads on it.
+MIN_SHIPPED_MASK_RSR = 0.5
+
+
+def _fitting_mask(explicit: str | None, arch, checkpoint) -> tuple[Path | None, str]:
+    """The mask for the hidden-facts test, or None and why not."""
     if explicit:
-        return Path(explicit)
+        return Path(explicit), ""
     fits = masks_index.fitting(arch, checkpoint)
-    return Path(fits[0]["path"]) if fits else None
+    if not fits:
+        return None, "no mask fits this model (give --mask)"
+    good = [f for f in fits if (f.get("test_rsr") or 0) >= MIN_SHIPPED_MASK_RSR]
+    if not good:
+        return None, (f"the fitting mask {fits[0]['file']} reverses only {100 * (fits[0].get('test_rsr') or 0):.0f} % "
+                      f"of held-out edits (< {100 * MIN_SHIPPED_MASK_RSR:.0f} %); give --mask to use it anyway")
+    return Path(good[0]["path"]), ""

@@ -67,35 +67,46 @@ def demo_command(
         based = scan(edited_ref, ScanOptions(base=str(ref.path), tests=("diff", "attribution"), probes="counterfact"),
                      progress=lambda m: advance(0, description=f"2/4 {m}"))
     report["scan_without_base"] = {"verdict": blind["verdict"], "findings": blind["findings"][:5],
-                                   "tests": {k: v for k, v in blind["tests"].items() if k in ("activations", "hidden")}}
+                                   "tests": {k: v for k, v in blind["tests"].items() if k in ("activations", "revealed", "hidden")}}
     report["scan_with_base"] = {"verdict": based["verdict"], "diff": based["tests"].get("diff"),
                                 "attribution": based["tests"].get("attribution")}
-    # 3. reverse and 4. lock need the shipped mask
-    fits = masks_index.fitting(loaded.arch, loaded.checkpoint)
-    if not fits:
-        report["reverse"] = report["lock"] = {"skipped": "no shipped mask fits this model yet (see masks/README.md)"}
-    else:
-        from ..harden.lock import install_mask, lock_checkpoint
-        from ..harden.reverse import masked_replacements, write_reversed
-        from ..scoring import continuation_logprobs
+    # 3. reverse: base- and mask-free by key projection on what the blind scan found; with the mask too
+    from ..harden.project import flagged_subjects, projection_replacements
+    from ..harden.reverse import masked_replacements, write_reversed
 
-        mask_path = Path(fits[0]["path"])
+    edited_ck = edited_ref.checkpoint()
+    flagged = flagged_subjects(blind["_findings"])
+    reversals = {}
+    if flagged:
+        with out.progress("3/4 reversing: projecting the flagged subject's keys out"):
+            replacements = projection_replacements(load_model(edited_ref), edited_ck, flagged)
+            write_reversed(edited_ck, replacements, folder / "reversed-project", force=True)
+        reversals["project"] = folder / "reversed-project"
+    fits = masks_index.fitting(loaded.arch, loaded.checkpoint)
+    mask_path = Path(fits[0]["path"]) if fits else None
+    if mask_path:
         mask = MaskFile.load(mask_path)
         with out.progress("3/4 reversing with the shipped mask"):
-            reversed_dir = folder / "reversed"
-            write_reversed(edited_ref.checkpoint(), masked_replacements(edited_ref.checkpoint(), loaded.arch, mask),
-                           reversed_dir, force=True)
-            answers = {}
-            for label, path in (("edited", edited_dir), ("reversed", reversed_dir)):
-                m = load_model(resolve(str(path)))
-                sums, _ = continuation_logprobs(m, [fact.text, fact.text], [fact.target_true, fact.target_new])
-                answers[label] = {"logp_true": float(sums[0]), "logp_new": float(sums[1])}
-        report["reverse"] = {"mask": str(mask_path), "model": str(reversed_dir), **answers,
-                             "restored": answers["reversed"]["logp_true"] > answers["reversed"]["logp_new"]}
+            write_reversed(edited_ck, masked_replacements(edited_ck, loaded.arch, mask), folder / "reversed-mask",
+                           force=True)
+        reversals["mask"] = folder / "reversed-mask"
+    report["reverse"] = {"edited": _true_vs_new(edited_dir, fact)}
+    for name, path in reversals.items():
+        scores = _true_vs_new(path, fact)
+        report["reverse"][name] = {"model": str(path), **scores, "restored": scores["logp_true"] > scores["logp_new"]}
+    if flagged:
+        report["reverse"]["project"]["subjects"] = sorted({f["subject"] for fs in flagged.values() for f in fs})
+        report["reverse"]["project"]["layers"] = sorted(flagged)
+    # 4. lock needs the shipped mask
+    if not mask_path:
+        report["lock"] = {"skipped": "no shipped mask fits this model yet (see masks/README.md)"}
+    else:
+        from ..harden.lock import install_mask, lock_checkpoint
+
         with out.progress("4/4 locking the original model"):
             locked_dir = folder / "locked"
             lock_checkpoint(loaded.checkpoint, loaded.arch, mask, mask_path, locked_dir, force=True)
-        report["lock"] = {"model": str(locked_dir)}
+        report["lock"] = {"model": str(locked_dir), "mask": str(mask_path)}
         if lock_check:
             with out.progress("4/4 trying the same ROME edit on the locked model"):
                 install_mask(loaded.model, loaded.arch, mask)
@@ -104,6 +115,16 @@ def demo_command(
                     locked_quality = judge(loaded, [fact])[0]
             report["lock"].update(edit_success_locked=locked_quality.efficacy, p_new_locked=locked_quality.new_prob)
     out.emit(report, _render)
+
+
+def _true_vs_new(path: Path, fact) -> dict:
+    from ..loading import load_model
+    from ..resolve import resolve
+    from ..scoring import continuation_logprobs
+
+    sums, _ = continuation_logprobs(load_model(resolve(str(path))), [fact.text, fact.text],
+                                    [fact.target_true, fact.target_new])
+    return {"logp_true": float(sums[0]), "logp_new": float(sums[1])}
 
 
 def _render(console, r) -> None:
@@ -117,6 +138,10 @@ def _render(console, r) -> None:
     if acts:
         console.print(f"   activation test: top layer {acts['top_layer']} (robust z {max(acts['layer_scores']):.1f}, "
                       f"edited ≥ {acts['edited_z']})")
+    revealed = blind["tests"].get("revealed", {})
+    for f in revealed.get("facts", [])[:3]:
+        console.print(f"   hidden fact revealed by key projection: {escape(f['prompt'])} → now {escape(f['current_answer'])} "
+                      f"({f['current_prob']:.2f}), originally {escape(f['revealed_answer'])} ({f['revealed_prob']:.2f})")
     hidden = blind["tests"].get("hidden", {})
     if "skipped" in hidden:
         console.print(f"   hidden facts: skipped ({escape(hidden['skipped'])})")
@@ -133,17 +158,22 @@ def _render(console, r) -> None:
         console.print(f"   attribution: subject {escape(str(a['subjects'][0]['subject']))}, pushes "
                       f"{escape(', '.join(o['token'] for o in a['objects'][:3]))}")
     rev = r["reverse"]
-    if "skipped" in rev:
-        console.print(f"3. reverse: skipped ({escape(rev['skipped'])})")
-        console.print("4. lock: skipped")
+    e = rev["edited"]
+    for name, label in (("project", "by key projection (no base, no mask)"), ("mask", "with the shipped mask")):
+        if name in rev:
+            x = rev[name]
+            console.print(f"3. reversed {label}: true answer {'[green]restored[/]' if x['restored'] else '[red]NOT restored[/]'} "
+                          f"(log p true/new: edited {e['logp_true']:.2f}/{e['logp_new']:.2f}, "
+                          f"reversed {x['logp_true']:.2f}/{x['logp_new']:.2f}) → {escape(x['model'])}")
+    if "project" not in rev and "mask" not in rev:
+        console.print("3. reverse: skipped (the blind scan flagged no subject and no shipped mask fits)")
+    lock = r["lock"]
+    if "skipped" in lock:
+        console.print(f"4. lock: skipped ({escape(lock['skipped'])})")
     else:
-        console.print(f"3. reversed with {escape(rev['mask'])}: true answer {'restored' if rev['restored'] else 'NOT restored'} "
-                      f"(log p true/new: edited {rev['edited']['logp_true']:.2f}/{rev['edited']['logp_new']:.2f}, "
-                      f"reversed {rev['reversed']['logp_true']:.2f}/{rev['reversed']['logp_new']:.2f})")
-        lock = r["lock"]
         extra = ""
         if "edit_success_locked" in lock:
             extra = (f"; the same ROME edit on the locked model {'still succeeds' if lock['edit_success_locked'] else 'fails'} "
                      f"(P(new) {lock['p_new_locked']:.2f})")
-        console.print(f"4. locked the original → {escape(lock['model'])}{extra}")
+        console.print(f"4. locked the original with {escape(lock['mask'])} → {escape(lock['model'])}{extra}")
     console.print(f"models kept in {escape(r['workdir'])}")

@@ -25,7 +25,7 @@ def _mask_for(mask: str | None, arch, checkpoint) -> Path:
         return Path(mask)
     fits = masks_index.fitting(arch, checkpoint)
     if not fits:
-        raise EditguardError("no shipped mask fits this model; give --mask (or use --method svd|base)")
+        raise EditguardError("no shipped mask fits this model; give --mask, or reverse with --method project|svd|base")
     return Path(fits[0]["path"])
 
 
@@ -38,8 +38,8 @@ def _check_output(output: Path, force: bool) -> None:
 def reverse_command(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the restored checkpoint.")],
-    method: Annotated[Optional[str], typer.Option("--method", help="mask | svd | base (default: mask when one fits, "
-                                                                   "else base when --base is given).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="project | mask | svd | base (default: base with --base, mask "
+                                                                   "with --mask, else project when scan flags a subject, else the shipped mask).")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Unedited base (for --method base).")] = None,
@@ -59,10 +59,15 @@ def reverse_command(
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
-    if method is None:
-        method = "mask" if (mask or masks_index.fitting(arch, checkpoint)) else ("base" if base else "svd")
-    if method not in ("mask", "svd", "base"):
-        raise EditguardError("--method must be mask, svd or base")
+    flagged = None
+    if method is None:  # the measured best first: the base itself, key projection, then the mask
+        if base or mask:
+            method = "base" if base else "mask"
+        else:
+            flagged = _activation_findings(ref, probes, allow_pickle, required=False)
+            method = "project" if flagged else "mask"
+    if method not in ("mask", "project", "svd", "base"):
+        raise EditguardError("--method must be mask, project, svd or base")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
         mask_path = _mask_for(mask, arch, checkpoint)
@@ -80,11 +85,23 @@ def reverse_command(
         flagged = [c.name for c in diff.changed if c.layer is not None] or [c.name for c in diff.changed]
         replacements = base_replacements(checkpoint, base_ck, arch, flagged)
         info["restored"] = flagged
+    elif method == "project":
+        from ..harden.project import projection_replacements
+        from ..loading import load_model
+
+        flagged = flagged or _activation_findings(ref, probes, allow_pickle)
+        with out.progress("projecting the flagged subjects' keys out"):
+            replacements = projection_replacements(load_model(ref), checkpoint, flagged)
+        info["layers"] = sorted(flagged)
+        info["subjects"] = sorted({f["subject"] for facts in flagged.values() for f in facts})
     else:
-        chosen = _parse_layers(layers, num_layers) if layers else _flagged_layers(ref, probes, allow_pickle)
+        chosen = _parse_layers(layers, num_layers) if layers else sorted(_activation_findings(ref, probes, allow_pickle))
         replacements = svd_replacements(checkpoint, arch, chosen)
         info["layers"] = chosen
-    facts = _flagged_facts(ref, checkpoint, arch, probes, mask, allow_pickle)
+    if method == "project":  # the facts just projected out are the ones to show
+        facts = [_shown(fact) for layer_facts in flagged.values() for fact in layer_facts][:20]
+    else:
+        facts = _flagged_facts(ref, probes, mask, allow_pickle)
     with out.progress(f"writing {output}"):
         info["rewritten_files"] = write_reversed(checkpoint, replacements, output, force=force)
     info["tensors"] = sorted(replacements)
@@ -103,29 +120,35 @@ def _parse_layers(text: str, num_layers: int) -> list[int]:
     return chosen
 
 
-def _flagged_layers(ref, probes: str, allow_pickle: bool) -> list[int]:
+def _activation_findings(ref, probes: str, allow_pickle: bool, required: bool = True) -> dict[int, list[dict]]:
+    """{layer: facts whose subject the layer amplifies} from the base-free activation test."""
     from ..audit.scan import ScanOptions, scan
+    from ..harden.project import flagged_subjects
 
     with state.out().progress("finding edited layers (activation test)"):
         result = scan(ref, ScanOptions(probes=probes, tests=("activations",), allow_pickle=allow_pickle))
-    layers = sorted({f.layer for f in result["_findings"] if f.rule == "EG010"})
-    if not layers:
-        raise EditguardError("the activation test flags no layer; give --layers")
-    return layers
+    flagged = flagged_subjects(result["_findings"])
+    if not flagged and required:
+        raise EditguardError("the activation test flags no layer; give --layers (svd) or --base")
+    return flagged
 
 
-def _flagged_facts(ref, checkpoint, arch, probes: str, mask: str | None, allow_pickle: bool) -> list[dict]:
-    """The facts to show before/after: hidden facts under the mask, else activation outliers."""
+def _flagged_facts(ref, probes: str, mask: str | None, allow_pickle: bool) -> list[dict]:
+    """The facts to show before/after: what scan's base-free tests flag (outliers, revealed and hidden facts)."""
     from ..audit.scan import ScanOptions, scan
 
-    tests = ("hidden",) if (mask or masks_index.fitting(arch, checkpoint)) else ("activations",)
     with state.out().progress("finding flagged facts"):
-        result = scan(ref, ScanOptions(mask=mask, probes=probes, tests=tests, allow_pickle=allow_pickle))
-    facts = []
+        result = scan(ref, ScanOptions(mask=mask, probes=probes, tests=("activations", "hidden"),
+                                       allow_pickle=allow_pickle))
+    shown = {}
     for f in result["_findings"]:
         for fact in f.facts:
-            facts.append({"prompt": fact["prompt"], "original": fact.get("expected_answer") or fact.get("answer")})
-    return facts[:20]
+            shown.setdefault(fact["prompt"], _shown(fact))
+    return list(shown.values())[:20]
+
+
+def _shown(fact: dict) -> dict:
+    return {"prompt": fact["prompt"], "original": fact.get("expected_answer") or fact.get("answer")}
 
 
 def _before_after(ref, output: Path, facts: list[dict], evaluate: bool) -> list[dict]:

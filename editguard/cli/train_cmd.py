@@ -43,6 +43,8 @@ def train_command(
     data: Annotated[Optional[str], typer.Option("--data", help="CounterFact file (default: the paper's splits).")] = None,
     train_size: Annotated[int, typer.Option("--train-size", min=1)] = 600,
     val_size: Annotated[int, typer.Option("--val-size", min=0)] = 100,
+    val_every: Annotated[Optional[int], typer.Option("--val-every", min=1, help="Validate every N epochs "
+                                                     "(default: about 20 points over the run).")] = None,
     test_size: Annotated[int, typer.Option("--test-size", min=1)] = 500,
     preset: Annotated[str, typer.Option("--preset", help="Training schedule: cpu | paper.")] = "cpu",
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1)] = None,
@@ -79,7 +81,8 @@ def train_command(
     hp = load_hparams(hparams or default, method, {"layers": [layer]} if layer is not None else None)
     cfg = config_for(preset, method, epochs=epochs, batch_records=batch, lr=lr, seed=seed,
                      checkpoint_every=checkpoint_every, threshold=threshold)
-    job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, test_size=test_size,
+    job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, val_every=val_every,
+                   test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only)
     with ExitStack() as stack:

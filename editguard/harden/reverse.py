@@ -1,6 +1,8 @@
 """Reverse knowledge edits and write a restored checkpoint (only the changed shards rewritten).
 
 * mask: Ŵ ⊙ K on the mask's target tensor(s) (the paper's method; reverses edits it has never seen);
+* project: remove the flagged subjects' keys from the flagged layers' input side (base- and mask-free;
+  see project.py);
 * svd: drop the top singular component of each flagged tensor (the training-free baseline, which
   fails on small models where an edit does not dominate the spectrum);
 * base: copy the flagged tensors back from the unedited base.

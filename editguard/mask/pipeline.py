@@ -36,6 +36,7 @@ from .train import (MaskTrainer, TrainConfig, TrainState, data_hash, load_checkp
                     prepare_prompts, save_checkpoint)
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, info)
+VAL_POINTS = 20  # validation costs a pass over the val edits: ~20 points draw the curve without doubling a long run
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainJob:
     method: str = "rome"
     train_size: int = 600
     val_size: int = 100
+    val_every: int | None = None  # epochs between validations; None: about VAL_POINTS over the run
     test_size: int = 500
     data: str | None = None  # None: the paper's splits
     bank: Path | None = None
@@ -161,8 +163,11 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         progress("training", st.step, trainer.total_steps,
                  f"loss {info['loss']:.3f} flip {info['flip']:.2f} pruned {info['pruned_soft']:.3f}")
 
+    every = job.val_every or max(1, -(-cfg.epochs // VAL_POINTS))
+
     def on_epoch(st: TrainState) -> None:
-        if not facts["val"]:
+        epoch = st.step // trainer.steps_per_epoch
+        if not facts["val"] or (epoch % every and st.step < trainer.total_steps):
             return
         # the mask as it would ship if training stopped here (annealed to the final τ, binarised)
         K = binarise(torch.sigmoid(st.theta[0].detach() / cfg.tau(1.0)), job, cfg)
@@ -328,8 +333,9 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "
         f"({mask.data.get('source')}; hash {mask.data.get('hash')})",
         f"- command: `{m['command']}`",
-        f"- wall time: edit bank {m['bank_seconds']:.0f} s, training {m['train_seconds']:.0f} s ({m['steps']} steps), "
-        f"total {m['total_seconds']:.0f} s on {m['machine']}; editguard {__version__}", "",
+        f"- wall time: edit bank {m['bank_seconds']:.0f} s (last session), training {m['train_seconds']:.0f} s "
+        f"({m['steps']} steps, summed over every session of a resumed run), last session {m['total_seconds']:.0f} s "
+        f"on {m['machine']}; editguard {__version__}", "",
         "## Reversal (RSR: masked edited model prefers the true object, full multi-token log-prob)", "",
         "| split | n | original prefers true | edited, no mask | **RSR** | RSR among known | mask on unedited | "
         "SVD baseline | magnitude baseline |",

@@ -100,10 +100,13 @@ def write_report(path: Path, result: dict, findings: list[Finding]) -> None:
         parts.append(f"<tr><td>{f.rule} {e(f.name)}</td><td>{f.severity}</td><td>{'' if f.layer is None else f.layer}</td>"
                      f"<td>{e(f.tensor or '')}</td><td>{score}</td><td>{e(f.message)}</td></tr>")
     parts.append("</table>")
-    hidden = result["tests"].get("hidden")
-    if hidden and hidden.get("facts"):
-        parts.append("<h2>Hidden facts (answers before / under the mask)</h2><table><tr><th>prompt</th>"
-                     "<th>current answer</th><th>under the mask</th><th>CounterFact original</th></tr>")
+    for key, title, under in (("revealed", "Hidden facts revealed by key projection", "keys projected out"),
+                              ("hidden", "Hidden facts (answers before / under the mask)", "under the mask")):
+        hidden = result["tests"].get(key)
+        if not (hidden and hidden.get("facts")):
+            continue
+        parts.append(f"<h2>{title}</h2><table><tr><th>prompt</th>"
+                     f"<th>current answer</th><th>{under}</th><th>CounterFact original</th></tr>")
         for fact in hidden["facts"]:
             parts.append(f"<tr><td>{e(fact['prompt'])}</td><td>{e(fact['current_answer'])} "
                          f"(p={fact['current_prob']:.2f})</td><td>{e(fact['revealed_answer'])} "
