@@ -82,9 +82,9 @@ def reverse_command(
         base_ck = resolve_model(base, None, allow_pickle).checkpoint(allow_pickle=allow_pickle)
         with out.progress("diffing against the base"):
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
-        flagged = [c.name for c in diff.changed if c.layer is not None] or [c.name for c in diff.changed]
-        replacements = base_replacements(checkpoint, base_ck, arch, flagged)
-        info["restored"] = flagged
+        restored = [c.name for c in diff.changed if c.layer is not None] or [c.name for c in diff.changed]
+        replacements = base_replacements(checkpoint, base_ck, arch, restored)
+        info["restored"] = restored
     elif method == "project":
         from ..harden.project import projection_replacements
         from ..loading import load_model
