@@ -22,11 +22,11 @@ from editguard.data.counterfact import load_split
 from editguard.edit.bank import EditBank
 from editguard.edit.facts import Fact
 from editguard.edit.templates import context_templates
-from editguard.harden.project import KEY_TEMPLATES, subject_keys
+from editguard.harden.project import KEY_TEMPLATES, key_basis, subject_keys
 from editguard.loading import load_model
 from editguard.mask.evaluate import preference, svd_reversal_factors
 from editguard.mask.file import MaskFile
-from editguard.mask.pipeline import per_relation
+from editguard.mask.pipeline import edits_by_case, per_relation
 from editguard.resolve import resolve
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
     bank = EditBank.open(args.bank)
-    index = {r["case_id"]: i for i, r in enumerate(bank.meta["records"])}
+    index = edits_by_case(bank)
     facts = [Fact.from_record(r) for r in per_relation(load_split(args.split), 10 * args.n) if r.case_id in index][: args.n]
     if not facts:
         raise SystemExit(f"the bank holds no edit of the {args.split} split")
@@ -65,7 +65,7 @@ def main() -> None:
     bases = []
     for f in facts:
         keys = subject_keys(loaded, layer, [{"prompt": f.text, "subject": f.subject}], templates)
-        bases.append(torch.linalg.qr(keys.T.double()).Q.float())
+        bases.append(key_basis(keys))
     bases = torch.stack(bases)
     key_seconds = time.perf_counter() - started
 

@@ -178,7 +178,8 @@ def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, pro
     tests["revealed"] = {"layers": sorted(flagged), "subjects": sorted(subjects), "probes": len(chosen),
                          "changed": len(found), "facts": found}
     for layer in sorted(flagged):
-        layer_found = [f for f in found if f["subject"] in {x["subject"] for x in flagged[layer]}]
+        layer_subjects = {x["subject"] for x in flagged[layer]}
+        layer_found = [f for f in found if f["subject"] in layer_subjects]
         findings += findings_from_projection(layer_found, layer, loaded.arch.weight_name("mlp_out", layer), len(chosen))
 
 

@@ -63,10 +63,15 @@ def subject_keys(loaded: LoadedModel, layer: int, facts: list[dict], templates: 
     return got["k"].float().cpu()
 
 
+def key_basis(keys: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis Q [in, r] of the span of keys [r, in]."""
+    return torch.linalg.qr(keys.T.double()).Q.float()
+
+
 def project_out(weight: torch.Tensor, keys: torch.Tensor, transposed: bool) -> torch.Tensor:
     """Ŵ (I − Q Qᵀ) for the orthonormal basis Q of the keys' span (weight in its stored layout)."""
     w = weight.float().T if transposed else weight.float()
-    q = torch.linalg.qr(keys.T.double()).Q.float()  # [in, r]
+    q = key_basis(keys)
     projected = w - (w @ q) @ q.T
     return (projected.T if transposed else projected).contiguous().to(weight.dtype)
 

@@ -103,7 +103,7 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
     return train, val, test
 
 
-def _edits_by_case(bank: EditBank) -> dict[int, int]:
+def edits_by_case(bank: EditBank) -> dict[int, int]:
     return {r["case_id"]: i for i, r in enumerate(bank.meta["records"])}
 
 
@@ -137,7 +137,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     bank_seconds = time.time() - started
     if job.bank_only:
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
-    index = _edits_by_case(bank)
+    index = edits_by_case(bank)
     edits = {split: bank.edits([index[f.case_id] for f in facts[split]]) for split in ("train", "val")}
     layer = hp.layers[0]
     module_path = hp.rewrite_module_tmp.format(layer)
@@ -187,7 +187,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     test_started = time.time()
     bank = fill(facts["val"] + facts["train"] + facts["test"], "edit bank (test edits)")
     bank_seconds += time.time() - test_started
-    index = _edits_by_case(bank)
+    index = edits_by_case(bank)
     edits["test"] = bank.edits([index[f.case_id] for f in facts["test"]])
     # 4. evaluation
     reports, text = evaluate_splits(loaded, module_path, transposed, K, facts, edits, job.text_tokens, job.baselines,
@@ -240,7 +240,7 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     progress = progress or (lambda *a: None)
     mask.check_fits(loaded.arch, loaded.checkpoint)
     _, val, test = select_splits(job)
-    index = _edits_by_case(bank)
+    index = edits_by_case(bank)
     facts, edits = {}, {}
     for split, records in (("val", val), ("test", test)):
         present = [r for r in records if r.case_id in index]
