@@ -2,10 +2,10 @@
 
     python bench/edit_quality.py --rome 200 --memit 100
 
-ROME: the first N/10 records of each relation in the paper's train split, each edited alone (independent
-edits, as in an edit bank) and judged alone; `--bank BANK` judges the edits already in a bank (e.g. the
-committed one, which holds the first 40 per relation) instead of recomputing them. MEMIT: the first M records of the MEMIT train split in one batch edit,
-judged together; `--memit-weights 15000,5000,1500` sweeps MEMIT's λ (mom2_update_weight) on the same z
+ROME: the first N/10 records of each relation in the paper's train split (`--rome-first`: the first N
+records in file order), each edited alone (independent edits, as in an edit bank) and judged alone;
+`--bank BANK` judges the edits already in a bank (e.g. the committed one) instead of recomputing them.
+MEMIT: the first M records of the MEMIT train split in one batch edit, judged together; `--memit-weights 15000,5000,1500` sweeps MEMIT's λ (mom2_update_weight) on the same z
 targets (computed once). Prints efficacy, paraphrase success and neighbourhood specificity for each, and the
 unedited model's scores on the same records for reference.
 """
@@ -34,13 +34,18 @@ def main() -> None:
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--rome", type=int, default=200)
     parser.add_argument("--memit", type=int, default=100)
+    parser.add_argument("--rome-first", action="store_true",
+                        help="the first N records of rome-train in file order (the first relations only) "
+                             "instead of N/10 per relation")
     parser.add_argument("--bank", default=None, help="take the ROME edits from this bank")
     parser.add_argument("--memit-weights", default=None, help="comma-separated λ values (default: the preset's)")
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
     rows = []
     if args.rome:
-        facts = [Fact.from_record(r) for r in per_relation(load_split("rome-train"), args.rome)]
+        records = load_split("rome-train")
+        chosen = records[: args.rome] if args.rome_first else per_relation(records, args.rome)
+        facts = [Fact.from_record(r) for r in chosen]
         start = time.time()
         if args.bank:
             bank = EditBank.open(args.bank)

@@ -1,6 +1,6 @@
 """ROME edit speed: editguard's fast path against the EasyEdit-style reference loop, same facts, one run.
 
-    python bench/edit_speed.py --model demo:smollm2-135m --n 8 [--profile]
+    python bench/edit_speed.py --model demo:smollm2-135m --n 8 [--profile] [--context-templates '5,10;10,10']
 
 Prints facts/minute for each path, the ratio, and the largest relative difference of ΔW between them.
 The reference is one fact at a time with a full forward of every prompt at every step (EasyEdit's
@@ -29,9 +29,16 @@ def main() -> None:
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=8, help="facts (spread over the relations of rome-train)")
     parser.add_argument("--profile", action="store_true", help="print where the fast path spends its time")
+    parser.add_argument("--context-templates", default=None, metavar="N,L;N,L",
+                        help="override the preset's context_template_length_params, e.g. '5,10;10,10' "
+                             "(EasyEdit's Llama value: 21 templates)")
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
-    hp = prepare(loaded, load_hparams(args.hparams, "rome"))
+    hp = load_hparams(args.hparams, "rome")
+    if args.context_templates:
+        hp.context_template_length_params = [[int(x) for x in pair.split(",")]
+                                             for pair in args.context_templates.split(";")]
+    hp = prepare(loaded, hp)
     templates_for(loaded, hp)  # sampled once, shared by both paths (not timed)
     records = load_split("rome-train")
     facts = [Fact.from_record(r) for r in records[:: len(records) // args.n][: args.n]]

@@ -62,12 +62,16 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def build(model_type: str, folder: Path, seed: int = 0) -> Path:
-    """Save a randomly initialised pico model of `model_type` (+ tokenizer) as an HF folder."""
+def build(model_type: str, folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a randomly initialised pico model of `model_type` (+ tokenizer) as an HF folder;
+    `overrides` set config fields (e.g. a small sliding_window)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(configs()[model_type])
+    config = configs()[model_type]
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger weights than the default init, so edits have something to fight
         for name, param in model.named_parameters():
             if param.dim() == 2:

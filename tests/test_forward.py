@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import pico
+from editguard.edit import forward
 from editguard.edit.forward import Tokenized, build_prefix_cache, run_suffix
 from editguard.loading import load_model
 from editguard.resolve import resolve
@@ -13,8 +14,21 @@ from editguard.resolve import resolve
 
 @pytest.mark.parametrize("model_type", pico.ARCHS)
 @pytest.mark.parametrize("site", ["mlp", "layer"])
-def test_suffix_run_matches_full_forward(model_type, site, pico_models):
-    loaded = load_model(resolve(str(pico_models[model_type])))
+def test_suffix_run_matches_full_forward(model_type, site, pico_models, monkeypatch):
+    _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
+    monkeypatch.setattr(forward, "ATTENTION_BLOCK_TOKENS", 1)  # one row per attention block
+    _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_packed_rows_may_exceed_the_sliding_window(model_type, tmp_path):
+    """Each sequence fits the window, all of them packed together do not: the packed run must not
+    let the window cut one row's prefix."""
+    folder = pico.build(model_type, tmp_path / model_type, sliding_window=10)
+    _check_suffix_run(load_model(resolve(str(folder))), "mlp")
+
+
+def _check_suffix_run(loaded, site):
     model, arch = loaded.model, loaded.arch
     gen = torch.Generator().manual_seed(0)
     lengths, splits = [7, 4, 9, 5], [3, 1, 6, 4]
@@ -45,14 +59,16 @@ def test_suffix_run_matches_full_forward(model_type, site, pico_models):
     finally:
         handle.remove()
     cache = build_prefix_cache(model, arch, Tokenized(seqs, splits), start=start, chunk=3)
-    fast = run_suffix(model, arch, cache, hooks=[(path, add_at([0] * len(seqs)))])
+    fast = run_suffix(model, arch, cache, add_at_split=(path, delta))
+    one_row_per_pack = run_suffix(model, arch, cache, add_at_split=(path, delta), pack_tokens=1)
+    torch.testing.assert_close(one_row_per_pack, fast, atol=2e-5, rtol=1e-4)
     for b, (n, s) in enumerate(zip(lengths, splits)):
         torch.testing.assert_close(fast[b, : n - s], full[b, s:n], atol=2e-5, rtol=1e-4)
     # a subset of rows gives the same rows
     rows = torch.tensor([2, 3])  # short suffixes: the run trims padding to their own width
     sub = run_suffix(model, arch, cache, rows=rows)
     whole = run_suffix(model, arch, cache)
-    assert sub.shape[1] == 3 < whole.shape[1]
+    assert sub.shape[1] == 3 < whole.shape[1]  # padded only to their own longest suffix
     for j, b in enumerate(rows.tolist()):
         n = lengths[b] - splits[b]
         torch.testing.assert_close(sub[j, :n], whole[b, :n], atol=2e-5, rtol=1e-4)

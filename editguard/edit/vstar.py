@@ -66,24 +66,6 @@ class DeltaResult:
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # per sequence, at the split
 
 
-def _add_delta_hook(delta_rows: Callable[[], torch.Tensor], position: int | list[int] | None = None):
-    """Forward hook adding δ (one row per batch row) at suffix position 0 (fast path) or at given positions."""
-
-    def hook(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        rows = delta_rows().to(out.dtype)
-        if position is None:
-            add = torch.zeros_like(out)
-            add[:, 0, :] = rows
-        else:
-            add = torch.zeros_like(out)
-            add[torch.arange(out.shape[0]), torch.tensor(position)] = rows
-        out = out + add
-        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
-
-    return hook
-
-
 class _RowAdam:
     """torch.optim.Adam's arithmetic (default betas/eps), with a step count per row so a fact that
     stopped early is frozen exactly as a single-fact run would leave it."""
@@ -153,28 +135,18 @@ def optimise_fast(
         fact_local[facts] = torch.arange(facts.numel())
         delta_param = delta[facts].clone().requires_grad_(True)
         nll = torch.zeros(facts.numel(), device=device)
-        kl_lp = [None] * facts.numel()
-        rows_all = active[seq_fact_t].nonzero().squeeze(1)
-        # one run per suffix length: no padded tokens go through the network
-        for width in cache.suffix_len[rows_all].unique().tolist():
-            rows = rows_all[cache.suffix_len[rows_all] == width]
-            row_fact = fact_local[seq_fact_t[rows]]
-            row_delta = delta_param[row_fact]
-            hidden = run_suffix(model, arch, cache, rows, hooks=[(site_path, _add_delta_hook(lambda d=row_delta: d))])
-            rw_j, rw_pos, rw_tgt, rw_w = [], [], [], []
-            for j, s in enumerate(rows.tolist()):
-                for pos, tgt, w in reads[s]:
-                    rw_j.append(j), rw_pos.append(pos), rw_tgt.append(tgt), rw_w.append(w)
-            if rw_j:
-                logits = unembed(model, arch, hidden[torch.tensor(rw_j), torch.tensor(rw_pos)])
-                lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(rw_tgt, device=device)[:, None])[:, 0]
-                nll = nll.index_add(0, row_fact[torch.tensor(rw_j)].to(device), -lp * torch.tensor(rw_w, device=device))
-            kl_j = is_kl[rows].nonzero().squeeze(1)
-            if kl_j.numel():
-                lps = torch.log_softmax(unembed(model, arch, hidden[kl_j, 0]).float(), dim=-1)
-                for j, lp_row in zip(kl_j.tolist(), lps):
-                    kl_lp[int(row_fact[j])] = lp_row
-        kl_lp = torch.stack(kl_lp)
+        rows = active[seq_fact_t].nonzero().squeeze(1)
+        row_fact = fact_local[seq_fact_t[rows]]
+        hidden = run_suffix(model, arch, cache, rows, add_at_split=(site_path, delta_param[row_fact]))
+        rw_j, rw_pos, rw_tgt, rw_w = [], [], [], []
+        for j, s in enumerate(rows.tolist()):
+            for pos, tgt, w in reads[s]:
+                rw_j.append(j), rw_pos.append(pos), rw_tgt.append(tgt), rw_w.append(w)
+        logits = unembed(model, arch, hidden[torch.tensor(rw_j), torch.tensor(rw_pos)])
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(rw_tgt, device=device)[:, None])[:, 0]
+        nll = nll.index_add(0, row_fact[torch.tensor(rw_j)].to(device), -lp * torch.tensor(rw_w, device=device))
+        kl_j = is_kl[rows].nonzero().squeeze(1)  # one KL prompt per fact, in fact order
+        kl_lp = torch.log_softmax(unembed(model, arch, hidden[kl_j, 0]).float(), dim=-1)
         if init_kl.shape[1] == 0:
             init_kl = kl_lp.detach().clone()  # step 0: every fact is active
         # F.kl_div(init, current, log_target=True, reduction="batchmean") with one KL prompt per fact
