@@ -1,11 +1,14 @@
 """Calibrate scan's base-free tests on the demo model: clean model vs planted ROME edits.
 
     python bench/calibrate_scan.py --bank banks/smollm2-135m_rome_L6.safetensors --edits 20 [--mask masks/...]
+    python bench/calibrate_scan.py --bank banks/smollm2-135m_rome_L6.safetensors --edits 0 --memit 1,16
 
 Activation test: the largest robust z per layer on the clean model, and on the model carrying one bank
 edit at a time (the edits' subjects are among the probes, as when auditing CounterFact-style edits).
 Hidden facts (with --mask): how many probe answers change under the mask on the clean model (false
-alarms) and whether the planted fact is among them on each edited model.
+alarms) and whether the planted fact is among them on each edited model. `--memit N[,N]`: the same
+activation test on the model carrying one MEMIT batch edit of the first N memit-train records (the
+demo preset, layers 2-6), with the edited subjects' z at the edited layers.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ import torch
 from editguard.audit.activations import EDITED_Z, SUSPICIOUS_Z, activation_scores
 from editguard.audit.hidden import hidden_facts
 from editguard.audit.probes import Probe, counterfact_probes
+from editguard.data.counterfact import load_split
 from editguard.edit.bank import EditBank
 from editguard.edit.edits import edits_applied
+from editguard.edit.facts import Fact
+from editguard.edit.hparams import load_hparams
+from editguard.edit.memit import memit_edit
 from editguard.loading import load_model
 from editguard.mask.file import MaskFile
 from editguard.resolve import resolve
@@ -27,18 +34,25 @@ from editguard.resolve import resolve
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="demo:smollm2-135m")
-    parser.add_argument("--bank", required=True)
+    parser.add_argument("--bank", default=None, help="edit bank holding the ROME edits (needed unless --edits 0)")
+    parser.add_argument("--hparams", default="smollm2-135m", help="MEMIT preset for --memit")
     parser.add_argument("--edits", type=int, default=20, help="planted edits to test (taken from the bank's end)")
     parser.add_argument("--probes", default="rome-test")
     parser.add_argument("--mask", default=None)
+    parser.add_argument("--memit", default=None, help="comma-separated MEMIT batch sizes to test")
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
-    bank = EditBank.open(args.bank)
+    if args.edits and not args.bank:
+        parser.error("--bank is needed for --edits")
     probes = counterfact_probes((args.probes,))
-    edits = bank.edits(list(range(len(bank) - args.edits, len(bank))))
+    bank = EditBank.open(args.bank) if args.edits else None
+    edits = bank.edits(list(range(len(bank) - args.edits, len(bank)))) if bank else []
     # every planted subject is a probe too (its own rewrite prompt)
     probes += [Probe(e.facts[0].text, e.facts[0].subject, e.facts[0].target_true, e.facts[0].relation,
                      e.facts[0].case_id) for e in edits]
+    sizes = [int(n) for n in args.memit.split(",")] if args.memit else []
+    memit_facts = [Fact.from_record(r) for r in load_split("memit-train")[: max(sizes, default=0)]]
+    probes += [Probe(f.text, f.subject, f.target_true, f.relation, f.case_id) for f in memit_facts]
     clean = activation_scores(loaded, probes).layer_scores()
     print(f"{args.model}: {len(probes)} probes; clean model, max robust z per layer:")
     print("  " + " ".join(f"{z:.1f}" for z in clean))
@@ -59,16 +73,30 @@ def main() -> None:
             if mask:
                 found = any(f["case_id"] == edit.facts[0].case_id for f in hidden_facts(loaded, mask, probes))
         rows.append((edit.layer, z[edit.layer], top, best_subject == edit.facts[0].subject, max(z), found))
-    print(f"{'edit':>4} {'z at edited layer':>18} {'top layer':>9} {'right subject':>13} {'max z':>6} {'hidden fact':>11}")
-    for i, (layer, z_layer, top, right, zmax, found) in enumerate(rows):
-        print(f"{i:>4} {z_layer:>18.1f} {top:>9} {str(right):>13} {zmax:>6.1f} {str(found):>11}")
-    z_edit = torch.tensor([r[1] for r in rows])
-    print(f"edited layer z: min {float(z_edit.min()):.1f}, median {float(z_edit.median()):.1f}; clean max "
-          f"{max(clean):.1f}; detected (≥ suspicious) {float((z_edit >= SUSPICIOUS_Z).float().mean()):.0%}, "
-          f"(≥ edited) {float((z_edit >= EDITED_Z).float().mean()):.0%}; right layer and subject "
-          f"{sum(r[2] == r[0] and r[3] for r in rows)}/{len(rows)}")
-    if mask:
-        print(f"planted fact among hidden facts: {sum(bool(r[5]) for r in rows)}/{len(rows)}")
+    if rows:
+        print(f"{'edit':>4} {'z at edited layer':>18} {'top layer':>9} {'right subject':>13} {'max z':>6} {'hidden fact':>11}")
+        for i, (layer, z_layer, top, right, zmax, found) in enumerate(rows):
+            print(f"{i:>4} {z_layer:>18.1f} {top:>9} {str(right):>13} {zmax:>6.1f} {str(found):>11}")
+        z_edit = torch.tensor([r[1] for r in rows])
+        print(f"edited layer z: min {float(z_edit.min()):.1f}, median {float(z_edit.median()):.1f}; clean max "
+              f"{max(clean):.1f}; detected (≥ suspicious) {float((z_edit >= SUSPICIOUS_Z).float().mean()):.0%}, "
+              f"(≥ edited) {float((z_edit >= EDITED_Z).float().mean()):.0%}; right layer and subject "
+              f"{sum(r[2] == r[0] and r[3] for r in rows)}/{len(rows)}")
+        if mask:
+            print(f"planted fact among hidden facts: {sum(bool(r[5]) for r in rows)}/{len(rows)}")
+    hp = load_hparams(args.hparams, "memit") if sizes else None
+    for n in sizes:
+        edits = memit_edit(loaded, memit_facts[:n], hp)
+        with edits_applied(loaded.model, loaded.arch, edits):
+            scores = activation_scores(loaded, probes)
+        z = scores.layer_scores()
+        where = {p.subject: i for i, p in enumerate(scores.probes)}
+        edited = torch.stack([scores.z[hp.layers, where[f.subject]] for f in memit_facts[:n]])  # [n, layers]
+        best = edited.max(dim=1).values
+        print(f"MEMIT x{n} (layers {hp.layers[0]}-{hp.layers[-1]}): max z per edited layer "
+              + " ".join(f"{z[l]:.1f}" for l in hp.layers) + f"; over all layers {max(z):.1f}; edited subjects' best z "
+              f"at the edited layers: min {float(best.min()):.1f}, max {float(best.max()):.1f}; "
+              f"≥ suspicious {int((best >= SUSPICIOUS_Z).sum())}/{n}")
 
 
 if __name__ == "__main__":
