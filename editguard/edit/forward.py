@@ -21,7 +21,7 @@ import contextlib
 import contextvars
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -238,7 +238,8 @@ def run_suffix(
 
     Rows run packed end to end into sequences of about `pack_tokens` tokens (prefix + suffix), without
     padding: a linear layer on a 2-core CPU is ~2x more efficient on a few hundred rows than on a few
-    dozen, while the packed attention, dense under its block mask, grows with the square of the pack."""
+    dozen, while the block mask (and attention itself, for models on their own eager code) grows with
+    the square of the pack."""
     if rows is None:
         rows = torch.arange(cache.suffix_ids.shape[0])
     rows = rows.cpu()
