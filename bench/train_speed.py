@@ -108,7 +108,7 @@ def main() -> None:
     print(f"{'editguard':<10} {ours:>8.1f} {n / ours:>10.2f}   (+ {prep:.1f} s one-off caching of states and teacher)")
     print(f"speed-up {paper / ours:.1f}x (with caching counted once: {paper / (ours + prep):.1f}x); "
           f"loss after {args.steps} steps: paper {paper_final:.5f}, editguard {ours_loss:.5f}, "
-          f"|diff| {abs(paper_final - ours_loss):.2e}; max |Θ diff| {float((theta - state.theta[0]).abs().max()):.2e}")
+          f"|diff| {abs(paper_final - ours_loss):.2e}; max |Θ diff| {float((theta.detach() - state.theta[0]).abs().max()):.2e}")
 
 
 if __name__ == "__main__":
