@@ -105,12 +105,9 @@ class Tokenized:
 @dataclass
 class PrefixCache:
     start: int  # first layer that runs
-    keys: list[torch.Tensor]  # per layer [B, H, P, D], prefixes right-aligned (left padding)
+    keys: list[torch.Tensor]  # per layer [B, H, P, D], prefixes right-aligned (left padding), P = max(split)
     values: list[torch.Tensor]
-    prefix_mask: torch.Tensor  # [B, P]
     suffix_ids: torch.Tensor  # [B, S] (right padding)
-    suffix_mask: torch.Tensor  # [B, S]
-    positions: torch.Tensor  # [B, S] true position ids of suffix tokens
     hidden: torch.Tensor  # [B, S, d] states entering layer `start`
     captured: dict[str, torch.Tensor]  # name -> [B, d] at the split position
     split: torch.Tensor  # [B] prefix length of each sequence
@@ -203,9 +200,6 @@ def build_prefix_cache(
             captured_parts[name].append(value[torch.arange(len(rows)), split.to(value.device)])
     n = len(lengths)
     split_all = torch.tensor(tokens.split)
-    prefix_mask = (torch.arange(prefix_len).unsqueeze(0) >= (prefix_len - split_all).unsqueeze(1)).long()
-    pos = split_all.unsqueeze(1) + torch.arange(suffix_len).unsqueeze(0)
-    suffix_mask = (pos < torch.tensor(lengths).unsqueeze(1)).long()
     suffix_ids = torch.full((n, suffix_len), pad_id, dtype=torch.long)
     for r in range(n):
         tail = tokens.ids[r][tokens.split[r]:]
@@ -215,11 +209,9 @@ def build_prefix_cache(
     values = [torch.cat([c[i] for c in parts["values"]]) if parts["values"][0][i] is not None else None
               for i in range(n_layers)]
     return PrefixCache(
-        start=start, keys=keys, values=values, prefix_mask=prefix_mask.to(device),
-        suffix_ids=suffix_ids.to(device), suffix_mask=suffix_mask.to(device),
-        positions=torch.where(suffix_mask.bool(), pos, torch.zeros_like(pos)).to(device),
+        start=start, keys=keys, values=values, suffix_ids=suffix_ids.to(device),
         hidden=torch.cat(parts["hidden"]), captured={k: torch.cat(v) for k, v in captured_parts.items()},
-        split=split_all, suffix_len=suffix_mask.sum(1).cpu(),
+        split=split_all, suffix_len=torch.tensor(lengths) - split_all,
     )
 
 
@@ -243,22 +235,24 @@ def run_suffix(
     if rows is None:
         rows = torch.arange(cache.suffix_ids.shape[0])
     rows = rows.cpu()
-    sizes = (cache.suffix_len[rows] + cache.split[rows]).tolist()
-    packs, current, filled = [], [], 0
-    for j, size in enumerate(sizes):
-        if current and filled + size > pack_tokens:
-            packs.append(current)
-            current, filled = [], 0
-        current.append(j)
-        filled += size
-    packs.append(current)
     width = int(cache.suffix_len[rows].max())
     outputs = []
-    for pack in packs:
-        local = torch.tensor(pack)
+    for first, last in _consecutive_groups((cache.suffix_len[rows] + cache.split[rows]).tolist(), pack_tokens):
+        local = torch.arange(first, last)
         add = None if add_at_split is None else (add_at_split[0], add_at_split[1][local.to(add_at_split[1].device)])
         outputs.append(_run_packed(model, arch, cache, rows[local], add, width))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _consecutive_groups(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of consecutive items, each closed once its sizes reach `budget`."""
+    groups, first, filled = [], 0, 0
+    for i, size in enumerate(sizes):
+        filled += size
+        if filled >= budget or i == len(sizes) - 1:
+            groups.append((first, i + 1))
+            first, filled = i + 1, 0
+    return groups
 
 
 def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_split, width: int) -> torch.Tensor:
@@ -269,7 +263,7 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
     device = cache.suffix_ids.device
     n_rows = len(rows)
     lens, splits = cache.suffix_len[rows], cache.split[rows]
-    total_prefix = cache.prefix_mask.shape[1]
+    total_prefix = int(cache.split.max())  # the cached prefixes' common (left-padded) width
     # packed index maps: prefix slot k belongs to row pre_row[k]; suffix token q is (suf_row[q], suf_pos[q])
     pre_row = torch.repeat_interleave(torch.arange(n_rows), splits)
     pre_start = torch.cumsum(splits, 0) - splits
@@ -278,6 +272,7 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
     suf_start = torch.cumsum(lens, 0) - lens
     suf_pos = torch.arange(len(suf_row)) - suf_start[suf_row]
     src_rows = rows[pre_row]
+    tok_rows, tok_pos = rows[suf_row].to(device), suf_pos.to(device)
 
     def packed(t: torch.Tensor) -> torch.Tensor:  # [B, H, P, D] -> [1, H, sum(splits), D]
         return t[src_rows.to(t.device), :, pre_slot.to(t.device)].transpose(0, 1).unsqueeze(0)
@@ -306,9 +301,9 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
     try:
         with layers_skipped_below(model, arch, cache.start), _attention_in_blocks(model, splits, lens):
             out = base(
-                input_ids=cache.suffix_ids[rows[suf_row].to(device), suf_pos.to(device)].unsqueeze(0),
+                input_ids=cache.suffix_ids[tok_rows, tok_pos].unsqueeze(0),
                 attention_mask=mask[None, None].to(device),
-                position_ids=cache.positions[rows[suf_row].to(device), suf_pos.to(device)].unsqueeze(0),
+                position_ids=(splits[suf_row] + suf_pos).to(device).unsqueeze(0),
                 use_cache=True,
                 **{_cache_kwarg(base): kv},
             )
@@ -341,15 +336,10 @@ def _attention_in_blocks(model: torch.nn.Module, splits: torch.Tensor, lens: tor
     if _BLOCKED not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(_BLOCKED, _blocked_attention)
     n_prefix = int(splits.sum())
-    pre_end, suf_end = torch.cumsum(splits, 0).tolist(), torch.cumsum(lens, 0).tolist()
-    blocks, first, filled = [], 0, 0  # (query range, prefix key range) per block of consecutive rows
-    for r, n in enumerate(lens.tolist()):
-        filled += n
-        if filled >= ATTENTION_BLOCK_TOKENS or r == len(lens) - 1:
-            q0 = suf_end[first - 1] if first else 0
-            p0 = pre_end[first - 1] if first else 0
-            blocks.append((q0, suf_end[r], p0, pre_end[r]))
-            first, filled = r + 1, 0
+    pre_end, suf_end = [0] + torch.cumsum(splits, 0).tolist(), [0] + torch.cumsum(lens, 0).tolist()
+    # (query range, prefix key range) per block of consecutive rows
+    blocks = [(suf_end[a], suf_end[b], pre_end[a], pre_end[b])
+              for a, b in _consecutive_groups(lens.tolist(), ATTENTION_BLOCK_TOKENS)]
     token = _blocks.set((ALL_ATTENTION_FUNCTIONS[original], n_prefix, blocks))
     model.config._attn_implementation = _BLOCKED
     try:
