@@ -114,14 +114,16 @@ def optimise_fast(
     delta = torch.zeros(n_facts, dim, device=device)  # fp32 even for bf16 models
     adam = _RowAdam(delta, hp.v_lr)
     max_norm = hp.clamp_norm_factor * v0.norm(dim=1)
-    # what the loss reads, per sequence, in suffix coordinates: (position, target token, weight)
-    reads: list[list[tuple[int, int, float]]] = []
-    for plan in plans:
+    # what the NLL reads, one entry per target token: sequence, suffix position, token, weight
+    reads: list[tuple[int, int, int, float]] = []
+    is_kl = torch.zeros(len(seqs), dtype=torch.bool)  # the KL prompt: read at suffix position 0
+    for plan, s0 in zip(plans, first_seq):
         for i in range(plan.n_rewrite):
             w = 1.0 / (len(plan.targets) * plan.n_rewrite)  # -sum(log p)/T per prompt, mean over prompts
-            reads.append([(p - plan.splits[i], t, w) for p, t in zip(plan.loss_positions(i), plan.targets)])
-        reads.append([])  # the KL prompt: read at suffix position 0
-    is_kl = torch.tensor([len(r) == 0 for r in reads])
+            reads += [(s0 + i, p - plan.splits[i], t, w) for p, t in zip(plan.loss_positions(i), plan.targets)]
+        is_kl[s0 + plan.n_rewrite] = True
+    read_seq, read_pos, read_tgt = (torch.tensor([r[k] for r in reads]) for k in range(3))
+    read_w = torch.tensor([r[3] for r in reads], device=device)
     seq_fact_t = torch.tensor(seq_fact)
     init_kl = torch.zeros(n_facts, 0)
     active = torch.ones(n_facts, dtype=torch.bool)
@@ -138,13 +140,13 @@ def optimise_fast(
         rows = active[seq_fact_t].nonzero().squeeze(1)
         row_fact = fact_local[seq_fact_t[rows]]
         hidden = run_suffix(model, arch, cache, rows, add_at_split=(site_path, delta_param[row_fact]))
-        rw_j, rw_pos, rw_tgt, rw_w = [], [], [], []
-        for j, s in enumerate(rows.tolist()):
-            for pos, tgt, w in reads[s]:
-                rw_j.append(j), rw_pos.append(pos), rw_tgt.append(tgt), rw_w.append(w)
-        logits = unembed(model, arch, hidden[torch.tensor(rw_j), torch.tensor(rw_pos)])
-        lp = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(rw_tgt, device=device)[:, None])[:, 0]
-        nll = nll.index_add(0, row_fact[torch.tensor(rw_j)].to(device), -lp * torch.tensor(rw_w, device=device))
+        row_of_seq = torch.full((len(seqs),), -1, dtype=torch.long)
+        row_of_seq[rows] = torch.arange(len(rows))
+        live = active[seq_fact_t[read_seq]]
+        read_row = row_of_seq[read_seq[live]]
+        logits = unembed(model, arch, hidden[read_row, read_pos[live]])
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(1, read_tgt[live].to(device)[:, None])[:, 0]
+        nll = nll.index_add(0, row_fact[read_row].to(device), -lp * read_w[live.to(device)])
         kl_j = is_kl[rows].nonzero().squeeze(1)  # one KL prompt per fact, in fact order
         kl_lp = torch.log_softmax(unembed(model, arch, hidden[kl_j, 0]).float(), dim=-1)
         if init_kl.shape[1] == 0:
