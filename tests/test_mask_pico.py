@@ -16,7 +16,7 @@ import pico_facts
 from editguard.checkpoint import Checkpoint
 from editguard.errors import EditguardError
 from editguard.mask.file import MaskFile, MaskTarget
-from editguard.mask.train import MaskedProjection, MaskTrainer, PromptSet, TrainConfig, load_checkpoint, \
+from editguard.mask.train import MaskedProjection, MaskTrainer, PromptSet, TrainConfig, TrainState, load_checkpoint, \
     make_optimizer, save_checkpoint
 
 
@@ -91,9 +91,26 @@ def test_trainer_resume_is_exact(pico_models, tmp_path):
     trainer.train(part, opt, stop_after=4)
     save_checkpoint(tmp_path / "ck.safetensors", part, opt, {"data_hash": "x"})
     resumed, opt2, info = load_checkpoint(tmp_path / "ck.safetensors", trainer.cfg)
+    assert resumed.best_theta is None
     assert info["step"] == 4
     trainer.train(resumed, opt2)
     torch.testing.assert_close(resumed.theta[0], full.theta[0])
+
+
+def test_best_validation_point_is_kept_and_checkpointed(tmp_path):
+    state = TrainState([torch.zeros(2, 3)])
+    for step, score in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.1)):
+        state.step = step
+        state.theta[0].fill_(step)
+        state.keep_if_best(score)
+        state.curve.append({"step": step, "val_rsr": score})
+    assert state.best_step == 2 and float(state.best_theta[0][0, 0]) == 2  # ties keep the earlier point
+    assert state.shipped(best=True)[1] == 2 and state.shipped(best=False)[1] == 4
+    opt = make_optimizer(state, TrainConfig())
+    save_checkpoint(tmp_path / "ck.safetensors", state, opt, {})
+    loaded, _, _ = load_checkpoint(tmp_path / "ck.safetensors", TrainConfig())
+    assert loaded.best_step == 2 and torch.equal(loaded.best_theta[0], state.best_theta[0])
+    assert torch.equal(loaded.theta[0], state.theta[0])
 
 
 PICO_EDIT = {"alg_name": "ROME", "layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 5}
@@ -122,6 +139,8 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert 0 <= metrics["rsr"]["test"]["rsr"] <= 1 and "baseline_svd_rsr" in metrics["rsr"]["test"]
     assert metrics["text"]["original"]["perplexity"] > 1
     assert len(metrics["curve"]) == 2
+    best = max(c["val_rsr"] for c in metrics["curve"])
+    assert metrics["shipped_step"] == next(c["step"] for c in metrics["curve"] if c["val_rsr"] == best)
     mask = MaskFile.load(out)
     assert mask.targets[0].tensor == "model.layers.0.mlp.down_proj.weight"
     # the registry lets inspect find the mask for this very model

@@ -60,6 +60,8 @@ def train_command(
     text_tokens: Annotated[int, typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for perplexity.")] = 70_000,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the SVD and magnitude baselines.")] = False,
     bank_only: Annotated[bool, typer.Option("--bank-only", help="Only build the edit bank (e.g. in the background).")] = False,
+    select: Annotated[str, typer.Option("--select", help="Ship the mask from the best validation point (best) "
+                                        "or the last step (last).")] = "best",
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
 ) -> None:
@@ -70,6 +72,8 @@ def train_command(
 
     if method not in ("rome", "memit"):
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
+    if select not in ("best", "last"):
+        raise EditguardError(f"unknown --select {select!r}; choose best or last")
     if threshold is not None and target_pruned is not None:
         raise EditguardError("give --threshold or --target-pruned, not both")
     ref = resolve_model(model)
@@ -84,7 +88,7 @@ def train_command(
     job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, val_every=val_every,
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
-                   text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only)
+                   text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select)
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:

@@ -55,6 +55,7 @@ class TrainJob:
     text_tokens: int = 70_000
     baselines: bool = True
     bank_only: bool = False  # stop once the edit bank holds every record
+    select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["editguard"] + sys.argv[1:]))
 
 
@@ -174,14 +175,17 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         from .evaluate import preference
 
         pref = preference(loaded, facts["val"], module_path, val_u, val_v, K, transposed)
+        score = float((pref > 0).float().mean())
+        st.keep_if_best(score)
         st.curve.append({"step": st.step, "epoch": st.step // trainer.steps_per_epoch, "seconds": round(st.seconds, 1),
-                         "val_rsr": float((pref > 0).float().mean()), "pruned": float((1 - K).mean())})
+                         "val_rsr": score, "pruned": float((1 - K).mean())})
         progress("validation", st.step, trainer.total_steps, f"val RSR {st.curve[-1]['val_rsr']:.2f}")
 
     trainer.train(state, optimizer, on_step=on_step, on_epoch_end=on_epoch,
                   checkpoint=lambda st, opt: save_checkpoint(ckpt, st, opt, meta))
     # 3. threshold: fixed, or chosen on validation for a target pruned share
-    scores = trainer.soft_masks(state)[0]
+    theta, shipped_step = state.shipped(best=job.select == "best")
+    scores = trainer.soft_masks(theta)[0]
     threshold = choose_threshold(scores, job, cfg)
     K = (scores >= threshold).float()
     test_started = time.time()
@@ -195,14 +199,15 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     total_seconds = time.time() - started
     metrics = {
         "threshold": threshold, "pruned_fraction": float((1 - K).mean()), "rsr": reports, "text": text,
-        "curve": state.curve, "train_seconds": round(state.seconds, 1), "bank_seconds": round(bank_seconds, 1),
+        "curve": state.curve, "shipped_step": shipped_step, "train_seconds": round(state.seconds, 1),
+        "bank_seconds": round(bank_seconds, 1),
         "total_seconds": round(total_seconds, 1), "steps": state.step,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
         "command": job.command,
     }
     stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(module_path + ".weight"))
     target = MaskTarget(module_path + ".weight", layer, tuple(scores.shape), transposed,
-                        fingerprint(loaded.checkpoint.read(stored)), scores, state.theta[0].detach())
+                        fingerprint(loaded.checkpoint.read(stored)), scores, theta[0].detach())
     mask = MaskFile(loaded.ref.model_id, loaded.ref.revision, loaded.arch.model_type, hp.method, threshold, [target],
                     hparams={"train": cfg.to_dict(), "edit": hp.to_dict()},
                     data={"train": len(facts["train"]), "val": len(facts["val"]), "test": len(facts["test"]),
@@ -333,6 +338,8 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "
         f"({mask.data.get('source')}; hash {mask.data.get('hash')})",
         f"- command: `{m['command']}`",
+        f"- shipped Θ: step {m.get('shipped_step', m['steps'])} of {m['steps']}"
+        + (" (the best validation point)" if m.get("shipped_step", m["steps"]) != m["steps"] else ""),
         f"- wall time: edit bank {m['bank_seconds']:.0f} s (last session), training {m['train_seconds']:.0f} s "
         f"({m['steps']} steps, summed over every session of a resumed run), last session {m['total_seconds']:.0f} s "
         f"on {m['machine']}; editguard {__version__}", "",

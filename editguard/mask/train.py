@@ -204,6 +204,23 @@ class TrainState:
     step: int = 0
     seconds: float = 0.0
     curve: list[dict] = field(default_factory=list)
+    # Θ at the best validation point so far (a short, high-rate run can overshoot; the mask ships from here)
+    best_theta: list[torch.Tensor] | None = None
+    best_step: int | None = None
+
+    def keep_if_best(self, score: float) -> bool:
+        """Call before appending this point to `curve`; ties keep the earlier (less trained) Θ."""
+        if self.best_theta is not None and self.curve and score <= max(c["val_rsr"] for c in self.curve):
+            return False
+        self.best_theta = [t.detach().clone() for t in self.theta]
+        self.best_step = self.step
+        return True
+
+    def shipped(self, best: bool) -> tuple[list[torch.Tensor], int]:
+        """(Θ, step) to ship: the best validation point when asked for and validated, else the last step."""
+        if best and self.best_theta is not None:
+            return self.best_theta, self.best_step
+        return self.theta, self.step
 
 
 class MaskTrainer:
@@ -328,8 +345,9 @@ class MaskTrainer:
             p.requires_grad_(False)
         return state
 
-    def soft_masks(self, state: TrainState) -> list[torch.Tensor]:
-        return [torch.sigmoid(t.detach() / self.cfg.tau(1.0)) for t in state.theta]
+    def soft_masks(self, theta: list[torch.Tensor]) -> list[torch.Tensor]:
+        """K at the final τ."""
+        return [torch.sigmoid(t.detach() / self.cfg.tau(1.0)) for t in theta]
 
 
 def make_optimizer(state: TrainState, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -341,12 +359,14 @@ def save_checkpoint(path: Path, state: TrainState, optimizer: torch.optim.AdamW,
     tensors = {}
     for i, theta in enumerate(state.theta):
         tensors[f"theta.{i}"] = theta.detach().clone()
+        if state.best_theta is not None:
+            tensors[f"best_theta.{i}"] = state.best_theta[i].clone()
         opt = optimizer.state.get(theta, {})
         if opt:
             tensors[f"exp_avg.{i}"] = opt["exp_avg"].clone()
             tensors[f"exp_avg_sq.{i}"] = opt["exp_avg_sq"].clone()
             tensors[f"opt_step.{i}"] = torch.as_tensor(opt["step"]).reshape(1).float()
-    info = {**meta, "step": state.step, "seconds": state.seconds, "curve": state.curve}
+    info = {**meta, "step": state.step, "seconds": state.seconds, "curve": state.curve, "best_step": state.best_step}
     write_safetensors(path, tensors, {"editguard_train": json.dumps(info)})
 
 
@@ -365,6 +385,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, torch.opt
         n = len([k for k in keys if k.startswith("theta.")])
         theta = [handle.get_tensor(f"theta.{i}") for i in range(n)]
         state = TrainState(theta, info["step"], info["seconds"], info.get("curve", []))
+        if "best_theta.0" in keys:
+            state.best_theta = [handle.get_tensor(f"best_theta.{i}") for i in range(n)]
+            state.best_step = info.get("best_step")
         optimizer = make_optimizer(state, cfg)
         for i, t in enumerate(theta):
             if f"exp_avg.{i}" in keys:
