@@ -77,6 +77,44 @@ def _trainer(loaded, seed=0):
     return MaskTrainer(loaded, [("model.layers.1.mlp.down_proj", False)], 1, data, cfg, u=u, v=v)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_grouped_batch_edits_train_against_their_own_masked_weights(model_type, pico_models):
+    """MEMIT training: a record's logits come from (W + ΔW_g) ⊙ K on every masked layer, g its batch edit."""
+    from editguard.edit.facts import Fact
+    from editguard.loading import load_model
+    from editguard.mask.evaluate import masks_applied
+    from editguard.edit.edits import weight_param, weights_restored
+    from editguard.mask.train import canonical_weight, prepare_prompts
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(pico_models[model_type])))
+    arch = loaded.arch
+    facts = [Fact("The official language of {}", c, n, t, i, "P103", ())
+             for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("Spain", "German", "Spanish"),
+                                            ("Italy", "English", "Italian")])]
+    data = prepare_prompts(loaded, facts, 0, 0)
+    targets = [(arch.module("mlp_out", layer), arch.mlp_out_transposed) for layer in (0, 1)]
+    gen = torch.Generator().manual_seed(2)
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(targets[0][0]), targets[0][1]).shape
+    dense = [[torch.randn(out_dim, in_dim, generator=gen) * 0.2, None],
+             [torch.randn(out_dim, in_dim, generator=gen) * 0.2, torch.randn(out_dim, in_dim, generator=gen) * 0.2]]
+    groups = torch.tensor([1, 0, 1])
+    trainer = MaskTrainer(loaded, targets, 0, data, TrainConfig(), dense=dense, record_group=groups)
+    masks = [torch.rand(out_dim, in_dim, generator=gen).round() for _ in targets]
+    for record in range(3):
+        rows = torch.tensor([record])
+        fast = trainer._last_logits(rows, masks, True, int(groups[record]))
+        names = [path + ".weight" for path, _ in targets]
+        with weights_restored(loaded.model, names), torch.no_grad():
+            for (path, transposed), delta in zip(targets, dense[int(groups[record])]):
+                if delta is not None:
+                    weight_param(loaded.model, path + ".weight").add_(delta.T if transposed else delta)
+            with masks_applied(loaded, targets, masks):
+                ids = data.ids[rows, : int(data.last[record]) + 1]
+                slow = loaded.model(input_ids=ids).logits[0, -1]
+        torch.testing.assert_close(fast[0], slow.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_trainer_resume_is_exact(pico_models, tmp_path):
     from editguard.loading import load_model
     from editguard.resolve import resolve
@@ -156,6 +194,41 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
                 "--text-tokens", "200", "--threshold", "0.5")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["n"] == 8 and again.json["threshold"] == 0.5
+
+
+PICO_MEMIT = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]],
+              "v_num_grad_steps": 5, "mom2_update_weight": 100.0, "mom2_n_samples": 20}
+
+
+def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    out = tmp_path / "masks" / "pico_memit.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 2)
+    (tmp_path / "memit.yaml").write_text(yaml.safe_dump(PICO_MEMIT))
+    args[args.index("--hparams") + 1] = str(tmp_path / "memit.yaml")
+    result = cli("-f", "json", *args, "--method", "memit", "--memit-batch", "10", "--target-pruned", "0.1")
+    assert result.code == 0, result.err
+    metrics = result.json
+    assert metrics["rsr"]["train"]["memit_batches"] == [10, 10]  # two batch edits of the training records
+    assert metrics["rsr"]["val"]["memit_batches"] == [8] and metrics["rsr"]["test"]["memit_batches"] == [8]
+    assert 0 <= metrics["rsr"]["test"]["rsr"] <= 1 and "baseline_svd_rsr" in metrics["rsr"]["test"]
+    assert abs(metrics["pruned_fraction"] - 0.1) < 0.01  # γ chosen over both layers together
+    mask = MaskFile.load(out)
+    assert mask.method == "memit"
+    assert [t.tensor for t in mask.targets] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
+    for name in ("pico_memit-pruned-L0.png", "pico_memit-heatmap-L1.png", "pico_memit.md"):
+        assert (out.parent / name).exists(), name
+    again = cli("-f", "json", "evaluate-mask", out, "--bank", out.parent / "pico_memit.bank.safetensors",
+                "--model", args[args.index("--model") + 1], "--data", args[args.index("--data") + 1],
+                "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200")
+    assert again.code == 0, again.err
+    assert again.json["rsr"]["test"]["rsr"] == metrics["rsr"]["test"]["rsr"]  # same mask, same edits
+    rome_bank = tmp_path / "masks" / "rome_bank.safetensors"
+    rome_args = _train_args(pico_models, tmp_path, tmp_path / "masks" / "unused.safetensors", 2)
+    assert cli(*rome_args, "--bank", rome_bank, "--bank-only").code == 0
+    wrong = cli("evaluate-mask", out, "--bank", rome_bank, "--model", args[args.index("--model") + 1],
+                "--data", args[args.index("--data") + 1], "--train-size", "20", "--val-size", "8", "--test-size", "8")
+    assert wrong.code == 2 and "ROME edits" in wrong.err
 
 
 def test_killed_training_resumes(pico_models, tmp_path):

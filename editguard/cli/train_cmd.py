@@ -54,6 +54,8 @@ def train_command(
     target_pruned: Annotated[Optional[float], typer.Option(
         "--target-pruned", help="Instead of γ: prune this share (γ chosen from the scores).")] = None,
     bank: Annotated[Optional[Path], typer.Option("--bank", help="Edit bank to reuse and extend.")] = None,
+    memit_batch: Annotated[Optional[int], typer.Option("--memit-batch", min=1, help="MEMIT: training records per "
+                                                       "batch edit (default: all in one, as the paper).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run from its checkpoint.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1)] = None,
@@ -88,7 +90,8 @@ def train_command(
     job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, val_every=val_every,
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
-                   text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select)
+                   text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
+                   memit_batch=memit_batch)
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:

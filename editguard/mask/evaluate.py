@@ -38,10 +38,21 @@ def masked_weight(loaded: LoadedModel, module_path: str, K: torch.Tensor | None,
         yield
 
 
-def preference(loaded: LoadedModel, facts: list, module_path: str, u: torch.Tensor | None, v: torch.Tensor | None,
-               K: torch.Tensor | None, transposed: bool, batch_size: int = 64) -> torch.Tensor:
+@contextlib.contextmanager
+def masks_applied(loaded: LoadedModel, targets: list[tuple[str, bool]], masks: list[torch.Tensor] | None
+                  ) -> Iterator[None]:
+    """`masked_weight` for several (module path, transposed) targets at once; no masks: no change."""
+    with contextlib.ExitStack() as stack:
+        for (path, transposed), K in zip(targets, masks or []):
+            stack.enter_context(masked_weight(loaded, path, K, transposed))
+        yield
+
+
+def preference(loaded: LoadedModel, facts: list, module_path: str | None, u: torch.Tensor | None,
+               v: torch.Tensor | None, K: torch.Tensor | None, transposed: bool, batch_size: int = 64) -> torch.Tensor:
     """log p(true) − log p(new) on each fact's rewrite prompt (full multi-token objects), with fact i's
-    edit (u[i] v[i]ᵀ, rank r if 3-D) added and the mask K on the whole edited weight."""
+    edit (u[i] v[i]ᵀ, rank r if 3-D) added and the mask K on the whole edited weight. Without u and K
+    (module_path may then be None): the model as it is."""
     prompts = [f.text for f in facts for _ in (0, 1)]
     objects = [o for f in facts for o in (f.target_true, f.target_new)]
     edits = None
@@ -94,20 +105,38 @@ def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v,
 
 def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: bool, u, v, K,
                baselines: bool = True, magnitude_n: int = 100) -> dict:
-    """All the RSR numbers for one split, per relation too."""
+    """All the RSR numbers for one split of ROME edits (fact i carries u[i] v[i]ᵀ), per relation too."""
     orig = preference(loaded, facts, module_path, None, None, None, transposed)
     edited = preference(loaded, facts, module_path, u, v, None, transposed)
     masked = preference(loaded, facts, module_path, u, v, K, transposed)
     control = preference(loaded, facts, module_path, None, None, K, transposed)
+    report = summarise(facts, orig, edited, masked, control)
+    if baselines:
+        weight = loaded.model.get_submodule(module_path).weight.detach().float()
+        canonical = weight.T if transposed else weight
+        su, sv = svd_reversal_factors(u.float(), v.float(), canonical)
+        svd = preference(loaded, facts, module_path, su, sv, None, transposed)
+        report["baseline_svd_rsr"] = share(svd > 0)
+        pruned = float((1 - K).mean()) if K is not None else 0.0
+        n = min(magnitude_n, len(facts))
+        mag = magnitude_baseline(loaded, facts[:n], module_path, u[:n], v[:n], pruned, transposed)
+        report["baseline_magnitude_rsr"] = share(mag > 0)
+        report["baseline_magnitude_n"] = n
+    return report
+
+
+def summarise(facts: list, orig: torch.Tensor, edited: torch.Tensor, masked: torch.Tensor,
+              control: torch.Tensor) -> dict:
+    """RSR with its ceiling and controls from the four preference vectors (log p(true) − log p(new))."""
     known = orig > 0
     report = {
         "n": len(facts),
-        "original_prefers_true": _share(orig > 0),
-        "edited_prefers_true": _share(edited > 0),
-        "rsr": _share(masked > 0),
-        "rsr_known": _share((masked > 0)[known]) if known.any() else float("nan"),
+        "original_prefers_true": share(orig > 0),
+        "edited_prefers_true": share(edited > 0),
+        "rsr": share(masked > 0),
+        "rsr_known": share((masked > 0)[known]) if known.any() else float("nan"),
         "known": int(known.sum()),
-        "mask_on_unedited_prefers_true": _share(control > 0),
+        "mask_on_unedited_prefers_true": share(control > 0),
         "per_relation": {},
     }
     by_rel = defaultdict(list)
@@ -115,23 +144,12 @@ def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: b
         by_rel[fact.relation or "unknown"].append(i)
     for rel, idx in sorted(by_rel.items()):
         idx_t = torch.tensor(idx)
-        report["per_relation"][rel] = {"n": len(idx), "rsr": _share(masked[idx_t] > 0),
-                                       "original": _share(orig[idx_t] > 0)}
-    if baselines:
-        weight = loaded.model.get_submodule(module_path).weight.detach().float()
-        canonical = weight.T if transposed else weight
-        su, sv = svd_reversal_factors(u.float(), v.float(), canonical)
-        svd = preference(loaded, facts, module_path, su, sv, None, transposed)
-        report["baseline_svd_rsr"] = _share(svd > 0)
-        pruned = float((1 - K).mean()) if K is not None else 0.0
-        n = min(magnitude_n, len(facts))
-        mag = magnitude_baseline(loaded, facts[:n], module_path, u[:n], v[:n], pruned, transposed)
-        report["baseline_magnitude_rsr"] = _share(mag > 0)
-        report["baseline_magnitude_n"] = n
+        report["per_relation"][rel] = {"n": len(idx), "rsr": share(masked[idx_t] > 0),
+                                       "original": share(orig[idx_t] > 0)}
     return report
 
 
-def _share(mask: torch.Tensor) -> float:
+def share(mask: torch.Tensor) -> float:
     return float(mask.float().mean()) if mask.numel() else float("nan")
 
 

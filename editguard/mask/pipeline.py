@@ -30,8 +30,9 @@ from ..errors import EditguardError
 from ..loading import LoadedModel
 from ..masks_index import INDEX
 from . import plots
-from .evaluate import masked_weight, rsr_report, text_metrics
+from .evaluate import masks_applied, text_metrics
 from .file import MaskFile, MaskTarget
+from .splits import MemitSplit, RomeSplit
 from .train import (MaskTrainer, TrainConfig, TrainState, data_hash, load_checkpoint, make_optimizer,
                     prepare_prompts, save_checkpoint)
 
@@ -55,6 +56,7 @@ class TrainJob:
     text_tokens: int = 70_000
     baselines: bool = True
     bank_only: bool = False  # stop once the edit bank holds every record
+    memit_batch: int | None = None  # MEMIT: training records per batch edit (None: all in one, as the paper)
     select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["editguard"] + sys.argv[1:]))
 
@@ -73,16 +75,21 @@ def per_relation(records: list, n: int) -> list:
     return out
 
 
-def choose_threshold(scores: torch.Tensor, job: TrainJob, cfg: TrainConfig) -> float:
-    """γ: given, or the score quantile that prunes `target_pruned` of the weights."""
+def choose_threshold(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> float:
+    """γ: given, or the score quantile that prunes `target_pruned` of the weights (of all targets together)."""
     if job.target_pruned is not None:
-        flat = scores.reshape(-1).float()
+        flat = torch.cat([s.reshape(-1).float() for s in scores])
         return float(flat.kthvalue(max(int(job.target_pruned * flat.numel()), 1)).values)
     return job.threshold if job.threshold is not None else cfg.threshold
 
 
-def binarise(scores: torch.Tensor, job: TrainJob, cfg: TrainConfig) -> torch.Tensor:
-    return (scores >= choose_threshold(scores, job, cfg)).float()
+def binarise(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> list[torch.Tensor]:
+    threshold = choose_threshold(scores, job, cfg)
+    return [(s >= threshold).float() for s in scores]
+
+
+def pruned_share(masks: list[torch.Tensor]) -> float:
+    return float(torch.cat([(1 - K).reshape(-1) for K in masks]).mean())
 
 
 def select_splits(job: TrainJob) -> tuple[list, list, list]:
@@ -104,8 +111,13 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
     return train, val, test
 
 
-def edits_by_case(bank: EditBank) -> dict[int, int]:
-    return {r["case_id"]: i for i, r in enumerate(bank.meta["records"])}
+def mask_targets(loaded: LoadedModel, hp: EditHparams) -> list[tuple[str, bool]]:
+    """(module path, transposed) of every tensor the method edits: ROME's one layer, MEMIT's several."""
+    return [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in sorted(hp.layers)]
+
+
+def split_kind(method: str):
+    return MemitSplit if method == "memit" else RomeSplit
 
 
 def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
@@ -119,36 +131,39 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         raise EditguardError(f"{job.output} exists; choose another -o (masks are never overwritten)")
     if ckpt.exists() and not job.resume:
         raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
+    if hp.method != job.method:
+        raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
+                             f"against {job.method.upper()}")
     train, val, test = select_splits(job)
     facts = {split: [Fact.from_record(r) for r in recs] for split, recs in
              (("train", train), ("val", val), ("test", test))}
     started = time.time()
-    if job.method != "rome":
-        raise EditguardError("mask training against MEMIT edits is not implemented yet (ROME only)")
-    # 1. the edit bank: every record edited independently on the unedited model. Validation and training
-    #    edits first; the test edits are made after training (they are only needed for the evaluation).
+    # 1. the edit bank, on the unedited model: ROME edits every record alone, MEMIT edits each split in
+    #    batch edits (train: `memit_batch` records each, default all). Validation and training edits
+    #    first; the test edits are made after training (only the evaluation needs them).
     bank_path = job.bank or job.output.with_name(job.output.stem + ".bank.safetensors")
-    order = facts["val"] + facts["train"] + ([] if not job.bank_only else facts["test"])
 
-    def fill(fs, stage):
-        return fill_bank(loaded, fs, hp, bank_path, resume=bank_path.exists(),
-                         progress=lambda done, total: progress(stage, done, total, ""))
+    def fill(splits: list[str], stage: str) -> EditBank:
+        done, bank = [], None
+        for split in splits:
+            done += facts[split]
+            batch = (job.memit_batch if split == "train" else None) or len(facts[split]) or 1
+            bank = fill_bank(loaded, done, hp, bank_path, resume=bank_path.exists(), memit_batch=batch,
+                             progress=lambda d, total: progress(stage, d, total, ""))
+        return bank
 
-    bank = fill(order, "edit bank")
+    bank = fill(["val", "train"] + (["test"] if job.bank_only else []), "edit bank")
     bank_seconds = time.time() - started
     if job.bank_only:
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
-    index = edits_by_case(bank)
-    edits = {split: bank.edits([index[f.case_id] for f in facts[split]]) for split in ("train", "val")}
-    layer = hp.layers[0]
-    module_path = hp.rewrite_module_tmp.format(layer)
-    transposed = loaded.arch.mlp_out_transposed
-    # 2. prompts, cached states below the layer, the teacher's logits
-    data = prepare_prompts(loaded, facts["train"], layer, cfg.paraphrases,
+    kind = split_kind(job.method)
+    edited = {split: kind.from_bank(bank, facts[split]) for split in ("train", "val") if facts[split]}
+    targets = mask_targets(loaded, hp)
+    start_layer = min(hp.layers)
+    # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits
+    data = prepare_prompts(loaded, edited["train"].facts, start_layer, cfg.paraphrases,
                            progress=lambda d, t: progress("caching prompts", d, t, ""))
-    u = torch.stack([e.u for e in edits["train"]]).float()
-    v = torch.stack([e.v for e in edits["train"]]).float()
-    trainer = MaskTrainer(loaded, [(module_path, transposed)], layer, data, cfg, u=u, v=v)
+    trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **edited["train"].trainer_inputs(targets))
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"])}
     if job.resume and ckpt.exists():
         state, optimizer, info = load_checkpoint(ckpt, cfg)
@@ -157,8 +172,6 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     else:
         state = trainer.init_state()
         optimizer = make_optimizer(state, cfg)
-    val_u = torch.stack([e.u for e in edits["val"]]).float() if edits["val"] else None
-    val_v = torch.stack([e.v for e in edits["val"]]).float() if edits["val"] else None
 
     def on_step(st: TrainState, info: dict) -> None:
         progress("training", st.step, trainer.total_steps,
@@ -168,73 +181,68 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
 
     def on_epoch(st: TrainState) -> None:
         epoch = st.step // trainer.steps_per_epoch
-        if not facts["val"] or (epoch % every and st.step < trainer.total_steps):
+        if "val" not in edited or (epoch % every and st.step < trainer.total_steps):
             return
-        # the mask as it would ship if training stopped here (annealed to the final τ, binarised)
-        K = binarise(torch.sigmoid(st.theta[0].detach() / cfg.tau(1.0)), job, cfg)
-        from .evaluate import preference
-
-        pref = preference(loaded, facts["val"], module_path, val_u, val_v, K, transposed)
-        score = float((pref > 0).float().mean())
+        # the masks as they would ship if training stopped here (annealed to the final τ, binarised)
+        masks = binarise(trainer.soft_masks(st.theta), job, cfg)
+        score = float((edited["val"].preference(loaded, targets, masks) > 0).float().mean())
         st.keep_if_best(score)
-        st.curve.append({"step": st.step, "epoch": st.step // trainer.steps_per_epoch, "seconds": round(st.seconds, 1),
-                         "val_rsr": score, "pruned": float((1 - K).mean())})
-        progress("validation", st.step, trainer.total_steps, f"val RSR {st.curve[-1]['val_rsr']:.2f}")
+        st.curve.append({"step": st.step, "epoch": epoch, "seconds": round(st.seconds, 1),
+                         "val_rsr": score, "pruned": pruned_share(masks)})
+        progress("validation", st.step, trainer.total_steps, f"val RSR {score:.2f}")
 
     trainer.train(state, optimizer, on_step=on_step, on_epoch_end=on_epoch,
                   checkpoint=lambda st, opt: save_checkpoint(ckpt, st, opt, meta))
-    # 3. threshold: fixed, or chosen on validation for a target pruned share
+    # 3. threshold: fixed, or chosen for a target pruned share
     theta, shipped_step = state.shipped(best=job.select == "best")
-    scores = trainer.soft_masks(theta)[0]
+    scores = trainer.soft_masks(theta)
     threshold = choose_threshold(scores, job, cfg)
-    K = (scores >= threshold).float()
+    masks = [(s >= threshold).float() for s in scores]
     test_started = time.time()
-    bank = fill(facts["val"] + facts["train"] + facts["test"], "edit bank (test edits)")
+    bank = fill(["val", "train", "test"], "edit bank (test edits)")
     bank_seconds += time.time() - test_started
-    index = edits_by_case(bank)
-    edits["test"] = bank.edits([index[f.case_id] for f in facts["test"]])
+    edited["test"] = kind.from_bank(bank, facts["test"])
     # 4. evaluation
-    reports, text = evaluate_splits(loaded, module_path, transposed, K, facts, edits, job.text_tokens, job.baselines,
-                                    progress)
+    reports, text = evaluate_splits(loaded, targets, masks, edited, job.text_tokens, job.baselines, progress)
     total_seconds = time.time() - started
     metrics = {
-        "threshold": threshold, "pruned_fraction": float((1 - K).mean()), "rsr": reports, "text": text,
+        "threshold": threshold, "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text,
         "curve": state.curve, "shipped_step": shipped_step, "train_seconds": round(state.seconds, 1),
         "bank_seconds": round(bank_seconds, 1),
         "total_seconds": round(total_seconds, 1), "steps": state.step,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
         "command": job.command,
     }
-    stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(module_path + ".weight"))
-    target = MaskTarget(module_path + ".weight", layer, tuple(scores.shape), transposed,
-                        fingerprint(loaded.checkpoint.read(stored)), scores, theta[0].detach())
-    mask = MaskFile(loaded.ref.model_id, loaded.ref.revision, loaded.arch.model_type, hp.method, threshold, [target],
-                    hparams={"train": cfg.to_dict(), "edit": hp.to_dict()},
+    saved = []
+    for (path, transposed), layer, score, th in zip(targets, sorted(hp.layers), scores, theta):
+        stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(path + ".weight"))
+        saved.append(MaskTarget(path + ".weight", layer, tuple(score.shape), transposed,
+                                        fingerprint(loaded.checkpoint.read(stored)), score, th.detach()))
+    mask = MaskFile(loaded.ref.model_id, loaded.ref.revision, loaded.arch.model_type, hp.method, threshold,
+                    saved, hparams={"train": cfg.to_dict(), "edit": hp.to_dict()},
                     data={"train": len(facts["train"]), "val": len(facts["val"]), "test": len(facts["test"]),
                           "source": job.data or "paper splits", "hash": meta["data_hash"],
                           "bank": str(bank_path), "bank_hparams_hash": bank.meta["hparams_hash"]},
                     metrics=metrics)
     job.output.parent.mkdir(parents=True, exist_ok=True)
     mask.save(job.output)
-    write_outputs(job.output, mask, K, reports)
+    write_outputs(job.output, mask, masks, reports)
     ckpt.unlink(missing_ok=True)
     return metrics
 
 
-def evaluate_splits(loaded, module_path: str, transposed: bool, K: torch.Tensor, facts: dict, edits: dict,
+def evaluate_splits(loaded, targets: list[tuple[str, bool]], masks: list[torch.Tensor], edited: dict,
                     text_tokens: int, baselines: bool, progress: Progress) -> tuple[dict, dict]:
     """RSR reports per split (train capped at 500 records) and the WikiText-2 model-cost metrics."""
     reports = {}
     for split in ("train", "val", "test"):
-        if not facts.get(split):
+        if split not in edited:
             continue
-        fs = facts[split][:500] if split == "train" else facts[split]
-        es = edits[split][: len(fs)]
         progress("evaluating", 0, 1, split)
-        reports[split] = rsr_report(loaded, fs, module_path, transposed, torch.stack([e.u for e in es]).float(),
-                                    torch.stack([e.v for e in es]).float(), K, baselines=baselines)
-    sample = (edits.get("test") or edits.get("val") or edits["train"])[0]
-    text = text_metrics(loaded, _variants(loaded, module_path, transposed, sample, K), tokens=text_tokens,
+        es = edited[split].head(500) if split == "train" else edited[split]
+        reports[split] = es.report(loaded, targets, masks, baselines=baselines)
+    sample = next(edited[s] for s in ("test", "val", "train") if s in edited).sample_edits()
+    text = text_metrics(loaded, _variants(loaded, targets, sample, masks), tokens=text_tokens,
                         progress=lambda d, t: progress("perplexity", d, t, ""))
     return reports, text
 
@@ -244,24 +252,27 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     """`evaluate-mask`: the same evaluation for a mask file against the edits of a bank."""
     progress = progress or (lambda *a: None)
     mask.check_fits(loaded.arch, loaded.checkpoint)
+    if bank.method != mask.method:
+        raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
+                             f"{bank.method.upper()} edits")
     _, val, test = select_splits(job)
-    index = edits_by_case(bank)
-    facts, edits = {}, {}
+    present = {r["case_id"] for r in bank.meta["records"]}
+    kind = split_kind(mask.method)
+    edited = {}
     for split, records in (("val", val), ("test", test)):
-        present = [r for r in records if r.case_id in index]
-        facts[split] = [Fact.from_record(r) for r in present]
-        edits[split] = bank.edits([index[r.case_id] for r in present])
-    if not facts["test"] and not facts["val"]:
+        facts = [Fact.from_record(r) for r in records if r.case_id in present]
+        if facts:
+            edited[split] = kind.from_bank(bank, facts)
+    if not edited:
         raise EditguardError(f"the bank {bank.path} holds no edits of the chosen val/test records")
-    target = mask.targets[0]
-    K = mask.mask(0, threshold)
-    reports, text = evaluate_splits(loaded, target.tensor.removesuffix(".weight"), target.transposed, K, facts, edits,
-                                    job.text_tokens, job.baselines, progress)
+    targets = [(t.tensor.removesuffix(".weight"), t.transposed) for t in mask.targets]
+    masks = [mask.mask(i, threshold) for i in range(len(mask.targets))]
+    reports, text = evaluate_splits(loaded, targets, masks, edited, job.text_tokens, job.baselines, progress)
     return {"mask": str(job.output), "threshold": threshold or mask.threshold,
-            "pruned_fraction": float((1 - K).mean()), "rsr": reports, "text": text}
+            "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}
 
 
-def _variants(loaded, module_path, transposed, edit: Edit, K):
+def _variants(loaded, targets: list[tuple[str, bool]], sample: list[Edit], masks: list[torch.Tensor]):
     from contextlib import ExitStack, contextmanager
 
     from ..edit.edits import edits_applied
@@ -272,25 +283,25 @@ def _variants(loaded, module_path, transposed, edit: Edit, K):
 
     @contextmanager
     def edited():
-        with edits_applied(loaded.model, loaded.arch, [edit]):
+        with edits_applied(loaded.model, loaded.arch, sample):
             yield
 
     @contextmanager
     def pruned():
         with ExitStack() as stack:
-            stack.enter_context(edits_applied(loaded.model, loaded.arch, [edit]))
-            stack.enter_context(masked_weight(loaded, module_path, K, transposed))
+            stack.enter_context(edits_applied(loaded.model, loaded.arch, sample))
+            stack.enter_context(masks_applied(loaded, targets, masks))
             yield
 
     @contextmanager
     def mask_only():
-        with masked_weight(loaded, module_path, K, transposed):
+        with masks_applied(loaded, targets, masks):
             yield
 
     return {"original": original, "edited": edited, "pruned": pruned, "mask_on_unedited": mask_only}
 
 
-def write_outputs(path: Path, mask: MaskFile, K: torch.Tensor, reports: dict) -> None:
+def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
     stem = path.with_suffix("")
     metrics = mask.metrics
     (stem.parent / (stem.name + ".json")).write_text(json.dumps(metrics, indent=2))
@@ -298,9 +309,13 @@ def write_outputs(path: Path, mask: MaskFile, K: torch.Tensor, reports: dict) ->
     if "test" in reports:
         figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
                                               f"{mask.model_id}: RSR per relation (test)"))
-    figures.append(plots.pruned_per_output(K, stem.parent / f"{stem.name}-pruned.png",
-                                           "pruned fraction per output dimension"))
-    figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap.png", "mask (pruned share, pooled)"))
+    for target, K in zip(mask.targets, masks):
+        # one figure pair per masked tensor; a single target keeps the plain names
+        tag = f"-L{target.layer}" if len(masks) > 1 else ""
+        figures.append(plots.pruned_per_output(K, stem.parent / f"{stem.name}-pruned{tag}.png",
+                                               f"pruned fraction per output dimension (layer {target.layer})"))
+        figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap{tag}.png",
+                                     f"mask, layer {target.layer} (pruned share, pooled)"))
     (stem.parent / (stem.name + ".md")).write_text(card(path, mask, reports, [f.name for f in figures]))
     update_index(path, mask)
 
@@ -331,8 +346,8 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
     m = mask.metrics
     lines = [
         f"# Mask card: `{path.name}`", "",
-        f"- model: `{mask.model_id}` ({mask.model_type}), tensor `{mask.targets[0].tensor}` "
-        f"(layer {mask.targets[0].layer}, [out, in] = {list(mask.targets[0].shape)})",
+        f"- model: `{mask.model_id}` ({mask.model_type}), "
+        + ", ".join(f"tensor `{t.tensor}` (layer {t.layer}, [out, in] = {list(t.shape)})" for t in mask.targets),
         f"- trained against: {mask.method.upper()} edits; threshold γ = {mask.threshold:.3f}; "
         f"pruned {_pct(m['pruned_fraction'])} of the weights",
         f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "

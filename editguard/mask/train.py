@@ -226,21 +226,27 @@ class TrainState:
 class MaskTrainer:
     """Trains Θ for the masked tensors of `targets` ([(module path, transposed)]) against edits.
 
-    ROME: `u`, `v` are per-record factors of one target. MEMIT: `dense` holds one fixed ΔW per target."""
+    ROME: `u`, `v` are per-record factors of one target. MEMIT: `dense[g][t]` is batch edit g's ΔW on
+    target t (None: that edit leaves t alone) and `record_group[i]` the batch edit record i belongs to;
+    a record is trained against the masked weights of its own batch edit."""
 
     def __init__(self, loaded: LoadedModel, targets: list[tuple[str, bool]], start_layer: int, data: PromptSet,
                  config: TrainConfig, u: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                 dense: list[torch.Tensor] | None = None):
+                 dense: list[list[torch.Tensor | None]] | None = None, record_group: torch.Tensor | None = None):
         self.loaded, self.targets, self.start, self.data, self.cfg = loaded, targets, start_layer, data, config
-        self.u, self.v, self.dense = u, v, dense
-        self.modules = []
-        for i, (path, transposed) in enumerate(targets):
+        self.u, self.v = u, v
+        self.modules, self.base_weights = [], []
+        for path, transposed in targets:
             module = loaded.model.get_submodule(path)
-            weight = canonical_weight(module, transposed)
-            if dense is not None:
-                weight = weight + dense[i].float()
             bias = getattr(module, "bias", None)
-            self.modules.append(MaskedProjection(weight, bias.detach().float() if bias is not None else None))
+            self.base_weights.append(canonical_weight(module, transposed))
+            self.modules.append(MaskedProjection(self.base_weights[-1], bias.detach().float() if bias is not None else None))
+        # the edited weights of each batch edit, built once (one dense matrix per edit and target, not per record)
+        self.group_weights = [[w if d is None else w + d.float() for w, d in zip(self.base_weights, deltas)]
+                              for deltas in dense or []]
+        self.record_group = record_group
+        if dense is not None and (record_group is None or len(record_group) != int(data.record.max()) + 1):
+            raise ValueError("dense batch edits need the batch edit of every record")
         n_records = int(data.record.max()) + 1
         self.prompts_of = [[] for _ in range(n_records)]
         for j, r in enumerate(data.record.tolist()):
@@ -271,13 +277,12 @@ class MaskTrainer:
         and run in `groups` length buckets, so padding does not go through the network."""
         cfg, data = self.cfg, self.data
         rows = torch.tensor([j for r in records for j in self.prompts_of[r]])
-        rows = rows[data.mask[rows].sum(1).argsort()]
         tau = cfg.tau(progress)
         masks = [torch.sigmoid(t / tau) for t in theta]
         T = cfg.temperature(progress)
         margin_sum, kl_sum, flips = 0.0, 0.0, 0.0
-        for bucket in rows.chunk(min(groups, len(rows))):
-            logits = self._last_logits(bucket, masks, edited)
+        for group, bucket in self._buckets(rows, groups):
+            logits = self._last_logits(bucket, masks, edited, group)
             device = logits.device
             z_new = logits.gather(1, data.new_tok[bucket, None].to(device))[:, 0]
             z_true = logits.gather(1, data.true_tok[bucket, None].to(device))[:, 0]
@@ -293,12 +298,24 @@ class MaskTrainer:
         total = margin + sparsity + cfg.beta_kl * T * T * kl
         return total, {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(), "flip": flips / n}
 
-    def _last_logits(self, rows: torch.Tensor, masks: list[torch.Tensor], edited: bool) -> torch.Tensor:
+    def _buckets(self, rows: torch.Tensor, groups: int) -> list[tuple[int | None, torch.Tensor]]:
+        """(batch edit, rows): rows of one batch edit each (MEMIT), sorted by length into `groups` buckets."""
+        rows = rows[self.data.mask[rows].sum(1).argsort()]
+        if self.record_group is None:
+            return [(None, b) for b in rows.chunk(min(groups, len(rows)))]
+        of_row = self.record_group[self.data.record[rows]]
+        return [(g, b) for g in of_row.unique().tolist()
+                for b in rows[of_row == g].chunk(min(groups, int((of_row == g).sum())))]
+
+    def _last_logits(self, rows: torch.Tensor, masks: list[torch.Tensor], edited: bool,
+                     group: int | None = None) -> torch.Tensor:
         data, model, arch = self.data, self.loaded.model, self.loaded.arch
         width = int(data.mask[rows].sum(1).max())
         device = self.loaded.device
-        for module, K in zip(self.modules, masks):
+        for i, (module, K) in enumerate(zip(self.modules, masks)):
             module.K = K
+            edited_weights = self.group_weights[group] if group is not None and edited else self.base_weights
+            module.weight = edited_weights[i]
             if self.u is not None and edited:
                 module.u, module.v = self.u[data.record[rows]], self.v[data.record[rows]]
             else:
