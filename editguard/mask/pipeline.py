@@ -145,11 +145,12 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
 
     def fill(splits: list[str], stage: str) -> EditBank:
         done, bank = [], None
+        total = sum(len(facts[split]) for split in splits)  # `done` grows to it: one bar over all splits
         for split in splits:
             done += facts[split]
             batch = (job.memit_batch if split == "train" else None) or len(facts[split]) or 1
             bank = fill_bank(loaded, done, hp, bank_path, resume=bank_path.exists(), memit_batch=batch,
-                             progress=lambda d, total: progress(stage, d, total, ""))
+                             progress=lambda d, _: progress(stage, d, total, ""))
         return bank
 
     bank = fill(["val", "train"] + (["test"] if job.bank_only else []), "edit bank")
