@@ -60,4 +60,12 @@ def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:
                 exact = False
         if ok:
             fits.append({**entry, "match": "exact" if exact else "shape"})
-    return sorted(fits, key=lambda e: e["match"] != "exact")
+    # exact matches first, then the mask that reverses the most held-out edits
+    return sorted(fits, key=lambda e: (e["match"] != "exact", -(e.get("test_rsr") or 0)))
+
+
+def prefer_layers(fits: list[dict], layers) -> list[dict]:
+    """`fits` with the masks over any of `layers` (where edits were found or planted) first: a mask only
+    reverses edits of the tensor it was trained on."""
+    wanted = set(layers or [])
+    return sorted(fits, key=lambda e: not wanted.intersection(e.get("layers") or []))

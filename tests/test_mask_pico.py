@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -61,6 +62,29 @@ def test_mask_file_roundtrip_and_fit(tmp_path, pico_models):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(EditguardError, match="corrupted mask file"):
         MaskFile.load(tmp_path / "bad.safetensors")
+
+
+def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico_models):
+    import json
+
+    from editguard import arch as arch_table
+    from editguard import masks_index
+
+    llama = Checkpoint(pico_models["llama"])
+    arch = arch_table.for_config(llama.config)
+    entries = []
+    for name, layer, rsr in (("weak0.safetensors", 0, 0.2), ("strong1.safetensors", 1, 0.6), ("mid0.safetensors", 0, 0.4)):
+        tensor = f"model.layers.{layer}.mlp.down_proj.weight"
+        entries.append({"file": name, "model_type": "llama", "layers": [layer], "test_rsr": rsr,
+                        "targets": [{"tensor": tensor, "stored_shape": list(llama.info(tensor).shape),
+                                     "fingerprint": ""}]})
+    (tmp_path / "index.json").write_text(json.dumps(entries))
+    monkeypatch.setenv("EDITGUARD_MASKS", str(tmp_path))
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    fits = [f for f in masks_index.fitting(arch, llama) if Path(f["path"]).parent == tmp_path]
+    assert [f["file"] for f in fits] == ["strong1.safetensors", "mid0.safetensors", "weak0.safetensors"]
+    assert [f["file"] for f in masks_index.prefer_layers(fits, [0])][:2] == ["mid0.safetensors", "weak0.safetensors"]
+    assert masks_index.prefer_layers(fits, [])[0]["file"] == "strong1.safetensors"
 
 
 def _trainer(loaded, seed=0):

@@ -118,7 +118,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         if "hidden" in options.tests and scores is not None:
             _reveal_by_projection(loaded, probes, findings, tests, progress)
         if "hidden" in options.tests:
-            mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint)
+            flagged_layers = key_layers + [f.layer for f in findings if f.layer is not None]
+            mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint, flagged_layers)
             if mask_file is None:
                 tests["hidden"] = {"skipped": why_not}
             else:
@@ -189,11 +190,11 @@ def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, pro
 MIN_SHIPPED_MASK_RSR = 0.5
 
 
-def _fitting_mask(explicit: str | None, arch, checkpoint) -> tuple[Path | None, str]:
-    """The mask for the hidden-facts test, or None and why not."""
+def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> tuple[Path | None, str]:
+    """The mask for the hidden-facts test (preferring one over a flagged layer), or None and why not."""
     if explicit:
         return Path(explicit), ""
-    fits = masks_index.fitting(arch, checkpoint)
+    fits = masks_index.prefer_layers(masks_index.fitting(arch, checkpoint), layers)
     if not fits:
         return None, "no mask fits this model (give --mask)"
     good = [f for f in fits if (f.get("test_rsr") or 0) >= MIN_SHIPPED_MASK_RSR]
