@@ -26,7 +26,8 @@ from editguard.harden.project import KEY_TEMPLATES, key_basis, subject_keys
 from editguard.loading import load_model
 from editguard.mask.evaluate import preference, svd_reversal_factors
 from editguard.mask.file import MaskFile
-from editguard.mask.pipeline import edits_by_case, per_relation
+from editguard.mask.pipeline import per_relation
+from editguard.mask.splits import edits_by_case
 from editguard.resolve import resolve
 
 
