@@ -139,3 +139,41 @@ def test_key_projection_deletes_a_rome_edit(edited, pico_models):
     torch.testing.assert_close(project_out(now.T.contiguous(), keys, True), projected.T, atol=1e-6, rtol=1e-5)
     with pytest.raises(Exception, match="names its subject"):
         projection_replacements(loaded, Checkpoint(edited), {1: [{"prompt": "no subject here", "subject": "Spain"}]})
+
+
+def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeypatch):
+    """A MEMIT mask is judged against MEMIT batch edits at its layers; a mask that zeroes both edited
+    projections leaves the locked model exactly as often on the new object as it was before any edit."""
+    import pico_facts
+
+    from editguard.data.counterfact import load
+    from editguard.edit.facts import Fact
+    from editguard.edit.quality import judge
+    from editguard.harden.lock import install_mask
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    ck = Checkpoint(pico_models["llama"])
+    targets = [MaskTarget(f"model.layers.{i}.mlp.down_proj.weight", i, (32, 64), False,
+                          fingerprint(ck.read(f"model.layers.{i}.mlp.down_proj.weight")), torch.zeros(32, 64))
+               for i in (0, 1)]
+    mask_path = tmp_path / "zero_memit.safetensors"
+    MaskFile("pico", None, "llama", "memit", 0.5, targets).save(mask_path)
+    hp = tmp_path / "memit.yaml"
+    hp.write_text(yaml.safe_dump({"alg_name": "MEMIT", "layers": [1], "context_template_length_params": [[5, 5]],
+                                  "v_num_grad_steps": 25, "v_lr": 0.5, "clamp_norm_factor": 8,
+                                  "mom2_update_weight": 100.0, "mom2_n_samples": 20}))
+    data = tmp_path / "facts.json"
+    pico_facts.write(data)
+    r = cli("-f", "json", "lock", pico_models["llama"], "--mask", mask_path, "--evaluate", "4", "--hparams", hp,
+            "--data", data)
+    assert r.code == 0, r.err
+    e = r.json["evaluation"]
+    assert e["method"] == "memit" and e["unlocked"]["n"] == 4
+    assert e["unlocked"]["edit_success"] >= 0.75  # the batch edit (at the mask's layers 0 and 1) works unlocked
+    locked = load_model(resolve(str(pico_models["llama"])))
+    install_mask(locked.model, locked.arch, MaskFile.load(mask_path))
+    facts = [Fact.from_record(rec) for rec in load(str(data)).records[:4]]
+    before = sum(q.efficacy for q in judge(locked, facts)) / 4
+    assert e["locked"]["edit_success"] == before

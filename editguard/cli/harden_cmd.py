@@ -194,9 +194,11 @@ def lock_command(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the locked checkpoint.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
-    evaluate: Annotated[Optional[int], typer.Option("--evaluate", min=1, help="Measure ROME edit success on N "
-                                                                          "CounterFact records, unlocked vs locked.")] = None,
-    hparams: Annotated[Optional[str], typer.Option("--hparams", help="ROME hyperparameters for --evaluate.")] = None,
+    evaluate: Annotated[Optional[int], typer.Option("--evaluate", min=1, help="Measure edit success (the mask's "
+                                                                          "method) on N CounterFact records, unlocked vs locked.")] = None,
+    hparams: Annotated[Optional[str], typer.Option("--hparams", help="Edit hyperparameters for --evaluate.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="CounterFact file for --evaluate (default: the "
+                                                "paper's held-out ROME test split).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -221,12 +223,13 @@ def lock_command(
             manifest = lock_checkpoint(checkpoint, arch, mask_file, mask_path, output, threshold, force=force)
         info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"])
     if evaluate is not None:
-        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold)
+        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data)
     out.emit(info, _render_lock)
 
 
-def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, threshold: float | None) -> dict:
-    from ..data.counterfact import load_split
+def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, threshold: float | None,
+                   data: str | None) -> dict:
+    from ..data.counterfact import load, load_split
     from ..edit.facts import Fact
     from ..edit.hparams import load_hparams
     from ..harden.lock import evaluate_lock, install_mask
@@ -235,13 +238,15 @@ def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, thresh
 
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
     if hparams is None and default is None:
-        raise EditguardError("--evaluate needs --hparams (ROME YAML or preset) for non-demo models")
-    hp = load_hparams(hparams or default, "rome", {"layers": [mask_file.targets[0].layer]})
-    facts = [Fact.from_record(r) for r in per_relation(load_split("rome-test"), n)]
+        raise EditguardError("--evaluate needs --hparams (ROME/MEMIT YAML or preset) for non-demo models")
+    # the method the mask was trained against, at the layers it masks
+    hp = load_hparams(hparams or default, mask_file.method, {"layers": sorted(t.layer for t in mask_file.targets)})
+    records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
+    facts = [Fact.from_record(r) for r in records]
     unlocked = load_model(ref)
     locked = load_model(ref)
     install_mask(locked.model, locked.arch, mask_file, threshold)
-    with state.out().progress(f"ROME on {n} facts, unlocked then locked") as advance:
+    with state.out().progress(f"{hp.method.upper()} on {n} facts, unlocked then locked") as advance:
         return evaluate_lock(unlocked, locked, facts, hp, progress=lambda m: advance(0, description=m))
 
 
@@ -251,5 +256,5 @@ def _render_lock(console, r) -> None:
                       f"mask {escape(r['mask'])})")
     if r.get("evaluation"):
         e = r["evaluation"]
-        console.print(f"ROME edit success on {e['unlocked']['n']} CounterFact facts: unlocked "
+        console.print(f"{e['method'].upper()} edit success on {e['unlocked']['n']} CounterFact facts: unlocked "
                       f"{e['unlocked']['edit_success']:.0%} → locked {e['locked']['edit_success']:.0%}")

@@ -120,20 +120,28 @@ def load_locked(reference: str, *, verify: bool = True, **load_kwargs):
 
 
 def evaluate_lock(unlocked, locked, facts: list, hp, progress: Callable[[str], None] | None = None) -> dict:
-    """ROME edit success (efficacy: P(new) > P(true) on the rewrite prompt) without and with the lock.
-    On the locked model the edits are computed and judged through the locked forward, as the paper does."""
+    """Edit success (efficacy: P(new) > P(true) on the rewrite prompt) without and with the lock, for the
+    method of `hp`: ROME edits each fact alone, MEMIT edits all facts in one batch. On the locked model the
+    edits are computed and judged through the locked forward, as the paper does (MEMIT's covariance comes
+    from the checkpoint's statistics cache, as an editor holding the unlocked model's statistics would)."""
     from ..edit.edits import edits_applied
     from ..edit.quality import judge
-    from ..edit.rome import rome_edits
 
-    result = {}
+    result: dict = {"method": hp.method}
     for name, loaded in (("unlocked", unlocked), ("locked", locked)):
         if progress:
-            progress(f"ROME on the {name} model")
-        edits = rome_edits(loaded, facts, hp)
+            progress(f"{hp.method.upper()} on the {name} model")
+        if hp.method == "memit":
+            from ..edit.memit import memit_edit
+
+            batches = [(facts, memit_edit(loaded, facts, hp))]
+        else:
+            from ..edit.rome import rome_edits
+
+            batches = [([fact], [edit]) for fact, edit in zip(facts, rome_edits(loaded, facts, hp))]
         success = []
-        for fact, edit in zip(facts, edits):
-            with edits_applied(loaded.model, loaded.arch, [edit]):
-                success.append(judge(loaded, [fact])[0].efficacy)
+        for batch_facts, edits in batches:
+            with edits_applied(loaded.model, loaded.arch, edits):
+                success += [q.efficacy for q in judge(loaded, batch_facts)]
         result[name] = {"n": len(facts), "edit_success": sum(success) / len(success)}
     return result
