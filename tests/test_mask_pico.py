@@ -280,3 +280,21 @@ def test_killed_training_resumes(pico_models, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     mask = MaskFile.load(out)
     assert mask.metrics["steps"] == 125 and mask.metrics["curve"][-1]["step"] == 125
+
+
+def test_shipped_masks_match_their_index_and_cards():
+    """Every mask in masks/index.json loads, and the index and card repeat the file's own figures."""
+    import json
+
+    folder = Path(__file__).resolve().parent.parent / "masks"
+    entries = json.loads((folder / "index.json").read_text())
+    assert entries
+    for entry in entries:
+        mask = MaskFile.load(folder / entry["file"])
+        assert entry["layers"] == [t.layer for t in mask.targets] and entry["method"] == mask.method
+        assert abs(entry["pruned_fraction"] - mask.pruned_fraction()) < 1e-3
+        assert entry["test_rsr"] == mask.metrics["rsr"]["test"]["rsr"]
+        card = (folder / entry["file"].replace(".safetensors", ".md")).read_text()
+        assert f"**{100 * entry['test_rsr']:.1f} %**" in card
+        for figure in [line[line.index("(") + 1:-1] for line in card.splitlines() if line.startswith("![")]:
+            assert (folder / figure).is_file(), figure

@@ -184,10 +184,11 @@ def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, pro
         findings += findings_from_projection(layer_found, layer, loaded.arch.weight_name("mlp_out", layer), len(chosen))
 
 
-# A shipped mask is used unasked only if it reverses at least this share of held-out edits: a weaker one
-# reveals more noise than facts (the shipped 15 % SmolLM2 mask changes 30 of 1,708 confident answers of
-# the clean demo model, `bench/calibrate_scan.py`), and a CI gate must not fail clean uploads on it.
-MIN_SHIPPED_MASK_RSR = 0.5
+# A shipped mask is used unasked only if it meets the quality bar masks are trained to (held-out RSR
+# >= 80 %): a weaker one reveals more noise than facts (the shipped 15 % SmolLM2 mask changes 30 of 1,708
+# confident answers of the clean demo model, `bench/calibrate_scan.py`; the 52 % layer-9 mask changes
+# the Top-1 answer on 17 % of WikiText-2 tokens), and a CI gate must not fail clean uploads on it.
+MIN_SHIPPED_MASK_RSR = 0.8
 
 
 def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> tuple[Path | None, str]:
