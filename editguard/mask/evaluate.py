@@ -84,6 +84,14 @@ def svd_reversal_factors(u, v, weight):
     return torch.stack([u, -sigma[:, None] * a], dim=-1), torch.stack([v, b], dim=-1)
 
 
+def outside_largest(delta: torch.Tensor, fraction: float) -> torch.Tensor:
+    """0/1 mask that prunes the `fraction` of entries where |ΔW| is largest (the magnitude baseline)."""
+    magnitude = delta.abs()
+    k = max(int(fraction * magnitude.numel()), 1)
+    cut = magnitude.reshape(-1).kthvalue(magnitude.numel() - k + 1).values
+    return (magnitude < cut).float()
+
+
 @torch.no_grad()
 def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v, fraction: float,
                        transposed: bool) -> torch.Tensor:
@@ -94,10 +102,7 @@ def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v,
         base = weight.detach().clone()
         for i, fact in enumerate(facts):
             delta = torch.outer(u[i], v[i])
-            k = max(int(fraction * delta.numel()), 1)
-            cut = delta.abs().reshape(-1).kthvalue(delta.numel() - k + 1).values
-            keep = (delta.abs() < cut).float()
-            edited = ((base.T if transposed else base).float() + delta) * keep
+            edited = ((base.T if transposed else base).float() + delta) * outside_largest(delta, fraction)
             weight.copy_((edited.T if transposed else edited).to(weight))
             prefs.append(preference(loaded, [fact], module_path, None, None, None, transposed)[0])
     return torch.stack(prefs)

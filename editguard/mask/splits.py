@@ -20,7 +20,7 @@ from ..edit.edits import Edit, edits_applied, weight_param, weights_restored
 from ..edit.facts import Fact
 from ..errors import EditguardError
 from ..loading import LoadedModel
-from .evaluate import masks_applied, preference, rsr_report, share, summarise
+from .evaluate import masks_applied, outside_largest, preference, rsr_report, share, summarise
 
 Targets = list[tuple[str, bool]]  # (module path, transposed)
 WeightChange = Callable[[LoadedModel, Targets, list[Edit]], contextlib.AbstractContextManager]
@@ -171,10 +171,7 @@ def largest_delta_pruned(loaded: LoadedModel, targets: Targets, edits: list[Edit
     edited = [(path + ".weight", transposed) for path, transposed in targets if path + ".weight" in by_tensor]
     with weights_restored(loaded.model, [name for name, _ in edited]), torch.no_grad():
         for name, transposed in edited:
-            delta = by_tensor[name].delta().abs()
-            k = max(int(fraction * delta.numel()), 1)
-            cut = delta.reshape(-1).kthvalue(delta.numel() - k + 1).values
-            keep = (delta < cut).to(torch.float32)
+            keep = outside_largest(by_tensor[name].delta(), fraction)
             weight = weight_param(loaded.model, name)
             weight.mul_((keep.T if transposed else keep).to(weight))
         yield

@@ -247,9 +247,9 @@ class MaskTrainer:
         self.group_weights = [[w if d is None else w + d.float() for w, d in zip(self.base_weights, deltas)]
                               for deltas in dense or []]
         self.record_group = record_group
-        if dense is not None and (record_group is None or len(record_group) != int(data.record.max()) + 1):
-            raise ValueError("dense batch edits need the batch edit of every record")
         n_records = int(data.record.max()) + 1
+        if dense is not None and (record_group is None or len(record_group) != n_records):
+            raise ValueError("dense batch edits need the batch edit of every record")
         self.prompts_of = [[] for _ in range(n_records)]
         for j, r in enumerate(data.record.tolist()):
             self.prompts_of[r].append(j)
@@ -314,10 +314,9 @@ class MaskTrainer:
         data, model, arch = self.data, self.loaded.model, self.loaded.arch
         width = int(data.mask[rows].sum(1).max())
         device = self.loaded.device
-        for i, (module, K) in enumerate(zip(self.modules, masks)):
-            module.K = K
-            edited_weights = self.group_weights[group] if group is not None and edited else self.base_weights
-            module.weight = edited_weights[i]
+        weights = self.group_weights[group] if group is not None and edited else self.base_weights
+        for module, K, weight in zip(self.modules, masks, weights):
+            module.K, module.weight = K, weight
             if self.u is not None and edited:
                 module.u, module.v = self.u[data.record[rows]], self.v[data.record[rows]]
             else:
