@@ -199,6 +199,7 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert not (out.parent / "pico_rome.ckpt.safetensors").exists()
     assert set(metrics["rsr"]) == {"train", "val", "test"}
     assert 0 <= metrics["rsr"]["test"]["rsr"] <= 1 and "baseline_svd_rsr" in metrics["rsr"]["test"]
+    assert {"rsr_mask_on_weights_only", "rsr_mask_on_edit_only"} <= set(metrics["rsr"]["test"])
     assert metrics["text"]["original"]["perplexity"] > 1
     assert len(metrics["curve"]) == 2
     best = max(c["val_rsr"] for c in metrics["curve"])
@@ -235,6 +236,7 @@ def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkey
     metrics = result.json
     assert metrics["rsr"]["train"]["memit_batches"] == [10, 10]  # two batch edits of the training records
     assert metrics["rsr"]["val"]["memit_batches"] == [8] and metrics["rsr"]["test"]["memit_batches"] == [8]
+    assert {"rsr_mask_on_weights_only", "rsr_mask_on_edit_only"} <= set(metrics["rsr"]["test"])
     assert 0 <= metrics["rsr"]["test"]["rsr"] <= 1 and "baseline_svd_rsr" in metrics["rsr"]["test"]
     assert abs(metrics["pruned_fraction"] - 0.1) < 0.01  # γ chosen over both layers together
     mask = MaskFile.load(out)
@@ -298,3 +300,47 @@ def test_shipped_masks_match_their_index_and_cards():
         assert f"**{100 * entry['test_rsr']:.1f} %**" in card
         for figure in [line[line.index("(") + 1:-1] for line in card.splitlines() if line.startswith("![")]:
             assert (folder / figure).is_file(), figure
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_reversal_sources_mask_the_base_or_the_edit(model_type, pico_models):
+    """RSR's decomposition: K on the base weights only is W ⊙ K + ΔW, K on the edit only is W + ΔW ⊙ K
+    (ROME factored per row, MEMIT as dense batch edits), each equal to the dense computation."""
+    from editguard.edit.edits import Edit, weight_param, weights_restored
+    from editguard.edit.facts import Fact
+    from editguard.loading import load_model
+    from editguard.mask.evaluate import preference
+    from editguard.mask.splits import MemitSplit
+    from editguard.mask.train import canonical_weight
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(pico_models[model_type])))
+    arch = loaded.arch
+    path, transposed = arch.module("mlp_out", 1), arch.mlp_out_transposed
+    facts = [Fact("The official language of {}", c, n, t, i, "P103", ())
+             for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("Spain", "German", "Spanish")])]
+    gen = torch.Generator().manual_seed(3)
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(path), transposed).shape
+    u, v = torch.randn(2, out_dim, generator=gen), torch.randn(2, in_dim, generator=gen) * 0.3
+    K = torch.rand(out_dim, in_dim, generator=gen).round()
+
+    def dense(i, on):  # preference of fact i with the edit and mask written into the weight
+        name = path + ".weight"
+        with weights_restored(loaded.model, [name]), torch.no_grad():
+            weight = weight_param(loaded.model, name)
+            W = canonical_weight(loaded.model.get_submodule(path), transposed).float()
+            delta = torch.outer(u[i], v[i])
+            new = W * K + delta if on == "weights" else W + delta * K
+            weight.copy_((new.T if transposed else new).to(weight))
+            return preference(loaded, [facts[i]], None, None, None, None, False)[0]
+
+    for on in ("weights", "edit"):
+        fast = preference(loaded, facts, path, u, v, K, transposed, mask_on=on)
+        torch.testing.assert_close(fast, torch.stack([dense(i, on) for i in range(2)]), atol=1e-4, rtol=1e-4)
+    both = preference(loaded, facts, path, u, v, K, transposed)
+    assert not torch.allclose(both, preference(loaded, facts, path, u, v, K, transposed, mask_on="edit"))
+    edits = [[Edit("memit", 1, path + ".weight", u[i], v[i], [facts[i]])] for i in range(2)]
+    split = MemitSplit(facts, [[0], [1]], edits)
+    for on in ("weights", "edit"):
+        got = split.preference(loaded, [(path, transposed)], [K], mask_on=on)
+        torch.testing.assert_close(got, torch.stack([dense(i, on) for i in range(2)]), atol=1e-4, rtol=1e-4)

@@ -105,7 +105,8 @@ def _render(console, m) -> None:
     console.print(f"wrote {m['mask']} (+ .md card, .json metrics, figures; index.json updated)")
     console.print(f"pruned {m['pruned_fraction']:.1%} at γ={m['threshold']:.3f}; test RSR {test.get('rsr', float('nan')):.1%} "
                   f"(original prefers true {test.get('original_prefers_true', float('nan')):.1%}, "
-                  f"among known {test.get('rsr_known', float('nan')):.1%}, SVD baseline "
+                  f"among known {test.get('rsr_known', float('nan')):.1%}, mask on the edit only "
+                  f"{test.get('rsr_mask_on_edit_only', float('nan')):.1%}, SVD baseline "
                   f"{test.get('baseline_svd_rsr', float('nan')):.1%}); perplexity original "
                   f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "
                   f"{m['total_seconds']:.0f} s")
@@ -146,7 +147,9 @@ def _render_evaluation(console, m) -> None:
     for split, r in m["rsr"].items():
         console.print(f"  {split}: RSR {r['rsr']:.1%} (original prefers true {r['original_prefers_true']:.1%}, among "
                       f"known {r['rsr_known']:.1%}, edited {r['edited_prefers_true']:.1%}, mask on unedited "
-                      f"{r['mask_on_unedited_prefers_true']:.1%}; SVD baseline {r.get('baseline_svd_rsr', float('nan')):.1%}, "
+                      f"{r['mask_on_unedited_prefers_true']:.1%}; mask on base weights only "
+                      f"{r.get('rsr_mask_on_weights_only', float('nan')):.1%}, on the edit only "
+                      f"{r.get('rsr_mask_on_edit_only', float('nan')):.1%}; SVD baseline {r.get('baseline_svd_rsr', float('nan')):.1%}, "
                       f"magnitude {r.get('baseline_magnitude_rsr', float('nan')):.1%}; n={r['n']})")
     t = m["text"]
     console.print(f"  perplexity: original {t['original']['perplexity']:.2f}, edited {t['edited']['perplexity']:.2f}, "

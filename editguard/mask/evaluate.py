@@ -49,18 +49,21 @@ def masks_applied(loaded: LoadedModel, targets: list[tuple[str, bool]], masks: l
 
 
 def preference(loaded: LoadedModel, facts: list, module_path: str | None, u: torch.Tensor | None,
-               v: torch.Tensor | None, K: torch.Tensor | None, transposed: bool, batch_size: int = 64) -> torch.Tensor:
+               v: torch.Tensor | None, K: torch.Tensor | None, transposed: bool, batch_size: int = 64,
+               mask_on: str = "both") -> torch.Tensor:
     """log p(true) − log p(new) on each fact's rewrite prompt (full multi-token objects), with fact i's
-    edit (u[i] v[i]ᵀ, rank r if 3-D) added and the mask K on the whole edited weight. Without u and K
-    (module_path may then be None): the model as it is."""
+    edit (u[i] v[i]ᵀ, rank r if 3-D) added and the mask K on the whole edited weight (`mask_on` "both"),
+    on the base weight only ("weights": W ⊙ K + ΔW) or on the edit only ("edit": W + ΔW ⊙ K). Without u
+    and K (module_path may then be None): the model as it is."""
     prompts = [f.text for f in facts for _ in (0, 1)]
     objects = [o for f in facts for o in (f.target_true, f.target_new)]
     edits = None
     if u is not None:
         uu = u if u.dim() == 3 else u.unsqueeze(-1)
         vv = v if v.dim() == 3 else v.unsqueeze(-1)
-        edits = RowEdits(module_path, uu.repeat_interleave(2, 0), vv.repeat_interleave(2, 0), mask=K)
-    with masked_weight(loaded, module_path, K, transposed):
+        edits = RowEdits(module_path, uu.repeat_interleave(2, 0), vv.repeat_interleave(2, 0),
+                         mask=None if mask_on == "weights" else K)
+    with masked_weight(loaded, module_path, None if mask_on == "edit" else K, transposed):
         sums, _ = continuation_logprobs(loaded, prompts, objects, edits, batch_size=batch_size)
     return sums[0::2] - sums[1::2]
 
@@ -116,6 +119,8 @@ def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: b
     masked = preference(loaded, facts, module_path, u, v, K, transposed)
     control = preference(loaded, facts, module_path, None, None, K, transposed)
     report = summarise(facts, orig, edited, masked, control)
+    report |= reversal_sources(preference(loaded, facts, module_path, u, v, K, transposed, mask_on="weights"),
+                               preference(loaded, facts, module_path, u, v, K, transposed, mask_on="edit"))
     if baselines:
         weight = loaded.model.get_submodule(module_path).weight.detach().float()
         canonical = weight.T if transposed else weight
@@ -152,6 +157,13 @@ def summarise(facts: list, orig: torch.Tensor, edited: torch.Tensor, masked: tor
         report["per_relation"][rel] = {"n": len(idx), "rsr": share(masked[idx_t] > 0),
                                        "original": share(orig[idx_t] > 0)}
     return report
+
+
+def reversal_sources(weights_only: torch.Tensor, edit_only: torch.Tensor) -> dict:
+    """Where the reversal comes from: RSR with K on the base weights only (W ⊙ K + ΔW) and on the edit
+    only (W + ΔW ⊙ K). A mask that works through the base weights, not by cutting ΔW, leaves an editor
+    who computes the edit through the masked model (`lock --evaluate`) free to compensate."""
+    return {"rsr_mask_on_weights_only": share(weights_only > 0), "rsr_mask_on_edit_only": share(edit_only > 0)}
 
 
 def share(mask: torch.Tensor) -> float:

@@ -361,14 +361,18 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         f"on {m['machine']}; editguard {__version__}", "",
         "## Reversal (RSR: masked edited model prefers the true object, full multi-token log-prob)", "",
         "| split | n | original prefers true | edited, no mask | **RSR** | RSR among known | mask on unedited | "
-        "SVD baseline | magnitude baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "mask on base weights only | mask on the edit only | SVD baseline | magnitude baseline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split, r in reports.items():
         lines.append(f"| {split} | {r['n']} | {_pct(r['original_prefers_true'])} | {_pct(r['edited_prefers_true'])} | "
                      f"**{_pct(r['rsr'])}** | {_pct(r['rsr_known'])} ({r['known']}) | "
-                     f"{_pct(r['mask_on_unedited_prefers_true'])} | {_pct(r.get('baseline_svd_rsr'))} | "
+                     f"{_pct(r['mask_on_unedited_prefers_true'])} | {_pct(r.get('rsr_mask_on_weights_only'))} | "
+                     f"{_pct(r.get('rsr_mask_on_edit_only'))} | {_pct(r.get('baseline_svd_rsr'))} | "
                      f"{_pct(r.get('baseline_magnitude_rsr'))} |")
+    lines += ["", "RSR with the mask on the base weights only (W ⊙ K + ΔW) and on the edit only (W + ΔW ⊙ K) "
+              "says where the reversal comes from; only what the mask cuts from ΔW survives an editor who "
+              "computes the edit through the masked model (`editguard lock --evaluate`)."]
     t = m["text"]
     lines += ["", f"## Model cost (WikiText-2, {t['tokens']} tokens in {t['windows']} windows)", "",
               "| model | perplexity | Top-1 agreement with original | mean KL to original |", "|---|---|---|---|"]

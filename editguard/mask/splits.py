@@ -20,7 +20,7 @@ from ..edit.edits import Edit, edits_applied, weight_param, weights_restored
 from ..edit.facts import Fact
 from ..errors import EditguardError
 from ..loading import LoadedModel
-from .evaluate import masks_applied, outside_largest, preference, rsr_report, share, summarise
+from .evaluate import masks_applied, outside_largest, preference, reversal_sources, rsr_report, share, summarise
 
 Targets = list[tuple[str, bool]]  # (module path, transposed)
 WeightChange = Callable[[LoadedModel, Targets, list[Edit]], contextlib.AbstractContextManager]
@@ -123,17 +123,23 @@ class MemitSplit:
         return self.edits[0]
 
     def preference(self, loaded: LoadedModel, targets: Targets, masks: list[torch.Tensor] | None = None,
-                   edited: bool = True, change: WeightChange | None = None) -> torch.Tensor:
+                   edited: bool = True, change: WeightChange | None = None, mask_on: str = "both") -> torch.Tensor:
         """log p(true) − log p(new) per fact with its group's edit (unless `edited` is False), then
-        `change` (a baseline) and the masks."""
+        `change` (a baseline) and the masks: on the whole edited weights, or (`mask_on`) on the base
+        weights only ("weights") or on the edit only ("edit")."""
         out = torch.empty(len(self.facts))
         for idx, edits in zip(self.groups, self.edits):
             with contextlib.ExitStack() as stack:
-                if edited:
+                if mask_on == "weights":
+                    stack.enter_context(masks_applied(loaded, targets, masks))
+                if mask_on == "edit":
+                    stack.enter_context(masked_edits_applied(loaded, targets, edits, masks))
+                elif edited:
                     stack.enter_context(edits_applied(loaded.model, loaded.arch, edits))
                 if change is not None:
                     stack.enter_context(change(loaded, targets, edits))
-                stack.enter_context(masks_applied(loaded, targets, masks))
+                if mask_on == "both":
+                    stack.enter_context(masks_applied(loaded, targets, masks))
                 out[torch.tensor(idx)] = preference(loaded, [self.facts[i] for i in idx], None, None, None, None,
                                                     False)
         return out
@@ -142,6 +148,8 @@ class MemitSplit:
         report = summarise(self.facts, self.preference(loaded, targets, edited=False),
                            self.preference(loaded, targets), self.preference(loaded, targets, masks),
                            self.preference(loaded, targets, masks, edited=False))
+        report |= reversal_sources(self.preference(loaded, targets, masks, mask_on="weights"),
+                                   self.preference(loaded, targets, masks, mask_on="edit"))
         report["memit_batches"] = [len(g) for g in self.groups]
         if baselines:
             fraction = float(torch.cat([(1 - K).reshape(-1) for K in masks]).mean())
@@ -150,6 +158,21 @@ class MemitSplit:
                 loaded, targets, change=lambda lo, t, e: largest_delta_pruned(lo, t, e, fraction)) > 0)
             report["baseline_magnitude_n"] = len(self.facts)
         return report
+
+
+@contextlib.contextmanager
+def masked_edits_applied(loaded: LoadedModel, targets: Targets, edits: list[Edit], masks: list[torch.Tensor]
+                         ) -> Iterator[None]:
+    """W + ΔW ⊙ K on every edited target (an edit on a tensor without a mask is added whole)."""
+    mask_of = {path + ".weight": K for (path, _), K in zip(targets, masks)}
+    with weights_restored(loaded.model, sorted({e.tensor for e in edits})), torch.no_grad():
+        for edit in edits:
+            delta = edit.delta()
+            if edit.tensor in mask_of:
+                delta = delta * mask_of[edit.tensor]
+            weight = weight_param(loaded.model, edit.tensor)
+            weight += (delta.T if loaded.arch.mlp_out_transposed else delta).to(weight)
+        yield
 
 
 @contextlib.contextmanager
