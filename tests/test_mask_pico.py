@@ -309,7 +309,7 @@ def test_reversal_sources_mask_the_base_or_the_edit(model_type, pico_models):
     from editguard.edit.edits import Edit, weight_param, weights_restored
     from editguard.edit.facts import Fact
     from editguard.loading import load_model
-    from editguard.mask.evaluate import preference
+    from editguard.mask.evaluate import preference, share
     from editguard.mask.splits import MemitSplit
     from editguard.mask.train import canonical_weight
     from editguard.resolve import resolve
@@ -323,19 +323,27 @@ def test_reversal_sources_mask_the_base_or_the_edit(model_type, pico_models):
     out_dim, in_dim = canonical_weight(loaded.model.get_submodule(path), transposed).shape
     u, v = torch.randn(2, out_dim, generator=gen), torch.randn(2, in_dim, generator=gen) * 0.3
     K = torch.rand(out_dim, in_dim, generator=gen).round()
+    pristine = {k: t.clone() for k, t in loaded.model.state_dict().items()}
+    W = canonical_weight(loaded.model.get_submodule(path), transposed).float().clone()
 
-    def dense(i, on):  # preference of fact i with the edit and mask written into the weight
+    def unchanged():  # every variant leaves the model bit-identical
+        return all(torch.equal(t, pristine[k]) for k, t in loaded.model.state_dict().items())
+
+    def dense(i, on):  # preference of fact i with the edit and mask written into the pristine weight
         name = path + ".weight"
         with weights_restored(loaded.model, [name]), torch.no_grad():
             weight = weight_param(loaded.model, name)
-            W = canonical_weight(loaded.model.get_submodule(path), transposed).float()
             delta = torch.outer(u[i], v[i])
             new = W * K + delta if on == "weights" else W + delta * K
             weight.copy_((new.T if transposed else new).to(weight))
             return preference(loaded, [facts[i]], None, None, None, None, False)[0]
 
+    def dense_all(on):
+        return torch.stack([dense(i, on) for i in range(2)])
+
     for on in ("weights", "edit"):
         fast = preference(loaded, facts, path, u, v, K, transposed, mask_on=on)
+        assert unchanged()
         torch.testing.assert_close(fast, torch.stack([dense(i, on) for i in range(2)]), atol=1e-4, rtol=1e-4)
     both = preference(loaded, facts, path, u, v, K, transposed)
     assert not torch.allclose(both, preference(loaded, facts, path, u, v, K, transposed, mask_on="edit"))
@@ -343,4 +351,11 @@ def test_reversal_sources_mask_the_base_or_the_edit(model_type, pico_models):
     split = MemitSplit(facts, [[0], [1]], edits)
     for on in ("weights", "edit"):
         got = split.preference(loaded, [(path, transposed)], [K], mask_on=on)
+        assert unchanged()
         torch.testing.assert_close(got, torch.stack([dense(i, on) for i in range(2)]), atol=1e-4, rtol=1e-4)
+    # the report carries the two variants under their own names
+    report = split.report(loaded, [(path, transposed)], [K], baselines=False)
+    assert report["rsr_mask_on_weights_only"] == share(dense_all("weights") > 0)
+    assert report["rsr_mask_on_edit_only"] == share(dense_all("edit") > 0)
+    with pytest.raises(ValueError):
+        split.preference(loaded, [(path, transposed)], [K], mask_on="edits")

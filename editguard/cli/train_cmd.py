@@ -105,7 +105,8 @@ def _render(console, m) -> None:
     console.print(f"wrote {m['mask']} (+ .md card, .json metrics, figures; index.json updated)")
     console.print(f"pruned {m['pruned_fraction']:.1%} at γ={m['threshold']:.3f}; test RSR {test.get('rsr', float('nan')):.1%} "
                   f"(original prefers true {test.get('original_prefers_true', float('nan')):.1%}, "
-                  f"among known {test.get('rsr_known', float('nan')):.1%}, mask on the edit only "
+                  f"among known {test.get('rsr_known', float('nan')):.1%}, mask on base weights only "
+                  f"{test.get('rsr_mask_on_weights_only', float('nan')):.1%}, on the edit only "
                   f"{test.get('rsr_mask_on_edit_only', float('nan')):.1%}, SVD baseline "
                   f"{test.get('baseline_svd_rsr', float('nan')):.1%}); perplexity original "
                   f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "

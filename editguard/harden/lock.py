@@ -8,7 +8,8 @@ A plain checkpoint cannot force a mask on whoever edits it, so a lock is three t
   as a parametrisation, so whatever is added to the weight later still passes through K in the
   forward pass. How much that hurts a later edit depends on the mask: only the part of ΔW that K cuts
   is lost, while an editor working through the locked forward compensates for whatever K did to the
-  base weights (the cards' "mask on the edit only" column; `evaluate_lock` measures it end to end).
+  base weights (the cards' "mask on the edit only" column approximates this; `evaluate_lock` measures
+  it end to end).
 `verify_lock` (run by `scan`) reports any locked tensor whose bytes no longer match.
 """
 

@@ -48,6 +48,14 @@ def masks_applied(loaded: LoadedModel, targets: list[tuple[str, bool]], masks: l
         yield
 
 
+MASK_ON = ("both", "weights", "edit")
+
+
+def check_mask_on(mask_on: str) -> None:
+    if mask_on not in MASK_ON:
+        raise ValueError(f"mask_on must be one of {MASK_ON}, not {mask_on!r}")
+
+
 def preference(loaded: LoadedModel, facts: list, module_path: str | None, u: torch.Tensor | None,
                v: torch.Tensor | None, K: torch.Tensor | None, transposed: bool, batch_size: int = 64,
                mask_on: str = "both") -> torch.Tensor:
@@ -55,6 +63,7 @@ def preference(loaded: LoadedModel, facts: list, module_path: str | None, u: tor
     edit (u[i] v[i]ᵀ, rank r if 3-D) added and the mask K on the whole edited weight (`mask_on` "both"),
     on the base weight only ("weights": W ⊙ K + ΔW) or on the edit only ("edit": W + ΔW ⊙ K). Without u
     and K (module_path may then be None): the model as it is."""
+    check_mask_on(mask_on)
     prompts = [f.text for f in facts for _ in (0, 1)]
     objects = [o for f in facts for o in (f.target_true, f.target_new)]
     edits = None

@@ -371,8 +371,8 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
                      f"{_pct(r.get('rsr_mask_on_edit_only'))} | {_pct(r.get('baseline_svd_rsr'))} | "
                      f"{_pct(r.get('baseline_magnitude_rsr'))} |")
     lines += ["", "RSR with the mask on the base weights only (W ⊙ K + ΔW) and on the edit only (W + ΔW ⊙ K) "
-              "says where the reversal comes from; only what the mask cuts from ΔW survives an editor who "
-              "computes the edit through the masked model (`editguard lock --evaluate`)."]
+              "says where the reversal comes from; only the part that comes from cutting ΔW can hold against an "
+              "editor who computes the edit through the masked model (`editguard lock --evaluate` measures that)."]
     t = m["text"]
     lines += ["", f"## Model cost (WikiText-2, {t['tokens']} tokens in {t['windows']} windows)", "",
               "| model | perplexity | Top-1 agreement with original | mean KL to original |", "|---|---|---|---|"]

@@ -20,7 +20,8 @@ from ..edit.edits import Edit, edits_applied, weight_param, weights_restored
 from ..edit.facts import Fact
 from ..errors import EditguardError
 from ..loading import LoadedModel
-from .evaluate import masks_applied, outside_largest, preference, reversal_sources, rsr_report, share, summarise
+from .evaluate import check_mask_on, masks_applied, outside_largest, preference, reversal_sources, rsr_report, share, \
+    summarise
 
 Targets = list[tuple[str, bool]]  # (module path, transposed)
 WeightChange = Callable[[LoadedModel, Targets, list[Edit]], contextlib.AbstractContextManager]
@@ -127,15 +128,15 @@ class MemitSplit:
         """log p(true) − log p(new) per fact with its group's edit (unless `edited` is False), then
         `change` (a baseline) and the masks: on the whole edited weights, or (`mask_on`) on the base
         weights only ("weights") or on the edit only ("edit")."""
+        check_mask_on(mask_on)
         out = torch.empty(len(self.facts))
         for idx, edits in zip(self.groups, self.edits):
             with contextlib.ExitStack() as stack:
                 if mask_on == "weights":
                     stack.enter_context(masks_applied(loaded, targets, masks))
-                if mask_on == "edit":
-                    stack.enter_context(masked_edits_applied(loaded, targets, edits, masks))
-                elif edited:
-                    stack.enter_context(edits_applied(loaded.model, loaded.arch, edits))
+                if edited:
+                    stack.enter_context(masked_edits_applied(loaded, targets, edits, masks) if mask_on == "edit"
+                                        else edits_applied(loaded.model, loaded.arch, edits))
                 if change is not None:
                     stack.enter_context(change(loaded, targets, edits))
                 if mask_on == "both":
@@ -164,7 +165,7 @@ class MemitSplit:
 def masked_edits_applied(loaded: LoadedModel, targets: Targets, edits: list[Edit], masks: list[torch.Tensor]
                          ) -> Iterator[None]:
     """W + ΔW ⊙ K on every edited target (an edit on a tensor without a mask is added whole)."""
-    mask_of = {path + ".weight": K for (path, _), K in zip(targets, masks)}
+    mask_of = {path + ".weight": K for (path, _), K in zip(targets, masks or [])}
     with weights_restored(loaded.model, sorted({e.tensor for e in edits})), torch.no_grad():
         for edit in edits:
             delta = edit.delta()
