@@ -36,9 +36,9 @@ class Edit:
         v = self.v.to(dtype).reshape(self.v.shape[0], -1)
         return u @ v.T
 
-    def stored_delta(self, arch: Arch, dtype=torch.float32) -> torch.Tensor:
-        """ΔW in the orientation the checkpoint stores the weight (GPT-2 Conv1D: [in, out])."""
-        delta = self.delta(dtype)
+    def stored_delta(self, arch: Arch, dtype=torch.float32, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW (⊙ an [out, in] mask) in the orientation the checkpoint stores the weight (GPT-2 Conv1D: [in, out])."""
+        delta = self.delta(dtype) if mask is None else self.delta(dtype) * mask.to(dtype)
         return delta.T.contiguous() if arch.mlp_out_transposed else delta
 
 
@@ -54,11 +54,14 @@ def weight_param(model, tensor: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_to_model(model, arch: Arch, edits: list[Edit], sign: float = 1.0) -> None:
-    """Add (or with sign=-1 remove) edits in place on a loaded model."""
+def apply_to_model(model, arch: Arch, edits: list[Edit], sign: float = 1.0,
+                   masks: dict[str, torch.Tensor] | None = None) -> None:
+    """Add (or with sign=-1 remove) edits in place on a loaded model; `masks` ({tensor: [out, in] K}) cut
+    the edits of those tensors to ΔW ⊙ K."""
     for edit in edits:
         weight = weight_param(model, edit.tensor)
-        weight += sign * edit.stored_delta(arch, torch.float32).to(weight.device, weight.dtype)
+        delta = edit.stored_delta(arch, torch.float32, (masks or {}).get(edit.tensor))
+        weight += sign * delta.to(weight.device, weight.dtype)
 
 
 def combined_deltas(arch: Arch, edits: list[Edit]) -> dict[str, torch.Tensor]:
@@ -83,8 +86,9 @@ def weights_restored(model, tensor_names: list[str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def edits_applied(model, arch: Arch, edits: list[Edit]) -> Iterator[None]:
-    """The model carries `edits` inside the block only."""
+def edits_applied(model, arch: Arch, edits: list[Edit], masks: dict[str, torch.Tensor] | None = None
+                  ) -> Iterator[None]:
+    """The model carries `edits` (cut by `masks`, see `apply_to_model`) inside the block only."""
     with weights_restored(model, sorted({e.tensor for e in edits})):
-        apply_to_model(model, arch, edits)
+        apply_to_model(model, arch, edits, masks=masks)
         yield

@@ -134,9 +134,9 @@ class MemitSplit:
             with contextlib.ExitStack() as stack:
                 if mask_on == "weights":
                     stack.enter_context(masks_applied(loaded, targets, masks))
-                if edited:
-                    stack.enter_context(masked_edits_applied(loaded, targets, edits, masks) if mask_on == "edit"
-                                        else edits_applied(loaded.model, loaded.arch, edits))
+                if edited:  # "edit": W + ΔW ⊙ K
+                    cut = {p + ".weight": K for (p, _), K in zip(targets, masks or [])} if mask_on == "edit" else None
+                    stack.enter_context(edits_applied(loaded.model, loaded.arch, edits, masks=cut))
                 if change is not None:
                     stack.enter_context(change(loaded, targets, edits))
                 if mask_on == "both":
@@ -159,21 +159,6 @@ class MemitSplit:
                 loaded, targets, change=lambda lo, t, e: largest_delta_pruned(lo, t, e, fraction)) > 0)
             report["baseline_magnitude_n"] = len(self.facts)
         return report
-
-
-@contextlib.contextmanager
-def masked_edits_applied(loaded: LoadedModel, targets: Targets, edits: list[Edit], masks: list[torch.Tensor]
-                         ) -> Iterator[None]:
-    """W + ΔW ⊙ K on every edited target (an edit on a tensor without a mask is added whole)."""
-    mask_of = {path + ".weight": K for (path, _), K in zip(targets, masks or [])}
-    with weights_restored(loaded.model, sorted({e.tensor for e in edits})), torch.no_grad():
-        for edit in edits:
-            delta = edit.delta()
-            if edit.tensor in mask_of:
-                delta = delta * mask_of[edit.tensor]
-            weight = weight_param(loaded.model, edit.tensor)
-            weight += (delta.T if loaded.arch.mlp_out_transposed else delta).to(weight)
-        yield
 
 
 @contextlib.contextmanager
