@@ -101,3 +101,32 @@ def test_memit_batch_flips_both(model_type, pico_models, tmp_path, monkeypatch):
     changed = [n for n in Checkpoint(out).names()
                if not torch.equal(Checkpoint(out).read(n), loaded.checkpoint.read(n))]
     assert sorted(changed) == sorted(e.tensor for e in edits)
+
+
+def test_context_templates_match_generate_and_banks_keep_theirs(pico_models, tmp_path):
+    """Templates are EasyEdit's sampling (generate, top-k 5) drawn on a CPU generator, so they are the
+    same on every device; a bank keeps the templates it was started with when extended."""
+    from editguard.edit.generate import fill_bank
+    from editguard.edit.rome import templates_for, templates_key
+    from editguard.edit.templates import STARTERS, context_templates
+
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    ours = context_templates(loaded.model, loaded.tokenizer, [[6, 5]], seed=3)
+    torch.manual_seed(3)
+    expected = ["{}"]
+    for starter in STARTERS:
+        ids = loaded.tokenizer(starter, return_tensors="pt").input_ids
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5, top_p=1.0,
+                                    temperature=1.0, max_new_tokens=6 - ids.shape[1],
+                                    min_new_tokens=6 - ids.shape[1], pad_token_id=loaded.tokenizer.pad_token_id,
+                                    eos_token_id=None)
+        expected.append(loaded.tokenizer.decode(out[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+                        + ". {}")
+    assert ours == expected and len(set(ours)) > 2
+    hp = hparams_from_dict({**PICO_HP, "v_num_grad_steps": 3}, "rome")
+    bank_path = tmp_path / "bank.safetensors"
+    fill_bank(loaded, [FACT], hp, bank_path)
+    fresh = load_model(resolve(str(pico_models["llama"])))
+    fresh.extras[templates_key(hp)] = ["{}", "Something else. {}"]  # what another machine might sample
+    bank = fill_bank(fresh, [FACT, FACT2], hp, bank_path, resume=True)
+    assert templates_for(fresh, hp) == bank.meta["context_templates"] == templates_for(loaded, hp)

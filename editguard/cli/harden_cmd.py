@@ -15,7 +15,7 @@ from ..errors import EditguardError
 from ..mask.file import MaskFile
 from . import state
 from .app import app
-from .options import AllowPickle, ModelArg, Revision, resolve_model
+from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, resolve_model
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None) -> Path:
@@ -50,6 +50,8 @@ def reverse_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
+    device_map: DeviceMap = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
     from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
@@ -57,6 +59,7 @@ def reverse_command(
     out = state.out()
     _check_output(output, force)
     ref = resolve_model(model, revision, allow_pickle)
+    placement = {"device_map": device_map, "dtype": dtype, "allow_pickle": allow_pickle}
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
@@ -65,7 +68,7 @@ def reverse_command(
         if base or mask:
             method = "base" if base else "mask"
         else:
-            flagged = _activation_findings(ref, probes, allow_pickle, required=False)
+            flagged = _activation_findings(ref, probes, placement, required=False)
             method = "project" if flagged else "mask"
     if method not in ("mask", "project", "svd", "base"):
         raise EditguardError("--method must be mask, project, svd or base")
@@ -90,23 +93,23 @@ def reverse_command(
         from ..harden.project import projection_replacements
         from ..loading import load_model
 
-        flagged = flagged or _activation_findings(ref, probes, allow_pickle)
+        flagged = flagged or _activation_findings(ref, probes, placement)
         with out.progress("projecting the flagged subjects' keys out"):
-            replacements = projection_replacements(load_model(ref), checkpoint, flagged)
+            replacements = projection_replacements(load_model(ref, **placement), checkpoint, flagged)
         info["layers"] = sorted(flagged)
         info["subjects"] = sorted({f["subject"] for facts in flagged.values() for f in facts})
     else:
-        chosen = _parse_layers(layers, num_layers) if layers else sorted(_activation_findings(ref, probes, allow_pickle))
+        chosen = _parse_layers(layers, num_layers) if layers else sorted(_activation_findings(ref, probes, placement))
         replacements = svd_replacements(checkpoint, arch, chosen)
         info["layers"] = chosen
     if method == "project":  # the facts just projected out are the ones to show
         facts = [_shown(fact) for layer_facts in flagged.values() for fact in layer_facts][:20]
     else:
-        facts = _flagged_facts(ref, probes, mask, allow_pickle)
+        facts = _flagged_facts(ref, probes, mask, placement)
     with out.progress(f"writing {output}"):
         info["rewritten_files"] = write_reversed(checkpoint, replacements, output, force=force)
     info["tensors"] = sorted(replacements)
-    info["facts"] = _before_after(ref, output, facts, evaluate)
+    info["facts"] = _before_after(ref, output, facts, evaluate, placement)
     out.emit(info, _render_reverse)
 
 
@@ -121,26 +124,26 @@ def _parse_layers(text: str, num_layers: int) -> list[int]:
     return chosen
 
 
-def _activation_findings(ref, probes: str, allow_pickle: bool, required: bool = True) -> dict[int, list[dict]]:
+def _activation_findings(ref, probes: str, placement: dict, required: bool = True) -> dict[int, list[dict]]:
     """{layer: facts whose subject the layer amplifies} from the base-free activation test."""
     from ..audit.scan import ScanOptions, scan
     from ..harden.project import flagged_subjects
 
     with state.out().progress("finding edited layers (activation test)"):
-        result = scan(ref, ScanOptions(probes=probes, tests=("activations",), allow_pickle=allow_pickle))
+        result = scan(ref, ScanOptions(probes=probes, tests=("activations",), **_scan_placement(placement)))
     flagged = flagged_subjects(result["_findings"])
     if not flagged and required:
         raise EditguardError("the activation test flags no layer; give --layers (svd) or --base")
     return flagged
 
 
-def _flagged_facts(ref, probes: str, mask: str | None, allow_pickle: bool) -> list[dict]:
+def _flagged_facts(ref, probes: str, mask: str | None, placement: dict) -> list[dict]:
     """The facts to show before/after: what scan's base-free tests flag (outliers, revealed and hidden facts)."""
     from ..audit.scan import ScanOptions, scan
 
     with state.out().progress("finding flagged facts"):
         result = scan(ref, ScanOptions(mask=mask, probes=probes, tests=("activations", "hidden"),
-                                       allow_pickle=allow_pickle))
+                                       **_scan_placement(placement)))
     shown = {}
     for f in result["_findings"]:
         for fact in f.facts:
@@ -148,11 +151,16 @@ def _flagged_facts(ref, probes: str, mask: str | None, allow_pickle: bool) -> li
     return list(shown.values())[:20]
 
 
+def _scan_placement(placement: dict) -> dict:
+    return {"allow_pickle": placement["allow_pickle"],
+            "load_options": {k: placement[k] for k in ("device_map", "dtype")}}
+
+
 def _shown(fact: dict) -> dict:
     return {"prompt": fact["prompt"], "original": fact.get("expected_answer") or fact.get("answer")}
 
 
-def _before_after(ref, output: Path, facts: list[dict], evaluate: bool) -> list[dict]:
+def _before_after(ref, output: Path, facts: list[dict], evaluate: bool, placement: dict) -> list[dict]:
     from ..answers import greedy_answers
     from ..loading import load_model
     from ..resolve import resolve
@@ -163,7 +171,7 @@ def _before_after(ref, output: Path, facts: list[dict], evaluate: bool) -> list[
     prompts = [f["prompt"] for f in facts]
     rows = [dict(f) for f in facts]
     for label, reference in (("before", ref), ("after", resolve(str(output)))):
-        loaded = load_model(reference)
+        loaded = load_model(reference, **placement)
         for row, answer in zip(rows, greedy_answers(loaded, prompts)):
             row[label] = answer
         if evaluate:
@@ -203,6 +211,8 @@ def lock_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
+    device_map: DeviceMap = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """Write a locked checkpoint: masked weights + a lock manifest; editguard re-applies the mask on load."""
     from ..harden.lock import lock_checkpoint
@@ -224,12 +234,13 @@ def lock_command(
             manifest = lock_checkpoint(checkpoint, arch, mask_file, mask_path, output, threshold, force=force)
         info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"])
     if evaluate is not None:
-        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data)
+        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data,
+                                            {"device_map": device_map, "dtype": dtype, "allow_pickle": allow_pickle})
     out.emit(info, _render_lock)
 
 
 def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, threshold: float | None,
-                   data: str | None) -> dict:
+                   data: str | None, placement: dict) -> dict:
     from ..data.counterfact import load, load_split
     from ..edit.facts import Fact
     from ..edit.hparams import load_hparams
@@ -244,8 +255,8 @@ def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, thresh
     hp = load_hparams(hparams or default, mask_file.method, {"layers": sorted(t.layer for t in mask_file.targets)})
     records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
     facts = [Fact.from_record(r) for r in records]
-    unlocked = load_model(ref)
-    locked = load_model(ref)
+    unlocked = load_model(ref, **placement)
+    locked = load_model(ref, **placement)
     install_mask(locked.model, locked.arch, mask_file, threshold)
     with state.out().progress(f"{hp.method.upper()} on {n} facts, unlocked then locked") as advance:
         return evaluate_lock(unlocked, locked, facts, hp, progress=lambda m: advance(0, description=m))

@@ -125,6 +125,8 @@ def evaluate_mask_command(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Re-binarise the soft scores at γ.")] = None,
     text_tokens: Annotated[int, typer.Option("--text-tokens", min=2)] = 70_000,
     no_baselines: Annotated[bool, typer.Option("--no-baselines")] = False,
+    device_map: DeviceMap = "cpu",
+    dtype: Dtype = "float32",
 ) -> None:
     """RSR (with ceiling and controls), baselines and model cost of MASK against the edits in --bank."""
     from ..edit.bank import EditBank
@@ -135,7 +137,7 @@ def evaluate_mask_command(
     bank_file = EditBank.open(bank)
     ref = resolve_model(model)
     with state.out().progress("loading model"):
-        loaded = load_model(ref)
+        loaded = load_model(ref, device_map=device_map, dtype=dtype)
     job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
                    data=data, text_tokens=text_tokens, baselines=not no_baselines)
     with ExitStack() as stack:

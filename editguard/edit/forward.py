@@ -64,7 +64,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
-def _cache_kwarg(base: torch.nn.Module) -> str:
+def cache_kwarg(base: torch.nn.Module) -> str:
     params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -137,7 +137,7 @@ def build_prefix_cache(
     parts: dict[str, list[torch.Tensor]] = {"keys": [], "values": [], "hidden": []}
     captured_parts: dict[str, list[torch.Tensor]] = {name: [] for name in captures}
     base = model.get_submodule(arch.base)
-    kwarg = _cache_kwarg(base)
+    kwarg = cache_kwarg(base)
     for lo in range(0, len(lengths), chunk):
         rows = range(lo, min(lo + chunk, len(lengths)))
         ids, mask = pad_batch([tokens.ids[r] for r in rows], pad_id)
@@ -305,7 +305,7 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
                 attention_mask=mask[None, None].to(device),
                 position_ids=(splits[suf_row] + suf_pos).to(device).unsqueeze(0),
                 use_cache=True,
-                **{_cache_kwarg(base): kv},
+                **{cache_kwarg(base): kv},
             )
     finally:
         for handle in handles:

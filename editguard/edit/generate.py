@@ -11,7 +11,7 @@ from ..loading import LoadedModel
 from .bank import EditBank
 from .facts import Fact
 from .hparams import EditHparams
-from .rome import prepare, rome_edits, templates_for
+from .rome import prepare, rome_edits, templates_for, templates_key
 
 
 def target_fingerprints(loaded: LoadedModel, hp: EditHparams) -> dict[str, str]:
@@ -31,6 +31,8 @@ def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume
             raise EditguardError(f"edit bank {path} exists; pass --resume to extend it, or choose another --bank")
         bank = EditBank.open(path)
         bank.check_matches(loaded.ref.model_id, hp.method, hp.digest(), fingerprints)
+        # a bank keeps its own context templates: edits added on another machine use the same ones
+        loaded.extras[templates_key(hp)] = list(bank.meta["context_templates"])
         return bank
     return EditBank.create(
         path, model_id=loaded.ref.model_id, revision=loaded.ref.revision, model_type=loaded.arch.model_type,

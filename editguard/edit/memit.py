@@ -94,12 +94,12 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
             keys = got["k"].double().reshape(len(facts), per_fact, -1)
             k = torch.stack([keys[:, a:b].mean(1) for a, b in groups]).mean(0)  # [n, in]
             z_now = got["z"].double().reshape(len(facts), per_fact, -1)[:, 0]  # template "{}"
-            resid = (z - z_now) / (len(layers) - i)  # [n, out]
-            cov = moments[layer].double()
+            resid = (z.to(z_now.device) - z_now) / (len(layers) - i)  # [n, out]
+            cov = moments[layer].to(k.device).double()  # a cached C is read onto the CPU
             K = k.T  # [in, n]
             adj_k = torch.linalg.solve(hp.mom2_update_weight * cov + K @ K.T, K)  # [in, n]
-            edit = Edit("memit", layer, rewrite + ".weight", resid.T.float().contiguous(), adj_k.float().contiguous(),
-                        facts, {"layers": layers})
+            edit = Edit("memit", layer, rewrite + ".weight", resid.T.float().cpu().contiguous(),
+                        adj_k.float().cpu().contiguous(), facts, {"layers": layers})  # CPU factors, as ROME's
             apply_to_model(model, arch, [edit])  # the next layer sees this one (restored on exit)
             edits.append(edit)
             if progress:

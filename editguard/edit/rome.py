@@ -26,8 +26,12 @@ def prepare(loaded: LoadedModel, hp: EditHparams) -> EditHparams:
     return hp
 
 
+def templates_key(hp: EditHparams) -> tuple:
+    return "templates", tuple(map(tuple, hp.context_template_length_params)), hp.seed
+
+
 def templates_for(loaded: LoadedModel, hp: EditHparams) -> list[str]:
-    key = ("templates", tuple(map(tuple, hp.context_template_length_params)), hp.seed)
+    key = templates_key(hp)
     if key not in loaded.extras:
         loaded.extras[key] = context_templates(loaded.model, loaded.tokenizer, hp.context_template_length_params, hp.seed)
     return loaded.extras[key]

@@ -2,7 +2,7 @@
 
 ROME averages the key over prompts like "Because of the war. The mother tongue of {} is" so the edit
 fires whatever precedes the subject. EasyEdit samples them (top-k 5) at run time; here they are
-deterministic for a seed, and recorded in every edit bank.
+deterministic for a seed on every device (drawn on a CPU generator), and recorded in every edit bank.
 """
 
 from __future__ import annotations
@@ -16,23 +16,31 @@ STARTERS = ("The", "Therefore", "Because", "I", "You")
 def context_templates(model, tokenizer, length_params: list[list[int]], seed: int = 0) -> list[str]:
     """["{}"] + for each (length, n): n templates "<sampled text>. {}" of `length` tokens in all."""
     templates = ["{}"]
-    device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        for length, count in length_params:
-            per_starter = max(count // len(STARTERS), 1)
-            for starter in STARTERS:
-                ids = tokenizer(starter, return_tensors="pt").input_ids.to(device)
-                new = max(length - ids.shape[1], 1)
-                out = model.generate(
-                    ids.repeat(per_starter, 1), attention_mask=torch.ones_like(ids).repeat(per_starter, 1),
-                    do_sample=True, top_k=5, top_p=1.0, temperature=1.0, max_new_tokens=new, min_new_tokens=new,
-                    pad_token_id=tokenizer.pad_token_id, eos_token_id=None,
-                )
-                for row in out:
-                    text = tokenizer.decode(row, skip_special_tokens=True)
-                    templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
-    finally:
-        torch.random.set_rng_state(generator_state)
+    generator = torch.Generator().manual_seed(seed)
+    for length, count in length_params:
+        per_starter = max(count // len(STARTERS), 1)
+        for starter in STARTERS:
+            ids = tokenizer(starter, return_tensors="pt").input_ids.repeat(per_starter, 1)
+            for row in _sample(model, ids, max(length - ids.shape[1], 1), generator):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                templates.append(text.replace("{", " ").replace("}", " ") + ". {}")
     return templates
+
+
+def _sample(model, ids: torch.Tensor, new_tokens: int, generator: torch.Generator, top_k: int = 5) -> torch.Tensor:
+    """transformers' generate(do_sample=True, top_k=5), step for step, but drawing on a CPU generator:
+    the same templates on every device (a CUDA generator would draw other numbers)."""
+    from transformers import DynamicCache
+
+    from .forward import cache_kwarg
+
+    device = next(model.parameters()).device
+    cache, step_ids = {cache_kwarg(model): DynamicCache(config=model.config)}, ids
+    for _ in range(new_tokens):
+        out = model(input_ids=step_ids.to(device), use_cache=True, **cache)
+        scores = out.logits[:, -1].float().cpu()
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.softmax(scores.masked_fill(scores < kth, float("-inf")), dim=-1)
+        step_ids = torch.multinomial(probs, 1, generator=generator)
+        ids = torch.cat([ids, step_ids], dim=1)
+    return ids

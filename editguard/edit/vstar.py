@@ -74,7 +74,7 @@ class _RowAdam:
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         self.m = torch.zeros_like(param)
         self.v = torch.zeros_like(param)
-        self.t = torch.zeros(param.shape[0], dtype=torch.long)
+        self.t = torch.zeros(param.shape[0], dtype=torch.long, device=param.device)
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:

@@ -94,7 +94,7 @@ class _MaskParam(torch.nn.Module):
         self.register_buffer("K", K)
 
     def forward(self, weight):
-        return weight * self.K.to(weight)
+        return weight * self.K
 
 
 def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) -> None:
@@ -102,8 +102,8 @@ def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) ->
     for i, target in enumerate(mask.targets):
         module = model.get_submodule(target.tensor.removesuffix(".weight"))
         K = mask.mask(i, threshold)
-        parametrize.register_parametrization(module, "weight", _MaskParam(K.T if target.transposed else K),
-                                             unsafe=True)
+        K = (K.T if target.transposed else K).to(module.weight.device, module.weight.dtype)  # once, not per forward
+        parametrize.register_parametrization(module, "weight", _MaskParam(K), unsafe=True)
 
 
 def load_locked(reference: str, *, verify: bool = True, **load_kwargs):

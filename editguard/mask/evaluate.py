@@ -80,7 +80,8 @@ def preference(loaded: LoadedModel, facts: list, module_path: str | None, u: tor
 def top_singular(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, iters: int = 40):
     """Top singular triplet of W + u_i v_iᵀ for every row i, by batched power iteration (never dense)."""
     gen = torch.Generator().manual_seed(0)
-    b = torch.randn(u.shape[0], weight.shape[1], generator=gen)
+    u, v = u.to(weight.device), v.to(weight.device)
+    b = torch.randn(u.shape[0], weight.shape[1], generator=gen).to(weight.device)
     for _ in range(iters):
         a = b @ weight.T + (b * v).sum(1, keepdim=True) * u  # Ŵ b
         a = a / a.norm(dim=1, keepdim=True)
@@ -92,6 +93,7 @@ def top_singular(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, iters: 
 
 def svd_reversal_factors(u, v, weight):
     """Ŵ − σ₁ a bᵀ = W + u vᵀ − σ₁ a bᵀ: rank-2 factors per row."""
+    u, v = u.to(weight.device), v.to(weight.device)
     a, sigma, b = top_singular(u, v, weight)
     return torch.stack([u, -sigma[:, None] * a], dim=-1), torch.stack([v, b], dim=-1)
 
@@ -113,7 +115,7 @@ def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v,
     with weights_restored(loaded.model, [module_path + ".weight"]):
         base = weight.detach().clone()
         for i, fact in enumerate(facts):
-            delta = torch.outer(u[i], v[i])
+            delta = torch.outer(u[i], v[i]).to(base.device)
             edited = ((base.T if transposed else base).float() + delta) * outside_largest(delta, fraction)
             weight.copy_((edited.T if transposed else edited).to(weight))
             prefs.append(preference(loaded, [fact], module_path, None, None, None, transposed)[0])

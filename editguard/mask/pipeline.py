@@ -167,7 +167,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **edited["train"].trainer_inputs(targets))
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"])}
     if job.resume and ckpt.exists():
-        state, optimizer, info = load_checkpoint(ckpt, cfg)
+        state, optimizer, info = load_checkpoint(ckpt, cfg, trainer.device)
         if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
     else:
@@ -218,7 +218,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     for (path, transposed), layer, score, th in zip(targets, sorted(hp.layers), scores, theta):
         stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(path + ".weight"))
         saved.append(MaskTarget(path + ".weight", layer, tuple(score.shape), transposed,
-                                        fingerprint(loaded.checkpoint.read(stored)), score, th.detach()))
+                                        fingerprint(loaded.checkpoint.read(stored)), score, th.detach().cpu()))
     mask = MaskFile(loaded.ref.model_id, loaded.ref.revision, loaded.arch.model_type, hp.method, threshold,
                     saved, hparams={"train": cfg.to_dict(), "edit": hp.to_dict()},
                     data={"train": len(facts["train"]), "val": len(facts["val"]), "test": len(facts["test"]),

@@ -236,7 +236,9 @@ class MaskTrainer:
                  config: TrainConfig, u: torch.Tensor | None = None, v: torch.Tensor | None = None,
                  dense: list[list[torch.Tensor | None]] | None = None, record_group: torch.Tensor | None = None):
         self.loaded, self.targets, self.start, self.data, self.cfg = loaded, targets, start_layer, data, config
-        self.u, self.v = u, v
+        # Θ, the edit factors and the frozen weights live where the model runs; prompts stay on the CPU
+        self.device = loaded.device
+        self.u, self.v = (None, None) if u is None else (u.to(self.device), v.to(self.device))
         self.modules, self.base_weights = [], []
         for path, transposed in targets:
             module = loaded.model.get_submodule(path)
@@ -244,7 +246,7 @@ class MaskTrainer:
             self.base_weights.append(canonical_weight(module, transposed))
             self.modules.append(MaskedProjection(self.base_weights[-1], bias.detach().float() if bias is not None else None))
         # the edited weights of each batch edit, built once (one dense matrix per edit and target, not per record)
-        self.group_weights = [[w if d is None else w + d.float() for w, d in zip(self.base_weights, deltas)]
+        self.group_weights = [[w if d is None else w + d.float().to(w.device) for w, d in zip(self.base_weights, deltas)]
                               for deltas in dense or []]
         self.record_group = record_group
         n_records = int(data.record.max()) + 1
@@ -256,8 +258,9 @@ class MaskTrainer:
 
     def init_state(self) -> TrainState:
         gen = torch.Generator().manual_seed(self.cfg.seed)
+        # drawn on the CPU: the same seed gives the same Θ on every device
         theta = [torch.empty(m.weight.shape).normal_(self.cfg.theta_mean, self.cfg.theta_std, generator=gen)
-                 for m in self.modules]
+                 .to(self.device) for m in self.modules]
         return TrainState(theta)
 
     @property
@@ -364,8 +367,8 @@ class MaskTrainer:
         return state
 
     def soft_masks(self, theta: list[torch.Tensor]) -> list[torch.Tensor]:
-        """K at the final τ."""
-        return [torch.sigmoid(t.detach() / self.cfg.tau(1.0)) for t in theta]
+        """K at the final τ (on the CPU, as mask files and thresholds use it)."""
+        return [torch.sigmoid(t.detach() / self.cfg.tau(1.0)).cpu() for t in theta]
 
 
 def make_optimizer(state: TrainState, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -376,19 +379,20 @@ def make_optimizer(state: TrainState, cfg: TrainConfig) -> torch.optim.AdamW:
 def save_checkpoint(path: Path, state: TrainState, optimizer: torch.optim.AdamW, meta: dict) -> None:
     tensors = {}
     for i, theta in enumerate(state.theta):
-        tensors[f"theta.{i}"] = theta.detach().clone()
+        tensors[f"theta.{i}"] = theta.detach().cpu()
         if state.best_theta is not None:
-            tensors[f"best_theta.{i}"] = state.best_theta[i].clone()
+            tensors[f"best_theta.{i}"] = state.best_theta[i].cpu()
         opt = optimizer.state.get(theta, {})
         if opt:
-            tensors[f"exp_avg.{i}"] = opt["exp_avg"].clone()
-            tensors[f"exp_avg_sq.{i}"] = opt["exp_avg_sq"].clone()
-            tensors[f"opt_step.{i}"] = torch.as_tensor(opt["step"]).reshape(1).float()
+            tensors[f"exp_avg.{i}"] = opt["exp_avg"].cpu()
+            tensors[f"exp_avg_sq.{i}"] = opt["exp_avg_sq"].cpu()
+            tensors[f"opt_step.{i}"] = torch.as_tensor(opt["step"]).reshape(1).float().cpu()
     info = {**meta, "step": state.step, "seconds": state.seconds, "curve": state.curve, "best_step": state.best_step}
     write_safetensors(path, tensors, {"editguard_train": json.dumps(info)})
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, torch.optim.AdamW, dict]:
+def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "cpu"
+                    ) -> tuple[TrainState, torch.optim.AdamW, dict]:
     from safetensors import safe_open
 
     from ..checkpoint import read_safetensors_header
@@ -398,7 +402,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, torch.opt
         info = json.loads(raw["editguard_train"])
     except (EditguardError, KeyError, json.JSONDecodeError):
         raise EditguardError(f"{path}: not a readable editguard training checkpoint") from None
-    with safe_open(str(path), "pt") as handle:
+    with safe_open(str(path), "pt", device=str(device)) as handle:
         keys = set(handle.keys())
         n = len([k for k in keys if k.startswith("theta.")])
         theta = [handle.get_tensor(f"theta.{i}") for i in range(n)]
@@ -409,7 +413,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> tuple[TrainState, torch.opt
         optimizer = make_optimizer(state, cfg)
         for i, t in enumerate(theta):
             if f"exp_avg.{i}" in keys:
-                optimizer.state[t] = {"step": torch.tensor(float(handle.get_tensor(f"opt_step.{i}")[0])),
+                optimizer.state[t] = {"step": torch.tensor(float(handle.get_tensor(f"opt_step.{i}")[0])),  # CPU, as Adam keeps it
                                       "exp_avg": handle.get_tensor(f"exp_avg.{i}"),
                                       "exp_avg_sq": handle.get_tensor(f"exp_avg_sq.{i}")}
     return state, optimizer, info
