@@ -77,6 +77,23 @@ def test_existing_output_refused_unless_force(tmp_path):
         ck.write_copy(ck.folder, {}, force=True)
 
 
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Temp files are private (0600) while written; the finished output follows the umask, as any file."""
+    import os
+
+    from editguard.checkpoint import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        write_safetensors(tmp_path / "bank.safetensors", {"x": torch.ones(2)})
+        out = Checkpoint(_sharded(tmp_path)).write_copy(tmp_path / "out", {"z.weight": torch.zeros(3, 2)})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bank.safetensors").stat().st_mode & 0o777 == 0o644
+    for name in out:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch):
     src = _sharded(tmp_path)
     ck = Checkpoint(src)
