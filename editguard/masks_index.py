@@ -64,8 +64,10 @@ def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:
     return sorted(fits, key=lambda e: (e["match"] != "exact", -(e.get("test_rsr") or 0)))
 
 
-def prefer_layers(fits: list[dict], layers) -> list[dict]:
+def prefer_layers(fits: list[dict], layers, method: str | None = None) -> list[dict]:
     """`fits` with the masks over any of `layers` (where edits were found or planted) first: a mask only
-    reverses edits of the tensor it was trained on."""
+    reverses edits of the tensor it was trained on; with `method`, masks trained against that edit
+    method before those (a MEMIT mask spans the layer of a ROME edit without having learnt ROME's)."""
     wanted = set(layers or [])
-    return sorted(fits, key=lambda e: not wanted.intersection(e.get("layers") or []))
+    return sorted(fits, key=lambda e: (method is not None and e.get("method") != method,
+                                       not wanted.intersection(e.get("layers") or [])))

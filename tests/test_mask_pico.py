@@ -75,7 +75,7 @@ def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico
     entries = []
     for name, layer, rsr in (("weak0.safetensors", 0, 0.2), ("strong1.safetensors", 1, 0.6), ("mid0.safetensors", 0, 0.4)):
         tensor = f"model.layers.{layer}.mlp.down_proj.weight"
-        entries.append({"file": name, "model_type": "llama", "layers": [layer], "test_rsr": rsr,
+        entries.append({"file": name, "model_type": "llama", "layers": [layer], "test_rsr": rsr, "method": "rome",
                         "targets": [{"tensor": tensor, "stored_shape": list(llama.info(tensor).shape),
                                      "fingerprint": ""}]})
     (tmp_path / "index.json").write_text(json.dumps(entries))
@@ -85,6 +85,15 @@ def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico
     assert [f["file"] for f in fits] == ["strong1.safetensors", "mid0.safetensors", "weak0.safetensors"]
     assert [f["file"] for f in masks_index.prefer_layers(fits, [0])][:2] == ["mid0.safetensors", "weak0.safetensors"]
     assert masks_index.prefer_layers(fits, [])[0]["file"] == "strong1.safetensors"
+    # a MEMIT mask over layers 0-1 reverses more, but a ROME edit at layer 0 gets the ROME masks first
+    memit = {**entries[1], "file": "memit01.safetensors", "layers": [0, 1], "test_rsr": 0.9, "method": "memit",
+             "targets": entries[0]["targets"] + entries[1]["targets"]}
+    (tmp_path / "index.json").write_text(json.dumps(entries + [memit]))
+    fits = [f for f in masks_index.fitting(arch, llama) if Path(f["path"]).parent == tmp_path]
+    assert masks_index.prefer_layers(fits, [0])[0]["file"] == "memit01.safetensors"  # method unknown
+    assert [f["file"] for f in masks_index.prefer_layers(fits, [0], "rome")][:2] == ["mid0.safetensors",
+                                                                                     "weak0.safetensors"]
+    assert masks_index.prefer_layers(fits, [1], "memit")[0]["file"] == "memit01.safetensors"
 
 
 def _trainer(loaded, seed=0):

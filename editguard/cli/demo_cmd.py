@@ -82,7 +82,8 @@ def demo_command(
             replacements = projection_replacements(load_model(edited_ref), edited_ck, flagged)
             write_reversed(edited_ck, replacements, folder / "reversed-project", force=True)
         reversals["project"] = folder / "reversed-project"
-    fits = masks_index.prefer_layers(masks_index.fitting(loaded.arch, loaded.checkpoint), [edits[0].layer])
+    fits = masks_index.prefer_layers(masks_index.fitting(loaded.arch, loaded.checkpoint), [edits[0].layer],
+                                    edits[0].method)
     mask_path = Path(fits[0]["path"]) if fits else None
     if mask_path:
         mask = MaskFile.load(mask_path)

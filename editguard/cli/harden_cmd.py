@@ -18,13 +18,14 @@ from .app import app
 from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, resolve_model
 
 
-def _mask_for(mask: str | None, arch, checkpoint, layers=None) -> Path:
-    """--mask, else the fitting mask: one over `layers` (found edited) first, then exact matches, then by RSR."""
+def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None) -> Path:
+    """--mask, else the fitting mask: one trained against `method` and over `layers` (found edited) first,
+    then exact matches, then by RSR."""
     if mask:
         if not Path(mask).is_file():
             raise EditguardError(f"no such mask file: {mask}")
         return Path(mask)
-    fits = masks_index.prefer_layers(masks_index.fitting(arch, checkpoint), layers)
+    fits = masks_index.prefer_layers(masks_index.fitting(arch, checkpoint), layers, method)
     if not fits:
         raise EditguardError("no shipped mask fits this model; give --mask, or reverse with --method project|svd|base")
     return Path(fits[0]["path"])
@@ -74,7 +75,8 @@ def reverse_command(
         raise EditguardError("--method must be mask, project, svd or base")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
-        mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []))
+        # the activation test flags ROME-style edits (one layer, one subject)
+        mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), "rome" if flagged else None)
         mask_file = MaskFile.load(mask_path)
         replacements = masked_replacements(checkpoint, arch, mask_file, threshold)
         info["mask"] = str(mask_path)
