@@ -15,7 +15,7 @@ from ..errors import EditguardError
 from ..mask.file import MaskFile
 from . import state
 from .app import app
-from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, resolve_model
+from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, load_options, resolve_model
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None) -> Path:
@@ -60,7 +60,7 @@ def reverse_command(
     out = state.out()
     _check_output(output, force)
     ref = resolve_model(model, revision, allow_pickle)
-    placement = {"device_map": device_map, "dtype": dtype, "allow_pickle": allow_pickle}
+    placement = load_options(device_map, dtype, None, None, allow_pickle)  # load_model keywords
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
@@ -154,8 +154,9 @@ def _flagged_facts(ref, probes: str, mask: str | None, placement: dict) -> list[
 
 
 def _scan_placement(placement: dict) -> dict:
+    """ScanOptions keywords for the same placement (scan takes allow_pickle apart from the load options)."""
     return {"allow_pickle": placement["allow_pickle"],
-            "load_options": {k: placement[k] for k in ("device_map", "dtype")}}
+            "load_options": {k: v for k, v in placement.items() if k != "allow_pickle"}}
 
 
 def _shown(fact: dict) -> dict:
@@ -237,7 +238,7 @@ def lock_command(
         info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"])
     if evaluate is not None:
         info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data,
-                                            {"device_map": device_map, "dtype": dtype, "allow_pickle": allow_pickle})
+                                            load_options(device_map, dtype, None, None, allow_pickle))
     out.emit(info, _render_lock)
 
 
