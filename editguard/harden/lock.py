@@ -9,7 +9,7 @@ A plain checkpoint cannot force a mask on whoever edits it, so a lock is three t
   forward pass. How much that hurts a later edit depends on the mask: only the part of ΔW that K cuts
   is lost, while an editor working through the locked forward compensates for whatever K did to the
   base weights (the cards' "mask on the edit only" column approximates this; `evaluate_lock` measures
-  it end to end).
+  it end to end; `bench/lock_bound.py` bounds what any shared mask of a given size can cut).
 `verify_lock` (run by `scan`) reports any locked tensor whose bytes no longer match.
 """
 
