@@ -22,13 +22,12 @@ import argparse
 
 import torch
 
-from editguard.data.counterfact import load_split
+from editguard.data.counterfact import load_split, select
 from editguard.edit.bank import EditBank
 from editguard.edit.facts import Fact
 from editguard.loading import load_model
 from editguard.mask.evaluate import preference
 from editguard.mask.file import MaskFile
-from editguard.mask.splits import edits_by_case
 from editguard.resolve import resolve
 
 
@@ -82,12 +81,10 @@ def main() -> None:
         print(f"{name:46} {share.median():25.3f} {share.min():6.3f} {share.max():6.3f}")
 
     loaded = load_model(resolve(args.model))
-    records = {r.case_id: r for split in ("rome-train", "rome-val", "rome-test") for r in load_split(split)}
-    index = edits_by_case(bank)
-    cases = [c for c in list(index)[judged.start:] if c in records][: args.n]
-    facts = [Fact.from_record(records[c]) for c in cases]
-    eu = u[[index[c] for c in cases]]
-    ev = v[[index[c] for c in cases]]
+    picked = list(range(judged.start, judged.stop))[: args.n]
+    pool = [r for split in ("rome-train", "rome-val", "rome-test") for r in load_split(split)]
+    facts = [Fact.from_record(r) for r in select(pool, [bank.meta["records"][i]["case_id"] for i in picked])]
+    eu, ev = u[picked], v[picked]
     path = loaded.arch.module("mlp_out", edits[0].layer)
     print(f"\n{'edit scaled to s·ΔW':46} {'edits that still win':>25}")
     for s in (1.0, 0.5, 0.25, 0.1):
