@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 import signal
@@ -148,6 +149,44 @@ def test_grouped_batch_edits_train_against_their_own_masked_weights(model_type, 
         torch.testing.assert_close(fast[0], slow.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "gemma3_text"])
+def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_models):
+    """ROME training: prompts of different lengths and records run packed in one sequence; each prompt's
+    last logits must equal a plain forward of (W + u_i v_iᵀ) ⊙ K for its own record i."""
+    from editguard.edit.facts import Fact
+    from editguard.edit.edits import weight_param, weights_restored
+    from editguard.loading import load_model
+    from editguard.mask.evaluate import masks_applied
+    from editguard.mask.train import canonical_weight, prepare_prompts
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(pico_models[model_type])))
+    arch = loaded.arch
+    facts = [Fact("The official language of {}", c, n, t, i, "P103", (f"In the streets of {c}, people speak",))
+             for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("the Kingdom of Spain", "German", "Spanish"),
+                                            ("Italy", "English", "Italian")])]
+    data = prepare_prompts(loaded, facts, 1, 1)
+    target = (arch.module("mlp_out", 1), arch.mlp_out_transposed)
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(target[0]), target[1]).shape
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(3, out_dim, generator=gen), torch.randn(3, in_dim, generator=gen) * 0.3
+    trainer = MaskTrainer(loaded, [target], 1, data, TrainConfig(), u=u, v=v)
+    K = torch.rand(out_dim, in_dim, generator=gen)
+    rows = torch.arange(len(data.record))
+    assert len(set(data.mask.sum(1).tolist())) > 1  # really different lengths in one pack
+    fast = trainer._last_logits(rows, [K], True)
+    name = target[0] + ".weight"
+    for row in rows.tolist():
+        record = int(data.record[row])
+        with weights_restored(loaded.model, [name]), torch.no_grad():
+            delta = torch.outer(u[record], v[record])
+            weight_param(loaded.model, name).add_(delta.T if target[1] else delta)
+            with masks_applied(loaded, [target], [K]):
+                ids = data.ids[row: row + 1, : int(data.last[row]) + 1]
+                slow = loaded.model(input_ids=ids).logits[0, -1]
+        torch.testing.assert_close(fast[row], slow.float(), atol=1e-4, rtol=1e-4)
+
+
 def test_trainer_resume_is_exact(pico_models, tmp_path):
     from editguard.loading import load_model
     from editguard.resolve import resolve
@@ -228,6 +267,25 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
                 "--text-tokens", "200", "--threshold", "0.5")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["n"] == 8 and again.json["threshold"] == 0.5
+    # ... and writes the re-binarised mask with the figures measured at its new threshold
+    common = ["--bank", out.parent / "pico_rome.bank.safetensors", "--model", model, "--data", data,
+              "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200"]
+    relaxed = out.parent / "pico_rome_p20.safetensors"
+    wrote = cli("-f", "json", "evaluate-mask", out, *common, "--target-pruned", "0.2", "-o", relaxed)
+    assert wrote.code == 0, wrote.err
+    derived = MaskFile.load(relaxed)
+    assert abs(derived.pruned_fraction() - 0.2) < 0.01 and derived.threshold == wrote.json["threshold"]
+    assert derived.metrics["rsr"] == wrote.json["rsr"] and derived.metrics["rebinarised"]["from"] == out.name
+    assert derived.metrics["rebinarised"]["trained_threshold"] == mask.threshold
+    assert torch.equal(derived.targets[0].scores, mask.targets[0].scores)  # the same Θ, another cut
+    assert "re-binarised from `pico_rome.safetensors`" in (out.parent / "pico_rome_p20.md").read_text()
+    index = {e["file"]: e for e in json.loads((out.parent / "index.json").read_text())}
+    assert index["pico_rome_p20.safetensors"]["pruned_fraction"] == round(derived.pruned_fraction(), 4)
+    assert MaskFile.load(out).threshold == mask.threshold  # the input is never modified
+    refused = cli("evaluate-mask", out, *common, "--threshold", "0.5", "-o", relaxed)
+    assert refused.code == 2 and "exists" in refused.err
+    both = cli("evaluate-mask", out, *common, "--threshold", "0.5", "--target-pruned", "0.2")
+    assert both.code == 2 and "not both" in both.err
 
 
 PICO_MEMIT = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]],

@@ -123,30 +123,46 @@ def evaluate_mask_command(
     val_size: Annotated[int, typer.Option("--val-size", min=0)] = 100,
     test_size: Annotated[int, typer.Option("--test-size", min=1)] = 500,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Re-binarise the soft scores at γ.")] = None,
+    target_pruned: Annotated[Optional[float], typer.Option(
+        "--target-pruned", help="Instead of γ: re-binarise so this share is pruned.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write the re-binarised mask with the figures measured here (card, index).")] = None,
     text_tokens: Annotated[int, typer.Option("--text-tokens", min=2)] = 70_000,
     no_baselines: Annotated[bool, typer.Option("--no-baselines")] = False,
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
 ) -> None:
-    """RSR (with ceiling and controls), baselines and model cost of MASK against the edits in --bank."""
+    """RSR (with ceiling and controls), baselines and model cost of MASK against the edits in --bank;
+    with -o, also write MASK re-binarised at --threshold / --target-pruned, carrying these figures."""
     from ..edit.bank import EditBank
     from ..mask.file import MaskFile
-    from ..mask.pipeline import TrainJob, evaluate_existing
+    from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, write_rebinarised
 
+    if threshold is not None and target_pruned is not None:
+        raise EditguardError("give --threshold or --target-pruned, not both")
+    if target_pruned is not None and not 0 < target_pruned < 1:
+        raise EditguardError("--target-pruned must be a share between 0 and 1")
+    if output is not None:
+        check_new_mask_path(output)  # before the evaluation, not after minutes of it
     mask_file = MaskFile.load(mask)
     bank_file = EditBank.open(bank)
     ref = resolve_model(model)
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)
     job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
-                   data=data, text_tokens=text_tokens, baselines=not no_baselines)
+                   data=data, text_tokens=text_tokens, baselines=not no_baselines, target_pruned=target_pruned)
     with ExitStack() as stack:
-        result = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
+        result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
+    if output is not None:
+        write_rebinarised(output, mask_file, mask, result, masks, job.command)
+        result["written"] = str(output)
     state.out().emit(result, _render_evaluation)
 
 
 def _render_evaluation(console, m) -> None:
     console.print(f"{m['mask']}: γ={m['threshold']:.3f}, pruned {m['pruned_fraction']:.1%}")
+    if "written" in m:
+        console.print(f"wrote {m['written']} (+ .md card, .json metrics, figures; index.json updated)")
     for split, r in m["rsr"].items():
         console.print(f"  {split}: RSR {r['rsr']:.1%} (original prefers true {r['original_prefers_true']:.1%}, among "
                       f"known {r['rsr_known']:.1%}, edited {r['edited_prefers_true']:.1%}, mask on unedited "

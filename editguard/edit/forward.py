@@ -69,7 +69,7 @@ def cache_kwarg(base: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _replace_hidden_hook(replacement: torch.Tensor):
+def replace_hidden_hook(replacement: torch.Tensor):
     def hook(module, args, kwargs):
         if args:
             return (replacement,) + tuple(args[1:]), kwargs
@@ -237,14 +237,14 @@ def run_suffix(
     rows = rows.cpu()
     width = int(cache.suffix_len[rows].max())
     outputs = []
-    for first, last in _consecutive_groups((cache.suffix_len[rows] + cache.split[rows]).tolist(), pack_tokens):
+    for first, last in consecutive_groups((cache.suffix_len[rows] + cache.split[rows]).tolist(), pack_tokens):
         local = torch.arange(first, last)
         add = None if add_at_split is None else (add_at_split[0], add_at_split[1][local.to(add_at_split[1].device)])
         outputs.append(_run_packed(model, arch, cache, rows[local], add, width))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
-def _consecutive_groups(sizes: list[int], budget: int) -> list[tuple[int, int]]:
+def consecutive_groups(sizes: list[int], budget: int) -> list[tuple[int, int]]:
     """[first, last) ranges of consecutive items, each closed once its sizes reach `budget`."""
     groups, first, filled = [], 0, 0
     for i, size in enumerate(sizes):
@@ -294,12 +294,12 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
     hidden_in = cache.hidden[rows[suf_row].to(cache.hidden.device), suf_pos.to(cache.hidden.device)].unsqueeze(0)
     base = model.get_submodule(arch.base)
     layer_start = model.get_submodule(arch.module("layer", cache.start))
-    handles = [layer_start.register_forward_pre_hook(_replace_hidden_hook(hidden_in), with_kwargs=True)]
+    handles = [layer_start.register_forward_pre_hook(replace_hidden_hook(hidden_in), with_kwargs=True)]
     if add_at_split is not None:
         path, vectors = add_at_split
         handles.append(model.get_submodule(path).register_forward_hook(_add_at_hook(vectors, suf_start)))
     try:
-        with layers_skipped_below(model, arch, cache.start), _attention_in_blocks(model, splits, lens):
+        with layers_skipped_below(model, arch, cache.start), attention_in_blocks(model, splits, lens):
             out = base(
                 input_ids=cache.suffix_ids[tok_rows, tok_pos].unsqueeze(0),
                 attention_mask=mask[None, None].to(device),
@@ -321,7 +321,7 @@ _blocks: contextvars.ContextVar = contextvars.ContextVar("editguard_attention_bl
 
 
 @contextlib.contextmanager
-def _attention_in_blocks(model: torch.nn.Module, splits: torch.Tensor, lens: torch.Tensor) -> Iterator[None]:
+def attention_in_blocks(model: torch.nn.Module, splits: torch.Tensor, lens: torch.Tensor) -> Iterator[None]:
     """Within a pack, let attention run per block of a few rows instead of over the whole pack under
     the block mask (most of whose entries are masked out): same result, a fraction of the work. Only
     for attention functions in transformers' registry (sdpa, ...); a model on its own eager code keeps
@@ -339,7 +339,7 @@ def _attention_in_blocks(model: torch.nn.Module, splits: torch.Tensor, lens: tor
     pre_end, suf_end = [0] + torch.cumsum(splits, 0).tolist(), [0] + torch.cumsum(lens, 0).tolist()
     # (query range, prefix key range) per block of consecutive rows
     blocks = [(suf_end[a], suf_end[b], pre_end[a], pre_end[b])
-              for a, b in _consecutive_groups(lens.tolist(), ATTENTION_BLOCK_TOKENS)]
+              for a, b in consecutive_groups(lens.tolist(), ATTENTION_BLOCK_TOKENS)]
     token = _blocks.set((ALL_ATTENTION_FUNCTIONS[original], n_prefix, blocks))
     model.config._attn_implementation = _BLOCKED
     try:

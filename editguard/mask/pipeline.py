@@ -12,7 +12,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -120,15 +120,20 @@ def split_kind(method: str):
     return MemitSplit if method == "memit" else RomeSplit
 
 
+def check_new_mask_path(path: Path) -> None:
+    """A mask is written under a new .safetensors name: masks are never overwritten."""
+    if path.suffix != ".safetensors":
+        raise EditguardError("the mask file name must end in .safetensors")
+    if path.exists():
+        raise EditguardError(f"{path} exists; choose another -o (masks are never overwritten)")
+
+
 def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         progress: Progress | None = None) -> dict:
     progress = progress or (lambda *a: None)
     job.output = Path(job.output)
-    if job.output.suffix != ".safetensors":
-        raise EditguardError("the mask file name must end in .safetensors")
+    check_new_mask_path(job.output)
     ckpt = job.output.with_name(job.output.stem + ".ckpt.safetensors")
-    if job.output.exists():
-        raise EditguardError(f"{job.output} exists; choose another -o (masks are never overwritten)")
     if ckpt.exists() and not job.resume:
         raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
     if hp.method != job.method:
@@ -249,8 +254,11 @@ def evaluate_splits(loaded, targets: list[tuple[str, bool]], masks: list[torch.T
 
 
 def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: TrainJob,
-                      threshold: float | None = None, progress: Progress | None = None) -> dict:
-    """`evaluate-mask`: the same evaluation for a mask file against the edits of a bank."""
+                      threshold: float | None = None, progress: Progress | None = None
+                      ) -> tuple[dict, list[torch.Tensor]]:
+    """`evaluate-mask`: the same evaluation for a mask file against the edits of a bank, at the stored
+    threshold, at `threshold`, or at the one that prunes `job.target_pruned`. Returns the figures and the
+    binary masks they were measured with."""
     progress = progress or (lambda *a: None)
     mask.check_fits(loaded.arch, loaded.checkpoint)
     if bank.method != mask.method:
@@ -267,10 +275,36 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     if not edited:
         raise EditguardError(f"the bank {bank.path} holds no edits of the chosen val/test records")
     targets = [(t.tensor.removesuffix(".weight"), t.transposed) for t in mask.targets]
+    if job.target_pruned is not None:
+        threshold = choose_threshold([t.scores for t in mask.targets], job, TrainConfig())
     masks = [mask.mask(i, threshold) for i in range(len(mask.targets))]
     reports, text = evaluate_splits(loaded, targets, masks, edited, job.text_tokens, job.baselines, progress)
-    return {"mask": str(job.output), "threshold": threshold or mask.threshold,
-            "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}
+    return {"mask": str(job.output), "threshold": mask.threshold if threshold is None else threshold,
+            "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}, masks
+
+
+def rebinarised(mask: MaskFile, source: Path, evaluation: dict, command: str) -> MaskFile:
+    """A copy of `mask` binarised at the evaluation's threshold, carrying the figures measured there (the
+    training history stays: it belongs to the same Θ)."""
+    trained = mask.metrics.get("rebinarised") or {"trained_threshold": mask.threshold,
+                                                   "trained_pruned_fraction": mask.pruned_fraction()}
+    metrics = {**mask.metrics, "threshold": evaluation["threshold"],
+               "pruned_fraction": evaluation["pruned_fraction"], "rsr": evaluation["rsr"],
+               "text": evaluation["text"],
+               "rebinarised": {"from": source.name, "trained_threshold": trained["trained_threshold"],
+                               "trained_pruned_fraction": trained["trained_pruned_fraction"], "command": command}}
+    return replace(mask, threshold=evaluation["threshold"], metrics=metrics, binaries=None)
+
+
+def write_rebinarised(output: Path, mask: MaskFile, source: Path, evaluation: dict, masks: list[torch.Tensor],
+                      command: str) -> MaskFile:
+    """`evaluate-mask -o`: write the re-binarised mask with its card, figures and index entry."""
+    check_new_mask_path(output)
+    new = rebinarised(mask, source, evaluation, command)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    new.save(output)
+    write_outputs(output, new, masks, evaluation["rsr"])
+    return new
 
 
 def _variants(loaded, targets: list[tuple[str, bool]], sample: list[Edit], masks: list[torch.Tensor]):
@@ -354,6 +388,9 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "
         f"({mask.data.get('source')}; hash {mask.data.get('hash')})",
         f"- command: `{m['command']}`",
+        *([f"- re-binarised from `{m['rebinarised']['from']}` (trained at γ = {m['rebinarised']['trained_threshold']:.3f}, "
+           f"{_pct(m['rebinarised']['trained_pruned_fraction'])} pruned) and re-measured by: "
+           f"`{m['rebinarised']['command']}`"] if "rebinarised" in m else []),
         f"- shipped Θ: step {m.get('shipped_step', m['steps'])} of {m['steps']}"
         + (" (the best validation point)" if m.get("shipped_step", m["steps"]) != m["steps"] else ""),
         f"- wall time: edit bank {m['bank_seconds']:.0f} s (last session), training {m['train_seconds']:.0f} s "

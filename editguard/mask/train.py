@@ -11,8 +11,8 @@ Speed: each ROME record has its own edited weight Ŵ_i = W + u_i v_iᵀ, never b
     (Ŵ_i ⊙ K) x = (W ⊙ K) x + u_i ⊙ (K (v_i ⊙ x)),
 so one forward pass carries a whole batch of different edits (MEMIT: one dense W + ΔW per batch edit,
 built once). The states entering the masked layer
-and the teacher's logits are computed once; each step runs only the layers from the masked one up
-and reads logits only at the last prompt position.
+and the teacher's logits are computed once; each step runs only the layers from the masked one up,
+on the batch's prompts packed end to end (no padding), and reads logits only at the last prompt position.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import write_safetensors
 from ..edit.facts import target_ids
-from ..edit.forward import _replace_hidden_hook, layers_skipped_below, pad_batch, unembed
+from ..edit.forward import consecutive_groups, attention_in_blocks, layers_skipped_below, pad_batch, replace_hidden_hook, unembed
 from ..errors import EditguardError
 from ..loading import LoadedModel
 
@@ -98,15 +98,19 @@ def config_for(preset: str, method: str, **overrides) -> TrainConfig:
 
 # -- the masked projection -----------------------------------------------------------------------
 class MaskedProjection(torch.nn.Module):
-    """Stands in for an MLP output projection: y = (W ⊙ K) x + b + u ⊙ (K (v ⊙ x)), per-row u, v."""
+    """Stands in for an MLP output projection: y = (W ⊙ K) x + b + u ⊙ (K (v ⊙ x)), per-row u, v.
+
+    Rows are the batch rows of x [B, T, in] (factors [B, out]), or with `packed` the tokens of one
+    packed sequence x [1, N, in] (factors [N, out]: each token carries its own prompt's edit)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.weight = weight  # [out, in], frozen
         self.bias = bias
         self.K: torch.Tensor | None = None
-        self.u: torch.Tensor | None = None  # [B, out] or [B, out, r]
+        self.u: torch.Tensor | None = None  # [R, out] or [R, out, r]
         self.v: torch.Tensor | None = None
+        self.packed = False
 
     def forward(self, x):
         K = self.K
@@ -114,11 +118,12 @@ class MaskedProjection(torch.nn.Module):
         if self.u is not None:
             u = self.u if self.u.dim() == 3 else self.u.unsqueeze(-1)
             v = self.v if self.v.dim() == 3 else self.v.unsqueeze(-1)
+            spread = (lambda t: t.unsqueeze(0)) if self.packed else (lambda t: t.unsqueeze(1))
             for r in range(u.shape[-1]):
-                xv = x * v[:, None, :, r]
+                xv = x * spread(v[..., r])
                 # K (v ⊙ x); without a mask that is vᵀx in every output coordinate
                 proj = F.linear(xv, K) if K is not None else xv.sum(-1, keepdim=True)
-                y = y + proj * u[:, None, :, r]
+                y = y + proj * spread(u[..., r])
         return y
 
 
@@ -277,22 +282,22 @@ class MaskTrainer:
         return order[k * self.cfg.batch_records:(k + 1) * self.cfg.batch_records].tolist()
 
     def loss(self, theta: list[torch.Tensor], records: list[int], progress: float, edited: bool = True,
-             groups: int = 3):
-        """The training loss on `records` (their rewrite + paraphrase prompts). Rows are sorted by length
-        and run in `groups` length buckets, so padding does not go through the network."""
+             pack_tokens: int = 4096):
+        """The training loss on `records` (their rewrite + paraphrase prompts), whose prompts run packed
+        end to end without padding (padding was a third of the tokens in length buckets)."""
         cfg, data = self.cfg, self.data
         rows = torch.tensor([j for r in records for j in self.prompts_of[r]])
         tau = cfg.tau(progress)
         masks = [torch.sigmoid(t / tau) for t in theta]
         T = cfg.temperature(progress)
         margin_sum, kl_sum, flips = 0.0, 0.0, 0.0
-        for group, bucket in self._buckets(rows, groups):
-            logits = self._last_logits(bucket, masks, edited, group)
+        for group, pack in self._packs(rows, pack_tokens):
+            logits = self._last_logits(pack, masks, edited, group)
             device = logits.device
-            z_new = logits.gather(1, data.new_tok[bucket, None].to(device))[:, 0]
-            z_true = logits.gather(1, data.true_tok[bucket, None].to(device))[:, 0]
+            z_new = logits.gather(1, data.new_tok[pack, None].to(device))[:, 0]
+            z_true = logits.gather(1, data.true_tok[pack, None].to(device))[:, 0]
             margin_sum = margin_sum + F.relu(z_new - z_true + cfg.margin).sum()
-            teacher = F.log_softmax(data.teacher[bucket].float().to(device) / T, dim=-1)
+            teacher = F.log_softmax(data.teacher[pack].float().to(device) / T, dim=-1)
             student = F.log_softmax(logits / T, dim=-1)
             kl_sum = kl_sum + F.kl_div(student, teacher, log_target=True, reduction="sum")  # KL(teacher ‖ student)
             flips += float((z_true > z_new).sum())
@@ -303,40 +308,53 @@ class MaskTrainer:
         total = margin + sparsity + cfg.beta_kl * T * T * kl
         return total, {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(), "flip": flips / n}
 
-    def _buckets(self, rows: torch.Tensor, groups: int) -> list[tuple[int | None, torch.Tensor]]:
-        """(batch edit, rows): rows of one batch edit each (MEMIT), sorted by length into `groups` buckets."""
-        rows = rows[self.data.mask[rows].sum(1).argsort()]
+    def _packs(self, rows: torch.Tensor, pack_tokens: int) -> list[tuple[int | None, torch.Tensor]]:
+        """(batch edit, rows): rows of one batch edit each (MEMIT), in packs of about `pack_tokens` tokens."""
         if self.record_group is None:
-            return [(None, b) for b in rows.chunk(min(groups, len(rows)))]
-        of_row = self.record_group[self.data.record[rows]]
-        return [(g, b) for g in of_row.unique().tolist()
-                for b in rows[of_row == g].chunk(min(groups, int((of_row == g).sum())))]
+            parts = [(None, rows)]
+        else:
+            of_row = self.record_group[self.data.record[rows]]
+            parts = [(g, rows[of_row == g]) for g in of_row.unique().tolist()]
+        lengths = self.data.mask.sum(1)
+        return [(g, part[first:last]) for g, part in parts
+                for first, last in consecutive_groups(lengths[part].tolist(), pack_tokens)]
 
     def _last_logits(self, rows: torch.Tensor, masks: list[torch.Tensor], edited: bool,
                      group: int | None = None) -> torch.Tensor:
+        """Logits at the last prompt position of `rows`, from the layers >= the masked one, the rows'
+        tokens packed into one sequence (a block-causal mask keeps each prompt to itself)."""
         data, model, arch = self.data, self.loaded.model, self.loaded.arch
-        width = int(data.mask[rows].sum(1).max())
         device = self.loaded.device
+        lens = data.mask[rows].sum(1)
+        tok_row = torch.repeat_interleave(torch.arange(len(rows)), lens)
+        starts = torch.cumsum(lens, 0) - lens
+        tok_pos = torch.arange(len(tok_row)) - starts[tok_row]
+        src = rows[tok_row]
         weights = self.group_weights[group] if group is not None and edited else self.base_weights
         for module, K, weight in zip(self.modules, masks, weights):
-            module.K, module.weight = K, weight
+            module.K, module.weight, module.packed = K, weight, True
             if self.u is not None and edited:
-                module.u, module.v = self.u[data.record[rows]], self.v[data.record[rows]]
+                module.u, module.v = self.u[data.record[src]], self.v[data.record[src]]
             else:
                 module.u = module.v = None
+        allowed = (tok_row[:, None] == tok_row[None, :]) & (tok_pos[:, None] >= tok_pos[None, :])
+        mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
         with contextlib.ExitStack() as stack:
             for (path, _), module in zip(self.targets, self.modules):
                 stack.enter_context(swapped(model, path, module))
             stack.enter_context(layers_skipped_below(model, arch, self.start))
+            stack.enter_context(attention_in_blocks(model, torch.zeros_like(lens), lens))
             layer = model.get_submodule(arch.module("layer", self.start))
-            handle = layer.register_forward_pre_hook(_replace_hidden_hook(data.hidden[rows, :width].to(device)),
-                                                     with_kwargs=True)
+            hidden = data.hidden[src, tok_pos].unsqueeze(0).to(device)
+            handle = layer.register_forward_pre_hook(replace_hidden_hook(hidden), with_kwargs=True)
             try:
-                out = model.get_submodule(arch.base)(input_ids=data.ids[rows, :width].to(device),
-                                                     attention_mask=data.mask[rows, :width].to(device))
+                out = model.get_submodule(arch.base)(
+                    input_ids=data.ids[src, tok_pos].unsqueeze(0).to(device),
+                    attention_mask=mask[None, None].to(device), position_ids=tok_pos.unsqueeze(0).to(device),
+                    use_cache=False)
             finally:
                 handle.remove()
-        h_last = out.last_hidden_state[torch.arange(len(rows)), data.last[rows]]
+        h_last = out.last_hidden_state[0, (starts + data.last[rows]).to(device)]
         return unembed(model, arch, h_last).float()
 
     def train(self, state: TrainState, optimizer: torch.optim.Optimizer, on_step: Callable | None = None,
