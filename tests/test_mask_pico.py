@@ -298,8 +298,10 @@ def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkey
     args = _train_args(pico_models, tmp_path, out, 2)
     (tmp_path / "memit.yaml").write_text(yaml.safe_dump(PICO_MEMIT))
     args[args.index("--hparams") + 1] = str(tmp_path / "memit.yaml")
-    result = cli("-f", "json", *args, "--method", "memit", "--memit-batch", "10", "--target-pruned", "0.1")
+    result = cli("-f", "json", *args, "--method", "memit", "--memit-batch", "10", "--target-pruned", "0.1",
+                 "--max-pruned", "0.2")
     assert result.code == 0, result.err
+    assert MaskFile.load(out).hparams["train"]["sparsity_max"] == 0.2
     metrics = result.json
     assert metrics["rsr"]["train"]["memit_batches"] == [10, 10]  # two batch edits of the training records
     assert metrics["rsr"]["val"]["memit_batches"] == [8] and metrics["rsr"]["test"]["memit_batches"] == [8]

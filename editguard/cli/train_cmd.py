@@ -53,6 +53,8 @@ def train_command(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Binarisation threshold γ.")] = None,
     target_pruned: Annotated[Optional[float], typer.Option(
         "--target-pruned", help="Instead of γ: prune this share (γ chosen from the scores).")] = None,
+    max_pruned: Annotated[Optional[float], typer.Option(
+        "--max-pruned", help="S_max: the pruned share above which the training loss penalises (default 0.10).")] = None,
     bank: Annotated[Optional[Path], typer.Option("--bank", help="Edit bank to reuse and extend.")] = None,
     memit_batch: Annotated[Optional[int], typer.Option("--memit-batch", min=1, help="MEMIT: training records per "
                                                        "batch edit (default: all in one, as the paper).")] = None,
@@ -78,6 +80,8 @@ def train_command(
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
     if threshold is not None and target_pruned is not None:
         raise EditguardError("give --threshold or --target-pruned, not both")
+    if max_pruned is not None and not 0 < max_pruned < 1:
+        raise EditguardError("--max-pruned must be a share between 0 and 1")
     ref = resolve_model(model)
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)
@@ -86,7 +90,7 @@ def train_command(
         raise EditguardError("give --hparams (EasyEdit YAML or preset); only demo models have a default")
     hp = load_hparams(hparams or default, method, {"layers": [layer]} if layer is not None else None)
     cfg = config_for(preset, method, epochs=epochs, batch_records=batch, lr=lr, seed=seed,
-                     checkpoint_every=checkpoint_every, threshold=threshold)
+                     checkpoint_every=checkpoint_every, threshold=threshold, sparsity_max=max_pruned)
     job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, val_every=val_every,
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
