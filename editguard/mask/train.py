@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import write_safetensors
 from ..edit.facts import target_ids
-from ..edit.forward import consecutive_groups, attention_in_blocks, layers_skipped_below, pad_batch, replace_hidden_hook, unembed
+from ..edit.forward import (attention_in_blocks, consecutive_groups, layers_skipped_below, pad_batch,
+                             replace_hidden_hook, unembed)
 from ..errors import EditguardError
 from ..loading import LoadedModel
 
