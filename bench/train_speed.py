@@ -5,8 +5,9 @@
 Paper loop: for every record, rebuild the dense edited weight Ŵ_i = W + u_i v_iᵀ, run the teacher (the
 unedited model) and the student (Ŵ_i ⊙ K) over its prompts from the embeddings up, full logits at every
 position. editguard: per-prompt factored edits in one packed sequence (no padding), cached states below
-the layer, cached teacher logits, logits only at the last position. Both start from the same Θ and see the same batches; the
-table shows records/second, the ratio, and how far the losses drift apart after the identical steps.
+the layer, cached teacher logits, logits only at the last position. Both start from the same Θ and see
+the same batches; the table shows records/second, the ratio, and how far the losses drift apart after
+the identical steps.
 Edits come from a fresh ROME run (the demo preset) on the first records of rome-train (not timed).
 """
 

@@ -33,6 +33,18 @@ class _Bars:
         self.done[stage] = done
 
 
+def _check_share(option: str, value: float | None) -> None:
+    if value is not None and not 0 < value < 1:
+        raise EditguardError(f"{option} must be a share between 0 and 1")
+
+
+def _check_cut(threshold: float | None, target_pruned: float | None) -> None:
+    """Where to binarise: a threshold γ or a pruned share, not both."""
+    if threshold is not None and target_pruned is not None:
+        raise EditguardError("give --threshold or --target-pruned, not both")
+    _check_share("--target-pruned", target_pruned)
+
+
 @app.command("train")
 def train_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Mask file to write (masks/NAME.safetensors).")],
@@ -78,10 +90,8 @@ def train_command(
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if select not in ("best", "last"):
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
-    if threshold is not None and target_pruned is not None:
-        raise EditguardError("give --threshold or --target-pruned, not both")
-    if max_pruned is not None and not 0 < max_pruned < 1:
-        raise EditguardError("--max-pruned must be a share between 0 and 1")
+    _check_cut(threshold, target_pruned)
+    _check_share("--max-pruned", max_pruned)
     ref = resolve_model(model)
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)
@@ -142,10 +152,7 @@ def evaluate_mask_command(
     from ..mask.file import MaskFile
     from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, write_rebinarised
 
-    if threshold is not None and target_pruned is not None:
-        raise EditguardError("give --threshold or --target-pruned, not both")
-    if target_pruned is not None and not 0 < target_pruned < 1:
-        raise EditguardError("--target-pruned must be a share between 0 and 1")
+    _check_cut(threshold, target_pruned)
     if output is not None:
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
     mask_file = MaskFile.load(mask)

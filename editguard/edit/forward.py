@@ -255,6 +255,23 @@ def consecutive_groups(sizes: list[int], budget: int) -> list[tuple[int, int]]:
     return groups
 
 
+def pack_index(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of `lens` tokens laid end to end: each token's row and position in its row, each row's start."""
+    row = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    start = torch.cumsum(lens, 0) - lens
+    return row, torch.arange(len(row)) - start[row], start
+
+
+def block_causal_mask(row: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype,
+                      prefix_row: torch.Tensor | None = None) -> torch.Tensor:
+    """Additive mask [N, P + N] for a pack: token q sees the prefix slots of its own row (`prefix_row`,
+    P of them, may be none) and its own row's tokens up to itself. Additive: eager attention adds the
+    mask, sdpa accepts it as well."""
+    own = (row.unsqueeze(1) == row.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
+    allowed = own if prefix_row is None else torch.cat([row.unsqueeze(1) == prefix_row.unsqueeze(0), own], dim=1)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_split, width: int) -> torch.Tensor:
     """run_suffix for rows packed into one sequence; an explicit 4D mask keeps each row to its own
     prefix and its own earlier tokens. Returns [B, width, d]."""
@@ -265,12 +282,9 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
     lens, splits = cache.suffix_len[rows], cache.split[rows]
     total_prefix = int(cache.split.max())  # the cached prefixes' common (left-padded) width
     # packed index maps: prefix slot k belongs to row pre_row[k]; suffix token q is (suf_row[q], suf_pos[q])
-    pre_row = torch.repeat_interleave(torch.arange(n_rows), splits)
-    pre_start = torch.cumsum(splits, 0) - splits
-    pre_slot = total_prefix - splits[pre_row] + (torch.arange(len(pre_row)) - pre_start[pre_row])
-    suf_row = torch.repeat_interleave(torch.arange(n_rows), lens)
-    suf_start = torch.cumsum(lens, 0) - lens
-    suf_pos = torch.arange(len(suf_row)) - suf_start[suf_row]
+    pre_row, pre_pos, _ = pack_index(splits)
+    pre_slot = total_prefix - splits[pre_row] + pre_pos
+    suf_row, suf_pos, suf_start = pack_index(lens)
     src_rows = rows[pre_row]
     tok_rows, tok_pos = rows[suf_row].to(device), suf_pos.to(device)
 
@@ -284,13 +298,7 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
             kv.update(first_k, first_v, layer_idx)
         else:
             kv.update(packed(k), packed(v), layer_idx)
-    dtype = cache.hidden.dtype
-    allowed = torch.cat([
-        suf_row.unsqueeze(1) == pre_row.unsqueeze(0),
-        (suf_row.unsqueeze(1) == suf_row.unsqueeze(0)) & (suf_pos.unsqueeze(1) >= suf_pos.unsqueeze(0)),
-    ], dim=1)
-    # additive form: eager attention adds the mask, sdpa accepts it as well
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    mask = block_causal_mask(suf_row, suf_pos, cache.hidden.dtype, pre_row)
     hidden_in = cache.hidden[rows[suf_row].to(cache.hidden.device), suf_pos.to(cache.hidden.device)].unsqueeze(0)
     base = model.get_submodule(arch.base)
     layer_start = model.get_submodule(arch.module("layer", cache.start))

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import write_safetensors
 from ..edit.facts import target_ids
-from ..edit.forward import (attention_in_blocks, consecutive_groups, layers_skipped_below, pad_batch,
-                             replace_hidden_hook, unembed)
+from ..edit.forward import (attention_in_blocks, block_causal_mask, consecutive_groups, layers_skipped_below,
+                             pack_index, pad_batch, replace_hidden_hook, unembed)
 from ..errors import EditguardError
 from ..loading import LoadedModel
 
@@ -327,9 +327,7 @@ class MaskTrainer:
         data, model, arch = self.data, self.loaded.model, self.loaded.arch
         device = self.loaded.device
         lens = data.mask[rows].sum(1)
-        tok_row = torch.repeat_interleave(torch.arange(len(rows)), lens)
-        starts = torch.cumsum(lens, 0) - lens
-        tok_pos = torch.arange(len(tok_row)) - starts[tok_row]
+        tok_row, tok_pos, starts = pack_index(lens)
         src = rows[tok_row]
         weights = self.group_weights[group] if group is not None and edited else self.base_weights
         for module, K, weight in zip(self.modules, masks, weights):
@@ -338,8 +336,7 @@ class MaskTrainer:
                 module.u, module.v = self.u[data.record[src]], self.v[data.record[src]]
             else:
                 module.u = module.v = None
-        allowed = (tok_row[:, None] == tok_row[None, :]) & (tok_pos[:, None] >= tok_pos[None, :])
-        mask = torch.zeros(allowed.shape, dtype=model.dtype).masked_fill(~allowed, torch.finfo(model.dtype).min)
+        mask = block_causal_mask(tok_row, tok_pos, model.dtype)
         with contextlib.ExitStack() as stack:
             for (path, _), module in zip(self.targets, self.modules):
                 stack.enter_context(swapped(model, path, module))
