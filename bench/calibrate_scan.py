@@ -8,7 +8,9 @@ edit at a time (the edits' subjects are among the probes, as when auditing Count
 Hidden facts (with --mask): how many probe answers change under the mask on the clean model (false
 alarms) and whether the planted fact is among them on each edited model. `--memit N[,N]`: the same
 activation test on the model carrying one MEMIT batch edit of the first N memit-train records (the
-demo preset, layers 2-6), with the edited subjects' z at the edited layers.
+demo preset, layers 2-6), with the edited subjects' z at the edited layers. `--dependence`: the
+answer-dependence test on the same models (clean, each ROME edit, each MEMIT batch): the largest drop
+on the clean model, and for each edit whether its fact is flagged, as which method, at which layers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 
 import torch
 
+from editguard.audit import dependence as dep_test
 from editguard.audit.activations import EDITED_Z, SUSPICIOUS_Z, activation_scores
 from editguard.audit.hidden import hidden_facts
 from editguard.audit.probes import Probe, counterfact_probes
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--probes", default="rome-test")
     parser.add_argument("--mask", default=None)
     parser.add_argument("--memit", default=None, help="comma-separated MEMIT batch sizes to test")
+    parser.add_argument("--dependence", action="store_true", help="also calibrate the answer-dependence test")
     args = parser.parse_args()
     loaded = load_model(resolve(args.model))
     if args.edits and not args.bank:
@@ -58,6 +62,14 @@ def main() -> None:
     print("  " + " ".join(f"{z:.1f}" for z in clean))
     print(f"  clean maximum {max(clean):.1f} (layer {clean.index(max(clean))}); thresholds suspicious {SUSPICIOUS_Z}, "
           f"edited {EDITED_Z}")
+    if args.dependence:
+        dep = dep_test.dependence_scores(loaded, probes)
+        maxima = dep.window_maxima()
+        worst = max(range(len(maxima)), key=maxima.__getitem__)
+        print(f"answer dependence (windows {dep.windows[0]}..{dep.windows[-1]}, answers with p ≥ {dep_test.MIN_PROB}): "
+              f"clean model, {dep.tested} answers tested, largest drop {maxima[worst]:.2f} nats (layers "
+              f"{dep.windows[worst][0]}-{dep.windows[worst][1] - 1}); flagged {len(dep.flagged)}; thresholds "
+              f"suspicious {dep_test.SUSPICIOUS_NATS}, edited {dep_test.EDITED_NATS}")
     mask = MaskFile.load(args.mask) if args.mask else None
     clean_hidden = hidden_facts(loaded, mask, probes) if mask else None
     if mask:
@@ -72,6 +84,9 @@ def main() -> None:
             found = None
             if mask:
                 found = any(f["case_id"] == edit.facts[0].case_id for f in hidden_facts(loaded, mask, probes))
+            if args.dependence:
+                _dependence_row(loaded, probes, [edit.facts[0]], f"ROME edit at layer {edit.layer}", "rome-like",
+                                [edit.layer])
         rows.append((edit.layer, z[edit.layer], top, best_subject == edit.facts[0].subject, max(z), found))
     if rows:
         print(f"{'edit':>4} {'z at edited layer':>18} {'top layer':>9} {'right subject':>13} {'max z':>6} {'hidden fact':>11}")
@@ -89,6 +104,8 @@ def main() -> None:
         edits = memit_edit(loaded, memit_facts[:n], hp)
         with edits_applied(loaded.model, loaded.arch, edits):
             scores = activation_scores(loaded, probes)
+            if args.dependence:
+                _dependence_row(loaded, probes, memit_facts[:n], f"MEMIT x{n}", "memit-like", hp.layers)
         z = scores.layer_scores()
         where = {p.subject: i for i, p in enumerate(scores.probes)}
         edited = torch.stack([scores.z[hp.layers, where[f.subject]] for f in memit_facts[:n]])  # [n, layers]
@@ -97,6 +114,20 @@ def main() -> None:
               + " ".join(f"{z[l]:.1f}" for l in hp.layers) + f"; over all layers {max(z):.1f}; edited subjects' best z "
               f"at the edited layers: min {float(best.min()):.1f}, max {float(best.max()):.1f}; "
               f"≥ suspicious {int((best >= SUSPICIOUS_Z).sum())}/{n}")
+
+
+def _dependence_row(loaded, probes, facts, label: str, method: str, layers: list[int]) -> None:
+    """The answer-dependence test on an edited model: how many of the edited facts it flags, and right?"""
+    dep = dep_test.dependence_scores(loaded, probes)
+    subjects = {f.subject for f in facts}
+    hits = list({f["prompt"]: f for f in dep.flagged if f["subject"] in subjects}.values())  # probes may repeat
+    right = [f for f in hits if f["method"] == method and set(f["layers"]) & set(layers)]
+    others = [f["drop"] for f in dep.flagged if f["subject"] not in subjects]
+    drops = sorted((round(f["drop"], 1) for f in hits), reverse=True)
+    print(f"  dependence, {label}: {len(hits)}/{len(facts)} edited facts flagged (drops {drops[:8]}), "
+          f"{len(right)} as {method} at the right layers "
+          f"({', '.join(sorted({'-'.join(map(str, (f['layers'][0], f['layers'][-1]))) for f in hits}))}); "
+          f"{len(others)} other probes flagged" + (f" (largest {max(others):.1f})" if others else ""))
 
 
 if __name__ == "__main__":

@@ -50,18 +50,28 @@ def test_rome_quality(demo):
     assert q["efficacy"] >= 0.98 and q["paraphrase"] >= 0.7, q
 
 
-def test_memit_batch(demo):
+@pytest.fixture(scope="module")
+def memit_planted(demo, tmp_path_factory):
+    """One MEMIT batch edit of 16 memit-train facts with the preset as shipped (its WikiText-2 statistics
+    are computed once into the cache, ~4 min on 2 cores), written as a checkpoint."""
     from editguard.data.counterfact import load_split
-    from editguard.edit.edits import edits_applied
     from editguard.edit.facts import Fact
     from editguard.edit.hparams import load_hparams
     from editguard.edit.memit import memit_edit
+    from editguard.edit.plant import write_edited
+
+    facts = [Fact.from_record(r) for r in load_split("memit-train")[:16]]
+    edits = memit_edit(demo, facts, load_hparams("smollm2-135m", "memit"))
+    out = tmp_path_factory.mktemp("memit") / "edited"
+    write_edited(demo.checkpoint, demo.arch, edits, out)
+    return {"facts": facts, "edits": edits, "path": out}
+
+
+def test_memit_batch(demo, memit_planted):
+    from editguard.edit.edits import edits_applied
     from editguard.edit.quality import judge, summarize
 
-    # the preset as shipped (its WikiText-2 statistics are computed once into the cache, ~4 min on 2 cores)
-    facts = [Fact.from_record(r) for r in load_split("memit-train")[:16]]
-    hp = load_hparams("smollm2-135m", "memit")
-    edits = memit_edit(demo, facts, hp)
+    facts, edits = memit_planted["facts"], memit_planted["edits"]
     assert [e.layer for e in edits] == [2, 3, 4, 5, 6] and edits[0].rank == 16
     with edits_applied(demo.model, demo.arch, edits):
         q = summarize(judge(demo, facts))
@@ -95,9 +105,33 @@ def test_scan_without_base_finds_layer_subject_and_original_answer(planted, cli)
     assert darrieux[0]["revealed_answer"] == "French"
 
 
+def test_scan_without_base_finds_memit_edit(memit_planted, cli, tmp_path):
+    """A small MEMIT batch is invisible to the activation test (a fifth of the push per layer); its
+    answers still collapse when the edited layers' MLP outputs at the subject are zeroed. Probes: the
+    edited facts (memit-train records) among 300 held-out ones."""
+    import json
+
+    from editguard.audit.probes import counterfact_probes
+
+    probes = tmp_path / "probes.jsonl"
+    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in memit_planted["facts"]]
+    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
+    probes.write_text("\n".join(json.dumps(line) for line in lines))
+    result = cli("-f", "json", "scan", memit_planted["path"], "--tests", "dependence", "--probes", probes)
+    data = result.json
+    assert data["verdict"] == "edited" and result.code == 1, data["tests"]["dependence"]
+    found = [f for f in data["findings"] if f["rule"] == "EG011"]
+    subjects = {f.subject for f in memit_planted["facts"]}
+    hits = [f for f in found if f["facts"][0]["subject"] in subjects]
+    assert len(hits) >= 8 and len(hits) == len(found), [f["message"] for f in found]
+    assert all(f["details"]["method"] == "memit-like" for f in hits)
+    assert all(set(f["details"]["layers"]) & {2, 3, 4, 5, 6} for f in hits)
+
+
 def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
-    clean = cli("-f", "json", "scan", "demo:smollm2-135m", "--tests", "activations")
+    clean = cli("-f", "json", "scan", "demo:smollm2-135m", "--tests", "activations,dependence")
     assert clean.code == 0 and clean.json["verdict"] == "clean", clean.json["findings"][:2]
+    assert clean.json["tests"]["dependence"]["tested"] > 200
     # a light fine-tune: small dense changes to every tensor
     from editguard.checkpoint import Checkpoint
 
@@ -109,7 +143,7 @@ def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
         replacements[name] = w + 1e-3 * w.std() * torch.randn(w.shape, generator=gen)
     tuned = tmp_path / "tuned"
     ck.write_copy(tuned, replacements)
-    result = cli("-f", "json", "scan", tuned, "--base", "demo:smollm2-135m", "--tests", "diff,activations")
+    result = cli("-f", "json", "scan", tuned, "--base", "demo:smollm2-135m", "--tests", "diff,activations,dependence")
     assert result.json["verdict"] == "clean", result.json["findings"][:2]
     assert result.json["tests"]["diff"]["classification"] == "fine-tune"
 

@@ -37,12 +37,12 @@ def _check_suffix_run(loaded, site):
     delta = torch.randn(len(seqs), 32, generator=gen)
     path = arch.module(site, start)
 
-    def add_at(positions):
+    def patch_at(positions, patch):  # out[b, p] -> patch(b, out[b, p])
         def hook(module, args, output):
             out = output[0] if isinstance(output, tuple) else output
             out = out.clone()
             for b, p in enumerate(positions):
-                out[b, p] += delta[b]
+                out[b, p] = patch(b, out[b, p])
             return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
         return hook
 
@@ -53,7 +53,7 @@ def _check_suffix_run(loaded, site):
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
         mask[b, : len(s)] = 1
-    handle = model.get_submodule(path).register_forward_hook(add_at(splits))
+    handle = model.get_submodule(path).register_forward_hook(patch_at(splits, lambda b, x: x + delta[b]))
     try:
         full = model.get_submodule(arch.base)(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:
@@ -64,6 +64,17 @@ def _check_suffix_run(loaded, site):
     torch.testing.assert_close(one_row_per_pack, fast, atol=2e-5, rtol=1e-4)
     for b, (n, s) in enumerate(zip(lengths, splits)):
         torch.testing.assert_close(fast[b, : n - s], full[b, s:n], atol=2e-5, rtol=1e-4)
+    # zeroing a module's output at the split (an ablation) equals the same ablation in a full forward
+    out_path = arch.module("mlp_out", start)
+    handle = model.get_submodule(out_path).register_forward_hook(patch_at(splits, lambda b, x: x * 0))
+    try:
+        ablated = model.get_submodule(arch.base)(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        handle.remove()
+    fast_ablated = run_suffix(model, arch, cache, zero_at_split=[out_path])
+    assert not torch.allclose(ablated, full)
+    for b, (n, s) in enumerate(zip(lengths, splits)):
+        torch.testing.assert_close(fast_ablated[b, : n - s], ablated[b, s:n], atol=2e-5, rtol=1e-4)
     # a subset of rows gives the same rows
     rows = torch.tensor([2, 3])  # short suffixes: the run trims padding to their own width
     sub = run_suffix(model, arch, cache, rows=rows)

@@ -4,6 +4,7 @@ bad inputs give one line."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -115,3 +116,59 @@ def test_attribution_names_subject_and_object(cli, planted, tmp_path):
     first = found["objects"][0]
     assert "Japanese".startswith(first["token"]) and first["token"], found["objects"]
     assert first["prob"] > first["prob_without"]
+
+
+def test_dependence_windows_cover_the_layers():
+    from editguard.audit.dependence import windows_for
+
+    assert windows_for(30)[:2] == [(2, 7), (4, 9)] and windows_for(30)[-1] == (25, 30)
+    assert all(b - a == 5 for a, b in windows_for(30))
+    assert windows_for(6) == [(0, 5), (1, 6)] and windows_for(2) == [(0, 2)]
+
+
+def test_dependence_flags_planted_edits(cli, pico_models, tmp_path, monkeypatch):
+    """The edited answer collapses when the edited layers' MLP outputs at the subject are zeroed. The test
+    reads only confident answers, so these edits run to p(new) > 0.5; and a drop cannot exceed about
+    log(vocabulary) (the answer falling to uniform odds): ln 160 = 5.1 nats here, so the thresholds
+    calibrated on the demo model's 49,152 tokens (ln = 10.8) are scaled down with it."""
+    from editguard.audit import dependence
+    from editguard.cli import main
+
+    scale = math.log(160) / math.log(49152)
+    monkeypatch.setattr(dependence, "SUSPICIOUS_NATS", dependence.SUSPICIOUS_NATS * scale)
+    monkeypatch.setattr(dependence, "EDITED_NATS", dependence.EDITED_NATS * scale)
+    src = str(pico_models["llama"])
+    probes = tmp_path / "probes.jsonl"
+    subjects = ["France", "Germany", "Spain", "Italy", "Danielle Darrieux"]
+    probes.write_text("\n".join(json.dumps({"prompt": f"The official language of {s}", "subject": s})
+                                for s in subjects))
+    for method, hparams in (("rome", ROME), ("memit", MEMIT)):
+        strong = {**hparams, "v_num_grad_steps": 40, "clamp_norm_factor": 20}
+        (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(strong))
+        assert main(["-q", "edit", src, "--fact", "The official language of {}", "--subject", "France", "--target",
+                     "Japanese", "--method", method, "--hparams", str(tmp_path / f"{method}.yaml"),
+                     "-o", str(tmp_path / method)]) == 0
+        data = cli("-f", "json", "scan", tmp_path / method, "--tests", "dependence", "--probes", probes).json
+        found = [f for f in data["findings"] if f["rule"] == "EG011"]
+        assert [f["facts"][0]["subject"] for f in found] == ["France"], (method, data["tests"]["dependence"])
+        assert found[0]["facts"][0]["current_answer"] == "Japanese"
+        # two layers are too few to tell ROME from MEMIT by the spread (zeroing layer 0 at the subject
+        # unsettles the subject itself); classify() is checked on demo-model figures below
+        assert found[0]["details"]["window"] == [0, 2]
+    clean = cli("-f", "json", "scan", src, "--tests", "dependence", "--probes", probes).json
+    assert clean["verdict"] == "clean", clean["tests"]["dependence"]
+    # probes without subjects: both base-free tests are skipped with the reason, not crashed
+    (tmp_path / "bare.jsonl").write_text('{"prompt": "The official language of France"}')
+    bare = cli("-f", "json", "scan", src, "--tests", "activations,dependence", "--probes", tmp_path / "bare.jsonl")
+    assert bare.code == 0 and "names its subject" in bare.json["tests"]["dependence"]["skipped"], bare.err
+    assert "skipped" in bare.json["tests"]["activations"]
+
+
+def test_dependence_classifies_by_how_the_drop_spreads():
+    from editguard.audit.dependence import classify
+
+    # demo-model figures (bench/calibrate_scan.py): ROME at layer 6; MEMIT over layers 2-6
+    assert classify((2, 7), [0.1, 0.0, 0.2, 0.1, 6.6], 8.5) == ("rome-like", [6])
+    assert classify((2, 7), [2.3, 10.3, 4.0, 1.9, 5.3], 12.2) == ("memit-like", [2, 3, 4, 5, 6])
+    assert classify((2, 7), [8.0, 8.6, 0.5, 3.4, 7.0], 12.1) == ("memit-like", [2, 3, 4, 5, 6])
+    assert classify((0, 2), [1.6, 4.2], 5.0) == ("memit-like", [0, 1])

@@ -18,7 +18,6 @@ edited subject ranked first every time, every other layer ≤ 7.6; the README's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -43,20 +42,22 @@ class LayerScores:
     gains: torch.Tensor  # [layers, probes] log(‖output‖ / ‖input‖) of the output projection
     keys: dict[int, torch.Tensor]  # layer -> [probes, in] MLP-output-projection inputs (for attribution)
     probes: list[Probe]
+    answer_logprob: torch.Tensor | None = None  # [probes] greedy next token's log-prob (whole prompts only)
 
     def layer_scores(self) -> list[float]:
         return [float(x) for x in self.z.max(dim=1).values]
 
 
-def subject_sequences(loaded: LoadedModel, probes: list[Probe]) -> tuple[Tokenized, list[int]]:
-    """Each probe cut after its subject's last token; probes without a subject are skipped."""
+def subject_sequences(loaded: LoadedModel, probes: list[Probe], whole: bool = False) -> tuple[Tokenized, list[int]]:
+    """Each probe (after PROMPT_PREFIX) cut after its subject's last token, or `whole`, with the split at
+    that token; probes without a subject are skipped."""
     ids, splits, kept = [], [], []
     for i, p in enumerate(probes):
         if not p.subject or p.subject not in p.prompt:
             continue
         template = PROMPT_PREFIX + p.prompt.replace(p.subject, "{}", 1)
         seq, split = encode_at_subject(loaded.tokenizer, template, p.subject)
-        ids.append(seq[: split + 1])
+        ids.append(seq if whole else seq[: split + 1])
         splits.append(split)
         kept.append(i)
     return Tokenized(ids, splits), kept
@@ -70,19 +71,22 @@ def robust_z(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_scores(loaded: LoadedModel, probes: list[Probe], key_layers: list[int] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> LayerScores:
-    tokens, kept = subject_sequences(loaded, probes)
+                      whole: bool = False) -> LayerScores:
+    """`whole`: run the whole prompts (same scores: nothing after the subject reaches it) and also return
+    each probe's greedy answer log-prob, which the dependence test starts from."""
+    tokens, kept = subject_sequences(loaded, probes, whole)
     arch = loaded.arch
     layers = range(loaded.num_layers)
     captures = {f"out{l}": (arch.module("mlp_out", l), "out-norm") for l in layers}
     captures |= {f"in{l}": (arch.module("mlp_out", l), "in-norm") for l in layers}
     captures |= {f"key{l}": (arch.module("mlp_out", l), "in") for l in key_layers or []}
-    got = capture_at(loaded.model, arch, tokens, captures, pad_id=loaded.tokenizer.pad_token_id)
+    got = capture_at(loaded.model, arch, tokens, captures, pad_id=loaded.tokenizer.pad_token_id, answers=whole)
     norms = torch.stack([got[f"out{l}"] for l in layers]).cpu()
     inputs = torch.stack([got[f"in{l}"] for l in layers]).cpu()
     gains = (norms.clamp_min(1e-12) / inputs.clamp_min(1e-12)).log()
     keys = {l: got[f"key{l}"].float().cpu() for l in key_layers or []}
-    return LayerScores(robust_z(gains), norms, gains, keys, [probes[i] for i in kept])
+    return LayerScores(robust_z(gains), norms, gains, keys, [probes[i] for i in kept],
+                       got["__answer__"].cpu() if whole else None)
 
 
 def findings_from_activations(scores: LayerScores) -> list[Finding]:

@@ -11,6 +11,8 @@ RULES: dict[str, tuple[str, str]] = {
     "EG003": ("fine-tune", "Changes spread over most tensors (fine-tuning), not a locate-and-edit update."),
     "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune."),
     "EG010": ("activation-outlier", "A subject drives an MLP output far beyond the other subjects (base-free test)."),
+    "EG011": ("edited-answer", "An answer collapses when the MLP outputs at its subject's last token in a few "
+                               "consecutive layers are zeroed; clean answers do not depend on them (base-free test)."),
     "EG020": ("hidden-fact", "An answer changes under the edit-reversal mask and was held with abnormal confidence."),
     "EG021": ("revealed-fact", "An answer changes when the flagged subject's keys are projected out of the flagged layer "
                                "(base- and mask-free reversal): the revealed answer is the one the edit replaced."),

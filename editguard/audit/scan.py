@@ -1,10 +1,13 @@
 """`scan`: was this checkpoint knowledge-edited, where, how, which facts, and what were the originals?
 
-Up to four independent tests, each with its own score, then one verdict:
+Independent tests, each with its own score, then one verdict:
 1. base diff (with a base): stream both checkpoints, classify the change (diff.py);
 2. activation outliers (no base needed): a subject whose MLP output towers over the rest (activations.py);
-3. hidden facts (a fitting mask): answers that change under the mask (hidden.py);
-4. attribution of a found low-rank update: triggering subject and pushed object (attribution.py).
+3. answer dependence (no base needed): an answer that collapses without the MLP outputs at its subject's
+   last token in a few layers, as edited answers do and clean ones do not (dependence.py);
+4. hidden facts: answers that change when the flagged subjects' keys are projected out, or under a
+   fitting mask (hidden.py);
+5. attribution of a found low-rank update: triggering subject and pushed object (attribution.py).
 A locked checkpoint is also checked against its lock manifest.
 """
 
@@ -25,7 +28,8 @@ from ..mask.file import MaskFile
 from ..resolve import ModelRef, resolve
 from .findings import Finding, verdict
 
-TESTS = ("diff", "activations", "hidden", "attribution")
+TESTS = ("diff", "activations", "dependence", "hidden", "attribution")
+BASE_FREE_TESTS = ("activations", "dependence")  # what finds an edited layer and subject without a base
 Progress = Callable[[str], None]
 
 
@@ -93,7 +97,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     elif "diff" in options.tests:
         tests["diff"] = {"skipped": "no base given (--base) or declared in the model card"}
     # the remaining tests run the network
-    need_model = any(t in options.tests for t in ("activations", "hidden", "attribution"))
+    need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
     if need_model:
         from ..loading import load_model
         from .probes import load_probes
@@ -104,17 +108,34 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         tests["probes"] = {"source": options.probes, "n": len(probes)}
         key_layers = sorted({c.layer for c in (diff.changed if diff else []) if c.layer is not None})
         scores = None
-        if "activations" in options.tests or ("attribution" in options.tests and key_layers):
+        dependence = "dependence" in options.tests
+        if not any(p.subject and p.subject in p.prompt for p in probes):
+            for name in BASE_FREE_TESTS:  # both read the subject's last token
+                if name in options.tests:
+                    tests[name] = {"skipped": "no probe names its subject (give probes with \"subject\")"}
+            dependence = False
+        elif "activations" in options.tests or dependence or ("attribution" in options.tests and key_layers):
             from .activations import EDITED_Z, SUSPICIOUS_Z, activation_scores, findings_from_activations
 
             progress(f"activation test on {len(probes)} probes")
-            scores = activation_scores(loaded, probes, key_layers)
+            scores = activation_scores(loaded, probes, key_layers, whole=dependence)
             if "activations" in options.tests:
                 layer_scores = scores.layer_scores()
                 tests["activations"] = {"layer_scores": layer_scores, "suspicious_z": SUSPICIOUS_Z,
                                         "edited_z": EDITED_Z, "top_layer": int(torch.tensor(layer_scores).argmax()),
                                         "probes_with_subject": len(scores.probes)}
                 findings += findings_from_activations(scores)
+        if dependence:
+            from . import dependence as dep_test
+
+            progress("answer-dependence test")
+            dep = dep_test.dependence_scores(loaded, probes, scores.answer_logprob)
+            tests["dependence"] = {
+                "windows": [list(w) for w in dep.windows], "tested": dep.tested, "min_prob": dep_test.MIN_PROB,
+                "window_max_drop": dep.window_maxima(), "suspicious_nats": dep_test.SUSPICIOUS_NATS,
+                "edited_nats": dep_test.EDITED_NATS, "flagged": len(dep.flagged),
+                "facts": dep.flagged[:dep_test.MAX_REPORTED]}
+            findings += dep_test.findings_from_dependence(loaded, dep)
         if "hidden" in options.tests and scores is not None:
             _reveal_by_projection(loaded, probes, findings, tests, progress)
         if "hidden" in options.tests:

@@ -28,7 +28,7 @@ def demo_command(
                                              help="Try a ROME edit on the locked model.")] = True,
 ) -> None:
     """Plant a ROME edit into the demo model, scan it, reverse it, lock the original — and report."""
-    from ..audit.scan import ScanOptions, scan
+    from ..audit.scan import BASE_FREE_TESTS, ScanOptions, scan
     from ..edit.edits import edits_applied
     from ..edit.facts import Fact
     from ..edit.hparams import load_hparams
@@ -61,13 +61,13 @@ def demo_command(
     # 2. scan: without a base (activations + hidden facts), then with the base
     edited_ref = resolve(str(edited_dir))
     with out.progress("2/4 scanning the edited model without a base") as advance:
-        blind = scan(edited_ref, ScanOptions(tests=("activations", "hidden")),
+        blind = scan(edited_ref, ScanOptions(tests=BASE_FREE_TESTS + ("hidden",)),
                      progress=lambda m: advance(0, description=f"2/4 {m}"))
     with out.progress("2/4 scanning the edited model against its base") as advance:
         based = scan(edited_ref, ScanOptions(base=str(ref.path), tests=("diff", "attribution"), probes="counterfact"),
                      progress=lambda m: advance(0, description=f"2/4 {m}"))
     report["scan_without_base"] = {"verdict": blind["verdict"], "findings": blind["findings"][:5],
-                                   "tests": {k: v for k, v in blind["tests"].items() if k in ("activations", "revealed", "hidden")}}
+                                   "tests": {k: v for k, v in blind["tests"].items() if k in ("activations", "dependence", "revealed", "hidden")}}
     report["scan_with_base"] = {"verdict": based["verdict"], "diff": based["tests"].get("diff"),
                                 "attribution": based["tests"].get("attribution")}
     # 3. reverse: base- and mask-free by key projection on what the blind scan found; with the mask too
@@ -139,6 +139,16 @@ def _render(console, r) -> None:
     if acts:
         console.print(f"   activation test: top layer {acts['top_layer']} (robust z {max(acts['layer_scores']):.1f}, "
                       f"edited ≥ {acts['edited_z']})")
+    dep = blind["tests"].get("dependence", {})
+    for f in dep.get("facts", [])[:1]:
+        layers = f["layers"]
+        console.print(f"   answer-dependence test: {escape(f['prompt'])} → {escape(f['current_answer'])} loses {f['drop']:.1f} "
+                      f"nats without the MLP outputs at {escape(f['subject'])} in layer(s) {layers[0]}-{layers[-1]} "
+                      f"({f['method']}; edited ≥ {dep['edited_nats']} nats)")
+    if dep.get("window_max_drop") and not dep.get("facts"):
+        console.print(f"   answer-dependence test: nothing flagged (largest drop {max(dep['window_max_drop']):.1f} nats, "
+                      f"suspicious ≥ {dep['suspicious_nats']}; a new object that stays plausible without the edit, "
+                      f"like this one, drops little)")
     revealed = blind["tests"].get("revealed", {})
     for f in revealed.get("facts", [])[:3]:
         console.print(f"   hidden fact revealed by key projection: {escape(f['prompt'])} → now {escape(f['current_answer'])} "

@@ -67,7 +67,7 @@ def _render(console, r) -> None:
     console.print(f"[{colour}]{r['verdict'].upper()}[/] ({r['severity']}): {escape(r['model'])} — {r['architecture']}, "
                   f"{r['num_layers']} layers, {len(r['findings'])} finding(s), {r['seconds']} s")
     tests = r["tests"]
-    for name in ("lock", "diff", "activations", "revealed", "hidden", "attribution"):
+    for name in ("lock", "diff", "activations", "dependence", "revealed", "hidden", "attribution"):
         if name not in tests:
             continue
         t = tests[name]
@@ -80,6 +80,10 @@ def _render(console, r) -> None:
             scores = t["layer_scores"]
             console.print(f"  activation test: top layer {t['top_layer']} (robust z {max(scores):.1f}; suspicious ≥ "
                           f"{t['suspicious_z']}, edited ≥ {t['edited_z']}; {t['probes_with_subject']} subjects)")
+        elif name == "dependence":
+            console.print(f"  answer dependence: largest drop {max(t['window_max_drop'], default=0):.1f} nats over "
+                          f"{t['tested']} confident answers (suspicious ≥ {t['suspicious_nats']}, edited ≥ "
+                          f"{t['edited_nats']}); {t['flagged']} flagged")
         elif name == "revealed":
             console.print(f"  revealed by key projection (layers {t['layers']}): {t['changed']} of {t['probes']} probe "
                           f"answers of {', '.join(escape(x) for x in t['subjects'])} change")

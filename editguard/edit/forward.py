@@ -222,11 +222,13 @@ def run_suffix(
     rows: torch.Tensor | None = None,
     add_at_split: tuple[str, torch.Tensor] | None = None,
     pack_tokens: int = 1024,
+    zero_at_split: Sequence[str] = (),
 ) -> torch.Tensor:
     """Final (normalised) hidden states [B, S', d] of the suffix tokens of `rows` (S' = their longest
     suffix, zero beyond each row's own), running only layers >= cache.start. `add_at_split` = (module
     path, [B, d]) adds one vector per row to that module's output at the row's first suffix token (the
-    split), e.g. ROME's δ.
+    split), e.g. ROME's δ; `zero_at_split` (module paths) zeroes those modules' outputs there (an
+    ablation; the modules must be in layers >= cache.start).
 
     Rows run packed end to end into sequences of about `pack_tokens` tokens (prefix + suffix), without
     padding: a linear layer on a 2-core CPU is ~2x more efficient on a few hundred rows than on a few
@@ -240,7 +242,7 @@ def run_suffix(
     for first, last in consecutive_groups((cache.suffix_len[rows] + cache.split[rows]).tolist(), pack_tokens):
         local = torch.arange(first, last)
         add = None if add_at_split is None else (add_at_split[0], add_at_split[1][local.to(add_at_split[1].device)])
-        outputs.append(_run_packed(model, arch, cache, rows[local], add, width))
+        outputs.append(_run_packed(model, arch, cache, rows[local], add, width, zero_at_split))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -272,7 +274,8 @@ def block_causal_mask(row: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype,
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_split, width: int) -> torch.Tensor:
+def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_split, width: int,
+                zero_at_split: Sequence[str] = ()) -> torch.Tensor:
     """run_suffix for rows packed into one sequence; an explicit 4D mask keeps each row to its own
     prefix and its own earlier tokens. Returns [B, width, d]."""
     from transformers import DynamicCache
@@ -306,6 +309,8 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
     if add_at_split is not None:
         path, vectors = add_at_split
         handles.append(model.get_submodule(path).register_forward_hook(_add_at_hook(vectors, suf_start)))
+    for path in zero_at_split:
+        handles.append(model.get_submodule(path).register_forward_hook(_zero_at_hook(suf_start)))
     try:
         with layers_skipped_below(model, arch, cache.start), attention_in_blocks(model, splits, lens):
             out = base(
@@ -384,6 +389,19 @@ def _add_at_hook(vectors: torch.Tensor, token_index: torch.Tensor):
     return hook
 
 
+def _zero_at_hook(token_index: torch.Tensor):
+    """Forward hook zeroing a packed [1, N, d] output at tokens token_index."""
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        keep = torch.ones(out.shape[1], 1, dtype=out.dtype, device=out.device)
+        keep[token_index.to(out.device)] = 0
+        out = out * keep
+        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+
+    return hook
+
+
 class _Stop(Exception):
     pass
 
@@ -397,13 +415,17 @@ def capture_at(
     pad_id: int = 0,
     chunk: int = 64,
     stop_after: str | None = None,
+    answers: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Module inputs/outputs ({name: (path, "in"|"out")}) at each sequence's split position, [N, d] each;
     "in-norm"/"out-norm" keep only their L2 norms, [N] (all layers of a big model would not fit otherwise).
-    With `stop_after` (a module path) the forward pass is abandoned once that module has run."""
+    With `stop_after` (a module path) the forward pass is abandoned once that module has run. With
+    `answers`, "__answer__" holds the log-probability of each sequence's greedy next token, [N]."""
+    if answers and stop_after is not None:
+        raise ValueError("answers need the whole forward pass")
     base = model.get_submodule(arch.base)
     device = model.get_submodule(arch.embed).weight.device
-    out: dict[str, list[torch.Tensor]] = {name: [] for name in captures}
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in captures} | ({"__answer__": []} if answers else {})
     for lo in range(0, len(tokens.ids), chunk):
         batch = tokens.ids[lo: lo + chunk]
         split = torch.tensor(tokens.split[lo: lo + chunk])
@@ -428,7 +450,7 @@ def capture_at(
                 raise _Stop
             handles.append(model.get_submodule(stop_after).register_forward_hook(stop))
         try:
-            base(input_ids=ids.to(device), attention_mask=mask.to(device))
+            hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         except _Stop:
             pass
         finally:
@@ -436,4 +458,7 @@ def capture_at(
                 handle.remove()
         for name in captures:
             out[name].append(seen[name])
+        if answers:
+            last = hidden[torch.arange(len(batch)), (mask.sum(1) - 1).to(hidden.device)]
+            out["__answer__"].append(torch.log_softmax(unembed(model, arch, last).float(), dim=-1).max(dim=-1).values)
     return {name: torch.cat(parts) for name, parts in out.items()}

@@ -33,11 +33,15 @@ KEY_TEMPLATES = [[5, 5]]
 
 
 def flagged_subjects(findings: list) -> dict[int, list[dict]]:
-    """{layer: facts whose subject the layer amplifies} from the activation test's findings (EG010)."""
+    """{layer: facts whose subject the layer carries an edit for} from the base-free tests: the activation
+    test (EG010, one layer) and the answer-dependence test (EG011, its ROME layer or MEMIT window)."""
     flagged: dict[int, list[dict]] = {}
     for f in findings:
         if f.rule == "EG010":
             flagged.setdefault(f.layer, []).extend(f.facts)
+        elif f.rule == "EG011":
+            for layer in f.details["layers"]:
+                flagged.setdefault(layer, []).extend(f.facts)
     return flagged
 
 
