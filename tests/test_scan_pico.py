@@ -167,8 +167,8 @@ def test_dependence_flags_planted_edits(cli, pico_models, tmp_path, monkeypatch)
 def test_dependence_classifies_by_how_the_drop_spreads():
     from editguard.audit.dependence import classify
 
-    # demo-model figures (bench/calibrate_scan.py): ROME at layer 6; MEMIT over layers 2-6
-    assert classify((2, 7), [0.1, 0.0, 0.2, 0.1, 6.6], 8.5) == ("rome-like", [6])
+    # demo-model figures (one layer zeroed at a time): ROME at layer 6; MEMIT over layers 2-6
+    assert classify((4, 9), [0.0, 0.0, 6.6, 0.0, 0.1], 5.5) == ("rome-like", [6])
     assert classify((2, 7), [2.3, 10.3, 4.0, 1.9, 5.3], 12.2) == ("memit-like", [2, 3, 4, 5, 6])
     assert classify((2, 7), [8.0, 8.6, 0.5, 3.4, 7.0], 12.1) == ("memit-like", [2, 3, 4, 5, 6])
     assert classify((0, 2), [1.6, 4.2], 5.0) == ("memit-like", [0, 1])

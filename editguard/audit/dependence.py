@@ -18,9 +18,10 @@ last one on.
 Measured on demo:smollm2-135m (`python bench/calibrate_scan.py --bank banks/smollm2-135m_rome_L6.safetensors
 --edits 6 --memit 1,16,64 --dependence`, 1,770 probes, of which ~350 answered with p ≥ 0.5): clean model,
 largest drop 4.27 nats over all windows, nothing flagged. ROME at layer 6 (6 bank edits): 4 flagged
-(8.5-12.9 nats, at layer 6), 2 not (their answers lose < 6 nats: a new object that stays plausible
-without the edit drops little, e.g. the README demo's "mother tongue ... English" 2.6 nats while French
-comes back); the activation test sees all 6.
+(8.5-12.9 nats), all four as ROME-like at layer 6; 2 not (their answers lose < 6 nats: a new object that
+stays plausible without the edit drops little, e.g. the README demo's "mother tongue ... English" 2.6
+nats while French comes back), though a neighbouring answer they drag along is (9.5, 6.6 nats); the
+activation test sees all 6.
 MEMIT at layers 2-6, where the activation test sees none: 1 of 1 fact flagged (8.2), 11 of 16 (7.8-12.9),
 41 of 64; each as MEMIT-like at windows 2-6 or 4-8 (39 of the 41), with 0, 0 and 1 other probe flagged.
 A flagged ROME edit often drags neighbours along (up to 7 other probes, same layer): those answers did
@@ -115,7 +116,7 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
         now = _log_probs(loaded, cache, rows, [])
         lp, answer = now.max(dim=-1)
         drops = torch.stack([answer_drop(now, _log_probs(loaded, cache, rows, range(*w)), answer)
-                              for w in windows], dim=1).cpu()
+                             for w in windows], dim=1).cpu()
         all_drops.append(drops)
         for j in (drops.max(dim=1).values >= SUSPICIOUS_NATS).nonzero().squeeze(1).tolist():
             flagged.append(_describe(loaded, cache, rows[j: j + 1], probes[kept[chosen[j]]], windows, drops[j],
@@ -128,9 +129,9 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
 
 def classify(window: tuple[int, int], layer_drops: list[float], drop: float) -> tuple[str, list[int]]:
     """("rome-like", [layer]) when one layer of the window carries the drop alone, else ("memit-like",
-    the window's layers). Measured on the demo model: a ROME edit at layer 6, 6.6 of 8.5 nats from layer
-    6 and < 0.2 from each other layer; MEMIT (layers 2-6) spreads it, e.g. 10.3 of 12.2 from one layer
-    but 5.3 from another, or 8.0, 8.6 and 7.0 from three."""
+    the window's layers). Measured on the demo model, one layer zeroed at a time: a ROME edit at layer 6
+    loses 6.6 nats from layer 6 alone and ≤ 0.1 from each of layers 0-13; MEMIT edits (layers 2-6, window
+    drops 12.2 and 12.1) lose 2.3, 10.3, 4.0, 1.9, 5.3 or 8.0, 8.6, 0.5, 3.4, 7.0 from layers 2-6."""
     order = sorted(range(len(layer_drops)), key=lambda i: -layer_drops[i])
     others = layer_drops[order[1]] if len(layer_drops) > 1 else 0.0
     if layer_drops[order[0]] >= ROME_SHARE * drop and others <= ROME_OTHERS * drop:
@@ -171,7 +172,7 @@ def findings_from_dependence(loaded: LoadedModel, dep: Dependence) -> list[Findi
         where = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
         expected = ""
         if "expected_logprob" in f:
-            expected = (f"; CounterFact's original answer {f['expected_answer']!r}: log p {f['expected_logprob']:.1f} → "
+            expected = (f"; the probe's expected answer {f['expected_answer']!r}: log p {f['expected_logprob']:.1f} → "
                         f"{f['expected_logprob_without']:.1f} without them")
         severity = "error" if f["drop"] >= EDITED_NATS else "warning"
         out.append(Finding(
