@@ -29,7 +29,7 @@ def test_masked_projection_equals_dense():
     u, v = torch.randn(3, 6, generator=gen), torch.randn(3, 10, generator=gen)
     x = torch.randn(3, 4, 10, generator=gen)
     module = MaskedProjection(W, b)
-    module.K, module.u, module.v = K, u, v
+    module.K, module.u, module.v = K, u[:, None], v[:, None]  # one edit per batch row
     fast = module(x)
     for i in range(3):
         dense = (W + torch.outer(u[i], v[i])) * K

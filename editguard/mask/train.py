@@ -99,32 +99,27 @@ def config_for(preset: str, method: str, **overrides) -> TrainConfig:
 
 # -- the masked projection -----------------------------------------------------------------------
 class MaskedProjection(torch.nn.Module):
-    """Stands in for an MLP output projection: y = (W ⊙ K) x + b + u ⊙ (K (v ⊙ x)), per-row u, v.
-
-    Rows are the batch rows of x [B, T, in] (factors [B, out]), or with `packed` the tokens of one
-    packed sequence x [1, N, in] (factors [N, out]: each token carries its own prompt's edit)."""
+    """Stands in for an MLP output projection: y = (W ⊙ K) x + b + u ⊙ (K (v ⊙ x)), a rank-one (ROME)
+    edit per row. u [..., out] and v [..., in] broadcast against x's leading dimensions: [B, 1, ·] for
+    the batch rows of x [B, T, in], [1, N, ·] for the tokens of one packed sequence x [1, N, in] (each
+    token carrying its own prompt's edit)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.weight = weight  # [out, in], frozen
         self.bias = bias
         self.K: torch.Tensor | None = None
-        self.u: torch.Tensor | None = None  # [R, out] or [R, out, r]
+        self.u: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.packed = False
 
     def forward(self, x):
         K = self.K
         y = F.linear(x, self.weight if K is None else self.weight * K, self.bias)
         if self.u is not None:
-            u = self.u if self.u.dim() == 3 else self.u.unsqueeze(-1)
-            v = self.v if self.v.dim() == 3 else self.v.unsqueeze(-1)
-            spread = (lambda t: t.unsqueeze(0)) if self.packed else (lambda t: t.unsqueeze(1))
-            for r in range(u.shape[-1]):
-                xv = x * spread(v[..., r])
-                # K (v ⊙ x); without a mask that is vᵀx in every output coordinate
-                proj = F.linear(xv, K) if K is not None else xv.sum(-1, keepdim=True)
-                y = y + proj * spread(u[..., r])
+            xv = x * self.v
+            # K (v ⊙ x); without a mask that is vᵀx in every output coordinate
+            proj = F.linear(xv, K) if K is not None else xv.sum(-1, keepdim=True)
+            y = y + proj * self.u
         return y
 
 
@@ -331,9 +326,9 @@ class MaskTrainer:
         src = rows[tok_row]
         weights = self.group_weights[group] if group is not None and edited else self.base_weights
         for module, K, weight in zip(self.modules, masks, weights):
-            module.K, module.weight, module.packed = K, weight, True
-            if self.u is not None and edited:
-                module.u, module.v = self.u[data.record[src]], self.v[data.record[src]]
+            module.K, module.weight = K, weight
+            if self.u is not None and edited:  # one edit per packed token: its prompt's record's
+                module.u, module.v = self.u[data.record[src]][None], self.v[data.record[src]][None]
             else:
                 module.u = module.v = None
         mask = block_causal_mask(tok_row, tok_pos, model.dtype)
