@@ -7,7 +7,8 @@ unedited model) and the student (Ŵ_i ⊙ K) over its prompts from the embedding
 position. editguard: per-prompt factored edits in one packed sequence (no padding), cached states below
 the layer, cached teacher logits, logits only at the last position. Both start from the same Θ and see
 the same batches; the table shows records/second, the ratio, and how far the losses drift apart after
-the identical steps.
+the identical steps. A second editguard row runs the model's frozen layers in bfloat16 (`--dtype
+bfloat16`; Θ, K, the edit and attention stay float32), against the same float32 paper loop.
 Edits come from a fresh ROME run (the demo preset) on the first records of rome-train (not timed).
 """
 
@@ -55,24 +56,8 @@ def paper_loss(loaded, trainer: MaskTrainer, theta, records, facts, progress, mo
             + cfg.beta_kl * T * T * torch.stack(kls).mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="demo:smollm2-135m")
-    parser.add_argument("--hparams", default="smollm2-135m")
-    parser.add_argument("--records", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
-    loaded = load_model(resolve(args.model))
-    hp = load_hparams(args.hparams, "rome")
-    facts = [Fact.from_record(r) for r in load_split("rome-train")[: args.records]]
-    edits = rome_edits(loaded, facts, hp)
-    layer, module_path = hp.layers[0], hp.rewrite_module_tmp.format(hp.layers[0])
-    transposed = loaded.arch.mlp_out_transposed
-    cfg = config_for("cpu", "rome", batch_records=args.batch, epochs=10)
-    u = torch.stack([e.u for e in edits]).float()
-    v = torch.stack([e.v for e in edits]).float()
-
+def ours(loaded, facts, layer, module_path, transposed, cfg, u, v, steps: int) -> dict:
+    """editguard's trainer on `loaded` (its dtype is the compute dtype; Θ, K and the edit stay float32)."""
     start = time.perf_counter()
     data = prepare_prompts(loaded, facts, layer, cfg.paraphrases)
     prep = time.perf_counter() - start
@@ -81,9 +66,38 @@ def main() -> None:
     theta0 = state.theta[0].clone()
     optimizer = make_optimizer(state, cfg)
     start = time.perf_counter()
-    trainer.train(state, optimizer, stop_after=args.steps)
-    ours = time.perf_counter() - start
-    ours_loss = float(trainer.loss(state.theta, trainer.batch_records(args.steps), args.steps / (trainer.total_steps - 1))[0])
+    trainer.train(state, optimizer, stop_after=steps)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        loss = float(trainer.loss(state.theta, trainer.batch_records(steps), steps / (trainer.total_steps - 1))[0])
+    return dict(trainer=trainer, theta0=theta0, theta=state.theta[0].detach(), seconds=seconds, prep=prep, loss=loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo:smollm2-135m")
+    parser.add_argument("--hparams", default="smollm2-135m")
+    parser.add_argument("--records", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--no-bfloat16", dest="bfloat16", action="store_false",
+                        help="skip the row with the model's frozen layers in bfloat16")
+    args = parser.parse_args()
+    loaded = load_model(resolve(args.model))
+    hp = load_hparams(args.hparams, "rome")
+    facts = [Fact.from_record(r) for r in load_split("rome-train")[: args.records]]
+    edits = rome_edits(loaded, facts, hp)
+    layer, module_path = hp.layers[0], hp.rewrite_module_tmp.format(hp.layers[0])
+    transposed = loaded.arch.mlp_out_transposed
+    u = torch.stack([e.u for e in edits]).float()
+    v = torch.stack([e.v for e in edits]).float()
+
+    cfg = config_for("cpu", "rome", batch_records=args.batch, epochs=10)
+    runs = {"float32": ours(loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)}
+    if args.bfloat16:
+        runs["bfloat16"] = ours(load_model(resolve(args.model), dtype="bfloat16"), facts, layer, module_path,
+                                transposed, cfg, u, v, args.steps)
+    trainer, theta0 = runs["float32"]["trainer"], runs["float32"]["theta0"]
 
     module = loaded.model.get_submodule(module_path)
     weight = canonical_weight(module, transposed)
@@ -104,12 +118,17 @@ def main() -> None:
                                        args.steps / (trainer.total_steps - 1), module_path, weight, bias))
     n = args.steps * args.batch
     print(f"{args.model}: layer {layer}, {args.steps} steps x {args.batch} records (3 prompts each)")
-    print(f"{'loop':<10} {'seconds':>8} {'records/s':>10}")
-    print(f"{'paper':<10} {paper:>8.1f} {n / paper:>10.2f}")
-    print(f"{'editguard':<10} {ours:>8.1f} {n / ours:>10.2f}   (+ {prep:.1f} s one-off caching of states and teacher)")
-    print(f"speed-up {paper / ours:.1f}x (with caching counted once: {paper / (ours + prep):.1f}x); "
-          f"loss after {args.steps} steps: paper {paper_final:.5f}, editguard {ours_loss:.5f}, "
-          f"|diff| {abs(paper_final - ours_loss):.2e}; max |Θ diff| {float((theta.detach() - state.theta[0]).abs().max()):.2e}")
+    print(f"{'loop':<19} {'seconds':>8} {'records/s':>10}")
+    print(f"{'paper float32':<19} {paper:>8.1f} {n / paper:>10.2f}")
+    for dtype, run in runs.items():
+        name = f"editguard {dtype}"
+        print(f"{name:<19} {run['seconds']:>8.1f} {n / run['seconds']:>10.2f}   "
+              f"(+ {run['prep']:.1f} s one-off caching of states and teacher)")
+    for dtype, run in runs.items():
+        print(f"editguard {dtype}: speed-up {paper / run['seconds']:.1f}x (with caching counted once: "
+              f"{paper / (run['seconds'] + run['prep']):.1f}x); loss after {args.steps} steps: paper {paper_final:.5f}, "
+              f"editguard {run['loss']:.5f}, |diff| {abs(paper_final - run['loss']):.2e}; "
+              f"max |Θ diff| {float((theta.detach() - run['theta'].cpu()).abs().max()):.2e}")
 
 
 if __name__ == "__main__":

@@ -104,11 +104,15 @@ def _trainer(loaded, seed=0):
     facts = [Fact("The official language of {}", c, n, t, i, "P103", (f"the language of {c}",))
              for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("Spain", "German", "Spanish"),
                                             ("Italy", "English", "Italian"), ("Germany", "French", "German")])]
+    from editguard.mask.train import canonical_weight
+
     data = prepare_prompts(loaded, facts, 1, 1)
+    target = (loaded.arch.module("mlp_out", 1), loaded.arch.mlp_out_transposed)
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(target[0]), target[1]).shape
     gen = torch.Generator().manual_seed(1)
-    u, v = torch.randn(4, 32, generator=gen), torch.randn(4, 64, generator=gen)
+    u, v = torch.randn(4, out_dim, generator=gen), torch.randn(4, in_dim, generator=gen)
     cfg = TrainConfig(epochs=3, batch_records=2, lr=0.05, seed=seed)
-    return MaskTrainer(loaded, [("model.layers.1.mlp.down_proj", False)], 1, data, cfg, u=u, v=v)
+    return MaskTrainer(loaded, [target], 1, data, cfg, u=u, v=v)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -185,6 +189,26 @@ def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_model
                 ids = data.ids[row: row + 1, : int(data.last[row]) + 1]
                 slow = loaded.model(input_ids=ids).logits[0, -1]
         torch.testing.assert_close(fast[row], slow.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_bfloat16_model_trains_like_float32(model_type, pico_models):
+    """`train --dtype bfloat16`: the frozen layers run in bfloat16 while Θ, K and the edit stay float32;
+    the loss and Θ's gradient stay close to the float32 run's."""
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        trainer = _trainer(load_model(resolve(str(pico_models[model_type])), dtype=dtype))
+        theta = [t.requires_grad_(True) for t in trainer.init_state().theta]
+        loss, parts = trainer.loss(theta, [0, 1, 2, 3], 0.5)
+        loss.backward()
+        assert theta[0].dtype == torch.float32 and theta[0].grad is not None
+        runs[dtype] = (float(loss), theta[0].grad)
+    (loss32, grad32), (loss16, grad16) = runs["float32"], runs["bfloat16"]
+    assert abs(loss16 - loss32) < 0.02 * abs(loss32)
+    assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.98
 
 
 def test_trainer_resume_is_exact(pico_models, tmp_path):

@@ -217,7 +217,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         "bank_seconds": round(bank_seconds, 1),
         "total_seconds": round(total_seconds, 1), "steps": state.step,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
-        "command": job.command,
+        "command": job.command, "dtype": str(loaded.model.dtype).removeprefix("torch."),
     }
     saved = []
     for (path, transposed), layer, score, th in zip(targets, sorted(hp.layers), scores, theta):
@@ -395,7 +395,7 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         + (" (the best validation point)" if m.get("shipped_step", m["steps"]) != m["steps"] else ""),
         f"- wall time: edit bank {m['bank_seconds']:.0f} s (last session), training {m['train_seconds']:.0f} s "
         f"({m['steps']} steps, summed over every session of a resumed run), last session {m['total_seconds']:.0f} s "
-        f"on {m['machine']}; editguard {__version__}", "",
+        f"on {m['machine']}, model in {m.get('dtype', 'float32')}; editguard {__version__}", "",
         "## Reversal (RSR: masked edited model prefers the true object, full multi-token log-prob)", "",
         "| split | n | original prefers true | edited, no mask | **RSR** | RSR among known | mask on unedited | "
         "mask on base weights only | mask on the edit only | SVD baseline | magnitude baseline |",

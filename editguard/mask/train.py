@@ -113,14 +113,15 @@ class MaskedProjection(torch.nn.Module):
         self.v: torch.Tensor | None = None
 
     def forward(self, x):
-        K = self.K
+        K, dtype = self.K, x.dtype
+        x = x.to(self.weight.dtype)  # the mask and the edit in float32 even inside a bfloat16 model
         y = F.linear(x, self.weight if K is None else self.weight * K, self.bias)
         if self.u is not None:
             xv = x * self.v
             # K (v ⊙ x); without a mask that is vᵀx in every output coordinate
             proj = F.linear(xv, K) if K is not None else xv.sum(-1, keepdim=True)
             y = y + proj * self.u
-        return y
+        return y.to(dtype)
 
 
 def canonical_weight(module: torch.nn.Module, transposed: bool) -> torch.Tensor:
@@ -338,7 +339,7 @@ class MaskTrainer:
             stack.enter_context(layers_skipped_below(model, arch, self.start))
             stack.enter_context(attention_in_blocks(model, torch.zeros_like(lens), lens))
             layer = model.get_submodule(arch.module("layer", self.start))
-            hidden = data.hidden[src, tok_pos].unsqueeze(0).to(device)
+            hidden = data.hidden[src, tok_pos].unsqueeze(0).to(device, model.dtype)
             handle = layer.register_forward_pre_hook(replace_hidden_hook(hidden), with_kwargs=True)
             try:
                 out = model.get_submodule(arch.base)(
