@@ -51,6 +51,29 @@ def test_rome_quality(demo):
 
 
 @pytest.fixture(scope="module")
+def rome_planted(demo, tmp_path_factory):
+    """Six ROME edits at layer 6, one after another in one checkpoint, of rome-test facts the demo model
+    knows (prefers the true object), one per relation: what an attacker rewrites."""
+    from editguard.data.counterfact import load_split
+    from editguard.edit.facts import Fact
+    from editguard.edit.hparams import load_hparams
+    from editguard.edit.plant import compute_edits, write_edited
+    from editguard.mask.evaluate import preference
+
+    records = load_split("rome-test")[::17][:100]
+    known = preference(demo, [Fact.from_record(r) for r in records], None, None, None, None, False) > 0
+    by_relation = {}
+    for record, ok in zip(records, known.tolist()):
+        if ok:
+            by_relation.setdefault(record.relation, record)
+    facts = [Fact.from_record(r) for r in list(by_relation.values())[:6]]
+    edits = compute_edits(demo, facts, load_hparams("smollm2-135m", "rome"))
+    out = tmp_path_factory.mktemp("rome6") / "edited"
+    write_edited(demo.checkpoint, demo.arch, edits, out)
+    return {"facts": facts, "path": out}
+
+
+@pytest.fixture(scope="module")
 def memit_planted(demo, tmp_path_factory):
     """One MEMIT batch edit of 16 memit-train facts with the preset as shipped (its WikiText-2 statistics
     are computed once into the cache, ~4 min on 2 cores), written as a checkpoint."""
@@ -148,10 +171,25 @@ def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
     assert result.json["tests"]["diff"]["classification"] == "fine-tune"
 
 
+def test_reverse_restores_several_hidden_rome_edits(rome_planted, cli, tmp_path):
+    """No base, no mask, default method: scan's base-free tests find the edited layer and the subjects,
+    key projection restores the original answers (issue bar: RSR ≥ 90 % on the flagged facts), and the
+    rest of the model's behaviour barely moves."""
+    out = tmp_path / "restored"
+    result = cli("-f", "json", "reverse", rome_planted["path"], "-o", out, "--eval", "--text-tokens", "2048")
+    assert result.code == 0, result.err
+    data, e = result.json, result.json["evaluation"]
+    assert data["method"] == "project" and data["layers"] == [6], data
+    assert len(set(data["subjects"]) & {f.subject for f in rome_planted["facts"]}) >= 5, data["subjects"]
+    assert e["facts_counted"] >= 5 and e["rsr_before"] <= 0.2, e
+    assert e["rsr_after"] >= 0.9, data["facts"]
+    assert e["perplexity_after"] <= 1.1 * e["perplexity_before"] and e["top1_agreement"] >= 0.8, e
+
+
 def test_reverse_by_key_projection_restores_the_fact(planted, cli, tmp_path):
     """No base, no mask: scan finds layer and subject, the subject's keys are projected out."""
     out = tmp_path / "restored"
-    result = cli("-f", "json", "reverse", planted["path"], "-o", out, "--method", "project", "--eval")
+    result = cli("-f", "json", "reverse", planted["path"], "-o", out, "--method", "project", "--eval", "--text-tokens", "256")
     assert result.code == 0, result.err
     data = result.json
     assert data["layers"] == [6] and "Danielle Darrieux" in data["subjects"]

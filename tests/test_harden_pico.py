@@ -71,6 +71,35 @@ def test_reverse_methods(cli, edited, pico_models, pico_mask, tmp_path):
     assert again.code == 2 and "already exists" in again.err
 
 
+def test_reversal_evaluation_reads_each_model(edited, pico_models):
+    """reverse --eval: fact scores and text figures are those of each model, read one at a time."""
+    import math
+
+    from editguard.harden.evaluate import answer_head, evaluate_reversal
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+    from editguard.scoring import continuation_logprobs
+
+    assert answer_head(" Los Angeles, California") == "Los" and answer_head("English. The") == "English"
+    prompt = "The official language of France"
+    before, after = resolve(str(edited)), resolve(str(pico_models["llama"]))
+    rows, summary = evaluate_reversal(load_model, before, after, [{"prompt": prompt, "original": "French"}],
+                                      text_tokens=96, window=32)
+    row = rows[0]
+    assert row["edited_answer"] == answer_head(row["before"]) == "Japanese"  # the planted answer, counted
+    assert summary["facts_counted"] == 1 and summary["rsr_before"] == 0.0
+    for label, ref in (("before", before), ("after", after)):
+        loaded = load_model(ref)
+        (original,), _ = continuation_logprobs(loaded, [prompt], ["French"])
+        assert row[f"p_original_{label}"] == pytest.approx(math.exp(float(original)), rel=1e-4)
+        (edited_lp,), _ = continuation_logprobs(loaded, [prompt], ["Japanese"])
+        assert row[f"preference_{label}"] == pytest.approx(float(original - edited_lp), abs=1e-4)
+    assert summary["text_tokens"] == 93 and 0 <= summary["top1_agreement"] <= 1
+    _, same = evaluate_reversal(load_model, after, after, [], text_tokens=96, window=32)
+    assert same["top1_agreement"] == 1.0 and same["perplexity_before"] == same["perplexity_after"]
+    assert same["perplexity_after"] != pytest.approx(summary["perplexity_before"])  # the edit changed the text figures
+
+
 def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     from editguard import load_locked
     from editguard.edit.edits import Edit, apply_to_model

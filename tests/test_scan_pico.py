@@ -172,3 +172,25 @@ def test_dependence_classifies_by_how_the_drop_spreads():
     assert classify((2, 7), [2.3, 10.3, 4.0, 1.9, 5.3], 12.2) == ("memit-like", [2, 3, 4, 5, 6])
     assert classify((2, 7), [8.0, 8.6, 0.5, 3.4, 7.0], 12.1) == ("memit-like", [2, 3, 4, 5, 6])
     assert classify((0, 2), [1.6, 4.2], 5.0) == ("memit-like", [0, 1])
+
+
+def test_flagged_subjects_follow_the_majority_method():
+    """Measured on the demo model: 10 ROME edits at layer 6 read 6 ROME-like, 3 MEMIT-like windows around
+    layer 6; they are one ROME edit layer, not a MEMIT batch. A MEMIT batch keeps its windows."""
+    from editguard.audit.findings import Finding
+    from editguard.harden.project import edit_method, flagged_subjects
+
+    def dependence(prompt, method, layers):
+        return Finding("EG011", "error", prompt, layer=layers[0], facts=[{"prompt": prompt, "method": method}],
+                       details={"method": method, "layers": layers})
+
+    rome = [dependence(f"r{i}", "rome-like", [6]) for i in range(3)] + [dependence("w", "memit-like", [6, 7, 8, 9, 10]),
+                                                                       dependence("x", "memit-like", [2, 3, 4, 5, 6])]
+    rome.append(Finding("EG010", "error", "outlier", layer=6, facts=[{"prompt": "a"}]))
+    assert edit_method(f for finding in rome for f in finding.facts) == "rome"
+    assert sorted(flagged_subjects(rome)) == [6]
+    assert {f["prompt"] for f in flagged_subjects(rome)[6]} == {"r0", "r1", "r2", "w", "x", "a"}
+    memit = [dependence(f"m{i}", "memit-like", [2, 3, 4, 5, 6]) for i in range(3)] + [dependence("r", "rome-like", [4])]
+    assert edit_method(f for finding in memit for f in finding.facts) == "memit"
+    assert sorted(flagged_subjects(memit)) == [2, 3, 4, 5, 6]
+    assert edit_method([]) is None

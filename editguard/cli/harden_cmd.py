@@ -49,7 +49,9 @@ def reverse_command(
     base: Annotated[Optional[str], typer.Option("--base", help="Unedited base (for --method base).")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", help="Layers to treat (svd); default: found by scan.")] = None,
     probes: Annotated[str, typer.Option("--probes", help="Probes for finding flagged facts (see scan).")] = "counterfact",
-    evaluate: Annotated[bool, typer.Option("--eval", help="RSR on the flagged facts, Top-1 and perplexity.")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval", help="RSR on the flagged facts (original answer preferred over the "
+                                                          "edited one), perplexity of input and output, top-1 agreement.")] = False,
+    text_tokens: Annotated[int, typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for --eval.")] = 8192,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -110,13 +112,15 @@ def reverse_command(
         replacements = svd_replacements(checkpoint, arch, chosen)
         info["layers"] = chosen
     if method == "project":  # the facts just projected out are the ones to show
-        facts = [_shown(fact) for layer_facts in flagged.values() for fact in layer_facts][:20]
+        facts = list({f["prompt"]: _shown(f) for layer_facts in flagged.values() for f in layer_facts}.values())[:20]
     else:
         facts = _flagged_facts(ref, probes, mask, placement)
     with out.progress(f"writing {output}"):
         info["rewritten_files"] = write_reversed(checkpoint, replacements, output, force=force)
     info["tensors"] = sorted(replacements)
-    info["facts"] = _before_after(ref, output, facts, evaluate, placement)
+    info["facts"], evaluation = _before_after(ref, output, facts, evaluate, text_tokens, placement)
+    if evaluate:
+        info["evaluation"] = evaluation
     out.emit(info, _render_reverse)
 
 
@@ -149,11 +153,10 @@ def _memit_mask_fits(arch, checkpoint) -> bool:
 
 
 def _flagged_method(flagged: dict[int, list[dict]] | None) -> str | None:
-    """The edit method the flagged facts point to (the answer-dependence test tells MEMIT from ROME)."""
-    if not flagged:
-        return None
-    methods = {f.get("method") for facts in flagged.values() for f in facts}
-    return "memit" if "memit-like" in methods else "rome"
+    """The edit method the flagged facts point to (most of them, as the answer-dependence test reads them)."""
+    from ..harden.project import edit_method
+
+    return edit_method(f for facts in (flagged or {}).values() for f in facts)
 
 
 def _flagged_facts(ref, probes: str, mask: str | None, placement: dict) -> list[dict]:
@@ -180,28 +183,14 @@ def _shown(fact: dict) -> dict:
     return {"prompt": fact["prompt"], "original": fact.get("expected_answer") or fact.get("answer")}
 
 
-def _before_after(ref, output: Path, facts: list[dict], evaluate: bool, placement: dict) -> list[dict]:
-    from ..answers import greedy_answers
+def _before_after(ref, output: Path, facts: list[dict], evaluate: bool, text_tokens: int, placement: dict):
+    from ..harden.evaluate import evaluate_reversal
     from ..loading import load_model
     from ..resolve import resolve
-    from ..scoring import continuation_logprobs
 
-    if not facts:
-        return []
-    prompts = [f["prompt"] for f in facts]
-    rows = [dict(f) for f in facts]
-    for label, reference in (("before", ref), ("after", resolve(str(output)))):
-        loaded = load_model(reference, **placement)
-        for row, answer in zip(rows, greedy_answers(loaded, prompts)):
-            row[label] = answer
-        if evaluate:
-            known = [(i, r) for i, r in enumerate(rows) if r.get("original")]
-            if known:
-                sums, counts = continuation_logprobs(loaded, [r["prompt"] for _, r in known],
-                                                     [r["original"] for _, r in known])
-                for (i, _), s in zip(known, sums):
-                    rows[i][f"p_original_{label}"] = float(s.exp())
-    return rows
+    with state.out().progress("answers before and after" + (", RSR and perplexity" if evaluate else "")):
+        return evaluate_reversal(lambda r: load_model(r, **placement), ref, resolve(str(output)), facts,
+                                 text_tokens if evaluate else 0, scores=evaluate)
 
 
 def _render_reverse(console, r) -> None:
@@ -215,6 +204,16 @@ def _render_reverse(console, r) -> None:
             table.add_row(escape(f["prompt"]), escape(str(f.get("original") or "")), escape(f.get("before", "")),
                           escape(f.get("after", "")))
         console.print(table)
+    e = r.get("evaluation")
+    if e:
+        if e.get("facts_counted"):
+            console.print(f"RSR on the {e['facts_counted']} flagged facts the edit changed (original answer preferred "
+                          f"over the edited one): {100 * e['rsr_before']:.1f} % before → {100 * e['rsr_after']:.1f} % after")
+        else:
+            console.print("RSR: no flagged fact with a known original answer that the edit changed")
+        if "perplexity_before" in e:
+            console.print(f"WikiText-2 ({e['text_tokens']} tokens): perplexity {e['perplexity_before']:.2f} → "
+                          f"{e['perplexity_after']:.2f}; top-1 agreement with the input {100 * e['top1_agreement']:.1f} %")
 
 
 @app.command("lock")

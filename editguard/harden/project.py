@@ -16,7 +16,8 @@ true object on 70 %.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections import Counter
+from typing import Iterable, Iterator
 
 import torch
 
@@ -32,16 +33,35 @@ from ..loading import LoadedModel
 KEY_TEMPLATES = [[5, 5]]
 
 
+def edit_method(facts: Iterable[dict]) -> str | None:
+    """"memit" when more flagged facts read MEMIT-like (the answer-dependence test saw the drop spread
+    over a window of layers) than ROME-like (one layer; the activation test's outliers count as
+    ROME-like), else "rome"; None without facts. A majority, not any one fact: measured on the demo
+    model, 10 ROME edits at layer 6 read 6 ROME-like and 3 MEMIT-like windows around layer 6, a
+    64-fact MEMIT batch 39 MEMIT-like and 2 others."""
+    methods = {f.get("prompt"): f.get("method", "rome-like") for f in facts}
+    if not methods:
+        return None
+    votes = Counter(methods.values())
+    return "memit" if votes["memit-like"] > votes["rome-like"] else "rome"
+
+
 def flagged_subjects(findings: list) -> dict[int, list[dict]]:
     """{layer: facts whose subject the layer carries an edit for} from the base-free tests: the activation
-    test (EG010, one layer) and the answer-dependence test (EG011, its ROME layer or MEMIT window)."""
+    test (EG010, one layer) and the answer-dependence test (EG011, its ROME layer or MEMIT window). When
+    most facts read ROME-like, a MEMIT-like window holding a ROME-like finding's layer is taken as that
+    ROME edit seen wider and narrowed to the layer."""
+    base_free = [f for f in findings if f.rule in ("EG010", "EG011")]
+    rome = edit_method(fact for f in base_free for fact in f.facts) == "rome"
+    rome_layers = {f.layer for f in base_free if f.rule == "EG010"} | {
+        f.details["layers"][0] for f in base_free if f.rule == "EG011" and f.details["method"] == "rome-like"}
     flagged: dict[int, list[dict]] = {}
-    for f in findings:
-        if f.rule == "EG010":
-            flagged.setdefault(f.layer, []).extend(f.facts)
-        elif f.rule == "EG011":
-            for layer in f.details["layers"]:
-                flagged.setdefault(layer, []).extend(f.facts)
+    for f in base_free:
+        layers = [f.layer] if f.rule == "EG010" else f.details["layers"]
+        if rome and len(layers) > 1:
+            layers = [layer for layer in layers if layer in rome_layers] or layers
+        for layer in layers:
+            flagged.setdefault(layer, []).extend(f.facts)
     return flagged
 
 
