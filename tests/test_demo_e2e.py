@@ -151,6 +151,32 @@ def test_scan_without_base_finds_memit_edit(memit_planted, cli, tmp_path):
     assert all(set(f["details"]["layers"]) & {2, 3, 4, 5, 6} for f in hits)
 
 
+def test_reverse_restores_hidden_memit_edits(demo, memit_planted, cli, tmp_path):
+    """No base, no mask: the flagged MEMIT-like subjects' whitened keys (C⁻¹k, the directions MEMIT writes)
+    are projected out of the flagged layers; every flagged fact the original model knew comes back."""
+    import json
+
+    from editguard.audit.probes import counterfact_probes
+    from editguard.scoring import continuation_logprobs
+
+    probes = tmp_path / "probes.jsonl"
+    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in memit_planted["facts"]]
+    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
+    probes.write_text("\n".join(json.dumps(line) for line in lines))
+    result = cli("-f", "json", "reverse", memit_planted["path"], "-o", tmp_path / "restored", "--probes", probes,
+                 "--eval", "--text-tokens", "1024")
+    assert result.code == 0, result.err
+    data, e = result.json, result.json["evaluation"]
+    assert data["method"] == "project" and data["whitened"] and set(data["layers"]) >= {4, 5, 6}, data
+    counted = [f for f in data["facts"] if "preference_after" in f]
+    assert len(counted) >= 8 and e["rsr_before"] == 0.0, e
+    original, _ = continuation_logprobs(demo, [f["prompt"] for f in counted], [f["original"] for f in counted])
+    edited, _ = continuation_logprobs(demo, [f["prompt"] for f in counted], [f["edited_answer"] for f in counted])
+    knew = [f for f, o, n in zip(counted, original, edited) if o > n]
+    assert len(knew) >= 6 and sum(f["preference_after"] > 0 for f in knew) >= 0.9 * len(knew), data["facts"]
+    assert e["perplexity_after"] <= 1.1 * e["perplexity_before"] and e["top1_agreement"] >= 0.8, e
+
+
 def test_clean_and_fine_tuned_controls(demo, cli, tmp_path):
     clean = cli("-f", "json", "scan", "demo:smollm2-135m", "--tests", "activations,dependence")
     assert clean.code == 0 and clean.json["verdict"] == "clean", clean.json["findings"][:2]

@@ -206,3 +206,26 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     facts = [Fact.from_record(rec) for rec in load(str(data)).records[:4]]
     before = sum(q.efficacy for q in judge(locked, facts)) / 4
     assert e["locked"]["edit_success"] == before
+
+
+def test_whitened_projection_removes_a_memit_update_and_keeps_the_rest():
+    """MEMIT writes ΔW = R Kᵀ (λC + K Kᵀ)⁻¹, whose input side spans C⁻¹K (Woodbury): projecting that span
+    out removes the update exactly while moving the base weight's response to the keys far less than
+    projecting the keys' own span out (which removes it entirely)."""
+    from editguard.harden.project import key_basis, project_out
+
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out, n = 48, 24, 4
+    scales = torch.logspace(0, -3, d_in)  # an anisotropic input distribution, as MLP inputs are
+    samples = torch.randn(4000, d_in, generator=gen) * scales
+    C = samples.T @ samples / len(samples)
+    K = (torch.randn(n, d_in, generator=gen) * scales).T  # [in, n]
+    R = torch.randn(d_out, n, generator=gen)
+    delta = R @ K.T @ torch.linalg.inv(1e3 * C + K @ K.T)
+    W = torch.randn(d_out, d_in, generator=gen)
+    whitened = project_out(W + delta, K.T, False, C)
+    assert torch.allclose(whitened - project_out(W, K.T, False, C), torch.zeros_like(W), atol=1e-4)
+    kept = (whitened @ K - W @ K).norm() / (W @ K).norm()
+    assert kept < 0.05 and (project_out(W, K.T, False) @ K).norm() < 1e-4 * (W @ K).norm()  # measured 0.017
+    Q = key_basis(K.T, C)
+    assert torch.allclose(Q.T @ Q, torch.eye(n), atol=1e-5)
