@@ -112,3 +112,20 @@ def continuation_logprobs(
     if return_first_logits:
         return sums, counts, torch.cat(first)
     return sums, counts
+
+
+def text_windows(loaded: LoadedModel, tokens: int, window: int, source: str = "wikitext2") -> list[list[int]]:
+    """The first `tokens` tokens of a text (WikiText-2 by default) cut into non-overlapping windows."""
+    from .data.text import load_text
+
+    ids = loaded.tokenizer(load_text(source), add_special_tokens=False).input_ids[:tokens]
+    return [ids[i: i + window] for i in range(0, len(ids) - 1, window) if len(ids[i: i + window]) > 1]
+
+
+@torch.no_grad()
+def next_token_logprobs(loaded: LoadedModel, chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each next token of `chunk` [n − 1], the full log-distributions [n − 1, V]) in one pass."""
+    x = torch.tensor([chunk], device=loaded.device)
+    hidden = loaded.model.get_submodule(loaded.arch.base)(input_ids=x).last_hidden_state[0, :-1]
+    logp = torch.log_softmax(unembed(loaded.model, loaded.arch, hidden).float(), dim=-1)
+    return logp.gather(1, x[0, 1:, None])[:, 0], logp

@@ -201,8 +201,17 @@ def test_reverse_restores_several_hidden_rome_edits(rome_planted, cli, tmp_path)
     """No base, no mask, default method: scan's base-free tests find the edited layer and the subjects,
     key projection restores the original answers (issue bar: RSR ≥ 90 % on the flagged facts), and the
     rest of the model's behaviour barely moves."""
+    import json
+
+    from editguard.audit.probes import counterfact_probes
+
+    probes = tmp_path / "probes.jsonl"  # the edited facts among a sixth of the default probes (a faster scan)
+    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in rome_planted["facts"]]
+    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
+    probes.write_text("\n".join(json.dumps(line) for line in lines))
     out = tmp_path / "restored"
-    result = cli("-f", "json", "reverse", rome_planted["path"], "-o", out, "--eval", "--text-tokens", "2048")
+    result = cli("-f", "json", "reverse", rome_planted["path"], "-o", out, "--probes", probes, "--eval",
+                 "--text-tokens", "2048")
     assert result.code == 0, result.err
     data, e = result.json, result.json["evaluation"]
     assert data["method"] == "project" and data["layers"] == [6], data

@@ -205,7 +205,7 @@ def test_bfloat16_model_trains_like_float32(model_type, pico_models):
         loss, parts = trainer.loss(theta, [0, 1, 2, 3], 0.5)
         loss.backward()
         assert theta[0].dtype == torch.float32 and theta[0].grad is not None
-        runs[dtype] = (float(loss), theta[0].grad)
+        runs[dtype] = (loss.item(), theta[0].grad)
     (loss32, grad32), (loss16, grad16) = runs["float32"], runs["bfloat16"]
     assert abs(loss16 - loss32) < 0.02 * abs(loss32)
     assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.98

@@ -17,10 +17,8 @@ from typing import Callable
 import torch
 
 from ..answers import greedy_answers
-from ..data.text import load_text
-from ..edit.forward import unembed
 from ..loading import LoadedModel
-from ..scoring import continuation_logprobs
+from ..scoring import continuation_logprobs, next_token_logprobs, text_windows
 
 
 def answer_head(text: str) -> str:
@@ -35,18 +33,12 @@ def _same_answer(edited: str, original: str) -> bool:
     return edited.lower().startswith(original.lower()) or original.lower().startswith(edited.lower())
 
 
-@torch.no_grad()
-def _text_pass(loaded: LoadedModel, ids: list[int], window: int, reference: list[torch.Tensor] | None):
-    """(NLL sum, token count, top-1 per window, top-1 agreements with `reference`)."""
-    base = loaded.model.get_submodule(loaded.arch.base)
+def _text_pass(loaded: LoadedModel, windows: list[list[int]], reference: list[torch.Tensor] | None):
+    """(NLL sum, token count, top-1 tokens per window, top-1 agreements with `reference`)."""
     nll, count, agree, top1 = 0.0, 0, 0, []
-    for w, lo in enumerate(range(0, len(ids) - 1, window)):
-        chunk = ids[lo: lo + window]
-        if len(chunk) < 2:
-            continue
-        x = torch.tensor([chunk], device=loaded.device)
-        logp = torch.log_softmax(unembed(loaded.model, loaded.arch, base(input_ids=x).last_hidden_state[0, :-1]).float(), -1)
-        nll += float(-logp.gather(1, x[0, 1:, None])[:, 0].sum())
+    for chunk in windows:
+        token_lp, logp = next_token_logprobs(loaded, chunk)
+        nll += float(-token_lp.sum())
         count += len(chunk) - 1
         top1.append(logp.argmax(-1).cpu())
         if reference is not None:
@@ -63,7 +55,7 @@ def evaluate_reversal(load: Callable[[object], LoadedModel], before, after, fact
     rows = [dict(f) for f in facts]
     prompts = [r["prompt"] for r in rows]
     summary: dict = {}
-    ids: list[int] = []
+    windows: list[list[int]] = []
     reference = None
     for label in ("before", "after"):
         loaded = load(before if label == "before" else after)
@@ -72,9 +64,8 @@ def evaluate_reversal(load: Callable[[object], LoadedModel], before, after, fact
         if scores:
             _score_facts(loaded, rows, label)
         if text_tokens:
-            if not ids:
-                ids = loaded.tokenizer(load_text("wikitext2"), add_special_tokens=False).input_ids[:text_tokens]
-            nll, count, top1, agree = _text_pass(loaded, ids, window, reference)
+            windows = windows or text_windows(loaded, text_tokens, window)
+            nll, count, top1, agree = _text_pass(loaded, windows, reference)
             summary[f"perplexity_{label}"] = math.exp(nll / count)
             summary["text_tokens"] = count
             if reference is None:

@@ -18,11 +18,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..data.text import load_text
 from ..edit.edits import weight_param, weights_restored
-from ..edit.forward import unembed
 from ..loading import LoadedModel
-from ..scoring import RowEdits, continuation_logprobs
+from ..scoring import RowEdits, continuation_logprobs, next_token_logprobs, text_windows
 
 
 @contextlib.contextmanager
@@ -186,22 +184,18 @@ def text_metrics(loaded: LoadedModel, variants: dict[str, Callable[[], contextli
                  tokens: int = 70_000, window: int = 1024, progress: Callable[[int, int], None] | None = None) -> dict:
     """Perplexity of each variant on WikiText-2 (non-overlapping `window`-token windows over the first
     `tokens` tokens), and Top-1 agreement and mean KL against the first variant (the original)."""
-    ids = loaded.tokenizer(load_text("wikitext2"), add_special_tokens=False).input_ids[:tokens]
-    windows = [ids[i: i + window] for i in range(0, len(ids) - 1, window) if len(ids[i: i + window]) > 1]
+    windows = text_windows(loaded, tokens, window)
     names = list(variants)
     nll = {n: 0.0 for n in names}
     agree = {n: 0 for n in names}
     kl = {n: 0.0 for n in names}
     count = 0
-    base = loaded.model.get_submodule(loaded.arch.base)
     for w, chunk in enumerate(windows):
-        x = torch.tensor([chunk], device=loaded.device)
         reference = None
         for name in names:
             with variants[name]():
-                hidden = base(input_ids=x).last_hidden_state[0, :-1]
-            logp = torch.log_softmax(unembed(loaded.model, loaded.arch, hidden).float(), dim=-1)
-            nll[name] += float(-logp.gather(1, x[0, 1:, None])[:, 0].sum())
+                token_lp, logp = next_token_logprobs(loaded, chunk)
+            nll[name] += float(-token_lp.sum())
             if reference is None:
                 reference = logp
             else:
