@@ -62,6 +62,7 @@ def reverse_command(
     dtype: Dtype = "float32",
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
+    from ..harden.project import flagged_method
     from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
 
     out = state.out()
@@ -82,7 +83,7 @@ def reverse_command(
         raise EditguardError("--method must be mask, project, svd or base")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
-        mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), _flagged_method(flagged))
+        mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
         mask_file = MaskFile.load(mask_path)
         replacements = masked_replacements(checkpoint, arch, mask_file, threshold)
         info["mask"] = str(mask_path)
@@ -106,7 +107,7 @@ def reverse_command(
             # measured on a 16-fact MEMIT batch of the demo model: the keys' own span RSR 50 % (the same
             # projection on the unedited model 37.5 %: it erases what those layers knew), C⁻¹ keys 75 % =
             # the original's ceiling (unedited 75 %); a ROME edit without mom2_adjustment lies on the keys
-            whiten = _flagged_method(flagged) == "memit"
+            whiten = flagged_method(flagged) == "memit"
         with out.progress("projecting the flagged subjects' keys out" + (" (whitened)" if whiten else "")):
             replacements = projection_replacements(load_model(ref, **placement), checkpoint, flagged, whiten)
         info["whitened"] = whiten
@@ -151,13 +152,6 @@ def _base_free_findings(ref, probes: str, placement: dict, required: bool = True
     if not flagged and required:
         raise EditguardError("scan's base-free tests flag no layer; give --layers (svd) or --base")
     return flagged
-
-
-def _flagged_method(flagged: dict[int, list[dict]] | None) -> str | None:
-    """The edit method the flagged facts point to (most of them, as the answer-dependence test reads them)."""
-    from ..harden.project import edit_method
-
-    return edit_method(f for facts in (flagged or {}).values() for f in facts)
 
 
 def _flagged_facts(ref, probes: str, mask: str | None, placement: dict) -> list[dict]:

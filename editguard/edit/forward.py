@@ -381,30 +381,37 @@ def _blocked_attention(module, query, key, value, attention_mask, **kwargs):
     return torch.cat(outputs, dim=1).to(dtype), None
 
 
-def _add_at_hook(vectors: torch.Tensor, token_index: torch.Tensor):
-    """Forward hook adding vectors[j] to a packed [1, N, d] output at token token_index[j]."""
+def _output_hook(change):
+    """Forward hook applying `change` to a module's [1, N, d] output (the first element of a tuple output)."""
 
     def hook(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
-        add = torch.zeros_like(out)
-        add[0, token_index.to(out.device)] = vectors.to(out.dtype)
-        out = out + add
-        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+        if isinstance(output, tuple):
+            return (change(output[0]),) + tuple(output[1:])
+        return change(output)
 
     return hook
+
+
+def _add_at_hook(vectors: torch.Tensor, token_index: torch.Tensor):
+    """Adds vectors[j] to a packed output at token token_index[j] (out of place: autograd reaches δ)."""
+
+    def add(out):
+        delta = torch.zeros_like(out)
+        delta[0, token_index.to(out.device)] = vectors.to(out.dtype)
+        return out + delta
+
+    return _output_hook(add)
 
 
 def _zero_at_hook(token_index: torch.Tensor):
-    """Forward hook zeroing a packed [1, N, d] output at tokens token_index."""
+    """Zeroes a packed output at tokens token_index."""
 
-    def hook(module, args, output):
-        out = output[0] if isinstance(output, tuple) else output
+    def zero(out):
         keep = torch.ones(out.shape[1], 1, dtype=out.dtype, device=out.device)
         keep[token_index.to(out.device)] = 0
-        out = out * keep
-        return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+        return out * keep
 
-    return hook
+    return _output_hook(zero)
 
 
 class _Stop(Exception):

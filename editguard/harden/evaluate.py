@@ -36,13 +36,13 @@ def _same_answer(edited: str, original: str) -> bool:
 def _text_pass(loaded: LoadedModel, windows: list[list[int]], reference: list[torch.Tensor] | None):
     """(NLL sum, token count, top-1 tokens per window, top-1 agreements with `reference`)."""
     nll, count, agree, top1 = 0.0, 0, 0, []
-    for chunk in windows:
+    for w, chunk in enumerate(windows):
         token_lp, logp = next_token_logprobs(loaded, chunk)
         nll += float(-token_lp.sum())
         count += len(chunk) - 1
         top1.append(logp.argmax(-1).cpu())
         if reference is not None:
-            agree += int((top1[-1] == reference[len(top1) - 1]).sum())
+            agree += int((top1[-1] == reference[w]).sum())
     return nll, count, top1, agree
 
 
@@ -57,8 +57,8 @@ def evaluate_reversal(load: Callable[[object], LoadedModel], before, after, fact
     summary: dict = {}
     windows: list[list[int]] = []
     reference = None
-    for label in ("before", "after"):
-        loaded = load(before if label == "before" else after)
+    for label, ref in (("before", before), ("after", after)):
+        loaded = load(ref)
         for row, answer in zip(rows, greedy_answers(loaded, prompts) if prompts else []):
             row[label] = answer
         if scores:

@@ -56,6 +56,11 @@ def edit_method(facts: Iterable[dict]) -> str | None:
     return "memit" if votes["memit-like"] > votes["rome-like"] else "rome"
 
 
+def flagged_method(flagged: dict[int, list[dict]] | None) -> str | None:
+    """edit_method of the facts in a flagged_subjects() map."""
+    return edit_method(f for facts in (flagged or {}).values() for f in facts)
+
+
 def flagged_subjects(findings: list) -> dict[int, list[dict]]:
     """{layer: facts whose subject the layer carries an edit for} from the base-free tests: the activation
     test (EG010, one layer) and the answer-dependence test (EG011, its ROME layer or MEMIT window). When
