@@ -69,6 +69,8 @@ def test_reverse_methods(cli, edited, pico_models, pico_mask, tmp_path):
     assert _digest(edited) == before  # the input is never modified
     again = cli("reverse", edited, "-o", out, "--method", "svd", "--layers", "1")
     assert again.code == 2 and "already exists" in again.err
+    wrong = cli("reverse", edited, "-o", tmp_path / "rev-w", "--method", "svd", "--layers", "1", "--whiten")
+    assert wrong.code == 2 and "apply to --method project" in wrong.err and "Traceback" not in wrong.err
 
 
 def test_reversal_evaluation_reads_each_model(edited, pico_models):

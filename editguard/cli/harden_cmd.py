@@ -81,6 +81,8 @@ def reverse_command(
             method = "project" if flagged else "mask"
     if method not in ("mask", "project", "svd", "base"):
         raise EditguardError("--method must be mask, project, svd or base")
+    if whiten is not None and method != "project":
+        raise EditguardError(f"--whiten/--no-whiten apply to --method project, not {method}")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
