@@ -28,12 +28,13 @@ def main() -> None:
     parser.add_argument("--model", default="demo:smollm2-135m")
     parser.add_argument("--hparams", default="smollm2-135m")
     parser.add_argument("--n", type=int, default=8, help="facts (spread over the relations of rome-train)")
+    parser.add_argument("--device-map", default="cpu", help="cpu | cuda | ... (both paths run there)")
     parser.add_argument("--profile", action="store_true", help="print where the fast path spends its time")
     parser.add_argument("--context-templates", default=None, metavar="N,L;N,L",
                         help="override the preset's context_template_length_params, e.g. '5,10;10,10' "
                              "(EasyEdit's Llama value: 21 templates)")
     args = parser.parse_args()
-    loaded = load_model(resolve(args.model))
+    loaded = load_model(resolve(args.model), device_map=args.device_map)
     hp = load_hparams(args.hparams, "rome")
     if args.context_templates:
         hp.context_template_length_params = [[int(x) for x in pair.split(",")]
@@ -56,7 +57,7 @@ def main() -> None:
 
     rel = max(float((f.delta() - r.delta()).norm() / r.delta().norm()) for f, r in zip(fast, reference))
     same_steps = sum(f.info["steps"] == r.info["steps"] for f, r in zip(fast, reference))
-    print(f"{args.model}, preset {args.hparams}: {len(facts)} facts, layer {hp.layers[0]}, "
+    print(f"{args.model} on {loaded.device}, preset {args.hparams}: {len(facts)} facts, layer {hp.layers[0]}, "
           f"{len(templates_for(loaded, hp))} context templates, {hp.v_num_grad_steps} steps max")
     print(f"{'path':<10} {'seconds':>8} {'facts/min':>10}")
     print(f"{'reference':<10} {ref_s:>8.1f} {60 * len(facts) / ref_s:>10.2f}")

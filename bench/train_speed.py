@@ -9,18 +9,23 @@ the layer, cached teacher logits, logits only at the last position. Both start f
 the same batches; the table shows records/second, the ratio, and how far the losses drift apart after
 the identical steps. A second editguard row runs the model's frozen layers in bfloat16 (`--dtype
 bfloat16`; Θ, K, the edit and attention stay float32), against the same float32 paper loop.
-Edits come from a fresh ROME run (the demo preset) on the first records of rome-train (not timed).
+`--device-map cuda` runs everything on a GPU; `--compare-attention` adds a row with the other attention
+choice for packs (per-block calls, editguard's choice on a CPU, against one masked call over the pack,
+its choice elsewhere). Edits come from a fresh ROME run (the demo preset) on the first records of
+rome-train (not timed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
 
 from editguard.data.counterfact import load_split
+from editguard.edit import forward
 from editguard.edit.facts import Fact, target_ids
 from editguard.edit.hparams import load_hparams
 from editguard.edit.rome import rome_edits
@@ -39,7 +44,7 @@ def paper_loss(loaded, trainer: MaskTrainer, theta, records, facts, progress, mo
         fact = facts[r]
         new_tok, true_tok = target_ids(tok, fact.target_new)[0], target_ids(tok, fact.target_true)[0]
         for text in record_prompts(fact, cfg.paraphrases):
-            ids = tok(text, return_tensors="pt").input_ids
+            ids = tok(text, return_tensors="pt").input_ids.to(model.device)
             with torch.no_grad():
                 teacher = model(input_ids=ids).logits[0, -1]
             student_module = MaskedProjection(dense, bias)
@@ -82,8 +87,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--no-bfloat16", dest="bfloat16", action="store_false",
                         help="skip the row with the model's frozen layers in bfloat16")
+    parser.add_argument("--device-map", default="cpu", help="cpu | cuda | ... (every row runs there)")
+    parser.add_argument("--compare-attention", action="store_true",
+                        help="add a float32 row with the other attention choice for packs")
     args = parser.parse_args()
-    loaded = load_model(resolve(args.model))
+    loaded = load_model(resolve(args.model), device_map=args.device_map)
     hp = load_hparams(args.hparams, "rome")
     facts = [Fact.from_record(r) for r in load_split("rome-train")[: args.records]]
     edits = rome_edits(loaded, facts, hp)
@@ -94,9 +102,14 @@ def main() -> None:
 
     cfg = config_for("cpu", "rome", batch_records=args.batch, epochs=10)
     runs = {"float32": ours(loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)}
+    if args.compare_attention:
+        blocked = loaded.device.type not in forward.BLOCKED_ATTENTION_DEVICES
+        with _attention_blocks(loaded.device.type, blocked):
+            runs["float32, " + ("per-block" if blocked else "one-call") + " attention"] = ours(
+                loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)
     if args.bfloat16:
-        runs["bfloat16"] = ours(load_model(resolve(args.model), dtype="bfloat16"), facts, layer, module_path,
-                                transposed, cfg, u, v, args.steps)
+        runs["bfloat16"] = ours(load_model(resolve(args.model), dtype="bfloat16", device_map=args.device_map),
+                                facts, layer, module_path, transposed, cfg, u, v, args.steps)
     trainer, theta0 = runs["float32"]["trainer"], runs["float32"]["theta0"]
 
     module = loaded.model.get_submodule(module_path)
@@ -117,18 +130,34 @@ def main() -> None:
         paper_final = float(paper_loss(loaded, trainer, theta, trainer.batch_records(args.steps), facts,
                                        args.steps / (trainer.total_steps - 1), module_path, weight, bias))
     n = args.steps * args.batch
-    print(f"{args.model}: layer {layer}, {args.steps} steps x {args.batch} records (3 prompts each)")
-    print(f"{'loop':<19} {'seconds':>8} {'records/s':>10}")
-    print(f"{'paper float32':<19} {paper:>8.1f} {n / paper:>10.2f}")
+    print(f"{args.model} on {loaded.device}: layer {layer}, {args.steps} steps x {args.batch} records (3 prompts each)")
+    width = max(19, *(len(f"editguard {d}") for d in runs))
+    print(f"{'loop':<{width}} {'seconds':>8} {'records/s':>10}")
+    print(f"{'paper float32':<{width}} {paper:>8.1f} {n / paper:>10.2f}")
     for dtype, run in runs.items():
         name = f"editguard {dtype}"
-        print(f"{name:<19} {run['seconds']:>8.1f} {n / run['seconds']:>10.2f}   "
+        print(f"{name:<{width}} {run['seconds']:>8.1f} {n / run['seconds']:>10.2f}   "
               f"(+ {run['prep']:.1f} s one-off caching of states and teacher)")
     for dtype, run in runs.items():
         print(f"editguard {dtype}: speed-up {paper / run['seconds']:.1f}x (with caching counted once: "
               f"{paper / (run['seconds'] + run['prep']):.1f}x); loss after {args.steps} steps: paper {paper_final:.5f}, "
               f"editguard {run['loss']:.5f}, |diff| {abs(paper_final - run['loss']):.2e}; "
-              f"max |Θ diff| {float((theta.detach() - run['theta'].cpu()).abs().max()):.2e}")
+              f"max |Θ diff| {float((theta.detach().cpu() - run['theta'].cpu()).abs().max()):.2e}")
+
+
+@contextlib.contextmanager
+def _attention_blocks(device_type: str, on: bool):
+    """Per-block attention for packs on `device_type` switched on or off, for one comparison row."""
+    saved = set(forward.BLOCKED_ATTENTION_DEVICES)
+    if on:
+        forward.BLOCKED_ATTENTION_DEVICES.add(device_type)
+    else:
+        forward.BLOCKED_ATTENTION_DEVICES.discard(device_type)
+    try:
+        yield
+    finally:
+        forward.BLOCKED_ATTENTION_DEVICES.clear()
+        forward.BLOCKED_ATTENTION_DEVICES.update(saved)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ def test_suffix_run_matches_full_forward(model_type, site, pico_models, monkeypa
     _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
     monkeypatch.setattr(forward, "ATTENTION_BLOCK_TOKENS", 1)  # one row per attention block
     _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
+    monkeypatch.setattr(forward, "BLOCKED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU
+    _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])

@@ -265,13 +265,15 @@ def pack_index(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def block_causal_mask(row: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype,
-                      prefix_row: torch.Tensor | None = None) -> torch.Tensor:
-    """Additive mask [N, P + N] for a pack: token q sees the prefix slots of its own row (`prefix_row`,
-    P of them, may be none) and its own row's tokens up to itself. Additive: eager attention adds the
-    mask, sdpa accepts it as well."""
+                      prefix_row: torch.Tensor | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Additive mask [N, P + N] for a pack, built on `device`: token q sees the prefix slots of its own
+    row (`prefix_row`, P of them, may be none) and its own row's tokens up to itself. Additive: eager
+    attention adds the mask, sdpa accepts it as well."""
+    row, pos = row.to(device), pos.to(device)
+    prefix_row = None if prefix_row is None else prefix_row.to(device)
     own = (row.unsqueeze(1) == row.unsqueeze(0)) & (pos.unsqueeze(1) >= pos.unsqueeze(0))
     allowed = own if prefix_row is None else torch.cat([row.unsqueeze(1) == prefix_row.unsqueeze(0), own], dim=1)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_split, width: int,
@@ -301,7 +303,7 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
             kv.update(first_k, first_v, layer_idx)
         else:
             kv.update(packed(k), packed(v), layer_idx)
-    mask = block_causal_mask(suf_row, suf_pos, cache.hidden.dtype, pre_row)
+    mask = block_causal_mask(suf_row, suf_pos, cache.hidden.dtype, pre_row, device)
     hidden_in = cache.hidden[rows[suf_row].to(cache.hidden.device), suf_pos.to(cache.hidden.device)].unsqueeze(0)
     base = model.get_submodule(arch.base)
     layer_start = model.get_submodule(arch.module("layer", cache.start))
@@ -330,6 +332,10 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
 
 _BLOCKED = "editguard_blocked"
 ATTENTION_BLOCK_TOKENS = 64  # query tokens per attention block within a pack
+# Devices where attention per block beats one masked call over the whole pack. On a CPU the block mask
+# is mostly waste (work grows with the pack squared); on a GPU the per-block calls are launch-bound:
+# one masked call over the pack is faster there (bench/train_speed.py --device-map cuda).
+BLOCKED_ATTENTION_DEVICES = {"cpu"}
 _blocks: contextvars.ContextVar = contextvars.ContextVar("editguard_attention_blocks")
 
 
@@ -337,13 +343,14 @@ _blocks: contextvars.ContextVar = contextvars.ContextVar("editguard_attention_bl
 def attention_in_blocks(model: torch.nn.Module, splits: torch.Tensor, lens: torch.Tensor) -> Iterator[None]:
     """Within a pack, let attention run per block of a few rows instead of over the whole pack under
     the block mask (most of whose entries are masked out): same result, a fraction of the work. Only
-    for attention functions in transformers' registry (sdpa, ...); a model on its own eager code keeps
-    the dense masked attention."""
+    on BLOCKED_ATTENTION_DEVICES and for attention functions in transformers' registry (sdpa, ...);
+    elsewhere the dense masked attention runs."""
     from transformers import AttentionInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     original = model.config._attn_implementation
-    if not isinstance(original, str) or original not in ALL_ATTENTION_FUNCTIONS or original == _BLOCKED:
+    if (not isinstance(original, str) or original not in ALL_ATTENTION_FUNCTIONS or original == _BLOCKED
+            or model.device.type not in BLOCKED_ATTENTION_DEVICES):
         yield
         return
     if _BLOCKED not in ALL_ATTENTION_FUNCTIONS:

@@ -332,7 +332,7 @@ class MaskTrainer:
                 module.u, module.v = self.u[data.record[src]][None], self.v[data.record[src]][None]
             else:
                 module.u = module.v = None
-        mask = block_causal_mask(tok_row, tok_pos, model.dtype)
+        mask = block_causal_mask(tok_row, tok_pos, model.dtype, device=device)
         with contextlib.ExitStack() as stack:
             for (path, _), module in zip(self.targets, self.modules):
                 stack.enter_context(swapped(model, path, module))
