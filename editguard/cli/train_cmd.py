@@ -114,15 +114,23 @@ def train_command(
     state.out().emit({"mask": str(output), **metrics}, _render)
 
 
+# the figures next to RSR, in the order a reader checks them; absent ones (e.g. --no-baselines) are left out
+_RSR_DETAILS = (("original_prefers_true", "original prefers true"), ("rsr_known", "among known"),
+                ("edited_prefers_true", "edited"), ("mask_on_unedited_prefers_true", "mask on unedited"),
+                ("rsr_mask_on_weights_only", "mask on base weights only"),
+                ("rsr_mask_on_edit_only", "mask on the edit only"), ("baseline_svd_rsr", "SVD baseline"),
+                ("baseline_magnitude_rsr", "magnitude baseline"))
+
+
+def _rsr_details(r: dict) -> str:
+    return ", ".join(f"{label} {r[key]:.1%}" for key, label in _RSR_DETAILS if r.get(key) is not None)
+
+
 def _render(console, m) -> None:
     test = m["rsr"].get("test", {})
     console.print(f"wrote {m['mask']} (+ .md card, .json metrics, figures; index.json updated)")
     console.print(f"pruned {m['pruned_fraction']:.1%} at γ={m['threshold']:.3f}; test RSR {test.get('rsr', float('nan')):.1%} "
-                  f"(original prefers true {test.get('original_prefers_true', float('nan')):.1%}, "
-                  f"among known {test.get('rsr_known', float('nan')):.1%}, mask on base weights only "
-                  f"{test.get('rsr_mask_on_weights_only', float('nan')):.1%}, on the edit only "
-                  f"{test.get('rsr_mask_on_edit_only', float('nan')):.1%}, SVD baseline "
-                  f"{test.get('baseline_svd_rsr', float('nan')):.1%}); perplexity original "
+                  f"({_rsr_details(test)}); perplexity original "
                   f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "
                   f"{m['total_seconds']:.0f} s")
 
@@ -175,12 +183,7 @@ def _render_evaluation(console, m) -> None:
     if "written" in m:
         console.print(f"wrote {m['written']} (+ .md card, .json metrics, figures; index.json updated)")
     for split, r in m["rsr"].items():
-        console.print(f"  {split}: RSR {r['rsr']:.1%} (original prefers true {r['original_prefers_true']:.1%}, among "
-                      f"known {r['rsr_known']:.1%}, edited {r['edited_prefers_true']:.1%}, mask on unedited "
-                      f"{r['mask_on_unedited_prefers_true']:.1%}; mask on base weights only "
-                      f"{r.get('rsr_mask_on_weights_only', float('nan')):.1%}, on the edit only "
-                      f"{r.get('rsr_mask_on_edit_only', float('nan')):.1%}; SVD baseline {r.get('baseline_svd_rsr', float('nan')):.1%}, "
-                      f"magnitude {r.get('baseline_magnitude_rsr', float('nan')):.1%}; n={r['n']})")
+        console.print(f"  {split}: RSR {r['rsr']:.1%} ({_rsr_details(r)}; n={r['n']})")
     t = m["text"]
     console.print(f"  perplexity: original {t['original']['perplexity']:.2f}, edited {t['edited']['perplexity']:.2f}, "
                   f"pruned {t['pruned']['perplexity']:.2f}; Top-1 agreement (pruned) {t['pruned']['top1_agreement']:.1%}")

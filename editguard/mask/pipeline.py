@@ -216,7 +216,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         "curve": state.curve, "shipped_step": shipped_step, "train_seconds": round(state.seconds, 1),
         "bank_seconds": round(bank_seconds, 1),
         "total_seconds": round(total_seconds, 1), "steps": state.step,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "machine": machine_description(loaded.device),
         "command": job.command, "dtype": str(loaded.model.dtype).removeprefix("torch."),
     }
     saved = []
@@ -235,6 +235,20 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     write_outputs(job.output, mask, masks, reports)
     ckpt.unlink(missing_ok=True)
     return metrics
+
+
+def machine_description(device: torch.device) -> str:
+    """Where a run computed, for its card: the CPU model and threads, and the GPU when one was used."""
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.get_device_name(device)}"
+    return text
 
 
 def evaluate_splits(loaded, targets: list[tuple[str, bool]], masks: list[torch.Tensor], edited: dict,
