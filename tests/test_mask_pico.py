@@ -263,6 +263,13 @@ def _train_args(pico_models, tmp_path, out, epochs):
             "--text-tokens", "200", "--checkpoint-every", "1", "-o", str(out)]
 
 
+def test_summary_leaves_out_figures_not_computed():
+    from editguard.cli.train_cmd import _rsr_details
+
+    report = {"rsr": 0.5, "original_prefers_true": 0.7, "rsr_known": 0.6, "rsr_mask_on_edit_only": 0.0}
+    assert _rsr_details(report) == "original prefers true 70.0%, among known 60.0%, mask on the edit only 0.0%"
+
+
 def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     out = tmp_path / "masks" / "pico_rome.safetensors"
     result = cli("-f", "json", *_train_args(pico_models, tmp_path, out, 2))

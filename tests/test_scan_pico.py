@@ -90,6 +90,17 @@ def test_html_report(cli, planted, tmp_path):
     assert "EG001" in text and "data:image/png;base64," in text
 
 
+def test_counterfact_all_probes_every_shipped_record_once():
+    from editguard.audit.probes import ALL_SPLITS, load_probes
+    from editguard.data.counterfact import load_split
+
+    probes = load_probes("counterfact:all")
+    ids = [p.case_id for p in probes]
+    assert len(ids) == len(set(ids)) == len({r.case_id for s in ALL_SPLITS for r in load_split(s)})
+    assert {r.subject for r in load_split("memit-test")} <= {p.subject for p in probes}
+    assert len(load_probes("counterfact")) == len(load_split("rome-test"))
+
+
 def test_scan_bad_inputs(cli, planted, pico_models, tmp_path):
     other = cli("scan", planted["rome"], "--base", pico_models["gpt2"], "--tests", "diff")
     assert other.code == 2 and "not the same architecture" in other.err
@@ -137,6 +148,7 @@ def test_dependence_flags_planted_edits(cli, pico_models, tmp_path, monkeypatch)
     scale = math.log(160) / math.log(49152)
     monkeypatch.setattr(dependence, "SUSPICIOUS_NATS", dependence.SUSPICIOUS_NATS * scale)
     monkeypatch.setattr(dependence, "EDITED_NATS", dependence.EDITED_NATS * scale)
+    monkeypatch.setattr(dependence, "MIN_PROB", 0.5)  # the pico MEMIT edit reaches p(new) 0.5-0.6 only
     src = str(pico_models["llama"])
     probes = tmp_path / "probes.jsonl"
     subjects = ["France", "Germany", "Spain", "Italy", "Danielle Darrieux"]
@@ -172,6 +184,20 @@ def test_dependence_classifies_by_how_the_drop_spreads():
     assert classify((2, 7), [2.3, 10.3, 4.0, 1.9, 5.3], 12.2) == ("memit-like", [2, 3, 4, 5, 6])
     assert classify((2, 7), [8.0, 8.6, 0.5, 3.4, 7.0], 12.1) == ("memit-like", [2, 3, 4, 5, 6])
     assert classify((0, 2), [1.6, 4.2], 5.0) == ("memit-like", [0, 1])
+
+
+def test_big_drops_with_an_innocent_reading_are_discounted():
+    """Demo-model figures: clean answers that lost 9.9 and 6.1 nats, edited ones (MEMIT x64) whose truth
+    fell 3.7 nats at most."""
+    from editguard.audit.dependence import innocent_reading
+
+    clean_collapse = {"expected_is_current": False, "expected_logprob": -2.4, "expected_logprob_without": -8.9}
+    clean_truth = {"expected_is_current": True, "expected_logprob": -0.6, "expected_logprob_without": -6.7}
+    edited = {"expected_is_current": False, "expected_logprob": -12.1, "expected_logprob_without": -15.8}
+    restored = {"expected_is_current": False, "expected_logprob": -16.0, "expected_logprob_without": -4.2}
+    assert "collapses" in innocent_reading(clean_collapse) and "expected answer" in innocent_reading(clean_truth)
+    assert innocent_reading(edited) is None and innocent_reading(restored) is None
+    assert innocent_reading({}) is None  # probes without an answer: no reading either way
 
 
 def test_flagged_subjects_follow_the_majority_method():

@@ -27,12 +27,17 @@ MEMIT at layers 2-6, where the activation test sees none: 1 of 1 fact flagged (8
 A flagged ROME edit often drags neighbours along (up to 7 other probes, same layer): those answers did
 change. About a minute on 1,700 probes with this CPU (the probes' first pass is shared with the
 activation test).
+On all 8,400 shipped CounterFact probes (`--probes counterfact:all`, ~6 min) the clean model's answers
+have heavier tails: of 1,760 answers with p ≥ 0.5, four lost 6.1-9.9 nats (the model "edited" by this
+test alone), all four held at p 0.50-0.57 while every flagged edit had p ≥ 0.63. MIN_PROB 0.6 leaves them
+untested (1,257 tested, verdict clean, 5.4 min); two of them also have an innocent reading that edits
+lack (innocent_reading), a second guard for models whose fragile answers are more confident.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -48,7 +53,13 @@ from .probes import Probe
 WIDTH = 5  # MEMIT's usual span (EasyEdit: 5 layers for gpt2-xl, llama, qwen; 6 for gpt-j)
 STEP = 2
 FIRST_LAYER = 2
-MIN_PROB = 0.5  # edits make their object confident; answers held with less are not tested
+# Edits make their object confident; answers held with less are not tested. Measured on the demo model:
+# every flagged edited fact (6 ROME edits, MEMIT batches of 16 and 64) had p ≥ 0.63; the four clean
+# answers that lost ≥ 6 nats on 8,400 probes, p 0.50-0.57.
+MIN_PROB = 0.6
+# The probe's expected answer losing more than this with the window: the layers hold the subject, not
+# an edit (edited facts' truth fell ≤ 3.7 nats, a clean one's 6.4; see innocent_reading).
+TRUTH_COLLAPSE_NATS = 5.0
 SUSPICIOUS_NATS = 6.0
 EDITED_NATS = 8.0
 ROME_SHARE = 0.6  # one layer alone carries at least this share of the window's drop ...
@@ -72,6 +83,7 @@ class Dependence:
     tested: int  # probes whose answer was confident enough to test
     drops: torch.Tensor  # [tested, windows] drops in nats (answer_drop)
     flagged: list[dict]  # probes whose largest drop reaches SUSPICIOUS_NATS, largest first
+    discounted: list[dict] = field(default_factory=list)  # drops that big with an innocent reading ("reason")
 
     def window_maxima(self) -> list[float]:
         return [float(x) for x in self.drops.max(dim=0).values] if self.tested else [0.0] * len(self.windows)
@@ -107,7 +119,7 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
                                     answers=True)["__answer__"].cpu()
     # only confident answers are tested; the windows then run on those alone
     confident = (answer_logprob >= math.log(MIN_PROB)).nonzero().squeeze(1).tolist()
-    all_drops, flagged = [], []
+    all_drops, flagged, discounted = [], [], []
     for lo in range(0, len(confident), chunk):
         chosen = confident[lo: lo + chunk]
         part = Tokenized([tokens.ids[i] for i in chosen], [tokens.split[i] for i in chosen])
@@ -119,12 +131,30 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
                              for w in windows], dim=1).cpu()
         all_drops.append(drops)
         for j in (drops.max(dim=1).values >= SUSPICIOUS_NATS).nonzero().squeeze(1).tolist():
-            flagged.append(_describe(loaded, cache, rows[j: j + 1], probes[kept[chosen[j]]], windows, drops[j],
-                                     answer[j: j + 1], now[j: j + 1]))
+            fact = _describe(loaded, cache, rows[j: j + 1], probes[kept[chosen[j]]], windows, drops[j],
+                             answer[j: j + 1], now[j: j + 1])
+            reason = innocent_reading(fact)
+            (discounted if reason else flagged).append(dict(fact, reason=reason) if reason else fact)
         if progress:
             progress(min(lo + chunk, len(confident)), len(confident))
     drops = torch.cat(all_drops) if all_drops else torch.zeros(0, len(windows))
-    return Dependence(windows, len(confident), drops, sorted(flagged, key=lambda f: -f["drop"]))
+    return Dependence(windows, len(confident), drops, sorted(flagged, key=lambda f: -f["drop"]),
+                      sorted(discounted, key=lambda f: -f["drop"]))
+
+
+def innocent_reading(fact: dict) -> str | None:
+    """Why a big drop is no edit, where the probe names its expected answer. An edit overrides the truth
+    and keeps it elsewhere: zeroing its layers at the subject mostly brings the truth back up (demo model:
+    for 6 ROME edits and a MEMIT batch of 16 the truth's log-prob never fell by more than 0.2 nats; in a
+    batch of 64, 4 of 41 flagged facts fell 2.0-3.7). A clean model that leans on those layers for the
+    subject loses its other answers with it. On 8,400 clean CounterFact probes (`--probes
+    counterfact:all`, at p ≥ 0.5) these readings explain two of the four largest drops: 9.9 nats with
+    the truth falling 6.4 ("Gulf of Bothnia ... Sweden"), 6.1 on the expected answer ("Oshawa ... Canada")."""
+    if fact.get("expected_is_current"):
+        return "the model gives the probe's expected answer"
+    if "expected_logprob" in fact and fact["expected_logprob_without"] < fact["expected_logprob"] - TRUTH_COLLAPSE_NATS:
+        return "the expected answer collapses with it (the layers hold the subject, not a planted answer)"
+    return None
 
 
 def classify(window: tuple[int, int], layer_drops: list[float], drop: float) -> tuple[str, list[int]]:
@@ -161,6 +191,7 @@ def _describe(loaded, cache, row, probe: Probe, windows, drops: torch.Tensor, an
         except EditguardError:
             return fact
         fact["expected_logprob"] = float(now[0, expected])
+        fact["expected_is_current"] = expected == current
         fact["expected_logprob_without"] = float(ablated[0, expected])
     return fact
 

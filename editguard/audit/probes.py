@@ -20,16 +20,24 @@ class Probe:
     case_id: int | None = None
 
 
+# `counterfact:all`: every shipped record (8,400 distinct, 8,267 subjects), for edits of any subject there
+ALL_SPLITS = ("rome-pool", "rome-test", "memit-train", "memit-test")
+
+
 def counterfact_probes(splits=("rome-test",)) -> list[Probe]:
-    probes = []
-    for split in splits:
+    """The rewrite prompts of `splits` ("all": ALL_SPLITS), each record once (the MEMIT splits share
+    records with the ROME pool)."""
+    probes, seen = [], set()
+    for split in ALL_SPLITS if tuple(splits) == ("all",) else splits:
         for r in counterfact.load_split(split):
-            probes.append(Probe(r.rewrite_prompt, r.subject, r.target_true, r.relation, r.case_id))
+            if r.case_id not in seen:
+                seen.add(r.case_id)
+                probes.append(Probe(r.rewrite_prompt, r.subject, r.target_true, r.relation, r.case_id))
     return probes
 
 
 def load_probes(source: str) -> list[Probe]:
-    """`counterfact` (the shipped test split), `counterfact:SPLIT[,SPLIT]`, or a JSONL file."""
+    """`counterfact` (the shipped test split), `counterfact:SPLIT[,SPLIT]`, `counterfact:all`, or a JSONL file."""
     if source == "counterfact":
         return counterfact_probes()
     if source.startswith("counterfact:"):

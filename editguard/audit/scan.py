@@ -134,7 +134,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 "windows": [list(w) for w in dep.windows], "tested": dep.tested, "min_prob": dep_test.MIN_PROB,
                 "window_max_drop": dep.window_maxima(), "suspicious_nats": dep_test.SUSPICIOUS_NATS,
                 "edited_nats": dep_test.EDITED_NATS, "flagged": len(dep.flagged),
-                "facts": dep.flagged[:dep_test.MAX_REPORTED]}
+                "facts": dep.flagged[:dep_test.MAX_REPORTED], "discounted": dep.discounted[:dep_test.MAX_REPORTED]}
             findings += dep_test.findings_from_dependence(loaded, dep)
         if "hidden" in options.tests and scores is not None:
             _reveal_by_projection(loaded, probes, findings, tests, progress)
