@@ -134,7 +134,10 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
             fact = _describe(loaded, cache, rows[j: j + 1], probes[kept[chosen[j]]], windows, drops[j],
                              answer[j: j + 1], now[j: j + 1])
             reason = innocent_reading(fact)
-            (discounted if reason else flagged).append(dict(fact, reason=reason) if reason else fact)
+            if reason:
+                discounted.append({**fact, "reason": reason})
+            else:
+                flagged.append(fact)
         if progress:
             progress(min(lo + chunk, len(confident)), len(confident))
     drops = torch.cat(all_drops) if all_drops else torch.zeros(0, len(windows))
