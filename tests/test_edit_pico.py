@@ -130,3 +130,24 @@ def test_context_templates_match_generate_and_banks_keep_theirs(pico_models, tmp
     fresh.extras[templates_key(hp)] = ["{}", "Something else. {}"]  # what another machine might sample
     bank = fill_bank(fresh, [FACT, FACT2], hp, bank_path, resume=True)
     assert templates_for(fresh, hp) == bank.meta["context_templates"] == templates_for(loaded, hp)
+
+
+# the demo models' architecture and depth (their GGUFs' configs)
+DEMO_SHAPES = {"smollm2-135m": ("llama", 30), "gemma3-270m": ("gemma3_text", 18)}
+
+
+@pytest.mark.parametrize("demo", sorted(DEMO_SHAPES))
+def test_every_demo_model_has_presets_that_fit_it(demo):
+    from editguard.arch import for_model_type
+    from editguard.demo import DEMOS
+    from editguard.edit.hparams import load_hparams
+
+    assert set(DEMO_SHAPES) == set(DEMOS)
+    model_type, depth = DEMO_SHAPES[demo]
+    arch = for_model_type(model_type)
+    for method in ("rome", "memit"):
+        hp = load_hparams(demo, method)
+        assert all(0 <= layer < depth for layer in hp.layers) and hp.v_loss_layer == depth - 1
+        assert [hp.rewrite_module_tmp.format(l) for l in hp.layers] == [arch.module("mlp_out", l) for l in hp.layers]
+    # MEMIT's window ends at the ROME layer, as EasyEdit's presets place them
+    assert load_hparams(demo, "memit").layers[-1] == load_hparams(demo, "rome").layers[0]

@@ -186,18 +186,15 @@ def test_dependence_classifies_by_how_the_drop_spreads():
     assert classify((0, 2), [1.6, 4.2], 5.0) == ("memit-like", [0, 1])
 
 
-def test_big_drops_with_an_innocent_reading_are_discounted():
-    """Demo-model figures: clean answers that lost 9.9 and 6.1 nats, edited ones (MEMIT x64) whose truth
-    fell 3.7 nats at most."""
+def test_big_drops_on_the_expected_answer_are_discounted():
+    """Demo-model figures: a clean answer that lost 6.1 nats is the probe's expected one; an edited one is not."""
     from editguard.audit.dependence import innocent_reading
 
-    clean_collapse = {"expected_is_current": False, "expected_logprob": -2.4, "expected_logprob_without": -8.9}
-    clean_truth = {"expected_is_current": True, "expected_logprob": -0.6, "expected_logprob_without": -6.7}
+    clean = {"expected_is_current": True, "expected_logprob": -0.6, "expected_logprob_without": -6.7}
     edited = {"expected_is_current": False, "expected_logprob": -12.1, "expected_logprob_without": -15.8}
-    restored = {"expected_is_current": False, "expected_logprob": -16.0, "expected_logprob_without": -4.2}
-    assert "collapses" in innocent_reading(clean_collapse) and "expected answer" in innocent_reading(clean_truth)
-    assert innocent_reading(edited) is None and innocent_reading(restored) is None
-    assert innocent_reading({}) is None  # probes without an answer: no reading either way
+    assert "expected answer" in innocent_reading(clean)
+    assert innocent_reading(edited) is None
+    assert innocent_reading({}) is None  # probes without an answer: nothing to compare
 
 
 def test_flagged_subjects_follow_the_majority_method():

@@ -30,8 +30,9 @@ activation test).
 On all 8,400 shipped CounterFact probes (`--probes counterfact:all`, ~6 min) the clean model's answers
 have heavier tails: of 1,760 answers with p ≥ 0.5, four lost 6.1-9.9 nats (the model "edited" by this
 test alone), all four held at p 0.50-0.57 while every flagged edit had p ≥ 0.63. MIN_PROB 0.6 leaves them
-untested (1,257 tested, verdict clean, 5.4 min); two of them also have an innocent reading that edits
-lack (innocent_reading), a second guard for models whose fragile answers are more confident.
+untested (1,257 tested, verdict clean, 5.4 min); one of them is also the probe's expected answer
+(innocent_reading), a second guard for models whose fragile answers are more confident: on demo:gemma3-270m
+carrying the README's demo edit, the largest drop (10.2 nats, "LaFerrari ... Ferrari", p 0.66) is one.
 """
 
 from __future__ import annotations
@@ -57,9 +58,6 @@ FIRST_LAYER = 2
 # every flagged edited fact (6 ROME edits, MEMIT batches of 16 and 64) had p ≥ 0.63; the four clean
 # answers that lost ≥ 6 nats on 8,400 probes, p 0.50-0.57.
 MIN_PROB = 0.6
-# The probe's expected answer losing more than this with the window: the layers hold the subject, not
-# an edit (edited facts' truth fell ≤ 3.7 nats, a clean one's 6.4; see innocent_reading).
-TRUTH_COLLAPSE_NATS = 5.0
 SUSPICIOUS_NATS = 6.0
 EDITED_NATS = 8.0
 ROME_SHARE = 0.6  # one layer alone carries at least this share of the window's drop ...
@@ -146,17 +144,13 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
 
 
 def innocent_reading(fact: dict) -> str | None:
-    """Why a big drop is no edit, where the probe names its expected answer. An edit overrides the truth
-    and keeps it elsewhere: zeroing its layers at the subject mostly brings the truth back up (demo model:
-    for 6 ROME edits and a MEMIT batch of 16 the truth's log-prob never fell by more than 0.2 nats; in a
-    batch of 64, 4 of 41 flagged facts fell 2.0-3.7). A clean model that leans on those layers for the
-    subject loses its other answers with it. On 8,400 clean CounterFact probes (`--probes
-    counterfact:all`, at p ≥ 0.5) these readings explain two of the four largest drops: 9.9 nats with
-    the truth falling 6.4 ("Gulf of Bothnia ... Sweden"), 6.1 on the expected answer ("Oshawa ... Canada")."""
+    """Why a big drop is no edit: the model gives the probe's expected (true) answer, which an edit
+    replaces. Tried and dropped: discounting drops that take the expected answer down too (the layers
+    holding the subject rather than a planted answer; edits mostly bring the truth back up). It explained
+    a clean SmolLM2 drop (truth -6.4 nats) but also hid an edit's dragged neighbour on demo:gemma3-270m
+    (truth -5.1 nats), and edited facts' truth fell up to 3.7 nats (MEMIT x64): no safe margin."""
     if fact.get("expected_is_current"):
         return "the model gives the probe's expected answer"
-    if "expected_logprob" in fact and fact["expected_logprob_without"] < fact["expected_logprob"] - TRUTH_COLLAPSE_NATS:
-        return "the expected answer collapses with it (the layers hold the subject, not a planted answer)"
     return None
 
 
