@@ -23,7 +23,8 @@ def scan_command(
     model: ModelArg,
     base: Annotated[Optional[str], typer.Option("--base", help="The unedited model to diff against.")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
-    probes: Annotated[str, typer.Option("--probes", help="counterfact, counterfact:SPLIT[,SPLIT] or a JSONL file.")] = "counterfact",
+    probes: Annotated[str, typer.Option("--probes", help="counterfact (rome-test), counterfact:all (8,400 records), "
+                                                     "counterfact:SPLIT[,SPLIT] or a JSONL file.")] = "counterfact",
     tests: Annotated[str, typer.Option("--tests", help=f"Comma-separated subset of {','.join(TESTS)}.")] = ",".join(TESTS),
     min_prob: Annotated[float, typer.Option("--min-prob", help="Hidden facts: least confidence of the current answer.")] = 0.5,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ (default: the mask's).")] = None,
