@@ -188,14 +188,14 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
 
 def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, progress) -> None:
     """Hidden facts without a mask: the activation test's flagged subjects, their keys projected out."""
-    from ..harden.project import flagged_method, flagged_subjects, projection_applied
+    from ..harden.project import flagged_subjects, projection_applied, whiten_by_default
     from .hidden import changed_answers, findings_from_projection
 
     flagged = flagged_subjects(findings)
     if not flagged:
         return
     subjects = {f["subject"] for facts in flagged.values() for f in facts}
-    whiten = flagged_method(flagged) == "memit"  # as `reverse` does
+    whiten = whiten_by_default(flagged)  # as `reverse` does
     chosen = [p for p in probes if p.subject in subjects]
     found = changed_answers(loaded, chosen, lambda: projection_applied(loaded, flagged, whiten), "key projection",
                             0.0, progress)

@@ -62,7 +62,7 @@ def reverse_command(
     dtype: Dtype = "float32",
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
-    from ..harden.project import flagged_method
+    from ..harden.project import flagged_method, whiten_by_default
     from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
 
     out = state.out()
@@ -106,10 +106,7 @@ def reverse_command(
 
         flagged = flagged or _base_free_findings(ref, probes, placement)
         if whiten is None:
-            # measured on a 16-fact MEMIT batch of the demo model: the keys' own span RSR 50 % (the same
-            # projection on the unedited model 37.5 %: it erases what those layers knew), C⁻¹ keys 75 % =
-            # the original's ceiling (unedited 75 %); a ROME edit without mom2_adjustment lies on the keys
-            whiten = flagged_method(flagged) == "memit"
+            whiten = whiten_by_default(flagged)
         with out.progress("projecting the flagged subjects' keys out" + (" (whitened)" if whiten else "")):
             replacements = projection_replacements(load_model(ref, **placement), checkpoint, flagged, whiten)
         info["whitened"] = whiten

@@ -75,7 +75,7 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
     z_layer = layers[-1]
     z_path = hp.layer_module_tmp.format(z_layer)
     pad = tok.pad_token_id
-    moments = second_moments(loaded, layers, hp, progress=(lambda done, total: progress(
+    moments = second_moments(loaded, layers, hp.rewrite_module_tmp, hp.mom2_dataset, hp.mom2_n_samples, progress=(lambda done, total: progress(
         f"second moments of layers {layers}: window {done}/{total}")) if progress else None)
     # key prompts: every template with the plain rewrite prompt (no target tokens)
     seqs, splits = [], []

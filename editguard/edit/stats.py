@@ -43,14 +43,14 @@ def _stats_path(loaded: LoadedModel, layer: int, dataset: str, n_samples: int) -
     return cache_dir("stats", weights_digest(loaded)) / f"mom2-L{layer}-{name}-{n_samples}.safetensors"
 
 
-def second_moments(loaded: LoadedModel, layers: list[int], hp, progress: Callable[[int, int], None] | None = None,
-                   module_template: str | None = None) -> dict[int, torch.Tensor]:
-    """C for each layer (float32, [in, in]), from the cache or one pass over the corpus for all of them."""
-    template = module_template or hp.rewrite_module_tmp
+def second_moments(loaded: LoadedModel, layers: list[int], template: str, dataset: str, n_samples: int,
+                   progress: Callable[[int, int], None] | None = None) -> dict[int, torch.Tensor]:
+    """C of the input of module `template`.format(layer) for each layer (float32, [in, in]) over `n_samples`
+    windows of `dataset`, from the cache or one pass over the corpus for all of them."""
     result: dict[int, torch.Tensor] = {}
     missing = []
     for layer in layers:
-        path = _stats_path(loaded, layer, hp.mom2_dataset, hp.mom2_n_samples)
+        path = _stats_path(loaded, layer, dataset, n_samples)
         if path.is_file():
             from safetensors.torch import load_file
 
@@ -61,25 +61,26 @@ def second_moments(loaded: LoadedModel, layers: list[int], hp, progress: Callabl
         return result
     lock = cache_dir("stats", weights_digest(loaded)) / "collect.lock"
     with file_lock(lock):
-        sums = _collect(loaded, missing, template, hp, progress)
+        sums = _collect(loaded, missing, template, dataset, n_samples, progress)
     for layer, (total, count) in sums.items():
         moment = (total / max(count, 1)).float()
-        write_safetensors(_stats_path(loaded, layer, hp.mom2_dataset, hp.mom2_n_samples),
+        write_safetensors(_stats_path(loaded, layer, dataset, n_samples),
                           {"mom2": moment, "count": torch.tensor([count])})
         result[layer] = moment
     return result
 
 
 def second_moment(loaded: LoadedModel, layer: int, hp) -> torch.Tensor:
-    return second_moments(loaded, [layer], hp)[layer]
+    return second_moments(loaded, [layer], hp.rewrite_module_tmp, hp.mom2_dataset, hp.mom2_n_samples)[layer]
 
 
 @torch.no_grad()
-def _collect(loaded: LoadedModel, layers: list[int], template: str, hp, progress) -> dict[int, tuple[torch.Tensor, int]]:
+def _collect(loaded: LoadedModel, layers: list[int], template: str, dataset: str, n_samples: int,
+             progress) -> dict[int, tuple[torch.Tensor, int]]:
     tokenizer, model = loaded.tokenizer, loaded.model
-    ids = tokenizer(load_text(hp.mom2_dataset), add_special_tokens=False).input_ids
+    ids = tokenizer(load_text(dataset), add_special_tokens=False).input_ids
     window = min(WINDOW, getattr(model.config, "max_position_embeddings", WINDOW) or WINDOW)
-    windows = [ids[i: i + window] for i in range(0, len(ids), window)][: hp.mom2_n_samples]
+    windows = [ids[i: i + window] for i in range(0, len(ids), window)][: n_samples]
     sums: dict[int, list] = {layer: [None, 0] for layer in layers}
     handles = []
     for layer in layers:
