@@ -73,6 +73,26 @@ def test_reverse_methods(cli, edited, pico_models, pico_mask, tmp_path):
     assert wrong.code == 2 and "apply to --method project" in wrong.err and "Traceback" not in wrong.err
 
 
+def test_reverse_loads_the_input_once_and_scans_once(cli, edited, pico_models, pico_mask, tmp_path, monkeypatch):
+    """The scan that finds the flagged facts, the projection and the "before" answers share one load of
+    the input model; a second request for the same scan is answered from the first."""
+    from editguard import loading
+    from editguard.audit import scan as scan_module
+
+    loads, scans = [], []
+    real_load, real_scan = loading.load_model, scan_module.scan
+    monkeypatch.setattr(loading, "load_model", lambda ref, **kw: loads.append(ref.path.name) or real_load(ref, **kw))
+    monkeypatch.setattr(scan_module, "scan", lambda ref, options, *a, **kw: scans.append(options.tests)
+                        or real_scan(ref, options, *a, **kw))
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    r = cli("-f", "json", "reverse", edited, "-o", tmp_path / "rev", "--method", "svd", "--layers", "1",
+            "--mask", pico_mask, "--probes", probes, "--eval", "--text-tokens", "64")
+    assert r.code == 0, r.err
+    assert loads == [edited.name, "rev"] and len(scans) == 1, (loads, scans)
+    assert "perplexity_before" in r.json["evaluation"]  # read from the shared load of the input
+
+
 def test_reversal_evaluation_reads_each_model(edited, pico_models):
     """reverse --eval: fact scores and text figures are those of each model, read one at a time."""
     import math

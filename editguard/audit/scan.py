@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -27,6 +27,9 @@ from ..harden.lock import verify_lock
 from ..mask.file import MaskFile
 from ..resolve import ModelRef, resolve
 from .findings import Finding, verdict
+
+if TYPE_CHECKING:
+    from ..loading import LoadedModel
 
 TESTS = ("diff", "activations", "dependence", "hidden", "attribution")
 BASE_FREE_TESTS = ("activations", "dependence")  # what finds an edited layer and subject without a base
@@ -44,6 +47,7 @@ class ScanOptions:
     allow_pickle: bool = False
     load_options: dict = field(default_factory=dict)
     decompose: int = 0  # residual-stream decompositions of this many flagged facts (for the HTML report)
+    loaded: LoadedModel | None = field(default=None, repr=False)  # the model of `ref`, already loaded: reused
 
 
 def declared_base(checkpoint) -> str | None:
@@ -103,8 +107,11 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         from .probes import load_probes
 
         probes = load_probes(options.probes)
-        progress("loading the model")
-        loaded = load_model(ref, allow_pickle=options.allow_pickle, **options.load_options)
+        if options.loaded is not None:
+            loaded = options.loaded
+        else:
+            progress("loading the model")
+            loaded = load_model(ref, allow_pickle=options.allow_pickle, **options.load_options)
         tests["probes"] = {"source": options.probes, "n": len(probes)}
         key_layers = sorted({c.layer for c in (diff.changed if diff else []) if c.layer is not None})
         scores = None

@@ -60,11 +60,14 @@ def demo_command(
                        "efficacy": quality.efficacy, "p_new": quality.new_prob, "model": str(edited_dir)}
     # 2. scan: without a base (activations + hidden facts), then with the base
     edited_ref = resolve(str(edited_dir))
+    with out.progress("2/4 loading the edited model"):
+        edited = load_model(edited_ref)  # from the written checkpoint, as an auditor would get it
     with out.progress("2/4 scanning the edited model without a base") as advance:
-        blind = scan(edited_ref, ScanOptions(tests=BASE_FREE_TESTS + ("hidden",)),
+        blind = scan(edited_ref, ScanOptions(tests=BASE_FREE_TESTS + ("hidden",), loaded=edited),
                      progress=lambda m: advance(0, description=f"2/4 {m}"))
     with out.progress("2/4 scanning the edited model against its base") as advance:
-        based = scan(edited_ref, ScanOptions(base=str(ref.path), tests=("diff", "attribution"), probes="counterfact"),
+        based = scan(edited_ref, ScanOptions(base=str(ref.path), tests=("diff", "attribution"), probes="counterfact",
+                                             loaded=edited),
                      progress=lambda m: advance(0, description=f"2/4 {m}"))
     report["scan_without_base"] = {"verdict": blind["verdict"], "findings": blind["findings"][:5],
                                    "tests": {k: v for k, v in blind["tests"].items() if k in ("activations", "dependence", "revealed", "hidden")}}
@@ -79,9 +82,11 @@ def demo_command(
     reversals = {}
     if flagged:
         with out.progress("3/4 reversing: projecting the flagged subject's keys out"):
-            replacements = projection_replacements(load_model(edited_ref), edited_ck, flagged)
+            replacements = projection_replacements(edited, edited_ck, flagged)
             write_reversed(edited_ck, replacements, folder / "reversed-project", force=True)
         reversals["project"] = folder / "reversed-project"
+    edited_scores = _true_vs_new(edited, fact)
+    del edited
     fits = masks_index.prefer_layers(masks_index.fitting(loaded.arch, loaded.checkpoint), [edits[0].layer],
                                     edits[0].method)
     mask_path = Path(fits[0]["path"]) if fits else None
@@ -91,9 +96,9 @@ def demo_command(
             write_reversed(edited_ck, masked_replacements(edited_ck, loaded.arch, mask), folder / "reversed-mask",
                            force=True)
         reversals["mask"] = folder / "reversed-mask"
-    report["reverse"] = {"edited": _true_vs_new(edited_dir, fact)}
+    report["reverse"] = {"edited": edited_scores}
     for name, path in reversals.items():
-        scores = _true_vs_new(path, fact)
+        scores = _true_vs_new(load_model(resolve(str(path))), fact)
         report["reverse"][name] = {"model": str(path), **scores, "restored": scores["logp_true"] > scores["logp_new"]}
     if flagged:
         report["reverse"]["project"]["subjects"] = sorted({f["subject"] for fs in flagged.values() for f in fs})
@@ -118,12 +123,10 @@ def demo_command(
     out.emit(report, _render)
 
 
-def _true_vs_new(path: Path, fact) -> dict:
-    from ..loading import load_model
-    from ..resolve import resolve
+def _true_vs_new(loaded, fact) -> dict:
     from ..scoring import continuation_logprobs
 
-    sums, _ = continuation_logprobs(load_model(resolve(str(path))), [fact.text, fact.text],
+    sums, _ = continuation_logprobs(loaded, [fact.text, fact.text],
                                     [fact.target_true, fact.target_new])
     return {"logp_true": float(sums[0]), "logp_new": float(sums[1])}
 

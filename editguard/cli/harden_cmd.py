@@ -72,12 +72,13 @@ def reverse_command(
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
+    inputs = _ReverseInput(ref, probes, placement)
     flagged = None
     if method is None:  # the measured best first: the base itself, key projection, then the mask
         if base or mask:
             method = "base" if base else "mask"
         else:
-            flagged = _base_free_findings(ref, probes, placement, required=False)
+            flagged = inputs.flagged(SHOWN_TESTS, required=False)  # with "hidden": the mask path shows its facts
             method = "project" if flagged else "mask"
     if method not in ("mask", "project", "svd", "base"):
         raise EditguardError("--method must be mask, project, svd or base")
@@ -102,28 +103,28 @@ def reverse_command(
         info["restored"] = restored
     elif method == "project":
         from ..harden.project import projection_replacements
-        from ..loading import load_model
 
-        flagged = flagged or _base_free_findings(ref, probes, placement)
+        flagged = flagged or inputs.flagged(BASE_FREE_TESTS)
         if whiten is None:
             whiten = whiten_by_default(flagged)
+        model_in = inputs.model()
         with out.progress("projecting the flagged subjects' keys out" + (" (whitened)" if whiten else "")):
-            replacements = projection_replacements(load_model(ref, **placement), checkpoint, flagged, whiten)
+            replacements = projection_replacements(model_in, checkpoint, flagged, whiten)
         info["whitened"] = whiten
         info["layers"] = sorted(flagged)
         info["subjects"] = sorted({f["subject"] for facts in flagged.values() for f in facts})
     else:
-        chosen = _parse_layers(layers, num_layers) if layers else sorted(_base_free_findings(ref, probes, placement))
+        chosen = _parse_layers(layers, num_layers) if layers else sorted(inputs.flagged(SHOWN_TESTS))
         replacements = svd_replacements(checkpoint, arch, chosen)
         info["layers"] = chosen
     if method == "project":  # the facts just projected out are the ones to show
         facts = list({f["prompt"]: _shown(f) for layer_facts in flagged.values() for f in layer_facts}.values())[:20]
     else:
-        facts = _flagged_facts(ref, probes, mask, placement)
+        facts = inputs.shown_facts(mask)
     with out.progress(f"writing {output}"):
         info["rewritten_files"] = write_reversed(checkpoint, replacements, output, force=force)
     info["tensors"] = sorted(replacements)
-    info["facts"], evaluation = _before_after(ref, output, facts, evaluate, text_tokens, placement)
+    info["facts"], evaluation = _before_after(inputs, output, facts, evaluate, text_tokens)
     if evaluate:
         info["evaluation"] = evaluation
     out.emit(info, _render_reverse)
@@ -140,31 +141,58 @@ def _parse_layers(text: str, num_layers: int) -> list[int]:
     return chosen
 
 
-def _base_free_findings(ref, probes: str, placement: dict, required: bool = True) -> dict[int, list[dict]]:
-    """{layer: facts whose subject the layer carries an edit for} from scan's base-free tests."""
-    from ..audit.scan import ScanOptions, scan
-    from ..harden.project import flagged_subjects
-
-    with state.out().progress("finding edited layers (activation and answer-dependence tests)"):
-        result = scan(ref, ScanOptions(probes=probes, tests=BASE_FREE_TESTS, **_scan_placement(placement)))
-    flagged = flagged_subjects(result["_findings"])
-    if not flagged and required:
-        raise EditguardError("scan's base-free tests flag no layer; give --layers (svd) or --base")
-    return flagged
+SHOWN_TESTS = BASE_FREE_TESTS + ("hidden",)  # what finds the facts to show before/after
 
 
-def _flagged_facts(ref, probes: str, mask: str | None, placement: dict) -> list[dict]:
-    """The facts to show before/after: what scan's base-free tests flag (outliers, revealed and hidden facts)."""
-    from ..audit.scan import ScanOptions, scan
+class _ReverseInput:
+    """The model being reversed, loaded once, and scan's findings on it, each set of tests run once: the
+    base-free tests find the edited layers and subjects, "hidden" adds the facts to show before/after."""
 
-    with state.out().progress("finding flagged facts"):
-        result = scan(ref, ScanOptions(mask=mask, probes=probes, tests=BASE_FREE_TESTS + ("hidden",),
-                                       **_scan_placement(placement)))
-    shown = {}
-    for f in result["_findings"]:
-        for fact in f.facts:
-            shown.setdefault(fact["prompt"], _shown(fact))
-    return list(shown.values())[:20]
+    def __init__(self, ref, probes: str, placement: dict):
+        self.ref, self.probes, self.placement = ref, probes, placement
+        self._loaded = None
+        self._scans: dict[tuple, list] = {}
+
+    def model(self):
+        if self._loaded is None:
+            from ..loading import load_model
+
+            self._loaded = load_model(self.ref, **self.placement)
+        return self._loaded
+
+    def release(self):
+        """The loaded model, forgotten here so that it is freed once the caller drops it."""
+        loaded, self._loaded = self.model(), None
+        return loaded
+
+    def findings(self, tests: tuple[str, ...], mask: str | None = None) -> list:
+        from ..audit.scan import ScanOptions, scan
+
+        key = (tests, mask)
+        if key not in self._scans:
+            what = "finding flagged facts" if "hidden" in tests else "finding edited layers"
+            with state.out().progress(f"{what} (activation and answer-dependence tests)"):
+                result = scan(self.ref, ScanOptions(mask=mask, probes=self.probes, tests=tests, loaded=self.model(),
+                                                    **_scan_placement(self.placement)))
+            self._scans[key] = result["_findings"]
+        return self._scans[key]
+
+    def flagged(self, tests: tuple[str, ...], required: bool = True) -> dict[int, list[dict]]:
+        """{layer: facts whose subject the layer carries an edit for} from the base-free tests."""
+        from ..harden.project import flagged_subjects
+
+        flagged = flagged_subjects(self.findings(tests))
+        if not flagged and required:
+            raise EditguardError("scan's base-free tests flag no layer; give --layers (svd) or --base")
+        return flagged
+
+    def shown_facts(self, mask: str | None) -> list[dict]:
+        """The facts to show before/after: what scan flags (outliers, revealed and hidden facts)."""
+        shown = {}
+        for f in self.findings(SHOWN_TESTS, mask):
+            for fact in f.facts:
+                shown.setdefault(fact["prompt"], _shown(fact))
+        return list(shown.values())[:20]
 
 
 def _scan_placement(placement: dict) -> dict:
@@ -177,13 +205,16 @@ def _shown(fact: dict) -> dict:
     return {"prompt": fact["prompt"], "original": fact.get("expected_answer") or fact.get("answer")}
 
 
-def _before_after(ref, output: Path, facts: list[dict], evaluate: bool, text_tokens: int, placement: dict):
+def _before_after(inputs: _ReverseInput, output: Path, facts: list[dict], evaluate: bool, text_tokens: int):
     from ..harden.evaluate import evaluate_reversal
     from ..loading import load_model
     from ..resolve import resolve
 
+    def load(which):  # the input model as already loaded (then freed: one model in memory at a time)
+        return inputs.release() if which is inputs.ref else load_model(which, **inputs.placement)
+
     with state.out().progress("answers before and after" + (", RSR and perplexity" if evaluate else "")):
-        return evaluate_reversal(lambda r: load_model(r, **placement), ref, resolve(str(output)), facts,
+        return evaluate_reversal(load, inputs.ref, resolve(str(output)), facts,
                                  text_tokens if evaluate else 0, scores=evaluate)
 
 
