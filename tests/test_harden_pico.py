@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 
 import pytest
@@ -203,6 +204,7 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     from editguard.harden.lock import install_mask
     from editguard.loading import load_model
     from editguard.resolve import resolve
+    from editguard.scoring import continuation_logprobs
 
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
     ck = Checkpoint(pico_models["llama"])
@@ -226,8 +228,12 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     locked = load_model(resolve(str(pico_models["llama"])))
     install_mask(locked.model, locked.arch, MaskFile.load(mask_path))
     facts = [Fact.from_record(rec) for rec in load(str(data)).records[:4]]
-    before = sum(q.efficacy for q in judge(locked, facts)) / 4
-    assert e["locked"]["edit_success"] == before
+    qualities = judge(locked, facts)
+    assert e["locked"]["edit_success"] == sum(q.efficacy for q in qualities) / 4
+    for q, fact in zip(qualities, facts):  # the rewrite prompt's P(new) and P(true), as `demo` reports them
+        (new, true), _ = continuation_logprobs(locked, [fact.text] * 2, [fact.target_new, fact.target_true])
+        assert q.new_prob == pytest.approx(math.exp(float(new)), rel=1e-4)
+        assert q.true_prob == pytest.approx(math.exp(float(true)), rel=1e-4)
 
 
 def test_whitened_projection_removes_a_memit_update_and_keeps_the_rest():

@@ -119,7 +119,8 @@ def demo_command(
                 locked_edits = compute_edits(loaded, [fact], hp)
                 with edits_applied(loaded.model, loaded.arch, locked_edits):
                     locked_quality = judge(loaded, [fact])[0]
-            report["lock"].update(edit_success_locked=locked_quality.efficacy, p_new_locked=locked_quality.new_prob)
+            report["lock"].update(edit_success_locked=locked_quality.efficacy, p_new_locked=locked_quality.new_prob,
+                                  p_true_locked=locked_quality.true_prob)
     out.emit(report, _render)
 
 
@@ -187,7 +188,9 @@ def _render(console, r) -> None:
     else:
         extra = ""
         if "edit_success_locked" in lock:
+            p = r["plant"]
             extra = (f"; the same ROME edit on the locked model {'still succeeds' if lock['edit_success_locked'] else 'fails'} "
-                     f"(P(new) {lock['p_new_locked']:.2f})")
+                     f"(P({escape(p['new'])}) {lock['p_new_locked']:.3f} against P({escape(p['true'])}) "
+                     f"{lock['p_true_locked']:.3f}; planted on the unlocked model: P({escape(p['new'])}) {p['p_new']:.2f})")
         console.print(f"4. locked the original with {escape(lock['mask'])} → {escape(lock['model'])}{extra}")
     console.print(f"models kept in {escape(r['workdir'])}")

@@ -19,7 +19,8 @@ class FactQuality:
     efficacy: float  # rewrite prompt prefers the new object
     paraphrase: float  # share of paraphrase prompts preferring the new object
     neighborhood: float  # share of neighbourhood prompts still preferring the true object
-    new_prob: float  # mean P(new object) on the rewrite prompt (multi-token product)
+    new_prob: float  # P(new object) on the rewrite prompt (multi-token product)
+    true_prob: float = float("nan")  # P(true object) on the rewrite prompt
 
 
 def _row_edits(edits: list[Edit], rows_per_edit: list[int]) -> RowEdits:
@@ -53,14 +54,15 @@ def judge(loaded: LoadedModel, facts: list[Fact], alone: list[Edit] | None = Non
     nll = -(sums / counts)
     results = [{"rewrite": [], "paraphrase": [], "neighborhood": []} for _ in facts]
     new_prob = [float("nan")] * len(facts)
+    true_prob = [float("nan")] * len(facts)
     for k, (i, kind) in enumerate(layout):
         nll_new, nll_true = nll[2 * k], nll[2 * k + 1]
         results[i][kind].append(float(nll_true < nll_new) if kind == "neighborhood" else float(nll_new < nll_true))
         if kind == "rewrite":
-            new_prob[i] = float(torch.exp(sums[2 * k]))
+            new_prob[i], true_prob[i] = float(torch.exp(sums[2 * k])), float(torch.exp(sums[2 * k + 1]))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    return [FactQuality(mean(r["rewrite"]), mean(r["paraphrase"]), mean(r["neighborhood"]), p)
-            for r, p in zip(results, new_prob)]
+    return [FactQuality(mean(r["rewrite"]), mean(r["paraphrase"]), mean(r["neighborhood"]), p, t)
+            for r, p, t in zip(results, new_prob, true_prob)]
 
 
 def edit_quality(loaded: LoadedModel, edits: list[Edit], batch_size: int = 64) -> list[FactQuality]:
