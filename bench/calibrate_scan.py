@@ -21,7 +21,7 @@ import torch
 
 from editguard.audit import dependence as dep_test
 from editguard.audit.activations import EDITED_Z, SUSPICIOUS_Z, activation_scores
-from editguard.audit.hidden import hidden_facts
+from editguard.audit.hidden import hidden_facts, split_innocent
 from editguard.audit.probes import Probe, counterfact_probes
 from editguard.data.counterfact import load_split
 from editguard.edit.bank import EditBank
@@ -71,9 +71,10 @@ def main() -> None:
               f"{dep.windows[worst][0]}-{dep.windows[worst][1] - 1}); flagged {len(dep.flagged)}; thresholds "
               f"suspicious {dep_test.SUSPICIOUS_NATS}, edited {dep_test.EDITED_NATS}")
     mask = MaskFile.load(args.mask) if args.mask else None
-    clean_hidden = hidden_facts(loaded, mask, probes) if mask else None
+    clean_hidden = split_innocent(hidden_facts(loaded, mask, probes)) if mask else None
     if mask:
-        print(f"  hidden facts on the clean model (false alarms): {len(clean_hidden)} of {len(probes)} probes")
+        print(f"  hidden facts on the clean model (false alarms): {len(clean_hidden[0])} of {len(probes)} probes "
+              f"(and {len(clean_hidden[1])} discounted: the model gives the expected answer)")
     rows = []
     for edit in edits:
         with edits_applied(loaded.model, loaded.arch, [edit]):
@@ -83,7 +84,8 @@ def main() -> None:
             best_subject = scores.probes[int(scores.z[top].argmax())].subject
             found = None
             if mask:
-                found = any(f["case_id"] == edit.facts[0].case_id for f in hidden_facts(loaded, mask, probes))
+                kept, _ = split_innocent(hidden_facts(loaded, mask, probes))
+                found = any(f["case_id"] == edit.facts[0].case_id for f in kept)
             if args.dependence:
                 _dependence_row(loaded, probes, [edit.facts[0]], f"ROME edit at layer {edit.layer}", "rome-like",
                                 [edit.layer])

@@ -257,3 +257,49 @@ def test_whitened_projection_removes_a_memit_update_and_keeps_the_rest():
     assert kept < 0.05 and (project_out(W, K.T, False) @ K).norm() < 1e-4 * (W @ K).norm()  # measured 0.017
     Q = key_basis(K.T, C)
     assert torch.allclose(Q.T @ Q, torch.eye(n), atol=1e-5)
+
+
+def test_changed_answers_reads_each_probability_where_it_says(edited, pico_models):
+    """Hidden-fact rows (scan's EG020/EG021): the planted answer, the answer an intervention reveals,
+    and the cross probabilities, each from the model it names. The intervention here restores the
+    edited tensor from the base."""
+    import contextlib
+
+    from editguard.audit.hidden import changed_answers, next_token_answers
+    from editguard.audit.probes import Probe
+    from editguard.edit.edits import weight_param, weights_restored
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(edited)))
+    base = Checkpoint(pico_models["llama"]).read(TENSOR)
+
+    @contextlib.contextmanager
+    def restored():
+        with weights_restored(loaded.model, [TENSOR]), torch.no_grad():
+            weight_param(loaded.model, TENSOR).copy_(base)
+            yield
+
+    prompt = "The official language of France"
+    probes = [Probe(prompt, "France", "French"), Probe("The capital of Spain is", "Spain")]
+    (row,) = [r for r in changed_answers(loaded, probes, restored, "the base", 0.0) if r["prompt"] == prompt]
+    assert row["current_answer"] == "Japanese" and row["revealed_answer"] != "Japanese"
+    (now,), _ = next_token_answers(loaded, [prompt])
+    with restored():
+        (then,), _ = next_token_answers(loaded, [prompt])
+        _, (p_current_then,) = next_token_answers(loaded, [prompt], also=[now.token])
+    _, (p_revealed_now,) = next_token_answers(loaded, [prompt], also=[then.token])
+    assert row["current_prob"] == pytest.approx(now.prob) and row["revealed_prob"] == pytest.approx(then.prob)
+    assert row["current_prob_under_mask"] == pytest.approx(float(p_current_then))
+    assert row["revealed_prob_now"] == pytest.approx(float(p_revealed_now))
+    assert row["margin"] == pytest.approx(now.prob - float(p_revealed_now))
+    assert float(p_revealed_now) < now.prob and float(p_current_then) < then.prob
+    assert changed_answers(loaded, probes, restored, "the base", 1.01) == []  # nothing that confident
+    # the planted answer is not the probe's expected one: kept; a changed answer that is the expected one
+    # (the intervention broke a known fact) is discounted
+    assert row["expected_is_current"] is False
+    from editguard.audit.hidden import split_innocent
+
+    innocent = {**row, "expected_is_current": True}
+    kept, discounted = split_innocent([row, innocent])
+    assert kept == [row] and discounted[0]["reason"] == "the model gives the probe's expected answer"

@@ -14,10 +14,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..edit.facts import target_ids
 from ..edit.forward import pad_batch, unembed
+from ..errors import EditguardError
 from ..edit.edits import weight_param, weights_restored
 from ..loading import LoadedModel
 from ..mask.file import MaskFile
+from .dependence import innocent_reading
 from .findings import Finding
 from .probes import Probe
 
@@ -43,23 +46,27 @@ class Answer:
 
 
 @torch.no_grad()
-def next_token_answers(loaded: LoadedModel, prompts: list[str], batch_size: int = 64) -> tuple[list[Answer], torch.Tensor]:
-    """Greedy next token and its probability for each prompt, plus the full probability rows."""
+def next_token_answers(loaded: LoadedModel, prompts: list[str], batch_size: int = 64,
+                       also: list[int] | None = None) -> tuple[list[Answer], torch.Tensor | None]:
+    """Greedy next token and its probability for each prompt, and (with `also`, a token per prompt) the
+    probability of that token. No full probability rows are kept: a 262k-token vocabulary makes them
+    1 GB per thousand prompts."""
     tok, model, arch = loaded.tokenizer, loaded.model, loaded.arch
     base = model.get_submodule(arch.base)
-    answers, rows = [], []
+    answers, picked = [], []
     for lo in range(0, len(prompts), batch_size):
         batch = [list(tok(p).input_ids) for p in prompts[lo: lo + batch_size]]
         ids, mask = pad_batch(batch, tok.pad_token_id)
         hidden = base(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device)).last_hidden_state
         last = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
         probs = torch.softmax(unembed(model, arch, last).float(), dim=-1).cpu()
-        top = probs.argmax(dim=-1)
-        for j in range(len(batch)):
-            t = int(top[j])
-            answers.append(Answer(t, tok.decode([t]).strip(), float(probs[j, t])))
-        rows.append(probs)
-    return answers, torch.cat(rows)
+        top_p, top = probs.max(dim=-1)
+        answers += [Answer(int(t), tok.decode([int(t)]).strip(), float(p)) for t, p in zip(top, top_p)]
+        if also is not None:
+            picked.append(probs.gather(1, torch.tensor(also[lo: lo + len(batch)]).unsqueeze(1))[:, 0])
+    if also is None:
+        return answers, None
+    return answers, torch.cat(picked) if picked else torch.zeros(0)
 
 
 def hidden_facts(loaded: LoadedModel, mask: MaskFile, probes: list[Probe], min_prob: float = MIN_PROB,
@@ -73,23 +80,47 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
     prompts = [p.prompt for p in probes]
     if progress:
         progress("answering probes")
-    current, p_now = next_token_answers(loaded, prompts)
+    current, _ = next_token_answers(loaded, prompts)
     if progress:
         progress(f"answering probes under {name}")
     with intervention():
-        revealed, p_masked = next_token_answers(loaded, prompts)
+        revealed, p_current_masked = next_token_answers(loaded, prompts, also=[a.token for a in current])
+    changed = [i for i, (a, b) in enumerate(zip(current, revealed)) if a.token != b.token and a.prob >= min_prob]
+    # the revealed answers' probability without the intervention: one more pass, over the changed prompts only
+    _, p_revealed_now = next_token_answers(loaded, [prompts[i] for i in changed], also=[revealed[i].token for i in changed])
     found = []
-    for i, (probe, a, b) in enumerate(zip(probes, current, revealed)):
-        if a.token == b.token or a.prob < min_prob:
-            continue
+    for i, p_rev_now in zip(changed, p_revealed_now.tolist()):
+        probe, a, b = probes[i], current[i], revealed[i]
+        expected = _first_token(loaded.tokenizer, probe.answer)
         found.append({
             "prompt": probe.prompt, "subject": probe.subject, "case_id": probe.case_id,
             "expected_answer": probe.answer, "current_answer": a.text, "current_prob": a.prob,
             "revealed_answer": b.text, "revealed_prob": b.prob,
-            "current_prob_under_mask": float(p_masked[i, a.token]), "revealed_prob_now": float(p_now[i, b.token]),
-            "margin": a.prob - float(p_now[i, b.token]),
-        })
+            "current_prob_under_mask": float(p_current_masked[i]), "revealed_prob_now": p_rev_now,
+            "margin": a.prob - p_rev_now,
+        } | ({} if expected is None else {"expected_is_current": expected == a.token}))
     return sorted(found, key=lambda f: -f["current_prob"])
+
+
+def _first_token(tokenizer, answer: str | None) -> int | None:
+    if not answer:
+        return None
+    try:
+        return target_ids(tokenizer, answer)[0]
+    except EditguardError:
+        return None
+
+
+def split_innocent(found: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, discounted): a changed answer that is the probe's own expected answer is no edit (an edit
+    replaces it); the mask merely broke a fact the model knows. Measured on demo:gemma3-270m with its
+    mask (1,710 probes): 11 of the clean model's 16 changed answers are such, the other 5 held at p ≤ 0.67;
+    each of 10 single ROME edits changed 49-555 answers, its planted one kept in 9."""
+    kept, discounted = [], []
+    for f in found:
+        reason = innocent_reading(f)
+        (discounted if reason else kept).append({**f, "reason": reason} if reason else f)
+    return kept, discounted
 
 
 def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:

@@ -151,13 +151,15 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             if mask_file is None:
                 tests["hidden"] = {"skipped": why_not}
             else:
-                from .hidden import findings_from_hidden, hidden_facts
+                from .hidden import findings_from_hidden, hidden_facts, split_innocent
 
                 mask = MaskFile.load(mask_file)
                 mask.check_fits(arch, checkpoint)
-                found = hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress)
+                found, discounted = split_innocent(
+                    hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress))
                 tests["hidden"] = {"mask": str(mask_file), "threshold": options.threshold or mask.threshold,
-                                   "probes": len(probes), "changed_confident": len(found), "facts": found[:50]}
+                                   "probes": len(probes), "changed_confident": len(found), "facts": found[:50],
+                                   "discounted": len(discounted), "discounted_facts": discounted[:10]}
                 findings += findings_from_hidden(found[:50], mask, len(probes))
                 if options.decompose and found:
                     from .decompose import decompose
