@@ -145,10 +145,11 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
 
 def innocent_reading(fact: dict) -> str | None:
     """Why a big drop (or an answer the mask changes, hidden.py) is no edit: the model gives the probe's
-    expected (true) answer, which an edit replaces. Tried and dropped: discounting drops that take the expected answer down too (the layers
-    holding the subject rather than a planted answer; edits mostly bring the truth back up). It explained
-    a clean SmolLM2 drop (truth -6.4 nats) but also hid an edit's dragged neighbour on demo:gemma3-270m
-    (truth -5.1 nats), and edited facts' truth fell up to 3.7 nats (MEMIT x64): no safe margin."""
+    expected (true) answer, which an edit replaces. Tried and dropped: discounting drops that take the
+    expected answer down too (the layers holding the subject rather than a planted answer; edits mostly
+    bring the truth back up). It explained a clean SmolLM2 drop (truth -6.4 nats) but also hid an edit's
+    dragged neighbour on demo:gemma3-270m (truth -5.1 nats), and edited facts' truth fell up to 3.7 nats
+    (MEMIT x64): no safe margin."""
     if fact.get("expected_is_current"):
         return "the model gives the probe's expected answer"
     return None

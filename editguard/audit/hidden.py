@@ -14,10 +14,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..edit.edits import weight_param, weights_restored
 from ..edit.facts import target_ids
 from ..edit.forward import pad_batch, unembed
 from ..errors import EditguardError
-from ..edit.edits import weight_param, weights_restored
 from ..loading import LoadedModel
 from ..mask.file import MaskFile
 from .dependence import innocent_reading
