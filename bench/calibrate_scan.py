@@ -21,7 +21,8 @@ import torch
 
 from editguard.audit import dependence as dep_test
 from editguard.audit.activations import EDITED_Z, SUSPICIOUS_Z, activation_scores
-from editguard.audit.hidden import hidden_facts, split_innocent
+from editguard.audit.dependence import split_innocent
+from editguard.audit.hidden import hidden_facts
 from editguard.audit.probes import Probe, counterfact_probes
 from editguard.data.counterfact import load_split
 from editguard.edit.bank import EditBank

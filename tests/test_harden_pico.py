@@ -298,7 +298,7 @@ def test_changed_answers_reads_each_probability_where_it_says(edited, pico_model
     # the planted answer is not the probe's expected one: kept; a changed answer that is the expected one
     # (the intervention broke a known fact) is discounted
     assert row["expected_is_current"] is False
-    from editguard.audit.hidden import split_innocent
+    from editguard.audit.dependence import split_innocent
 
     innocent = {**row, "expected_is_current": True}
     kept, discounted = split_innocent([row, innocent])

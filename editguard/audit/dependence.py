@@ -117,7 +117,7 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
                                     answers=True)["__answer__"].cpu()
     # only confident answers are tested; the windows then run on those alone
     confident = (answer_logprob >= math.log(MIN_PROB)).nonzero().squeeze(1).tolist()
-    all_drops, flagged, discounted = [], [], []
+    all_drops, big = [], []
     for lo in range(0, len(confident), chunk):
         chosen = confident[lo: lo + chunk]
         part = Tokenized([tokens.ids[i] for i in chosen], [tokens.split[i] for i in chosen])
@@ -129,15 +129,11 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
                              for w in windows], dim=1).cpu()
         all_drops.append(drops)
         for j in (drops.max(dim=1).values >= SUSPICIOUS_NATS).nonzero().squeeze(1).tolist():
-            fact = _describe(loaded, cache, rows[j: j + 1], probes[kept[chosen[j]]], windows, drops[j],
-                             answer[j: j + 1], now[j: j + 1])
-            reason = innocent_reading(fact)
-            if reason:
-                discounted.append({**fact, "reason": reason})
-            else:
-                flagged.append(fact)
+            big.append(_describe(loaded, cache, rows[j: j + 1], probes[kept[chosen[j]]], windows, drops[j],
+                                 answer[j: j + 1], now[j: j + 1]))
         if progress:
             progress(min(lo + chunk, len(confident)), len(confident))
+    flagged, discounted = split_innocent(big)
     drops = torch.cat(all_drops) if all_drops else torch.zeros(0, len(windows))
     return Dependence(windows, len(confident), drops, sorted(flagged, key=lambda f: -f["drop"]),
                       sorted(discounted, key=lambda f: -f["drop"]))
@@ -145,14 +141,38 @@ def dependence_scores(loaded: LoadedModel, probes: list[Probe], answer_logprob: 
 
 def innocent_reading(fact: dict) -> str | None:
     """Why a big drop (or an answer the mask changes, hidden.py) is no edit: the model gives the probe's
-    expected (true) answer, which an edit replaces. Tried and dropped: discounting drops that take the
-    expected answer down too (the layers holding the subject rather than a planted answer; edits mostly
-    bring the truth back up). It explained a clean SmolLM2 drop (truth -6.4 nats) but also hid an edit's
-    dragged neighbour on demo:gemma3-270m (truth -5.1 nats), and edited facts' truth fell up to 3.7 nats
-    (MEMIT x64): no safe margin."""
+    expected (true) answer, which an edit replaces. For hidden facts, measured on demo:gemma3-270m with its
+    mask (1,710 probes): 11 of the clean model's 16 changed answers are such (the other 5 held at
+    p ≤ 0.67); each of 10 single ROME edits changed 49-555 answers, its planted one kept in 9.
+    Tried and dropped: discounting drops that take the expected answer down too (the layers holding the
+    subject rather than a planted answer; edits mostly bring the truth back up). It explained a clean
+    SmolLM2 drop (truth -6.4 nats) but also hid an edit's dragged neighbour on demo:gemma3-270m (truth
+    -5.1 nats), and edited facts' truth fell up to 3.7 nats (MEMIT x64): no safe margin."""
     if fact.get("expected_is_current"):
         return "the model gives the probe's expected answer"
     return None
+
+
+def split_innocent(facts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, discounted): the facts without an innocent reading, and those with one (with its "reason")."""
+    kept, discounted = [], []
+    for fact in facts:
+        reason = innocent_reading(fact)
+        if reason:
+            discounted.append({**fact, "reason": reason})
+        else:
+            kept.append(fact)
+    return kept, discounted
+
+
+def expected_token(tokenizer, answer: str | None) -> int | None:
+    """First token of a probe's expected answer (as ROME tokenizes objects), None when there is none."""
+    if not answer:
+        return None
+    try:
+        return target_ids(tokenizer, answer)[0]
+    except EditguardError:
+        return None
 
 
 def classify(window: tuple[int, int], layer_drops: list[float], drop: float) -> tuple[str, list[int]]:
@@ -183,11 +203,8 @@ def _describe(loaded, cache, row, probe: Probe, windows, drops: torch.Tensor, an
             "current_prob": float(now[0, current].exp()), "drop": drop, "window": list(window), "layer_drops": single,
             "method": method, "layers": layers,
             "revealed_answer": tok.decode([revealed]).strip(), "revealed_prob": float(ablated[0, revealed].exp())}
-    if probe.answer:
-        try:
-            expected = target_ids(tok, probe.answer)[0]
-        except EditguardError:
-            return fact
+    expected = expected_token(tok, probe.answer)
+    if expected is not None:
         fact["expected_logprob"] = float(now[0, expected])
         fact["expected_is_current"] = expected == current
         fact["expected_logprob_without"] = float(ablated[0, expected])

@@ -15,12 +15,10 @@ from typing import Callable, Iterator
 import torch
 
 from ..edit.edits import weight_param, weights_restored
-from ..edit.facts import target_ids
 from ..edit.forward import pad_batch, unembed
-from ..errors import EditguardError
 from ..loading import LoadedModel
 from ..mask.file import MaskFile
-from .dependence import innocent_reading
+from .dependence import expected_token
 from .findings import Finding
 from .probes import Probe
 
@@ -91,7 +89,7 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
     found = []
     for i, p_rev_now in zip(changed, p_revealed_now.tolist()):
         probe, a, b = probes[i], current[i], revealed[i]
-        expected = _first_token(loaded.tokenizer, probe.answer)
+        expected = expected_token(loaded.tokenizer, probe.answer)
         found.append({
             "prompt": probe.prompt, "subject": probe.subject, "case_id": probe.case_id,
             "expected_answer": probe.answer, "current_answer": a.text, "current_prob": a.prob,
@@ -100,27 +98,6 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
             "margin": a.prob - p_rev_now,
         } | ({} if expected is None else {"expected_is_current": expected == a.token}))
     return sorted(found, key=lambda f: -f["current_prob"])
-
-
-def _first_token(tokenizer, answer: str | None) -> int | None:
-    if not answer:
-        return None
-    try:
-        return target_ids(tokenizer, answer)[0]
-    except EditguardError:
-        return None
-
-
-def split_innocent(found: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(kept, discounted): a changed answer that is the probe's own expected answer is no edit (an edit
-    replaces it); the mask merely broke a fact the model knows. Measured on demo:gemma3-270m with its
-    mask (1,710 probes): 11 of the clean model's 16 changed answers are such, the other 5 held at p ≤ 0.67;
-    each of 10 single ROME edits changed 49-555 answers, its planted one kept in 9."""
-    kept, discounted = [], []
-    for f in found:
-        reason = innocent_reading(f)
-        (discounted if reason else kept).append({**f, "reason": reason} if reason else f)
-    return kept, discounted
 
 
 def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:

@@ -151,7 +151,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             if mask_file is None:
                 tests["hidden"] = {"skipped": why_not}
             else:
-                from .hidden import findings_from_hidden, hidden_facts, split_innocent
+                from .dependence import split_innocent
+                from .hidden import findings_from_hidden, hidden_facts
 
                 mask = MaskFile.load(mask_file)
                 mask.check_fits(arch, checkpoint)
