@@ -10,7 +10,7 @@ the same batches; the table shows records/second, the ratio, and how far the los
 the identical steps. A second editguard row runs the model's frozen layers in bfloat16 (`--dtype
 bfloat16`; Θ, K, the edit and attention stay float32), against the same float32 paper loop.
 `--device-map cuda` runs everything on a GPU; `--compare-attention` adds a row with the other attention
-choice for packs (per-block calls, editguard's choice on a CPU, against one masked call over the pack,
+choice for packs (attention batched over groups of rows, editguard's choice on a CPU, against one masked call over the pack,
 its choice elsewhere). Edits come from a fresh ROME run (the demo preset) on the first records of
 rome-train (not timed).
 """
@@ -103,9 +103,9 @@ def main() -> None:
     cfg = config_for("cpu", "rome", batch_records=args.batch, epochs=10)
     runs = {"float32": ours(loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)}
     if args.compare_attention:
-        blocked = loaded.device.type not in forward.BLOCKED_ATTENTION_DEVICES
-        with _attention_blocks(loaded.device.type, blocked):
-            runs["float32, " + ("per-block" if blocked else "one-call") + " attention"] = ours(
+        grouped = loaded.device.type not in forward.GROUPED_ATTENTION_DEVICES
+        with _attention_in_groups(loaded.device.type, grouped):
+            runs["float32, " + ("grouped" if grouped else "one-call") + " attention"] = ours(
                 loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)
     if args.bfloat16:
         runs["bfloat16"] = ours(load_model(resolve(args.model), dtype="bfloat16", device_map=args.device_map),
@@ -146,18 +146,18 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _attention_blocks(device_type: str, on: bool):
-    """Per-block attention for packs on `device_type` switched on or off, for one comparison row."""
-    saved = set(forward.BLOCKED_ATTENTION_DEVICES)
+def _attention_in_groups(device_type: str, on: bool):
+    """Grouped attention for packs on `device_type` switched on or off, for one comparison row."""
+    saved = set(forward.GROUPED_ATTENTION_DEVICES)
     if on:
-        forward.BLOCKED_ATTENTION_DEVICES.add(device_type)
+        forward.GROUPED_ATTENTION_DEVICES.add(device_type)
     else:
-        forward.BLOCKED_ATTENTION_DEVICES.discard(device_type)
+        forward.GROUPED_ATTENTION_DEVICES.discard(device_type)
     try:
         yield
     finally:
-        forward.BLOCKED_ATTENTION_DEVICES.clear()
-        forward.BLOCKED_ATTENTION_DEVICES.update(saved)
+        forward.GROUPED_ATTENTION_DEVICES.clear()
+        forward.GROUPED_ATTENTION_DEVICES.update(saved)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class Arch:
     unembed: str
     mlp_out_transposed: bool
     tie_default: bool
+    mlp_adds_to_residual: bool  # the MLP's output joins the residual stream as it is (no norm after it)
     num_layers_keys: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = field(default=())
 

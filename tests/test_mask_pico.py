@@ -180,7 +180,7 @@ def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_model
     assert len(set(data.mask.sum(1).tolist())) > 1  # really different lengths in one pack
     fast = trainer._last_logits(rows, [K], True)
     from editguard.edit import forward
-    monkeypatch.setattr(forward, "BLOCKED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU
+    monkeypatch.setattr(forward, "GROUPED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU
     torch.testing.assert_close(trainer._last_logits(rows, [K], True), fast, atol=1e-5, rtol=1e-5)
     name = target[0] + ".weight"
     for row in rows.tolist():

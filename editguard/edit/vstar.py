@@ -5,8 +5,9 @@ object after the rewrite prompt under every context template, while keeping "{su
 its original distribution (EasyEdit's loss: NLL + kl_factor·KL + weight decay, norm clamp, early stop).
 
 Two implementations with the same maths:
-* `optimise_fast` — many facts at once, cached prefixes, only layers >= the edited one on only the
-  suffix tokens, logits only at the positions the loss reads, per-fact Adam and early stopping;
+* `optimise_fast` — many facts at once, cached prefixes, only layers above the edited one (from the
+  edited one itself where its MLP output is normalised) on only the suffix tokens, logits only at the
+  positions the loss reads, per-fact Adam and early stopping;
 * `optimise_reference` — EasyEdit's loop, one fact, a full forward of every prompt each step. It is
   the correctness oracle (`bench/edit_speed.py` compares the two).
 """
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 
 from .facts import Fact, encode_at_subject, target_ids
-from .forward import Tokenized, build_prefix_cache, run_suffix, unembed
+from .forward import Tokenized, build_prefix_cache, injection_point, run_suffix, unembed
 
 KL_TEMPLATE = "{} is a"
 
@@ -107,7 +108,8 @@ def optimise_fast(
         seq_fact += [f] * len(plan.seqs)
     captures = dict(captures or {})
     captures["__site__"] = (site_path, "out")
-    cache = build_prefix_cache(model, arch, Tokenized(seqs, splits), start_layer, captures, pad_id=pad_id)
+    run_from = injection_point(model, arch, site_path, start_layer)
+    cache = build_prefix_cache(model, arch, Tokenized(seqs, splits), run_from, captures, pad_id=pad_id)
     device = cache.hidden.device
     v0 = cache.captured["__site__"][torch.tensor(first_seq)].float()  # target_init: the plain rewrite prompt
     n_facts, dim = v0.shape
@@ -139,7 +141,10 @@ def optimise_fast(
         nll = torch.zeros(facts.numel(), device=device)
         rows = active[seq_fact_t].nonzero().squeeze(1)
         row_fact = fact_local[seq_fact_t[rows]]
-        hidden = run_suffix(model, arch, cache, rows, add_at_split=(site_path, delta_param[row_fact]))
+        if run_from > start_layer:  # δ joins the residual stream as it is: add it where the run starts
+            hidden = run_suffix(model, arch, cache, rows, add_to_input=delta_param[row_fact])
+        else:
+            hidden = run_suffix(model, arch, cache, rows, add_at_split=(site_path, delta_param[row_fact]))
         row_of_seq = torch.full((len(seqs),), -1, dtype=torch.long)
         row_of_seq[rows] = torch.arange(len(rows))
         live = active[seq_fact_t[read_seq]]
@@ -158,12 +163,12 @@ def optimise_fast(
         losses = per_fact.detach().cpu()
         for j, f in enumerate(facts.tolist()):
             final_loss[f] = float(losses[j])
-        if it == hp.v_num_grad_steps - 1:
-            break
-        stop = losses < hp.early_stop_loss
+        stop = losses < hp.early_stop_loss  # before the last-step exit, as the reference loop counts steps
         for f in facts[stop].tolist():
             active[f] = False
             steps[f] = it
+        if it == hp.v_num_grad_steps - 1:
+            break
         go = ~stop
         if go.any():
             (grad,) = torch.autograd.grad(per_fact[go.to(device)].sum(), delta_param)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import write_safetensors
 from ..edit.facts import target_ids
-from ..edit.forward import (attention_in_blocks, block_causal_mask, consecutive_groups, layers_skipped_below,
+from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
 from ..errors import EditguardError
 from ..loading import LoadedModel
@@ -337,7 +337,7 @@ class MaskTrainer:
             for (path, _), module in zip(self.targets, self.modules):
                 stack.enter_context(swapped(model, path, module))
             stack.enter_context(layers_skipped_below(model, arch, self.start))
-            stack.enter_context(attention_in_blocks(model, torch.zeros_like(lens), lens))
+            stack.enter_context(attention_in_groups(model, torch.zeros_like(lens), lens))
             layer = model.get_submodule(arch.module("layer", self.start))
             hidden = data.hidden[src, tok_pos].unsqueeze(0).to(device, model.dtype)
             handle = layer.register_forward_pre_hook(replace_hidden_hook(hidden), with_kwargs=True)
