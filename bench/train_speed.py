@@ -10,8 +10,8 @@ the same batches; the table shows records/second, the ratio, and how far the los
 the identical steps. A second editguard row runs the model's frozen layers in bfloat16 (`--dtype
 bfloat16`; Θ, K, the edit and attention stay float32), against the same float32 paper loop.
 `--device-map cuda` runs everything on a GPU; `--compare-attention` adds a row with the other attention
-choice for packs (attention batched over groups of rows, editguard's choice on a CPU, against one masked call over the pack,
-its choice elsewhere). Edits come from a fresh ROME run (the demo preset) on the first records of
+choice for packs (attention batched over groups of rows, editguard's choice on a CPU, against one masked
+call over the pack, its choice elsewhere). Edits come from a fresh ROME run (the demo preset) on the first records of
 rome-train (not timed).
 """
 

@@ -7,12 +7,13 @@ every optimisation step. So one no-grad pass caches:
 * the keys/values of the prefix (positions before the subject's last token) at every layer, and
 * the hidden states entering the edited layer at the remaining (suffix) positions;
 
-and each step then runs only the layers from the edited one up, only on the suffix tokens (often 1-4
-tokens instead of 15-30), attending to the cached prefix. The suffixes of many sequences run packed
-into one long sequence (no padding; each linear layer gets one big matrix, which a CPU runs ~2x more
-efficiently than a few small ones), with attention batched over rows, not over the pack. Logits are computed
-only where a loss reads them. The result is exact: the same numbers as a full forward, up to float
-rounding (tests check it for every architecture in the table).
+and each step then runs only the layers from the edited one up (from the next one, where δ joins the
+residual stream as it is: `injection_point`), only on the suffix tokens (often 1-4 tokens instead of
+15-30), attending to the cached prefix. The suffixes of many sequences run packed into one long
+sequence (no padding; each linear layer gets one big matrix, which a CPU runs ~2x more efficiently than
+a few small ones), with attention batched over rows, not over the pack. Logits are computed only where
+a loss reads them. The result is exact: the same numbers as a full forward, up to float rounding (tests
+check it for every architecture in the table).
 """
 
 from __future__ import annotations
@@ -356,7 +357,8 @@ _GROUPED = "editguard_grouped"
 GROUPED_ATTENTION_DEVICES = {"cpu"}
 # Query tokens per group when the rows have no cached prefix (mask training): a few short prompts per
 # group. Rows with a prefix (the edit path) go one per group, so each reads only its own prefix. Measured
-# on SmolLM2: ROME fast path 1 row per group 13 % faster than 64-token groups; mask training the reverse.
+# on SmolLM2: ROME fast path ~9 % faster with 1 row per group than with 64-token groups; mask training
+# ~10 % slower.
 GROUP_TOKENS = 64
 _groups: contextvars.ContextVar = contextvars.ContextVar("editguard_attention_groups")
 
@@ -448,7 +450,8 @@ def _grouped_attention(module, query, key, value, attention_mask, **kwargs):
 
     queries = gathered(query[0], rows.suffix_index, width_s).transpose(0, 1)  # [G, H, S, D]
     out, _ = inner(module, queries, by_row(key), by_row(value), rows.additive[query.dtype], **kwargs)
-    flat = out.reshape(n_groups * width_s, *out.shape[2:]).index_select(0, rows.token_index)  # [G, S, H, D] -> [N, H, D]
+    # [G, S, H, D] -> [N, H, D], the pack's tokens in order
+    flat = out.reshape(n_groups * width_s, *out.shape[2:]).index_select(0, rows.token_index)
     return flat.unsqueeze(0).to(dtype), None
 
 
