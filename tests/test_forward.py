@@ -16,6 +16,9 @@ from editguard.resolve import resolve
 @pytest.mark.parametrize("site", ["mlp", "layer"])
 def test_suffix_run_matches_full_forward(model_type, site, pico_models, monkeypatch):
     _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
+    layout = forward._group_layout  # several rows (with their prefixes) per attention group, as no caller asks yet
+    monkeypatch.setattr(forward, "_group_layout", lambda splits, lens, tokens, device: layout(splits, lens, 8, device))
+    _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
     monkeypatch.setattr(forward, "GROUPED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU
     _check_suffix_run(load_model(resolve(str(pico_models[model_type]))), site)
 
