@@ -104,7 +104,7 @@ def main() -> None:
     runs = {"float32": ours(loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)}
     if args.compare_attention:
         grouped = loaded.device.type not in forward.GROUPED_ATTENTION_DEVICES
-        with _attention_in_groups(loaded.device.type, grouped):
+        with _grouped_attention_on(loaded.device.type, grouped):
             runs["float32, " + ("grouped" if grouped else "one-call") + " attention"] = ours(
                 loaded, facts, layer, module_path, transposed, cfg, u, v, args.steps)
     if args.bfloat16:
@@ -146,7 +146,7 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _attention_in_groups(device_type: str, on: bool):
+def _grouped_attention_on(device_type: str, on: bool):
     """Grouped attention for packs on `device_type` switched on or off, for one comparison row."""
     saved = set(forward.GROUPED_ATTENTION_DEVICES)
     if on:

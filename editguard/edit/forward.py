@@ -321,10 +321,8 @@ def _run_packed(model, arch, cache: PrefixCache, rows: torch.Tensor, add_at_spli
             kv.update(packed(k), packed(v), layer_idx)
     mask = block_causal_mask(suf_row, suf_pos, cache.hidden.dtype, pre_row, device)
     hidden_in = cache.hidden[rows[suf_row].to(cache.hidden.device), suf_pos.to(cache.hidden.device)].unsqueeze(0)
-    if add_to_input is not None:  # out of place: autograd reaches the vectors
-        added = torch.zeros_like(hidden_in)
-        added[0, suf_start.to(added.device)] = add_to_input.to(added.dtype)
-        hidden_in = hidden_in + added
+    if add_to_input is not None:
+        hidden_in = _added_at(hidden_in, suf_start, add_to_input)
     base = model.get_submodule(arch.base)
     layer_start = model.get_submodule(arch.module("layer", cache.start))
     handles = [layer_start.register_forward_pre_hook(replace_hidden_hook(hidden_in), with_kwargs=True)]
@@ -466,15 +464,16 @@ def _output_hook(change):
     return hook
 
 
+def _added_at(packed: torch.Tensor, token_index: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """packed [1, N, d] plus vectors[j] at token token_index[j] (out of place: autograd reaches δ)."""
+    delta = torch.zeros_like(packed)
+    delta[0, token_index.to(packed.device)] = vectors.to(packed.dtype)
+    return packed + delta
+
+
 def _add_at_hook(vectors: torch.Tensor, token_index: torch.Tensor):
-    """Adds vectors[j] to a packed output at token token_index[j] (out of place: autograd reaches δ)."""
-
-    def add(out):
-        delta = torch.zeros_like(out)
-        delta[0, token_index.to(out.device)] = vectors.to(out.dtype)
-        return out + delta
-
-    return _output_hook(add)
+    """Forward hook: `_added_at` on a module's packed output."""
+    return _output_hook(lambda out: _added_at(out, token_index, vectors))
 
 
 def _zero_at_hook(token_index: torch.Tensor):
