@@ -22,9 +22,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .errors import EditguardError
+from .outputs import check_output_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+OWN_FILE_PREFIX = "editguard-"  # files editguard writes into a model folder (lock manifest, lock mask)
 
 # safetensors dtype tag -> (torch dtype, bytes per element)
 _DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -129,6 +131,8 @@ class Checkpoint:
             self.config: dict = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise EditguardError(f"{config_path}: not valid JSON") from None
+        if not isinstance(self.config, dict):
+            raise EditguardError(f"{config_path}: not a JSON object")
         self.allow_pickle = allow_pickle
         self._tensors: dict[str, TensorInfo] = {}
         self.file_metadata: dict[str, dict[str, str]] = {}
@@ -170,7 +174,12 @@ class Checkpoint:
             if missing:
                 raise EditguardError(f"{self.folder}: shard index names missing files: {', '.join(missing)}")
             return files
-        return sorted(p.name for p in self.folder.glob("*.safetensors"))
+        # editguard's own files beside the weights (a lock's mask) are not weights
+        names = sorted(p.name for p in self.folder.glob("*.safetensors") if not p.name.startswith(OWN_FILE_PREFIX))
+        odd = [n for n in names if not (self.folder / n).is_file()]
+        if odd:
+            raise EditguardError(f"{self.folder}: {', '.join(odd)} is not a file")
+        return names
 
     def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
         if file not in self._pickle_state:
@@ -252,11 +261,7 @@ class Checkpoint:
         `out_dir` and renamed into place, so an interrupted or failed write (disk full) leaves nothing.
         Returns the names of the rewritten files.
         """
-        out = Path(out_dir).resolve()
-        if out == self.folder.resolve():
-            raise EditguardError("output folder is the input folder; editguard never modifies its input")
-        if out.exists() and not force:
-            raise EditguardError(f"output folder {out} already exists (use --force to replace it)")
+        out = check_output_folder(out_dir, [self.folder], force)
         for name in replacements:
             if name not in self:
                 raise EditguardError(f"cannot replace {name!r}: not in {self.folder}")

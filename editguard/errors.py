@@ -23,3 +23,8 @@ class UnsupportedError(EditguardError):
     """Valid input that editguard cannot handle (unknown architecture, ...)."""
 
     exit_code = EXIT_UNSUPPORTED
+
+
+def malformed(exc: Exception) -> str:
+    """What a KeyError/TypeError/ValueError met while reading a file's fields says about the file."""
+    return f"missing {exc}" if isinstance(exc, KeyError) else str(exc)

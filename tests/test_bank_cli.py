@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from editguard.edit.bank import EditBank
+from editguard.edit.bank import FORMAT, EditBank
 from editguard.errors import EditguardError
 
 PICO_YAML = {"alg_name": "ROME", "layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6,
@@ -82,6 +82,14 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
     assert broken.code == 2 and "corrupted edit bank" in broken.err and "Traceback" not in broken.err
     with pytest.raises(EditguardError):
         EditBank.open(bank_path)
+    # a bank whose metadata lacks a field, or holds one of the wrong kind: one clear error, not a KeyError
+    from safetensors.torch import save_file
+    for meta, message in (({"format": FORMAT}, "missing 'records'"),
+                          ({"format": FORMAT, "records": None, "method": "rome", "groups": [], "hparams_hash": ""},
+                           "must be lists")):
+        save_file({"x": torch.zeros(1)}, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(meta)})
+        with pytest.raises(EditguardError, match=message):
+            EditBank.open(tmp_path / "odd.safetensors")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -90,6 +98,8 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
     (["--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris", "--layer", "7"], "out of range"),
     (["--fact", "The capital of {}", "--subject", "Italy"], "needs its own --subject and --target"),
     (["--counterfact", "999999999"], "not in the data"),
+    (["--counterfact", "1-999999999"], "at most 100,000 ids"),  # would build a billion-item list
+    (["--counterfact", "9-2"], "bad case id range '9-2'"),
 ])
 def test_edit_bad_inputs(cli, pico_models, hparams_file, tmp_path, args, message):
     result = cli("edit", pico_models["llama"], *args, "--hparams", hparams_file, "-o", tmp_path / "x")
@@ -119,3 +129,11 @@ def test_bad_hparams(cli, pico_models, tmp_path):
     result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris",
                  "--hparams", "no-such-preset", "-o", tmp_path / "x")
     assert result.code == 2 and "presets" in result.err
+    for extra, message in (({"rewrite_module_tmp": "model.layers.{}.mlp.gate_proj"}, "must name the MLP output projection"),
+                           ({"v_num_grad_steps": -5}, "v_num_grad_steps must be at least 1"),
+                           ({"v_lr": float("nan")}, "v_lr must be positive")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**PICO_YAML, **extra}))
+        result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy", "--target",
+                     "Paris", "--hparams", bad, "-o", tmp_path / "x")
+        assert result.code == 2 and message in result.err, result.err

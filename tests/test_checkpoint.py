@@ -73,8 +73,20 @@ def test_existing_output_refused_unless_force(tmp_path):
         ck.write_copy(out, {})
     ck.write_copy(out, {}, force=True)
     assert (out / "config.json").exists()
-    with pytest.raises(EditguardError, match="input folder"):
-        ck.write_copy(ck.folder, {}, force=True)
+    # the input itself, a folder holding it, a folder inside it: --force would delete or pollute the input
+    for target in (ck.folder, ck.folder.parent, ck.folder / "sub"):
+        with pytest.raises(EditguardError, match="overlaps the input"):
+            ck.write_copy(target, {}, force=True)
+    assert (ck.folder / "config.json").exists() and not (ck.folder / "sub").exists()
+    # --force replaces a model folder, never an arbitrary one
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    with pytest.raises(EditguardError, match="replaces only a model folder"):
+        ck.write_copy(tmp_path / "docs", {}, force=True)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(EditguardError, match="not a folder"):
+        ck.write_copy(tmp_path / "file", {}, force=True)
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
 
 
 def test_written_files_get_ordinary_permissions(tmp_path):

@@ -134,6 +134,8 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     K = MaskFile.load(pico_mask).mask()
     base = Checkpoint(pico_models["llama"]).read(TENSOR)
     torch.testing.assert_close(Checkpoint(locked_dir).read(TENSOR), base * K)
+    # the lock's own mask file beside the weights is not read as a weight shard
+    assert set(Checkpoint(locked_dir).names()) == set(Checkpoint(pico_models["llama"]).names())
     # the loader keeps the mask in the forward pass: a later edit is masked too
     loaded = load_locked(str(locked_dir))
     gen = torch.Generator().manual_seed(1)
@@ -303,3 +305,34 @@ def test_changed_answers_reads_each_probability_where_it_says(edited, pico_model
     innocent = {**row, "expected_is_current": True}
     kept, discounted = split_innocent([row, innocent])
     assert kept == [row] and discounted[0]["reason"] == "the model gives the probe's expected answer"
+
+
+def test_outputs_never_touch_the_input(cli, pico_models, pico_mask, tmp_path):
+    """-o may not equal, hold or sit inside the input (with --force it would delete it), --force replaces
+    only a model folder or an empty one, and out-of-range thresholds are refused before anything runs."""
+    home = tmp_path / "home"
+    shutil.copytree(pico_models["llama"], home / "model")
+    (home / "notes.txt").write_text("mine")
+    before = _digest(home / "model")
+    for output in (home, home / "model" / "locked"):
+        result = cli("lock", home / "model", "--mask", pico_mask, "-o", output, "--force")
+        assert result.code == 2 and "overlaps the input" in result.err, result.err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    result = cli("lock", home / "model", "--mask", pico_mask, "-o", other, "--force")
+    assert result.code == 2 and "replaces only a model folder" in result.err
+    assert (other / "keep.txt").read_text() == "mine" and (home / "notes.txt").read_text() == "mine"
+    assert _digest(home / "model") == before
+    for option, value in (("--threshold", "nan"), ("--threshold", "1.5"), ("--threshold", "0")):
+        result = cli("lock", home / "model", "--mask", pico_mask, "-o", tmp_path / "x", option, value)
+        assert result.code == 2 and "must be a number in (0, 1)" in result.err, result.err
+    assert not (tmp_path / "x").exists()
+    # a report is an .html file outside the input: it can never overwrite weights
+    weights = home / "model" / "model.safetensors"
+    for report, message in ((weights, "must end in .html"), (home / "model" / "r.html", "overlaps the input")):
+        result = cli("scan", home / "model", "--tests", "diff", "--base", pico_models["llama"], "--report", report)
+        assert result.code == 2 and message in result.err, result.err
+    assert _digest(home / "model") == before
+    result = cli("scan", home / "model", "--min-prob", "2")
+    assert result.code == 2 and "--min-prob must be a number in [0, 1]" in result.err

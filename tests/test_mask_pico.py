@@ -63,6 +63,18 @@ def test_mask_file_roundtrip_and_fit(tmp_path, pico_models):
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(EditguardError, match="corrupted mask file"):
         MaskFile.load(tmp_path / "bad.safetensors")
+    # metadata without a field, a target without its scores: one clear error naming what is missing
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = json.loads(f.metadata()["editguard"]), {k: f.get_tensor(k) for k in f.keys()}
+    for broken, keep, message in (({k: v for k, v in meta.items() if k != "targets"}, tensors, "missing 'targets'"),
+                                  (meta, {k: v for k, v in tensors.items() if not k.endswith("scores")}, "missing 't0.scores'")):
+        save_file(keep, tmp_path / "broken.safetensors", metadata={"editguard": json.dumps(broken)})
+        with pytest.raises(EditguardError, match=message):
+            MaskFile.load(tmp_path / "broken.safetensors")
+    with pytest.raises(EditguardError, match="threshold is NaN"):
+        back.mask(0, float("nan"))
 
 
 def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico_models):

@@ -81,6 +81,15 @@ def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
     _one_line_error(cli("inspect", alien), 3, "unsupported architecture 'mamba'")
     _one_line_error(cli("inspect", "demo:nonexistent"), 2, "unknown demo model")
     _one_line_error(cli("-f", "yaml", "inspect", "x"), 2, "unknown --format")
+    listed = tmp_path / "listed"
+    shutil.copytree(pico_models["llama"], listed)
+    (listed / "config.json").write_text("[1, 2]")
+    _one_line_error(cli("inspect", listed), 2, "not a JSON object")
+    odd = tmp_path / "odd"
+    shutil.copytree(pico_models["llama"], odd)
+    (odd / "model.safetensors").unlink()
+    (odd / "model.safetensors").mkdir()
+    _one_line_error(cli("inspect", odd), 2, "model.safetensors is not a file")
 
 
 def test_json_error_document(tmp_path, cli):
@@ -90,8 +99,14 @@ def test_json_error_document(tmp_path, cli):
 
 
 def test_usage_error_exit_2(cli):
-    assert cli("inspect").code == 2
-    assert cli("no-such-command").code == 2
+    # one line naming the problem, never "internal error" (Typer >= 0.29 raises its own click exceptions)
+    _one_line_error(cli("inspect"), 2, "Missing argument 'MODEL'")
+    _one_line_error(cli("no-such-command"), 2, "No such command")
+    _one_line_error(cli("inspect", "x", "--bogus"), 2, "No such option: --bogus")
+    _one_line_error(cli("edit", "x", "--layer", "seven"), 2, "Invalid value for '--layer'")
+    assert "internal error" not in cli("scan").err
+    json_error = cli("-f", "json", "scan")
+    assert json_error.json["exit_code"] == 2 and "Missing argument 'MODEL'" in json_error.json["error"]
 
 
 def test_console_script_end_to_end(pico_models):

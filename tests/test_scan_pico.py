@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+import pico
+
 ROME = {"alg_name": "ROME", "layers": [1], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6}
 MEMIT = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6,
          "mom2_update_weight": 100.0, "mom2_n_samples": 10}
@@ -104,12 +106,18 @@ def test_counterfact_all_probes_every_shipped_record_once():
 def test_scan_bad_inputs(cli, planted, pico_models, tmp_path):
     other = cli("scan", planted["rome"], "--base", pico_models["gpt2"], "--tests", "diff")
     assert other.code == 2 and "not the same architecture" in other.err
+    deeper = pico.build("llama", tmp_path / "deeper", num_hidden_layers=3)
+    deeper_base = cli("scan", planted["rome"], "--base", deeper, "--tests", "diff")
+    assert deeper_base.code == 2 and "base has 3 layers, this model 2" in deeper_base.err
     probes = tmp_path / "probes.jsonl"
     probes.write_text('{"prompt": "x"}\nnot json\n')
     bad = cli("scan", planted["rome"], "--probes", probes, "--tests", "activations")
     assert bad.code == 2 and "line 2: not JSON" in bad.err
     missing = cli("scan", planted["rome"], "--probes", tmp_path / "nope.jsonl", "--tests", "activations")
     assert missing.code == 2 and "no such probe file" in missing.err
+    probes.write_text('{"prompt": "The capital of France is", "subject": "France", "answer": 5}\n')
+    number = cli("scan", planted["rome"], "--probes", probes, "--tests", "activations")
+    assert number.code == 2 and '"answer" must be a string' in number.err
     assert cli("scan", planted["rome"], "--tests", "magic").code == 2
     for result in (other, bad, missing):
         assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
@@ -169,11 +177,16 @@ def test_dependence_flags_planted_edits(cli, pico_models, tmp_path, monkeypatch)
         assert found[0]["details"]["window"] == [0, 2]
     clean = cli("-f", "json", "scan", src, "--tests", "dependence", "--probes", probes).json
     assert clean["verdict"] == "clean", clean["tests"]["dependence"]
-    # probes without subjects: both base-free tests are skipped with the reason, not crashed
+    # probes without subjects: both base-free tests are skipped with the reason, not crashed, and a scan
+    # in which no test could run is an error (exit 2), never a clean verdict a CI gate would pass
     (tmp_path / "bare.jsonl").write_text('{"prompt": "The official language of France"}')
     bare = cli("-f", "json", "scan", src, "--tests", "activations,dependence", "--probes", tmp_path / "bare.jsonl")
-    assert bare.code == 0 and "names its subject" in bare.json["tests"]["dependence"]["skipped"], bare.err
-    assert "skipped" in bare.json["tests"]["activations"]
+    assert bare.code == 2 and "no test could run" in bare.json["error"], bare.err
+    assert "dependence: no probe names its subject" in bare.json["error"]
+    # too few subjects for the activation test's robust z: skipped, not an outlier (three clean demo
+    # probes once gave z = 120); the dependence test still runs
+    few = cli("-f", "json", "scan", src, "--tests", "activations,dependence", "--probes", probes)
+    assert few.code == 0 and "at least 100" in few.json["tests"]["activations"]["skipped"], few.err
 
 
 def test_dependence_classifies_by_how_the_drop_spreads():

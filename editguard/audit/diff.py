@@ -73,6 +73,9 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     if base.config.get("model_type") != model.config.get("model_type"):
         raise EditguardError(f"base is a {base.config.get('model_type')} model, this is {model.config.get('model_type')}: "
                              "not the same architecture")
+    base_layers = arch.num_layers(base.config)
+    if base_layers != num_layers:
+        raise EditguardError(f"base has {base_layers} layers, this model {num_layers}: not the same model")
     canon_model = {arch.canonical_tensor_name(n): n for n in model.names()}
     canon_base = {arch.canonical_tensor_name(n): n for n in base.names()}
     shared = sorted(set(canon_model) & set(canon_base))

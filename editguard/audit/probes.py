@@ -62,6 +62,9 @@ def load_probes(source: str) -> list[Probe]:
         subject = item.get("subject")
         if subject is not None and (not isinstance(subject, str) or subject not in item["prompt"]):
             raise EditguardError(f"probe file {path}, line {number}: subject must occur in the prompt")
+        for key in ("answer", "relation"):
+            if item.get(key) is not None and not isinstance(item[key], str):
+                raise EditguardError(f"probe file {path}, line {number}: \"{key}\" must be a string")
         probes.append(Probe(item["prompt"], subject, item.get("answer"), item.get("relation")))
     if not probes:
         raise EditguardError(f"probe file {path} holds no probes")

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 TESTS = ("diff", "activations", "dependence", "hidden", "attribution")
 BASE_FREE_TESTS = ("activations", "dependence")  # what finds an edited layer and subject without a base
+# Below this many probes naming their subject, the median/MAD of the activation test is too rough to
+# call anything an outlier: three clean probes gave z = 120 on the demo model. Calibrated on 1,700;
+# the end-to-end tests find edits with ~290.
+MIN_ACTIVATION_PROBES = 100
 Progress = Callable[[str], None]
 
 
@@ -126,7 +130,10 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
 
             progress(f"activation test on {len(probes)} probes")
             scores = activation_scores(loaded, probes, key_layers, whole=dependence)
-            if "activations" in options.tests:
+            if "activations" in options.tests and len(scores.probes) < MIN_ACTIVATION_PROBES:
+                tests["activations"] = {"skipped": f"{len(scores.probes)} probes name their subject; the robust "
+                                                   f"z-score needs at least {MIN_ACTIVATION_PROBES}"}
+            elif "activations" in options.tests:
                 layer_scores = scores.layer_scores()
                 tests["activations"] = {"layer_scores": layer_scores, "suspicious_z": SUSPICIOUS_Z,
                                         "edited_z": EDITED_Z, "top_layer": int(torch.tensor(layer_scores).argmax()),
@@ -187,6 +194,12 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes,
                                    change.layer, change.name)
                 tests["attribution"].append({"layer": change.layer, "tensor": change.name, **result})
+    skipped = {name: tests[name]["skipped"] for name in options.tests
+               if isinstance(tests.get(name), dict) and "skipped" in tests[name]}
+    if "lock" not in tests and not any(name in tests and name not in skipped for name in options.tests):
+        # a CI gate must not pass a model that nothing examined (a lock's check counts: it reads every locked byte)
+        reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
+        raise EditguardError(f"no test could run{' (' + reasons + ')' if reasons else ''}")
     label, severity = verdict(findings)
     return {
         "model": ref.spec, "model_id": ref.model_id, "revision": ref.revision, "architecture": arch.model_type,

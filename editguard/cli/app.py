@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
+import signal
 import traceback
 
 import click
@@ -17,7 +17,7 @@ from .output import FORMATS
 app = typer.Typer(
     name="editguard",
     help="Find, reverse and block knowledge edits (ROME, MEMIT) in transformer checkpoints.\n\n"
-    "Exit codes: 0 clean, 1 findings, 2 error or bad input, 3 unsupported model.",
+    "Exit codes: 0 clean, 1 findings, 2 error or bad input, 3 unsupported model, 130 interrupted, 143 terminated.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -51,31 +51,72 @@ def _register() -> None:
 _register()
 
 
+# Typer >= 0.29 raises its own bundled copy of click's exceptions; older Typer raises click's.
+_USAGE_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
+_EXITS = (click.exceptions.Exit, typer.Exit)
+_ABORTS = (click.Abort, typer.Abort, KeyboardInterrupt)
+INTERRUPTED = 130
+
+
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so the atomic writers' clean-up runs as it does for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _usage_message(exc: Exception) -> str:
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"{exc.format_message()}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure becomes one line on stderr and an exit code."""
     command = typer.main.get_command(app)
+    state.configure()  # errors raised before the global options are parsed: default format, not a previous call's
+    # SIGTERM gets Ctrl-C's clean-up, unless someone chose a handler (or to ignore it) already
+    catch_term = _main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if catch_term:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = command.main(args=argv, prog_name="editguard", standalone_mode=False)
-        # without standalone mode click returns typer.Exit's code instead of raising it
-        return code if isinstance(code, int) else 0
+        # without standalone mode click returns typer.Exit's code instead of raising it; Typer turns
+        # Ctrl-C into Exit(130) itself, before this handler sees it
+        code = code if isinstance(code, int) else 0
+        if code == INTERRUPTED:
+            state.out().error("interrupted", INTERRUPTED)
+        return code
     except EditguardError as exc:
         state.out().error(exc.message, exc.exit_code)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXITS as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors: bad option, missing argument
-        exc.show()
+    except _USAGE_ERRORS as exc:  # usage errors: bad option, missing argument
+        if exc.__class__.__name__ == "NoArgsIsHelpError":  # the help is already printed
+            return EXIT_ERROR
+        state.out().error(_usage_message(exc), EXIT_ERROR)
         return EXIT_ERROR
-    except (click.Abort, KeyboardInterrupt):
-        state.out().error("interrupted", 130)
-        return 130
+    except _ABORTS:
+        state.out().error("interrupted", INTERRUPTED)
+        return INTERRUPTED
+    except _Terminated:
+        state.out().error("terminated", 128 + signal.SIGTERM)
+        return 128 + signal.SIGTERM
     except Exception as exc:  # a bug: still one line unless asked for the traceback
         if state.out().verbose or os.environ.get("EDITGUARD_DEBUG"):
             traceback.print_exc()
         state.out().error(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --verbose for a traceback)",
                           EXIT_ERROR)
         return EXIT_ERROR
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def run() -> None:
-    sys.exit(main())
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+

@@ -15,10 +15,11 @@ from ..edit.facts import Fact, fact_from_text
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
 from ..loading import load_model
+from ..outputs import check_output_file, check_output_folder
 from . import state
 from .app import app
-from .options import AllowPickle, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision, load_options, \
-    resolve_model
+from .options import AllowPickle, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision, input_paths, \
+    load_options, resolve_model
 
 
 def collect_facts(prompts: list[str], subjects: list[str], targets: list[str], cases: str | None,
@@ -81,10 +82,14 @@ def edit_command(
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if (output is None) == (bank is None):
         raise EditguardError("give exactly one of -o/--output (edited model) or --bank (edit bank)")
-    if output is not None and output.exists() and not force:
-        raise EditguardError(f"output folder {output} already exists (use --force to replace it)")
+    if output is not None:
+        check_output_folder(output, [model], force)  # before resolving: a hub model may download first
     facts = collect_facts(fact, subject, target, counterfact_cases, data, limit)
     ref = resolve_model(model, revision, allow_pickle)
+    if output is not None:
+        check_output_folder(output, input_paths(ref), force)
+    else:
+        check_output_file(bank, input_paths(ref))
     with out.progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     hp = load_hparams(hparams or _default_preset(loaded), method, {"layers": [layer]} if layer is not None else None)

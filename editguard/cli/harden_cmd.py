@@ -16,7 +16,9 @@ from ..errors import EditguardError
 from ..mask.file import MaskFile
 from . import state
 from .app import app
-from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, load_options, resolve_model
+from ..outputs import check_output_folder
+from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, check_share, input_paths, load_options, \
+    resolve_model
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None) -> Path:
@@ -32,9 +34,6 @@ def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | Non
     return Path(fits[0]["path"])
 
 
-def _check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise EditguardError(f"output folder {output} already exists (use --force to replace it)")
 
 
 @app.command("reverse")
@@ -66,8 +65,10 @@ def reverse_command(
     from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
 
     out = state.out()
-    _check_output(output, force)
+    check_share("--threshold", threshold)
+    check_output_folder(output, [model, mask, base], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
+    check_output_folder(output, input_paths(ref, mask, base), force)
     placement = load_options(device_map, dtype, None, None, allow_pickle)  # load_model keywords
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
@@ -265,9 +266,12 @@ def lock_command(
     out = state.out()
     if output is None and evaluate is None:
         raise EditguardError("give -o/--output (write a locked copy) and/or --evaluate N")
+    check_share("--threshold", threshold)
     if output is not None:
-        _check_output(output, force)
+        check_output_folder(output, [model, mask], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
+    if output is not None:
+        check_output_folder(output, input_paths(ref, mask), force)
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     mask_path = _mask_for(mask, arch, checkpoint)

@@ -46,3 +46,18 @@ def load_options(device_map: str, dtype: str, max_memory: str | None, offload_fo
                  allow_pickle: bool) -> dict:
     return dict(device_map=device_map, dtype=dtype, max_memory=parse_max_memory(max_memory),
                 offload_folder=offload_folder, allow_pickle=allow_pickle)
+
+
+def check_share(option: str, value: float | None, closed: bool = False) -> None:
+    """A threshold, share or probability option: a number in (0, 1) ([0, 1] if `closed`), NaN refused."""
+    if value is None:
+        return
+    inside = 0 <= value <= 1 if closed else 0 < value < 1
+    if not inside:  # NaN fails both comparisons
+        raise EditguardError(f"{option} must be a number in {'[0, 1]' if closed else '(0, 1)'}, got {value}")
+
+
+def input_paths(ref: ModelRef, *others: str | None) -> list:
+    """What a command reads, for the output checks: the model folder, the user's own file behind a
+    converted .gguf (the folder is a copy in the cache), and any other inputs (mask, base)."""
+    return [ref.path, ref.model_id if ref.kind == "gguf" else None, *others]

@@ -15,7 +15,8 @@ from ..errors import EXIT_FINDINGS, EditguardError
 from ..report.sarif import to_sarif
 from . import state
 from .app import app
-from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, resolve_model
+from ..outputs import check_output_file
+from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, check_share, input_paths, resolve_model
 
 
 @app.command("scan")
@@ -38,6 +39,8 @@ def scan_command(
     """Was MODEL knowledge-edited? Where, how, which facts, and what were the original answers?"""
     out = state.out()
     chosen = tuple(t.strip() for t in tests.split(",") if t.strip())
+    if not chosen:
+        raise EditguardError(f"--tests names no test; choose from {', '.join(TESTS)}")
     unknown = [t for t in chosen if t not in TESTS]
     if unknown:
         raise EditguardError(f"unknown test(s) {', '.join(unknown)}; choose from {', '.join(TESTS)}")
@@ -45,7 +48,11 @@ def scan_command(
         raise EditguardError("--fail-on must be suspicious, edited or never")
     if mask is not None and not Path(mask).is_file():
         raise EditguardError(f"no such mask file: {mask}")
+    check_share("--threshold", threshold)
+    check_share("--min-prob", min_prob, closed=True)
     ref = resolve_model(model, revision, allow_pickle)
+    if report is not None:  # before the scan: a bad path fails in a second, not after minutes
+        report = check_output_file(report, input_paths(ref, base), (".html", ".htm"))
     options = ScanOptions(base=base, mask=mask, probes=probes, tests=chosen, min_prob=min_prob, threshold=threshold,
                           allow_pickle=allow_pickle, load_options={"device_map": device_map, "dtype": dtype},
                           decompose=3 if report is not None else 0)

@@ -13,7 +13,7 @@ from ..errors import EditguardError
 from ..loading import load_model
 from . import state
 from .app import app
-from .options import DeviceMap, Dtype, resolve_model
+from .options import DeviceMap, Dtype, check_share, resolve_model
 
 
 class _Bars:
@@ -33,16 +33,12 @@ class _Bars:
         self.done[stage] = done
 
 
-def _check_share(option: str, value: float | None) -> None:
-    if value is not None and not 0 < value < 1:
-        raise EditguardError(f"{option} must be a share between 0 and 1")
-
-
 def _check_cut(threshold: float | None, target_pruned: float | None) -> None:
     """Where to binarise: a threshold γ or a pruned share, not both."""
     if threshold is not None and target_pruned is not None:
         raise EditguardError("give --threshold or --target-pruned, not both")
-    _check_share("--target-pruned", target_pruned)
+    check_share("--threshold", threshold)
+    check_share("--target-pruned", target_pruned)
 
 
 @app.command("train")
@@ -91,7 +87,7 @@ def train_command(
     if select not in ("best", "last"):
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
     _check_cut(threshold, target_pruned)
-    _check_share("--max-pruned", max_pruned)
+    check_share("--max-pruned", max_pruned)
     ref = resolve_model(model)
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)

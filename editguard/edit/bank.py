@@ -20,7 +20,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import read_safetensors_header, write_safetensors
-from ..errors import EditguardError
+from ..errors import EditguardError, malformed
 from .edits import Edit
 from .facts import Fact
 
@@ -66,10 +66,18 @@ class EditBank:
         except Exception as exc:
             raise EditguardError(f"corrupted edit bank {path}: {str(exc).splitlines()[0]}") from None
         bank = cls(path, meta, tensors)
-        bank._validate()
+        try:
+            bank._validate()
+        except (KeyError, TypeError, ValueError) as exc:  # a field missing or of the wrong kind
+            raise EditguardError(f"corrupted edit bank {path}: {malformed(exc)}") from None
         return bank
 
     def _validate(self) -> None:
+        for key in ("records", "method", "groups", "hparams_hash"):
+            if key not in self.meta:
+                raise KeyError(key)
+        if not isinstance(self.meta["records"], list) or not isinstance(self.meta["groups"], list):
+            raise TypeError("records and groups must be lists")
         n = len(self.meta["records"])
         if self.meta["method"] == "rome":
             u, v = self.tensors.get("rome.u"), self.tensors.get("rome.v")

@@ -75,7 +75,7 @@ class EditHparams:
                 setattr(self, key, template.replace("{layer}", "{}"))
         return self
 
-    def check_against(self, model, num_layers: int) -> None:
+    def check_against(self, model, num_layers: int, arch=None) -> None:
         for layer in self.layers:
             if not 0 <= layer < num_layers:
                 raise EditguardError(f"layer {layer} is out of range: this model has layers 0-{num_layers - 1}")
@@ -88,6 +88,15 @@ class EditHparams:
                 except AttributeError:
                     raise EditguardError(f"{key} {template!r} does not resolve on this model ({path} not found)") \
                         from None
+        if arch is not None:  # ΔW is solved for the MLP output projection's shape and orientation
+            for layer in self.layers:
+                path = self.rewrite_module_tmp.format(layer)
+                weight = getattr(model.get_submodule(path), "weight", None)
+                expected = list(model.get_submodule(arch.module("mlp_out", layer)).weight.shape)
+                if weight is None or list(weight.shape) != expected:
+                    found = "no weight" if weight is None else f"weight {list(weight.shape)}"
+                    raise EditguardError(f"rewrite_module_tmp must name the MLP output projection (weight {expected}); "
+                                         f"{path} has {found}")
         if self.fact_token != "subject_last":
             raise EditguardError(f"fact_token {self.fact_token!r} is not implemented (only subject_last)")
         if self.method == "rome" and len(self.layers) != 1:
@@ -149,4 +158,13 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
         raise EditguardError(f"{where}: a value has the wrong type") from None
     if not hp.layers:
         raise EditguardError(f"{where}: layers is empty")
+    for key in ("v_num_grad_steps", "facts_per_batch", "mom2_n_samples"):
+        if getattr(hp, key) < 1:
+            raise EditguardError(f"{where}: {key} must be at least 1, got {getattr(hp, key)}")
+    for key in ("v_lr", "clamp_norm_factor"):
+        if not getattr(hp, key) > 0:  # NaN fails too
+            raise EditguardError(f"{where}: {key} must be positive, got {getattr(hp, key)}")
+    for key in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
+        if not getattr(hp, key) >= 0:
+            raise EditguardError(f"{where}: {key} must not be negative, got {getattr(hp, key)}")
     return hp

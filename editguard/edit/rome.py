@@ -22,7 +22,7 @@ from .vstar import FactPlan, optimise_fast, optimise_reference, plan_fact
 
 def prepare(loaded: LoadedModel, hp: EditHparams) -> EditHparams:
     hp.fill_templates(loaded.arch)
-    hp.check_against(loaded.model, loaded.num_layers)
+    hp.check_against(loaded.model, loaded.num_layers, loaded.arch)
     return hp
 
 

@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 from torch.nn.utils import parametrize
 
-from ..checkpoint import Checkpoint, tensor_bytes
+from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, tensor_bytes
 from ..errors import EditguardError
 from ..mask.file import MaskFile
 
-MANIFEST = "editguard-lock.json"
-MASK_NAME = "editguard-mask.safetensors"
+MANIFEST = f"{OWN_FILE_PREFIX}lock.json"
+MASK_NAME = f"{OWN_FILE_PREFIX}mask.safetensors"  # not read as weights (checkpoint.py)
 FORMAT = "editguard-lock/1"
 
 
@@ -65,8 +65,11 @@ def read_manifest(folder: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise EditguardError(f"{path}: corrupt lock manifest") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EditguardError(f"{path}: not an editguard lock manifest")
+    if not (isinstance(manifest.get("mask_file"), str) and isinstance(manifest.get("mask_sha256"), str)
+            and isinstance(manifest.get("tensors"), dict)):
+        raise EditguardError(f"{path}: corrupt lock manifest (mask_file, mask_sha256 or tensors missing)")
     return manifest
 
 

@@ -10,6 +10,7 @@ be chosen later) and `t{t}.theta` (float16 raw Θ, for resuming or re-annealing)
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import fingerprint, read_safetensors_header, write_safetensors
-from ..errors import EditguardError
+from ..errors import EditguardError, malformed
 
 FORMAT = "editguard-mask/1"
 
@@ -53,6 +54,8 @@ class MaskFile:
 
     def mask(self, index: int = 0, threshold: float | None = None) -> torch.Tensor:
         """Binary [out, in] mask of target `index`, at the stored threshold unless one is given."""
+        if threshold is not None and math.isnan(threshold):  # every weight would be pruned
+            raise EditguardError("mask threshold is NaN")
         if threshold is None and self.binaries is not None:
             return self.binaries[index]
         return self.targets[index].binary(self.threshold if threshold is None else threshold)
@@ -98,22 +101,31 @@ class MaskFile:
             raise EditguardError(f"{path} is not an editguard mask file")
         from safetensors.torch import load_file
 
-        tensors = load_file(path)
-        targets, binaries = [], []
-        for i, t in enumerate(meta["targets"]):
-            shape = tuple(t["shape"])
-            scores = tensors[f"t{i}.scores"].float()
-            if tuple(scores.shape) != shape:
-                raise EditguardError(f"corrupted mask file {path}: target {i} scores have the wrong shape")
-            bits = np.unpackbits(tensors[f"t{i}.bits"].numpy())[: shape[0] * shape[1]]
-            binaries.append(torch.from_numpy(bits.astype(np.float32)).reshape(shape))
-            targets.append(MaskTarget(t["tensor"], t["layer"], shape, t["transposed"], t["fingerprint"], scores,
-                                      tensors.get(f"t{i}.theta")))
-        known = {"format", "editguard_version", "model_id", "revision", "model_type", "method", "threshold",
-                 "pruned_fraction", "targets", "hparams", "data", "metrics"}
-        return cls(meta["model_id"], meta.get("revision"), meta["model_type"], meta["method"], meta["threshold"],
-                   targets, meta.get("hparams", {}), meta.get("data", {}), meta.get("metrics", {}),
-                   {k: v for k, v in meta.items() if k not in known}, binaries)
+        try:
+            tensors = load_file(path)
+        except Exception as exc:  # safetensors' own error type for bad data
+            raise EditguardError(f"corrupted mask file {path}: {str(exc).splitlines()[0]}") from None
+        try:
+            targets, binaries = [], []
+            for i, t in enumerate(meta["targets"]):
+                shape = tuple(t["shape"])
+                scores = tensors[f"t{i}.scores"].float()
+                if tuple(scores.shape) != shape:
+                    raise EditguardError(f"corrupted mask file {path}: target {i} scores have the wrong shape")
+                bits = np.unpackbits(tensors[f"t{i}.bits"].numpy())[: shape[0] * shape[1]]
+                binaries.append(torch.from_numpy(bits.astype(np.float32)).reshape(shape))
+                targets.append(MaskTarget(t["tensor"], t["layer"], shape, t["transposed"], t["fingerprint"], scores,
+                                          tensors.get(f"t{i}.theta")))
+            known = {"format", "editguard_version", "model_id", "revision", "model_type", "method", "threshold",
+                     "pruned_fraction", "targets", "hparams", "data", "metrics"}
+            mask = cls(meta["model_id"], meta.get("revision"), meta["model_type"], meta["method"], float(meta["threshold"]),
+                       targets, meta.get("hparams", {}), meta.get("data", {}), meta.get("metrics", {}),
+                       {k: v for k, v in meta.items() if k not in known}, binaries)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # a field or tensor missing or malformed
+            raise EditguardError(f"corrupted mask file {path}: {malformed(exc)}") from None
+        if not targets:
+            raise EditguardError(f"corrupted mask file {path}: no masked tensor")
+        return mask
 
     # -- fitting a model ------------------------------------------------------------------------
     def check_fits(self, arch, checkpoint) -> list[str]:

@@ -29,6 +29,7 @@ from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..loading import LoadedModel
 from ..masks_index import INDEX
+from ..outputs import write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
 from .file import MaskFile, MaskTarget
@@ -278,6 +279,11 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     if bank.method != mask.method:
         raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
                              f"{bank.method.upper()} edits")
+    for canonical, expected in bank.meta.get("fingerprints", {}).items():
+        stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(canonical))
+        if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
+            raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
+                                 f"its {canonical} differs from this model's")
     _, val, test = select_splits(job)
     present = {r["case_id"] for r in bank.meta["records"]}
     kind = split_kind(mask.method)
@@ -353,7 +359,7 @@ def _variants(loaded, targets: list[tuple[str, bool]], sample: list[Edit], masks
 def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
     stem = path.with_suffix("")
     metrics = mask.metrics
-    (stem.parent / (stem.name + ".json")).write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(stem.parent / (stem.name + ".json"), json.dumps(metrics, indent=2))
     figures = []
     if "test" in reports:
         figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
@@ -365,7 +371,7 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
                                                f"pruned fraction per output dimension (layer {target.layer})"))
         figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap{tag}.png",
                                      f"mask, layer {target.layer} (pruned share, pooled)"))
-    (stem.parent / (stem.name + ".md")).write_text(card(path, mask, reports, [f.name for f in figures]))
+    write_text_atomic(stem.parent / (stem.name + ".md"), card(path, mask, reports, [f.name for f in figures]))
     update_index(path, mask)
 
 
@@ -384,7 +390,7 @@ def update_index(path: Path, mask: MaskFile) -> None:
         "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
                      "fingerprint": t.fingerprint} for t in mask.targets],
     })
-    index_path.write_text(json.dumps(sorted(entries, key=lambda e: e["file"]), indent=2) + "\n")
+    write_text_atomic(index_path, json.dumps(sorted(entries, key=lambda e: e["file"]), indent=2) + "\n")
 
 
 def _pct(x) -> str:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 from pathlib import Path
 
 from ..audit.findings import Finding
+from ..outputs import write_text_atomic
 
 
 def _png(fig) -> str:
@@ -119,10 +118,4 @@ def write_report(path: Path, result: dict, findings: list[Finding]) -> None:
     for title, uri in _figures(result):
         parts.append(f"<h2>{e(title)}</h2><img src='{uri}' alt='{e(title)}'>")
     parts.append("</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(parts))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(parts))

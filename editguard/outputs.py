@@ -1,0 +1,86 @@
+"""Where editguard may write: never into, over or around its inputs, and never over something that is
+not its own kind of output. Commands check before the work starts; the writers check again."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from .errors import EditguardError
+
+
+def _overlap(out: Path, inputs: Iterable[str | os.PathLike | None]) -> Path | None:
+    """The first local input that `out` equals, holds or sits inside (inputs that are no local path, such
+    as a hub id, are skipped). Both the path as given and its link target count: a Hugging Face cache
+    snapshot holds links into its blobs."""
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        for source in {Path(os.path.abspath(item)), Path(item).resolve()}:
+            if out == source or source.is_relative_to(out) or out.is_relative_to(source):
+                return source
+    return None
+
+
+def _parent_is_folder(out: Path) -> None:
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EditguardError(f"cannot write {out}: {parent} is not a folder")
+            return
+
+
+def check_output_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                        force: bool = False) -> Path:
+    """The resolved output folder, or one clear error: it overlaps an input (equal, inside it, or holding
+    it: `--force` would delete the input), exists without `--force`, is a file, or is a non-empty folder
+    that is not a model folder (so `--force` cannot wipe an arbitrary directory)."""
+    out = Path(out).resolve()
+    source = _overlap(out, inputs)
+    if source is not None:
+        raise EditguardError(f"output folder {out} overlaps the input {source}; editguard never writes into or over "
+                             "its input")
+    _parent_is_folder(out)
+    if out.exists():
+        if not out.is_dir():
+            raise EditguardError(f"output {out} exists and is not a folder")
+        if not force:
+            raise EditguardError(f"output folder {out} already exists (use --force to replace it)")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise EditguardError(f"--force replaces only a model folder (with config.json) or an empty folder; "
+                                 f"{out} is neither")
+    return out
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                      suffixes: tuple[str, ...] = ()) -> Path:
+    """The resolved path of a file editguard may (over)write: not inside or equal to an input, not a
+    folder, and with one of `suffixes` (e.g. a report must end in .html: it can never replace weights)."""
+    path = Path(path).resolve()
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise EditguardError(f"{path.name}: the file name must end in {' or '.join(suffixes)}")
+    source = _overlap(path, inputs)
+    if source is not None:
+        raise EditguardError(f"{path} overlaps the input {source}; editguard never writes into or over its input")
+    if path.is_dir():
+        raise EditguardError(f"{path} is a folder")
+    _parent_is_folder(path)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temp file beside it: an interrupted write leaves nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
