@@ -330,6 +330,11 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert MaskFile.load(out).threshold == mask.threshold  # the input is never modified
     refused = cli("evaluate-mask", out, *common, "--threshold", "0.5", "-o", relaxed)
     assert refused.code == 2 and "exists" in refused.err
+    # a mask file (and its card, plots, index) never goes into the model folder
+    inside = cli("evaluate-mask", out, *common, "--threshold", "0.5", "-o", Path(model) / "m.safetensors")
+    assert inside.code == 2 and "overlaps the input" in inside.err
+    trained = cli(*_train_args(pico_models, tmp_path, Path(model) / "m.safetensors", 1))
+    assert trained.code == 2 and "overlaps the input" in trained.err and not (Path(model) / "m.safetensors").exists()
     both = cli("evaluate-mask", out, *common, "--threshold", "0.5", "--target-pruned", "0.2")
     assert both.code == 2 and "not both" in both.err
 

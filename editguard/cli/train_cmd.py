@@ -11,9 +11,10 @@ import typer
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
 from ..loading import load_model
+from ..outputs import check_output_file
 from . import state
 from .app import app
-from .options import DeviceMap, Dtype, check_share, resolve_model
+from .options import DeviceMap, Dtype, check_share, input_paths, resolve_model
 
 
 class _Bars:
@@ -89,6 +90,7 @@ def train_command(
     _check_cut(threshold, target_pruned)
     check_share("--max-pruned", max_pruned)
     ref = resolve_model(model)
+    check_output_file(output, input_paths(ref))  # the card, plots and index go beside it: never into the model
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
@@ -162,6 +164,8 @@ def evaluate_mask_command(
     mask_file = MaskFile.load(mask)
     bank_file = EditBank.open(bank)
     ref = resolve_model(model)
+    if output is not None:
+        check_output_file(output, input_paths(ref, mask, bank))
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)
     job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
