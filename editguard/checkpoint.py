@@ -85,20 +85,34 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     if not isinstance(header, dict):
         raise EditguardError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise EditguardError(f"{path}: corrupt safetensors header (__metadata__ is not a JSON object)")
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
-    end_max = 0
     for name, entry in header.items():
         try:
-            tag, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise EditguardError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+        # integers only (JSON true/false are ints to Python), none negative
+        if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)):
+            raise EditguardError(f"{path}: corrupt safetensors header entry for {name!r} (shape and offsets must be "
+                                 "non-negative integers)")
         if tag not in _DTYPES:
             raise EditguardError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
-        if end - begin != math.prod(shape) * _DTYPES[tag][1] or begin < 0:
+        if end - begin != math.prod(shape) * _DTYPES[tag][1]:
             raise EditguardError(f"{path}: corrupt safetensors header (tensor {name!r} size does not match its shape)")
         tensors[name] = TensorInfo(name, path.name, tag, shape, data_start + begin, data_start + end)
-        end_max = max(end_max, end)
+    # as the safetensors library requires: the tensors tile the data section, no gaps, no overlaps (two names
+    # on the same bytes would let a checkpoint show one weight to one reader and another to the next)
+    spans = sorted((t.start, t.end, t.name) for t in tensors.values())
+    position = data_start
+    for start, end, name in spans:
+        if start != position:
+            raise EditguardError(f"{path}: corrupt safetensors header (tensor {name!r} "
+                                 f"{'overlaps another' if start < position else 'leaves a gap before it'})")
+        position = end
+    end_max = position - data_start
     if data_start + end_max != size:
         state = "truncated" if data_start + end_max > size else "has trailing bytes"
         raise EditguardError(f"{path}: corrupt safetensors file ({state}: header describes "
@@ -146,6 +160,10 @@ class Checkpoint:
         if shards:
             for shard in shards:
                 tensors, metadata = read_safetensors_header(self.folder / shard)
+                twice = sorted(set(tensors) & set(self._tensors))
+                if twice:  # which copy a loader takes is up to the loader: refuse, never guess
+                    raise EditguardError(f"{self.folder}: tensor {twice[0]!r} is stored in both "
+                                         f"{self._tensors[twice[0]].file} and {shard}")
                 self._tensors.update(tensors)
                 self.file_metadata[shard] = metadata
             return "safetensors"
@@ -163,17 +181,25 @@ class Checkpoint:
         return "pickle"
 
     def _safetensors_files(self) -> list[str]:
+        """The weight files transformers would load: the shard index's files, else `model.safetensors`
+        (a stray `*.safetensors` beside it is not loaded, so it must not be diffed or hashed either: a
+        clean copy of an edited tensor there would hide the edit), else every `*.safetensors`."""
         index = self.folder / SAFETENSORS_INDEX
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise EditguardError(f"{index}: corrupt shard index") from None
-            files = sorted(set(weight_map.values()))
+            escaping = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
+            if escaping:
+                raise EditguardError(f"{index}: shard names must be plain file names in the folder, not {escaping[0]!r}")
             missing = [f for f in files if not (self.folder / f).is_file()]
             if missing:
                 raise EditguardError(f"{self.folder}: shard index names missing files: {', '.join(missing)}")
             return files
+        if (self.folder / "model.safetensors").is_file():
+            return ["model.safetensors"]
         # editguard's own files beside the weights (a lock's mask) are not weights
         names = sorted(p.name for p in self.folder.glob("*.safetensors") if not p.name.startswith(OWN_FILE_PREFIX))
         odd = [n for n in names if not (self.folder / n).is_file()]

@@ -38,9 +38,21 @@ def entries() -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue  # a broken user index must not break inspect; `editguard masks` reports it
         for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict) and "file" in item:
+            if _well_formed(item):
                 found.append({**item, "path": str(folder / item["file"])})
     return found
+
+
+def _well_formed(item) -> bool:
+    """An entry `fitting` can read: a plain file name, and targets each with a tensor name and a shape
+    (a broken entry is skipped, as a broken index is)."""
+    if not (isinstance(item, dict) and isinstance(item.get("file"), str) and Path(item["file"]).name == item["file"]):
+        return False
+    targets = item.get("targets", [])
+    layers = item.get("layers") or []
+    return isinstance(targets, list) and isinstance(layers, list) and all(
+        isinstance(t, dict) and isinstance(t.get("tensor"), str) and isinstance(t.get("stored_shape"), list)
+        for t in targets) and isinstance(item.get("test_rsr") or 0, (int, float))
 
 
 def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:

@@ -50,6 +50,8 @@ def resolve(
     progress: Callable[[str], None] | None = None,
 ) -> ModelRef:
     """Turn whatever the user typed into a local model folder, fetching or converting it if needed."""
+    if revision is not None and (spec.startswith(DEMO_PREFIX) or Path(spec).expanduser().exists()):
+        raise EditguardError(f"--revision applies to hub ids; {spec} is a local model")
     if spec.startswith(DEMO_PREFIX):
         name = spec[len(DEMO_PREFIX):]
         return ModelRef(spec, "demo", ensure_demo(name, progress), model_id=spec)
@@ -103,6 +105,8 @@ def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progre
         raise EditguardError(f"{repo_id}: no such model on the Hub (or it is private: set HF_TOKEN)") from None
     except hub_errors.RevisionNotFoundError:
         raise EditguardError(f"{repo_id}: no revision {revision!r}") from None
+    except hub_errors.HFValidationError as exc:  # e.g. "org/a--b", "org/x.", names over 96 characters
+        raise EditguardError(f"{repo_id}: not a valid Hugging Face repo id ({str(exc).splitlines()[0][:200]})") from None
     except (hub_errors.HfHubHTTPError, OSError) as exc:
         raise EditguardError(f"{repo_id}: download failed ({str(exc).splitlines()[0][:200]})") from None
     if not (folder / "config.json").is_file():

@@ -149,3 +149,53 @@ def test_folder_problems(tmp_path):
     with pytest.raises(EditguardError, match="missing files"):
         Checkpoint(src)
     shutil.rmtree(src)
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}, "non-negative integers"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8.0]}, "non-negative integers"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "non-negative integers|size does not match"),
+    ({"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}, "gap|trailing"),
+])
+def test_header_entries_are_checked_before_any_read(tmp_path, entry, message):
+    _raw_safetensors(tmp_path / "a.safetensors", {"x": entry}, bytes(8))
+    with pytest.raises(EditguardError, match=message):
+        read_safetensors_header(tmp_path / "a.safetensors")
+
+
+def test_header_metadata_and_overlapping_tensors(tmp_path):
+    _raw_safetensors(tmp_path / "a.safetensors", {"__metadata__": ["x"]}, b"")
+    with pytest.raises(EditguardError, match="__metadata__ is not a JSON object"):
+        read_safetensors_header(tmp_path / "a.safetensors")
+    # two names on the same bytes: one reader could show one weight, another reader the other
+    same = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+    _raw_safetensors(tmp_path / "b.safetensors", {"x": same, "y": same}, bytes(8))
+    with pytest.raises(EditguardError, match="overlaps another"):
+        read_safetensors_header(tmp_path / "b.safetensors")
+
+
+def test_only_the_files_transformers_loads_are_weights(tmp_path):
+    """A clean copy of an edited tensor in a stray file must not hide the edit from the diff or the lock
+    check: only `model.safetensors` (or the index's shards) are weights, and a tensor stored twice among
+    those is refused."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    save_file({"w": torch.zeros(2)}, folder / "zz-clean.safetensors")
+    ck = Checkpoint(folder)
+    assert ck.files == ["model.safetensors"] and torch.equal(ck.read("w"), torch.ones(2))
+    (folder / "model.safetensors").rename(folder / "a.safetensors")  # no model.safetensors, no index
+    with pytest.raises(EditguardError, match="stored in both"):
+        Checkpoint(folder)
+    src = _sharded(tmp_path)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["z.weight"] = "../outside.safetensors"  # a shard outside the folder: never read or written
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(EditguardError, match="plain file names"):
+        Checkpoint(src)

@@ -159,6 +159,20 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     assert result.json["findings"][0]["tensor"] == TENSOR
     with pytest.raises(Exception, match="lock broken"):
         load_locked(str(tampered))
+    # a manifest that points its mask elsewhere, or re-applies it at a threshold that zeroes the weight,
+    # is corrupt: refused, not obeyed
+    import json as json_module
+    for i, (field, value, message) in enumerate((("mask_file", "../elsewhere.safetensors", "mask_file must be"),
+                                                 ("threshold", 5.0, "not a number in"),
+                                                 ("threshold", "abc", "not a number in"), ("tensors", {}, "inconsistent"))):
+        odd = tmp_path / f"odd{i}"
+        shutil.copytree(locked_dir, odd)
+        manifest = json_module.loads((odd / "editguard-lock.json").read_text())
+        (odd / "editguard-lock.json").write_text(json_module.dumps({**manifest, field: value}))
+        with pytest.raises(Exception, match=message):
+            load_locked(str(odd))
+        result = cli("scan", odd, "--tests", "diff")
+        assert result.code == 2 and "corrupt lock manifest" in result.err
 
 
 def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):

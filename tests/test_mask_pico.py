@@ -107,6 +107,12 @@ def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico
     assert [f["file"] for f in masks_index.prefer_layers(fits, [0], "rome")][:2] == ["mid0.safetensors",
                                                                                      "weak0.safetensors"]
     assert masks_index.prefer_layers(fits, [1], "memit")[0]["file"] == "memit01.safetensors"
+    # a malformed entry (no tensor name, targets not a list, a path for a file name) is skipped, not a crash
+    broken = [{**entries[0], "file": "a.safetensors", "targets": [{}]}, {**entries[0], "file": "b.safetensors",
+              "targets": "abc"}, {**entries[0], "file": "../c.safetensors"}]
+    (tmp_path / "index.json").write_text(json.dumps(entries + broken))
+    fits = [f["file"] for f in masks_index.fitting(arch, llama) if Path(f["path"]).parent == tmp_path]
+    assert fits and not {"a.safetensors", "b.safetensors", "../c.safetensors"} & set(fits)
 
 
 def _trainer(loaded, seed=0):

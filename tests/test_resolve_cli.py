@@ -92,6 +92,36 @@ def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
     _one_line_error(cli("inspect", odd), 2, "model.safetensors is not a file")
 
 
+def test_machine_readable_output_is_strict(cli, pico_models, monkeypatch):
+    from editguard.cli import output
+
+    # -f sarif holds scan findings; elsewhere it is refused, not plain JSON under a SARIF name
+    _one_line_error(cli("-f", "sarif", "inspect", pico_models["llama"]), 2, "-f sarif is for scan")
+    # a figure that could not be measured is null: JSON has no NaN
+    monkeypatch.setattr(output.sys, "stdout", io := __import__("io").StringIO())
+    output.Output(format="json").emit({"paraphrase": float("nan"), "x": [1.0, float("inf")]})
+    assert json.loads(io.getvalue(), parse_constant=lambda c: pytest.fail(c)) == {"paraphrase": None, "x": [1.0, None]}
+
+
+def test_precommit_passes_folders_named_like_options(pico_models, tmp_path, monkeypatch):
+    from editguard.cli import precommit
+
+    folder = tmp_path / "-q"
+    shutil.copytree(pico_models["llama"], folder)
+    calls = []
+    monkeypatch.setattr(precommit, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(precommit.sys, "argv", ["editguard-precommit", "-q/config.json"])
+    with pytest.raises(SystemExit):
+        precommit.run()
+    assert calls == [["scan", "--fail-on", "edited", "--", "-q"]]
+
+
+def test_invalid_hub_id_is_bad_input(cli, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error(cli("fetch", "org/a--b"), 2, "not a valid Hugging Face repo id")
+
+
 def test_json_error_document(tmp_path, cli):
     result = cli("-f", "json", "inspect", tmp_path / "nope")
     assert result.code == 2

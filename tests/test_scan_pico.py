@@ -175,8 +175,10 @@ def test_dependence_flags_planted_edits(cli, pico_models, tmp_path, monkeypatch)
         # two layers are too few to tell ROME from MEMIT by the spread (zeroing layer 0 at the subject
         # unsettles the subject itself); classify() is checked on demo-model figures below
         assert found[0]["details"]["window"] == [0, 2]
-    clean = cli("-f", "json", "scan", src, "--tests", "dependence", "--probes", probes).json
-    assert clean["verdict"] == "clean", clean["tests"]["dependence"]
+    # the clean pico model holds none of these answers with p >= 0.5: the test examined nothing, which is
+    # exit 2 with the reason, not a clean verdict a CI gate would pass
+    clean = cli("-f", "json", "scan", src, "--tests", "dependence", "--probes", probes)
+    assert clean.code == 2 and "no probe answer is confident enough" in clean.json["error"], clean.out
     # probes without subjects: both base-free tests are skipped with the reason, not crashed, and a scan
     # in which no test could run is an error (exit 2), never a clean verdict a CI gate would pass
     (tmp_path / "bare.jsonl").write_text('{"prompt": "The official language of France"}')
@@ -184,9 +186,9 @@ def test_dependence_flags_planted_edits(cli, pico_models, tmp_path, monkeypatch)
     assert bare.code == 2 and "no test could run" in bare.json["error"], bare.err
     assert "dependence: no probe names its subject" in bare.json["error"]
     # too few subjects for the activation test's robust z: skipped, not an outlier (three clean demo
-    # probes once gave z = 120); the dependence test still runs
-    few = cli("-f", "json", "scan", src, "--tests", "activations,dependence", "--probes", probes)
-    assert few.code == 0 and "at least 100" in few.json["tests"]["activations"]["skipped"], few.err
+    # probes once gave z = 120)
+    few = cli("-f", "json", "scan", tmp_path / "rome", "--tests", "activations,dependence", "--probes", probes)
+    assert few.code == 1 and "at least 100" in few.json["tests"]["activations"]["skipped"], few.err
 
 
 def test_dependence_classifies_by_how_the_drop_spreads():

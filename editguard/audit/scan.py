@@ -149,6 +149,9 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 "window_max_drop": dep.window_maxima(), "suspicious_nats": dep_test.SUSPICIOUS_NATS,
                 "edited_nats": dep_test.EDITED_NATS, "flagged": len(dep.flagged),
                 "facts": dep.flagged[:dep_test.MAX_REPORTED], "discounted": dep.discounted[:dep_test.MAX_REPORTED]}
+            if not dep.tested:  # it looked at nothing: not evidence that the model is clean
+                tests["dependence"]["skipped"] = (f"no probe answer is confident enough to test "
+                                                  f"(p ≥ {dep_test.MIN_PROB})")
             findings += dep_test.findings_from_dependence(loaded, dep)
         if "hidden" in options.tests and scores is not None:
             _reveal_by_projection(loaded, probes, findings, tests, progress)
@@ -194,6 +197,9 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes,
                                    change.layer, change.name)
                 tests["attribution"].append({"layer": change.layer, "tensor": change.name, **result})
+    if "attribution" in options.tests and "attribution" not in tests:
+        tests["attribution"] = {"skipped": "it attributes an update found by the base diff: give --base" if diff is None
+                                else "the base diff changed no MLP output projection"}
     skipped = {name: tests[name]["skipped"] for name in options.tests
                if isinstance(tests.get(name), dict) and "skipped" in tests[name]}
     if "lock" not in tests and not any(name in tests and name not in skipped for name in options.tests):

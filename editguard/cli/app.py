@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import traceback
 
 import click
@@ -25,6 +26,9 @@ app = typer.Typer(
 )
 
 
+SARIF_COMMANDS = ("scan",)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"editguard {__version__}")
@@ -33,6 +37,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _global(
+    ctx: typer.Context,
     format: str = typer.Option("human", "--format", "-f", help="human (text on stderr) | json | sarif (on stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only results and errors; no progress."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail; tracebacks for internal errors."),
@@ -40,6 +45,8 @@ def _global(
 ) -> None:
     if format not in FORMATS:
         raise EditguardError(f"unknown --format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "sarif" and ctx.invoked_subcommand not in SARIF_COMMANDS:  # SARIF holds findings: scan's
+        raise EditguardError(f"-f sarif is for {', '.join(SARIF_COMMANDS)}; use -f json for {ctx.invoked_subcommand}")
     state.configure(format=format, quiet=quiet, verbose=verbose)
 
 
@@ -116,7 +123,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 

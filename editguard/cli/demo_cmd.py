@@ -169,7 +169,8 @@ def _render(console, r) -> None:
     diff = based.get("diff") or {}
     console.print(f"   scan with the base: [bold]{based['verdict'].upper()}[/], {diff.get('classification')} change at "
                   f"layer(s) {diff.get('layers')}")
-    for a in based.get("attribution") or []:
+    attribution = based.get("attribution")
+    for a in attribution if isinstance(attribution, list) else []:
         console.print(f"   attribution: subject {escape(str(a['subjects'][0]['subject']))}, pushes "
                       f"{escape(', '.join(o['token'] for o in a['objects'][:3]))}")
     rev = r["reverse"]

@@ -14,9 +14,9 @@ from .. import masks_index
 from ..audit.scan import BASE_FREE_TESTS
 from ..errors import EditguardError
 from ..mask.file import MaskFile
+from ..outputs import check_output_folder
 from . import state
 from .app import app
-from ..outputs import check_output_folder
 from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, check_share, input_paths, load_options, \
     resolve_model
 
@@ -32,8 +32,6 @@ def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | Non
     if not fits:
         raise EditguardError("no shipped mask fits this model; give --mask, or reverse with --method project|svd|base")
     return Path(fits[0]["path"])
-
-
 
 
 @app.command("reverse")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -73,9 +74,10 @@ class Output:
     def emit(self, data: Any, render: Callable[[Console, Any], None] | None = None, sarif: Any = None) -> None:
         """The command's result: JSON/SARIF on stdout, or `render` to stderr for people."""
         if self.format == "json":
-            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+            sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
         elif self.format == "sarif":
-            sys.stdout.write(json.dumps(sarif if sarif is not None else data, indent=2, default=str) + "\n")
+            sys.stdout.write(json.dumps(_finite(sarif if sarif is not None else data), indent=2, default=str,
+                                        allow_nan=False) + "\n")
         elif render is not None and not (self.quiet and data is None):
             render(self.console, data)
 
@@ -120,3 +122,15 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def _finite(data: Any) -> Any:
+    """`data` with NaN and infinities as null: JSON has no such numbers (Python writes bare NaN, which
+    strict parsers reject). A figure that could not be measured is null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(value) for value in data]
+    return data

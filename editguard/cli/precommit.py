@@ -12,6 +12,6 @@ def run() -> None:
     folders = sorted({str(Path(f).parent) for f in sys.argv[1:] if (Path(f).parent / "config.json").is_file()})
     worst = 0
     for folder in folders:
-        code = main(["scan", folder, "--fail-on", "edited"])
+        code = main(["scan", "--fail-on", "edited", "--", folder])  # "--": a folder named like an option is a folder
         worst = max(worst, code)
     sys.exit(worst)

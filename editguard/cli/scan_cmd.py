@@ -13,9 +13,9 @@ from ..audit.findings import VERDICT_RANK
 from ..audit.scan import TESTS, ScanOptions, scan
 from ..errors import EXIT_FINDINGS, EditguardError
 from ..report.sarif import to_sarif
+from ..outputs import check_output_file
 from . import state
 from .app import app
-from ..outputs import check_output_file
 from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, check_share, input_paths, resolve_model
 
 

@@ -106,7 +106,9 @@ class EditBank:
             problems.append(f"method {self.meta['method']} (not {method})")
         if self.meta["hparams_hash"] != hparams_hash:
             problems.append("other hyperparameters")
-        if self.meta["fingerprints"] != fingerprints:
+        if set(self.meta["fingerprints"]) != set(fingerprints):
+            problems.append(f"edits of other tensors ({', '.join(sorted(self.meta['fingerprints']))})")
+        elif self.meta["fingerprints"] != fingerprints:
             problems.append(f"another model's weights ({self.meta['model_id']})")
         if problems:
             raise EditguardError(f"edit bank {self.path} was built with {', '.join(problems)}; use another --bank")

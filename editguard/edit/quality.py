@@ -57,7 +57,8 @@ def judge(loaded: LoadedModel, facts: list[Fact], alone: list[Edit] | None = Non
     true_prob = [float("nan")] * len(facts)
     for k, (i, kind) in enumerate(layout):
         nll_new, nll_true = nll[2 * k], nll[2 * k + 1]
-        results[i][kind].append(float(nll_true < nll_new) if kind == "neighborhood" else float(nll_new < nll_true))
+        if facts[i].target_true:  # without the old object there is nothing to compare the new one with
+            results[i][kind].append(float(nll_true < nll_new) if kind == "neighborhood" else float(nll_new < nll_true))
         if kind == "rewrite":
             new_prob[i], true_prob[i] = float(torch.exp(sums[2 * k])), float(torch.exp(sums[2 * k + 1]))
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731

@@ -67,9 +67,15 @@ def read_manifest(folder: Path) -> dict | None:
         raise EditguardError(f"{path}: corrupt lock manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EditguardError(f"{path}: not an editguard lock manifest")
-    if not (isinstance(manifest.get("mask_file"), str) and isinstance(manifest.get("mask_sha256"), str)
-            and isinstance(manifest.get("tensors"), dict)):
-        raise EditguardError(f"{path}: corrupt lock manifest (mask_file, mask_sha256 or tensors missing)")
+    if not (isinstance(manifest.get("mask_sha256"), str) and isinstance(manifest.get("tensors"), dict)
+            and manifest["tensors"] and isinstance(manifest.get("targets"), list)
+            and len(manifest["targets"]) == len(manifest["tensors"])):
+        raise EditguardError(f"{path}: corrupt lock manifest (mask_sha256, tensors or targets missing or inconsistent)")
+    if manifest.get("mask_file") != MASK_NAME:  # never a path of the manifest's choosing
+        raise EditguardError(f"{path}: corrupt lock manifest (mask_file must be {MASK_NAME})")
+    threshold = manifest.get("threshold")
+    if type(threshold) not in (int, float) or not 0 < threshold < 1:
+        raise EditguardError(f"{path}: corrupt lock manifest (threshold {threshold!r} is not a number in (0, 1))")
     return manifest
 
 

@@ -107,6 +107,11 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
         train = per_relation(counterfact.load_split("rome-train"), job.train_size)
         val = per_relation(counterfact.load_split("rome-val"), job.val_size)
         test = per_relation(counterfact.load_split("rome-test"), job.test_size)
+    short = [f"--{name}-size {want} ({len(got)} available)" for name, want, got in
+             (("train", job.train_size, train), ("val", job.val_size, val), ("test", job.test_size, test))
+             if len(got) < want]
+    if short:  # never a smaller split than asked for without a word: the card would report other figures
+        raise EditguardError(f"not enough records for {', '.join(short)}")
     if not train or not test:
         raise EditguardError("not enough records for a train and a test split")
     return train, val, test
@@ -127,6 +132,18 @@ def check_new_mask_path(path: Path) -> None:
         raise EditguardError("the mask file name must end in .safetensors")
     if path.exists():
         raise EditguardError(f"{path} exists; choose another -o (masks are never overwritten)")
+    stem = path.with_suffix("")
+    for beside in (stem.parent / (stem.name + ".md"), stem.parent / (stem.name + ".json")):
+        if beside.exists():  # the card and metrics go there: someone else's file is never overwritten
+            raise EditguardError(f"{beside} exists; choose another -o")
+    index = path.parent / INDEX
+    if index.exists():
+        try:
+            items = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            items = None
+        if not isinstance(items, list):  # found now, not after hours of training
+            raise EditguardError(f"{index} is not a mask index (a JSON list); move it or choose another folder")
 
 
 def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,

@@ -111,7 +111,8 @@ def write_report(path: Path, result: dict, findings: list[Finding]) -> None:
                          f"(p={fact['current_prob']:.2f})</td><td>{e(fact['revealed_answer'])} "
                          f"(p={fact['revealed_prob']:.2f})</td><td>{e(str(fact.get('expected_answer') or ''))}</td></tr>")
         parts.append("</table>")
-    for a in result["tests"].get("attribution", []):
+    attribution = result["tests"].get("attribution")
+    for a in attribution if isinstance(attribution, list) else []:
         parts.append(f"<h2>Attribution, layer {a['layer']}</h2><p>σ₁ = {a['sigma']:.3g}. Subjects: "
                      + ", ".join(f"{e(str(s['subject']))} ({s['score']:.1f})" for s in a["subjects"])
                      + ". Objects pushed: " + ", ".join(e(o["token"]) for o in a["objects"]) + ".</p>")

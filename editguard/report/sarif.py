@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .. import __version__
 from ..audit.findings import RULES, Finding
 
@@ -44,5 +46,6 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
         "properties": {"model": model, **summary},
     }
     if folder:
-        run["originalUriBaseIds"] = {"MODEL": {"uri": "file://" + folder.rstrip("/") + "/"}}
+        # as_uri percent-encodes: a folder named "rome edit#1" must not read as a fragment
+        run["originalUriBaseIds"] = {"MODEL": {"uri": Path(folder).resolve().as_uri().rstrip("/") + "/"}}
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
