@@ -19,6 +19,11 @@ class EditguardError(Exception):
         self.message = message
 
 
+class NothingExamined(EditguardError):
+    """A scan in which no test could run: an error for a gate, "nothing flagged" for a caller that only
+    looks for facts to show."""
+
+
 class UnsupportedError(EditguardError):
     """Valid input that editguard cannot handle (unknown architecture, ...)."""
 

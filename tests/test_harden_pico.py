@@ -72,6 +72,21 @@ def test_reverse_methods(cli, edited, pico_models, pico_mask, tmp_path):
     assert again.code == 2 and "already exists" in again.err
     wrong = cli("reverse", edited, "-o", tmp_path / "rev-w", "--method", "svd", "--layers", "1", "--whiten")
     assert wrong.code == 2 and "apply to --method project" in wrong.err and "Traceback" not in wrong.err
+    # svd with --layers needs no scan: a probe file too small for any test still gets its checkpoint
+    out = tmp_path / "rev-svd-noscan"
+    r = cli("-f", "json", "reverse", edited, "-o", out, "--method", "svd", "--layers", "1", "--probes", probes)
+    assert r.code == 0 and r.json["facts"] == [], r.out
+    # base: the edit restored; another changed tensor that is no edit stays, and the output says so
+    attn = "model.layers.1.self_attn.o_proj.weight"
+    mixed = tmp_path / "mixed"
+    shutil.copytree(edited, mixed)
+    tensors = load_file(mixed / "model.safetensors")
+    tensors[attn] = tensors[attn] + torch.randn(tensors[attn].shape, generator=torch.Generator().manual_seed(0))
+    save_file(tensors, mixed / "model.safetensors")
+    r = cli("-f", "json", "reverse", mixed, "-o", tmp_path / "rev-mixed", "--method", "base", "--base",
+            pico_models["llama"], "--probes", probes)
+    assert r.code == 0, r.err
+    assert r.json["restored"] == [TENSOR] and r.json["left_as_they_are"] == [attn]
 
 
 def test_reverse_loads_the_input_once_and_scans_once(cli, edited, pico_models, pico_mask, tmp_path, monkeypatch):

@@ -60,6 +60,38 @@ def test_diff_finds_memit_edit(cli, planted):
     assert {f["rule"] for f in data["findings"]} == {"EG002"}
 
 
+def _variant(src: Path, dest: Path, change) -> Path:
+    shutil.copytree(src, dest)
+    tensors = load_file(dest / "model.safetensors")
+    save_file(change(tensors), dest / "model.safetensors")
+    return dest
+
+
+def test_diff_is_not_fooled_by_order_precision_or_noise(cli, planted, tmp_path):
+    down, attn = "model.layers.1.mlp.down_proj.weight", "model.layers.1.self_attn.o_proj.weight"
+    scan = lambda model, base: cli("-f", "json", "scan", model, "--base", base, "--tests", "diff")  # noqa: E731
+    # a tiny second change after the edit (sorted names: the edit's rank test used to reset the norm
+    # threshold, so every later small change was dropped)
+    gen = torch.Generator().manual_seed(1)
+    tiny = 5e-4 * torch.outer(torch.randn(32, generator=gen), torch.randn(32, generator=gen)).div(1.0)
+    hide = _variant(planted["rome"], tmp_path / "hide", lambda t: {**t, attn: t[attn] + tiny / tiny.norm() * 5e-4})
+    data = scan(hide, planted["base"]).json
+    assert {c["name"] for c in data["tests"]["diff"]["changed"]} == {down, attn}
+    # a copy of the base in bfloat16 is no change; the same ROME edit stored in bfloat16 is still found
+    bf16 = _variant(planted["base"], tmp_path / "bf16", lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()})
+    cast = scan(bf16, planted["base"])
+    assert cast.code == 0 and cast.json["tests"]["diff"]["classification"] == "identical", cast.json["findings"]
+    rome16 = _variant(planted["rome"], tmp_path / "rome16", lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()})
+    edited16 = scan(rome16, planted["base"]).json
+    assert edited16["tests"]["diff"]["classification"] == "rome-like" and edited16["verdict"] == "edited"
+    # the edit with 1e-3 noise on every tensor (a "fine-tune" to hide it): still flagged, at its tensor
+    noisy = _variant(planted["rome"], tmp_path / "noisy", lambda t: {
+        k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in t.items()})
+    hidden = scan(noisy, planted["base"])
+    assert hidden.json["tests"]["diff"]["classification"] == "fine-tune"
+    assert hidden.code == 1 and [f["tensor"] for f in hidden.json["findings"] if f["rule"] == "EG001"] == [down]
+
+
 def test_controls_not_flagged(cli, planted):
     tuned = cli("-f", "json", "scan", planted["tuned"], "--base", planted["base"], "--tests", "diff")
     assert tuned.code == 0, tuned.err
@@ -232,3 +264,14 @@ def test_flagged_subjects_follow_the_majority_method():
     assert edit_method(f for finding in memit for f in finding.facts) == "memit"
     assert sorted(flagged_subjects(memit)) == [2, 3, 4, 5, 6]
     assert edit_method([]) is None
+
+
+def test_robust_z_survives_a_majority_of_identical_values():
+    from editguard.audit.activations import robust_z
+
+    # 60 % of the probes alike (a tokenizer mapping their subjects to the same tokens): MAD 0, yet no
+    # other value may become a million-sigma outlier
+    x = torch.cat([torch.zeros(60), torch.linspace(-1, 1, 40)])
+    assert float(robust_z(x).abs().max()) < 5
+    x[0] = 50.0  # a real outlier still stands out
+    assert float(robust_z(x)[0]) > 20

@@ -65,8 +65,12 @@ def subject_sequences(loaded: LoadedModel, probes: list[Probe], whole: bool = Fa
 
 def robust_z(x: torch.Tensor) -> torch.Tensor:
     median = x.median(dim=-1, keepdim=True).values
-    mad = (x - median).abs().median(dim=-1, keepdim=True).values * 1.4826
-    return (x - median) / mad.clamp_min(1e-6)
+    deviation = (x - median).abs()
+    mad = deviation.median(dim=-1, keepdim=True).values * 1.4826
+    # more than half the probes alike (e.g. subjects a tokenizer maps to the same tokens) make the MAD 0 and
+    # every other probe an "outlier": then the mean absolute deviation (scaled to σ for normal data) instead
+    mean_dev = deviation.mean(dim=-1, keepdim=True) * 1.2533
+    return (x - median) / torch.where(mad > 0, mad, mean_dev).clamp_min(1e-6)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 
 from .. import arch as arch_table
 from .. import masks_index
-from ..errors import EditguardError
+from ..errors import EditguardError, NothingExamined
 from ..harden.lock import verify_lock
 from ..mask.file import MaskFile
 from ..resolve import ModelRef, resolve
@@ -205,7 +205,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     if "lock" not in tests and not any(name in tests and name not in skipped for name in options.tests):
         # a CI gate must not pass a model that nothing examined (a lock's check counts: it reads every locked byte)
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
-        raise EditguardError(f"no test could run{' (' + reasons + ')' if reasons else ''}")
+        raise NothingExamined(f"no test could run{' (' + reasons + ')' if reasons else ''}")
     label, severity = verdict(findings)
     return {
         "model": ref.spec, "model_id": ref.model_id, "revision": ref.revision, "architecture": arch.model_type,

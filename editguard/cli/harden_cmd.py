@@ -12,7 +12,7 @@ from rich.table import Table
 from .. import arch as arch_table
 from .. import masks_index
 from ..audit.scan import BASE_FREE_TESTS
-from ..errors import EditguardError
+from ..errors import EditguardError, NothingExamined
 from ..mask.file import MaskFile
 from ..outputs import check_output_folder
 from . import state
@@ -97,9 +97,15 @@ def reverse_command(
         base_ck = resolve_model(base, None, allow_pickle).checkpoint(allow_pickle=allow_pickle)
         with out.progress("diffing against the base"):
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
-        restored = [c.name for c in diff.changed if c.layer is not None] or [c.name for c in diff.changed]
+        from ..audit.diff import findings_from_diff
+
+        # the tensors the diff calls edits (ROME/MEMIT-like, or a rank-one spike inside a broader change);
+        # when none reads as an edit, every changed tensor. What stays different is said, not hidden.
+        edits = {f.tensor for f in findings_from_diff(diff, checkpoint, arch) if f.rule in ("EG001", "EG002")}
+        restored = [c.name for c in diff.changed if c.name in edits] or [c.name for c in diff.changed]
         replacements = base_replacements(checkpoint, base_ck, arch, restored)
         info["restored"] = restored
+        info["left_as_they_are"] = [c.name for c in diff.changed if c.name not in restored]
     elif method == "project":
         from ..harden.project import projection_replacements
 
@@ -171,8 +177,11 @@ class _ReverseInput:
         if key not in self._scans:
             what = "finding flagged facts" if "hidden" in tests else "finding edited layers"
             with state.out().progress(f"{what} (activation and answer-dependence tests)"):
-                result = scan(self.ref, ScanOptions(mask=mask, probes=self.probes, tests=tests, loaded=self.model(),
-                                                    **_scan_placement(self.placement)))
+                try:
+                    result = scan(self.ref, ScanOptions(mask=mask, probes=self.probes, tests=tests, loaded=self.model(),
+                                                        **_scan_placement(self.placement)))
+                except NothingExamined:  # nothing flagged (a method that needs flags says so itself)
+                    result = {"_findings": []}
             self._scans[key] = result["_findings"]
         return self._scans[key]
 
@@ -221,6 +230,9 @@ def _render_reverse(console, r) -> None:
     how = r["method"] + (" (whitened keys)" if r.get("whitened") else "")
     console.print(f"reversed {escape(r['model'])} with --method {how} → {escape(r['output'])} "
                   f"(rewrote {', '.join(r['rewritten_files'])}; tensors {', '.join(r['tensors'])})")
+    if r.get("left_as_they_are"):
+        console.print(f"[yellow]still different from the base (not edit-like, left as they are):[/] "
+                      f"{escape(', '.join(r['left_as_they_are']))}")
     if r["facts"]:
         table = Table(box=None, title="flagged facts", title_justify="left")
         for column in ("prompt", "original answer", "before", "after"):
