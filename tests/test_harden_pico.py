@@ -163,6 +163,8 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     # scan: intact lock is clean; a changed locked tensor is reported
     clean = cli("-f", "json", "scan", locked_dir, "--tests", "diff")
     assert clean.code == 0 and clean.json["tests"]["lock"]["intact"] is True
+    # the manifest's digest, printed at lock time, is what scan reports: a rewritten manifest shows
+    assert clean.json["tests"]["lock"]["manifest_sha256"] == r.json["manifest_sha256"]
     tampered = tmp_path / "tampered"
     shutil.copytree(locked_dir, tampered)
     tensors = load_file(tampered / "model.safetensors")

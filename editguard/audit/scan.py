@@ -79,7 +79,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     # 0. lock manifest
     manifest, problems = verify_lock(checkpoint)
     if manifest is not None:
-        tests["lock"] = {"locked": True, "intact": not problems, "problems": problems}
+        tests["lock"] = {"locked": True, "intact": not problems, "problems": problems,
+                         "manifest_sha256": manifest["manifest_sha256"]}
         for p in problems:
             findings.append(Finding("EG030", "error", f"locked {p['what']} {p.get('tensor', p.get('file'))}: {p['reason']}",
                                     tensor=p.get("tensor"), file=p.get("file")))

@@ -291,7 +291,8 @@ def lock_command(
     if output is not None:
         with out.progress(f"writing {output}"):
             manifest = lock_checkpoint(checkpoint, arch, mask_file, mask_path, output, threshold, force=force)
-        info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"])
+        info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"],
+                    manifest_sha256=manifest["manifest_sha256"])
     if evaluate is not None:
         info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data,
                                             load_options(device_map, dtype, None, None, allow_pickle))
@@ -325,6 +326,7 @@ def _render_lock(console, r) -> None:
     if r.get("output"):
         console.print(f"locked {escape(r['model'])} → {escape(r['output'])} (tensors {', '.join(r['locked_tensors'])}; "
                       f"mask {escape(r['mask'])})")
+        console.print(f"lock manifest sha256 {r['manifest_sha256']} (keep it: scan reports the digest it finds)")
     if r.get("evaluation"):
         e = r["evaluation"]
         console.print(f"{e['method'].upper()} edit success on {e['unlocked']['n']} CounterFact facts: unlocked "

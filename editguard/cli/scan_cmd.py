@@ -99,7 +99,7 @@ def _render(console, r) -> None:
             console.print(f"  hidden facts under {escape(t['mask'])} (γ={t['threshold']}): {t['changed_confident']} of "
                           f"{t['probes']} probe answers change")
         elif name == "lock":
-            console.print(f"  lock: {'intact' if t['intact'] else 'BROKEN'}")
+            console.print(f"  lock: {'intact' if t['intact'] else 'BROKEN'} (manifest sha256 {t['manifest_sha256']})")
         elif name == "attribution":
             for a in t:
                 subj = a["subjects"][0] if a["subjects"] else {}

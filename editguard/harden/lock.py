@@ -52,9 +52,11 @@ def lock_checkpoint(checkpoint: Checkpoint, arch, mask: MaskFile, mask_path: Pat
         "threshold": mask.threshold if threshold is None else threshold,
         "tensors": hashes, "targets": [t.tensor for t in mask.targets], "model_id": mask.model_id,
     }
-    checkpoint.write_copy(out_dir, replacements, force=force,
-                          extra_files={MANIFEST: json.dumps(manifest, indent=2).encode(), MASK_NAME: mask_bytes})
-    return manifest
+    manifest_bytes = json.dumps(manifest, indent=2).encode()
+    checkpoint.write_copy(out_dir, replacements, force=force, extra_files={MANIFEST: manifest_bytes, MASK_NAME: mask_bytes})
+    # the manifest is not signed: whoever edits the locked tensors can rewrite their hashes too. Its digest,
+    # kept outside the checkpoint (scan reports it), tells a rewritten manifest from the one written here.
+    return {**manifest, "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -80,10 +82,13 @@ def read_manifest(folder: Path) -> dict | None:
 
 
 def verify_lock(checkpoint: Checkpoint) -> tuple[dict | None, list[dict]]:
-    """(manifest, problems): each problem names a locked tensor or the mask whose bytes changed."""
+    """(manifest, problems): each problem names a locked tensor or the mask whose bytes changed. The
+    manifest comes back with `manifest_sha256`, the digest of its file, for comparison with the one
+    `lock` printed."""
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
         return None, []
+    manifest = {**manifest, "manifest_sha256": hashlib.sha256((checkpoint.folder / MANIFEST).read_bytes()).hexdigest()}
     problems = []
     mask_path = checkpoint.folder / manifest["mask_file"]
     if not mask_path.is_file() or hashlib.sha256(mask_path.read_bytes()).hexdigest() != manifest["mask_sha256"]:
