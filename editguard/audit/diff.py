@@ -19,7 +19,7 @@ from .findings import Finding
 
 TOP_K = 8
 # singular values below this share of the largest count as storage rounding noise
-RANK_TOL = {"F32": 1e-3, "F64": 1e-3}
+RANK_TOL = 1e-3  # float32 / float64
 RANK_TOL_LOW_PRECISION = 2e-2  # bf16 / fp16 rounding of W + ΔW leaves a visible noise floor
 MEMIT_MAX_LAYERS = 10  # MEMIT spreads an edit over a handful of layers, not the whole network
 FINE_TUNE_SHARE = 0.5  # more than this share of tensors changed: a fine-tune
@@ -88,12 +88,10 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         a, b = model.read(canon_model[name]), base.read(canon_base[name])
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
-        stored_dtype = model.info(canon_model[name]).dtype if model.format == "safetensors" else "F32"
         if a.dtype != b.dtype:
             # a copy saved in another precision is not a change: compare at the coarser of the two dtypes
             coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
             a, b = a.to(coarse), b.to(coarse)
-            stored_dtype = "F32" if coarse in (torch.float32, torch.float64) else "low precision"
         if not torch.equal(a, b):
             delta = a.float() - b.float()
             norm = float(delta.norm())
@@ -106,7 +104,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                     # few singular values for everything else
                     full = torch.linalg.svdvals(delta) if layer is not None else top_singular_values(delta)
                     # (not `tol`: that is the caller's norm threshold, still needed for the next tensors)
-                    rank_tol = RANK_TOL.get(stored_dtype, RANK_TOL_LOW_PRECISION)
+                    rank_tol = RANK_TOL if a.dtype in (torch.float32, torch.float64) else RANK_TOL_LOW_PRECISION
                     rank = int((full > rank_tol * full[0]).sum()) if float(full[0]) > 0 else 0
                     sv = full[:TOP_K]
                 result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
@@ -169,9 +167,10 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
         # output projection whose change is one direction above all others is flagged either way
         for c in result.changed:
             sv = c.singular_values
-            if c.layer is not None and len(sv) >= 2 and sv[0] >= SPIKE_RATIO * max(sv[1], 1e-12):
+            spike = sv[0] / max(sv[1], 1e-12) if len(sv) >= 2 else 0.0
+            if c.layer is not None and spike >= SPIKE_RATIO:
                 out.append(Finding("EG001", "error", f"one direction dominates the change in {c.name} (layer {c.layer}; "
-                                   f"σ₁/σ₂ = {sv[0] / max(sv[1], 1e-12):.3g}) among {len(result.changed)} changed "
+                                   f"σ₁/σ₂ = {spike:.3g}) among {len(result.changed)} changed "
                                    "tensors: a ROME-style edit inside a broader change", score=c.relative, layer=c.layer,
                                    tensor=c.name, file=c.file, details={"singular_values": sv}))
     return out

@@ -92,13 +92,11 @@ def reverse_command(
     elif method == "base":
         if not base:
             raise EditguardError("--method base needs --base")
-        from ..audit.diff import diff_checkpoints
+        from ..audit.diff import diff_checkpoints, findings_from_diff
 
         base_ck = resolve_model(base, None, allow_pickle).checkpoint(allow_pickle=allow_pickle)
         with out.progress("diffing against the base"):
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
-        from ..audit.diff import findings_from_diff
-
         # the tensors the diff calls edits (ROME/MEMIT-like, or a rank-one spike inside a broader change);
         # when none reads as an edit, every changed tensor. What stays different is said, not hidden.
         edits = {f.tensor for f in findings_from_diff(diff, checkpoint, arch) if f.rule in ("EG001", "EG002")}
