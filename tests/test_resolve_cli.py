@@ -139,6 +139,16 @@ def test_usage_error_exit_2(cli):
     assert json_error.json["exit_code"] == 2 and "Missing argument 'MODEL'" in json_error.json["error"]
 
 
+def test_version_follows_the_format_in_either_order(cli):
+    from editguard import __version__
+
+    assert cli("--version").out.strip() == f"editguard {__version__}"
+    for args in (("-f", "json", "--version"), ("--version", "-f", "json")):
+        result = cli(*args)
+        assert result.code == 0 and result.json == {"version": __version__}
+    _one_line_error(cli("--version", "-f", "xml"), 2, "unknown --format 'xml'")
+
+
 def test_console_script_end_to_end(pico_models):
     import subprocess
     import sys

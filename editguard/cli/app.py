@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -29,22 +30,41 @@ app = typer.Typer(
 SARIF_COMMANDS = ("scan",)
 
 
-def _version(value: bool) -> None:
-    if value:
+def _print_version(format: str) -> None:
+    if format == "json":
+        print(json.dumps({"version": __version__}))
+    else:
         print(f"editguard {__version__}")
-        raise typer.Exit()
+    raise typer.Exit()
+
+
+# --version answers in the chosen --format, whichever comes first on the command line: both options are
+# eager (click runs eager callbacks in command-line order, then the ones not given), so the later of the
+# two callbacks prints.
+def _version(ctx: typer.Context, value: bool) -> None:
+    if value:
+        if "format" in ctx.params:
+            _print_version(ctx.params["format"])
+        ctx.meta["editguard_version"] = True
+
+
+def _format(ctx: typer.Context, value: str) -> str:
+    if value not in FORMATS:
+        raise EditguardError(f"unknown --format {value!r}; choose one of {', '.join(FORMATS)}")
+    if ctx.meta.get("editguard_version"):
+        _print_version(value)
+    return value
 
 
 @app.callback()
 def _global(
     ctx: typer.Context,
-    format: str = typer.Option("human", "--format", "-f", help="human (text on stderr) | json | sarif (on stdout)."),
+    format: str = typer.Option("human", "--format", "-f", callback=_format, is_eager=True,
+                               help="human (text on stderr) | json | sarif (on stdout)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only results and errors; no progress."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail; tracebacks for internal errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if format not in FORMATS:
-        raise EditguardError(f"unknown --format {format!r}; choose one of {', '.join(FORMATS)}")
     if format == "sarif" and ctx.invoked_subcommand not in SARIF_COMMANDS:  # SARIF holds findings: scan's
         raise EditguardError(f"-f sarif is for {', '.join(SARIF_COMMANDS)}; use -f json for {ctx.invoked_subcommand}")
     state.configure(format=format, quiet=quiet, verbose=verbose)
