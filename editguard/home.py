@@ -7,6 +7,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from .errors import EditguardError
+
 
 def home() -> Path:
     """`$EDITGUARD_HOME`, else `$XDG_CACHE_HOME/editguard`, else `~/.cache/editguard`."""
@@ -20,7 +22,11 @@ def home() -> Path:
 
 def cache_dir(*parts: str) -> Path:
     path = home().joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EditguardError(f"cannot create editguard's cache folder {path} ({exc.strerror}); set EDITGUARD_HOME "
+                             "to a writable folder") from None
     return path
 
 

@@ -87,6 +87,11 @@ def load_model(
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)  # refuses pickle, validates headers
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
+    # transformers builds whatever config.json asks for: check the layer count against the weights first
+    # (a config claiming 10**12 layers would otherwise allocate until the machine gives out)
+    last = arch.weight_name("mlp_out", num_layers - 1)
+    if checkpoint.find(arch.tensor_candidates(last)) is None:
+        raise EditguardError(f"{ref.spec}: config.json says {num_layers} layers but the checkpoint lacks {last}")
     if dtype not in DTYPES and dtype != "auto":
         raise EditguardError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
@@ -108,6 +113,9 @@ def load_model(
         except EditguardError:
             raise
         except Exception as exc:
+            stop = _interruption(exc)
+            if stop is not None:  # Ctrl-C while transformers imports the model class: not a broken model
+                raise stop from None
             raise EditguardError(f"{ref.spec}: transformers could not load it ({str(exc).splitlines()[0][:240]})") from None
     model.eval()
     model.requires_grad_(False)
@@ -119,6 +127,17 @@ def load_model(
     loaded = LoadedModel(model, tokenizer, arch, num_layers, ref, checkpoint)
     _keep_lock(loaded)
     return loaded
+
+
+def _interruption(exc: BaseException) -> BaseException | None:
+    """A Ctrl-C or SIGTERM that a library wrapped into an ordinary error (transformers turns one raised
+    during its lazy imports into "Could not import module ..."), found along the exception chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if not isinstance(seen, Exception):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _keep_lock(loaded: LoadedModel) -> None:

@@ -2,7 +2,8 @@
 
 Each mask folder holds `index.json`: a list of entries written by `editguard train` (model type, target
 tensor names and shapes, base-weight fingerprints). Folders searched, in order: `$EDITGUARD_MASKS`
-(os.pathsep-separated), the `masks/` folder of this source tree, `$EDITGUARD_HOME/masks`.
+(os.pathsep-separated), the `masks/` folder of this source tree (or of the installed package),
+`$EDITGUARD_HOME/masks`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ INDEX = "index.json"
 
 def mask_dirs() -> list[Path]:
     dirs = [Path(p) for p in os.environ.get("EDITGUARD_MASKS", "").split(os.pathsep) if p]
-    dirs.append(Path(__file__).resolve().parent.parent / "masks")
+    here = Path(__file__).resolve().parent
+    dirs.append(here.parent / "masks")  # a source checkout (or an editable install)
+    dirs.append(here / "masks")  # an installed wheel: pyproject maps masks/ to editguard/masks/
     dirs.append(home() / "masks")
     seen, unique = set(), []
     for d in dirs:

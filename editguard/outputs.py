@@ -24,11 +24,15 @@ def _overlap(out: Path, inputs: Iterable[str | os.PathLike | None]) -> Path | No
     return None
 
 
-def _parent_is_folder(out: Path) -> None:
+def _parent_is_writable(out: Path) -> None:
+    """The nearest existing folder above `out` must be one we may write into: say so before the work, not
+    after it (a scan can take minutes before its report is written)."""
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise EditguardError(f"cannot write {out}: {parent} is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise EditguardError(f"cannot write {out}: no permission to write in {parent}")
             return
 
 
@@ -42,7 +46,7 @@ def check_output_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLi
     if source is not None:
         raise EditguardError(f"output folder {out} overlaps the input {source}; editguard never writes into or over "
                              "its input")
-    _parent_is_folder(out)
+    _parent_is_writable(out)
     if out.exists():
         if not out.is_dir():
             raise EditguardError(f"output {out} exists and is not a folder")
@@ -66,7 +70,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
         raise EditguardError(f"{path} overlaps the input {source}; editguard never writes into or over its input")
     if path.is_dir():
         raise EditguardError(f"{path} is a folder")
-    _parent_is_folder(path)
+    _parent_is_writable(path)
     return path
 
 

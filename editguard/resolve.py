@@ -50,6 +50,8 @@ def resolve(
     progress: Callable[[str], None] | None = None,
 ) -> ModelRef:
     """Turn whatever the user typed into a local model folder, fetching or converting it if needed."""
+    if not spec.strip():  # Path("") is the working directory: an empty CI variable must not scan it
+        raise EditguardError("the model argument is empty")
     if revision is not None and (spec.startswith(DEMO_PREFIX) or Path(spec).expanduser().exists()):
         raise EditguardError(f"--revision applies to hub ids; {spec} is a local model")
     if spec.startswith(DEMO_PREFIX):

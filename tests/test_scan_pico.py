@@ -113,6 +113,20 @@ def test_sarif_validates(cli, planted):
     assert run["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "model.safetensors"
     assert run["results"][0]["locations"][0]["logicalLocations"][0]["name"] == "model.layers.1.mlp.down_proj.weight"
     assert {r["id"] for r in run["tool"]["driver"]["rules"]} >= {"EG001", "EG002", "EG010", "EG020", "EG030"}
+    assert run["originalUriBaseIds"]["MODEL"]["uri"] == Path(planted["rome"]).resolve().as_uri() + "/"
+
+
+def test_sarif_in_a_checkout_is_repository_relative(cli, planted, monkeypatch):
+    # a CI job scans a model inside its checkout: code scanning places findings by repository-relative URIs
+    monkeypatch.chdir(Path(planted["rome"]).parent.parent)
+    runs = [json.loads(cli("-f", "sarif", "scan", planted["rome"], "--base", planted["base"], "--tests", "diff").out)
+            ["runs"][0] for _ in range(2)]
+    location = runs[0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]
+    relative = Path(planted["rome"]).resolve().relative_to(Path.cwd().resolve())
+    assert location == {"uri": f"{relative.as_posix()}/model.safetensors", "uriBaseId": "%SRCROOT%"}
+    assert runs[0]["originalUriBaseIds"]["%SRCROOT%"]["uri"] == Path.cwd().resolve().as_uri() + "/"
+    prints = [[r["partialFingerprints"] for r in run["results"]] for run in runs]
+    assert prints[0] == prints[1] and len({json.dumps(p) for p in prints[0]}) == len(prints[0])  # stable, distinct
 
 
 def test_html_report(cli, planted, tmp_path):

@@ -25,7 +25,7 @@ from .. import masks_index
 from ..errors import EditguardError, NothingExamined
 from ..harden.lock import verify_lock
 from ..mask.file import MaskFile
-from ..resolve import ModelRef, resolve
+from ..resolve import HUB_ID, ModelRef, resolve
 from .findings import Finding, verdict
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ class ScanOptions:
 
 
 def declared_base(checkpoint) -> str | None:
-    """A base model named in the model card (`base_model:`) or config, if any."""
+    """A base model named in the model card (`base_model:`), if any. Only a hub id counts: the card comes
+    with the upload, so it must not point a scan at a local path (or a demo or .gguf) of the machine."""
     readme = checkpoint.folder / "README.md"
     if readme.is_file():
         text = readme.read_text(errors="replace")
@@ -63,7 +64,7 @@ def declared_base(checkpoint) -> str | None:
             for line in text.split("---", 2)[1].splitlines():
                 if line.strip().startswith("base_model:"):
                     value = line.split(":", 1)[1].strip().strip("'\"")
-                    if value:
+                    if HUB_ID.match(value):
                         return value
     return None
 

@@ -131,11 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         state.out().error("terminated", 128 + signal.SIGTERM)
         return 128 + signal.SIGTERM
+    except OSError as exc:  # the environment, not a bug: no permission, disk full, read-only file system
+        where = f": {exc.filename}" if exc.filename else ""
+        state.out().error(f"{exc.strerror or exc}{where}", EXIT_ERROR)
+        return EXIT_ERROR
     except Exception as exc:  # a bug: still one line unless asked for the traceback
-        if state.out().verbose or os.environ.get("EDITGUARD_DEBUG"):
+        verbose = state.out().verbose or os.environ.get("EDITGUARD_DEBUG")
+        if verbose:
             traceback.print_exc()
-        state.out().error(f"internal error: {exc.__class__.__name__}: {exc} (rerun with --verbose for a traceback)",
-                          EXIT_ERROR)
+        hint = "" if verbose else " (rerun with --verbose for a traceback)"
+        state.out().error(f"internal error: {exc.__class__.__name__}: {exc}{hint}", EXIT_ERROR)
         return EXIT_ERROR
     finally:
         if catch_term:

@@ -30,7 +30,7 @@ def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | Non
         return Path(mask)
     fits = masks_index.prefer_layers(masks_index.fitting(arch, checkpoint), layers, method)
     if not fits:
-        raise EditguardError("no shipped mask fits this model; give --mask, or reverse with --method project|svd|base")
+        raise EditguardError("no shipped mask fits this model; give --mask FILE (`editguard train` makes one)")
     return Path(fits[0]["path"])
 
 

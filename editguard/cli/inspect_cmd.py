@@ -21,10 +21,10 @@ def inspect_command(model: ModelArg, revision: Revision = None, allow_pickle: Al
 
 def _render(console, info: dict) -> None:
     tied = "tied" if info["tied_embeddings"] else "untied"
-    console.print(f"[bold]{info['model']}[/]  {info['architecture']} ({info['model_class']}), "
+    console.print(f"[bold]{escape(info['model'])}[/]  {info['architecture']} ({escape(str(info['model_class']))}), "
                   f"{info['num_layers']} layers, hidden {info['hidden_size']}, {'/'.join(info['dtypes'])}, "
                   f"{tied} embeddings, {info['num_tensors']} tensors ({info['weight_format']})")
-    console.print(f"folder: {info['folder']}" + (f"  revision: {info['revision']}" if info["revision"] else ""))
+    console.print(f"folder: {escape(str(info['folder']))}" + (f"  revision: {escape(info['revision'])}" if info["revision"] else ""))
     targets = info["edit_targets"]
     table = Table(title=f"edit targets: {targets['role']}, stored {escape(targets['stored_orientation'])}",
                   title_justify="left", box=None, pad_edge=False)

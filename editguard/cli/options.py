@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Optional
 
 import typer
@@ -24,9 +25,25 @@ OffloadFolder = Annotated[Optional[str], typer.Option("--offload-folder", help="
 
 def resolve_model(spec: str, revision: str | None = None, allow_pickle: bool = False) -> ModelRef:
     """Resolve with a spinner: a first use may download or convert (tens of seconds)."""
-    with state.out().progress(f"resolving {spec}") as advance:
+    out = state.out()
+    with out.progress(f"resolving {spec}") as advance, _hub_bars(out.human and not out.quiet):
         return resolve(spec, revision=revision, allow_pickle=allow_pickle,
                        progress=lambda message: advance(0, description=message))
+
+
+@contextlib.contextmanager
+def _hub_bars(show: bool):
+    """huggingface_hub's download bars (tqdm, on stderr) follow --quiet and the output format."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not show:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            enable_progress_bars()
 
 
 def parse_max_memory(text: str | None) -> dict | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
@@ -31,11 +32,11 @@ class Output:
     def note(self, message: str) -> None:
         """A progress or status line: human mode only, silenced by --quiet."""
         if self.human and not self.quiet:
-            self.console.print(message, style="dim")
+            self.console.print(message, style="dim", markup=False)  # messages carry names from the model
 
     def debug(self, message: str) -> None:
         if self.verbose and self.human:
-            self.console.print(message, style="dim italic")
+            self.console.print(message, style="dim italic", markup=False)
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
@@ -82,7 +83,8 @@ class Output:
             render(self.console, data)
 
     def error(self, message: str, exit_code: int) -> None:
-        self.console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        # the message may quote the command line or the model's config: never read it as markup
+        self.console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         if self.format == "json":  # a SARIF consumer gets no document rather than a non-SARIF one
             sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from urllib.parse import quote
 
 from .. import __version__
 from ..audit.findings import RULES, Finding
@@ -22,11 +24,13 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
         "defaultConfiguration": {"level": LEVEL_DEFAULT[rule]},
         "helpUri": "https://github.com/editguard/editguard#findings",
     } for rule in rule_ids]
+    base_id, base_dir = _uri_base(folder)
     results = []
     for f in findings:
         location: dict = {}
-        uri = f.file or "config.json"
-        location["physicalLocation"] = {"artifactLocation": {"uri": uri, "uriBaseId": "MODEL"}}
+        name = f.file or "config.json"
+        uri = quote((Path(folder).resolve() / name).relative_to(base_dir).as_posix()) if folder else quote(name)
+        location["physicalLocation"] = {"artifactLocation": {"uri": uri, "uriBaseId": base_id}}
         if f.tensor or f.layer is not None:
             name = f.tensor or f"layer {f.layer}"
             location["logicalLocations"] = [{"name": name, "fullyQualifiedName": name, "kind": "member"}]
@@ -37,6 +41,7 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
         results.append({
             "ruleId": f.rule, "ruleIndex": rule_ids.index(f.rule), "level": f.severity,
             "message": {"text": f.message}, "locations": [location], "properties": properties,
+            "partialFingerprints": {"editguardFinding/v1": _fingerprint(f, uri)},
         })
     run = {
         "tool": {"driver": {"name": "editguard", "version": __version__, "semanticVersion": __version__,
@@ -47,5 +52,22 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
     }
     if folder:
         # as_uri percent-encodes: a folder named "rome edit#1" must not read as a fragment
-        run["originalUriBaseIds"] = {"MODEL": {"uri": Path(folder).resolve().as_uri().rstrip("/") + "/"}}
+        run["originalUriBaseIds"] = {base_id: {"uri": base_dir.as_uri().rstrip("/") + "/"}}
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
+
+
+def _uri_base(folder: str | None) -> tuple[str, Path | None]:
+    """A model inside the working directory (a CI checkout) gets repository-relative URIs under
+    %SRCROOT%, which code scanning places on the repository's files; any other (a hub snapshot in the
+    cache) is relative to the model folder."""
+    if not folder:
+        return "MODEL", None
+    model, here = Path(folder).resolve(), Path.cwd().resolve()
+    return ("%SRCROOT%", here) if model.is_relative_to(here) else ("MODEL", model)
+
+
+def _fingerprint(f: Finding, uri: str) -> str:
+    """Stable across runs (no scores), so code scanning follows one finding from upload to upload."""
+    subject = f.facts[0].get("subject", "") if f.facts else ""
+    key = "|".join(str(x) for x in (f.rule, uri, f.tensor or "", f.layer, subject))
+    return hashlib.sha256(key.encode()).hexdigest()[:32]

@@ -1,0 +1,188 @@
+"""editguard inside CI pipelines and hooks: what an upload gate meets (hostile names and configs, an
+unwritable workspace, Ctrl-C, the Action and pre-commit files, a non-editable install)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _one_line_error(result, code: int, text: str):
+    assert result.code == code, (result.code, result.err)
+    assert text in result.err and "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_markup_in_a_message_is_printed_as_text(cli, monkeypatch, tmp_path, pico_models):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Rich markup in the model name, in either format: one error line that quotes it, never a crash
+    human = cli("scan", "weird/x[/y]")
+    _one_line_error(human, 2, "weird/x[/y]")
+    as_json = cli("-f", "json", "scan", "weird/[red]x")
+    assert as_json.code == 2 and "weird/[red]x" in as_json.json["error"]
+    # ... or in the model's own config (an unsupported architecture named like a closing tag)
+    odd = _copy_with_config(pico_models["llama"], tmp_path / "odd", model_type="[/x]")
+    sarif = cli("-f", "sarif", "scan", odd, "--fail-on", "never")
+    _one_line_error(sarif, 3, "[/x]")
+
+
+def test_config_layer_count_is_checked_against_the_weights(cli, tmp_path, pico_models):
+    # transformers would build 10**12 layers before failing: editguard compares with the checkpoint first
+    huge = _copy_with_config(pico_models["llama"], tmp_path / "huge", num_hidden_layers=10**12)
+    _one_line_error(cli("scan", huge, "--tests", "activations"), 2, "config.json says 1000000000000 layers")
+    none = _copy_with_config(pico_models["llama"], tmp_path / "none", num_hidden_layers=0)
+    _one_line_error(cli("inspect", none), 2, "num_hidden_layers is 0")
+
+
+def test_unwritable_places_are_bad_input_not_internal_errors(cli, monkeypatch, tmp_path, pico_models):
+    from editguard import outputs
+
+    # checked before the scan (root passes any permission test, so the check itself is stubbed here)
+    monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
+    result = cli("scan", pico_models["llama"], "--report", tmp_path / "r.html")
+    _one_line_error(result, 2, f"no permission to write in {tmp_path}")
+    monkeypatch.undo()
+    # a cache home that cannot be created
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "file" / "home"))
+    _one_line_error(cli("inspect", "demo:smollm2-135m"), 2, "set EDITGUARD_HOME to a writable folder")
+
+
+def test_os_errors_read_as_the_environment(cli, monkeypatch, pico_models):
+    from editguard.cli import inspect_cmd
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "/somewhere/r.html")
+
+    monkeypatch.setattr(inspect_cmd, "inspect_model", denied)
+    _one_line_error(cli("inspect", pico_models["llama"]), 2, "Permission denied: /somewhere/r.html")
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(inspect_cmd, "inspect_model", bug)
+    verbose = cli("-v", "inspect", pico_models["llama"])
+    assert verbose.code == 2 and "Traceback" in verbose.err and "internal error: ValueError: a bug" in verbose.err
+    assert "rerun with --verbose" not in verbose.err  # it was
+
+
+def test_ctrl_c_inside_transformers_is_an_interrupt(cli, monkeypatch, pico_models):
+    import transformers
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:  # what transformers' lazy import does with it
+            raise RuntimeError("Could not import module 'LlamaForCausalLM'") from stop
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", interrupted_import)
+    result = cli("-f", "json", "scan", pico_models["llama"], "--tests", "activations")
+    assert result.code == 130 and result.json == {"error": "interrupted", "exit_code": 130}
+
+
+def test_empty_model_argument_is_refused(cli, tmp_path, pico_models, monkeypatch):
+    monkeypatch.chdir(pico_models["llama"])  # Path("") is "." : it would scan the working directory
+    _one_line_error(cli("inspect", ""), 2, "the model argument is empty")
+
+
+def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for declared, reason in ((str(pico_models["llama"]), "no base given"),
+                             ("pico-org/base", "declared base 'pico-org/base' not resolvable")):
+        upload = tmp_path / declared.replace("/", "_")
+        shutil.copytree(pico_models["llama"], upload)
+        (upload / "README.md").write_text(f"---\nbase_model: {declared}\n---\n# a model\n")
+        result = cli("-f", "json", "scan", upload, "--tests", "diff")
+        assert result.code == 2 and reason in result.json["error"], result.json
+
+
+def test_hub_download_bars_follow_the_output_format(monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    from editguard.cli import options, state
+
+    seen = []
+    monkeypatch.setattr(options, "resolve", lambda *a, **k: seen.append(are_progress_bars_disabled()))
+    for fmt, quiet in (("json", False), ("human", True), ("human", False)):
+        state.configure(format=fmt, quiet=quiet)
+        options.resolve_model("org/name")
+    state.configure()
+    assert seen == [True, True, False] and not are_progress_bars_disabled()
+
+
+def _precommit(monkeypatch, argv, codes):
+    from editguard.cli import precommit
+
+    calls = []
+    monkeypatch.setattr(precommit, "main", lambda args: calls.append(args[-1]) or codes[len(calls) - 1])
+    monkeypatch.setattr(precommit.sys, "argv", ["editguard-precommit", *argv])
+    with pytest.raises(SystemExit) as stop:
+        precommit.run()
+    return stop.value.code, calls
+
+
+def test_precommit_scans_model_folders_only_and_stops_on_ctrl_c(monkeypatch, tmp_path, pico_models):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        shutil.copytree(pico_models["llama"], tmp_path / name)
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "config.json").write_text('{"port": 8080}')  # an application's config, not a model
+    code, calls = _precommit(monkeypatch, ["app/config.json", "a/config.json", "b/model.safetensors"], [0, 1])
+    assert (code, calls) == (1, ["a", "b"])
+    code, calls = _precommit(monkeypatch, ["a/config.json", "b/config.json"], [130, 0])
+    assert (code, calls) == (130, ["a"])  # interrupted: b is not scanned
+
+
+def test_action_and_hooks_are_valid_and_name_real_commands():
+    scripts = {line.split("=")[0].strip() for line in (REPO / "pyproject.toml").read_text().splitlines()
+               if line.startswith("editguard")}
+    hooks = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
+    assert {h["entry"] for h in hooks} <= scripts and {h["language"] for h in hooks} == {"python", "system"}
+    action = yaml.safe_load((REPO / "action.yml").read_text())  # it was not valid YAML once
+    steps = {s.get("id") or s.get("name") or s["uses"]: s for s in action["runs"]["steps"]}
+    script = steps["scan"]["run"]
+    assert 'if [ -z "$MODEL" ]' in script and "mkdir -p" in script and "-- \"$MODEL\"" in script
+    upload = steps["Upload SARIF"]
+    assert "steps.scan.outputs.code == '1'" in upload["if"] and upload["with"]["category"]
+
+
+def test_installed_wheel_carries_the_shipped_masks(tmp_path):
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip(f"setuptools {setuptools.__version__} is older than pyproject's build requirement")
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "logs", "runs", "build", "*.egg-info",
+                                                                "banks", "*.png"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    shipped = json.loads((REPO / "masks" / "index.json").read_text())
+    for entry in shipped:
+        assert (tmp_path / "site" / "editguard" / "masks" / entry["file"]).is_file(), entry["file"]
+    probe = ("import json, editguard.masks_index as m; "
+             "print(json.dumps([str(d) for d in m.mask_dirs()] + [e['file'] for e in m.entries()]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin",
+                                            "EDITGUARD_HOME": str(tmp_path / "home")})
+    found = json.loads(out.stdout)
+    assert found[0] == str(tmp_path / "site" / "editguard" / "masks")
+    assert sorted(found[1:]) == sorted(e["file"] for e in shipped)
