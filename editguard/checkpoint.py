@@ -67,6 +67,9 @@ class TensorInfo:
         return _DTYPES[self.dtype][0]
 
 
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate one safetensors file's header: tensors by name, and the free-form metadata."""
     size = path.stat().st_size
@@ -75,6 +78,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if len(raw_len) < 8:
             raise EditguardError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
         (header_len,) = struct.unpack("<Q", raw_len)
+        if raw_len == _LFS_POINTER[:8]:  # a checkout without `git lfs pull`: how a CI gate often meets a "model"
+            if raw_len + handle.read(len(_LFS_POINTER) - 8) == _LFS_POINTER:
+                raise EditguardError(f"{path}: a Git LFS pointer, not the weights (fetch them: git lfs pull)")
+            handle.seek(8)
         if header_len > min(_MAX_HEADER, size - 8):
             raise EditguardError(f"{path}: corrupt or truncated safetensors file (header length {header_len} "
                                  f"does not fit in a {size}-byte file)")

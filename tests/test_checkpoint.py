@@ -136,6 +136,13 @@ def test_truncated_and_corrupt_files(tmp_path):
     shard.write_bytes(b"\xff" * 64)
     with pytest.raises(EditguardError, match="corrupt or truncated"):
         Checkpoint(src)
+    # a checkout without `git lfs pull`; a file merely starting with "version " is not taken for one
+    shard.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123\n")
+    with pytest.raises(EditguardError, match="a Git LFS pointer, not the weights"):
+        Checkpoint(src)
+    shard.write_bytes(b"version 2 of something else entirely")
+    with pytest.raises(EditguardError, match="corrupt or truncated"):
+        Checkpoint(src)
 
 
 def test_folder_problems(tmp_path):
