@@ -66,6 +66,9 @@ def resolve(
             raise EditguardError(f"{spec}: expected a model folder or a .gguf file")
         return ModelRef(spec, "local", path.resolve(), model_id=str(path.resolve()))
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        if path.parent.is_dir():  # "models/upload" beside a local models/: a missing folder, not a hub repo
+            raise EditguardError(f"no such folder: {spec} ({path.parent}/ is a local folder, so this is not taken "
+                                 "for a hub id; run from another directory to mean the hub repo)")
         folder = _hub_download(spec, revision, allow_pickle, progress)
         return ModelRef(spec, "hub", folder, model_id=spec, revision=folder.name)
     raise EditguardError(f"no such file or folder: {spec}")

@@ -102,6 +102,13 @@ def test_empty_model_argument_is_refused(cli, tmp_path, pico_models, monkeypatch
     _one_line_error(cli("inspect", ""), 2, "the model argument is empty")
 
 
+def test_missing_folder_beside_a_local_folder_is_not_a_hub_id(cli, tmp_path, monkeypatch):
+    # a checkout that lacks models/upload must not fetch a hub repo of that name and gate on it instead
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(cli("scan", "models/upload"), 2, "no such folder: models/upload (models/ is a local folder")
+
+
 def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for declared, reason in ((str(pico_models["llama"]), "no base given"),
