@@ -137,6 +137,12 @@ def test_usage_error_exit_2(cli):
     assert "internal error" not in cli("scan").err
     json_error = cli("-f", "json", "scan")
     assert json_error.json["exit_code"] == 2 and "Missing argument 'MODEL'" in json_error.json["error"]
+    # before the command is known too: an unknown command or global option, in every spelling of -f
+    for args in (("-f", "json", "bogus"), ("--format=json", "bogus"), ("-fjson", "-q", "bogus"),
+                 ("--bogus", "-f", "json", "scan", "x")):
+        early = cli(*args)
+        assert early.code == 2 and early.json["exit_code"] == 2 and "No such" in early.json["error"], args
+    assert cli("inspect", "-f", "json", "--bogus").out == ""  # after the command name, -f is not global
 
 
 def test_version_follows_the_format_in_either_order(cli):

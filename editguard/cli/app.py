@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import traceback
 
@@ -99,10 +100,28 @@ def _usage_message(exc: Exception) -> str:
     return f"{exc.format_message()}{hint}"
 
 
+def _early_format(args: list[str]) -> str:
+    """The -f/--format value among the global options (those before the command name), if valid."""
+    value = "human"
+    args = iter(args)
+    for arg in args:
+        if arg in ("-f", "--format"):
+            value = next(args, value)
+        elif arg.startswith("--format="):
+            value = arg.partition("=")[2]
+        elif arg.startswith("-f") and len(arg) > 2:
+            value = arg[2:]
+        elif not arg.startswith("-"):
+            break  # the command name: its own options are not global ones
+    return value if value in FORMATS else "human"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: every expected failure becomes one line on stderr and an exit code."""
     command = typer.main.get_command(app)
-    state.configure()  # errors raised before the global options are parsed: default format, not a previous call's
+    # errors raised before the global options are parsed (an unknown command, a bad global option) still
+    # follow -f: read it off the command line first; and never a previous call's format
+    state.configure(format=_early_format(sys.argv[1:] if argv is None else argv))
     # SIGTERM gets Ctrl-C's clean-up, unless someone chose a handler (or to ignore it) already
     catch_term = _main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     if catch_term:
