@@ -118,6 +118,16 @@ def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatc
         (upload / "README.md").write_text(f"---\nbase_model: {declared}\n---\n# a model\n")
         result = cli("-f", "json", "scan", upload, "--tests", "diff")
         assert result.code == 2 and reason in result.json["error"], result.json
+    # a resolvable card base is used, and marked as the upload's own claim
+    from test_resolve_cli import _fake_hub_cache
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fake_hub_cache(tmp_path / "hub", "pico-org/base", pico_models["llama"])
+    declared = cli("-f", "json", "scan", upload, "--tests", "diff")
+    assert declared.code == 0 and declared.json["tests"]["diff"]["declared_by_card"] is True
+    assert "named by the model card: unverified" in cli("scan", upload, "--tests", "diff").err
+    given = cli("-f", "json", "scan", upload, "--tests", "diff", "--base", pico_models["llama"])
+    assert given.json["tests"]["diff"]["declared_by_card"] is False
 
 
 def test_hub_download_bars_follow_the_output_format(monkeypatch):

@@ -102,7 +102,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             progress(f"diffing against {base_spec}")
             base_ck = base_ref.checkpoint(allow_pickle=options.allow_pickle)
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
-            tests["diff"] = {"base": base_spec, **diff.to_json()}
+            # a base the upload names for itself proves nothing about the upload: say which kind this is
+            tests["diff"] = {"base": base_spec, "declared_by_card": not options.base, **diff.to_json()}
             findings += findings_from_diff(diff, checkpoint, arch)
     elif "diff" in options.tests:
         tests["diff"] = {"skipped": "no base given (--base) or declared in the model card"}

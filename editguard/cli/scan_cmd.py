@@ -82,7 +82,8 @@ def _render(console, r) -> None:
         if isinstance(t, dict) and "skipped" in t:
             console.print(f"  {name}: skipped — {escape(t['skipped'])}")
         elif name == "diff":
-            console.print(f"  base diff vs {escape(t['base'])}: {t['classification']}"
+            declared = " (named by the model card: unverified)" if t.get("declared_by_card") else ""
+            console.print(f"  base diff vs {escape(t['base'])}{declared}: {t['classification']}"
                           + (f", layers {t['layers']}" if t["layers"] else "") + f" ({len(t['changed'])} of {t['compared']} tensors changed)")
         elif name == "activations":
             scores = t["layer_scores"]
