@@ -192,6 +192,9 @@ def test_installed_wheel_carries_the_shipped_masks(tmp_path):
     wheel = next((tmp_path / "dist").glob("*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path / "site")
+    # pyproject lists the packages by hand (to map masks/ in): a new subpackage must not be left out
+    for package in (REPO / "editguard").glob("*/__init__.py"):
+        assert (tmp_path / "site" / package.relative_to(REPO)).is_file(), package.parent.name
     shipped = json.loads((REPO / "masks" / "index.json").read_text())
     for entry in shipped:
         assert (tmp_path / "site" / "editguard" / "masks" / entry["file"]).is_file(), entry["file"]

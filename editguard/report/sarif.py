@@ -24,12 +24,13 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
         "defaultConfiguration": {"level": LEVEL_DEFAULT[rule]},
         "helpUri": "https://github.com/editguard/editguard#findings",
     } for rule in rule_ids]
-    base_id, base_dir = _uri_base(folder)
+    model_dir = Path(folder).resolve() if folder else None
+    base_id, base_dir = _uri_base(model_dir)
     results = []
     for f in findings:
         location: dict = {}
-        name = f.file or "config.json"
-        uri = quote((Path(folder).resolve() / name).relative_to(base_dir).as_posix()) if folder else quote(name)
+        artifact = Path(f.file or "config.json")
+        uri = quote((model_dir / artifact).relative_to(base_dir).as_posix() if model_dir else artifact.as_posix())
         location["physicalLocation"] = {"artifactLocation": {"uri": uri, "uriBaseId": base_id}}
         if f.tensor or f.layer is not None:
             name = f.tensor or f"layer {f.layer}"
@@ -56,14 +57,14 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
 
 
-def _uri_base(folder: str | None) -> tuple[str, Path | None]:
+def _uri_base(model_dir: Path | None) -> tuple[str, Path | None]:
     """A model inside the working directory (a CI checkout) gets repository-relative URIs under
     %SRCROOT%, which code scanning places on the repository's files; any other (a hub snapshot in the
     cache) is relative to the model folder."""
-    if not folder:
+    if model_dir is None:
         return "MODEL", None
-    model, here = Path(folder).resolve(), Path.cwd().resolve()
-    return ("%SRCROOT%", here) if model.is_relative_to(here) else ("MODEL", model)
+    here = Path.cwd().resolve()
+    return ("%SRCROOT%", here) if model_dir.is_relative_to(here) else ("MODEL", model_dir)
 
 
 def _fingerprint(f: Finding, uri: str) -> str:
