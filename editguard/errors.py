@@ -1,4 +1,4 @@
-"""The one exception family the CLI turns into a single line and an exit code."""
+"""The one exception family the CLI turns into a single line and an exit code, and its warning."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ class EditguardError(Exception):
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
+
+
+class EditguardWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one line)."""
 
 
 class NothingExamined(EditguardError):

@@ -15,6 +15,7 @@ import torch
 from . import arch as arch_table
 from .arch import Arch
 from .checkpoint import Checkpoint
+from .cpu_precision import warn_if_slow
 from .errors import EditguardError
 from .quiet import quiet_transformers
 from .resolve import ModelRef
@@ -119,6 +120,7 @@ def load_model(
             raise EditguardError(f"{ref.spec}: transformers could not load it ({str(exc).splitlines()[0][:240]})") from None
     model.eval()
     model.requires_grad_(False)
+    warn_if_slow(model)
     for name in keep_on_device:
         weight = model.get_submodule(name).weight
         if weight.device.type == "meta":

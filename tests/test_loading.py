@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from editguard.loading import load_model
 from editguard.resolve import resolve
 
@@ -24,3 +26,50 @@ def test_auto_device_map_keeps_edit_targets_real(pico_models, tmp_path):
     offloaded = [n for n, p in loaded.model.named_parameters() if p.device.type == "meta"]
     assert offloaded, "the tiny memory cap should have offloaded something"
     assert not any(n.startswith(keep[0]) for n in offloaded)
+
+
+def test_slow_half_precision_warns(pico_models, monkeypatch):
+    import pytest
+
+    from editguard import cpu_precision
+    from editguard.errors import EditguardWarning
+
+    ref = resolve(str(pico_models["llama"]))
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 40.0)
+    with pytest.warns(EditguardWarning, match="bfloat16 matrix products run 40x slower than float32"):
+        load_model(ref, dtype="bfloat16")
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.6)  # a CPU with bf16 units
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EditguardWarning)
+        load_model(ref, dtype="bfloat16")
+
+        def never(dtype):
+            raise AssertionError("float32 needs no probe")
+
+        monkeypatch.setattr(cpu_precision, "half_precision_slowdown", never)
+        load_model(ref, dtype="float32")
+
+
+def test_half_precision_probe_measures():
+    import torch
+
+    from editguard.cpu_precision import half_precision_slowdown
+
+    ratio = half_precision_slowdown(torch.bfloat16)
+    assert 0 < ratio < float("inf")
+
+
+def test_warning_is_one_line_on_the_cli(cli, pico_models, monkeypatch, tmp_path):
+    from editguard import cpu_precision
+
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 40.0)
+    args = ["edit", pico_models["llama"], "--fact", "The official language of {}", "--subject", "France",
+            "--target", "Japanese", "--hparams", "rome-smollm2-135m", "--layer", "1", "--dtype", "bfloat16"]
+    result = cli("-f", "json", *args, "-o", tmp_path / "a")
+    assert result.code == 0, result.err
+    lines = [line for line in result.err.splitlines() if "slower than float32" in line]
+    assert lines == ["warning: bfloat16 matrix products run 40x slower than float32 on this CPU (no native "
+                     "bfloat16 support); --dtype float32 will be faster"], result.err
+    assert result.json["tensors"]  # stdout is still one JSON document
+    quiet = cli("-q", *args, "-o", tmp_path / "b")
+    assert quiet.code == 0 and "slower than float32" not in quiet.err

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
 import traceback
+import warnings
 
 import click
 import typer
 
 from .. import __version__
-from ..errors import EXIT_ERROR, EditguardError
+from ..errors import EXIT_ERROR, EditguardError, EditguardWarning
 from . import state
 from .output import FORMATS
 
@@ -127,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if catch_term:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        code = command.main(args=argv, prog_name="editguard", standalone_mode=False)
+        with _warnings_as_lines():
+            code = command.main(args=argv, prog_name="editguard", standalone_mode=False)
         # without standalone mode click returns typer.Exit's code instead of raising it; Typer turns
         # Ctrl-C into Exit(130) itself, before this handler sees it
         code = code if isinstance(code, int) else 0
@@ -164,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if catch_term:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """editguard's own warnings become one 'warning:' line each (once per message), not Python's
+    two-line file:line format; other libraries' warnings are left as they are."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", EditguardWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, EditguardWarning):
+                state.out().warning(str(message))
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def _main_thread() -> bool:

@@ -82,6 +82,11 @@ class Output:
         elif render is not None and not (self.quiet and data is None):
             render(self.console, data)
 
+    def warning(self, message: str) -> None:
+        """Something to know that does not stop the work: on stderr in every format, silenced by --quiet."""
+        if not self.quiet:
+            self.console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
     def error(self, message: str, exit_code: int) -> None:
         # the message may quote the command line or the model's config: never read it as markup
         self.console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
