@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -80,7 +81,7 @@ def train_command(
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
     from ..loading import load_model as _load  # noqa: F401 (import cost paid once)
-    from ..mask.pipeline import TrainJob, run
+    from ..mask.pipeline import TrainJob, run, written_beside
     from ..mask.train import config_for
 
     if method not in ("rome", "memit"):
@@ -89,8 +90,15 @@ def train_command(
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
     _check_cut(threshold, target_pruned)
     check_share("--max-pruned", max_pruned)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise EditguardError(f"--lr must be a positive number, got {lr}")
     ref = resolve_model(model)
-    check_output_file(output, input_paths(ref))  # the card, plots and index go beside it: never into the model
+    check_output_file(output, input_paths(ref, bank))  # the card, plots and index go beside it: never into the model
+    if bank is not None:  # a new bank is written: never inside the model; no bank under the mask's names
+        if not bank.exists():
+            check_output_file(bank, input_paths(ref))
+        if bank.resolve() in {p.resolve() for p in written_beside(output)}:
+            raise EditguardError(f"--bank {bank} is a file this run writes for the mask; choose another name")
     with state.out().progress("loading model"):
         loaded = load_model(ref, device_map=device_map, dtype=dtype)
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None

@@ -73,11 +73,17 @@ class EditBank:
         return bank
 
     def _validate(self) -> None:
-        for key in ("records", "method", "groups", "hparams_hash"):
+        for key in ("records", "method", "groups", "hparams_hash", "fingerprints", "context_templates"):
             if key not in self.meta:
                 raise KeyError(key)
         if not isinstance(self.meta["records"], list) or not isinstance(self.meta["groups"], list):
             raise TypeError("records and groups must be lists")
+        if not isinstance(self.meta["fingerprints"], dict):
+            raise TypeError("fingerprints must be an object")
+        for record in self.meta["records"]:
+            if not isinstance(record, dict) or "case_id" not in record or not (
+                    record["case_id"] is None or isinstance(record["case_id"], int)):
+                raise TypeError("every record must be an object with a case_id (an integer or null)")
         n = len(self.meta["records"])
         if self.meta["method"] == "rome":
             u, v = self.tensors.get("rome.u"), self.tensors.get("rome.v")
@@ -87,6 +93,24 @@ class EditBank:
             for layer in group["layers"]:
                 if f"memit.{g}.{layer}.u" not in self.tensors:
                     raise EditguardError(f"corrupted edit bank {self.path}: group {g} layer {layer} is missing")
+
+    def check_widths(self, shapes: dict[int, tuple[int, int]]) -> None:
+        """The factors fit the edited tensors, {layer: [out, in]}: a bank damaged by hand or built for
+        other shapes is named here, not met as a shape error deep in the evaluation."""
+        def bad(name: str, got: int, want: int) -> None:
+            if got != want:
+                raise EditguardError(f"corrupted edit bank {self.path}: {name} has width {got}, the edited "
+                                     f"tensor needs {want}")
+
+        if self.meta["method"] == "rome" and len(self) and len(shapes) == 1:
+            (out, inp), = shapes.values()
+            bad("rome.u", self.tensors["rome.u"].shape[1], out)
+            bad("rome.v", self.tensors["rome.v"].shape[1], inp)
+        for g, group in enumerate(self.meta["groups"]):
+            for layer in group["layers"]:
+                if layer in shapes:
+                    bad(f"memit.{g}.{layer}.u", self.tensors[f"memit.{g}.{layer}.u"].shape[0], shapes[layer][0])
+                    bad(f"memit.{g}.{layer}.v", self.tensors[f"memit.{g}.{layer}.v"].shape[0], shapes[layer][1])
 
     # -- queries ------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -8,9 +8,13 @@ Outputs next to the mask `NAME.safetensors`: `NAME.json` (metrics), `NAME.md` (t
 from __future__ import annotations
 
 import json
+import os
 import platform
+import re
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,7 +99,8 @@ def pruned_share(masks: list[torch.Tensor]) -> float:
 
 def select_splits(job: TrainJob) -> tuple[list, list, list]:
     if job.data:
-        records = counterfact.load(job.data).records
+        # strict: a skipped record would shift every split boundary after it without a word
+        records = counterfact.load(job.data, strict=True).records
         train = records[: job.train_size]
         val = records[job.train_size: job.train_size + job.val_size]
         test = records[job.train_size + job.val_size: job.train_size + job.val_size + job.test_size]
@@ -114,6 +119,11 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
         raise EditguardError(f"not enough records for {', '.join(short)}")
     if not train or not test:
         raise EditguardError("not enough records for a train and a test split")
+    seen: set[int] = set()
+    for record in (*train, *val, *test):  # edits are banked by case id: a repeated id would reuse another's edit
+        if record.case_id in seen:
+            raise EditguardError(f"case_id {record.case_id} appears twice in the chosen records; case ids must be unique")
+        seen.add(record.case_id)
     return train, val, test
 
 
@@ -122,8 +132,33 @@ def mask_targets(loaded: LoadedModel, hp: EditHparams) -> list[tuple[str, bool]]
     return [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in sorted(hp.layers)]
 
 
+def _edited_shapes(loaded: LoadedModel, hp: EditHparams) -> dict[int, tuple[int, int]]:
+    """{layer: [out, in]} of the tensors the method edits."""
+    shapes = {}
+    for layer, (path, transposed) in zip(sorted(hp.layers), mask_targets(loaded, hp)):
+        shape = tuple(loaded.model.get_submodule(path).weight.shape)
+        shapes[layer] = shape[::-1] if transposed else shape
+    return shapes
+
+
 def split_kind(method: str):
     return MemitSplit if method == "memit" else RomeSplit
+
+
+def _figures_of(stem: Path) -> list[Path]:
+    """Figure files already beside `stem` under the names write_outputs gives its own."""
+    pattern = re.compile(re.escape(stem.name) + r"-(rsr|pruned|heatmap)(-L\d+)?\.png")
+    return [p for p in stem.parent.glob("*.png") if pattern.fullmatch(p.name)] if stem.parent.is_dir() else []
+
+
+def checkpoint_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".ckpt.safetensors")
+
+
+def written_beside(output: Path) -> list[Path]:
+    """The files a training run writes under the mask's name, the mask included."""
+    stem = output.with_suffix("")
+    return [output, checkpoint_path(output), stem.parent / (stem.name + ".md"), stem.parent / (stem.name + ".json")]
 
 
 def check_new_mask_path(path: Path) -> None:
@@ -133,8 +168,8 @@ def check_new_mask_path(path: Path) -> None:
     if path.exists():
         raise EditguardError(f"{path} exists; choose another -o (masks are never overwritten)")
     stem = path.with_suffix("")
-    for beside in (stem.parent / (stem.name + ".md"), stem.parent / (stem.name + ".json")):
-        if beside.exists():  # the card and metrics go there: someone else's file is never overwritten
+    for beside in (*written_beside(path)[2:], *_figures_of(stem)):
+        if beside.exists():  # the card, metrics and figures go there: someone else's file is never overwritten
             raise EditguardError(f"{beside} exists; choose another -o")
     index = path.parent / INDEX
     if index.exists():
@@ -142,8 +177,9 @@ def check_new_mask_path(path: Path) -> None:
             items = json.loads(index.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             items = None
-        if not isinstance(items, list):  # found now, not after hours of training
-            raise EditguardError(f"{index} is not a mask index (a JSON list); move it or choose another folder")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            # found now, not after hours of training
+            raise EditguardError(f"{index} is not a mask index (a JSON list of objects); move it or choose another folder")
 
 
 def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
@@ -151,7 +187,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     progress = progress or (lambda *a: None)
     job.output = Path(job.output)
     check_new_mask_path(job.output)
-    ckpt = job.output.with_name(job.output.stem + ".ckpt.safetensors")
+    ckpt = checkpoint_path(job.output)
     if ckpt.exists() and not job.resume:
         raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
     if hp.method != job.method:
@@ -177,6 +213,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         return bank
 
     bank = fill(["val", "train"] + (["test"] if job.bank_only else []), "edit bank")
+    bank.check_widths(_edited_shapes(loaded, hp))
     bank_seconds = time.time() - started
     if job.bank_only:
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
@@ -188,11 +225,15 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     data = prepare_prompts(loaded, edited["train"].facts, start_layer, cfg.paraphrases,
                            progress=lambda d, t: progress("caching prompts", d, t, ""))
     trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **edited["train"].trainer_inputs(targets))
-    meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"])}
+    meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"]),
+            "fingerprints": bank.meta["fingerprints"]}  # the bank's edits are of this model's weights (checked)
     if job.resume and ckpt.exists():
         state, optimizer, info = load_checkpoint(ckpt, cfg, trainer.device)
         if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
+        # checkpoints from before fingerprints were recorded cannot be checked
+        if info.get("fingerprints", meta["fingerprints"]) != meta["fingerprints"]:
+            raise EditguardError(f"{ckpt} was written by a run on another model's weights; remove it to start over")
     else:
         state = trainer.init_state()
         optimizer = make_optimizer(state, cfg)
@@ -248,9 +289,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
                           "source": job.data or "paper splits", "hash": meta["data_hash"],
                           "bank": str(bank_path), "bank_hparams_hash": bank.meta["hparams_hash"]},
                     metrics=metrics)
-    job.output.parent.mkdir(parents=True, exist_ok=True)
-    mask.save(job.output)
-    write_outputs(job.output, mask, masks, reports)
+    publish(job.output, mask, masks, reports)
     ckpt.unlink(missing_ok=True)
     return metrics
 
@@ -296,7 +335,12 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     if bank.method != mask.method:
         raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
                              f"{bank.method.upper()} edits")
-    for canonical, expected in bank.meta.get("fingerprints", {}).items():
+    edited_tensors = {t.tensor for t in mask.targets}
+    if set(bank.meta["fingerprints"]) != edited_tensors:
+        raise EditguardError(f"edit bank {bank.path} holds edits of {', '.join(sorted(bank.meta['fingerprints']))}; "
+                             f"the mask is for {', '.join(sorted(edited_tensors))}")
+    bank.check_widths({t.layer: t.shape for t in mask.targets})
+    for canonical, expected in bank.meta["fingerprints"].items():
         stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(canonical))
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
             raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
@@ -338,9 +382,7 @@ def write_rebinarised(output: Path, mask: MaskFile, source: Path, evaluation: di
     """`evaluate-mask -o`: write the re-binarised mask with its card, figures and index entry."""
     check_new_mask_path(output)
     new = rebinarised(mask, source, evaluation, command)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    new.save(output)
-    write_outputs(output, new, masks, evaluation["rsr"])
+    publish(output, new, masks, evaluation["rsr"])
     return new
 
 
@@ -373,7 +415,24 @@ def _variants(loaded, targets: list[tuple[str, bool]], sample: list[Edit], masks
     return {"original": original, "edited": edited, "pruned": pruned, "mask_on_unedited": mask_only}
 
 
+def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
+    """Write the mask with its metrics, figures and card as one set: all of them are made in a staging
+    folder beside `path` and moved into place, the mask last, then the index entry is added. An
+    interrupted write leaves none of them (and a training checkpoint can be resumed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    try:
+        mask.save(staging / path.name)
+        write_outputs(staging / path.name, mask, masks, reports)
+        for made in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            os.replace(made, path.parent / made.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    update_index(path, mask)
+
+
 def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
+    """The metrics JSON, figures and card beside `path`."""
     stem = path.with_suffix("")
     metrics = mask.metrics
     write_text_atomic(stem.parent / (stem.name + ".json"), json.dumps(metrics, indent=2))
@@ -389,7 +448,6 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
         figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap{tag}.png",
                                      f"mask, layer {target.layer} (pruned share, pooled)"))
     write_text_atomic(stem.parent / (stem.name + ".md"), card(path, mask, reports, [f.name for f in figures]))
-    update_index(path, mask)
 
 
 def update_index(path: Path, mask: MaskFile) -> None:

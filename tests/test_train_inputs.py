@@ -1,0 +1,146 @@
+"""`train` and `evaluate-mask` on bad or mismatched input: one clear line and exit 2, before the work
+where possible, and never a mask built from the wrong edits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import yaml
+
+import pico
+import pico_facts
+from editguard.edit.bank import EditBank
+from editguard.mask import plots
+from test_mask_pico import PICO_EDIT, _train_args
+
+
+def _one_line(result, message: str) -> None:
+    assert result.code == 2, result.err
+    assert message in result.err and "Traceback" not in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+@pytest.mark.parametrize("lr", ["nan", "-1", "inf", "0"])
+def test_learning_rate_must_be_positive(cli, pico_models, tmp_path, lr):
+    out = tmp_path / "m.safetensors"
+    _one_line(cli(*_train_args(pico_models, tmp_path, out, 1), "--lr", lr), "--lr must be a positive number")
+    assert not any(tmp_path.glob("m.*"))  # refused before the edit bank was built
+
+
+def test_data_records_are_unique_and_well_formed(cli, pico_models, tmp_path):
+    args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
+    records = pico_facts.records()
+    same_ids = tmp_path / "same_ids.json"
+    same_ids.write_text(json.dumps([{**r, "case_id": 0} for r in records]))
+    data = args.index("--data") + 1
+    args[data] = str(same_ids)  # every record would be scored with one banked edit
+    _one_line(cli(*args), "case_id 0 appears twice")
+    broken = tmp_path / "broken.json"
+    del records[3]["requested_rewrite"]["target_new"]
+    broken.write_text(json.dumps(records))
+    args[data] = str(broken)  # skipping it would shift every split after it
+    _one_line(cli(*args), "record 3 is malformed")
+
+
+def test_bank_is_never_written_over_the_mask_or_into_the_model(cli, pico_models, tmp_path):
+    out = tmp_path / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+    _one_line(cli(*args, "--bank", out), "a file this run writes for the mask")
+    _one_line(cli(*args, "--bank", tmp_path / "m.ckpt.safetensors"), "a file this run writes for the mask")
+    model = tmp_path / "model"
+    shutil.copytree(pico_models["llama"], model)
+    args[args.index("--model") + 1] = str(model)
+    _one_line(cli(*args, "--bank", model / "bank.safetensors"), "overlaps the input")
+    assert not (model / "bank.safetensors").exists()
+
+
+def test_interrupted_publishing_leaves_nothing_and_resumes(cli, pico_models, tmp_path, monkeypatch):
+    out = tmp_path / "masks" / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "heatmap", interrupted)  # after the metrics and the first figures are made
+        assert cli(*args).code == 130
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left == ["m.bank.safetensors", "m.ckpt.safetensors"], left  # no half set, no staging folder
+    resumed = cli("-f", "json", *args, "--resume")
+    assert resumed.code == 0, resumed.err
+    for name in ("m.safetensors", "m.json", "m.md", "m-rsr.png", "m-heatmap.png", "index.json"):
+        assert (out.parent / name).exists(), name
+
+
+def test_figures_and_index_are_checked_before_training(cli, pico_models, tmp_path):
+    out = tmp_path / "m.safetensors"
+    (tmp_path / "m-rsr.png").write_bytes(b"someone's figure")
+    _one_line(cli(*_train_args(pico_models, tmp_path, out, 1)), "m-rsr.png exists")
+    (tmp_path / "m-rsr.png").unlink()
+    (tmp_path / "index.json").write_text("[1, 2]")
+    _one_line(cli(*_train_args(pico_models, tmp_path, out, 1)), "is not a mask index")
+
+
+def test_checkpoint_of_another_model_is_not_resumed(cli, pico_models, tmp_path, monkeypatch):
+    import editguard.mask.pipeline as pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    first = tmp_path / "a" / "m.safetensors"
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "publish", interrupted)  # a run that stops with its checkpoint in place
+        assert cli(*_train_args(pico_models, tmp_path, first, 1)).code == 130
+    # the same data and settings on other weights of the same shapes
+    other = pico.build("llama", tmp_path / "other", seed=1)
+    second = tmp_path / "b" / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, second, 1)
+    args[args.index("--model") + 1] = str(other)
+    second.parent.mkdir()
+    shutil.copy(pipeline.checkpoint_path(first), pipeline.checkpoint_path(second))
+    resumed = cli("-q", *args, "--resume")  # found once the bank is read: after its progress lines
+    assert resumed.code == 2 and "Traceback" not in resumed.err
+    assert resumed.err.strip().splitlines()[-1].endswith("was written by a run on another model's weights; "
+                                                         "remove it to start over"), resumed.err
+    assert pipeline.checkpoint_path(second).exists() and not second.exists()
+
+
+def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_path):
+    layer1 = tmp_path / "hp1.yaml"
+    layer1.write_text(yaml.safe_dump({**PICO_EDIT, "layers": [1]}))
+    out = tmp_path / "l1" / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+    args[args.index("--hparams") + 1] = str(layer1)
+    assert cli(*args).code == 0
+    layer0_bank = tmp_path / "l0.bank.safetensors"
+    assert cli(*_train_args(pico_models, tmp_path, tmp_path / "l0.safetensors", 1), "--bank", layer0_bank,
+               "--bank-only").code == 0
+    common = ["--model", str(pico_models["llama"]), "--data", args[args.index("--data") + 1], "--train-size", "20",
+              "--val-size", "8", "--test-size", "8", "--text-tokens", "200", "--no-baselines"]
+    _one_line(cli("evaluate-mask", out, "--bank", layer0_bank, *common),
+              "holds edits of model.layers.0.mlp.down_proj.weight; the mask is for model.layers.1.mlp.down_proj.weight")
+    # a bank whose factors were cut to another width is named as corrupted, not met as a shape error
+    bank = EditBank.open(out.parent / "m.bank.safetensors")
+    bank.tensors["rome.u"] = bank.tensors["rome.u"][:, :-1].contiguous()
+    bank.path = tmp_path / "cut.bank.safetensors"
+    bank.flush()
+    _one_line(cli("evaluate-mask", out, "--bank", bank.path, *common), "rome.u has width 31")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: meta.pop("fingerprints"), "missing 'fingerprints'"),
+    (lambda meta: meta.pop("context_templates"), "missing 'context_templates'"),
+    (lambda meta: meta["records"][0].pop("case_id"), "every record must be an object with a case_id"),
+    (lambda meta: meta["records"].__setitem__(0, 7), "every record must be an object with a case_id"),
+])
+def test_bank_metadata_is_validated(cli, pico_models, tmp_path, change, message):
+    args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
+    bank_path = tmp_path / "bank.safetensors"
+    assert cli(*args, "--bank", bank_path, "--bank-only").code == 0
+    bank = EditBank.open(bank_path)
+    change(bank.meta)
+    bank.flush()
+    _one_line(cli(*args, "--bank", bank_path), f"corrupted edit bank {bank_path}")
+    assert message in cli(*args, "--bank", bank_path).err
