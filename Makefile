@@ -21,4 +21,4 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/editguard -q fetch demo:smollm2-135m
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15

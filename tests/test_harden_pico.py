@@ -297,6 +297,7 @@ def test_changed_answers_reads_each_probability_where_it_says(edited, pico_model
     and the cross probabilities, each from the model it names. The intervention here restores the
     edited tensor from the base."""
     import contextlib
+    import functools
 
     from editguard.audit.hidden import changed_answers, next_token_answers
     from editguard.audit.probes import Probe
@@ -322,10 +323,13 @@ def test_changed_answers_reads_each_probability_where_it_says(edited, pico_model
         (then,), _ = next_token_answers(loaded, [prompt])
         _, (p_current_then,) = next_token_answers(loaded, [prompt], also=[now.token])
     _, (p_revealed_now,) = next_token_answers(loaded, [prompt], also=[then.token])
-    assert row["current_prob"] == pytest.approx(now.prob) and row["revealed_prob"] == pytest.approx(then.prob)
-    assert row["current_prob_under_mask"] == pytest.approx(float(p_current_then))
-    assert row["revealed_prob_now"] == pytest.approx(float(p_revealed_now))
-    assert row["margin"] == pytest.approx(now.prob - float(p_revealed_now))
+    # Rows come from a batched forward, the references from one prompt at a time: float32 rounding
+    # differs by ~1e-7, so compare probabilities to an absolute 1e-5.
+    close = functools.partial(pytest.approx, abs=1e-5)
+    assert row["current_prob"] == close(now.prob) and row["revealed_prob"] == close(then.prob)
+    assert row["current_prob_under_mask"] == close(float(p_current_then))
+    assert row["revealed_prob_now"] == close(float(p_revealed_now))
+    assert row["margin"] == close(now.prob - float(p_revealed_now))
     assert float(p_revealed_now) < now.prob and float(p_current_then) < then.prob
     assert changed_answers(loaded, probes, restored, "the base", 1.01) == []  # nothing that confident
     # the planted answer is not the probe's expected one: kept; a changed answer that is the expected one
