@@ -25,7 +25,8 @@ def half_precision_slowdown(dtype: torch.dtype) -> float:
     """Time of a [64, 512] x [512, 512] matmul in `dtype` over the same in float32 on this CPU (best of
     three runs each, after a warm-up). Above 1 means `dtype` is slower."""
     def best(dt: torch.dtype) -> float:
-        a, b = torch.randn(64, 512).to(dt), torch.randn(512, 512).to(dt)
+        g = torch.Generator().manual_seed(0)  # its own generator: a user's seeded global stream is left alone
+        a, b = torch.randn(64, 512, generator=g).to(dt), torch.randn(512, 512, generator=g).to(dt)
         a @ b  # warm-up: first-call dispatch and allocation
         times = []
         for _ in range(3):

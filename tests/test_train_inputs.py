@@ -5,27 +5,27 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
 import pico
 import pico_facts
+from conftest import one_line_error
 from editguard.edit.bank import EditBank
 from editguard.mask import plots
 from test_mask_pico import PICO_EDIT, _train_args
 
 
-def _one_line(result, message: str) -> None:
-    assert result.code == 2, result.err
-    assert message in result.err and "Traceback" not in result.err, result.err
-    assert len(result.err.strip().splitlines()) == 1, result.err
+def _interrupted(*a, **k):
+    raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("lr", ["nan", "-1", "inf", "0"])
 def test_learning_rate_must_be_positive(cli, pico_models, tmp_path, lr):
     out = tmp_path / "m.safetensors"
-    _one_line(cli(*_train_args(pico_models, tmp_path, out, 1), "--lr", lr), "--lr must be a positive number")
+    one_line_error(cli(*_train_args(pico_models, tmp_path, out, 1), "--lr", lr), "--lr must be a positive number")
     assert not any(tmp_path.glob("m.*"))  # refused before the edit bank was built
 
 
@@ -36,38 +36,50 @@ def test_data_records_are_unique_and_well_formed(cli, pico_models, tmp_path):
     same_ids.write_text(json.dumps([{**r, "case_id": 0} for r in records]))
     data = args.index("--data") + 1
     args[data] = str(same_ids)  # every record would be scored with one banked edit
-    _one_line(cli(*args), "case_id 0 appears twice")
+    one_line_error(cli(*args), "case_id 0 appears twice")
     broken = tmp_path / "broken.json"
     del records[3]["requested_rewrite"]["target_new"]
     broken.write_text(json.dumps(records))
     args[data] = str(broken)  # skipping it would shift every split after it
-    _one_line(cli(*args), "record 3 is malformed")
+    one_line_error(cli(*args), "record 3 is malformed")
 
 
 def test_bank_is_never_written_over_the_mask_or_into_the_model(cli, pico_models, tmp_path):
     out = tmp_path / "m.safetensors"
     args = _train_args(pico_models, tmp_path, out, 1)
-    _one_line(cli(*args, "--bank", out), "a file this run writes for the mask")
-    _one_line(cli(*args, "--bank", tmp_path / "m.ckpt.safetensors"), "a file this run writes for the mask")
+    one_line_error(cli(*args, "--bank", out), "a file this run writes for the mask")
+    one_line_error(cli(*args, "--bank", tmp_path / "m.ckpt.safetensors"), "a file this run writes for the mask")
     model = tmp_path / "model"
     shutil.copytree(pico_models["llama"], model)
     args[args.index("--model") + 1] = str(model)
-    _one_line(cli(*args, "--bank", model / "bank.safetensors"), "overlaps the input")
+    one_line_error(cli(*args, "--bank", model / "bank.safetensors"), "overlaps the input")
     assert not (model / "bank.safetensors").exists()
 
 
 def test_interrupted_publishing_leaves_nothing_and_resumes(cli, pico_models, tmp_path, monkeypatch):
+    import editguard.mask.pipeline as pipeline
+
     out = tmp_path / "masks" / "m.safetensors"
     args = _train_args(pico_models, tmp_path, out, 1)
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
     with monkeypatch.context() as patch:
-        patch.setattr(plots, "heatmap", interrupted)  # after the metrics and the first figures are made
+        patch.setattr(plots, "heatmap", _interrupted)  # after the metrics and the first figures are made
         assert cli(*args).code == 130
     left = sorted(p.name for p in out.parent.iterdir())
     assert left == ["m.bank.safetensors", "m.ckpt.safetensors"], left  # no half set, no staging folder
+    real_replace, published = pipeline.os.replace, []
+
+    def stopped_midway(src, dst):  # Ctrl-C after the first file of the set reached its place
+        if Path(dst).parent == out.parent and Path(src).parent != out.parent:
+            if published:
+                raise KeyboardInterrupt
+            published.append(dst)
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.os, "replace", stopped_midway)
+        stopped = cli(*args, "--resume")
+        assert stopped.code == 130, stopped.err
+    assert published and sorted(p.name for p in out.parent.iterdir()) == left  # the moved file went back
     resumed = cli("-f", "json", *args, "--resume")
     assert resumed.code == 0, resumed.err
     for name in ("m.safetensors", "m.json", "m.md", "m-rsr.png", "m-heatmap.png", "index.json"):
@@ -77,21 +89,18 @@ def test_interrupted_publishing_leaves_nothing_and_resumes(cli, pico_models, tmp
 def test_figures_and_index_are_checked_before_training(cli, pico_models, tmp_path):
     out = tmp_path / "m.safetensors"
     (tmp_path / "m-rsr.png").write_bytes(b"someone's figure")
-    _one_line(cli(*_train_args(pico_models, tmp_path, out, 1)), "m-rsr.png exists")
+    one_line_error(cli(*_train_args(pico_models, tmp_path, out, 1)), "m-rsr.png exists")
     (tmp_path / "m-rsr.png").unlink()
     (tmp_path / "index.json").write_text("[1, 2]")
-    _one_line(cli(*_train_args(pico_models, tmp_path, out, 1)), "is not a mask index")
+    one_line_error(cli(*_train_args(pico_models, tmp_path, out, 1)), "is not a mask index")
 
 
 def test_checkpoint_of_another_model_is_not_resumed(cli, pico_models, tmp_path, monkeypatch):
     import editguard.mask.pipeline as pipeline
 
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
     first = tmp_path / "a" / "m.safetensors"
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "publish", interrupted)  # a run that stops with its checkpoint in place
+        patch.setattr(pipeline, "publish", _interrupted)  # a run that stops with its checkpoint in place
         assert cli(*_train_args(pico_models, tmp_path, first, 1)).code == 130
     # the same data and settings on other weights of the same shapes
     other = pico.build("llama", tmp_path / "other", seed=1)
@@ -100,11 +109,10 @@ def test_checkpoint_of_another_model_is_not_resumed(cli, pico_models, tmp_path, 
     args[args.index("--model") + 1] = str(other)
     second.parent.mkdir()
     shutil.copy(pipeline.checkpoint_path(first), pipeline.checkpoint_path(second))
-    resumed = cli("-q", *args, "--resume")  # found once the bank is read: after its progress lines
-    assert resumed.code == 2 and "Traceback" not in resumed.err
-    assert resumed.err.strip().splitlines()[-1].endswith("was written by a run on another model's weights; "
-                                                         "remove it to start over"), resumed.err
+    # found before any edit is made for the other model
+    one_line_error(cli("-q", *args, "--resume"), "was written by a run on another model's weights; remove it")
     assert pipeline.checkpoint_path(second).exists() and not second.exists()
+    assert not (second.parent / "m.bank.safetensors").exists()
 
 
 def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_path):
@@ -119,14 +127,14 @@ def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_pat
                "--bank-only").code == 0
     common = ["--model", str(pico_models["llama"]), "--data", args[args.index("--data") + 1], "--train-size", "20",
               "--val-size", "8", "--test-size", "8", "--text-tokens", "200", "--no-baselines"]
-    _one_line(cli("evaluate-mask", out, "--bank", layer0_bank, *common),
+    one_line_error(cli("evaluate-mask", out, "--bank", layer0_bank, *common),
               "holds edits of model.layers.0.mlp.down_proj.weight; the mask is for model.layers.1.mlp.down_proj.weight")
     # a bank whose factors were cut to another width is named as corrupted, not met as a shape error
     bank = EditBank.open(out.parent / "m.bank.safetensors")
     bank.tensors["rome.u"] = bank.tensors["rome.u"][:, :-1].contiguous()
     bank.path = tmp_path / "cut.bank.safetensors"
     bank.flush()
-    _one_line(cli("evaluate-mask", out, "--bank", bank.path, *common), "rome.u has width 31")
+    one_line_error(cli("evaluate-mask", out, "--bank", bank.path, *common), "rome.u has width 31")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -134,6 +142,7 @@ def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_pat
     (lambda meta: meta.pop("context_templates"), "missing 'context_templates'"),
     (lambda meta: meta["records"][0].pop("case_id"), "every record must be an object with a case_id"),
     (lambda meta: meta["records"].__setitem__(0, 7), "every record must be an object with a case_id"),
+    (lambda meta: meta.__setitem__("context_templates", "{}"), "context_templates must be a list of strings"),
 ])
 def test_bank_metadata_is_validated(cli, pico_models, tmp_path, change, message):
     args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
@@ -142,5 +151,19 @@ def test_bank_metadata_is_validated(cli, pico_models, tmp_path, change, message)
     bank = EditBank.open(bank_path)
     change(bank.meta)
     bank.flush()
-    _one_line(cli(*args, "--bank", bank_path), f"corrupted edit bank {bank_path}")
-    assert message in cli(*args, "--bank", bank_path).err
+    result = cli(*args, "--bank", bank_path)
+    one_line_error(result, f"corrupted edit bank {bank_path}")
+    assert message in result.err
+
+
+def test_malformed_factors_and_other_names_are_refused_as_banks(cli, pico_models, tmp_path):
+    args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
+    bank_path = tmp_path / "bank.safetensors"
+    assert cli(*args, "--bank", bank_path, "--bank-only").code == 0
+    bank = EditBank.open(bank_path)
+    bank.tensors["rome.u"] = bank.tensors["rome.u"][:, 0].contiguous()  # one number per edit
+    bank.flush()
+    one_line_error(cli(*args, "--bank", bank_path), "factors of another shape")
+    # a new bank is a .safetensors file: never the index, card or figures the run writes beside the mask
+    one_line_error(cli(*args, "--bank", tmp_path / "index.json"), "must end in .safetensors")
+    assert not (tmp_path / "index.json").exists()

@@ -89,7 +89,7 @@ def edit_command(
     if output is not None:
         check_output_folder(output, input_paths(ref), force)
     else:
-        check_output_file(bank, input_paths(ref))
+        check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))  # a bank never replaces other files
     with out.progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     hp = load_hparams(hparams or _default_preset(loaded), method, {"layers": [layer]} if layer is not None else None)

@@ -95,8 +95,8 @@ def train_command(
     ref = resolve_model(model)
     check_output_file(output, input_paths(ref, bank))  # the card, plots and index go beside it: never into the model
     if bank is not None:  # a new bank is written: never inside the model; no bank under the mask's names
-        if not bank.exists():
-            check_output_file(bank, input_paths(ref))
+        if not bank.exists():  # .safetensors: never the index, a card or a figure this run writes
+            check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))
         if bank.resolve() in {p.resolve() for p in written_beside(output)}:
             raise EditguardError(f"--bank {bank} is a file this run writes for the mask; choose another name")
     with state.out().progress("loading model"):

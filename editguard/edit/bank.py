@@ -80,6 +80,9 @@ class EditBank:
             raise TypeError("records and groups must be lists")
         if not isinstance(self.meta["fingerprints"], dict):
             raise TypeError("fingerprints must be an object")
+        templates = self.meta["context_templates"]
+        if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+            raise TypeError("context_templates must be a list of strings")
         for record in self.meta["records"]:
             if not isinstance(record, dict) or "case_id" not in record or not (
                     record["case_id"] is None or isinstance(record["case_id"], int)):
@@ -87,12 +90,15 @@ class EditBank:
         n = len(self.meta["records"])
         if self.meta["method"] == "rome":
             u, v = self.tensors.get("rome.u"), self.tensors.get("rome.v")
-            if n and (u is None or v is None or u.shape[0] != n or v.shape[0] != n):
-                raise EditguardError(f"corrupted edit bank {self.path}: {n} records but factors of another size")
+            if n and (u is None or v is None or u.ndim != 2 or v.ndim != 2 or u.shape[0] != n or v.shape[0] != n):
+                raise EditguardError(f"corrupted edit bank {self.path}: {n} records but factors of another shape")
         for g, group in enumerate(self.meta["groups"]):
             for layer in group["layers"]:
-                if f"memit.{g}.{layer}.u" not in self.tensors:
-                    raise EditguardError(f"corrupted edit bank {self.path}: group {g} layer {layer} is missing")
+                for side in ("u", "v"):
+                    factor = self.tensors.get(f"memit.{g}.{layer}.{side}")
+                    if factor is None or factor.ndim != 2:
+                        raise EditguardError(f"corrupted edit bank {self.path}: group {g} layer {layer} is missing "
+                                             f"or malformed")
 
     def check_widths(self, shapes: dict[int, tuple[int, int]]) -> None:
         """The factors fit the edited tensors, {layer: [out, in]}: a bank damaged by hand or built for

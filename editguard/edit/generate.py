@@ -15,6 +15,8 @@ from .rome import prepare, rome_edits, templates_for, templates_key
 
 
 def target_fingerprints(loaded: LoadedModel, hp: EditHparams) -> dict[str, str]:
+    """{canonical tensor name: fingerprint} of the tensors `hp` edits (checked against this model)."""
+    prepare(loaded, hp)
     out = {}
     for layer in hp.layers:
         canonical = hp.rewrite_module_tmp.format(layer) + ".weight"
@@ -23,14 +25,23 @@ def target_fingerprints(loaded: LoadedModel, hp: EditHparams) -> dict[str, str]:
     return out
 
 
+def edited_shapes(loaded: LoadedModel, hp: EditHparams) -> dict[int, tuple[int, int]]:
+    """{layer: [out, in]} of the tensors the method edits."""
+    shapes = {}
+    for layer in hp.layers:
+        shape = tuple(loaded.model.get_submodule(hp.rewrite_module_tmp.format(layer)).weight.shape)
+        shapes[layer] = shape[::-1] if loaded.arch.mlp_out_transposed else shape
+    return shapes
+
+
 def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume: bool) -> EditBank:
-    prepare(loaded, hp)
     fingerprints = target_fingerprints(loaded, hp)
     if path.exists():
         if not resume:
             raise EditguardError(f"edit bank {path} exists; pass --resume to extend it, or choose another --bank")
         bank = EditBank.open(path)
         bank.check_matches(loaded.ref.model_id, hp.method, hp.digest(), fingerprints)
+        bank.check_widths(edited_shapes(loaded, hp))  # before appending: a damaged bank is named, not met by cat
         # a bank keeps its own context templates: edits added on another machine use the same ones
         loaded.extras[templates_key(hp)] = list(bank.meta["context_templates"])
         return bank

@@ -28,7 +28,7 @@ from ..data import counterfact
 from ..edit.bank import EditBank
 from ..edit.edits import Edit
 from ..edit.facts import Fact
-from ..edit.generate import fill_bank
+from ..edit.generate import fill_bank, target_fingerprints
 from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..loading import LoadedModel
@@ -38,7 +38,7 @@ from . import plots
 from .evaluate import masks_applied, text_metrics
 from .file import MaskFile, MaskTarget
 from .splits import MemitSplit, RomeSplit
-from .train import (MaskTrainer, TrainConfig, TrainState, data_hash, load_checkpoint, make_optimizer,
+from .train import (MaskTrainer, TrainConfig, TrainState, checkpoint_info, data_hash, load_checkpoint, make_optimizer,
                     prepare_prompts, save_checkpoint)
 
 Progress = Callable[[str, int, int, str], None]  # (stage, done, total, info)
@@ -132,15 +132,6 @@ def mask_targets(loaded: LoadedModel, hp: EditHparams) -> list[tuple[str, bool]]
     return [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in sorted(hp.layers)]
 
 
-def _edited_shapes(loaded: LoadedModel, hp: EditHparams) -> dict[int, tuple[int, int]]:
-    """{layer: [out, in]} of the tensors the method edits."""
-    shapes = {}
-    for layer, (path, transposed) in zip(sorted(hp.layers), mask_targets(loaded, hp)):
-        shape = tuple(loaded.model.get_submodule(path).weight.shape)
-        shapes[layer] = shape[::-1] if transposed else shape
-    return shapes
-
-
 def split_kind(method: str):
     return MemitSplit if method == "memit" else RomeSplit
 
@@ -193,6 +184,10 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     if hp.method != job.method:
         raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
                              f"against {job.method.upper()}")
+    if job.resume and ckpt.exists():  # found now, not after the bank is built for this model
+        theirs = checkpoint_info(ckpt).get("fingerprints")  # absent in checkpoints older than the field
+        if theirs is not None and theirs != target_fingerprints(loaded, hp):
+            raise EditguardError(f"{ckpt} was written by a run on another model's weights; remove it to start over")
     train, val, test = select_splits(job)
     facts = {split: [Fact.from_record(r) for r in recs] for split, recs in
              (("train", train), ("val", val), ("test", test))}
@@ -213,7 +208,6 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         return bank
 
     bank = fill(["val", "train"] + (["test"] if job.bank_only else []), "edit bank")
-    bank.check_widths(_edited_shapes(loaded, hp))
     bank_seconds = time.time() - started
     if job.bank_only:
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
@@ -231,9 +225,6 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         state, optimizer, info = load_checkpoint(ckpt, cfg, trainer.device)
         if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
-        # checkpoints from before fingerprints were recorded cannot be checked
-        if info.get("fingerprints", meta["fingerprints"]) != meta["fingerprints"]:
-            raise EditguardError(f"{ckpt} was written by a run on another model's weights; remove it to start over")
     else:
         state = trainer.init_state()
         optimizer = make_optimizer(state, cfg)
@@ -421,11 +412,18 @@ def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict
     interrupted write leaves none of them (and a training checkpoint can be resumed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
+    moved = []
     try:
         mask.save(staging / path.name)
         write_outputs(staging / path.name, mask, masks, reports)
+        check_new_mask_path(path)  # again: hours may have passed since the run checked it
         for made in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
             os.replace(made, path.parent / made.name)
+            moved.append(path.parent / made.name)
+    except BaseException:
+        for done in moved:  # a part of the set would block the --resume that finishes it
+            done.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     update_index(path, mask)

@@ -403,10 +403,8 @@ def save_checkpoint(path: Path, state: TrainState, optimizer: torch.optim.AdamW,
     write_safetensors(path, tensors, {"editguard_train": json.dumps(info)})
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "cpu"
-                    ) -> tuple[TrainState, torch.optim.AdamW, dict]:
-    from safetensors import safe_open
-
+def checkpoint_info(path: Path) -> dict:
+    """A training checkpoint's metadata, read from its header alone."""
     from ..checkpoint import read_safetensors_header
 
     try:
@@ -414,6 +412,16 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "
         info = json.loads(raw["editguard_train"])
     except (EditguardError, KeyError, json.JSONDecodeError):
         raise EditguardError(f"{path}: not a readable editguard training checkpoint") from None
+    if not isinstance(info, dict):
+        raise EditguardError(f"{path}: not a readable editguard training checkpoint")
+    return info
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "cpu"
+                    ) -> tuple[TrainState, torch.optim.AdamW, dict]:
+    from safetensors import safe_open
+
+    info = checkpoint_info(path)
     with safe_open(str(path), "pt", device=str(device)) as handle:
         keys = set(handle.keys())
         n = len([k for k in keys if k.startswith("theta.")])
