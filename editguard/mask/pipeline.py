@@ -146,10 +146,15 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.stem + ".ckpt.safetensors")
 
 
+def card_files(output: Path) -> list[Path]:
+    """The card and metrics written beside the mask (figures: `_figures_of`)."""
+    stem = output.with_suffix("")
+    return [stem.parent / (stem.name + ".md"), stem.parent / (stem.name + ".json")]
+
+
 def written_beside(output: Path) -> list[Path]:
     """The files a training run writes under the mask's name, the mask included."""
-    stem = output.with_suffix("")
-    return [output, checkpoint_path(output), stem.parent / (stem.name + ".md"), stem.parent / (stem.name + ".json")]
+    return [output, checkpoint_path(output), *card_files(output)]
 
 
 def check_new_mask_path(path: Path) -> None:
@@ -158,8 +163,7 @@ def check_new_mask_path(path: Path) -> None:
         raise EditguardError("the mask file name must end in .safetensors")
     if path.exists():
         raise EditguardError(f"{path} exists; choose another -o (masks are never overwritten)")
-    stem = path.with_suffix("")
-    for beside in (*written_beside(path)[2:], *_figures_of(stem)):
+    for beside in (*card_files(path), *_figures_of(path.with_suffix(""))):
         if beside.exists():  # the card, metrics and figures go there: someone else's file is never overwritten
             raise EditguardError(f"{beside} exists; choose another -o")
     index = path.parent / INDEX
@@ -432,8 +436,8 @@ def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict
 def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
     """The metrics JSON, figures and card beside `path`."""
     stem = path.with_suffix("")
-    metrics = mask.metrics
-    write_text_atomic(stem.parent / (stem.name + ".json"), json.dumps(metrics, indent=2))
+    card_path, metrics_path = card_files(path)
+    write_text_atomic(metrics_path, json.dumps(mask.metrics, indent=2))
     figures = []
     if "test" in reports:
         figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
@@ -445,7 +449,7 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
                                                f"pruned fraction per output dimension (layer {target.layer})"))
         figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap{tag}.png",
                                      f"mask, layer {target.layer} (pruned share, pooled)"))
-    write_text_atomic(stem.parent / (stem.name + ".md"), card(path, mask, reports, [f.name for f in figures]))
+    write_text_atomic(card_path, card(path, mask, reports, [f.name for f in figures]))
 
 
 def update_index(path: Path, mask: MaskFile) -> None:
