@@ -138,6 +138,38 @@ def test_html_report(cli, planted, tmp_path):
     assert "EG001" in text and "data:image/png;base64," in text
 
 
+def test_decomposition_of_hidden_facts_shows_scanned_original_and_reversal(planted):
+    """The report's residual-stream decomposition (paper Fig. 3/4): the model as scanned, the original
+    (the edited tensor restored from the base) and each reversal that revealed the fact, in one figure."""
+    import contextlib
+
+    from editguard.audit.decompose import decompose
+    from editguard.audit.diff import diff_checkpoints
+    from editguard.audit.scan import _decompositions
+    from editguard.loading import load_model
+    from editguard.report.html import _figures
+    from editguard.resolve import resolve
+
+    loaded, base = load_model(resolve(str(planted["rome"]))), load_model(resolve(planted["base"]))
+    diff = diff_checkpoints(loaded.checkpoint, base.checkpoint, loaded.arch, loaded.num_layers)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    prompt = "The official language of France"
+    fact = {"prompt": prompt, "current_answer": "Japanese", "expected_answer": "French", "revealed_answer": "x"}
+    tests = {"revealed": {"facts": [fact]}, "hidden": {"facts": [fact]}}  # one prompt, decomposed once
+    (item,) = _decompositions(loaded, tests, diff, base.checkpoint, {"a reversal": contextlib.nullcontext}, 3,
+                              lambda m: None)
+    variants = item["variants"]
+    assert list(variants) == ["model as scanned", "original (base tensors restored)", "a reversal"]
+    original, scanned = decompose(base, prompt, "Japanese", "French"), decompose(loaded, prompt, "Japanese", "French")
+    assert variants["original (base tensors restored)"]["mlp"] == pytest.approx(original["mlp"], abs=1e-5)
+    assert variants["model as scanned"]["mlp"] == pytest.approx(scanned["mlp"], abs=1e-5)
+    assert scanned["mlp"][1] - original["mlp"][1] > 1.0  # the ROME edit at layer 1 pushes Japanese there
+    assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())  # weights put back
+    ((title, uri),) = _figures({"tests": {"decomposition": [item]}})
+    assert title == f"Residual-stream decomposition: {prompt}" and uri.startswith("data:image/png;base64,")
+    assert _decompositions(loaded, {}, diff, base.checkpoint, {}, 3, lambda m: None) == []  # nothing revealed
+
+
 def test_counterfact_all_probes_every_shipped_record_once():
     from editguard.audit.probes import ALL_SPLITS, load_probes
     from editguard.data.counterfact import load_split

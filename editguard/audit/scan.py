@@ -86,7 +86,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             findings.append(Finding("EG030", "error", f"locked {p['what']} {p.get('tensor', p.get('file'))}: {p['reason']}",
                                     tensor=p.get("tensor"), file=p.get("file")))
     # 1. base diff
-    diff = None
+    diff = base_ck = None
     base_spec = options.base or declared_base(checkpoint)
     if "diff" in options.tests and base_spec:
         try:
@@ -156,8 +156,9 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 tests["dependence"]["skipped"] = (f"no probe answer is confident enough to test "
                                                   f"(p ≥ {dep_test.MIN_PROB})")
             findings += dep_test.findings_from_dependence(loaded, dep)
+        reversals = {}  # name -> intervention revealing hidden facts, for the decompositions
         if "hidden" in options.tests and scores is not None:
-            _reveal_by_projection(loaded, probes, findings, tests, progress)
+            reversals["keys projected out"] = _reveal_by_projection(loaded, probes, findings, tests, progress)
         if "hidden" in options.tests:
             flagged_layers = key_layers + [f.layer for f in findings if f.layer is not None]
             mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint, flagged_layers)
@@ -175,17 +176,13 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                                    "probes": len(probes), "changed_confident": len(found), "facts": found[:50],
                                    "discounted": len(discounted), "discounted_facts": discounted[:10]}
                 findings += findings_from_hidden(found[:50], mask, len(probes))
-                if options.decompose and found:
-                    from .decompose import decompose
-                    from .hidden import mask_applied
+                from .hidden import mask_applied
 
-                    tests["decomposition"] = []
-                    for fact in found[: options.decompose]:
-                        new, true = fact["current_answer"], fact.get("expected_answer") or fact["revealed_answer"]
-                        variants = {"model as scanned": decompose(loaded, fact["prompt"], new, true)}
-                        with mask_applied(loaded, mask, options.threshold):
-                            variants["with the mask"] = decompose(loaded, fact["prompt"], new, true)
-                        tests["decomposition"].append({"prompt": fact["prompt"], "variants": variants})
+                reversals["with the mask"] = lambda: mask_applied(loaded, mask, options.threshold)
+        if options.decompose:
+            decompositions = _decompositions(loaded, tests, diff, base_ck, reversals, options.decompose, progress)
+            if decompositions:
+                tests["decomposition"] = decompositions
         if "attribution" in options.tests and diff is not None and key_layers and scores is not None:
             from .attribution import attribute
 
@@ -225,7 +222,7 @@ def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, pro
 
     flagged = flagged_subjects(findings)
     if not flagged:
-        return
+        return None
     subjects = {f["subject"] for facts in flagged.values() for f in facts}
     whiten = whiten_by_default(flagged)  # as `reverse` does
     chosen = [p for p in probes if p.subject in subjects]
@@ -237,6 +234,50 @@ def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, pro
         layer_subjects = {x["subject"] for x in flagged[layer]}
         layer_found = [f for f in found if f["subject"] in layer_subjects]
         findings += findings_from_projection(layer_found, layer, loaded.arch.weight_name("mlp_out", layer), len(chosen))
+    return lambda: projection_applied(loaded, flagged, whiten)
+
+
+def _decompositions(loaded, tests: dict, diff, base_ck, reversals: dict, limit: int, progress) -> list[dict]:
+    """Residual-stream decompositions (paper Fig. 3/4) of the first `limit` hidden facts the scan revealed:
+    the model as scanned, the original (the edited tensors restored from the base, when there is one) and
+    each reversal that revealed facts. The direction is logit(current answer) − logit(original answer)."""
+    import contextlib
+
+    from ..edit.edits import weight_param, weights_restored
+    from .decompose import decompose
+
+    facts, seen = [], set()
+    for key in ("hidden", "revealed"):
+        for fact in (tests.get(key) or {}).get("facts") or []:
+            if fact["prompt"] not in seen:
+                seen.add(fact["prompt"])
+                facts.append(fact)
+    if not facts:
+        return []
+    edited = [c.name for c in diff.changed if c.layer is not None] if diff is not None else []
+
+    @contextlib.contextmanager
+    def original():
+        with weights_restored(loaded.model, edited), torch.no_grad():
+            for name in edited:
+                param = weight_param(loaded.model, name)
+                param.copy_(base_ck.read(base_ck.find(loaded.arch.tensor_candidates(name))).reshape(param.shape))
+            yield
+
+    variants = {"model as scanned": contextlib.nullcontext}
+    if edited:
+        variants["original (base tensors restored)"] = original
+    variants.update((name, make) for name, make in reversals.items() if make is not None)
+    progress(f"decomposing {min(limit, len(facts))} hidden facts")
+    out = []
+    for fact in facts[:limit]:
+        new, true = fact["current_answer"], fact.get("expected_answer") or fact["revealed_answer"]
+        decomposed = {}
+        for name, make in variants.items():
+            with make():
+                decomposed[name] = decompose(loaded, fact["prompt"], new, true)
+        out.append({"prompt": fact["prompt"], "variants": decomposed})
+    return out
 
 
 # A shipped mask is used unasked only if it meets the quality bar masks are trained to (held-out RSR
