@@ -53,7 +53,7 @@ def resolve(
     if not spec.strip():  # Path("") is the working directory: an empty CI variable must not scan it
         raise EditguardError("the model argument is empty")
     if revision is not None and (spec.startswith(DEMO_PREFIX) or Path(spec).expanduser().exists()):
-        raise EditguardError(f"--revision applies to hub ids; {spec} is a local model")
+        raise EditguardError(f"a revision applies to hub ids only; {spec} is a local model")
     if spec.startswith(DEMO_PREFIX):
         name = spec[len(DEMO_PREFIX):]
         return ModelRef(spec, "demo", ensure_demo(name, progress), model_id=spec)

@@ -202,3 +202,48 @@ def test_installed_wheel_carries_the_shipped_masks(tmp_path):
     found = json.loads(out.stdout)
     assert found[0] == str(tmp_path / "site" / "editguard" / "masks")
     assert sorted(found[1:]) == sorted(e["file"] for e in shipped)
+
+
+@pytest.mark.parametrize("command", ["scan", "reverse", "lock", "train", "evaluate-mask"])
+def test_placement_options_reach_the_loader(cli, pico_models, monkeypatch, tmp_path, command):
+    """--max-memory and --offload-folder on every command that loads a model: parsed once, passed to
+    load_model as given (the loader stops the command there: what follows has each command's own tests)."""
+    import torch
+
+    import editguard.cli.train_cmd
+    import editguard.loading
+    from editguard.checkpoint import Checkpoint, fingerprint
+    from editguard.mask.file import MaskFile, MaskTarget
+
+    seen = []
+
+    def stop(ref, **options):
+        seen.append(options)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(editguard.loading, "load_model", stop)
+    monkeypatch.setattr(editguard.cli.train_cmd, "load_model", stop)
+    model = str(pico_models["llama"])
+    tensor = "model.layers.1.mlp.down_proj.weight"  # a mask that fits the pico model, for lock
+    MaskFile("pico", None, "llama", "rome", 0.5, [MaskTarget(tensor, 1, (32, 64), False, fingerprint(
+        Checkpoint(pico_models["llama"]).read(tensor)), torch.rand(32, 64))]).save(tmp_path / "mask.safetensors")
+    args = {"scan": ["scan", model, "--tests", "activations"],
+            "reverse": ["reverse", model, "-o", tmp_path / "out", "--method", "svd", "--layers", "1", "--eval"],
+            "lock": ["lock", model, "--mask", tmp_path / "mask.safetensors", "--evaluate", "2", "--hparams", "smollm2-135m"],
+            "train": ["train", "--model", model, "--hparams", "smollm2-135m", "-o", tmp_path / "m.safetensors"],
+            "evaluate-mask": ["evaluate-mask", REPO / "masks/smollm2-135m_rome_L9.safetensors", "--model", model,
+                              "--bank", REPO / "banks/smollm2-135m_rome_L9.safetensors"]}[command]
+    result = cli(*args, "--max-memory", "cpu=1GiB", "--offload-folder", tmp_path / "offload")
+    assert result.code == 130, result.err
+    assert seen[-1]["max_memory"] == {"cpu": "1GiB"} and seen[-1]["offload_folder"] == str(tmp_path / "offload")
+    one_line_error(cli(*args, "--max-memory", "lots"), "--max-memory: expected DEVICE=SIZE pairs, got 'lots'")
+
+
+def test_base_revision_reaches_the_base_only(cli, pico_models, tmp_path):
+    """--base-revision (scan, reverse) resolves the base at that revision, not the model: a local base
+    refuses one, as a local model refuses --revision."""
+    model = pico_models["llama"]
+    for args in (["scan", model, "--tests", "diff"], ["reverse", model, "-o", tmp_path / "out", "--method", "base"]):
+        one_line_error(cli(*args, "--base", pico_models["llama"], "--base-revision", "v1"),
+                       f"a revision applies to hub ids only; {pico_models['llama']} is a local model")
+    one_line_error(cli("scan", model, "--revision", "v1"), "a revision applies to hub ids only")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,34 @@ def test_benign_pickle_readable_with_flag(tmp_path, pico_models, cli):
     assert result.code == 0, result.err
     assert result.json["weight_format"] == "pickle"
     assert result.json["num_layers"] == 2
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
+@pytest.mark.parametrize("allow", [False, True])
+@pytest.mark.parametrize("command", [
+    ["scan", "{m}", "--tests", "activations"],
+    ["scan", "{p}", "--base", "{m}", "--tests", "diff"],
+    ["reverse", "{m}", "-o", "{t}/out", "--method", "svd", "--layers", "1"],
+    ["reverse", "{p}", "-o", "{t}/out", "--method", "base", "--base", "{m}"],
+    ["lock", "{m}", "--mask", "{t}/mask.safetensors", "-o", "{t}/out"],
+    ["edit", "{m}", "--fact", "The capital of {{}} is", "--subject", "France", "--target", "Rome", "-o", "{t}/out"],
+    ["train", "--model", "{m}", "-o", "{t}/m.safetensors", "--hparams", "{t}/hp.yaml"],
+    ["evaluate-mask", "{r}/masks/smollm2-135m_rome_L9.safetensors", "--model", "{m}", "--bank",
+     "{r}/banks/smollm2-135m_rome_L9.safetensors"],  # real files: it reads both before the model
+])
+def test_no_command_runs_a_planted_pickle(tmp_path, pico_models, cli, command, allow, suffix):
+    """Every command that reads a model (or a base) refuses pickle-only weights without --allow-pickle, and
+    with it reads them only through weights_only=True, which refuses this payload: the marker never appears."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    marker = tmp_path / "PWNED"
+    with open(folder / f"weights{suffix}", "wb") as handle:
+        pickle.dump({"model.embed_tokens.weight": _Payload(str(marker))}, handle)
+    for name in ("mask.safetensors", "bank.safetensors", "hp.yaml"):
+        (tmp_path / name).write_text("")  # present, so the command gets as far as the model
+    repo = Path(__file__).resolve().parent.parent
+    args = [a.format(m=folder, p=pico_models["llama"], t=tmp_path, r=repo) for a in command]
+    result = cli(*args, *(["--allow-pickle"] if allow else []))
+    assert result.code == 2 and "pickle" in result.err and "Traceback" not in result.err, result.err
+    assert not marker.exists()

@@ -43,6 +43,7 @@ Progress = Callable[[str], None]
 @dataclass
 class ScanOptions:
     base: str | None = None
+    base_revision: str | None = None
     mask: str | None = None
     probes: str = "counterfact"
     tests: tuple[str, ...] = TESTS
@@ -90,7 +91,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     base_spec = options.base or declared_base(checkpoint)
     if "diff" in options.tests and base_spec:
         try:
-            base_ref = resolve(base_spec, allow_pickle=options.allow_pickle, progress=progress)
+            base_ref = resolve(base_spec, revision=options.base_revision, allow_pickle=options.allow_pickle,
+                               progress=progress)
         except EditguardError as exc:
             if options.base:
                 raise
@@ -187,7 +189,6 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             from .attribution import attribute
 
             tests["attribution"] = []
-            base_ck = resolve(base_spec, allow_pickle=options.allow_pickle).checkpoint(allow_pickle=options.allow_pickle)
             for change in diff.changed:
                 if change.layer is None:
                     continue

@@ -17,8 +17,8 @@ from ..mask.file import MaskFile
 from ..outputs import check_output_folder
 from . import state
 from .app import app
-from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, check_share, input_paths, load_options, \
-    resolve_model
+from .options import (AllowPickle, BaseRevision, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision,
+                      check_share, input_paths, load_options, resolve_model)
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None) -> Path:
@@ -54,9 +54,12 @@ def reverse_command(
     text_tokens: Annotated[int, typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for --eval.")] = 8192,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
+    base_revision: BaseRevision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
     from ..harden.project import flagged_method, whiten_by_default
@@ -67,7 +70,7 @@ def reverse_command(
     check_output_folder(output, [model, mask, base], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
     check_output_folder(output, input_paths(ref, mask, base), force)
-    placement = load_options(device_map, dtype, None, None, allow_pickle)  # load_model keywords
+    placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # load_model keywords
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
@@ -94,7 +97,7 @@ def reverse_command(
             raise EditguardError("--method base needs --base")
         from ..audit.diff import diff_checkpoints, findings_from_diff
 
-        base_ck = resolve_model(base, None, allow_pickle).checkpoint(allow_pickle=allow_pickle)
+        base_ck = resolve_model(base, base_revision, allow_pickle).checkpoint(allow_pickle=allow_pickle)
         with out.progress("diffing against the base"):
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
         # the tensors the diff calls edits (ROME/MEMIT-like, or a rank-one spike inside a broader change);
@@ -267,6 +270,8 @@ def lock_command(
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Write a locked checkpoint: masked weights + a lock manifest; editguard re-applies the mask on load."""
     from ..harden.lock import lock_checkpoint
@@ -293,7 +298,7 @@ def lock_command(
                     manifest_sha256=manifest["manifest_sha256"])
     if evaluate is not None:
         info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data,
-                                            load_options(device_map, dtype, None, None, allow_pickle))
+                                            load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     out.emit(info, _render_lock)
 
 

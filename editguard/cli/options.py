@@ -21,6 +21,7 @@ Dtype = Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float1
 MaxMemory = Annotated[Optional[str], typer.Option(
     "--max-memory", help="Per-device caps for --device-map auto, e.g. '0=20GiB,cpu=60GiB'.")]
 OffloadFolder = Annotated[Optional[str], typer.Option("--offload-folder", help="Where accelerate may offload weights.")]
+BaseRevision = Annotated[Optional[str], typer.Option("--base-revision", help="Hub branch, tag or commit of --base.")]
 
 
 def resolve_model(spec: str, revision: str | None = None, allow_pickle: bool = False) -> ModelRef:
@@ -60,9 +61,11 @@ def parse_max_memory(text: str | None) -> dict | None:
 
 
 def load_options(device_map: str, dtype: str, max_memory: str | None, offload_folder: str | None,
-                 allow_pickle: bool) -> dict:
-    return dict(device_map=device_map, dtype=dtype, max_memory=parse_max_memory(max_memory),
-                offload_folder=offload_folder, allow_pickle=allow_pickle)
+                 allow_pickle: bool | None = None) -> dict:
+    """load_model's placement keywords (and allow_pickle, unless None: a caller that passes it itself)."""
+    options = dict(device_map=device_map, dtype=dtype, max_memory=parse_max_memory(max_memory),
+                   offload_folder=offload_folder)
+    return options if allow_pickle is None else {**options, "allow_pickle": allow_pickle}
 
 
 def check_share(option: str, value: float | None, closed: bool = False) -> None:

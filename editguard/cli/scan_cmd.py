@@ -16,7 +16,8 @@ from ..report.sarif import to_sarif
 from ..outputs import check_output_file
 from . import state
 from .app import app
-from .options import AllowPickle, DeviceMap, Dtype, ModelArg, Revision, check_share, input_paths, resolve_model
+from .options import (AllowPickle, BaseRevision, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision,
+                      check_share, input_paths, load_options, resolve_model)
 
 
 @app.command("scan")
@@ -32,9 +33,12 @@ def scan_command(
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at this verdict or worse: suspicious | edited | never.")] = "suspicious",
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a self-contained HTML report.")] = None,
     revision: Revision = None,
+    base_revision: BaseRevision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Was MODEL knowledge-edited? Where, how, which facts, and what were the original answers?"""
     out = state.out()
@@ -54,7 +58,8 @@ def scan_command(
     if report is not None:  # before the scan: a bad path fails in a second, not after minutes
         report = check_output_file(report, input_paths(ref, base), (".html", ".htm"))
     options = ScanOptions(base=base, mask=mask, probes=probes, tests=chosen, min_prob=min_prob, threshold=threshold,
-                          allow_pickle=allow_pickle, load_options={"device_map": device_map, "dtype": dtype},
+                          allow_pickle=allow_pickle, base_revision=base_revision,
+                          load_options=load_options(device_map, dtype, max_memory, offload_folder),
                           decompose=3 if report is not None else 0)
     with out.progress(f"scanning {model}") as advance:
         result = scan(ref, options, progress=lambda message: advance(0, description=message))

@@ -15,7 +15,8 @@ from ..loading import load_model
 from ..outputs import check_output_file
 from . import state
 from .app import app
-from .options import DeviceMap, Dtype, check_share, input_paths, resolve_model
+from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, Revision, check_share, input_paths,
+                      load_options, resolve_model)
 
 
 class _Bars:
@@ -76,11 +77,14 @@ def train_command(
     bank_only: Annotated[bool, typer.Option("--bank-only", help="Only build the edit bank (e.g. in the background).")] = False,
     select: Annotated[str, typer.Option("--select", help="Ship the mask from the best validation point (best) "
                                         "or the last step (last).")] = "best",
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
-    from ..loading import load_model as _load  # noqa: F401 (import cost paid once)
     from ..mask.pipeline import TrainJob, run, written_beside
     from ..mask.train import config_for
 
@@ -92,7 +96,7 @@ def train_command(
     check_share("--max-pruned", max_pruned)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise EditguardError(f"--lr must be a positive number, got {lr}")
-    ref = resolve_model(model)
+    ref = resolve_model(model, revision, allow_pickle)
     check_output_file(output, input_paths(ref, bank))  # the card, plots and index go beside it: never into the model
     if bank is not None:  # a new bank is written: never inside the model; no bank under the mask's names
         if not bank.exists():  # .safetensors: never the index, a card or a figure this run writes
@@ -100,7 +104,7 @@ def train_command(
         if bank.resolve() in {p.resolve() for p in written_beside(output)}:
             raise EditguardError(f"--bank {bank} is a file this run writes for the mask; choose another name")
     with state.out().progress("loading model"):
-        loaded = load_model(ref, device_map=device_map, dtype=dtype)
+        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
     if hparams is None and default is None:
         raise EditguardError("give --hparams (EasyEdit YAML or preset); only demo models have a default")
@@ -157,8 +161,12 @@ def evaluate_mask_command(
         "--output", "-o", help="Write the re-binarised mask with the figures measured here (card, index).")] = None,
     text_tokens: Annotated[int, typer.Option("--text-tokens", min=2)] = 70_000,
     no_baselines: Annotated[bool, typer.Option("--no-baselines")] = False,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
     dtype: Dtype = "float32",
+    max_memory: MaxMemory = None,
+    offload_folder: OffloadFolder = None,
 ) -> None:
     """RSR (with ceiling and controls), baselines and model cost of MASK against the edits in --bank;
     with -o, also write MASK re-binarised at --threshold / --target-pruned, carrying these figures."""
@@ -171,11 +179,11 @@ def evaluate_mask_command(
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
     mask_file = MaskFile.load(mask)
     bank_file = EditBank.open(bank)
-    ref = resolve_model(model)
+    ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
         check_output_file(output, input_paths(ref, mask, bank))
     with state.out().progress("loading model"):
-        loaded = load_model(ref, device_map=device_map, dtype=dtype)
+        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
                    data=data, text_tokens=text_tokens, baselines=not no_baselines, target_pruned=target_pruned)
     with ExitStack() as stack:
