@@ -290,7 +290,8 @@ def test_summary_leaves_out_figures_not_computed():
 
 def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     out = tmp_path / "masks" / "pico_rome.safetensors"
-    result = cli("-f", "json", *_train_args(pico_models, tmp_path, out, 2))
+    settings = ["--set", "margin=2.5", "--set", "betas=0.8,0.95", "--set", "weight-decay=0.02"]
+    result = cli("-f", "json", *_train_args(pico_models, tmp_path, out, 2), *settings)
     assert result.code == 0, result.err
     metrics = result.json
     for name in ("pico_rome.safetensors", "pico_rome.md", "pico_rome.json", "pico_rome-rsr.png",
@@ -306,6 +307,8 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert metrics["shipped_step"] == next(c["step"] for c in metrics["curve"] if c["val_rsr"] == best)
     mask = MaskFile.load(out)
     assert mask.targets[0].tensor == "model.layers.0.mlp.down_proj.weight"
+    trained = mask.hparams["train"]  # --set reaches the trainer and is recorded with the mask
+    assert (trained["margin"], trained["betas"], trained["weight_decay"], trained["epochs"]) == (2.5, [0.8, 0.95], 0.02, 2)
     # the registry lets inspect find the mask for this very model
     monkeypatch.setenv("EDITGUARD_MASKS", str(out.parent))
     info = cli("-f", "json", "inspect", pico_models["llama"]).json

@@ -167,3 +167,28 @@ def test_malformed_factors_and_other_names_are_refused_as_banks(cli, pico_models
     # a new bank is a .safetensors file: never the index, card or figures the run writes beside the mask
     one_line_error(cli(*args, "--bank", tmp_path / "index.json"), "must end in .safetensors")
     assert not (tmp_path / "index.json").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("nonsense=1", "expected KEY=VALUE, KEY one of epochs, batch_records"),
+    ("margin", "expected KEY=VALUE"),
+    ("lr=0.1", "--set lr: use --lr"),
+    ("margin=big", "--set margin: 'big' is not a number"),
+    ("paraphrases=1.5", "--set paraphrases: '1.5' is not an integer"),
+    ("margin=nan", "margin must be a finite number"),
+    ("temp_end=0", "temp_end must be positive"),
+    ("betas=0.9", "betas must be two numbers in [0, 1)"),
+    ("betas=0.9,1.5", "betas must be two numbers in [0, 1)"),
+    ("betas=a,b", "--set betas: 'a,b' is not B1,B2"),
+])
+def test_training_settings_are_checked_before_the_model_loads(cli, pico_models, tmp_path, monkeypatch, setting,
+                                                             message):
+    import editguard.cli.train_cmd
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(editguard.cli.train_cmd, "load_model", never)
+    args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
+    one_line_error(cli(*args, "--set", setting), message)
+    one_line_error(cli(*args, "--set", "margin=1", "--set", "margin=2"), "--set margin is given twice")

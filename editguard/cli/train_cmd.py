@@ -19,6 +19,11 @@ from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, R
                       load_options, resolve_model)
 
 
+# TrainConfig fields with an option of their own
+RESERVED_SETTINGS = {"epochs": "--epochs", "batch_records": "--batch", "lr": "--lr", "seed": "--seed",
+                     "checkpoint_every": "--checkpoint-every", "threshold": "--threshold", "sparsity_max": "--max-pruned"}
+
+
 class _Bars:
     """One Rich bar per pipeline stage, created when the stage first reports."""
 
@@ -77,6 +82,10 @@ def train_command(
     bank_only: Annotated[bool, typer.Option("--bank-only", help="Only build the edit bank (e.g. in the background).")] = False,
     select: Annotated[str, typer.Option("--select", help="Ship the mask from the best validation point (best) "
                                         "or the last step (last).")] = "best",
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", metavar="KEY=VALUE", help="Any other training setting, repeatable: margin, beta_kl, tau_start, "
+        "tau_decay, lambda_start, lambda_end, temp_start, temp_end, theta_mean, theta_std, weight_decay, grad_clip, "
+        "betas (B1,B2), paraphrases.")] = None,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
@@ -86,7 +95,7 @@ def train_command(
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
     from ..mask.pipeline import TrainJob, run, written_beside
-    from ..mask.train import config_for
+    from ..mask.train import config_for, parse_settings
 
     if method not in ("rome", "memit"):
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
@@ -96,6 +105,10 @@ def train_command(
     check_share("--max-pruned", max_pruned)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise EditguardError(f"--lr must be a positive number, got {lr}")
+    # settings with an option of their own take it; all are checked before the model is loaded
+    overrides = dict(epochs=epochs, batch_records=batch, lr=lr, seed=seed, checkpoint_every=checkpoint_every,
+                     threshold=threshold, sparsity_max=max_pruned)
+    cfg = config_for(preset, method, parse_settings(settings or [], RESERVED_SETTINGS), **overrides)
     ref = resolve_model(model, revision, allow_pickle)
     check_output_file(output, input_paths(ref, bank))  # the card, plots and index go beside it: never into the model
     if bank is not None:  # a new bank is written: never inside the model; no bank under the mask's names
@@ -109,8 +122,6 @@ def train_command(
     if hparams is None and default is None:
         raise EditguardError("give --hparams (EasyEdit YAML or preset); only demo models have a default")
     hp = load_hparams(hparams or default, method, {"layers": [layer]} if layer is not None else None)
-    cfg = config_for(preset, method, epochs=epochs, batch_records=batch, lr=lr, seed=seed,
-                     checkpoint_every=checkpoint_every, threshold=threshold, sparsity_max=max_pruned)
     job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, val_every=val_every,
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,

@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -75,6 +75,26 @@ class TrainConfig:
         data["betas"] = list(self.betas)
         return data
 
+    def check(self) -> None:
+        """Settings a run could not train with (found before any edit is made): one clear line."""
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise EditguardError(f"training setting {what}")
+
+        numbers = {k: v for k, v in self.to_dict().items() if isinstance(v, float)}
+        for key, value in numbers.items():
+            need(math.isfinite(value), f"{key} must be a finite number, got {value}")
+        for key in ("epochs", "batch_records", "checkpoint_every"):
+            need(getattr(self, key) >= 1, f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("lr", "tau_start", "temp_start", "temp_end", "theta_std"):
+            need(getattr(self, key) > 0, f"{key} must be positive, got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip", "margin", "lambda_start", "lambda_end", "beta_kl", "tau_decay"):
+            need(getattr(self, key) >= 0, f"{key} must not be negative, got {getattr(self, key)}")
+        need(0 < self.sparsity_max < 1 and 0 < self.threshold < 1, "sparsity_max and threshold must lie in (0, 1)")
+        need(len(self.betas) == 2 and all(0 <= b < 1 and math.isfinite(b) for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {','.join(map(str, self.betas))}")
+        need(self.paraphrases >= 0, f"paraphrases must not be negative, got {self.paraphrases}")
+
 
 PRESETS: dict[str, dict] = {
     # The paper's schedule, for GPU users (ROME; MEMIT switches λ to 1e-4 -> 100).
@@ -86,15 +106,47 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def config_for(preset: str, method: str, **overrides) -> TrainConfig:
+def config_for(preset: str, method: str, settings: dict | None = None, **overrides) -> TrainConfig:
+    """The preset, then `settings` (any fields, see parse_settings), then the non-None `overrides`."""
     if preset not in PRESETS:
         raise EditguardError(f"unknown training preset {preset!r}; choose one of {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
     if method == "memit":
         values.setdefault("lambda_start", 1e-4)
         values.setdefault("lambda_end", 100.0)
+    values.update(settings or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    cfg.check()
+    return cfg
+
+
+def parse_settings(items: list[str], reserved: dict[str, str] | None = None) -> dict:
+    """`KEY=VALUE` items naming TrainConfig fields, typed as the field's default (betas: `B1,B2`).
+    `reserved` maps fields that have an option of their own to that option, which they must use."""
+    defaults = TrainConfig()
+    names = [f.name for f in fields(TrainConfig)]
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise EditguardError(f"--set {item!r}: expected KEY=VALUE, KEY one of {', '.join(names)}")
+        if reserved and key in reserved:
+            raise EditguardError(f"--set {key}: use {reserved[key]}")
+        if key in out:
+            raise EditguardError(f"--set {key} is given twice")
+        default = getattr(defaults, key)
+        try:
+            if isinstance(default, tuple):
+                value = tuple(float(x) for x in text.split(","))
+            else:
+                value = type(default)(text.strip())
+        except ValueError:
+            kind = "an integer" if isinstance(default, int) else "a number" if isinstance(default, float) else "B1,B2"
+            raise EditguardError(f"--set {key}: {text!r} is not {kind}") from None
+        out[key] = value
+    return out
 
 
 # -- the masked projection -----------------------------------------------------------------------
