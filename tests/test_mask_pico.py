@@ -322,6 +322,18 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
                 "--text-tokens", "200", "--threshold", "0.5")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["n"] == 8 and again.json["threshold"] == 0.5
+    assert set(again.json["rsr"]) == {"train", "val", "test"}  # the training run's splits, as its card has them
+    # another split: its 40 records, 4 of them never banked, edited now in a copy of the bank
+    bank_file = out.parent / "pico_rome.bank.safetensors"
+    before = (bank_file.read_bytes(), sorted(p.name for p in out.parent.iterdir()))
+    extra = cli("-f", "json", "evaluate-mask", out, "--bank", bank_file, "--model", model, "--data", data,
+                "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200",
+                "--no-baselines", "--splits", "test", "--extra", data, "--extra-size", "40")
+    assert extra.code == 0, extra.err
+    assert set(extra.json["rsr"]) == {"test", "extra"} and extra.json["rsr"]["extra"]["n"] == 40
+    assert (bank_file.read_bytes(), sorted(p.name for p in out.parent.iterdir())) == before  # the bank untouched
+    bad = cli("evaluate-mask", out, "--bank", bank_file, "--model", model, "--splits", "test,holdout")
+    assert bad.code == 2 and "--splits 'test,holdout'" in bad.err
     # ... and writes the re-binarised mask with the figures measured at its new threshold
     common = ["--bank", out.parent / "pico_rome.bank.safetensors", "--model", model, "--data", data,
               "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200"]

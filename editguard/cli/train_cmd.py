@@ -159,7 +159,7 @@ def _render(console, m) -> None:
 @app.command("evaluate-mask")
 def evaluate_mask_command(
     mask: Annotated[Path, typer.Argument(help="Mask file to evaluate.")],
-    bank: Annotated[Path, typer.Option("--bank", help="Edit bank holding edits of the val/test records.")],
+    bank: Annotated[Path, typer.Option("--bank", help="Edit bank holding edits of the records (as train writes it).")],
     model: Annotated[str, typer.Option("--model", help="Model the mask and bank belong to.")] = "demo:smollm2-135m",
     data: Annotated[Optional[str], typer.Option("--data", help="CounterFact file (default: the paper's splits).")] = None,
     train_size: Annotated[int, typer.Option("--train-size", min=1, help="As in training (splits a --data file).")] = 600,
@@ -172,6 +172,13 @@ def evaluate_mask_command(
         "--output", "-o", help="Write the re-binarised mask with the figures measured here (card, index).")] = None,
     text_tokens: Annotated[int, typer.Option("--text-tokens", min=2)] = 70_000,
     no_baselines: Annotated[bool, typer.Option("--no-baselines")] = False,
+    splits: Annotated[str, typer.Option("--splits", help="Which of the training run's splits to report "
+                                        "(comma-separated; train is capped at 500 records, as in training).")
+                      ] = "train,val,test",
+    extra: Annotated[Optional[str], typer.Option("--extra", help="Also report another CounterFact split (e.g. "
+                                                 "memit-test) or file; edits the bank lacks are made now, in a copy.")
+                     ] = None,
+    extra_size: Annotated[int, typer.Option("--extra-size", min=1, help="Records of --extra.")] = 100,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
@@ -186,6 +193,13 @@ def evaluate_mask_command(
     from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, write_rebinarised
 
     _check_cut(threshold, target_pruned)
+    chosen = tuple(dict.fromkeys(s.strip() for s in splits.split(",") if s.strip()))
+    if not chosen or not set(chosen) <= {"train", "val", "test"}:
+        raise EditguardError(f"--splits {splits!r}: a comma-separated choice of train, val, test")
+    if extra is not None:
+        from ..data import counterfact
+
+        counterfact.load(extra, strict=True)  # a bad name or file is found before the model loads
     if output is not None:
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
     mask_file = MaskFile.load(mask)
@@ -196,7 +210,8 @@ def evaluate_mask_command(
     with state.out().progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
-                   data=data, text_tokens=text_tokens, baselines=not no_baselines, target_pruned=target_pruned)
+                   data=data, text_tokens=text_tokens, baselines=not no_baselines, target_pruned=target_pruned,
+                   splits=chosen, extra=extra, extra_size=extra_size)
     with ExitStack() as stack:
         result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
     if output is not None:

@@ -63,6 +63,9 @@ class TrainJob:
     bank_only: bool = False  # stop once the edit bank holds every record
     memit_batch: int | None = None  # MEMIT: training records per batch edit (None: all in one, as the paper)
     select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
+    splits: tuple[str, ...] = ("train", "val", "test")  # evaluate-mask: which of the job's splits to report
+    extra: str | None = None  # evaluate-mask: another CounterFact split or file, reported as "extra"
+    extra_size: int = 100
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["editguard"] + sys.argv[1:]))
 
 
@@ -307,7 +310,7 @@ def evaluate_splits(loaded, targets: list[tuple[str, bool]], masks: list[torch.T
                     text_tokens: int, baselines: bool, progress: Progress) -> tuple[dict, dict]:
     """RSR reports per split (train capped at 500 records) and the WikiText-2 model-cost metrics."""
     reports = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test", "extra"):
         if split not in edited:
             continue
         progress("evaluating", 0, 1, split)
@@ -340,16 +343,18 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
             raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
                                  f"its {canonical} differs from this model's")
-    _, val, test = select_splits(job)
-    present = {r["case_id"] for r in bank.meta["records"]}
+    chosen = dict(zip(("train", "val", "test"), select_splits(job)))
+    present = bank.case_ids()
     kind = split_kind(mask.method)
     edited = {}
-    for split, records in (("val", val), ("test", test)):
-        facts = [Fact.from_record(r) for r in records if r.case_id in present]
+    for split in job.splits:
+        facts = [Fact.from_record(r) for r in chosen[split] if r.case_id in present]
         if facts:
             edited[split] = kind.from_bank(bank, facts)
+    if job.extra:
+        edited["extra"] = extra_split(loaded, bank, job, progress)
     if not edited:
-        raise EditguardError(f"the bank {bank.path} holds no edits of the chosen val/test records")
+        raise EditguardError(f"the bank {bank.path} holds no edits of the chosen {'/'.join(job.splits)} records")
     targets = [(t.tensor.removesuffix(".weight"), t.transposed) for t in mask.targets]
     if job.target_pruned is not None:
         threshold = choose_threshold([t.scores for t in mask.targets], job, TrainConfig())
@@ -357,6 +362,30 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     reports, text = evaluate_splits(loaded, targets, masks, edited, job.text_tokens, job.baselines, progress)
     return {"mask": str(job.output), "threshold": mask.threshold if threshold is None else threshold,
             "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}, masks
+
+
+def extra_split(loaded: LoadedModel, bank: EditBank, job: TrainJob, progress: Progress):
+    """The first `job.extra_size` records of `job.extra` with their edits: the bank's where it has them, the
+    rest made now with the bank's own hyperparameters and context templates, in a copy of the bank (the
+    user's file is never written)."""
+    from ..edit.hparams import hparams_from_dict
+
+    records = counterfact.load(job.extra, strict=True).records[: job.extra_size]
+    if not records:
+        raise EditguardError(f"--extra {job.extra}: no records")
+    facts = [Fact.from_record(r) for r in records]
+    if len({f.case_id for f in facts}) < len(facts) or any(f.case_id is None for f in facts):
+        raise EditguardError(f"--extra {job.extra}: every record needs its own case_id (edits are found by it)")
+    kind = split_kind(bank.method)
+    if {f.case_id for f in facts} <= bank.case_ids():
+        return kind.from_bank(bank, facts)
+    hp = hparams_from_dict(bank.meta["hparams"], bank.method, where=f"edit bank {bank.path}")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / bank.path.name
+        shutil.copyfile(bank.path, copy)
+        extended = fill_bank(loaded, facts, hp, copy, resume=True, memit_batch=len(facts),
+                             progress=lambda d, t: progress("extra edits", d, t, ""))
+        return kind.from_bank(extended, facts)
 
 
 def rebinarised(mask: MaskFile, source: Path, evaluation: dict, command: str) -> MaskFile:
