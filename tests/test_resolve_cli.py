@@ -89,7 +89,7 @@ def test_machine_readable_output_is_strict(cli, pico_models, monkeypatch):
     from editguard.cli import output
 
     # -f sarif holds scan findings; elsewhere it is refused, not plain JSON under a SARIF name
-    one_line_error(cli("-f", "sarif", "inspect", pico_models["llama"]), "-f sarif is for scan")
+    one_line_error(cli("-f", "sarif", "inspect", pico_models["llama"]), "-f sarif is for scan, reverse")
     # a figure that could not be measured is null: JSON has no NaN
     monkeypatch.setattr(output.sys, "stdout", io := __import__("io").StringIO())
     output.Output(format="json").emit({"paraphrase": float("nan"), "x": [1.0, float("inf")]})

@@ -116,6 +116,22 @@ def test_sarif_validates(cli, planted):
     assert run["originalUriBaseIds"]["MODEL"]["uri"] == Path(planted["rome"]).resolve().as_uri() + "/"
 
 
+def test_reverse_sarif_holds_the_findings_it_acted_on(cli, planted, tmp_path):
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
+    result = cli("-f", "sarif", "reverse", planted["rome"], "--base", planted["base"], "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    jsonschema.validate(document, schema)
+    run = document["runs"][0]
+    # the diff's finding it acted on first, then what the scans behind its before/after facts found
+    assert run["results"][0]["ruleId"] == "EG001"
+    assert run["results"][0]["locations"][0]["logicalLocations"][0]["name"] == "model.layers.1.mlp.down_proj.weight"
+    assert run["properties"]["reversed_with"] == "base"
+    assert run["properties"]["tensors"] == ["model.layers.1.mlp.down_proj.weight"]
+
+
 def test_sarif_in_a_checkout_is_repository_relative(cli, planted, monkeypatch):
     # a CI job scans a model inside its checkout: code scanning places findings by repository-relative URIs
     monkeypatch.chdir(Path(planted["rome"]).parent.parent)

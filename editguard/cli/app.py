@@ -30,7 +30,7 @@ app = typer.Typer(
 )
 
 
-SARIF_COMMANDS = ("scan",)
+SARIF_COMMANDS = ("scan", "reverse")  # the commands that have findings
 
 
 def _print_version(format: str) -> None:
@@ -68,7 +68,7 @@ def _global(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail; tracebacks for internal errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if format == "sarif" and ctx.invoked_subcommand not in SARIF_COMMANDS:  # SARIF holds findings: scan's
+    if format == "sarif" and ctx.invoked_subcommand not in SARIF_COMMANDS:  # SARIF holds findings
         raise EditguardError(f"-f sarif is for {', '.join(SARIF_COMMANDS)}; use -f json for {ctx.invoked_subcommand}")
     state.configure(format=format, quiet=quiet, verbose=verbose)
 

@@ -102,7 +102,8 @@ def reverse_command(
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
         # the tensors the diff calls edits (ROME/MEMIT-like, or a rank-one spike inside a broader change);
         # when none reads as an edit, every changed tensor. What stays different is said, not hidden.
-        edits = {f.tensor for f in findings_from_diff(diff, checkpoint, arch) if f.rule in ("EG001", "EG002")}
+        inputs.acted_on = findings_from_diff(diff, checkpoint, arch)
+        edits = {f.tensor for f in inputs.acted_on if f.rule in ("EG001", "EG002")}
         restored = [c.name for c in diff.changed if c.name in edits] or [c.name for c in diff.changed]
         replacements = base_replacements(checkpoint, base_ck, arch, restored)
         info["restored"] = restored
@@ -133,7 +134,13 @@ def reverse_command(
     info["facts"], evaluation = _before_after(inputs, output, facts, evaluate, text_tokens)
     if evaluate:
         info["evaluation"] = evaluation
-    out.emit(info, _render_reverse)
+    from ..report.sarif import to_sarif
+
+    # SARIF: the findings behind this reversal (what it acted on, what found the facts it shows), with
+    # what it wrote as the run's properties
+    sarif = to_sarif(inputs.all_findings(), ref.spec, str(ref.path),
+                     {"reversed_with": method, "output": str(output), "tensors": info["tensors"]})
+    out.emit(info, _render_reverse, sarif=sarif)
 
 
 def _parse_layers(text: str, num_layers: int) -> list[int]:
@@ -158,6 +165,7 @@ class _ReverseInput:
         self.ref, self.probes, self.placement = ref, probes, placement
         self._loaded = None
         self._scans: dict[tuple, list] = {}
+        self.acted_on: list = []  # findings from elsewhere (the base diff) that the reversal acts on
 
     def model(self):
         if self._loaded is None:
@@ -194,6 +202,16 @@ class _ReverseInput:
         if not flagged and required:
             raise EditguardError("scan's base-free tests flag no layer; give --layers (svd) or --base")
         return flagged
+
+    def all_findings(self) -> list:
+        """Every finding behind this reversal, each once (the scans overlap)."""
+        seen, out = set(), []
+        for f in [*self.acted_on, *(f for found in self._scans.values() for f in found)]:
+            key = (f.rule, f.tensor, f.layer, f.message)
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+        return out
 
     def shown_facts(self, mask: str | None) -> list[dict]:
         """The facts to show before/after: what scan flags (outliers, revealed and hidden facts)."""
