@@ -100,6 +100,24 @@ def test_controls_not_flagged(cli, planted):
     assert same.code == 0 and same.json["tests"]["diff"]["classification"] == "identical"
 
 
+def test_fail_on_sets_the_verdict_that_fails_the_gate(cli, planted, tmp_path):
+    """A change that reads as neither an edit nor a fine-tune (one attention tensor) is suspicious: it fails
+    the default gate (--fail-on suspicious) and passes --fail-on edited; an edit fails both."""
+    odd = tmp_path / "odd"
+    shutil.copytree(planted["base"], odd)
+    tensors = load_file(odd / "model.safetensors")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    tensors[name] = tensors[name] + 1e-2 * torch.randn(tensors[name].shape, generator=torch.Generator().manual_seed(1))
+    save_file(tensors, odd / "model.safetensors")
+    def scan(model, *more):
+        return cli("-f", "json", "scan", model, "--base", planted["base"], "--tests", "diff", *more)
+
+    default = scan(odd)
+    assert default.json["verdict"] == "suspicious" and default.code == 1, default.err
+    assert scan(odd, "--fail-on", "edited").code == 0
+    assert scan(planted["rome"], "--fail-on", "edited").code == 1
+
+
 def test_sarif_validates(cli, planted):
     import jsonschema
 
