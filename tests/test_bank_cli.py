@@ -55,6 +55,23 @@ def test_plant_via_cli(cli, pico_models, hparams_file, tmp_path):
     assert again.code == 2 and "already exists" in again.err
 
 
+def test_edit_selects_counterfact_records(cli, pico_models, hparams_file, facts_file, tmp_path):
+    """--counterfact IDS picks those records (from --data here, the shipped splits by default); a split name
+    with --limit takes its first records: each planted and shown before/after."""
+    picked = cli("-f", "json", "edit", pico_models["llama"], "--data", facts_file, "--counterfact", "1,4",
+                 "--hparams", hparams_file, "-o", tmp_path / "picked")
+    assert picked.code == 0, picked.err
+    assert [f["prompt"] for f in picked.json["facts"]] == ["The official language of France",
+                                                          "the mother tongue of Danielle Darrieux"]
+    split = cli("-f", "json", "edit", pico_models["llama"], "--counterfact", "rome-test", "--limit", "2",
+                "--hparams", hparams_file, "-o", tmp_path / "split")
+    assert split.code == 0, split.err
+    from editguard.data.counterfact import load_split
+
+    first = load_split("rome-test")[:2]
+    assert [f["prompt"] for f in split.json["facts"]] == [r.prompt.format(r.subject) for r in first]
+
+
 def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_file, tmp_path):
     bank_path = tmp_path / "bank.safetensors"
     args = ["edit", pico_models["gpt2"], "--data", facts_file, "--hparams", hparams_file, "--bank", bank_path]
