@@ -247,3 +247,27 @@ def test_base_revision_reaches_the_base_only(cli, pico_models, tmp_path):
         one_line_error(cli(*args, "--base", pico_models["llama"], "--base-revision", "v1"),
                        f"a revision applies to hub ids only; {pico_models['llama']} is a local model")
     one_line_error(cli("scan", model, "--revision", "v1"), "a revision applies to hub ids only")
+
+
+def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
+    """`editguard demo` writes four model copies (~2 GB for SmolLM2): in a temporary folder removed at the
+    end, also when interrupted, unless --workdir keeps them. (The audit itself runs in the README's `make demo`.)"""
+    import editguard.cli.demo_cmd as demo
+
+    folders = []
+
+    def audit(model, folder, lock_check, stop=False):
+        (folder / "edited").mkdir()
+        folders.append(folder)
+        if stop:
+            raise KeyboardInterrupt
+        return {"model": model, "workdir": str(folder)}
+
+    monkeypatch.setattr(demo, "_audit", audit)
+    done = cli("-f", "json", "demo")
+    assert done.code == 0 and done.json["models_kept"] is False and not folders[-1].exists()
+    kept = cli("-f", "json", "demo", "--workdir", tmp_path / "keep")
+    assert kept.json["models_kept"] is True and (tmp_path / "keep" / "edited").is_dir()
+    monkeypatch.setattr(demo, "_audit", lambda *a: audit(*a, stop=True))
+    assert cli("demo").code == 130 and not folders[-1].exists()
+    one_line_error(cli("demo", "--model", "org/x"), "runs on a demo model")

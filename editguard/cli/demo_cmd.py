@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -28,6 +29,21 @@ def demo_command(
                                              help="Try a ROME edit on the locked model.")] = True,
 ) -> None:
     """Plant a ROME edit into the demo model, scan it, reverse it, lock the original — and report."""
+    if not model.startswith("demo:"):
+        raise EditguardError("editguard demo runs on a demo model (demo:smollm2-135m or demo:gemma3-270m)")
+    temporary = workdir is None  # four model copies (~2 GB for SmolLM2): removed unless asked to keep them
+    folder = Path(tempfile.mkdtemp(prefix="editguard-demo-")) if temporary else Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        report = _audit(model, folder, lock_check)
+    finally:
+        if temporary:
+            shutil.rmtree(folder, ignore_errors=True)
+    report["models_kept"] = not temporary
+    state.out().emit(report, _render)
+
+
+def _audit(model: str, folder: Path, lock_check: bool) -> dict:
     from ..audit.scan import BASE_FREE_TESTS, ScanOptions, scan
     from ..edit.edits import edits_applied
     from ..edit.facts import Fact
@@ -39,10 +55,6 @@ def demo_command(
     from ..resolve import resolve
 
     out = state.out()
-    if not model.startswith("demo:"):
-        raise EditguardError("editguard demo runs on a demo model (demo:smollm2-135m or demo:gemma3-270m)")
-    folder = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="editguard-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
     ref = resolve_model(model)
     report: dict = {"model": model, "workdir": str(folder)}
     with out.progress("loading the model"):
@@ -121,7 +133,7 @@ def demo_command(
                     locked_quality = judge(loaded, [fact])[0]
             report["lock"].update(edit_success_locked=locked_quality.efficacy, p_new_locked=locked_quality.new_prob,
                                   p_true_locked=locked_quality.true_prob)
-    out.emit(report, _render)
+    return report
 
 
 def _true_vs_new(loaded, fact) -> dict:
@@ -194,4 +206,7 @@ def _render(console, r) -> None:
                      f"(P({escape(p['new'])}) {lock['p_new_locked']:.3f} against P({escape(p['true'])}) "
                      f"{lock['p_true_locked']:.3f}; planted on the unlocked model: P({escape(p['new'])}) {p['p_new']:.2f})")
         console.print(f"4. locked the original with {escape(lock['mask'])} → {escape(lock['model'])}{extra}")
-    console.print(f"models kept in {escape(r['workdir'])}")
+    if r["models_kept"]:
+        console.print(f"models kept in {escape(r['workdir'])}")
+    else:
+        console.print("the edited, reversed and locked models were removed (--workdir DIR keeps them)")
