@@ -124,6 +124,18 @@ def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatc
     assert "named by the model card: unverified" in cli("scan", upload, "--tests", "diff").err
     given = cli("-f", "json", "scan", upload, "--tests", "diff", "--base", pico_models["llama"])
     assert given.json["tests"]["diff"]["declared_by_card"] is False
+    # without a card: config.json's _name_or_path (transformers 4 wrote it), a hub id only
+    plain = tmp_path / "plain"
+    shutil.copytree(pico_models["llama"], plain)
+    for name, found in ((str(pico_models["llama"]), None), ("pico-org/base", "config.json")):
+        config = json.loads((plain / "config.json").read_text())
+        (plain / "config.json").write_text(json.dumps({**config, "_name_or_path": name}))
+        result = cli("-f", "json", "scan", plain, "--tests", "diff")
+        if found is None:
+            assert result.code == 2 and "no base given" in result.json["error"], result.json
+        else:
+            assert result.code == 0 and result.json["tests"]["diff"]["declared_by"] == "config.json"
+            assert result.json["tests"]["diff"]["base"] == "pico-org/base"
 
 
 def test_hub_download_bars_follow_the_output_format(monkeypatch):

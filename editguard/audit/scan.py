@@ -55,9 +55,11 @@ class ScanOptions:
     loaded: LoadedModel | None = field(default=None, repr=False)  # the model of `ref`, already loaded: reused
 
 
-def declared_base(checkpoint) -> str | None:
-    """A base model named in the model card (`base_model:`), if any. Only a hub id counts: the card comes
-    with the upload, so it must not point a scan at a local path (or a demo or .gguf) of the machine."""
+def declared_base(checkpoint, model_id: str | None = None) -> tuple[str | None, str | None]:
+    """(base, where it is named): the model card's `base_model:`, else config.json's `_name_or_path` (what
+    transformers 4 recorded as the model a checkpoint was loaded from before it was saved), unless that is
+    the model itself. Only a hub id counts: both come with the upload, so they must not point a scan at a
+    local path (or a demo or .gguf) of the machine."""
     readme = checkpoint.folder / "README.md"
     if readme.is_file():
         text = readme.read_text(errors="replace")
@@ -66,8 +68,11 @@ def declared_base(checkpoint) -> str | None:
                 if line.strip().startswith("base_model:"):
                     value = line.split(":", 1)[1].strip().strip("'\"")
                     if HUB_ID.match(value):
-                        return value
-    return None
+                        return value, "model card"
+    value = checkpoint.config.get("_name_or_path")
+    if isinstance(value, str) and HUB_ID.match(value) and value != model_id:
+        return value, "config.json"
+    return None, None
 
 
 def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) -> dict:
@@ -88,7 +93,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                                     tensor=p.get("tensor"), file=p.get("file")))
     # 1. base diff
     diff = base_ck = None
-    base_spec = options.base or declared_base(checkpoint)
+    base_spec, declared_by = (options.base, None) if options.base else declared_base(checkpoint, ref.model_id)
     if "diff" in options.tests and base_spec:
         try:
             base_ref = resolve(base_spec, revision=options.base_revision, allow_pickle=options.allow_pickle,
@@ -105,10 +110,11 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             base_ck = base_ref.checkpoint(allow_pickle=options.allow_pickle)
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
             # a base the upload names for itself proves nothing about the upload: say which kind this is
-            tests["diff"] = {"base": base_spec, "declared_by_card": not options.base, **diff.to_json()}
+            tests["diff"] = {"base": base_spec, "declared_by": declared_by,
+                             "declared_by_card": declared_by == "model card", **diff.to_json()}
             findings += findings_from_diff(diff, checkpoint, arch)
     elif "diff" in options.tests:
-        tests["diff"] = {"skipped": "no base given (--base) or declared in the model card"}
+        tests["diff"] = {"skipped": "no base given (--base) or declared in the model card or config.json"}
     # the remaining tests run the network
     need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
     if need_model:

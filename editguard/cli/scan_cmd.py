@@ -87,7 +87,7 @@ def _render(console, r) -> None:
         if isinstance(t, dict) and "skipped" in t:
             console.print(f"  {name}: skipped — {escape(t['skipped'])}")
         elif name == "diff":
-            declared = " (named by the model card: unverified)" if t.get("declared_by_card") else ""
+            declared = f" (named by the {t['declared_by']}: unverified)" if t.get("declared_by") else ""
             console.print(f"  base diff vs {escape(t['base'])}{declared}: {t['classification']}"
                           + (f", layers {t['layers']}" if t["layers"] else "") + f" ({len(t['changed'])} of {t['compared']} tensors changed)")
         elif name == "activations":
