@@ -107,7 +107,9 @@ def test_missing_folder_beside_a_local_folder_is_not_a_hub_id(cli, tmp_path, mon
 
 def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for declared, reason in ((str(pico_models["llama"]), "no base given"),
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(pico_models["llama"], tmp_path / "models" / "base")  # a hub-id-shaped name that is a folder here
+    for declared, reason in ((str(pico_models["llama"]), "no base given"), ("models/base", "no base given"),
                              ("pico-org/base", "declared base 'pico-org/base' not resolvable")):
         upload = tmp_path / declared.replace("/", "_")
         shutil.copytree(pico_models["llama"], upload)
@@ -259,6 +261,8 @@ def test_base_revision_reaches_the_base_only(cli, pico_models, tmp_path):
         one_line_error(cli(*args, "--base", pico_models["llama"], "--base-revision", "v1"),
                        f"a revision applies to hub ids only; {pico_models['llama']} is a local model")
     one_line_error(cli("scan", model, "--revision", "v1"), "a revision applies to hub ids only")
+    for args in (["scan", model], ["reverse", model, "-o", tmp_path / "out"]):  # never applied to a declared base
+        one_line_error(cli(*args, "--base-revision", "v1"), "--base-revision needs --base")
 
 
 def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):

@@ -334,6 +334,12 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert (bank_file.read_bytes(), sorted(p.name for p in out.parent.iterdir())) == before  # the bank untouched
     bad = cli("evaluate-mask", out, "--bank", bank_file, "--model", model, "--splits", "test,holdout")
     assert bad.code == 2 and "--splits 'test,holdout'" in bad.err
+    other = json.loads(Path(data).read_text())[:2]
+    other[1]["requested_rewrite"]["target_new"]["str"] = "Klingon"  # case 1 again, another fact
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    clash = cli("evaluate-mask", out, "--bank", bank_file, "--model", model, "--data", data, "--train-size", "20",
+                "--val-size", "8", "--test-size", "8", "--splits", "test", "--extra", tmp_path / "other.json")
+    assert clash.code == 2 and "the bank's edit of case 1 is of another fact" in clash.err, clash.err
     # ... and writes the re-binarised mask with the figures measured at its new threshold
     common = ["--bank", out.parent / "pico_rome.bank.safetensors", "--model", model, "--data", data,
               "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200"]

@@ -67,12 +67,17 @@ def declared_base(checkpoint, model_id: str | None = None) -> tuple[str | None, 
             for line in text.split("---", 2)[1].splitlines():
                 if line.strip().startswith("base_model:"):
                     value = line.split(":", 1)[1].strip().strip("'\"")
-                    if HUB_ID.match(value):
+                    if _hub_only(value):
                         return value, "model card"
     value = checkpoint.config.get("_name_or_path")
-    if isinstance(value, str) and HUB_ID.match(value) and value != model_id:
+    if isinstance(value, str) and _hub_only(value) and value != model_id:
         return value, "config.json"
     return None, None
+
+
+def _hub_only(value: str) -> bool:
+    """A hub id that is not also a path here (`models/base` may be both: resolve would take the folder)."""
+    return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
 
 
 def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) -> dict:

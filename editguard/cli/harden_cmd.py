@@ -67,6 +67,8 @@ def reverse_command(
 
     out = state.out()
     check_share("--threshold", threshold)
+    if base_revision is not None and base is None:
+        raise EditguardError("--base-revision needs --base")
     check_output_folder(output, [model, mask, base], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
     check_output_folder(output, input_paths(ref, mask, base), force)
@@ -298,6 +300,7 @@ def lock_command(
     if output is None and evaluate is None:
         raise EditguardError("give -o/--output (write a locked copy) and/or --evaluate N")
     check_share("--threshold", threshold)
+    placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # checked before writing
     if output is not None:
         check_output_folder(output, [model, mask], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
@@ -315,8 +318,7 @@ def lock_command(
         info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"],
                     manifest_sha256=manifest["manifest_sha256"])
     if evaluate is not None:
-        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data,
-                                            load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
+        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data, placement)
     out.emit(info, _render_lock)
 
 

@@ -54,6 +54,8 @@ def scan_command(
         raise EditguardError(f"no such mask file: {mask}")
     check_share("--threshold", threshold)
     check_share("--min-prob", min_prob, closed=True)
+    if base_revision is not None and base is None:  # not applied to a base the upload names for itself
+        raise EditguardError("--base-revision needs --base")
     ref = resolve_model(model, revision, allow_pickle)
     if report is not None:  # before the scan: a bad path fails in a second, not after minutes
         report = check_output_file(report, input_paths(ref, base), (".html", ".htm"))

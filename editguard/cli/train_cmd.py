@@ -190,28 +190,26 @@ def evaluate_mask_command(
     with -o, also write MASK re-binarised at --threshold / --target-pruned, carrying these figures."""
     from ..edit.bank import EditBank
     from ..mask.file import MaskFile
-    from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, write_rebinarised
+    from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, extra_records, write_rebinarised
 
     _check_cut(threshold, target_pruned)
     chosen = tuple(dict.fromkeys(s.strip() for s in splits.split(",") if s.strip()))
     if not chosen or not set(chosen) <= {"train", "val", "test"}:
         raise EditguardError(f"--splits {splits!r}: a comma-separated choice of train, val, test")
-    if extra is not None:
-        from ..data import counterfact
-
-        counterfact.load(extra, strict=True)  # a bad name or file is found before the model loads
     if output is not None:
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
     mask_file = MaskFile.load(mask)
+    job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size,
+                   test_size=test_size, data=data, text_tokens=text_tokens, baselines=not no_baselines,
+                   target_pruned=target_pruned, splits=chosen, extra=extra, extra_size=extra_size)
+    if extra is not None:
+        extra_records(job)  # a bad name, file or case id is found before the model loads
     bank_file = EditBank.open(bank)
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
         check_output_file(output, input_paths(ref, mask, bank))
     with state.out().progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
-    job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size, test_size=test_size,
-                   data=data, text_tokens=text_tokens, baselines=not no_baselines, target_pruned=target_pruned,
-                   splits=chosen, extra=extra, extra_size=extra_size)
     with ExitStack() as stack:
         result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
     if output is not None:

@@ -73,9 +73,11 @@ class EditBank:
         return bank
 
     def _validate(self) -> None:
-        for key in ("records", "method", "groups", "hparams_hash", "fingerprints", "context_templates"):
+        for key in ("records", "method", "groups", "hparams", "hparams_hash", "fingerprints", "context_templates"):
             if key not in self.meta:
                 raise KeyError(key)
+        if not isinstance(self.meta["hparams"], dict):
+            raise TypeError("hparams must be an object")
         if not isinstance(self.meta["records"], list) or not isinstance(self.meta["groups"], list):
             raise TypeError("records and groups must be lists")
         if not isinstance(self.meta["fingerprints"], dict):

@@ -346,11 +346,18 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     chosen = dict(zip(("train", "val", "test"), select_splits(job)))
     present = bank.case_ids()
     kind = split_kind(mask.method)
-    edited = {}
+    edited, skipped = {}, {}
     for split in job.splits:
         facts = [Fact.from_record(r) for r in chosen[split] if r.case_id in present]
-        if facts:
+        if not facts:
+            continue
+        try:
             edited[split] = kind.from_bank(bank, facts)
+        except EditguardError as exc:
+            if split != "train":
+                raise
+            # MEMIT batch edits of another --train-size than the run's: the held-out figures still stand
+            skipped[split] = exc.message
     if job.extra:
         edited["extra"] = extra_split(loaded, bank, job, progress)
     if not edited:
@@ -360,8 +367,9 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         threshold = choose_threshold([t.scores for t in mask.targets], job, TrainConfig())
     masks = [mask.mask(i, threshold) for i in range(len(mask.targets))]
     reports, text = evaluate_splits(loaded, targets, masks, edited, job.text_tokens, job.baselines, progress)
-    return {"mask": str(job.output), "threshold": mask.threshold if threshold is None else threshold,
-            "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}, masks
+    result = {"mask": str(job.output), "threshold": mask.threshold if threshold is None else threshold,
+              "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}
+    return ({**result, "not_reported": skipped} if skipped else result), masks
 
 
 def extra_split(loaded: LoadedModel, bank: EditBank, job: TrainJob, progress: Progress):
@@ -369,23 +377,43 @@ def extra_split(loaded: LoadedModel, bank: EditBank, job: TrainJob, progress: Pr
     rest made now with the bank's own hyperparameters and context templates, in a copy of the bank (the
     user's file is never written)."""
     from ..edit.hparams import hparams_from_dict
+    from ..edit.rome import templates_key
 
+    facts = [Fact.from_record(r) for r in extra_records(job)]
+    banked = {r["case_id"]: r for r in bank.meta["records"]}
+    for f in facts:  # a bank built from another file may use the same ids for other facts
+        r = banked.get(f.case_id)
+        if r is not None and (r.get("subject"), r.get("target_new")) != (f.subject, f.target_new):
+            raise EditguardError(f"--extra {job.extra}: the bank's edit of case {f.case_id} is of another fact "
+                                 f"({r.get('subject')!r} → {r.get('target_new')!r})")
+    kind = split_kind(bank.method)
+    if {f.case_id for f in facts} <= set(banked):
+        try:
+            return kind.from_bank(bank, facts)
+        except EditguardError:  # MEMIT: banked only inside batches with other records
+            pass
+    hp = hparams_from_dict(bank.meta["hparams"], bank.method, where=f"edit bank {bank.path}")
+    loaded.extras[templates_key(hp)] = list(bank.meta["context_templates"])  # the bank's own templates
+    with tempfile.TemporaryDirectory() as tmp:
+        if bank.method == "rome":  # the bank's edits reused, the missing ones added to a copy
+            path = Path(tmp) / bank.path.name
+            shutil.copyfile(bank.path, path)
+        else:  # MEMIT: one batch edit of exactly these records
+            path = Path(tmp) / "extra.safetensors"
+        extended = fill_bank(loaded, facts, hp, path, resume=path.exists(), memit_batch=len(facts),
+                             progress=lambda d, t: progress("extra edits", d, t, ""))
+        return kind.from_bank(extended, facts)
+
+
+def extra_records(job: TrainJob) -> list:
+    """The first `job.extra_size` records of `job.extra`, each with its own case id (edits are found by it)."""
     records = counterfact.load(job.extra, strict=True).records[: job.extra_size]
     if not records:
         raise EditguardError(f"--extra {job.extra}: no records")
-    facts = [Fact.from_record(r) for r in records]
-    if len({f.case_id for f in facts}) < len(facts) or any(f.case_id is None for f in facts):
+    ids = [r.case_id for r in records]
+    if None in ids or len(set(ids)) < len(ids):
         raise EditguardError(f"--extra {job.extra}: every record needs its own case_id (edits are found by it)")
-    kind = split_kind(bank.method)
-    if {f.case_id for f in facts} <= bank.case_ids():
-        return kind.from_bank(bank, facts)
-    hp = hparams_from_dict(bank.meta["hparams"], bank.method, where=f"edit bank {bank.path}")
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / bank.path.name
-        shutil.copyfile(bank.path, copy)
-        extended = fill_bank(loaded, facts, hp, copy, resume=True, memit_batch=len(facts),
-                             progress=lambda d, t: progress("extra edits", d, t, ""))
-        return kind.from_bank(extended, facts)
+    return records
 
 
 def rebinarised(mask: MaskFile, source: Path, evaluation: dict, command: str) -> MaskFile:
@@ -451,8 +479,8 @@ def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict
         write_outputs(staging / path.name, mask, masks, reports)
         check_new_mask_path(path)  # again: hours may have passed since the run checked it
         for made in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
+            moved.append(path.parent / made.name)  # before the move: an interruption between them is covered
             os.replace(made, path.parent / made.name)
-            moved.append(path.parent / made.name)
     except BaseException:
         for done in moved:  # a part of the set would block the --resume that finishes it
             done.unlink(missing_ok=True)
