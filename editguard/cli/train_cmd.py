@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
@@ -224,6 +225,8 @@ def _render_evaluation(console, m) -> None:
         console.print(f"wrote {m['written']} (+ .md card, .json metrics, figures; index.json updated)")
     for split, r in m["rsr"].items():
         console.print(f"  {split}: RSR {r['rsr']:.1%} ({_rsr_details(r)}; n={r['n']})")
+    for split, why in m.get("not_reported", {}).items():
+        console.print(f"  {split}: not reported ({escape(why)})")
     t = m["text"]
     console.print(f"  perplexity: original {t['original']['perplexity']:.2f}, edited {t['edited']['perplexity']:.2f}, "
                   f"pruned {t['pruned']['perplexity']:.2f}; Top-1 agreement (pruned) {t['pruned']['top1_agreement']:.1%}")
