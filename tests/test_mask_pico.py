@@ -506,3 +506,19 @@ def test_reversal_sources_mask_the_base_or_the_edit(model_type, pico_models):
     assert report["rsr_mask_on_edit_only"] == share(dense_all("edit") > 0)
     with pytest.raises(ValueError):
         split.preference(loaded, [(path, transposed)], [K], mask_on="edits")
+
+
+def test_rebinarised_mask_keeps_the_bits_it_was_measured_with(tmp_path):
+    """Scores are stored in float16: a score just above γ in float32 (kept by training) rounds below it.
+    A mask re-measured and written at the same γ must keep the evaluated bits, not re-derive them."""
+    from editguard.mask.pipeline import rebinarised
+
+    scores = torch.full((2, 4), 0.5)
+    scores[0, 0] = 0.90002  # float16: 0.8999
+    trained = MaskFile("pico", None, "llama", "rome", 0.9, [MaskTarget("w", 0, (2, 4), False, "f", scores)])
+    trained.save(tmp_path / "m.safetensors")
+    loaded = MaskFile.load(tmp_path / "m.safetensors")
+    assert loaded.mask(0)[0, 0] == 1 and loaded.targets[0].binary(0.9)[0, 0] == 0  # the rounding at stake
+    evaluation = {"threshold": 0.9, "pruned_fraction": loaded.pruned_fraction(), "rsr": {}, "text": {}}
+    rebinarised(loaded, tmp_path / "m.safetensors", evaluation, [loaded.mask(0)], "cmd").save(tmp_path / "r.safetensors")
+    assert torch.equal(MaskFile.load(tmp_path / "r.safetensors").mask(0), loaded.mask(0))

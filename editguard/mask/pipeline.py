@@ -416,9 +416,10 @@ def extra_records(job: TrainJob) -> list:
     return records
 
 
-def rebinarised(mask: MaskFile, source: Path, evaluation: dict, command: str) -> MaskFile:
-    """A copy of `mask` binarised at the evaluation's threshold, carrying the figures measured there (the
-    training history stays: it belongs to the same Θ)."""
+def rebinarised(mask: MaskFile, source: Path, evaluation: dict, masks: list[torch.Tensor], command: str) -> MaskFile:
+    """A copy of `mask` holding the binary `masks` the evaluation measured and its figures (the training
+    history stays: it belongs to the same Θ). The masks are stored as they are, not re-derived: the soft
+    scores are kept in float16, so a γ met exactly by training's float32 scores can fall on either side."""
     trained = mask.metrics.get("rebinarised") or {"trained_threshold": mask.threshold,
                                                    "trained_pruned_fraction": mask.pruned_fraction()}
     metrics = {**mask.metrics, "threshold": evaluation["threshold"],
@@ -426,14 +427,14 @@ def rebinarised(mask: MaskFile, source: Path, evaluation: dict, command: str) ->
                "text": evaluation["text"],
                "rebinarised": {"from": source.name, "trained_threshold": trained["trained_threshold"],
                                "trained_pruned_fraction": trained["trained_pruned_fraction"], "command": command}}
-    return replace(mask, threshold=evaluation["threshold"], metrics=metrics, binaries=None)
+    return replace(mask, threshold=evaluation["threshold"], metrics=metrics, binaries=[m.clone() for m in masks])
 
 
 def write_rebinarised(output: Path, mask: MaskFile, source: Path, evaluation: dict, masks: list[torch.Tensor],
                       command: str) -> MaskFile:
     """`evaluate-mask -o`: write the re-binarised mask with its card, figures and index entry."""
     check_new_mask_path(output)
-    new = rebinarised(mask, source, evaluation, command)
+    new = rebinarised(mask, source, evaluation, masks, command)
     publish(output, new, masks, evaluation["rsr"])
     return new
 
