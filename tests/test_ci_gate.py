@@ -277,13 +277,22 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
         folders.append(folder)
         if stop:
             raise KeyboardInterrupt
-        return {"model": model, "workdir": str(folder)}
+        return {"model": model, "workdir": str(folder), "scan_without_base": {"verdict": "edited", "tests": {}},
+                "plant": {"fact": "F is", "new": "N", "true": "T", "layer": 6, "p_new": 0.9, "efficacy": True,
+                          "model": "/gone/edited"},
+                "scan_with_base": {"verdict": "edited", "diff": {"classification": "rome-like", "layers": [6]}},
+                "reverse": {"edited": {"logp_true": -5.0, "logp_new": -1.0},
+                            "project": {"logp_true": -1.0, "logp_new": -4.0, "restored": True, "model": "/gone/rp"}},
+                "lock": {"mask": "m.safetensors", "model": "/gone/locked"}}
 
     monkeypatch.setattr(demo, "_audit", audit)
     done = cli("-f", "json", "demo")
     assert done.code == 0 and done.json["models_kept"] is False and not folders[-1].exists()
     kept = cli("-f", "json", "demo", "--workdir", tmp_path / "keep")
     assert kept.json["models_kept"] is True and (tmp_path / "keep" / "edited").is_dir()
+    told = cli("demo").err  # people are not pointed at removed folders
+    assert "true answer restored" in told and "/gone/" not in told and "were removed" in told
+    assert "/gone/rp" in cli("demo", "--workdir", tmp_path / "keep2").err
     monkeypatch.setattr(demo, "_audit", lambda *a: audit(*a, stop=True))
     assert cli("demo").code == 130 and not folders[-1].exists()
     one_line_error(cli("demo", "--model", "org/x"), "runs on a demo model")

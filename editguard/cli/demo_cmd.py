@@ -148,7 +148,7 @@ def _render(console, r) -> None:
     p = r["plant"]
     console.rule("[bold]editguard demo")
     console.print(f"1. planted: {escape(p['fact'])} [red]{escape(p['new'])}[/] (was {escape(p['true'])}); ROME at layer "
-                  f"{p['layer']}, P(new) = {p['p_new']:.2f}, edit {'succeeded' if p['efficacy'] else 'failed'} → {escape(p['model'])}")
+                  f"{p['layer']}, P(new) = {p['p_new']:.2f}, edit {'succeeded' if p['efficacy'] else 'failed'}{_at(r, p['model'])}")
     blind = r["scan_without_base"]
     console.print(f"2. scan without a base: [bold]{blind['verdict'].upper()}[/]")
     acts = blind["tests"].get("activations", {})
@@ -192,7 +192,7 @@ def _render(console, r) -> None:
             x = rev[name]
             console.print(f"3. reversed {label}: true answer {'[green]restored[/]' if x['restored'] else '[red]NOT restored[/]'} "
                           f"(log p true/new: edited {e['logp_true']:.2f}/{e['logp_new']:.2f}, "
-                          f"reversed {x['logp_true']:.2f}/{x['logp_new']:.2f}) → {escape(x['model'])}")
+                          f"reversed {x['logp_true']:.2f}/{x['logp_new']:.2f}){_at(r, x['model'])}")
     if "project" not in rev and "mask" not in rev:
         console.print("3. reverse: skipped (the blind scan flagged no subject and no shipped mask fits)")
     lock = r["lock"]
@@ -205,8 +205,13 @@ def _render(console, r) -> None:
             extra = (f"; the same ROME edit on the locked model {'still succeeds' if lock['edit_success_locked'] else 'fails'} "
                      f"(P({escape(p['new'])}) {lock['p_new_locked']:.3f} against P({escape(p['true'])}) "
                      f"{lock['p_true_locked']:.3f}; planted on the unlocked model: P({escape(p['new'])}) {p['p_new']:.2f})")
-        console.print(f"4. locked the original with {escape(lock['mask'])} → {escape(lock['model'])}{extra}")
+        console.print(f"4. locked the original with {escape(lock['mask'])}{_at(r, lock['model'])}{extra}")
     if r["models_kept"]:
         console.print(f"models kept in {escape(r['workdir'])}")
     else:
         console.print("the edited, reversed and locked models were removed (--workdir DIR keeps them)")
+
+
+def _at(r: dict, path: str) -> str:
+    """Where a model copy was written, when it is still there to look at."""
+    return f" → {escape(path)}" if r["models_kept"] else ""
