@@ -102,8 +102,8 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
     # a bank whose metadata lacks a field, or holds one of the wrong kind: one clear error, not a KeyError
     from safetensors.torch import save_file
     for meta, message in (({"format": FORMAT}, "missing 'records'"),
-                          ({"format": FORMAT, "records": None, "method": "rome", "groups": [], "hparams_hash": "",
-                            "fingerprints": {}, "context_templates": ["{}"]},
+                          ({"format": FORMAT, "records": None, "method": "rome", "groups": [], "hparams": {},
+                            "hparams_hash": "", "fingerprints": {}, "context_templates": ["{}"]},
                            "must be lists")):
         save_file({"x": torch.zeros(1)}, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(meta)})
         with pytest.raises(EditguardError, match=message):
