@@ -432,8 +432,8 @@ def rebinarised(mask: MaskFile, source: Path, evaluation: dict, masks: list[torc
 
 def write_rebinarised(output: Path, mask: MaskFile, source: Path, evaluation: dict, masks: list[torch.Tensor],
                       command: str) -> MaskFile:
-    """`evaluate-mask -o`: write the re-binarised mask with its card, figures and index entry."""
-    check_new_mask_path(output)
+    """`evaluate-mask -o`: write the re-binarised mask with its card, figures and index entry (publish
+    checks the names are still free)."""
     new = rebinarised(mask, source, evaluation, masks, command)
     publish(output, new, masks, evaluation["rsr"])
     return new
