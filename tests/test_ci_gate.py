@@ -37,6 +37,8 @@ def test_markup_in_a_message_is_printed_as_text(cli, monkeypatch, tmp_path, pico
     odd = _copy_with_config(pico_models["llama"], tmp_path / "odd", model_type="[/x]")
     sarif = cli("-f", "sarif", "scan", odd, "--fail-on", "never")
     one_line_error(sarif, "[/x]", code=3)
+    notice = sarif.json["runs"][0]["invocations"][0]  # the SARIF log on stdout records the failure
+    assert notice["exitCode"] == 3 and "[/x]" in notice["toolExecutionNotifications"][0]["message"]["text"]
 
 
 def test_config_layer_count_is_checked_against_the_weights(cli, tmp_path, pico_models):

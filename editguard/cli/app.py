@@ -30,12 +30,13 @@ app = typer.Typer(
 )
 
 
-SARIF_COMMANDS = ("scan", "reverse")  # the commands that have findings
-
-
 def _print_version(format: str) -> None:
     if format == "json":
         print(json.dumps({"version": __version__}))
+    elif format == "sarif":
+        from ..report.sarif import answer_sarif
+
+        print(json.dumps(answer_sarif("--version", {"version": __version__})))
     else:
         print(f"editguard {__version__}")
     raise typer.Exit()
@@ -68,9 +69,7 @@ def _global(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail; tracebacks for internal errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    if format == "sarif" and ctx.invoked_subcommand not in SARIF_COMMANDS:  # SARIF holds findings
-        raise EditguardError(f"-f sarif is for {', '.join(SARIF_COMMANDS)}; use -f json for {ctx.invoked_subcommand}")
-    state.configure(format=format, quiet=quiet, verbose=verbose)
+    state.configure(format=format, quiet=quiet, verbose=verbose, command=ctx.invoked_subcommand)
 
 
 def _register() -> None:

@@ -23,7 +23,9 @@ class Output:
     format: str = "human"
     quiet: bool = False
     verbose: bool = False
+    command: str | None = None  # the command running, named in SARIF answers
     console: Console = field(default_factory=lambda: _stderr_console())
+    emitted: bool = False  # one document on stdout: an error after the answer adds none
 
     @property
     def human(self) -> bool:
@@ -73,14 +75,20 @@ class Output:
         return self.note
 
     def emit(self, data: Any, render: Callable[[Console, Any], None] | None = None, sarif: Any = None) -> None:
-        """The command's result: JSON/SARIF on stdout, or `render` to stderr for people."""
+        """The command's result: JSON/SARIF on stdout, or `render` to stderr for people. A command without
+        findings passes no `sarif`: its SARIF answer is an empty run that carries `data`."""
         if self.format == "json":
-            sys.stdout.write(json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n")
+            self._write(data)
         elif self.format == "sarif":
-            sys.stdout.write(json.dumps(_finite(sarif if sarif is not None else data), indent=2, default=str,
-                                        allow_nan=False) + "\n")
+            from ..report.sarif import answer_sarif
+
+            self._write(sarif if sarif is not None else answer_sarif(self.command, data))
         elif render is not None and not (self.quiet and data is None):
             render(self.console, data)
+
+    def _write(self, document: Any) -> None:
+        sys.stdout.write(json.dumps(_finite(document), indent=2, default=str, allow_nan=False) + "\n")
+        self.emitted = True
 
     def warning(self, message: str) -> None:
         """Something to know that does not stop the work: on stderr in every format, silenced by --quiet."""
@@ -90,8 +98,14 @@ class Output:
     def error(self, message: str, exit_code: int) -> None:
         # the message may quote the command line or the model's config: never read it as markup
         self.console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        if self.format == "json":  # a SARIF consumer gets no document rather than a non-SARIF one
-            sys.stdout.write(json.dumps({"error": message, "exit_code": exit_code}) + "\n")
+        if self.emitted:
+            return
+        if self.format == "json":
+            self._write({"error": message, "exit_code": exit_code})
+        elif self.format == "sarif":  # a valid log that says the run failed, not an empty file
+            from ..report.sarif import failure_sarif
+
+            self._write(failure_sarif(self.command, message, exit_code))
 
 
 class _LogProgress:

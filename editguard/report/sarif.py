@@ -1,4 +1,8 @@
-"""SARIF 2.1.0: one rule per finding type, the shard file as artifact, the tensor as logical location."""
+"""SARIF 2.1.0: one rule per finding type, the shard file as artifact, the tensor as logical location.
+
+Every command answers in SARIF: scan and reverse with their findings; the others with no results and their
+JSON answer as the run's properties; a failed command with a failed invocation and its error as a tool
+notification, so a CI step that collects SARIF always gets a valid log that says what happened."""
 
 from __future__ import annotations
 
@@ -16,14 +20,6 @@ LEVEL_DEFAULT = {"EG001": "error", "EG002": "error", "EG003": "note", "EG004": "
 
 
 def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: dict) -> dict:
-    rule_ids = list(RULES)
-    rules = [{
-        "id": rule, "name": RULES[rule][0],
-        "shortDescription": {"text": RULES[rule][0].replace("-", " ")},
-        "fullDescription": {"text": RULES[rule][1]},
-        "defaultConfiguration": {"level": LEVEL_DEFAULT[rule]},
-        "helpUri": "https://github.com/editguard/editguard#findings",
-    } for rule in rule_ids]
     model_dir = Path(folder).resolve() if folder else None
     base_id, base_dir = _uri_base(model_dir)
     results = []
@@ -40,20 +36,47 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
         if f.facts:
             properties["facts"] = f.facts
         results.append({
-            "ruleId": f.rule, "ruleIndex": rule_ids.index(f.rule), "level": f.severity,
+            "ruleId": f.rule, "ruleIndex": list(RULES).index(f.rule), "level": f.severity,
             "message": {"text": f.message}, "locations": [location], "properties": properties,
             "partialFingerprints": {"editguardFinding/v1": _fingerprint(f, uri)},
         })
-    run = {
-        "tool": {"driver": {"name": "editguard", "version": __version__, "semanticVersion": __version__,
-                            "informationUri": "https://github.com/editguard/editguard", "rules": rules}},
-        "results": results,
-        "invocations": [{"executionSuccessful": True}],
-        "properties": {"model": model, **summary},
-    }
+    run = _run(results, {"executionSuccessful": True}, {"model": model, **summary})
     if folder:
         # as_uri percent-encodes: a folder named "rome edit#1" must not read as a fragment
         run["originalUriBaseIds"] = {base_id: {"uri": base_dir.as_uri().rstrip("/") + "/"}}
+    return _log(run)
+
+
+def answer_sarif(command: str, answer) -> dict:
+    """A command without findings (inspect, edit, train, lock ...): no results, its JSON answer kept."""
+    return _log(_run([], {"executionSuccessful": True}, {"command": command, "answer": answer}))
+
+
+def failure_sarif(command: str | None, message: str, exit_code: int) -> dict:
+    """A command that failed: no results (it found nothing, it did not finish), the error as a notification."""
+    invocation = {"executionSuccessful": False, "exitCode": exit_code,
+                  "toolExecutionNotifications": [{"level": "error", "message": {"text": message}}]}
+    return _log(_run([], invocation, {"command": command} if command else {}))
+
+
+def _run(results: list[dict], invocation: dict, properties: dict) -> dict:
+    rules = [{
+        "id": rule, "name": name,
+        "shortDescription": {"text": name.replace("-", " ")},
+        "fullDescription": {"text": description},
+        "defaultConfiguration": {"level": LEVEL_DEFAULT[rule]},
+        "helpUri": "https://github.com/editguard/editguard#findings",
+    } for rule, (name, description) in RULES.items()]
+    return {
+        "tool": {"driver": {"name": "editguard", "version": __version__, "semanticVersion": __version__,
+                            "informationUri": "https://github.com/editguard/editguard", "rules": rules}},
+        "results": results,
+        "invocations": [invocation],
+        "properties": properties,
+    }
+
+
+def _log(run: dict) -> dict:
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
 
 
