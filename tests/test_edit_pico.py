@@ -103,6 +103,35 @@ def test_memit_batch_flips_both(model_type, pico_models, tmp_path, monkeypatch):
     assert sorted(changed) == sorted(e.tensor for e in edits)
 
 
+def test_second_moments_match_a_float64_pass(pico_models, tmp_path, monkeypatch):
+    # C is summed window by window; each window's product runs in float32 for speed: it must still agree
+    # with one float64 pass over the same inputs, and come back from the cache unchanged
+    from editguard.edit.stats import WINDOW, second_moments
+
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97} is number {i}." for i in range(3000)))
+    template = "model.layers.{}.mlp.down_proj"
+    moments = second_moments(loaded, [0, 1], template, str(text), 1000)
+    ids = loaded.tokenizer(text.read_text(), add_special_tokens=False).input_ids
+    inputs = {0: [], 1: []}
+    hooks = [loaded.model.get_submodule(template.format(layer)).register_forward_pre_hook(
+        lambda module, args, layer=layer: inputs[layer].append(args[0].reshape(-1, args[0].shape[-1]).double()))
+        for layer in (0, 1)]
+    with torch.no_grad():
+        for start in range(0, len(ids), WINDOW):
+            loaded.model(input_ids=torch.tensor([ids[start: start + WINDOW]]))
+    for hook in hooks:
+        hook.remove()
+    assert len(ids) > 2 * WINDOW  # several windows summed
+    for layer in (0, 1):
+        x = torch.cat(inputs[layer])
+        reference = (x.T @ x / x.shape[0]).float()
+        assert torch.allclose(moments[layer], reference, rtol=1e-5, atol=1e-7), layer
+        assert torch.equal(second_moments(loaded, [layer], template, str(text), 1000)[layer], moments[layer])
+
+
 def test_context_templates_match_generate_and_banks_keep_theirs(pico_models, tmp_path):
     """Templates are EasyEdit's sampling (generate, top-k 5) drawn on a CPU generator, so they are the
     same on every device; a bank keeps the templates it was started with when extended."""
