@@ -37,6 +37,19 @@ def planted(demo, tmp_path_factory):
     return {"fact": fact, "edits": edits, "path": out}
 
 
+def _probes_with(folder, facts):
+    """A probe file: the edited facts among a sixth of scan's default probes (a faster scan)."""
+    import json
+
+    from editguard.audit.probes import counterfact_probes
+
+    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in facts]
+    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
+    path = folder / "probes.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    return path
+
+
 def test_rome_quality(demo):
     from editguard.data.counterfact import load_split
     from editguard.edit.facts import Fact
@@ -132,14 +145,7 @@ def test_scan_without_base_finds_memit_edit(memit_planted, cli, tmp_path):
     """A small MEMIT batch is invisible to the activation test (a fifth of the push per layer); its
     answers still collapse when the edited layers' MLP outputs at the subject are zeroed. Probes: the
     edited facts (memit-train records) among 300 held-out ones."""
-    import json
-
-    from editguard.audit.probes import counterfact_probes
-
-    probes = tmp_path / "probes.jsonl"
-    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in memit_planted["facts"]]
-    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
-    probes.write_text("\n".join(json.dumps(line) for line in lines))
+    probes = _probes_with(tmp_path, memit_planted["facts"])
     result = cli("-f", "json", "scan", memit_planted["path"], "--tests", "dependence", "--probes", probes)
     data = result.json
     assert data["verdict"] == "edited" and result.code == 1, data["tests"]["dependence"]
@@ -154,15 +160,9 @@ def test_scan_without_base_finds_memit_edit(memit_planted, cli, tmp_path):
 def test_reverse_restores_hidden_memit_edits(demo, memit_planted, cli, tmp_path):
     """No base, no mask: the flagged MEMIT-like subjects' whitened keys (C⁻¹k, the directions MEMIT writes)
     are projected out of the flagged layers; every flagged fact the original model knew comes back."""
-    import json
-
-    from editguard.audit.probes import counterfact_probes
     from editguard.scoring import continuation_logprobs
 
-    probes = tmp_path / "probes.jsonl"
-    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in memit_planted["facts"]]
-    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
-    probes.write_text("\n".join(json.dumps(line) for line in lines))
+    probes = _probes_with(tmp_path, memit_planted["facts"])
     result = cli("-f", "json", "reverse", memit_planted["path"], "-o", tmp_path / "restored", "--probes", probes,
                  "--eval", "--text-tokens", "1024")
     assert result.code == 0, result.err
@@ -201,14 +201,7 @@ def test_reverse_restores_several_hidden_rome_edits(rome_planted, cli, tmp_path)
     """No base, no mask, default method: scan's base-free tests find the edited layer and the subjects,
     key projection restores the original answers (issue bar: RSR ≥ 90 % on the flagged facts), and the
     rest of the model's behaviour barely moves."""
-    import json
-
-    from editguard.audit.probes import counterfact_probes
-
-    probes = tmp_path / "probes.jsonl"  # the edited facts among a sixth of the default probes (a faster scan)
-    lines = [{"prompt": f.text, "subject": f.subject, "answer": f.target_true} for f in rome_planted["facts"]]
-    lines += [{"prompt": p.prompt, "subject": p.subject, "answer": p.answer} for p in counterfact_probes()[::6]]
-    probes.write_text("\n".join(json.dumps(line) for line in lines))
+    probes = _probes_with(tmp_path, rome_planted["facts"])
     out = tmp_path / "restored"
     result = cli("-f", "json", "reverse", rome_planted["path"], "-o", out, "--probes", probes, "--eval",
                  "--text-tokens", "2048")
@@ -222,9 +215,12 @@ def test_reverse_restores_several_hidden_rome_edits(rome_planted, cli, tmp_path)
 
 
 def test_reverse_by_key_projection_restores_the_fact(planted, cli, tmp_path):
-    """No base, no mask: scan finds layer and subject, the subject's keys are projected out."""
+    """No base, no mask: scan finds layer and subject, the subject's keys are projected out. (Scan's default
+    probes are exercised on this model by the base-free scan test; here a sixth of them keeps it fast.)"""
+    probes = _probes_with(tmp_path, [planted["fact"]])
     out = tmp_path / "restored"
-    result = cli("-f", "json", "reverse", planted["path"], "-o", out, "--method", "project", "--eval", "--text-tokens", "256")
+    result = cli("-f", "json", "reverse", planted["path"], "-o", out, "--method", "project", "--probes", probes,
+                 "--eval", "--text-tokens", "256")
     assert result.code == 0, result.err
     data = result.json
     assert data["layers"] == [6] and "Danielle Darrieux" in data["subjects"]
