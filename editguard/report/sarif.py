@@ -47,7 +47,7 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
     return _log(run)
 
 
-def answer_sarif(command: str, answer) -> dict:
+def answer_sarif(command: str | None, answer) -> dict:
     """A command without findings (inspect, edit, train, lock ...): no results, its JSON answer kept."""
     return _log(_run([], {"executionSuccessful": True}, {"command": command, "answer": answer}))
 
