@@ -62,3 +62,10 @@ def one_line_error(result, text: str, code: int = 2) -> None:
     assert result.code == code, (result.code, result.err)
     assert text in result.err and "Traceback" not in result.err, result.err
     assert len(result.err.strip().splitlines()) == 1, result.err
+
+
+def validate_sarif(document: dict) -> None:
+    """Check `document` against the SARIF 2.1.0 schema (a local copy: tests never reach the network)."""
+    import jsonschema
+
+    jsonschema.validate(document, json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text()))

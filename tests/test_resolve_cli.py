@@ -10,7 +10,7 @@ import pytest
 
 from editguard.resolve import resolve
 
-from conftest import one_line_error, requires_demo
+from conftest import one_line_error, requires_demo, validate_sarif
 
 
 def _fake_hub_cache(cache: Path, repo: str, folder: Path, commit: str = "a" * 40) -> Path:
@@ -88,20 +88,17 @@ def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
 def test_machine_readable_output_is_strict(cli, pico_models, monkeypatch):
     from editguard.cli import output
 
-    import jsonschema
-
-    schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
     # -f sarif on a command without findings: a valid log, no results, the JSON answer as the run's properties
     as_json, as_sarif = (cli("-f", f, "inspect", pico_models["llama"]) for f in ("json", "sarif"))
     assert as_sarif.code == 0, as_sarif.err
-    jsonschema.validate(as_sarif.json, schema)
+    validate_sarif(as_sarif.json)
     run = as_sarif.json["runs"][0]
     assert run["results"] == [] and run["invocations"] == [{"executionSuccessful": True}]
     assert run["properties"] == {"command": "inspect", "answer": as_json.json}
     # a failed command still leaves a valid log, which says it failed and why (and one line on stderr)
     failed = cli("-f", "sarif", "inspect", pico_models["llama"] / "missing")
     one_line_error(failed, "missing")
-    jsonschema.validate(failed.json, schema)
+    validate_sarif(failed.json)
     invocation = failed.json["runs"][0]["invocations"][0]
     assert invocation["executionSuccessful"] is False and invocation["exitCode"] == 2
     assert "missing" in invocation["toolExecutionNotifications"][0]["message"]["text"]

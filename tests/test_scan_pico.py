@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import pico
+from conftest import validate_sarif
 
 ROME = {"alg_name": "ROME", "layers": [1], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6}
 MEMIT = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6,
@@ -119,13 +120,10 @@ def test_fail_on_sets_the_verdict_that_fails_the_gate(cli, planted, tmp_path):
 
 
 def test_sarif_validates(cli, planted):
-    import jsonschema
-
-    schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
     result = cli("-f", "sarif", "scan", planted["rome"], "--base", planted["base"], "--tests", "diff")
     assert result.code == 1
     document = json.loads(result.out)
-    jsonschema.validate(document, schema)
+    validate_sarif(document)
     run = document["runs"][0]
     assert run["results"][0]["ruleId"] == "EG001"
     assert run["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "model.safetensors"
@@ -135,13 +133,10 @@ def test_sarif_validates(cli, planted):
 
 
 def test_reverse_sarif_holds_the_findings_it_acted_on(cli, planted, tmp_path):
-    import jsonschema
-
-    schema = json.loads((Path(__file__).parent / "data" / "sarif-schema-2.1.0.json").read_text())
     result = cli("-f", "sarif", "reverse", planted["rome"], "--base", planted["base"], "-o", tmp_path / "out")
     assert result.code == 0, result.err
     document = json.loads(result.out)
-    jsonschema.validate(document, schema)
+    validate_sarif(document)
     run = document["runs"][0]
     # the diff's finding it acted on first, then what the scans behind its before/after facts found
     assert run["results"][0]["ruleId"] == "EG001"

@@ -16,6 +16,7 @@ import typer
 
 from .. import __version__
 from ..errors import EXIT_ERROR, EditguardError, EditguardWarning
+from ..report.sarif import answer_sarif
 from . import state
 from .output import FORMATS
 
@@ -34,8 +35,6 @@ def _print_version(format: str) -> None:
     if format == "json":
         print(json.dumps({"version": __version__}))
     elif format == "sarif":
-        from ..report.sarif import answer_sarif
-
         print(json.dumps(answer_sarif("--version", {"version": __version__})))
     else:
         print(f"editguard {__version__}")

@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
+from ..report.sarif import answer_sarif, failure_sarif
+
 FORMATS = ("human", "json", "sarif")
 
 
@@ -80,8 +82,6 @@ class Output:
         if self.format == "json":
             self._write(data)
         elif self.format == "sarif":
-            from ..report.sarif import answer_sarif
-
             self._write(sarif if sarif is not None else answer_sarif(self.command, data))
         elif render is not None and not (self.quiet and data is None):
             render(self.console, data)
@@ -103,8 +103,6 @@ class Output:
         if self.format == "json":
             self._write({"error": message, "exit_code": exit_code})
         elif self.format == "sarif":  # a valid log that says the run failed, not an empty file
-            from ..report.sarif import failure_sarif
-
             self._write(failure_sarif(self.command, message, exit_code))
 
 
