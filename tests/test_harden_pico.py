@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -263,6 +264,10 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     facts = [Fact.from_record(rec) for rec in load(str(data)).records[:4]]
     qualities = judge(locked, facts)
     assert e["locked"]["edit_success"] == sum(q.efficacy for q in qualities) / 4
+    assert e["locked"]["paraphrase_success"] == pytest.approx(sum(q.paraphrase for q in qualities) / 4)
+    assert e["locked"]["median_p_new"] == pytest.approx(statistics.median(q.new_prob for q in qualities))
+    assert "median P(new)" in cli("lock", pico_models["llama"], "--mask", mask_path, "--evaluate", "1", "--hparams", hp,
+                                  "--data", data).err
     for q, fact in zip(qualities, facts):  # the rewrite prompt's P(new) and P(true), as `demo` reports them
         (new, true), _ = continuation_logprobs(locked, [fact.text] * 2, [fact.target_new, fact.target_true])
         assert q.new_prob == pytest.approx(math.exp(float(new)), rel=1e-4)

@@ -353,4 +353,11 @@ def _render_lock(console, r) -> None:
     if r.get("evaluation"):
         e = r["evaluation"]
         console.print(f"{e['method'].upper()} edit success on {e['unlocked']['n']} CounterFact facts: unlocked "
-                      f"{e['unlocked']['edit_success']:.0%} → locked {e['locked']['edit_success']:.0%}")
+                      f"{_lock_side(e['unlocked'])} → locked {_lock_side(e['locked'])}")
+
+
+def _lock_side(side: dict) -> str:
+    paraphrase = side.get("paraphrase_success")
+    return (f"{side['edit_success']:.0%} ("
+            + (f"paraphrases {paraphrase:.0%}, " if paraphrase is not None else "")
+            + f"median P(new) {side['median_p_new']:.3f})")

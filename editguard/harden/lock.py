@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -142,7 +144,7 @@ def evaluate_lock(unlocked, locked, facts: list, hp, progress: Callable[[str], N
     edits are computed and judged through the locked forward, as the paper does (MEMIT's covariance comes
     from the checkpoint's statistics cache, as an editor holding the unlocked model's statistics would)."""
     from ..edit.edits import edits_applied
-    from ..edit.quality import judge
+    from ..edit.quality import judge, summarize
 
     result: dict = {"method": hp.method}
     for name, loaded in (("unlocked", unlocked), ("locked", locked)):
@@ -156,9 +158,14 @@ def evaluate_lock(unlocked, locked, facts: list, hp, progress: Callable[[str], N
             from ..edit.rome import rome_edits
 
             batches = [([fact], [edit]) for fact, edit in zip(facts, rome_edits(loaded, facts, hp))]
-        success = []
+        qualities = []
         for batch_facts, edits in batches:
             with edits_applied(loaded.model, loaded.arch, edits):
-                success += [q.efficacy for q in judge(loaded, batch_facts)]
-        result[name] = {"n": len(facts), "edit_success": sum(success) / len(success)}
+                qualities += judge(loaded, batch_facts)
+        # efficacy is a yes/no per fact; the paraphrases and P(new) show a lock that weakens edits without
+        # stopping them (an edit at P(new) 0.02 against P(true) 0.01 still counts as a success)
+        summary = summarize(qualities)
+        result[name] = {"n": len(facts), "edit_success": summary["efficacy"],
+                        "paraphrase_success": None if math.isnan(summary["paraphrase"]) else summary["paraphrase"],
+                        "median_p_new": statistics.median(q.new_prob for q in qualities)}
     return result
