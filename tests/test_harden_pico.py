@@ -232,6 +232,9 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     projections leaves the locked model exactly as often on the new object as it was before any edit."""
     import pico_facts
 
+    from rich.console import Console
+
+    from editguard.cli.harden_cmd import _render_lock
     from editguard.data.counterfact import load
     from editguard.edit.facts import Fact
     from editguard.edit.quality import judge
@@ -266,8 +269,9 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     assert e["locked"]["edit_success"] == sum(q.efficacy for q in qualities) / 4
     assert e["locked"]["paraphrase_success"] == pytest.approx(sum(q.paraphrase for q in qualities) / 4)
     assert e["locked"]["median_p_new"] == pytest.approx(statistics.median(q.new_prob for q in qualities))
-    assert "median P(new)" in cli("lock", pico_models["llama"], "--mask", mask_path, "--evaluate", "1", "--hparams", hp,
-                                  "--data", data).err
+    console = Console(record=True, width=400)  # the human rendering of this same answer, not a second evaluation
+    _render_lock(console, r.json)
+    assert f"median P(new) {e['locked']['median_p_new']:.3f})" in console.export_text()
     for q, fact in zip(qualities, facts):  # the rewrite prompt's P(new) and P(true), as `demo` reports them
         (new, true), _ = continuation_logprobs(locked, [fact.text] * 2, [fact.target_new, fact.target_true])
         assert q.new_prob == pytest.approx(math.exp(float(new)), rel=1e-4)
