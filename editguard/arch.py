@@ -37,6 +37,7 @@ class Arch:
     layer: str
     mlp: str
     mlp_out: str
+    mlp_in: tuple[str, ...]  # the MLP's input projections (hidden -> intermediate), same orientation as mlp_out
     attn: str
     attn_out: str
     final_norm: str
@@ -57,6 +58,9 @@ class Arch:
             return template.format(layer=layer)
         return template
 
+    def mlp_in_modules(self, layer: int) -> list[str]:
+        return [template.format(layer=layer) for template in self.mlp_in]
+
     def weight_name(self, role: str, layer: int | None = None) -> str:
         """Canonical tensor name (as the transformers module tree names it)."""
         return self.module(role, layer) + ".weight"
@@ -75,6 +79,10 @@ class Arch:
             if stored.startswith(stored_prefix) and not stored.startswith(canon_prefix):
                 return canon_prefix + stored[len(stored_prefix):]
         return stored
+
+    def is_mlp_out(self, tensor_name: str, layer: int) -> bool:
+        """`tensor_name` (any alias) is layer `layer`'s MLP output projection weight, the tensor edits change."""
+        return self.canonical_tensor_name(tensor_name) == self.weight_name("mlp_out", layer)
 
     def mlp_out_layer_of(self, tensor_name: str, num_layers: int) -> int | None:
         """Layer index if `tensor_name` (any alias) is an MLP output projection weight."""
@@ -114,7 +122,8 @@ def for_model_type(model_type: str | None) -> Arch:
         )
     return Arch(
         model_type=model_type,
-        **{k: v for k, v in row.items() if k not in ("num_layers_keys", "aliases")},
+        **{k: v for k, v in row.items() if k not in ("num_layers_keys", "aliases", "mlp_in")},
+        mlp_in=tuple(row["mlp_in"]),
         num_layers_keys=tuple(row["num_layers_keys"]),
         aliases=tuple(tuple(pair) for pair in row["aliases"]),
     )
@@ -131,3 +140,5 @@ def module_names(arch: Arch, num_layers: int) -> Iterable[tuple[str, int | None,
     for layer in range(num_layers):
         for role in ROLES:
             yield role, layer, arch.module(role, layer)
+        for path in arch.mlp_in_modules(layer):
+            yield "mlp_in", layer, path

@@ -53,7 +53,9 @@ def inspect_model(ref: ModelRef, allow_pickle: bool = False) -> dict:
         },
         "files": files,
         "masks": [
-            {"file": m["path"], "method": m.get("method"), "match": m["match"], "layers": m.get("layers")}
+            {"file": m["path"], "method": m.get("method"), "match": m["match"],
+             "layers": sorted(set(m.get("layers") or [])),  # a --whole-mlp mask lists its layer per tensor
+             "tensors": len(m.get("targets", []))}
             for m in masks_index.fitting(arch, checkpoint)
         ],
     }

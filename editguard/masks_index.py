@@ -86,3 +86,10 @@ def prefer_layers(fits: list[dict], layers, method: str | None = None) -> list[d
     wanted = set(layers or [])
     return sorted(fits, key=lambda e: (method is not None and e.get("method") != method,
                                        not wanted.intersection(e.get("layers") or [])))
+
+
+def edited_tensors_only(arch: Arch, entry: dict) -> bool:
+    """The entry masks MLP output projections only (the tensors ROME/MEMIT edit), no MLP inputs."""
+    layers = entry.get("layers") or []
+    return len(layers) == len(entry.get("targets", [])) and all(
+        arch.is_mlp_out(t["tensor"], layer) for t, layer in zip(entry["targets"], layers))

@@ -115,8 +115,13 @@ def continuation_logprobs(
 
 
 def text_windows(loaded: LoadedModel, tokens: int, window: int, source: str = "wikitext2") -> list[list[int]]:
-    """The first `tokens` tokens of a text (WikiText-2 by default) cut into non-overlapping windows."""
+    """The first `tokens` tokens of a text (WikiText-2 by default) cut into non-overlapping windows (no
+    longer than the model's context)."""
     from .data.text import load_text
+
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context > 1:
+        window = min(window, context)
 
     ids = loaded.tokenizer(load_text(source), add_special_tokens=False).input_ids[:tokens]
     return [ids[i: i + window] for i in range(0, len(ids) - 1, window) if len(ids[i: i + window]) > 1]

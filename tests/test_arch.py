@@ -32,7 +32,7 @@ def test_templates_resolve_on_module_and_file(model_type, pico_models):
     model = AutoModelForCausalLM.from_pretrained(folder)
     for role, layer, path in module_names(arch, num_layers):
         module = model.get_submodule(path)  # raises if the template is wrong
-        if role in ("mlp_out", "attn_out", "embed", "unembed"):
+        if role in ("mlp_out", "mlp_in", "attn_out", "embed", "unembed"):
             canonical = path + ".weight"
             stored = checkpoint.find(arch.tensor_candidates(canonical))
             tied_unembed = role == "unembed" and arch.tied(checkpoint.config)
@@ -52,6 +52,11 @@ def test_templates_resolve_on_module_and_file(model_type, pico_models):
     if bias is not None:
         expected = expected + bias
     assert torch.allclose(module(x), expected, atol=1e-5)
+    # the MLP's input projections map hidden -> intermediate, stored like the output projection
+    for path in arch.mlp_in_modules(0):
+        weight = model.get_submodule(path).weight
+        out_dim, in_dim = (weight.shape[1], weight.shape[0]) if arch.mlp_out_transposed else tuple(weight.shape)
+        assert in_dim == hidden and out_dim == model.get_submodule(arch.module("mlp_out", 0)).weight.numel() // hidden
     assert arch.tied(checkpoint.config) == bool(model.config.tie_word_embeddings)
 
 
@@ -86,3 +91,4 @@ def test_roles_are_complete():
             assert "{layer}" in getattr(arch, role)
         for role in GLOBAL_ROLES:
             assert "{layer}" not in getattr(arch, role)
+        assert arch.mlp_in and all("{layer}" in template for template in arch.mlp_in)

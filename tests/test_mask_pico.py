@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import pico_facts
+from editguard import arch as arch_table
 from editguard.checkpoint import Checkpoint
 from editguard.errors import EditguardError
 from editguard.mask.file import MaskFile, MaskTarget
@@ -51,7 +52,6 @@ def test_mask_file_roundtrip_and_fit(tmp_path, pico_models):
     assert abs(back.pruned_fraction(0.9) - float((scores < 0.9).float().mean())) < 1e-3  # another threshold
     assert back.metrics == {"x": 1}
     llama = Checkpoint(pico_models["llama"])
-    from editguard import arch as arch_table
 
     assert back.check_fits(arch_table.for_config(llama.config), llama) == ["model.layers.1.mlp.down_proj.weight"]
     qwen = Checkpoint(pico_models["qwen2"])
@@ -77,20 +77,26 @@ def test_mask_file_roundtrip_and_fit(tmp_path, pico_models):
         back.mask(0, float("nan"))
 
 
+def _index_entries(checkpoint, specs) -> list[dict]:
+    """index.json entries of ROME masks over one pico layer each: (file, layer, test RSR)."""
+    entries = []
+    for name, layer, rsr in specs:
+        tensor = f"model.layers.{layer}.mlp.down_proj.weight"
+        entries.append({"file": name, "model_type": "llama", "layers": [layer], "test_rsr": rsr, "method": "rome",
+                        "targets": [{"tensor": tensor, "stored_shape": list(checkpoint.info(tensor).shape),
+                                     "fingerprint": ""}]})
+    return entries
+
+
 def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico_models):
     import json
 
-    from editguard import arch as arch_table
     from editguard import masks_index
 
     llama = Checkpoint(pico_models["llama"])
     arch = arch_table.for_config(llama.config)
-    entries = []
-    for name, layer, rsr in (("weak0.safetensors", 0, 0.2), ("strong1.safetensors", 1, 0.6), ("mid0.safetensors", 0, 0.4)):
-        tensor = f"model.layers.{layer}.mlp.down_proj.weight"
-        entries.append({"file": name, "model_type": "llama", "layers": [layer], "test_rsr": rsr, "method": "rome",
-                        "targets": [{"tensor": tensor, "stored_shape": list(llama.info(tensor).shape),
-                                     "fingerprint": ""}]})
+    entries = _index_entries(llama, [("weak0.safetensors", 0, 0.2), ("strong1.safetensors", 1, 0.6),
+                                     ("mid0.safetensors", 0, 0.4)])
     (tmp_path / "index.json").write_text(json.dumps(entries))
     monkeypatch.setenv("EDITGUARD_MASKS", str(tmp_path))
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
@@ -113,6 +119,50 @@ def test_masks_are_chosen_by_match_quality_and_layer(tmp_path, monkeypatch, pico
     (tmp_path / "index.json").write_text(json.dumps(entries + broken))
     fits = [f["file"] for f in masks_index.fitting(arch, llama) if Path(f["path"]).parent == tmp_path]
     assert fits and not {"a.safetensors", "b.safetensors", "../c.safetensors"} & set(fits)
+
+
+def test_scan_uses_a_shipped_mask_only_over_a_flagged_layer(tmp_path, monkeypatch, pico_models):
+    """The hidden-facts test takes a mask unasked only if it meets the RSR bar and covers a layer other
+    tests flagged; --mask is always taken."""
+    import json
+
+    from editguard.audit.scan import _fitting_mask
+
+    llama = Checkpoint(pico_models["llama"])
+    arch = arch_table.for_config(llama.config)
+    entries = _index_entries(llama, [("good0.safetensors", 0, 0.85), ("weak1.safetensors", 1, 0.5)])
+    (tmp_path / "index.json").write_text(json.dumps(entries))
+    monkeypatch.setenv("EDITGUARD_MASKS", str(tmp_path))
+    monkeypatch.setattr("editguard.masks_index.mask_dirs", lambda: [tmp_path])
+    assert _fitting_mask(None, arch, llama, [0])[0].name == "good0.safetensors"
+    path, why = _fitting_mask(None, arch, llama, [])
+    assert path is None and "no layer flagged" in why
+    path, why = _fitting_mask(None, arch, llama, [1])
+    assert path is None and "weak1.safetensors reverses only 50 %" in why
+    (tmp_path / "index.json").write_text(json.dumps(entries[1:]))
+    path, why = _fitting_mask(None, arch, llama, [0])
+    assert path is None and "no mask fits the flagged layers [0]" in why
+    assert _fitting_mask(str(tmp_path / "any.safetensors"), arch, llama, [0])[0].name == "any.safetensors"
+
+
+
+def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch, pico_models):
+    """Masked MLP inputs do not resist an editor who solves through the locked model: `lock` without
+    --mask takes a mask over the edited tensors first, even one with lower RSR."""
+    import json
+
+    from editguard.cli.harden_cmd import _mask_for
+
+    llama = Checkpoint(pico_models["llama"])
+    arch = arch_table.for_config(llama.config)
+    down, whole = _index_entries(llama, [("down0.safetensors", 0, 0.5), ("whole0.safetensors", 0, 0.9)])
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    whole["targets"].append({"tensor": gate, "stored_shape": list(llama.info(gate).shape), "fingerprint": ""})
+    whole["layers"].append(0)
+    (tmp_path / "index.json").write_text(json.dumps([down, whole]))
+    monkeypatch.setattr("editguard.masks_index.mask_dirs", lambda: [tmp_path])
+    assert _mask_for(None, arch, llama, [0], "rome").name == "whole0.safetensors"  # reverse: by RSR
+    assert _mask_for(None, arch, llama, lock=True).name == "down0.safetensors"
 
 
 def _trainer(loaded, seed=0):
@@ -174,7 +224,8 @@ def test_grouped_batch_edits_train_against_their_own_masked_weights(model_type, 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "gemma3_text"])
 def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_models, monkeypatch):
     """ROME training: prompts of different lengths and records run packed in one sequence; each prompt's
-    last logits must equal a plain forward of (W + u_i v_iᵀ) ⊙ K for its own record i."""
+    last logits must equal a plain forward of (W + u_i v_iᵀ) ⊙ K for its own record i. With the layer's
+    MLP inputs masked too (--whole-mlp), they take their masks and never the edit."""
     from editguard.edit.facts import Fact
     from editguard.edit.edits import weight_param, weights_restored
     from editguard.loading import load_model
@@ -192,24 +243,28 @@ def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_model
     out_dim, in_dim = canonical_weight(loaded.model.get_submodule(target[0]), target[1]).shape
     gen = torch.Generator().manual_seed(3)
     u, v = torch.randn(3, out_dim, generator=gen), torch.randn(3, in_dim, generator=gen) * 0.3
-    trainer = MaskTrainer(loaded, [target], 1, data, TrainConfig(), u=u, v=v)
     K = torch.rand(out_dim, in_dim, generator=gen)
+    inputs = [(path, target[1]) for path in arch.mlp_in_modules(1)]
+    K_in = [(torch.rand(in_dim, out_dim, generator=gen) > 0.3).float() for _ in inputs]
     rows = torch.arange(len(data.record))
     assert len(set(data.mask.sum(1).tolist())) > 1  # really different lengths in one pack
-    fast = trainer._last_logits(rows, [K], True)
     from editguard.edit import forward
-    monkeypatch.setattr(forward, "GROUPED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU
-    torch.testing.assert_close(trainer._last_logits(rows, [K], True), fast, atol=1e-5, rtol=1e-5)
-    name = target[0] + ".weight"
-    for row in rows.tolist():
-        record = int(data.record[row])
-        with weights_restored(loaded.model, [name]), torch.no_grad():
-            delta = torch.outer(u[record], v[record])
-            weight_param(loaded.model, name).add_(delta.T if target[1] else delta)
-            with masks_applied(loaded, [target], [K]):
-                ids = data.ids[row: row + 1, : int(data.last[row]) + 1]
-                slow = loaded.model(input_ids=ids).logits[0, -1]
-        torch.testing.assert_close(fast[row], slow.float(), atol=1e-4, rtol=1e-4)
+    for targets, masks in (([target], [K]), ([target, *inputs], [K, *K_in])):
+        trainer = MaskTrainer(loaded, targets, 1, data, TrainConfig(), u=u, v=v)
+        fast = trainer._last_logits(rows, masks, True)
+        with monkeypatch.context() as patched:
+            patched.setattr(forward, "GROUPED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU
+            torch.testing.assert_close(trainer._last_logits(rows, masks, True), fast, atol=1e-5, rtol=1e-5)
+        name = target[0] + ".weight"
+        for row in rows.tolist():
+            record = int(data.record[row])
+            with weights_restored(loaded.model, [name]), torch.no_grad():
+                delta = torch.outer(u[record], v[record])
+                weight_param(loaded.model, name).add_(delta.T if target[1] else delta)
+                with masks_applied(loaded, targets, masks):
+                    ids = data.ids[row: row + 1, : int(data.last[row]) + 1]
+                    slow = loaded.model(input_ids=ids).logits[0, -1]
+            torch.testing.assert_close(fast[row], slow.float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -366,16 +421,76 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert both.code == 2 and "not both" in both.err
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_train_whole_mlp_masks_the_layers_inputs_too(cli, pico_models, tmp_path, monkeypatch, model_type):
+    """--whole-mlp: the edited tensor first, then the layer's MLP input projections (GPT-2: Conv1D, stored
+    transposed), one γ over all of them; evaluate-mask and lock take the file as it is."""
+    out = tmp_path / "masks" / "pico_mlp.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+    args[args.index("--model") + 1] = str(pico_models[model_type])
+    result = cli("-f", "json", *args, "--whole-mlp", "--target-pruned", "0.1", "--no-baselines")
+    assert result.code == 0, result.err
+    mask = MaskFile.load(out)
+    arch = arch_table.for_model_type(model_type)
+    assert [t.tensor for t in mask.targets] == [arch.weight_name("mlp_out", 0)] + [
+        p + ".weight" for p in arch.mlp_in_modules(0)]
+    assert [t.layer for t in mask.targets] == [0] * len(mask.targets)
+    assert all(t.transposed == (model_type == "gpt2") for t in mask.targets)
+    assert abs(result.json["pruned_fraction"] - 0.1) < 0.01  # γ over all the tensors together
+    monkeypatch.setenv("EDITGUARD_MASKS", str(out.parent))
+    fits = cli("-f", "json", "inspect", pico_models[model_type]).json["masks"]
+    assert [(m["layers"], m["tensors"]) for m in fits] == [([0], len(mask.targets))]
+    module = arch.mlp_in_modules(0)[-1].rsplit(".", 1)[-1]
+    assert (out.parent / f"pico_mlp-heatmap-L0-{module}.png").exists()
+    model, data = args[args.index("--model") + 1], args[args.index("--data") + 1]
+    again = cli("-f", "json", "evaluate-mask", out, "--bank", out.parent / "pico_mlp.bank.safetensors", "--model",
+                model, "--data", data, "--train-size", "20", "--val-size", "8", "--test-size", "8",
+                "--text-tokens", "200", "--no-baselines")
+    assert again.code == 0, again.err
+    assert again.json["rsr"]["test"]["rsr"] == result.json["rsr"]["test"]["rsr"]  # same masks, same edits
+    hp = args[args.index("--hparams") + 1]
+    locked = cli("-f", "json", "lock", model, "--mask", out, "-o", tmp_path / "locked", "--evaluate", "2",
+                 "--hparams", hp, "--data", data)  # ROME at the mask's one layer, through all three masks
+    assert locked.code == 0, locked.err
+    assert locked.json["evaluation"]["locked"]["n"] == 2
+    manifest = json.loads(next((tmp_path / "locked").glob("*lock*.json")).read_text())
+    assert sorted(manifest["targets"]) == sorted(t.tensor for t in mask.targets)
+
+
 PICO_MEMIT = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]],
               "v_num_grad_steps": 5, "mom2_update_weight": 100.0, "mom2_n_samples": 20}
+
+
+def _memit_args(pico_models, tmp_path, out, epochs):
+    args = _train_args(pico_models, tmp_path, out, epochs)
+    (tmp_path / "memit.yaml").write_text(yaml.safe_dump(PICO_MEMIT))
+    args[args.index("--hparams") + 1] = str(tmp_path / "memit.yaml")
+    return args
+
+
+def test_train_memit_whole_mlp(cli, pico_models, tmp_path):
+    """MEMIT with --whole-mlp: every edited layer's down projection, then each one's MLP inputs, which
+    the batch edits leave alone; evaluate-mask reproduces the figures."""
+    out = tmp_path / "masks" / "pico_memit_mlp.safetensors"
+    args = _memit_args(pico_models, tmp_path, out, 1)
+    result = cli("-f", "json", *args, "--method", "memit", "--memit-batch", "10", "--target-pruned", "0.1",
+                 "--whole-mlp", "--no-baselines")
+    assert result.code == 0, result.err
+    mask = MaskFile.load(out)
+    assert [t.tensor for t in mask.targets] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)] + [
+        f"model.layers.{i}.mlp.{m}.weight" for i in (0, 1) for m in ("gate_proj", "up_proj")]
+    assert [t.layer for t in mask.targets] == [0, 1, 0, 0, 1, 1]
+    again = cli("-f", "json", "evaluate-mask", out, "--bank", out.parent / "pico_memit_mlp.bank.safetensors",
+                "--model", args[args.index("--model") + 1], "--data", args[args.index("--data") + 1],
+                "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200", "--no-baselines")
+    assert again.code == 0, again.err
+    assert again.json["rsr"]["test"] == result.json["rsr"]["test"]
 
 
 def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
     out = tmp_path / "masks" / "pico_memit.safetensors"
-    args = _train_args(pico_models, tmp_path, out, 2)
-    (tmp_path / "memit.yaml").write_text(yaml.safe_dump(PICO_MEMIT))
-    args[args.index("--hparams") + 1] = str(tmp_path / "memit.yaml")
+    args = _memit_args(pico_models, tmp_path, out, 2)
     result = cli("-f", "json", *args, "--method", "memit", "--memit-batch", "10", "--target-pruned", "0.1",
                  "--max-pruned", "0.2")
     assert result.code == 0, result.err

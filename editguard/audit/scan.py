@@ -300,12 +300,21 @@ MIN_SHIPPED_MASK_RSR = 0.8
 
 
 def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> tuple[Path | None, str]:
-    """The mask for the hidden-facts test (preferring one over a flagged layer), or None and why not."""
+    """The mask for the hidden-facts test (`explicit`, else a good one over a flagged layer), or None and why not."""
     if explicit:
         return Path(explicit), ""
-    fits = masks_index.prefer_layers(masks_index.fitting(arch, checkpoint), layers)
+    fits = masks_index.fitting(arch, checkpoint)
     if not fits:
         return None, "no mask fits this model (give --mask)"
+    # A mask reverses only edits of the tensors it was trained on, and a trained mask also corrects some of
+    # a clean model's wrong answers (the layer-9 whole-MLP mask: 16 of 1,700 confident answers of the clean
+    # demo model, "Mount Mentzel belongs to the continent of" Europe -> Antarctica): unasked, it is used
+    # only over a layer the other tests flagged, never to judge a model nothing else finds edited.
+    if not layers:
+        return None, "no layer flagged by the other tests (a mask changes some clean answers too; give --mask)"
+    fits = [f for f in fits if set(layers) & set(f.get("layers") or [])]
+    if not fits:
+        return None, f"no mask fits the flagged layers {sorted(set(layers))} (give --mask)"
     good = [f for f in fits if (f.get("test_rsr") or 0) >= MIN_SHIPPED_MASK_RSR]
     if not good:
         return None, (f"the fitting mask {fits[0]['file']} reverses only {100 * (fits[0].get('test_rsr') or 0):.0f} % "

@@ -36,6 +36,7 @@ def _render(console, info: dict) -> None:
     console.print("files: " + ", ".join(f"{f['name']} ({human_bytes(f['bytes'])})" for f in info["files"]))
     if info["masks"]:
         for mask in info["masks"]:
-            console.print(f"mask: {mask['file']} ({mask['method']}, layers {mask['layers']}, {mask['match']} match)")
+            console.print(f"mask: {mask['file']} ({mask['method']}, layers {mask['layers']}, {mask['tensors']} "
+                          f"tensor{'s' if mask['tensors'] != 1 else ''}, {mask['match']} match)")
     else:
         console.print("mask: none of the shipped masks fits this model")

@@ -72,6 +72,8 @@ def train_command(
         "--target-pruned", help="Instead of γ: prune this share (γ chosen from the scores).")] = None,
     max_pruned: Annotated[Optional[float], typer.Option(
         "--max-pruned", help="S_max: the pruned share above which the training loss penalises (default 0.10).")] = None,
+    whole_mlp: Annotated[bool, typer.Option("--whole-mlp", help="Mask the edited layers' MLP input "
+                                            "projections too (the pruned share counts all of them).")] = False,
     bank: Annotated[Optional[Path], typer.Option("--bank", help="Edit bank to reuse and extend.")] = None,
     memit_batch: Annotated[Optional[int], typer.Option("--memit-batch", min=1, help="MEMIT: training records per "
                                                        "batch edit (default: all in one, as the paper).")] = None,
@@ -127,7 +129,7 @@ def train_command(
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
-                   memit_batch=memit_batch)
+                   memit_batch=memit_batch, whole_mlp=whole_mlp)
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:

@@ -121,15 +121,18 @@ def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v,
 
 
 def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: bool, u, v, K,
-               baselines: bool = True, magnitude_n: int = 100) -> dict:
-    """All the RSR numbers for one split of ROME edits (fact i carries u[i] v[i]ᵀ), per relation too."""
+               baselines: bool = True, magnitude_n: int = 100,
+               also_masked: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
+    """All the RSR numbers for one split of ROME edits (fact i carries u[i] v[i]ᵀ), per relation too.
+    `also_masked` applies the masks of further (unedited) tensors wherever K is on the base weights."""
     orig = preference(loaded, facts, module_path, None, None, None, transposed)
     edited = preference(loaded, facts, module_path, u, v, None, transposed)
-    masked = preference(loaded, facts, module_path, u, v, K, transposed)
-    control = preference(loaded, facts, module_path, None, None, K, transposed)
+    with also_masked():
+        masked = preference(loaded, facts, module_path, u, v, K, transposed)
+        control = preference(loaded, facts, module_path, None, None, K, transposed)
+        weights_only = preference(loaded, facts, module_path, u, v, K, transposed, mask_on="weights")
     report = summarise(facts, orig, edited, masked, control)
-    report |= reversal_sources(preference(loaded, facts, module_path, u, v, K, transposed, mask_on="weights"),
-                               preference(loaded, facts, module_path, u, v, K, transposed, mask_on="edit"))
+    report |= reversal_sources(weights_only, preference(loaded, facts, module_path, u, v, K, transposed, mask_on="edit"))
     if baselines:
         weight = loaded.model.get_submodule(module_path).weight.detach().float()
         canonical = weight.T if transposed else weight

@@ -63,6 +63,7 @@ class TrainJob:
     bank_only: bool = False  # stop once the edit bank holds every record
     memit_batch: int | None = None  # MEMIT: training records per batch edit (None: all in one, as the paper)
     select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
+    whole_mlp: bool = False  # mask the edited layers' MLP input projections beside the edited ones
     splits: tuple[str, ...] = ("train", "val", "test")  # evaluate-mask: which of the job's splits to report
     extra: str | None = None  # evaluate-mask: another CounterFact split or file, reported as "extra"
     extra_size: int = 100
@@ -130,9 +131,23 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
     return train, val, test
 
 
-def mask_targets(loaded: LoadedModel, hp: EditHparams) -> list[tuple[str, bool]]:
-    """(module path, transposed) of every tensor the method edits: ROME's one layer, MEMIT's several."""
-    return [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in sorted(hp.layers)]
+def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False) -> tuple[list[tuple[str, bool]], list[int]]:
+    """(module path, transposed) of every tensor the mask covers, and each one's layer: the tensors the
+    method edits (ROME's one layer, MEMIT's several), then with `whole_mlp` the edited layers' MLP input
+    projections, which are masked and never edited."""
+    edited = sorted(hp.layers)
+    targets = [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in edited]
+    layers = list(edited)
+    for layer in edited if whole_mlp else []:
+        inputs = loaded.arch.mlp_in_modules(layer)
+        targets += [(path, loaded.arch.mlp_out_transposed) for path in inputs]
+        layers += [layer] * len(inputs)
+    return targets, layers
+
+
+def edited_targets(arch, targets: list[MaskTarget]) -> list[MaskTarget]:
+    """The targets that are MLP output projections: the tensors edits change (the rest are only masked)."""
+    return [t for t in targets if arch.is_mlp_out(t.tensor, t.layer)]
 
 
 def split_kind(method: str):
@@ -141,7 +156,7 @@ def split_kind(method: str):
 
 def _figures_of(stem: Path) -> list[Path]:
     """Figure files already beside `stem` under the names write_outputs gives its own."""
-    pattern = re.compile(re.escape(stem.name) + r"-(rsr|pruned|heatmap)(-L\d+)?\.png")
+    pattern = re.compile(re.escape(stem.name) + r"-(rsr|pruned|heatmap)(-L\d+(-\w+)?)?\.png")
     return [p for p in stem.parent.glob("*.png") if pattern.fullmatch(p.name)] if stem.parent.is_dir() else []
 
 
@@ -220,17 +235,20 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
     kind = split_kind(job.method)
     edited = {split: kind.from_bank(bank, facts[split]) for split in ("train", "val") if facts[split]}
-    targets = mask_targets(loaded, hp)
+    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp)
     start_layer = min(hp.layers)
     # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits
     data = prepare_prompts(loaded, edited["train"].facts, start_layer, cfg.paraphrases,
                            progress=lambda d, t: progress("caching prompts", d, t, ""))
     trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **edited["train"].trainer_inputs(targets))
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"]),
-            "fingerprints": bank.meta["fingerprints"]}  # the bank's edits are of this model's weights (checked)
+            "fingerprints": bank.meta["fingerprints"],  # the bank's edits are of this model's weights (checked)
+            "targets": [path for path, _ in targets]}
     if job.resume and ckpt.exists():
         state, optimizer, info = load_checkpoint(ckpt, cfg, trainer.device)
-        if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
+        # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
+        theirs = info.get("targets", meta["targets"][:len(hp.layers)])
+        if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"] or theirs != meta["targets"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
     else:
         state = trainer.init_state()
@@ -277,7 +295,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         "command": job.command, "dtype": str(loaded.model.dtype).removeprefix("torch."),
     }
     saved = []
-    for (path, transposed), layer, score, th in zip(targets, sorted(hp.layers), scores, theta):
+    for (path, transposed), layer, score, th in zip(targets, target_layers, scores, theta):
         stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(path + ".weight"))
         saved.append(MaskTarget(path + ".weight", layer, tuple(score.shape), transposed,
                                         fingerprint(loaded.checkpoint.read(stored)), score, th.detach().cpu()))
@@ -333,11 +351,12 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     if bank.method != mask.method:
         raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
                              f"{bank.method.upper()} edits")
-    edited_tensors = {t.tensor for t in mask.targets}
+    changed = edited_targets(loaded.arch, mask.targets)
+    edited_tensors = {t.tensor for t in changed}
     if set(bank.meta["fingerprints"]) != edited_tensors:
         raise EditguardError(f"edit bank {bank.path} holds edits of {', '.join(sorted(bank.meta['fingerprints']))}; "
                              f"the mask is for {', '.join(sorted(edited_tensors))}")
-    bank.check_widths({t.layer: t.shape for t in mask.targets})
+    bank.check_widths({t.layer: t.shape for t in changed})
     for canonical, expected in bank.meta["fingerprints"].items():
         stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(canonical))
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
@@ -500,13 +519,17 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
     if "test" in reports:
         figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
                                               f"{mask.model_id}: RSR per relation (test)"))
+    one_per_layer = len({t.layer for t in mask.targets}) == len(mask.targets)
     for target, K in zip(mask.targets, masks):
-        # one figure pair per masked tensor; a single target keeps the plain names
-        tag = f"-L{target.layer}" if len(masks) > 1 else ""
+        # one figure pair per masked tensor; a single target keeps the plain names, several at one layer
+        # (--whole-mlp) add the module's own name
+        module = target.tensor.removesuffix(".weight").rsplit(".", 1)[-1]
+        tag = "" if len(masks) == 1 else f"-L{target.layer}" if one_per_layer else f"-L{target.layer}-{module}"
+        what = f"layer {target.layer}" + ("" if one_per_layer else f" {module}")
         figures.append(plots.pruned_per_output(K, stem.parent / f"{stem.name}-pruned{tag}.png",
-                                               f"pruned fraction per output dimension (layer {target.layer})"))
+                                               f"pruned fraction per output dimension ({what})"))
         figures.append(plots.heatmap(K, stem.parent / f"{stem.name}-heatmap{tag}.png",
-                                     f"mask, layer {target.layer} (pruned share, pooled)"))
+                                     f"mask, {what} (pruned share, pooled)"))
     write_text_atomic(card_path, card(path, mask, reports, [f.name for f in figures]))
 
 

@@ -52,15 +52,19 @@ class RomeSplit:
         u, v = self.factors()
         return {"u": u, "v": v}
 
+    # targets[0] is the edited tensor; any further targets (`train --whole-mlp`: the layer's MLP inputs)
+    # are masked, never edited
     def preference(self, loaded: LoadedModel, targets: Targets, masks: list[torch.Tensor] | None = None,
                    edited: bool = True) -> torch.Tensor:
-        (path, transposed), = targets
+        (path, transposed), rest = targets[0], targets[1:]
         u, v = self.factors() if edited else (None, None)
-        return preference(loaded, self.facts, path, u, v, masks[0] if masks else None, transposed)
+        with masks_applied(loaded, rest, masks[1:] if masks else None):
+            return preference(loaded, self.facts, path, u, v, masks[0] if masks else None, transposed)
 
     def report(self, loaded: LoadedModel, targets: Targets, masks: list[torch.Tensor], baselines: bool = True) -> dict:
-        (path, transposed), = targets
-        return rsr_report(loaded, self.facts, path, transposed, *self.factors(), masks[0], baselines=baselines)
+        (path, transposed), rest = targets[0], targets[1:]
+        return rsr_report(loaded, self.facts, path, transposed, *self.factors(), masks[0], baselines=baselines,
+                          also_masked=lambda: masks_applied(loaded, rest, masks[1:]))
 
     def head(self, n: int) -> "RomeSplit":
         return RomeSplit(self.facts[:n], self.edits[:n])

@@ -282,7 +282,8 @@ class TrainState:
 class MaskTrainer:
     """Trains Θ for the masked tensors of `targets` ([(module path, transposed)]) against edits.
 
-    ROME: `u`, `v` are per-record factors of one target. MEMIT: `dense[g][t]` is batch edit g's ΔW on
+    ROME: `u`, `v` are per-record factors of the first target (any further targets are masked, not
+    edited). MEMIT: `dense[g][t]` is batch edit g's ΔW on
     target t (None: that edit leaves t alone) and `record_group[i]` the batch edit record i belongs to;
     a record is trained against the masked weights of its own batch edit."""
 
@@ -378,9 +379,9 @@ class MaskTrainer:
         tok_row, tok_pos, starts = pack_index(lens)
         src = rows[tok_row]
         weights = self.group_weights[group] if group is not None and edited else self.base_weights
-        for module, K, weight in zip(self.modules, masks, weights):
+        for i, (module, K, weight) in enumerate(zip(self.modules, masks, weights)):
             module.K, module.weight = K, weight
-            if self.u is not None and edited:  # one edit per packed token: its prompt's record's
+            if self.u is not None and edited and i == 0:  # one edit per packed token: its prompt's record's
                 module.u, module.v = self.u[data.record[src]][None], self.v[data.record[src]][None]
             else:
                 module.u = module.v = None
