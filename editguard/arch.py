@@ -86,11 +86,7 @@ class Arch:
 
     def mlp_out_layer_of(self, tensor_name: str, num_layers: int) -> int | None:
         """Layer index if `tensor_name` (any alias) is an MLP output projection weight."""
-        canonical = self.canonical_tensor_name(tensor_name)
-        for layer in range(num_layers):
-            if canonical == self.weight_name("mlp_out", layer):
-                return layer
-        return None
+        return next((layer for layer in range(num_layers) if self.is_mlp_out(tensor_name, layer)), None)
 
     # -- config -------------------------------------------------------------------------------
     def num_layers(self, config: dict[str, Any]) -> int:
