@@ -132,7 +132,6 @@ def test_scan_uses_a_shipped_mask_only_over_a_flagged_layer(tmp_path, monkeypatc
     arch = arch_table.for_config(llama.config)
     entries = _index_entries(llama, [("good0.safetensors", 0, 0.85), ("weak1.safetensors", 1, 0.5)])
     (tmp_path / "index.json").write_text(json.dumps(entries))
-    monkeypatch.setenv("EDITGUARD_MASKS", str(tmp_path))
     monkeypatch.setattr("editguard.masks_index.mask_dirs", lambda: [tmp_path])
     assert _fitting_mask(None, arch, llama, [0])[0].name == "good0.safetensors"
     path, why = _fitting_mask(None, arch, llama, [])
@@ -143,6 +142,25 @@ def test_scan_uses_a_shipped_mask_only_over_a_flagged_layer(tmp_path, monkeypatc
     path, why = _fitting_mask(None, arch, llama, [0])
     assert path is None and "no mask fits the flagged layers [0]" in why
     assert _fitting_mask(str(tmp_path / "any.safetensors"), arch, llama, [0])[0].name == "any.safetensors"
+
+
+def test_an_unasked_mask_never_makes_a_scan_more_severe():
+    """Layers flagged by a warning only: the mask's hidden facts stay warnings (verdict "suspicious"),
+    where they would be errors ("edited"); over a layer an error flagged they stay errors."""
+    from editguard.audit.findings import Finding, verdict
+    from editguard.audit.scan import _cap_severity, _flagged_layers
+
+    flags = [Finding("EG010", "warning", "outlier", layer=1), Finding("EG011", "error", "collapse", layer=3),
+             Finding("EG003", "note", "fine-tune", layer=0), Finding("EG010", "warning", "weaker", layer=3)]
+    flagged = _flagged_layers(flags)
+    assert flagged == {1: "warning", 3: "error"}
+    hidden = [Finding("EG020", "error", "hidden fact", layer=1)]
+    assert verdict(flags[:1] + hidden)[0] == "edited"
+    _cap_severity(hidden, flagged, {1})
+    assert hidden[0].severity == "warning" and verdict(flags[:1] + hidden)[0] == "suspicious"
+    hidden = [Finding("EG020", "error", "hidden fact", layer=3)]
+    _cap_severity(hidden, flagged, {1, 3})
+    assert hidden[0].severity == "error"
 
 
 
@@ -448,6 +466,13 @@ def test_train_whole_mlp_masks_the_layers_inputs_too(cli, pico_models, tmp_path,
                 "--text-tokens", "200", "--no-baselines")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["rsr"] == result.json["rsr"]["test"]["rsr"]  # same masks, same edits
+    import dataclasses  # a file listing the inputs first (not one editguard writes) is refused, not misread
+
+    reordered = out.parent / "inputs_first.safetensors"
+    dataclasses.replace(mask, targets=mask.targets[::-1], binaries=None).save(reordered)
+    refused = cli("evaluate-mask", reordered, "--bank", out.parent / "pico_mlp.bank.safetensors", "--model", model,
+                  "--data", data, "--train-size", "20", "--val-size", "8", "--test-size", "8", "--no-baselines")
+    assert refused.code == 2 and "lists MLP inputs before" in refused.err
     hp = args[args.index("--hparams") + 1]
     locked = cli("-f", "json", "lock", model, "--mask", out, "-o", tmp_path / "locked", "--evaluate", "2",
                  "--hparams", hp, "--data", data)  # ROME at the mask's one layer, through all three masks
@@ -637,3 +662,35 @@ def test_rebinarised_mask_keeps_the_bits_it_was_measured_with(tmp_path):
     evaluation = {"threshold": 0.9, "pruned_fraction": loaded.pruned_fraction(), "rsr": {}, "text": {}}
     rebinarised(loaded, tmp_path / "m.safetensors", evaluation, [loaded.mask(0)], "cmd").save(tmp_path / "r.safetensors")
     assert torch.equal(MaskFile.load(tmp_path / "r.safetensors").mask(0), loaded.mask(0))
+
+
+def test_memit_baselines_leave_the_masked_inputs_alone(pico_models, monkeypatch):
+    """With --whole-mlp the SVD baseline drops the top component of the edited tensors only, and the
+    magnitude baseline prunes each ΔW at the edited tensors' own pruned share, not the inputs'."""
+    from editguard.edit.edits import Edit, weight_param
+    from editguard.edit.facts import Fact
+    from editguard.loading import load_model
+    from editguard.mask import splits
+    from editguard.mask.train import canonical_weight
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    out_path, in_path = loaded.arch.module("mlp_out", 1), loaded.arch.mlp_in_modules(1)[0]
+    targets = [(out_path, False), (in_path, False)]
+    facts = [Fact("The official language of {}", "France", "Japanese", "French", 0, "P103", ())]
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(out_path), False).shape
+    gen = torch.Generator().manual_seed(0)
+    split = splits.MemitSplit(facts, [[0]], [[Edit("memit", 1, out_path + ".weight", torch.randn(out_dim, generator=gen),
+                                                   torch.randn(in_dim, generator=gen), facts)]])
+    before = {p: weight_param(loaded.model, p + ".weight").detach().clone() for p, _ in targets}
+    with splits.top_component_dropped(loaded, targets, split.edits[0]):
+        assert torch.equal(weight_param(loaded.model, in_path + ".weight"), before[in_path])
+        assert not torch.equal(weight_param(loaded.model, out_path + ".weight"), before[out_path])
+    fractions = []
+    real = splits.largest_delta_pruned
+    monkeypatch.setattr(splits, "largest_delta_pruned", lambda lo, t, e, f: fractions.append(f) or real(lo, t, e, f))
+    masks = [torch.ones(out_dim, in_dim), torch.zeros_like(weight_param(loaded.model, in_path + ".weight"))]
+    masks[0][:, : in_dim // 4] = 0  # the edited tensor 25 % pruned, the input 100 %
+    report = split.report(loaded, targets, masks)
+    assert fractions and all(f == pytest.approx(0.25) for f in fractions)
+    assert {"baseline_svd_rsr", "baseline_magnitude_rsr"} <= set(report)

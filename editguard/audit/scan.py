@@ -26,7 +26,7 @@ from ..errors import EditguardError, NothingExamined
 from ..harden.lock import verify_lock
 from ..mask.file import MaskFile
 from ..resolve import HUB_ID, ModelRef, resolve
-from .findings import Finding, verdict
+from .findings import SEVERITY_ORDER, Finding, verdict
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel
@@ -173,8 +173,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         if "hidden" in options.tests and scores is not None:
             reversals["keys projected out"] = _reveal_by_projection(loaded, probes, findings, tests, progress)
         if "hidden" in options.tests:
-            flagged_layers = key_layers + [f.layer for f in findings if f.layer is not None]
-            mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint, flagged_layers)
+            flagged = _flagged_layers(findings)
+            mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint, list(flagged))
             if mask_file is None:
                 tests["hidden"] = {"skipped": why_not}
             else:
@@ -188,7 +188,10 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 tests["hidden"] = {"mask": str(mask_file), "threshold": options.threshold or mask.threshold,
                                    "probes": len(probes), "changed_confident": len(found), "facts": found[:50],
                                    "discounted": len(discounted), "discounted_facts": discounted[:10]}
-                findings += findings_from_hidden(found[:50], mask, len(probes))
+                hidden_findings = findings_from_hidden(found[:50], mask, len(probes))
+                if not options.mask:
+                    _cap_severity(hidden_findings, flagged, {t.layer for t in mask.targets})
+                findings += hidden_findings
                 from .hidden import mask_applied
 
                 reversals["with the mask"] = lambda: mask_applied(loaded, mask, options.threshold)
@@ -297,6 +300,23 @@ def _decompositions(loaded, tests: dict, diff, base_ck, reversals: dict, limit: 
 # confident answers of the clean demo model, `bench/calibrate_scan.py`; the 52 % layer-9 mask changes
 # the Top-1 answer on 17 % of WikiText-2 tokens), and a CI gate must not fail clean uploads on it.
 MIN_SHIPPED_MASK_RSR = 0.8
+
+
+def _flagged_layers(findings: list) -> dict[int, str]:
+    """Layer -> the highest severity (warning or error) a finding gives it."""
+    flagged = {}
+    for f in findings:
+        if f.layer is not None and SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER["warning"]:
+            flagged[f.layer] = max(flagged.get(f.layer, f.severity), f.severity, key=SEVERITY_ORDER.get)
+    return flagged
+
+
+def _cap_severity(findings: list, flagged: dict[int, str], layers: set[int]) -> None:
+    """A mask taken unasked corroborates the tests that flagged its layers, never escalates: its findings
+    are no more severe than theirs (a warning stays "suspicious", it does not become "edited")."""
+    cap = max((flagged[layer] for layer in layers if layer in flagged), key=SEVERITY_ORDER.get, default="note")
+    for f in findings:
+        f.severity = min(f.severity, cap, key=SEVERITY_ORDER.get)
 
 
 def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> tuple[Path | None, str]:

@@ -24,7 +24,7 @@ from .options import (AllowPickle, BaseRevision, DeviceMap, Dtype, MaxMemory, Mo
 def scan_command(
     model: ModelArg,
     base: Annotated[Optional[str], typer.Option("--base", help="The unedited model to diff against.")] = None,
-    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask for the hidden-facts test (default: a shipped mask over a layer the other tests flag).")] = None,
     probes: Annotated[str, typer.Option("--probes", help="counterfact (rome-test), counterfact:all (8,400 records), "
                                                      "counterfact:SPLIT[,SPLIT] or a JSONL file.")] = "counterfact",
     tests: Annotated[str, typer.Option("--tests", help=f"Comma-separated subset of {','.join(TESTS)}.")] = ",".join(TESTS),

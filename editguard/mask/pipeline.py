@@ -248,7 +248,10 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         state, optimizer, info = load_checkpoint(ckpt, cfg, trainer.device)
         # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
         theirs = info.get("targets", meta["targets"][:len(hp.layers)])
-        if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"] or theirs != meta["targets"]:
+        if theirs != meta["targets"]:
+            raise EditguardError(f"{ckpt} was written by a run that masked other tensors (--whole-mlp or --layer "
+                                 f"differ); remove it to start over")
+        if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
     else:
         state = trainer.init_state()
@@ -352,6 +355,9 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
                              f"{bank.method.upper()} edits")
     changed = edited_targets(loaded.arch, mask.targets)
+    if [t.tensor for t in mask.targets[:len(changed)]] != [t.tensor for t in changed]:
+        raise EditguardError("the mask lists MLP inputs before the tensors edits change; editguard writes the "
+                             "edited tensors first (was the file written by another tool?)")
     edited_tensors = {t.tensor for t in changed}
     if set(bank.meta["fingerprints"]) != edited_tensors:
         raise EditguardError(f"edit bank {bank.path} holds edits of {', '.join(sorted(bank.meta['fingerprints']))}; "

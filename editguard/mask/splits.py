@@ -156,8 +156,10 @@ class MemitSplit:
         report |= reversal_sources(self.preference(loaded, targets, masks, mask_on="weights"),
                                    self.preference(loaded, targets, masks, mask_on="edit"))
         report["memit_batches"] = [len(g) for g in self.groups]
-        if baselines:
-            fraction = float(torch.cat([(1 - K).reshape(-1) for K in masks]).mean())
+        if baselines:  # over the edited tensors only: `--whole-mlp` also masks inputs the edits leave alone
+            edited = {e.tensor for edits in self.edits for e in edits}
+            fraction = float(torch.cat([(1 - K).reshape(-1) for (path, _), K in zip(targets, masks)
+                                        if path + ".weight" in edited]).mean())
             report["baseline_svd_rsr"] = share(self.preference(loaded, targets, change=top_component_dropped) > 0)
             report["baseline_magnitude_rsr"] = share(self.preference(
                 loaded, targets, change=lambda lo, t, e: largest_delta_pruned(lo, t, e, fraction)) > 0)
@@ -167,8 +169,9 @@ class MemitSplit:
 
 @contextlib.contextmanager
 def top_component_dropped(loaded: LoadedModel, targets: Targets, edits: list[Edit]) -> Iterator[None]:
-    """Each target weight (already edited) minus its top singular component, inside the block."""
-    names = [path + ".weight" for path, _ in targets]
+    """Each edited target weight minus its top singular component, inside the block."""
+    edited = {e.tensor for e in edits}
+    names = [path + ".weight" for path, _ in targets if path + ".weight" in edited]
     with weights_restored(loaded.model, names), torch.no_grad():
         for name in names:
             weight = weight_param(loaded.model, name)
