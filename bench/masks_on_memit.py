@@ -1,0 +1,65 @@
+"""Shipped masks side by side on the same MEMIT batch edits of the demo model.
+
+    python bench/masks_on_memit.py masks/smollm2-135m_memit.safetensors masks/smollm2-135m_rome_L9.safetensors \
+        masks/smollm2-135m_rome_L9_mlp.safetensors masks/smollm2-135m_rome.safetensors
+
+The bank's batch edits of memit-test (the MEMIT mask's test split: the first N records, whole batches),
+each fact judged with its own batch edit applied and then each mask, whatever method or layer the mask
+was trained for: does a mask trained against ROME at one layer also undo MEMIT edits spread over
+layers 2-6? Columns: RSR (the edited, masked model prefers the true object, full multi-token
+log-prob), RSR among the facts the original model knew, the mask on the unedited model (control), and
+RSR over the original model's own ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from editguard.edit.bank import EditBank
+from editguard.edit.facts import Fact
+from editguard.loading import load_model
+from editguard.mask.file import MaskFile
+from editguard.mask.pipeline import TrainJob, select_splits
+from editguard.mask.splits import MemitSplit
+from editguard.resolve import resolve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("masks", nargs="+")
+    parser.add_argument("--model", default="demo:smollm2-135m")
+    parser.add_argument("--bank", default="banks/smollm2-135m_memit.safetensors")
+    parser.add_argument("--n", type=int, default=200, help="memit-test records (whole batch edits)")
+    args = parser.parse_args()
+
+    loaded = load_model(resolve(args.model))
+    bank = EditBank.open(args.bank)
+    # the MEMIT mask's own test split (train/val sizes only place it; memit-test is a split of its own)
+    _, _, test = select_splits(TrainJob(output=Path("unused"), method="memit", train_size=1, val_size=0,
+                                        test_size=args.n))
+    split = MemitSplit.from_bank(bank, [Fact.from_record(r) for r in test])
+    rows = []
+    for path in args.masks:
+        started = time.time()
+        mask = MaskFile.load(path)
+        mask.check_fits(loaded.arch, loaded.checkpoint)
+        targets = [(t.tensor.removesuffix(".weight"), t.transposed) for t in mask.targets]
+        masks = [mask.mask(i) for i in range(len(mask.targets))]
+        r = split.report(loaded, targets, masks, baselines=False)
+        layers = sorted({t.layer for t in mask.targets})
+        rows.append((Path(path).name, mask.method, f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]),
+                     len(mask.targets), r["rsr"], r["rsr_known"], r["mask_on_unedited_prefers_true"],
+                     r["rsr"] / r["original_prefers_true"], time.time() - started))
+    print(f"{len(split.facts)} memit-test facts in {len(split.groups)} batch edit(s) of {args.bank}; original prefers "
+          f"true {100 * r['original_prefers_true']:.1f} %, edited {100 * r['edited_prefers_true']:.1f} %")
+    print(f"| mask | trained on | layers | tensors | RSR | RSR known | mask on unedited | RSR / ceiling | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, method, layers, n, rsr, known, control, ratio, secs in rows:
+        print(f"| {name} | {method} | {layers} | {n} | {100 * rsr:.1f} % | {100 * known:.1f} % | {100 * control:.1f} % "
+              f"| {ratio:.2f} | {secs:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
