@@ -45,9 +45,7 @@ def main() -> None:
         started = time.time()
         mask = MaskFile.load(path)
         mask.check_fits(loaded.arch, loaded.checkpoint)
-        targets = [(t.tensor.removesuffix(".weight"), t.transposed) for t in mask.targets]
-        masks = [mask.mask(i) for i in range(len(mask.targets))]
-        r = split.report(loaded, targets, masks, baselines=False)
+        r = split.report(loaded, mask.modules(), mask.masks(), baselines=False)
         layers = sorted({t.layer for t in mask.targets})
         rows.append((Path(path).name, mask.method, f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]),
                      len(mask.targets), r["rsr"], r["rsr_known"], r["mask_on_unedited_prefers_true"],

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from ..edit.edits import weight_param, weights_restored
 from ..edit.forward import pad_batch, unembed
 from ..loading import LoadedModel
+from ..mask.evaluate import masks_applied
 from ..mask.file import MaskFile
 from .dependence import expected_token
 from .findings import Finding
@@ -25,15 +25,9 @@ from .probes import Probe
 MIN_PROB = 0.5
 
 
-@contextlib.contextmanager
-def mask_applied(loaded: LoadedModel, mask: MaskFile, threshold: float | None = None) -> Iterator[None]:
-    names = [t.tensor for t in mask.targets]
-    with weights_restored(loaded.model, names), torch.no_grad():
-        for i, t in enumerate(mask.targets):
-            weight = weight_param(loaded.model, t.tensor)
-            K = mask.mask(i, threshold)
-            weight.mul_((K.T if t.transposed else K).to(weight))
-        yield
+def mask_applied(loaded: LoadedModel, mask: MaskFile, threshold: float | None = None):
+    """Every target weight times its mask inside the block (exactly restored after)."""
+    return masks_applied(loaded, mask.modules(), mask.masks(threshold))
 
 
 @dataclass

@@ -40,14 +40,8 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 def lock_checkpoint(checkpoint: Checkpoint, arch, mask: MaskFile, mask_path: Path, out_dir: Path,
                     threshold: float | None = None, force: bool = False) -> dict:
-    stored_names = mask.check_fits(arch, checkpoint)
-    replacements, hashes = {}, {}
-    for i, (target, stored) in enumerate(zip(mask.targets, stored_names)):
-        weight = checkpoint.read(stored)
-        K = mask.mask(i, threshold)
-        locked = (weight.float() * (K.T if target.transposed else K)).to(weight.dtype)
-        replacements[stored] = locked
-        hashes[stored] = tensor_sha256(locked)
+    replacements = mask.applied_to(checkpoint, mask.check_fits(arch, checkpoint), threshold)
+    hashes = {stored: tensor_sha256(locked) for stored, locked in replacements.items()}
     mask_bytes = Path(mask_path).read_bytes()
     manifest = {
         "format": FORMAT, "mask_file": MASK_NAME, "mask_sha256": hashlib.sha256(mask_bytes).hexdigest(),
@@ -115,10 +109,9 @@ class _MaskParam(torch.nn.Module):
 
 def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) -> None:
     """Keep the mask in the forward pass: weight := original ⊙ K on every use."""
-    for i, target in enumerate(mask.targets):
-        module = model.get_submodule(target.tensor.removesuffix(".weight"))
-        K = mask.mask(i, threshold)
-        K = (K.T if target.transposed else K).to(module.weight.device, module.weight.dtype)  # once, not per forward
+    for (path, transposed), K in zip(mask.modules(), mask.masks(threshold)):
+        module = model.get_submodule(path)
+        K = (K.T if transposed else K).to(module.weight.device, module.weight.dtype)  # once, not per forward
         parametrize.register_parametrization(module, "weight", _MaskParam(K), unsafe=True)
 
 

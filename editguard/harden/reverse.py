@@ -20,12 +20,7 @@ from ..mask.file import MaskFile
 
 
 def masked_replacements(checkpoint: Checkpoint, arch, mask: MaskFile, threshold: float | None = None) -> dict:
-    out = {}
-    for i, (target, stored) in enumerate(zip(mask.targets, mask.check_fits(arch, checkpoint))):
-        weight = checkpoint.read(stored)
-        K = mask.mask(i, threshold)
-        out[stored] = (weight.float() * (K.T if target.transposed else K)).to(weight.dtype)
-    return out
+    return mask.applied_to(checkpoint, mask.check_fits(arch, checkpoint), threshold)
 
 
 def svd_replacements(checkpoint: Checkpoint, arch, layers: list[int]) -> dict:

@@ -60,6 +60,22 @@ class MaskFile:
             return self.binaries[index]
         return self.targets[index].binary(self.threshold if threshold is None else threshold)
 
+    def masks(self, threshold: float | None = None) -> list[torch.Tensor]:
+        """Every target's binary [out, in] mask, in target order."""
+        return [self.mask(i, threshold) for i in range(len(self.targets))]
+
+    def modules(self) -> list[tuple[str, bool]]:
+        """(module path, transposed) per target: what `masks_applied` and the split reports take."""
+        return [(t.tensor.removesuffix(".weight"), t.transposed) for t in self.targets]
+
+    def applied_to(self, checkpoint, stored_names: list[str], threshold: float | None = None) -> dict:
+        """Stored name -> that checkpoint tensor times its mask, in the file's own orientation and dtype."""
+        out = {}
+        for target, stored, K in zip(self.targets, stored_names, self.masks(threshold)):
+            weight = checkpoint.read(stored)
+            out[stored] = (weight.float() * (K.T if target.transposed else K)).to(weight.dtype)
+        return out
+
     def pruned_fraction(self, threshold: float | None = None) -> float:
         total = sum(t.scores.numel() for t in self.targets)
         zeros = sum(float((1 - self.mask(i, threshold)).sum()) for i in range(len(self.targets)))

@@ -387,10 +387,10 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         edited["extra"] = extra_split(loaded, bank, job, progress)
     if not edited:
         raise EditguardError(f"the bank {bank.path} holds no edits of the chosen {'/'.join(job.splits)} records")
-    targets = [(t.tensor.removesuffix(".weight"), t.transposed) for t in mask.targets]
+    targets = mask.modules()
     if job.target_pruned is not None:
         threshold = choose_threshold([t.scores for t in mask.targets], job, TrainConfig())
-    masks = [mask.mask(i, threshold) for i in range(len(mask.targets))]
+    masks = mask.masks(threshold)
     reports, text = evaluate_splits(loaded, targets, masks, edited, job.text_tokens, job.baselines, progress)
     result = {"mask": str(job.output), "threshold": mask.threshold if threshold is None else threshold,
               "pruned_fraction": pruned_share(masks), "rsr": reports, "text": text}

@@ -152,9 +152,10 @@ def parse_settings(items: list[str], reserved: dict[str, str] | None = None) -> 
 # -- the masked projection -----------------------------------------------------------------------
 class MaskedProjection(torch.nn.Module):
     """Stands in for a masked MLP projection: y = (W ⊙ K) x + b + u ⊙ (K (v ⊙ x)), a rank-one (ROME)
-    edit per row on the edited output projection (the MLP inputs `--whole-mlp` masks carry no edit). u [..., out] and v [..., in] broadcast against x's leading dimensions: [B, 1, ·] for
-    the batch rows of x [B, T, in], [1, N, ·] for the tokens of one packed sequence x [1, N, in] (each
-    token carrying its own prompt's edit)."""
+    edit per row on the edited output projection (the MLP inputs `--whole-mlp` masks carry no edit).
+    u [..., out] and v [..., in] broadcast against x's leading dimensions: [B, 1, ·] for the batch rows
+    of x [B, T, in], [1, N, ·] for the tokens of one packed sequence x [1, N, in] (each token carrying
+    its own prompt's edit)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
