@@ -17,11 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
+from editguard.data.counterfact import load_split
 from editguard.edit.bank import EditBank
 from editguard.edit.facts import Fact
 from editguard.loading import load_model
 from editguard.mask.file import MaskFile
-from editguard.mask.pipeline import TrainJob, select_splits
 from editguard.mask.splits import MemitSplit
 from editguard.resolve import resolve
 
@@ -36,10 +36,8 @@ def main() -> None:
 
     loaded = load_model(resolve(args.model))
     bank = EditBank.open(args.bank)
-    # the MEMIT mask's own test split (train/val sizes only place it; memit-test is a split of its own)
-    _, _, test = select_splits(TrainJob(output=Path("unused"), method="memit", train_size=1, val_size=0,
-                                        test_size=args.n))
-    split = MemitSplit.from_bank(bank, [Fact.from_record(r) for r in test])
+    # the MEMIT mask's own test split, as `train --method memit --test-size N` takes it
+    split = MemitSplit.from_bank(bank, [Fact.from_record(r) for r in load_split("memit-test")[: args.n]])
     rows = []
     for path in args.masks:
         started = time.time()
