@@ -105,6 +105,12 @@ class Arch:
         return self.tie_default if value is None else bool(value)
 
 
+def oriented(matrix, transposed: bool):
+    """`matrix` between the canonical [out, in] orientation and the stored one (GPT-2's Conv1D stores
+    [in, out]); its own inverse."""
+    return matrix.T if transposed else matrix
+
+
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     # Multimodal wrappers keep the language model's settings in text_config.
     return config.get("text_config") or config

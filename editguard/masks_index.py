@@ -53,7 +53,7 @@ def _well_formed(item) -> bool:
         return False
     targets = item.get("targets", [])
     layers = item.get("layers") or []
-    return isinstance(targets, list) and isinstance(layers, list) and all(
+    return isinstance(targets, list) and isinstance(layers, list) and isinstance(item.get("edit_layers") or [], list) and all(
         isinstance(t, dict) and isinstance(t.get("tensor"), str) and isinstance(t.get("stored_shape"), list)
         for t in targets) and isinstance(item.get("test_rsr") or 0, (int, float))
 
@@ -79,13 +79,18 @@ def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:
     return sorted(fits, key=lambda e: (e["match"] != "exact", -(e.get("test_rsr") or 0)))
 
 
+def edit_layers(entry: dict) -> list[int]:
+    """The layers of the edits the entry's mask reverses (indexes written before the field: the layers it masks)."""
+    return entry.get("edit_layers") or entry.get("layers") or []
+
+
 def prefer_layers(fits: list[dict], layers, method: str | None = None) -> list[dict]:
-    """`fits` with the masks over any of `layers` (where edits were found or planted) first: a mask only
-    reverses edits of the tensor it was trained on; with `method`, masks trained against that edit
+    """`fits` with the masks for edits at any of `layers` (where edits were found or planted) first: a mask
+    only reverses edits of the tensors it was trained against; with `method`, masks trained against that edit
     method before those (a MEMIT mask spans the layer of a ROME edit without having learnt ROME's)."""
     wanted = set(layers or [])
     return sorted(fits, key=lambda e: (method is not None and e.get("method") != method,
-                                       not wanted.intersection(e.get("layers") or [])))
+                                       not wanted.intersection(edit_layers(e))))
 
 
 def edited_tensors_only(arch: Arch, entry: dict) -> bool:

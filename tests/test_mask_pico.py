@@ -581,6 +581,7 @@ def test_shipped_masks_match_their_index_and_cards():
     for entry in entries:
         mask = MaskFile.load(folder / entry["file"])
         assert entry["layers"] == [t.layer for t in mask.targets] and entry["method"] == mask.method
+        assert entry["edit_layers"] == mask.edit_layers()
         assert abs(entry["pruned_fraction"] - mask.pruned_fraction()) < 1e-3
         assert entry["test_rsr"] == mask.metrics["rsr"]["test"]["rsr"]
         card = (folder / entry["file"].replace(".safetensors", ".md")).read_text()
@@ -683,14 +684,80 @@ def test_memit_baselines_leave_the_masked_inputs_alone(pico_models, monkeypatch)
     split = splits.MemitSplit(facts, [[0]], [[Edit("memit", 1, out_path + ".weight", torch.randn(out_dim, generator=gen),
                                                    torch.randn(in_dim, generator=gen), facts)]])
     before = {p: weight_param(loaded.model, p + ".weight").detach().clone() for p, _ in targets}
-    with splits.top_component_dropped(loaded, targets, split.edits[0]):
+    with splits.top_component_dropped(loaded, split.edits[0]):
         assert torch.equal(weight_param(loaded.model, in_path + ".weight"), before[in_path])
         assert not torch.equal(weight_param(loaded.model, out_path + ".weight"), before[out_path])
     fractions = []
     real = splits.largest_delta_pruned
-    monkeypatch.setattr(splits, "largest_delta_pruned", lambda lo, t, e, f: fractions.append(f) or real(lo, t, e, f))
+    monkeypatch.setattr(splits, "largest_delta_pruned", lambda lo, e, f: fractions.append(f) or real(lo, e, f))
     masks = [torch.ones(out_dim, in_dim), torch.zeros_like(weight_param(loaded.model, in_path + ".weight"))]
     masks[0][:, : in_dim // 4] = 0  # the edited tensor 25 % pruned, the input 100 %
     report = split.report(loaded, targets, masks)
     assert fractions and all(f == pytest.approx(0.25) for f in fractions)
     assert {"baseline_svd_rsr", "baseline_magnitude_rsr"} <= set(report)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_mask_above_memit_edits_trains_on_the_states_they_leave(model_type, pico_models):
+    """--mask-layer: a record's logits come from its batch edit below (cached in the states entering the
+    masked layer) and the mask on that layer; unedited, from the mask alone."""
+    from editguard.edit.edits import Edit, edits_applied
+    from editguard.edit.facts import Fact
+    from editguard.loading import load_model
+    from editguard.mask.evaluate import masks_applied
+    from editguard.mask.train import canonical_weight, prepare_prompts
+    from editguard.resolve import resolve
+
+    loaded = load_model(resolve(str(pico_models[model_type])))
+    arch = loaded.arch
+    facts = [Fact("The official language of {}", c, n, t, i, "P103", ())
+             for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("Spain", "German", "Spanish"),
+                                            ("Italy", "English", "Italian")])]
+    below, above = arch.module("mlp_out", 0), arch.module("mlp_out", 1)
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(below), arch.mlp_out_transposed).shape
+    gen = torch.Generator().manual_seed(3)
+    edits = [[Edit("memit", 0, below + ".weight", torch.randn(out_dim, 2, generator=gen),
+                   torch.randn(in_dim, 2, generator=gen))] for _ in range(2)]
+    groups = [[0, 2], [1]]
+    data = prepare_prompts(loaded, facts, 1, 0, edits_below=list(zip(groups, edits)))
+    targets = [(above, arch.mlp_out_transposed)]
+    trainer = MaskTrainer(loaded, targets, 1, data, TrainConfig())
+    masks = [torch.rand(out_dim, in_dim, generator=gen).round()]
+    for g, records in enumerate(groups):
+        for record in records:
+            rows = torch.tensor([record])
+            ids = data.ids[rows, : int(data.last[record]) + 1]
+            with torch.no_grad(), masks_applied(loaded, targets, masks):
+                plain = loaded.model(input_ids=ids).logits[0, -1]
+                with edits_applied(loaded.model, arch, edits[g]):
+                    edited = loaded.model(input_ids=ids).logits[0, -1]
+            torch.testing.assert_close(trainer._last_logits(rows, masks, True)[0], edited.float(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(trainer._last_logits(rows, masks, False)[0], plain.float(), atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(edited, plain, atol=1e-3)  # the edit below does reach the logits
+
+
+def test_train_memit_mask_above_the_edited_layers(cli, pico_models, tmp_path):
+    """`train --mask-layer`: the mask covers that layer only, the baselines still act on the edits, and
+    evaluate-mask reproduces the figures; a layer not above the edits, or a ROME run, is refused."""
+    out = tmp_path / "masks" / "pico_memit_above.safetensors"
+    args = _memit_args(pico_models, tmp_path, out, 1)
+    result = cli("-f", "json", *args, "--method", "memit", "--layer", "0", "--mask-layer", "1", "--memit-batch", "10",
+                 "--target-pruned", "0.1")
+    assert result.code == 0, result.err
+    mask = MaskFile.load(out)
+    assert [(t.tensor, t.layer) for t in mask.targets] == [("model.layers.1.mlp.down_proj.weight", 1)]
+    assert mask.edit_layers() == [0]  # what scan, lock and evaluate-mask take the edits' layers from
+    entry, = json.loads((out.parent / "index.json").read_text())
+    assert (entry["layers"], entry["edit_layers"]) == ([1], [0])
+    test = result.json["rsr"]["test"]
+    assert {"baseline_svd_rsr", "baseline_magnitude_rsr"} <= set(test)
+    assert test["rsr_mask_on_edit_only"] == test["edited_prefers_true"]  # the mask never touches the edited tensor
+    again = cli("-f", "json", "evaluate-mask", out, "--bank", out.parent / "pico_memit_above.bank.safetensors",
+                "--model", args[args.index("--model") + 1], "--data", args[args.index("--data") + 1],
+                "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200")
+    assert again.code == 0, again.err
+    assert again.json["rsr"]["test"]["rsr"] == test["rsr"]
+    for extra, message in ((["--method", "memit", "--mask-layer", "1"], "must lie above the edited layers [0, 1]"),
+                           (["--mask-layer", "1"], "--mask-layer is for MEMIT masks")):
+        refused = cli(*_memit_args(pico_models, tmp_path, tmp_path / "masks" / "no.safetensors", 1), *extra)
+        assert refused.code == 2 and message in refused.err, refused.err

@@ -15,6 +15,7 @@ import pico
 import pico_facts
 from conftest import one_line_error
 from editguard.edit.bank import EditBank
+from editguard.errors import EditguardError
 from editguard.mask import plots
 from test_mask_pico import PICO_EDIT, _train_args
 
@@ -94,6 +95,18 @@ def test_figures_and_index_are_checked_before_training(cli, pico_models, tmp_pat
     (tmp_path / "m-rsr.png").unlink()
     (tmp_path / "index.json").write_text("[1, 2]")
     one_line_error(cli(*_train_args(pico_models, tmp_path, out, 1)), "is not a mask index")
+
+
+@pytest.mark.parametrize("figure", ["m-heatmap-L0-up_proj.png", "m-pruned-L3.png", "m-heatmap.png"])
+def test_every_figure_name_a_run_writes_is_checked(tmp_path, figure):
+    """Per-layer (MEMIT) and per-module (--whole-mlp) figure names are someone's file too; others are not."""
+    from editguard.mask.pipeline import check_new_mask_path
+
+    (tmp_path / "m-notes.png").write_bytes(b"not ours")
+    check_new_mask_path(tmp_path / "m.safetensors")
+    (tmp_path / figure).write_bytes(b"someone's figure")
+    with pytest.raises(EditguardError, match=f"{figure} exists"):
+        check_new_mask_path(tmp_path / "m.safetensors")
 
 
 def test_checkpoint_of_another_model_is_not_resumed(cli, pico_models, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arch import oriented
 from ..edit.edits import Edit, edits_applied
 from ..loading import LoadedModel
 from .probes import Probe
@@ -18,7 +19,7 @@ from .probes import Probe
 
 def top_direction(delta: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, float, torch.Tensor]:
     """a [out], σ, b [in] of the largest singular component of ΔW given as stored."""
-    m = (delta.T if transposed else delta).float()
+    m = oriented(delta, transposed).float()
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return u[:, 0], float(s[0]), vh[0]
 

@@ -190,7 +190,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                                    "discounted": len(discounted), "discounted_facts": discounted[:10]}
                 hidden_findings = findings_from_hidden(found[:50], mask, len(probes))
                 if not options.mask:
-                    _cap_severity(hidden_findings, flagged, {t.layer for t in mask.targets})
+                    _cap_severity(hidden_findings, flagged, set(mask.edit_layers()))
                 findings += hidden_findings
                 from .hidden import mask_applied
 
@@ -332,7 +332,7 @@ def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> 
     # only over a layer the other tests flagged, never to judge a model nothing else finds edited.
     if not layers:
         return None, "no layer flagged by the other tests (a mask changes some clean answers too; give --mask)"
-    fits = [f for f in fits if set(layers) & set(f.get("layers") or [])]
+    fits = [f for f in fits if set(layers) & set(masks_index.edit_layers(f))]
     if not fits:
         return None, f"no mask fits the flagged layers {sorted(set(layers))} (give --mask)"
     good = [f for f in fits if (f.get("test_rsr") or 0) >= MIN_SHIPPED_MASK_RSR]

@@ -338,8 +338,8 @@ def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, thresh
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
     if hparams is None and default is None:
         raise EditguardError("--evaluate needs --hparams (ROME/MEMIT YAML or preset) for non-demo models")
-    # the method the mask was trained against, at the layers it masks
-    hp = load_hparams(hparams or default, mask_file.method, {"layers": sorted({t.layer for t in mask_file.targets})})
+    # the method the mask was trained against, at the layers of those edits
+    hp = load_hparams(hparams or default, mask_file.method, {"layers": mask_file.edit_layers()})
     records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
     facts = [Fact.from_record(r) for r in records]
     unlocked = load_model(ref, **placement)

@@ -72,8 +72,11 @@ def train_command(
         "--target-pruned", help="Instead of γ: prune this share (γ chosen from the scores).")] = None,
     max_pruned: Annotated[Optional[float], typer.Option(
         "--max-pruned", help="S_max: the pruned share above which the training loss penalises (default 0.10).")] = None,
-    whole_mlp: Annotated[bool, typer.Option("--whole-mlp", help="Mask the edited layers' MLP input "
+    whole_mlp: Annotated[bool, typer.Option("--whole-mlp", help="Mask the masked layers' MLP input "
                                             "projections too (the pruned share counts all of them).")] = False,
+    mask_layer: Annotated[Optional[int], typer.Option("--mask-layer", min=0, help="MEMIT: mask this layer's MLP "
+                                                      "output projection, above the edited layers, instead of "
+                                                      "the edited ones.")] = None,
     bank: Annotated[Optional[Path], typer.Option("--bank", help="Edit bank to reuse and extend.")] = None,
     memit_batch: Annotated[Optional[int], typer.Option("--memit-batch", min=1, help="MEMIT: training records per "
                                                        "batch edit (default: all in one, as the paper).")] = None,
@@ -97,13 +100,15 @@ def train_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
-    from ..mask.pipeline import TrainJob, run, written_beside
+    from ..mask.pipeline import MASK_LAYER_IS_FOR_MEMIT, TrainJob, run, written_beside
     from ..mask.train import config_for, parse_settings
 
     if method not in ("rome", "memit"):
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if select not in ("best", "last"):
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
+    if mask_layer is not None and method != "memit":
+        raise EditguardError(MASK_LAYER_IS_FOR_MEMIT)
     _check_cut(threshold, target_pruned)
     check_share("--max-pruned", max_pruned)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
@@ -129,7 +134,7 @@ def train_command(
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
-                   memit_batch=memit_batch, whole_mlp=whole_mlp)
+                   memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layer=mask_layer)
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:

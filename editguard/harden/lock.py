@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch.nn.utils import parametrize
 
+from ..arch import oriented
 from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, tensor_bytes
 from ..errors import EditguardError
 from ..mask.file import MaskFile
@@ -111,7 +112,7 @@ def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) ->
     """Keep the mask in the forward pass: weight := original ⊙ K on every use."""
     for (path, transposed), K in zip(mask.modules(), mask.masks(threshold)):
         module = model.get_submodule(path)
-        K = (K.T if transposed else K).to(module.weight.device, module.weight.dtype)  # once, not per forward
+        K = oriented(K, transposed).to(module.weight.device, module.weight.dtype)  # once, not per forward
         parametrize.register_parametrization(module, "weight", _MaskParam(K), unsafe=True)
 
 

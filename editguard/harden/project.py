@@ -28,6 +28,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..arch import oriented
 from ..checkpoint import Checkpoint
 from ..edit.facts import encode_at_subject
 from ..edit.forward import Tokenized, capture_at
@@ -127,10 +128,10 @@ def input_moments(loaded: LoadedModel, layers: list[int]) -> dict[int, torch.Ten
 def project_out(weight: torch.Tensor, keys: torch.Tensor, transposed: bool,
                 moment: torch.Tensor | None = None) -> torch.Tensor:
     """Ŵ (I − Q Qᵀ) for Q = key_basis(keys, moment) (weight in its stored layout)."""
-    w = weight.float().T if transposed else weight.float()
+    w = oriented(weight.float(), transposed)
     q = key_basis(keys, moment).to(w.device)
     projected = w - (w @ q) @ q.T
-    return (projected.T if transposed else projected).contiguous().to(weight.dtype)
+    return oriented(projected, transposed).contiguous().to(weight.dtype)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..arch import oriented
 from ..edit.edits import weight_param, weights_restored
 from ..loading import LoadedModel
 from ..scoring import RowEdits, continuation_logprobs, next_token_logprobs, text_windows
@@ -32,7 +33,7 @@ def masked_weight(loaded: LoadedModel, module_path: str, K: torch.Tensor | None,
     weight = weight_param(loaded.model, module_path + ".weight")
     with weights_restored(loaded.model, [module_path + ".weight"]):
         with torch.no_grad():
-            weight.mul_((K.T if transposed else K).to(weight))
+            weight.mul_(oriented(K, transposed).to(weight))
         yield
 
 
@@ -114,8 +115,8 @@ def magnitude_baseline(loaded: LoadedModel, facts: list, module_path: str, u, v,
         base = weight.detach().clone()
         for i, fact in enumerate(facts):
             delta = torch.outer(u[i], v[i]).to(base.device)
-            edited = ((base.T if transposed else base).float() + delta) * outside_largest(delta, fraction)
-            weight.copy_((edited.T if transposed else edited).to(weight))
+            edited = (oriented(base, transposed).float() + delta) * outside_largest(delta, fraction)
+            weight.copy_(oriented(edited, transposed).to(weight))
             prefs.append(preference(loaded, [fact], module_path, None, None, None, transposed)[0])
     return torch.stack(prefs)
 
@@ -135,7 +136,7 @@ def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: b
     report |= reversal_sources(weights_only, preference(loaded, facts, module_path, u, v, K, transposed, mask_on="edit"))
     if baselines:
         weight = loaded.model.get_submodule(module_path).weight.detach().float()
-        canonical = weight.T if transposed else weight
+        canonical = oriented(weight, transposed)
         su, sv = svd_reversal_factors(u.float(), v.float(), canonical)
         svd = preference(loaded, facts, module_path, su, sv, None, transposed)
         report["baseline_svd_rsr"] = share(svd > 0)

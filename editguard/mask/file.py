@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..arch import oriented
 from ..checkpoint import fingerprint, read_safetensors_header, write_safetensors
 from ..errors import EditguardError, malformed
 
@@ -73,8 +74,14 @@ class MaskFile:
         out = {}
         for target, stored, K in zip(self.targets, stored_names, self.masks(threshold)):
             weight = checkpoint.read(stored)
-            out[stored] = (weight.float() * (K.T if target.transposed else K)).to(weight.dtype)
+            out[stored] = (weight.float() * oriented(K, target.transposed)).to(weight.dtype)
         return out
+
+    def edit_layers(self) -> list[int]:
+        """The layers of the edits it was trained against: its edit hyperparameters' (a `train --mask-layer`
+        mask lies above them), else the layers it masks."""
+        layers = (self.hparams.get("edit") or {}).get("layers")
+        return sorted(layers) if layers else sorted({t.layer for t in self.targets})
 
     def pruned_fraction(self, threshold: float | None = None) -> float:
         total = sum(t.scores.numel() for t in self.targets)

@@ -64,6 +64,7 @@ class TrainJob:
     memit_batch: int | None = None  # MEMIT: training records per batch edit (None: all in one, as the paper)
     select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
     whole_mlp: bool = False  # mask the edited layers' MLP input projections beside the edited ones
+    mask_layer: int | None = None  # MEMIT: mask this layer above the edited ones instead of the edited tensors
     splits: tuple[str, ...] = ("train", "val", "test")  # evaluate-mask: which of the job's splits to report
     extra: str | None = None  # evaluate-mask: another CounterFact split or file, reported as "extra"
     extra_size: int = 100
@@ -131,11 +132,13 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
     return train, val, test
 
 
-def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False) -> tuple[list[tuple[str, bool]], list[int]]:
+def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False, mask_layer: int | None = None
+                 ) -> tuple[list[tuple[str, bool]], list[int]]:
     """(module path, transposed) of every tensor the mask covers, and each one's layer: the tensors the
-    method edits (ROME's one layer, MEMIT's several), then with `whole_mlp` the edited layers' MLP input
+    method edits (ROME's one layer, MEMIT's several), or with `mask_layer` that layer's output projection
+    (above the edits, which it never sees as weights), then with `whole_mlp` these layers' MLP input
     projections, which are masked and never edited."""
-    edited = sorted(hp.layers)
+    edited = sorted(hp.layers) if mask_layer is None else [mask_layer]
     targets = [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in edited]
     layers = list(edited)
     for layer in edited if whole_mlp else []:
@@ -143,6 +146,20 @@ def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False) 
         targets += [(path, loaded.arch.mlp_out_transposed) for path in inputs]
         layers += [layer] * len(inputs)
     return targets, layers
+
+
+MASK_LAYER_IS_FOR_MEMIT = "--mask-layer is for MEMIT masks; a ROME mask covers the edited layer (--layer)"
+
+
+def check_mask_layer(loaded: LoadedModel, hp: EditHparams, mask_layer: int | None) -> None:
+    if mask_layer is None:
+        return
+    if hp.method != "memit":
+        raise EditguardError(MASK_LAYER_IS_FOR_MEMIT)
+    n = loaded.arch.num_layers(loaded.checkpoint.config)
+    if not max(hp.layers) < mask_layer < n:
+        raise EditguardError(f"--mask-layer {mask_layer} must lie above the edited layers {sorted(hp.layers)} "
+                             f"and below {n}")
 
 
 def edited_targets(arch, targets: list[MaskTarget]) -> list[MaskTarget]:
@@ -206,6 +223,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     if hp.method != job.method:
         raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
                              f"against {job.method.upper()}")
+    check_mask_layer(loaded, hp, job.mask_layer)
     if job.resume and ckpt.exists():  # found now, not after the bank is built for this model
         theirs = checkpoint_info(ckpt).get("fingerprints")  # absent in checkpoints older than the field
         if theirs is not None and theirs != target_fingerprints(loaded, hp):
@@ -235,12 +253,16 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
     kind = split_kind(job.method)
     edited = {split: kind.from_bank(bank, facts[split]) for split in ("train", "val") if facts[split]}
-    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp)
-    start_layer = min(hp.layers)
-    # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits
-    data = prepare_prompts(loaded, edited["train"].facts, start_layer, cfg.paraphrases,
-                           progress=lambda d, t: progress("caching prompts", d, t, ""))
-    trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **edited["train"].trainer_inputs(targets))
+    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp, job.mask_layer)
+    start_layer = min(target_layers)
+    # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits; a mask above the
+    #    edits trains on the states the edits leave there, so it needs no edit inside its layers
+    train_split = edited["train"]
+    above = list(zip(train_split.groups, train_split.edits)) if job.mask_layer is not None else None
+    data = prepare_prompts(loaded, train_split.facts, start_layer, cfg.paraphrases,
+                           progress=lambda d, t: progress("caching prompts", d, t, ""), edits_below=above)
+    trainer = MaskTrainer(loaded, targets, start_layer, data, cfg,
+                          **(train_split.trainer_inputs(targets) if above is None else {}))
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"]),
             "fingerprints": bank.meta["fingerprints"],  # the bank's edits are of this model's weights (checked)
             "targets": [path for path, _ in targets]}
@@ -358,11 +380,11 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     if [t.tensor for t in mask.targets[:len(changed)]] != [t.tensor for t in changed]:
         raise EditguardError("the mask lists MLP inputs before the tensors edits change; editguard writes the "
                              "edited tensors first (was the file written by another tool?)")
-    edited_tensors = {t.tensor for t in changed}
+    edited_tensors = {loaded.arch.module("mlp_out", layer) + ".weight" for layer in mask.edit_layers()}
     if set(bank.meta["fingerprints"]) != edited_tensors:
         raise EditguardError(f"edit bank {bank.path} holds edits of {', '.join(sorted(bank.meta['fingerprints']))}; "
-                             f"the mask is for {', '.join(sorted(edited_tensors))}")
-    bank.check_widths({t.layer: t.shape for t in changed})
+                             f"the mask is for edits of {', '.join(sorted(edited_tensors))}")
+    bank.check_widths({t.layer: t.shape for t in changed if t.tensor in edited_tensors})
     for canonical, expected in bank.meta["fingerprints"].items():
         stored = loaded.checkpoint.find(loaded.arch.tensor_candidates(canonical))
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
@@ -548,7 +570,7 @@ def update_index(path: Path, mask: MaskFile) -> None:
     entries = [e for e in entries if e.get("file") != path.name]
     entries.append({
         "file": path.name, "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,
-        "layers": [t.layer for t in mask.targets], "threshold": mask.threshold,
+        "layers": [t.layer for t in mask.targets], "edit_layers": mask.edit_layers(), "threshold": mask.threshold,
         "pruned_fraction": round(mask.pruned_fraction(), 4),
         "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),
         "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),

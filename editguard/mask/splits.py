@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..arch import oriented
 from ..edit.bank import EditBank
 from ..edit.edits import Edit, edits_applied, weight_param, weights_restored
 from ..edit.facts import Fact
@@ -24,7 +25,7 @@ from .evaluate import check_mask_on, masks_applied, outside_largest, preference,
     summarise
 
 Targets = list[tuple[str, bool]]  # (module path, transposed)
-WeightChange = Callable[[LoadedModel, Targets, list[Edit]], contextlib.AbstractContextManager]
+WeightChange = Callable[[LoadedModel, list[Edit]], contextlib.AbstractContextManager]  # a baseline
 
 
 def edits_by_case(bank: EditBank) -> dict[int, int]:
@@ -142,7 +143,7 @@ class MemitSplit:
                     cut = {p + ".weight": K for (p, _), K in zip(targets, masks or [])} if mask_on == "edit" else None
                     stack.enter_context(edits_applied(loaded.model, loaded.arch, edits, masks=cut))
                 if change is not None:
-                    stack.enter_context(change(loaded, targets, edits))
+                    stack.enter_context(change(loaded, edits))
                 if mask_on == "both":
                     stack.enter_context(masks_applied(loaded, targets, masks))
                 out[torch.tensor(idx)] = preference(loaded, [self.facts[i] for i in idx], None, None, None, None,
@@ -156,22 +157,23 @@ class MemitSplit:
         report |= reversal_sources(self.preference(loaded, targets, masks, mask_on="weights"),
                                    self.preference(loaded, targets, masks, mask_on="edit"))
         report["memit_batches"] = [len(g) for g in self.groups]
-        if baselines:  # over the edited tensors only: `--whole-mlp` also masks inputs the edits leave alone
+        if baselines:  # on the tensors the edits change, whichever the mask covers
             edited = {e.tensor for edits in self.edits for e in edits}
-            fraction = float(torch.cat([(1 - K).reshape(-1) for (path, _), K in zip(targets, masks)
-                                        if path + ".weight" in edited]).mean())
+            # the magnitude baseline prunes as much as the mask does: over the edited tensors it covers
+            # (`--whole-mlp` also masks inputs the edits leave alone), else (`--mask-layer`) over all of it
+            cut = [K for (path, _), K in zip(targets, masks) if path + ".weight" in edited] or masks
+            fraction = float(torch.cat([(1 - K).reshape(-1) for K in cut]).mean())
             report["baseline_svd_rsr"] = share(self.preference(loaded, targets, change=top_component_dropped) > 0)
             report["baseline_magnitude_rsr"] = share(self.preference(
-                loaded, targets, change=lambda lo, t, e: largest_delta_pruned(lo, t, e, fraction)) > 0)
+                loaded, targets, change=lambda lo, e: largest_delta_pruned(lo, e, fraction)) > 0)
             report["baseline_magnitude_n"] = len(self.facts)
         return report
 
 
 @contextlib.contextmanager
-def top_component_dropped(loaded: LoadedModel, targets: Targets, edits: list[Edit]) -> Iterator[None]:
-    """Each edited target weight minus its top singular component, inside the block."""
-    edited = {e.tensor for e in edits}
-    names = [path + ".weight" for path, _ in targets if path + ".weight" in edited]
+def top_component_dropped(loaded: LoadedModel, edits: list[Edit]) -> Iterator[None]:
+    """Each weight the edits change minus its top singular component, inside the block."""
+    names = sorted({e.tensor for e in edits})
     with weights_restored(loaded.model, names), torch.no_grad():
         for name in names:
             weight = weight_param(loaded.model, name)
@@ -181,13 +183,13 @@ def top_component_dropped(loaded: LoadedModel, targets: Targets, edits: list[Edi
 
 
 @contextlib.contextmanager
-def largest_delta_pruned(loaded: LoadedModel, targets: Targets, edits: list[Edit], fraction: float) -> Iterator[None]:
-    """Zero, in each edited target, the `fraction` of entries where |ΔW| is largest, inside the block."""
+def largest_delta_pruned(loaded: LoadedModel, edits: list[Edit], fraction: float) -> Iterator[None]:
+    """Zero, in each weight the edits change, the `fraction` of entries where |ΔW| is largest, inside the block."""
     by_tensor = {e.tensor: e for e in edits}
-    edited = [(path + ".weight", transposed) for path, transposed in targets if path + ".weight" in by_tensor]
-    with weights_restored(loaded.model, [name for name, _ in edited]), torch.no_grad():
-        for name, transposed in edited:
-            keep = outside_largest(by_tensor[name].delta(), fraction)
+    transposed = loaded.arch.mlp_out_transposed  # edits change MLP output projections only
+    with weights_restored(loaded.model, sorted(by_tensor)), torch.no_grad():
+        for name, edit in by_tensor.items():
+            keep = outside_largest(edit.delta(), fraction)
             weight = weight_param(loaded.model, name)
-            weight.mul_((keep.T if transposed else keep).to(weight))
+            weight.mul_(oriented(keep, transposed).to(weight))
         yield

@@ -29,7 +29,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..arch import oriented
 from ..checkpoint import write_safetensors
+from ..edit.edits import edits_applied
 from ..edit.facts import target_ids
 from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
@@ -179,7 +181,7 @@ class MaskedProjection(torch.nn.Module):
 
 def canonical_weight(module: torch.nn.Module, transposed: bool) -> torch.Tensor:
     w = module.weight.detach()
-    return (w.T if transposed else w).float().contiguous()
+    return oriented(w, transposed).float().contiguous()
 
 
 @contextlib.contextmanager
@@ -207,6 +209,9 @@ class PromptSet:
     true_tok: torch.Tensor  # [P]
     hidden: torch.Tensor  # [P, S, d] states entering the masked layer (unedited model)
     teacher: torch.Tensor  # [P, V] original model's logits at the last position (float16)
+    # [P, S, d] states entering the masked layer with each prompt's edit applied, when the edits lie below
+    # that layer (`train --mask-layer`): the mask then trains against their fixed effect on these states
+    hidden_edited: torch.Tensor | None = None
 
 
 def record_prompts(fact, paraphrases: int) -> list[str]:
@@ -215,7 +220,10 @@ def record_prompts(fact, paraphrases: int) -> list[str]:
 
 @torch.no_grad()
 def prepare_prompts(loaded: LoadedModel, facts: list, start_layer: int, paraphrases: int,
-                    progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> PromptSet:
+                    progress: Callable[[int, int], None] | None = None, chunk: int = 64,
+                    edits_below: list[tuple[list[int], list]] | None = None) -> PromptSet:
+    """`edits_below`: [(record indices, their batch edit's Edits)] whose layers lie below `start_layer`;
+    given, the states entering it are also cached with each record's batch edit applied."""
     tok = loaded.tokenizer
     prompts, record, new_tok, true_tok = [], [], [], []
     for i, fact in enumerate(facts):
@@ -227,18 +235,42 @@ def prepare_prompts(loaded: LoadedModel, facts: list, start_layer: int, paraphra
             new_tok.append(new_first)
             true_tok.append(true_first)
     ids, mask = pad_batch(prompts, tok.pad_token_id)
-    width = ids.shape[1]
-    last = mask.sum(1) - 1
+    record = torch.tensor(record)
+    steps = len(prompts) * (2 if edits_below else 1)
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], steps)
+
+    hidden, teacher = _states_entering(loaded, ids, mask, torch.arange(len(prompts)), start_layer, chunk, advance)
+    hidden_edited = None
+    if edits_below:
+        hidden_edited = torch.empty_like(hidden)
+        for records, edits in edits_below:
+            rows = torch.nonzero(torch.isin(record, torch.tensor(records)))[:, 0]
+            with edits_applied(loaded.model, loaded.arch, edits):
+                hidden_edited[rows] = _states_entering(loaded, ids, mask, rows, start_layer, chunk, advance)[0]
+    return PromptSet(record, ids, mask, mask.sum(1) - 1, torch.tensor(new_tok), torch.tensor(true_tok),
+                     hidden, teacher, hidden_edited)
+
+
+def _states_entering(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, layer_index: int,
+                     chunk: int, advance: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([len(rows), S, d] states entering layer `layer_index`, [len(rows), V] float16 last-position logits)
+    of prompt rows `rows` of the right-padded `ids`, in chunks."""
     model, arch = loaded.model, loaded.arch
     base = model.get_submodule(arch.base)
-    layer = model.get_submodule(arch.module("layer", start_layer))
+    layer = model.get_submodule(arch.module("layer", layer_index))
+    width, last = ids.shape[1], mask.sum(1) - 1
     hidden_parts, teacher_parts = [], []
     seen = {}
     handle = layer.register_forward_pre_hook(
         lambda m, a, k: seen.__setitem__("h", (a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)
     try:
-        for lo in range(0, len(prompts), chunk):
-            sl = slice(lo, lo + chunk)
+        for lo in range(0, len(rows), chunk):
+            sl = rows[lo:lo + chunk]
             w = int(mask[sl].sum(1).max())
             out = base(input_ids=ids[sl, :w].to(loaded.device), attention_mask=mask[sl, :w].to(loaded.device))
             h_last = out.last_hidden_state[torch.arange(out.last_hidden_state.shape[0]), last[sl]]
@@ -246,12 +278,10 @@ def prepare_prompts(loaded: LoadedModel, facts: list, start_layer: int, paraphra
             h = torch.zeros(seen["h"].shape[0], width, seen["h"].shape[-1])
             h[:, :w] = seen["h"].float().cpu()
             hidden_parts.append(h)
-            if progress:
-                progress(min(lo + chunk, len(prompts)), len(prompts))
+            advance(len(sl))
     finally:
         handle.remove()
-    return PromptSet(torch.tensor(record), ids, mask, last, torch.tensor(new_tok), torch.tensor(true_tok),
-                     torch.cat(hidden_parts), torch.cat(teacher_parts))
+    return torch.cat(hidden_parts), torch.cat(teacher_parts)
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -379,6 +409,7 @@ class MaskTrainer:
         lens = data.mask[rows].sum(1)
         tok_row, tok_pos, starts = pack_index(lens)
         src = rows[tok_row]
+        states = data.hidden_edited if edited and data.hidden_edited is not None else data.hidden
         weights = self.group_weights[group] if group is not None and edited else self.base_weights
         for i, (module, K, weight) in enumerate(zip(self.modules, masks, weights)):
             module.K, module.weight = K, weight
@@ -393,7 +424,7 @@ class MaskTrainer:
             stack.enter_context(layers_skipped_below(model, arch, self.start))
             stack.enter_context(attention_in_groups(model, torch.zeros_like(lens), lens))
             layer = model.get_submodule(arch.module("layer", self.start))
-            hidden = data.hidden[src, tok_pos].unsqueeze(0).to(device, model.dtype)
+            hidden = states[src, tok_pos].unsqueeze(0).to(device, model.dtype)
             handle = layer.register_forward_pre_hook(replace_hidden_hook(hidden), with_kwargs=True)
             try:
                 out = model.get_submodule(arch.base)(
