@@ -142,7 +142,7 @@ def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_pat
     common = ["--model", str(pico_models["llama"]), "--data", args[args.index("--data") + 1], "--train-size", "20",
               "--val-size", "8", "--test-size", "8", "--text-tokens", "200", "--no-baselines"]
     one_line_error(cli("evaluate-mask", out, "--bank", layer0_bank, *common),
-              "holds edits of model.layers.0.mlp.down_proj.weight; the mask is for model.layers.1.mlp.down_proj.weight")
+              "holds edits of model.layers.0.mlp.down_proj.weight; the mask is for edits of model.layers.1.mlp.down_proj.weight")
     # a bank whose factors were cut to another width is named as corrupted, not met as a shape error
     bank = EditBank.open(out.parent / "m.bank.safetensors")
     bank.tensors["rome.u"] = bank.tensors["rome.u"][:, :-1].contiguous()
