@@ -52,8 +52,8 @@ def _well_formed(item) -> bool:
     if not (isinstance(item, dict) and isinstance(item.get("file"), str) and Path(item["file"]).name == item["file"]):
         return False
     targets = item.get("targets", [])
-    layers = item.get("layers") or []
-    return isinstance(targets, list) and isinstance(layers, list) and isinstance(item.get("edit_layers") or [], list) and all(
+    layers, edit_layers = item.get("layers") or [], item.get("edit_layers") or []
+    return isinstance(targets, list) and isinstance(layers, list) and isinstance(edit_layers, list) and all(
         isinstance(t, dict) and isinstance(t.get("tensor"), str) and isinstance(t.get("stored_shape"), list)
         for t in targets) and isinstance(item.get("test_rsr") or 0, (int, float))
 
