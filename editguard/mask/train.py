@@ -251,15 +251,17 @@ def prepare_prompts(loaded: LoadedModel, facts: list, start_layer: int, paraphra
         for records, edits in edits_below:
             rows = torch.nonzero(torch.isin(record, torch.tensor(records)))[:, 0]
             with edits_applied(loaded.model, loaded.arch, edits):
-                hidden_edited[rows] = _states_entering(loaded, ids, mask, rows, start_layer, chunk, advance)[0]
+                hidden_edited[rows] = _states_entering(loaded, ids, mask, rows, start_layer, chunk, advance,
+                                                       logits=False)[0]
     return PromptSet(record, ids, mask, mask.sum(1) - 1, torch.tensor(new_tok), torch.tensor(true_tok),
                      hidden, teacher, hidden_edited)
 
 
 def _states_entering(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, layer_index: int,
-                     chunk: int, advance: Callable[[int], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """([len(rows), S, d] states entering layer `layer_index`, [len(rows), V] float16 last-position logits)
-    of prompt rows `rows` of the right-padded `ids`, in chunks."""
+                     chunk: int, advance: Callable[[int], None], logits: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([len(rows), S, d] states entering layer `layer_index`, [len(rows), V] float16 last-position logits
+    or, without `logits`, None) of prompt rows `rows` of the right-padded `ids`, in chunks."""
     model, arch = loaded.model, loaded.arch
     base = model.get_submodule(arch.base)
     layer = model.get_submodule(arch.module("layer", layer_index))
@@ -273,15 +275,16 @@ def _states_entering(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor,
             sl = rows[lo:lo + chunk]
             w = int(mask[sl].sum(1).max())
             out = base(input_ids=ids[sl, :w].to(loaded.device), attention_mask=mask[sl, :w].to(loaded.device))
-            h_last = out.last_hidden_state[torch.arange(out.last_hidden_state.shape[0]), last[sl]]
-            teacher_parts.append(unembed(model, arch, h_last).to(torch.float16).cpu())
+            if logits:  # the teacher's; the edited states need none
+                h_last = out.last_hidden_state[torch.arange(out.last_hidden_state.shape[0]), last[sl]]
+                teacher_parts.append(unembed(model, arch, h_last).to(torch.float16).cpu())
             h = torch.zeros(seen["h"].shape[0], width, seen["h"].shape[-1])
             h[:, :w] = seen["h"].float().cpu()
             hidden_parts.append(h)
             advance(len(sl))
     finally:
         handle.remove()
-    return torch.cat(hidden_parts), torch.cat(teacher_parts)
+    return torch.cat(hidden_parts), torch.cat(teacher_parts) if logits else None
 
 
 # -- training ---------------------------------------------------------------------------------------
