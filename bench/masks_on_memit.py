@@ -8,7 +8,9 @@ each fact judged with its own batch edit applied and then each mask, whatever me
 was trained for: does a mask trained against ROME at one layer also undo MEMIT edits spread over
 layers 2-6? Columns: RSR (the edited, masked model prefers the true object, full multi-token
 log-prob), RSR among the facts the original model knew, the mask on the unedited model (control), and
-RSR over the original model's own ceiling.
+RSR over the original model's own ceiling. `--per-layer` adds, for a mask over several layers, a row for
+each layer's part alone and one for each run of its lowest layers (which layers does the reversal come
+from?).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo:smollm2-135m")
     parser.add_argument("--bank", default="banks/smollm2-135m_memit.safetensors")
     parser.add_argument("--n", type=int, default=200, help="memit-test records (whole batch edits)")
+    parser.add_argument("--per-layer", action="store_true", help="also each layer's part of a mask, alone and "
+                        "with the layers below it")
     args = parser.parse_args()
 
     loaded = load_model(resolve(args.model))
@@ -40,14 +44,24 @@ def main() -> None:
     split = MemitSplit.from_bank(bank, [Fact.from_record(r) for r in load_split("memit-test")[: args.n]])
     rows = []
     for path in args.masks:
-        started = time.time()
         mask = MaskFile.load(path)
         mask.check_fits(loaded.arch, loaded.checkpoint)
-        r = split.report(loaded, mask.modules(), mask.masks(), baselines=False)
+        parts = [(Path(path).name, list(range(len(mask.targets))))]
         layers = sorted({t.layer for t in mask.targets})
-        rows.append((Path(path).name, mask.method, f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]),
-                     len(mask.targets), r["rsr"], r["rsr_known"], r["mask_on_unedited_prefers_true"],
-                     r["rsr"] / r["original_prefers_true"], time.time() - started))
+        if args.per_layer and len(layers) > 1:
+            def of(chosen: set[int]) -> list[int]:
+                return [i for i, t in enumerate(mask.targets) if t.layer in chosen]
+
+            parts += [(f"  layer {layer} alone", of({layer})) for layer in layers]
+            parts += [(f"  layers {layers[0]}-{top}", of(set(layers[:k + 1]))) for k, top in enumerate(layers) if k]
+        modules, masks = mask.modules(), mask.masks()
+        for name, chosen in parts:
+            started = time.time()
+            r = split.report(loaded, [modules[i] for i in chosen], [masks[i] for i in chosen], baselines=False)
+            at = sorted({mask.targets[i].layer for i in chosen})
+            rows.append((name, mask.method, f"{at[0]}-{at[-1]}" if len(at) > 1 else str(at[0]), len(chosen),
+                         r["rsr"], r["rsr_known"], r["mask_on_unedited_prefers_true"],
+                         r["rsr"] / r["original_prefers_true"], time.time() - started))
     print(f"{len(split.facts)} memit-test facts in {len(split.groups)} batch edit(s) of {args.bank}; original prefers "
           f"true {100 * r['original_prefers_true']:.1f} %, edited {100 * r['edited_prefers_true']:.1f} %")
     print(f"| mask | trained on | layers | tensors | RSR | RSR known | mask on unedited | RSR / ceiling | s |")

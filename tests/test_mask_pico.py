@@ -698,13 +698,17 @@ def test_memit_baselines_leave_the_masked_inputs_alone(pico_models, monkeypatch)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_a_mask_above_memit_edits_trains_on_the_states_they_leave(model_type, pico_models):
-    """--mask-layer: a record's logits come from its batch edit below (cached in the states entering the
-    masked layer) and the mask on that layer; unedited, from the mask alone."""
+@pytest.mark.parametrize("edit_layers, mask_layer", [([0], 1), ([0, 1], 0), ([0, 1], 1)],
+                         ids=["above", "first-edited", "last-edited"])
+def test_a_mask_layer_trains_against_the_batch_edits_around_it(model_type, edit_layers, mask_layer, pico_models):
+    """--mask-layer: a record's logits come from its batch edit (below the masked layer: cached in the
+    states entering it; on it: masked with it; above it: unmasked in the forward) and the mask on that
+    layer, as the edited model with the mask applied gives them; unedited, from the mask alone."""
     from editguard.edit.edits import Edit, edits_applied
     from editguard.edit.facts import Fact
     from editguard.loading import load_model
     from editguard.mask.evaluate import masks_applied
+    from editguard.mask.splits import MemitSplit
     from editguard.mask.train import canonical_weight, prepare_prompts
     from editguard.resolve import resolve
 
@@ -713,27 +717,29 @@ def test_a_mask_above_memit_edits_trains_on_the_states_they_leave(model_type, pi
     facts = [Fact("The official language of {}", c, n, t, i, "P103", ())
              for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("Spain", "German", "Spanish"),
                                             ("Italy", "English", "Italian")])]
-    below, above = arch.module("mlp_out", 0), arch.module("mlp_out", 1)
-    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(below), arch.mlp_out_transposed).shape
+    out_dim, in_dim = canonical_weight(loaded.model.get_submodule(arch.module("mlp_out", 0)),
+                                       arch.mlp_out_transposed).shape
     gen = torch.Generator().manual_seed(3)
-    edits = [[Edit("memit", 0, below + ".weight", torch.randn(out_dim, 2, generator=gen),
-                   torch.randn(in_dim, 2, generator=gen))] for _ in range(2)]
-    groups = [[0, 2], [1]]
-    data = prepare_prompts(loaded, facts, 1, 0, edits_below=list(zip(groups, edits)))
-    targets = [(above, arch.mlp_out_transposed)]
-    trainer = MaskTrainer(loaded, targets, 1, data, TrainConfig())
+    edits = [[Edit("memit", layer, arch.module("mlp_out", layer) + ".weight", torch.randn(out_dim, 2, generator=gen),
+                   torch.randn(in_dim, 2, generator=gen)) for layer in edit_layers] for _ in range(2)]
+    split = MemitSplit(facts, [[0, 2], [1]], edits)
+    below = [(idx, [e for e in group if e.layer < mask_layer]) for idx, group in zip(split.groups, edits)]
+    data = prepare_prompts(loaded, facts, mask_layer, 0, edits_below=below if any(e for _, e in below) else None)
+    targets = [(arch.module("mlp_out", mask_layer), arch.mlp_out_transposed)]
+    trainer = MaskTrainer(loaded, targets, mask_layer, data, TrainConfig(), **split.trainer_inputs(targets))
     masks = [torch.rand(out_dim, in_dim, generator=gen).round()]
-    for g, records in enumerate(groups):
+    for g, records in enumerate(split.groups):
         for record in records:
             rows = torch.tensor([record])
             ids = data.ids[rows, : int(data.last[record]) + 1]
-            with torch.no_grad(), masks_applied(loaded, targets, masks):
-                plain = loaded.model(input_ids=ids).logits[0, -1]
-                with edits_applied(loaded.model, arch, edits[g]):
-                    edited = loaded.model(input_ids=ids).logits[0, -1]
-            torch.testing.assert_close(trainer._last_logits(rows, masks, True)[0], edited.float(), atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(trainer._last_logits(rows, masks, False)[0], plain.float(), atol=1e-4, rtol=1e-4)
-            assert not torch.allclose(edited, plain, atol=1e-3)  # the edit below does reach the logits
+            with torch.no_grad():
+                with masks_applied(loaded, targets, masks):
+                    plain = loaded.model(input_ids=ids).logits[0, -1]
+                with edits_applied(loaded.model, arch, edits[g]), masks_applied(loaded, targets, masks):
+                    edited = loaded.model(input_ids=ids).logits[0, -1]  # (W + ΔW) ⊙ K on the masked layer
+            torch.testing.assert_close(trainer._last_logits(rows, masks, True, g)[0], edited.float(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(trainer._last_logits(rows, masks, False, g)[0], plain.float(), atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(edited, plain, atol=1e-3)  # the edits do reach the logits
 
 
 def test_train_memit_mask_above_the_edited_layers(cli, pico_models, tmp_path):
@@ -757,7 +763,8 @@ def test_train_memit_mask_above_the_edited_layers(cli, pico_models, tmp_path):
                 "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["rsr"] == test["rsr"]
-    for extra, message in ((["--method", "memit", "--mask-layer", "1"], "must lie above the edited layers [0, 1]"),
-                           (["--mask-layer", "1"], "--mask-layer is for MEMIT masks")):
+    for extra, message in ((["--method", "memit", "--mask-layer", "2"], "--mask-layer 2 is out of range: the model "
+                            "has layers 0-1"), (["--mask-layer", "1"], "--mask-layer is for MEMIT masks"),
+                           (["--method", "memit", "--mask-layer", "1", "--mask-layer", "1"], "names a layer twice")):
         refused = cli(*_memit_args(pico_models, tmp_path, tmp_path / "masks" / "no.safetensors", 1), *extra)
         assert refused.code == 2 and message in refused.err, refused.err

@@ -74,9 +74,10 @@ def train_command(
         "--max-pruned", help="S_max: the pruned share above which the training loss penalises (default 0.10).")] = None,
     whole_mlp: Annotated[bool, typer.Option("--whole-mlp", help="Mask the masked layers' MLP input "
                                             "projections too (the pruned share counts all of them).")] = False,
-    mask_layer: Annotated[Optional[int], typer.Option("--mask-layer", min=0, help="MEMIT: mask this layer's MLP "
-                                                      "output projection, above the edited layers, instead of "
-                                                      "the edited ones.")] = None,
+    mask_layer: Annotated[Optional[list[int]], typer.Option("--mask-layer", min=0, help="MEMIT: mask this layer's "
+                                                            "MLP output projection (below, among or above the "
+                                                            "edited layers; repeatable) instead of the edited "
+                                                            "ones.")] = None,
     bank: Annotated[Optional[Path], typer.Option("--bank", help="Edit bank to reuse and extend.")] = None,
     memit_batch: Annotated[Optional[int], typer.Option("--memit-batch", min=1, help="MEMIT: training records per "
                                                        "batch edit (default: all in one, as the paper).")] = None,
@@ -107,7 +108,7 @@ def train_command(
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if select not in ("best", "last"):
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
-    if mask_layer is not None and method != "memit":
+    if mask_layer and method != "memit":
         raise EditguardError(MASK_LAYER_IS_FOR_MEMIT)
     _check_cut(threshold, target_pruned)
     check_share("--max-pruned", max_pruned)
@@ -134,7 +135,7 @@ def train_command(
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
-                   memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layer=mask_layer)
+                   memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layers=tuple(mask_layer or ()))
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:

@@ -79,7 +79,7 @@ class MaskFile:
 
     def edit_layers(self) -> list[int]:
         """The layers of the edits it was trained against: its edit hyperparameters' (a `train --mask-layer`
-        mask lies above them), else the layers it masks."""
+        mask covers layers of its own choosing), else the layers it masks."""
         layers = (self.hparams.get("edit") or {}).get("layers")
         return sorted(layers) if layers else sorted({t.layer for t in self.targets})
 

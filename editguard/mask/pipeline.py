@@ -64,7 +64,9 @@ class TrainJob:
     memit_batch: int | None = None  # MEMIT: training records per batch edit (None: all in one, as the paper)
     select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
     whole_mlp: bool = False  # mask the edited layers' MLP input projections beside the edited ones
-    mask_layer: int | None = None  # MEMIT: mask this layer above the edited ones instead of the edited tensors
+    # MEMIT: mask these layers' output projections (below, among or above the edited ones) instead of
+    # the edited tensors; empty: the edited tensors
+    mask_layers: tuple[int, ...] = ()
     splits: tuple[str, ...] = ("train", "val", "test")  # evaluate-mask: which of the job's splits to report
     extra: str | None = None  # evaluate-mask: another CounterFact split or file, reported as "extra"
     extra_size: int = 100
@@ -132,13 +134,13 @@ def select_splits(job: TrainJob) -> tuple[list, list, list]:
     return train, val, test
 
 
-def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False, mask_layer: int | None = None
+def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False, mask_layers: tuple[int, ...] = ()
                  ) -> tuple[list[tuple[str, bool]], list[int]]:
     """(module path, transposed) of every tensor the mask covers, and each one's layer: the tensors the
-    method edits (ROME's one layer, MEMIT's several), or with `mask_layer` that layer's output projection
-    (above the edits, which it never sees as weights), then with `whole_mlp` these layers' MLP input
-    projections, which are masked and never edited."""
-    edited = sorted(hp.layers) if mask_layer is None else [mask_layer]
+    method edits (ROME's one layer, MEMIT's several), or the output projections of `mask_layers` (edited
+    or not), then with `whole_mlp` these layers' MLP input projections, which are masked and never
+    edited."""
+    edited = sorted(mask_layers or hp.layers)
     targets = [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in edited]
     layers = list(edited)
     for layer in edited if whole_mlp else []:
@@ -151,15 +153,17 @@ def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False, 
 MASK_LAYER_IS_FOR_MEMIT = "--mask-layer is for MEMIT masks; a ROME mask covers the edited layer (--layer)"
 
 
-def check_mask_layer(loaded: LoadedModel, hp: EditHparams, mask_layer: int | None) -> None:
-    if mask_layer is None:
+def check_mask_layers(loaded: LoadedModel, hp: EditHparams, mask_layers: tuple[int, ...]) -> None:
+    if not mask_layers:
         return
     if hp.method != "memit":
         raise EditguardError(MASK_LAYER_IS_FOR_MEMIT)
     n = loaded.arch.num_layers(loaded.checkpoint.config)
-    if not max(hp.layers) < mask_layer < n:
-        raise EditguardError(f"--mask-layer {mask_layer} must lie above the edited layers {sorted(hp.layers)} "
-                             f"and below {n}")
+    for layer in mask_layers:
+        if not 0 <= layer < n:
+            raise EditguardError(f"--mask-layer {layer} is out of range: the model has layers 0-{n - 1}")
+    if len(set(mask_layers)) < len(mask_layers):
+        raise EditguardError(f"--mask-layer names a layer twice: {', '.join(map(str, mask_layers))}")
 
 
 def edited_targets(arch, targets: list[MaskTarget]) -> list[MaskTarget]:
@@ -223,7 +227,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     if hp.method != job.method:
         raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
                              f"against {job.method.upper()}")
-    check_mask_layer(loaded, hp, job.mask_layer)
+    check_mask_layers(loaded, hp, job.mask_layers)
     if job.resume and ckpt.exists():  # found now, not after the bank is built for this model
         theirs = checkpoint_info(ckpt).get("fingerprints")  # absent in checkpoints older than the field
         if theirs is not None and theirs != target_fingerprints(loaded, hp):
@@ -253,16 +257,20 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
     kind = split_kind(job.method)
     edited = {split: kind.from_bank(bank, facts[split]) for split in ("train", "val") if facts[split]}
-    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp, job.mask_layer)
+    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp, job.mask_layers)
     start_layer = min(target_layers)
-    # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits; a mask above the
-    #    edits trains on the states the edits leave there, so it needs no edit inside its layers
+    # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits; a `--mask-layer`
+    #    mask trains on the states the batch edits below it leave there (the edits above it run in the
+    #    trainer's forward)
     train_split = edited["train"]
-    above = list(zip(train_split.groups, train_split.edits)) if job.mask_layer is not None else None
+    below = None
+    if job.mask_layers:
+        below = [(idx, [e for e in edits if e.layer < start_layer])
+                 for idx, edits in zip(train_split.groups, train_split.edits)]
+        below = below if any(edits for _, edits in below) else None
     data = prepare_prompts(loaded, train_split.facts, start_layer, cfg.paraphrases,
-                           progress=lambda d, t: progress("caching prompts", d, t, ""), edits_below=above)
-    trainer = MaskTrainer(loaded, targets, start_layer, data, cfg,
-                          **(train_split.trainer_inputs(targets) if above is None else {}))
+                           progress=lambda d, t: progress("caching prompts", d, t, ""), edits_below=below)
+    trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **train_split.trainer_inputs(targets))
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"]),
             "fingerprints": bank.meta["fingerprints"],  # the bank's edits are of this model's weights (checked)
             "targets": [path for path, _ in targets]}

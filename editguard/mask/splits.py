@@ -100,16 +100,19 @@ class MemitSplit:
         return cls(facts, groups, edits)
 
     def trainer_inputs(self, targets: Targets) -> dict:
-        """Dense [out, in] ΔW per batch edit and target, and each fact's batch edit."""
-        dense = []
+        """Dense [out, in] ΔW per batch edit and target, each batch edit's edits of tensors the mask does
+        not cover (`train --mask-layer`), and each fact's batch edit."""
+        dense, unmasked = [], []
+        covered = {path + ".weight" for path, _ in targets}
         for edits in self.edits:
             by_tensor = {e.tensor: e for e in edits}
             dense.append([by_tensor[path + ".weight"].delta() if path + ".weight" in by_tensor else None
                           for path, _ in targets])
+            unmasked.append([e for e in edits if e.tensor not in covered])
         group_of = torch.empty(len(self.facts), dtype=torch.long)
         for g, idx in enumerate(self.groups):
             group_of[torch.tensor(idx)] = g
-        return {"dense": dense, "record_group": group_of}
+        return {"dense": dense, "unmasked": unmasked, "record_group": group_of}
 
     def head(self, n: int) -> "MemitSplit":
         """Whole batch edits, in order, until at least n facts are covered (a batch is never cut)."""

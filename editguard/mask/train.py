@@ -167,6 +167,12 @@ class MaskedProjection(torch.nn.Module):
         self.u: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
+    @classmethod
+    def standing_in(cls, module: torch.nn.Module, weight: torch.Tensor) -> "MaskedProjection":
+        """For `module`, with `weight` ([out, in]) and the module's own bias."""
+        bias = getattr(module, "bias", None)
+        return cls(weight, bias.detach().float() if bias is not None else None)
+
     def forward(self, x):
         K, dtype = self.K, x.dtype
         x = x.to(self.weight.dtype)  # the mask and the edit in float32 even inside a bfloat16 model
@@ -319,11 +325,14 @@ class MaskTrainer:
     ROME: `u`, `v` are per-record factors of the first target (any further targets are masked, not
     edited). MEMIT: `dense[g][t]` is batch edit g's ΔW on
     target t (None: that edit leaves t alone) and `record_group[i]` the batch edit record i belongs to;
-    a record is trained against the masked weights of its own batch edit."""
+    a record is trained against the masked weights of its own batch edit. `unmasked[g]`: batch edit g's
+    edits of tensors no target covers (`train --mask-layer`); those at or above `start_layer` run
+    unmasked in the forward, those below reach it through `data.hidden_edited`."""
 
     def __init__(self, loaded: LoadedModel, targets: list[tuple[str, bool]], start_layer: int, data: PromptSet,
                  config: TrainConfig, u: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                 dense: list[list[torch.Tensor | None]] | None = None, record_group: torch.Tensor | None = None):
+                 dense: list[list[torch.Tensor | None]] | None = None, record_group: torch.Tensor | None = None,
+                 unmasked: list[list] | None = None):
         self.loaded, self.targets, self.start, self.data, self.cfg = loaded, targets, start_layer, data, config
         # Θ, the edit factors and the frozen weights live where the model runs; prompts stay on the CPU
         self.device = loaded.device
@@ -331,12 +340,15 @@ class MaskTrainer:
         self.modules, self.base_weights = [], []
         for path, transposed in targets:
             module = loaded.model.get_submodule(path)
-            bias = getattr(module, "bias", None)
             self.base_weights.append(canonical_weight(module, transposed))
-            self.modules.append(MaskedProjection(self.base_weights[-1], bias.detach().float() if bias is not None else None))
+            self.modules.append(MaskedProjection.standing_in(module, self.base_weights[-1]))
         # the edited weights of each batch edit, built once (one dense matrix per edit and target, not per record)
         self.group_weights = [[w if d is None else w + d.float().to(w.device) for w, d in zip(self.base_weights, deltas)]
                               for deltas in dense or []]
+        # the unmasked edited projections above the mask, one stand-in per batch edit and tensor (the
+        # frozen weights are never written: a backward still to come reads them)
+        self.group_unmasked = [[(e.tensor.removesuffix(".weight"), self._edited_stand_in(e)) for e in edits
+                                if e.layer >= start_layer] for edits in unmasked or []]
         self.record_group = record_group
         n_records = int(data.record.max()) + 1
         if dense is not None and (record_group is None or len(record_group) != n_records):
@@ -344,6 +356,11 @@ class MaskTrainer:
         self.prompts_of = [[] for _ in range(n_records)]
         for j, r in enumerate(data.record.tolist()):
             self.prompts_of[r].append(j)
+
+    def _edited_stand_in(self, edit) -> MaskedProjection:
+        module = self.loaded.model.get_submodule(edit.tensor.removesuffix(".weight"))
+        weight = canonical_weight(module, self.loaded.arch.mlp_out_transposed)
+        return MaskedProjection.standing_in(module, weight + edit.delta().to(weight.device))
 
     def init_state(self) -> TrainState:
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -423,6 +440,8 @@ class MaskTrainer:
         mask = block_causal_mask(tok_row, tok_pos, model.dtype, device=device)
         with contextlib.ExitStack() as stack:
             for (path, _), module in zip(self.targets, self.modules):
+                stack.enter_context(swapped(model, path, module))
+            for path, module in self.group_unmasked[group] if group is not None and edited and self.group_unmasked else ():
                 stack.enter_context(swapped(model, path, module))
             stack.enter_context(layers_skipped_below(model, arch, self.start))
             stack.enter_context(attention_in_groups(model, torch.zeros_like(lens), lens))
