@@ -53,7 +53,8 @@ def main() -> None:
                 return [i for i, t in enumerate(mask.targets) if t.layer in chosen]
 
             parts += [(f"  layer {layer} alone", of({layer})) for layer in layers]
-            parts += [(f"  layers {layers[0]}-{top}", of(set(layers[:k + 1]))) for k, top in enumerate(layers) if k]
+            parts += [(f"  layers {layers[0]}-{top}", of(set(layers[:k + 1])))
+                      for k, top in enumerate(layers) if 0 < k < len(layers) - 1]  # the last run is the mask
         modules, masks = mask.modules(), mask.masks()
         for name, chosen in parts:
             started = time.time()

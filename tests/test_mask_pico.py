@@ -698,12 +698,12 @@ def test_memit_baselines_leave_the_masked_inputs_alone(pico_models, monkeypatch)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-@pytest.mark.parametrize("edit_layers, mask_layer", [([0], 1), ([0, 1], 0), ([0, 1], 1)],
-                         ids=["above", "first-edited", "last-edited"])
-def test_a_mask_layer_trains_against_the_batch_edits_around_it(model_type, edit_layers, mask_layer, pico_models):
-    """--mask-layer: a record's logits come from its batch edit (below the masked layer: cached in the
-    states entering it; on it: masked with it; above it: unmasked in the forward) and the mask on that
-    layer, as the edited model with the mask applied gives them; unedited, from the mask alone."""
+@pytest.mark.parametrize("edit_layers, mask_layers", [([0], [1]), ([0, 1], [0]), ([0, 1], [1]), ([0], [0, 1])],
+                         ids=["above", "first-edited", "last-edited", "edited-and-above"])
+def test_a_mask_layer_trains_against_the_batch_edits_around_it(model_type, edit_layers, mask_layers, pico_models):
+    """--mask-layer: a record's logits come from its batch edit (below the lowest masked layer: cached in
+    the states entering it; on a masked layer: masked with it; elsewhere above: unmasked in the forward)
+    and the masks, as the edited model with the masks applied gives them; unedited, from the masks alone."""
     from editguard.edit.edits import Edit, edits_applied
     from editguard.edit.facts import Fact
     from editguard.loading import load_model
@@ -723,11 +723,11 @@ def test_a_mask_layer_trains_against_the_batch_edits_around_it(model_type, edit_
     edits = [[Edit("memit", layer, arch.module("mlp_out", layer) + ".weight", torch.randn(out_dim, 2, generator=gen),
                    torch.randn(in_dim, 2, generator=gen)) for layer in edit_layers] for _ in range(2)]
     split = MemitSplit(facts, [[0, 2], [1]], edits)
-    below = [(idx, [e for e in group if e.layer < mask_layer]) for idx, group in zip(split.groups, edits)]
-    data = prepare_prompts(loaded, facts, mask_layer, 0, edits_below=below if any(e for _, e in below) else None)
-    targets = [(arch.module("mlp_out", mask_layer), arch.mlp_out_transposed)]
-    trainer = MaskTrainer(loaded, targets, mask_layer, data, TrainConfig(), **split.trainer_inputs(targets))
-    masks = [torch.rand(out_dim, in_dim, generator=gen).round()]
+    start = min(mask_layers)
+    data = prepare_prompts(loaded, facts, start, 0, edits_below=split.edits_below(start))
+    targets = [(arch.module("mlp_out", layer), arch.mlp_out_transposed) for layer in mask_layers]
+    trainer = MaskTrainer(loaded, targets, start, data, TrainConfig(), **split.trainer_inputs(targets))
+    masks = [torch.rand(out_dim, in_dim, generator=gen).round() for _ in mask_layers]
     for g, records in enumerate(split.groups):
         for record in records:
             rows = torch.tensor([record])
@@ -742,9 +742,10 @@ def test_a_mask_layer_trains_against_the_batch_edits_around_it(model_type, edit_
             assert not torch.allclose(edited, plain, atol=1e-3)  # the edits do reach the logits
 
 
-def test_train_memit_mask_above_the_edited_layers(cli, pico_models, tmp_path):
-    """`train --mask-layer`: the mask covers that layer only, the baselines still act on the edits, and
-    evaluate-mask reproduces the figures; a layer not above the edits, or a ROME run, is refused."""
+def test_train_memit_mask_layer(cli, pico_models, tmp_path):
+    """`train --mask-layer`: the mask covers that layer only (above the edits, or one of the edited layers),
+    the baselines still act on the edits, and evaluate-mask reproduces the figures; a layer out of range
+    or named twice, or a ROME run, is refused."""
     out = tmp_path / "masks" / "pico_memit_above.safetensors"
     args = _memit_args(pico_models, tmp_path, out, 1)
     result = cli("-f", "json", *args, "--method", "memit", "--layer", "0", "--mask-layer", "1", "--memit-batch", "10",
@@ -763,6 +764,12 @@ def test_train_memit_mask_above_the_edited_layers(cli, pico_models, tmp_path):
                 "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["rsr"] == test["rsr"]
+    among = tmp_path / "masks" / "pico_memit_among.safetensors"  # edits at layers 0-1, the mask on layer 0 only
+    result = cli("-f", "json", *_memit_args(pico_models, tmp_path, among, 1), "--method", "memit", "--mask-layer", "0",
+                 "--memit-batch", "10", "--target-pruned", "0.1", "--no-baselines")
+    assert result.code == 0, result.err
+    mask = MaskFile.load(among)
+    assert [t.layer for t in mask.targets] == [0] and mask.edit_layers() == [0, 1]
     for extra, message in ((["--method", "memit", "--mask-layer", "2"], "--mask-layer 2 is out of range: the model "
                             "has layers 0-1"), (["--mask-layer", "1"], "--mask-layer is for MEMIT masks"),
                            (["--method", "memit", "--mask-layer", "1", "--mask-layer", "1"], "names a layer twice")):

@@ -263,11 +263,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     #    mask trains on the states the batch edits below it leave there (the edits above it run in the
     #    trainer's forward)
     train_split = edited["train"]
-    below = None
-    if job.mask_layers:
-        below = [(idx, [e for e in edits if e.layer < start_layer])
-                 for idx, edits in zip(train_split.groups, train_split.edits)]
-        below = below if any(edits for _, edits in below) else None
+    below = train_split.edits_below(start_layer) if job.mask_layers else None
     data = prepare_prompts(loaded, train_split.facts, start_layer, cfg.paraphrases,
                            progress=lambda d, t: progress("caching prompts", d, t, ""), edits_below=below)
     trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **train_split.trainer_inputs(targets))
@@ -279,8 +275,8 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
         theirs = info.get("targets", meta["targets"][:len(hp.layers)])
         if theirs != meta["targets"]:
-            raise EditguardError(f"{ckpt} was written by a run that masked other tensors (--whole-mlp or --layer "
-                                 f"differ); remove it to start over")
+            raise EditguardError(f"{ckpt} was written by a run that masked other tensors (--whole-mlp, --layer or "
+                                 f"--mask-layer differ); remove it to start over")
         if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
     else:

@@ -114,6 +114,12 @@ class MemitSplit:
             group_of[torch.tensor(idx)] = g
         return {"dense": dense, "unmasked": unmasked, "record_group": group_of}
 
+    def edits_below(self, layer: int) -> list[tuple[list[int], list[Edit]]] | None:
+        """[(facts, their batch edit's edits of layers below `layer`)], for the states cached entering it
+        (`prepare_prompts(edits_below=...)`); None when no batch edit reaches below it."""
+        below = [(idx, [e for e in edits if e.layer < layer]) for idx, edits in zip(self.groups, self.edits)]
+        return below if any(edits for _, edits in below) else None
+
     def head(self, n: int) -> "MemitSplit":
         """Whole batch edits, in order, until at least n facts are covered (a batch is never cut)."""
         keep, count = [], 0
@@ -163,7 +169,8 @@ class MemitSplit:
         if baselines:  # on the tensors the edits change, whichever the mask covers
             edited = {e.tensor for edits in self.edits for e in edits}
             # the magnitude baseline prunes as much as the mask does: over the edited tensors it covers
-            # (`--whole-mlp` also masks inputs the edits leave alone), else (`--mask-layer`) over all of it
+            # (`--whole-mlp` also masks inputs the edits leave alone), else (a `--mask-layer` mask that
+            # covers none of them) over all of it
             cut = [K for (path, _), K in zip(targets, masks) if path + ".weight" in edited] or masks
             fraction = float(torch.cat([(1 - K).reshape(-1) for K in cut]).mean())
             report["baseline_svd_rsr"] = share(self.preference(loaded, targets, change=top_component_dropped) > 0)

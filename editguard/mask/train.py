@@ -349,6 +349,8 @@ class MaskTrainer:
         # frozen weights are never written: a backward still to come reads them)
         self.group_unmasked = [[(e.tensor.removesuffix(".weight"), self._edited_stand_in(e)) for e in edits
                                 if e.layer >= start_layer] for edits in unmasked or []]
+        if data.hidden_edited is None and any(e.layer < start_layer for edits in unmasked or [] for e in edits):
+            raise ValueError("edits below the masked layers need the states they leave (prepare_prompts' edits_below)")
         self.record_group = record_group
         n_records = int(data.record.max()) + 1
         if dense is not None and (record_group is None or len(record_group) != n_records):
@@ -358,6 +360,7 @@ class MaskTrainer:
             self.prompts_of[r].append(j)
 
     def _edited_stand_in(self, edit) -> MaskedProjection:
+        # MEMIT edits only MLP output projections, hence their orientation
         module = self.loaded.model.get_submodule(edit.tensor.removesuffix(".weight"))
         weight = canonical_weight(module, self.loaded.arch.mlp_out_transposed)
         return MaskedProjection.standing_in(module, weight + edit.delta().to(weight.device))
