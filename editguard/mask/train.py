@@ -347,9 +347,18 @@ class MaskTrainer:
                               for deltas in dense or []]
         # the unmasked edited projections above the mask, one stand-in per batch edit and tensor (the
         # frozen weights are never written: a backward still to come reads them)
-        self.group_unmasked = [[(e.tensor.removesuffix(".weight"), self._edited_stand_in(e)) for e in edits
-                                if e.layer >= start_layer] for edits in unmasked or []]
-        if data.hidden_edited is None and any(e.layer < start_layer for edits in unmasked or [] for e in edits):
+        unmasked = unmasked if unmasked is not None else [[] for _ in dense or []]
+        bases: dict[str, torch.Tensor] = {}  # each tensor oriented once, whatever the number of batch edits
+
+        def stand_in(edit) -> tuple[str, MaskedProjection]:
+            path = edit.tensor.removesuffix(".weight")
+            module = loaded.model.get_submodule(path)
+            if path not in bases:  # MEMIT edits only MLP output projections, hence their orientation
+                bases[path] = canonical_weight(module, loaded.arch.mlp_out_transposed)
+            return path, MaskedProjection.standing_in(module, bases[path] + edit.delta().to(bases[path].device))
+
+        self.group_unmasked = [[stand_in(e) for e in edits if e.layer >= start_layer] for edits in unmasked]
+        if data.hidden_edited is None and any(e.layer < start_layer for edits in unmasked for e in edits):
             raise ValueError("edits below the masked layers need the states they leave (prepare_prompts' edits_below)")
         self.record_group = record_group
         n_records = int(data.record.max()) + 1
@@ -358,12 +367,6 @@ class MaskTrainer:
         self.prompts_of = [[] for _ in range(n_records)]
         for j, r in enumerate(data.record.tolist()):
             self.prompts_of[r].append(j)
-
-    def _edited_stand_in(self, edit) -> MaskedProjection:
-        # MEMIT edits only MLP output projections, hence their orientation
-        module = self.loaded.model.get_submodule(edit.tensor.removesuffix(".weight"))
-        weight = canonical_weight(module, self.loaded.arch.mlp_out_transposed)
-        return MaskedProjection.standing_in(module, weight + edit.delta().to(weight.device))
 
     def init_state(self) -> TrainState:
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -444,7 +447,7 @@ class MaskTrainer:
         with contextlib.ExitStack() as stack:
             for (path, _), module in zip(self.targets, self.modules):
                 stack.enter_context(swapped(model, path, module))
-            for path, module in self.group_unmasked[group] if group is not None and edited and self.group_unmasked else ():
+            for path, module in self.group_unmasked[group] if group is not None and edited else ():
                 stack.enter_context(swapped(model, path, module))
             stack.enter_context(layers_skipped_below(model, arch, self.start))
             stack.enter_context(attention_in_groups(model, torch.zeros_like(lens), lens))
