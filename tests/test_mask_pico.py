@@ -305,6 +305,30 @@ def test_bfloat16_model_trains_like_float32(model_type, pico_models):
     assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.98
 
 
+def test_anchor_adds_the_kl_of_the_mask_on_the_unedited_model(pico_models):
+    """`--set beta_anchor=B` adds B·T²·KL(original ‖ masked unedited model) at the same prompts."""
+    import dataclasses
+
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    trainer = _trainer(load_model(resolve(str(pico_models["llama"]))))
+    theta = trainer.init_state().theta
+    plain, parts = trainer.loss(theta, [0, 2], 0.5)
+    assert "anchor_kl" not in parts
+    trainer.cfg = dataclasses.replace(trainer.cfg, beta_anchor=2.0)
+    anchored, parts = trainer.loss(theta, [0, 2], 0.5)
+    rows = torch.tensor([j for r in (0, 2) for j in trainer.prompts_of[r]])
+    T = trainer.cfg.temperature(0.5)
+    masks = [torch.sigmoid(t / trainer.cfg.tau(0.5)) for t in theta]
+    student = torch.log_softmax(trainer._last_logits(rows, masks, False) / T, -1)
+    teacher = torch.log_softmax(trainer.data.teacher[rows].float() / T, -1)
+    kl = (teacher.exp() * (teacher - student)).sum() / len(rows)
+    assert kl > 0
+    assert parts["anchor_kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert anchored.item() == pytest.approx(plain.item() + 2.0 * T * T * kl.item(), rel=1e-5)
+
+
 def test_trainer_resume_is_exact(pico_models, tmp_path):
     from editguard.loading import load_model
     from editguard.resolve import resolve

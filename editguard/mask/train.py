@@ -56,6 +56,9 @@ class TrainConfig:
     lambda_start: float = 1e-6
     lambda_end: float = 60.0
     beta_kl: float = 3.2552
+    # not in the paper (0 = off): the same KL for the mask on the *unedited* model at the same prompts, so
+    # the mask is also taught to leave the original's answers alone (MEMIT masks cost the base model much)
+    beta_anchor: float = 0.0
     temp_start: float = 1.643
     temp_end: float = 4.301
     threshold: float = 0.9
@@ -90,7 +93,8 @@ class TrainConfig:
             need(getattr(self, key) >= 1, f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "tau_start", "temp_start", "temp_end", "theta_std"):
             need(getattr(self, key) > 0, f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "grad_clip", "margin", "lambda_start", "lambda_end", "beta_kl", "tau_decay"):
+        for key in ("weight_decay", "grad_clip", "margin", "lambda_start", "lambda_end", "beta_kl", "beta_anchor",
+                    "tau_decay"):
             need(getattr(self, key) >= 0, f"{key} must not be negative, got {getattr(self, key)}")
         need(0 < self.sparsity_max < 1 and 0 < self.threshold < 1, "sparsity_max and threshold must lie in (0, 1)")
         need(len(self.betas) == 2 and all(0 <= b < 1 and math.isfinite(b) for b in self.betas),
@@ -397,23 +401,31 @@ class MaskTrainer:
         tau = cfg.tau(progress)
         masks = [torch.sigmoid(t / tau) for t in theta]
         T = cfg.temperature(progress)
-        margin_sum, kl_sum, flips = 0.0, 0.0, 0.0
+        margin_sum, kl_sum, anchor_sum, flips = 0.0, 0.0, 0.0, 0.0
+
+        def kl_to_teacher(pack: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # KL(teacher ‖ student)
+            teacher = F.log_softmax(data.teacher[pack].float().to(logits.device) / T, dim=-1)
+            return F.kl_div(F.log_softmax(logits / T, dim=-1), teacher, log_target=True, reduction="sum")
+
         for group, pack in self._packs(rows, pack_tokens):
             logits = self._last_logits(pack, masks, edited, group)
             device = logits.device
             z_new = logits.gather(1, data.new_tok[pack, None].to(device))[:, 0]
             z_true = logits.gather(1, data.true_tok[pack, None].to(device))[:, 0]
             margin_sum = margin_sum + F.relu(z_new - z_true + cfg.margin).sum()
-            teacher = F.log_softmax(data.teacher[pack].float().to(device) / T, dim=-1)
-            student = F.log_softmax(logits / T, dim=-1)
-            kl_sum = kl_sum + F.kl_div(student, teacher, log_target=True, reduction="sum")  # KL(teacher ‖ student)
+            kl_sum = kl_sum + kl_to_teacher(pack, logits)
             flips += float((z_true > z_new).sum())
+            if cfg.beta_anchor and edited:
+                anchor_sum = anchor_sum + kl_to_teacher(pack, self._last_logits(pack, masks, False, group))
         n = len(rows)
-        margin, kl = margin_sum / n, kl_sum / n
+        margin, kl, anchor = margin_sum / n, kl_sum / n, anchor_sum / n
         pruned = torch.cat([(1 - K).reshape(-1) for K in masks]).mean()
         sparsity = cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
-        total = margin + sparsity + cfg.beta_kl * T * T * kl
-        return total, {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(), "flip": flips / n}
+        total = margin + sparsity + T * T * (cfg.beta_kl * kl + cfg.beta_anchor * anchor)
+        info = {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(), "flip": flips / n}
+        if cfg.beta_anchor and edited:
+            info["anchor_kl"] = anchor.item()
+        return total, info
 
     def _packs(self, rows: torch.Tensor, pack_tokens: int) -> list[tuple[int | None, torch.Tensor]]:
         """(batch edit, rows): rows of one batch edit each (MEMIT), in packs of about `pack_tokens` tokens."""
