@@ -589,6 +589,18 @@ def test_killed_training_resumes(pico_models, tmp_path):
     assert 5 <= killed_at < 125 and not out.exists()
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "--resume" in again.stderr  # the unfinished run is not silently restarted
+    changed = subprocess.run(args + ["--resume", "--set", "margin=2.5"], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert changed.returncode == 2 and "other data or settings" in changed.stderr
+    # a checkpoint from before a setting existed resumes: the missing setting is its default
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ckpt), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        meta = json.loads(handle.metadata()["editguard_train"])
+    del meta["config"]["beta_anchor"]
+    save_file(tensors, str(ckpt), metadata={"editguard_train": json.dumps(meta)})
     resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     mask = MaskFile.load(out)

@@ -277,7 +277,9 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         if theirs != meta["targets"]:
             raise EditguardError(f"{ckpt} was written by a run that masked other tensors (--whole-mlp, --layer or "
                                  f"--mask-layer differ); remove it to start over")
-        if info.get("data_hash") != meta["data_hash"] or info.get("config") != meta["config"]:
+        # settings added since a checkpoint was written count as their defaults (which it trained with)
+        theirs_config = {**TrainConfig().to_dict(), **info.get("config", {})}
+        if info.get("data_hash") != meta["data_hash"] or theirs_config != meta["config"]:
             raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
     else:
         state = trainer.init_state()
