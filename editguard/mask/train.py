@@ -402,6 +402,7 @@ class MaskTrainer:
         masks = [torch.sigmoid(t / tau) for t in theta]
         T = cfg.temperature(progress)
         margin_sum, kl_sum, anchor_sum, flips = 0.0, 0.0, 0.0, 0.0
+        anchored = cfg.beta_anchor > 0 and edited
 
         def kl_to_teacher(pack: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # KL(teacher ‖ student)
             teacher = F.log_softmax(data.teacher[pack].float().to(logits.device) / T, dim=-1)
@@ -415,7 +416,7 @@ class MaskTrainer:
             margin_sum = margin_sum + F.relu(z_new - z_true + cfg.margin).sum()
             kl_sum = kl_sum + kl_to_teacher(pack, logits)
             flips += float((z_true > z_new).sum())
-            if cfg.beta_anchor and edited:
+            if anchored:
                 anchor_sum = anchor_sum + kl_to_teacher(pack, self._last_logits(pack, masks, False, group))
         n = len(rows)
         margin, kl, anchor = margin_sum / n, kl_sum / n, anchor_sum / n
@@ -423,7 +424,7 @@ class MaskTrainer:
         sparsity = cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
         total = margin + sparsity + T * T * (cfg.beta_kl * kl + cfg.beta_anchor * anchor)
         info = {"margin": margin.item(), "kl": kl.item(), "pruned_soft": pruned.item(), "flip": flips / n}
-        if cfg.beta_anchor and edited:
+        if anchored:
             info["anchor_kl"] = anchor.item()
         return total, info
 
