@@ -98,3 +98,15 @@ def edited_tensors_only(arch: Arch, entry: dict) -> bool:
     layers = entry.get("layers") or []
     return len(layers) == len(entry.get("targets", [])) and all(
         arch.is_mlp_out(t["tensor"], layer) for t, layer in zip(entry["targets"], layers))
+
+
+def best_fit(arch: Arch, checkpoint: Checkpoint, layers=None, method: str | None = None,
+             lock: bool = False) -> dict | None:
+    """The fitting mask to use: one trained against `method` and over `layers` (found edited or planted)
+    first, then exact matches, then by RSR. For a lock, masks over the edited tensors alone come first: an
+    editor solves for the edit through the locked model, so masked MLP inputs (`train --whole-mlp`) only
+    change the key the edit is solved at (the layer-9 whole-MLP mask: ROME success 100 → 100 %)."""
+    fits = prefer_layers(fitting(arch, checkpoint), layers, method)
+    if lock:
+        fits = sorted(fits, key=lambda e: not edited_tensors_only(arch, e))
+    return fits[0] if fits else None

@@ -284,7 +284,9 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
                           "model": "/gone/edited"},
                 "scan_with_base": {"verdict": "edited", "diff": {"classification": "rome-like", "layers": [6]}},
                 "reverse": {"edited": {"logp_true": -5.0, "logp_new": -1.0},
-                            "project": {"logp_true": -1.0, "logp_new": -4.0, "restored": True, "model": "/gone/rp"}},
+                            "project": {"logp_true": -1.0, "logp_new": -4.0, "restored": True, "model": "/gone/rp"},
+                            "mask": {"logp_true": -1.5, "logp_new": -3.0, "restored": True, "model": "/gone/rm",
+                                     "mask": "/x/shipped.safetensors"}},
                 "lock": {"mask": "m.safetensors", "model": "/gone/locked"}}
 
     monkeypatch.setattr(demo, "_audit", audit)
@@ -294,6 +296,7 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
     assert kept.json["models_kept"] is True and (tmp_path / "keep" / "edited").is_dir()
     told = cli("demo").err  # people are not pointed at removed folders
     assert "true answer restored" in told and "/gone/" not in told and "were removed" in told
+    assert "with the shipped mask shipped.safetensors" in told  # the demo names the mask it reversed with
     assert "/gone/rp" in cli("demo", "--workdir", tmp_path / "keep2").err
     monkeypatch.setattr(demo, "_audit", lambda *a: audit(*a, stop=True))
     assert cli("demo").code == 130 and not folders[-1].exists()

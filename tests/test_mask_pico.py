@@ -166,9 +166,8 @@ def test_an_unasked_mask_never_makes_a_scan_more_severe():
 
 def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch, pico_models):
     """Masked MLP inputs do not resist an editor who solves through the locked model: `lock` without
-    --mask takes a mask over the edited tensors first, even one with lower RSR."""
-    import json
-
+    --mask (and `demo`) takes a mask over the edited tensors first, even one with lower RSR."""
+    from editguard import masks_index
     from editguard.cli.harden_cmd import _mask_for
 
     llama = Checkpoint(pico_models["llama"])
@@ -181,6 +180,8 @@ def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch
     monkeypatch.setattr("editguard.masks_index.mask_dirs", lambda: [tmp_path])
     assert _mask_for(None, arch, llama, [0], "rome").name == "whole0.safetensors"  # reverse: by RSR
     assert _mask_for(None, arch, llama, lock=True).name == "down0.safetensors"
+    # `demo` locks with the same choice, not with the mask it reversed with
+    assert masks_index.best_fit(arch, llama, [0], "rome", lock=True)["file"] == "down0.safetensors"
 
 
 def _trainer(loaded, seed=0):

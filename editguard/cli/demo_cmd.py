@@ -99,9 +99,8 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
         reversals["project"] = folder / "reversed-project"
     edited_scores = _true_vs_new(edited, fact)
     del edited
-    fits = masks_index.prefer_layers(masks_index.fitting(loaded.arch, loaded.checkpoint), [edits[0].layer],
-                                    edits[0].method)
-    mask_path = Path(fits[0]["path"]) if fits else None
+    fit = masks_index.best_fit(loaded.arch, loaded.checkpoint, [edits[0].layer], edits[0].method)
+    mask_path = Path(fit["path"]) if fit else None
     if mask_path:
         mask = MaskFile.load(mask_path)
         with out.progress("3/4 reversing with the shipped mask"):
@@ -112,15 +111,20 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
     for name, path in reversals.items():
         scores = _true_vs_new(load_model(resolve(str(path))), fact)
         report["reverse"][name] = {"model": str(path), **scores, "restored": scores["logp_true"] > scores["logp_new"]}
+    if mask_path:
+        report["reverse"]["mask"]["mask"] = str(mask_path)
     if flagged:
         report["reverse"]["project"]["subjects"] = sorted({f["subject"] for fs in flagged.values() for f in fs})
         report["reverse"]["project"]["layers"] = sorted(flagged)
-    # 4. lock needs the shipped mask
-    if not mask_path:
+    # 4. lock needs a shipped mask; the one `lock` would take (edited tensors alone first), not the reversal's
+    lock_fit = masks_index.best_fit(loaded.arch, loaded.checkpoint, [edits[0].layer], edits[0].method, lock=True)
+    if not lock_fit:
         report["lock"] = {"skipped": "no shipped mask fits this model yet (see masks/README.md)"}
     else:
         from ..harden.lock import install_mask, lock_checkpoint
 
+        mask_path = Path(lock_fit["path"])
+        mask = MaskFile.load(mask_path)
         with out.progress("4/4 locking the original model"):
             locked_dir = folder / "locked"
             lock_checkpoint(loaded.checkpoint, loaded.arch, mask, mask_path, locked_dir, force=True)
@@ -190,6 +194,8 @@ def _render(console, r) -> None:
     for name, label in (("project", "by key projection (no base, no mask)"), ("mask", "with the shipped mask")):
         if name in rev:
             x = rev[name]
+            if "mask" in x:
+                label += f" {escape(Path(x['mask']).name)}"
             console.print(f"3. reversed {label}: true answer {'[green]restored[/]' if x['restored'] else '[red]NOT restored[/]'} "
                           f"(log p true/new: edited {e['logp_true']:.2f}/{e['logp_new']:.2f}, "
                           f"reversed {x['logp_true']:.2f}/{x['logp_new']:.2f}){_at(r, x['model'])}")

@@ -22,20 +22,15 @@ from .options import (AllowPickle, BaseRevision, DeviceMap, Dtype, MaxMemory, Mo
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None, lock: bool = False) -> Path:
-    """--mask, else the fitting mask: one trained against `method` and over `layers` (found edited) first,
-    then exact matches, then by RSR. For a lock, masks over the edited tensors alone come first: an
-    editor solves for the edit through the locked model, so masked MLP inputs (`train --whole-mlp`) only
-    change the key the edit is solved at (the layer-9 whole-MLP mask: ROME success 100 → 100 %)."""
+    """--mask, else the fitting mask (`masks_index.best_fit`)."""
     if mask:
         if not Path(mask).is_file():
             raise EditguardError(f"no such mask file: {mask}")
         return Path(mask)
-    fits = masks_index.prefer_layers(masks_index.fitting(arch, checkpoint), layers, method)
-    if lock:
-        fits = sorted(fits, key=lambda e: not masks_index.edited_tensors_only(arch, e))
-    if not fits:
+    fit = masks_index.best_fit(arch, checkpoint, layers, method, lock=lock)
+    if fit is None:
         raise EditguardError("no shipped mask fits this model; give --mask FILE (`editguard train` makes one)")
-    return Path(fits[0]["path"])
+    return Path(fit["path"])
 
 
 @app.command("reverse")
