@@ -123,8 +123,9 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
     else:
         from ..harden.lock import install_mask, lock_checkpoint
 
-        mask_path = Path(lock_fit["path"])
-        mask = MaskFile.load(mask_path)
+        if Path(lock_fit["path"]) != mask_path:  # the reversal mask may be the lock's too (SmolLM2)
+            mask_path = Path(lock_fit["path"])
+            mask = MaskFile.load(mask_path)
         with out.progress("4/4 locking the original model"):
             locked_dir = folder / "locked"
             lock_checkpoint(loaded.checkpoint, loaded.arch, mask, mask_path, locked_dir, force=True)
