@@ -123,7 +123,7 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
     else:
         from ..harden.lock import install_mask, lock_checkpoint
 
-        if Path(lock_fit["path"]) != mask_path:  # the reversal mask may be the lock's too (SmolLM2)
+        if Path(lock_fit["path"]) != mask_path:  # reuse the reversal mask when lock takes the same file
             mask_path = Path(lock_fit["path"])
             mask = MaskFile.load(mask_path)
         with out.progress("4/4 locking the original model"):
