@@ -15,6 +15,7 @@ import torch
 import yaml
 
 import pico_facts
+from conftest import one_line_error
 from editguard import arch as arch_table
 from editguard.checkpoint import Checkpoint
 from editguard.errors import EditguardError
@@ -561,6 +562,17 @@ def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkey
                 "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200")
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["rsr"] == metrics["rsr"]["test"]["rsr"]  # same mask, same edits
+    # --extra records the bank lacks (4 of these 40) are batch-edited anew, --memit-batch facts at a time
+    common = ["--bank", out.parent / "pico_memit.bank.safetensors", "--model", args[args.index("--model") + 1],
+              "--data", args[args.index("--data") + 1], "--train-size", "20", "--val-size", "8", "--test-size", "8",
+              "--text-tokens", "200", "--no-baselines", "--splits", "test", "--extra", args[args.index("--data") + 1],
+              "--extra-size", "40"]
+    batched = cli("-f", "json", "evaluate-mask", out, *common, "--memit-batch", "16")
+    assert batched.code == 0, batched.err
+    assert batched.json["rsr"]["extra"]["memit_batches"] == [16, 16, 8] and batched.json["rsr"]["extra"]["n"] == 40
+    assert cli("-f", "json", "evaluate-mask", out, *common).json["rsr"]["extra"]["memit_batches"] == [40]
+    alone = cli("evaluate-mask", out, *common[:-4], "--memit-batch", "16")
+    one_line_error(alone, "--memit-batch shapes the MEMIT batch edits made for --extra; there is no --extra")
     rome_bank = tmp_path / "masks" / "rome_bank.safetensors"
     rome_args = _train_args(pico_models, tmp_path, tmp_path / "masks" / "unused.safetensors", 2)
     assert cli(*rome_args, "--bank", rome_bank, "--bank-only").code == 0

@@ -189,6 +189,8 @@ def evaluate_mask_command(
                                                  "memit-test) or file; edits the bank lacks are made now, in a copy.")
                      ] = None,
     extra_size: Annotated[int, typer.Option("--extra-size", min=1, help="Records of --extra.")] = 100,
+    memit_batch: Annotated[Optional[int], typer.Option(
+        "--memit-batch", min=1, help="MEMIT: records per batch edit made for --extra (default: all in one).")] = None,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
@@ -209,9 +211,13 @@ def evaluate_mask_command(
     if output is not None:
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
     mask_file = MaskFile.load(mask)
+    if memit_batch is not None and (extra is None or mask_file.method != "memit"):
+        raise EditguardError("--memit-batch shapes the MEMIT batch edits made for --extra; "
+                             + ("there is no --extra" if extra is None else "this mask is for ROME edits"))
     job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size,
                    test_size=test_size, data=data, text_tokens=text_tokens, baselines=not no_baselines,
-                   target_pruned=target_pruned, splits=chosen, extra=extra, extra_size=extra_size)
+                   target_pruned=target_pruned, splits=chosen, extra=extra, extra_size=extra_size,
+                   memit_batch=memit_batch)
     if extra is not None:
         extra_records(job)  # a bad name, file or case id is found before the model loads
     bank_file = EditBank.open(bank)

@@ -61,7 +61,9 @@ class TrainJob:
     text_tokens: int = 70_000
     baselines: bool = True
     bank_only: bool = False  # stop once the edit bank holds every record
-    memit_batch: int | None = None  # MEMIT: training records per batch edit (None: all in one, as the paper)
+    # MEMIT: training records per batch edit (None: all in one, as the paper); evaluate-mask: the --extra
+    # records' batch edits
+    memit_batch: int | None = None
     select: str = "best"  # ship the mask from the best validation point ("best") or the last step ("last")
     whole_mlp: bool = False  # mask the edited layers' MLP input projections beside the edited ones
     # MEMIT: mask these layers' output projections (below, among or above the edited ones) instead of
@@ -428,7 +430,8 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
 def extra_split(loaded: LoadedModel, bank: EditBank, job: TrainJob, progress: Progress):
     """The first `job.extra_size` records of `job.extra` with their edits: the bank's where it has them, the
     rest made now with the bank's own hyperparameters and context templates, in a copy of the bank (the
-    user's file is never written)."""
+    user's file is never written). MEMIT: the bank's batch edits when they cover these records alone, else
+    new ones of `job.memit_batch` records each."""
     from ..edit.hparams import hparams_from_dict
     from ..edit.rome import templates_key
 
@@ -451,9 +454,9 @@ def extra_split(loaded: LoadedModel, bank: EditBank, job: TrainJob, progress: Pr
         if bank.method == "rome":  # the bank's edits reused, the missing ones added to a copy
             path = Path(tmp) / bank.path.name
             shutil.copyfile(bank.path, path)
-        else:  # MEMIT: one batch edit of exactly these records
+        else:  # MEMIT: batch edits of exactly these records (`--memit-batch` each, default all in one)
             path = Path(tmp) / "extra.safetensors"
-        extended = fill_bank(loaded, facts, hp, path, resume=path.exists(), memit_batch=len(facts),
+        extended = fill_bank(loaded, facts, hp, path, resume=path.exists(), memit_batch=job.memit_batch or len(facts),
                              progress=lambda d, t: progress("extra edits", d, t, ""))
         return kind.from_bank(extended, facts)
 
