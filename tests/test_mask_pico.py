@@ -557,21 +557,20 @@ def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkey
     assert [t.tensor for t in mask.targets] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
     for name in ("pico_memit-pruned-L0.png", "pico_memit-heatmap-L1.png", "pico_memit.md"):
         assert (out.parent / name).exists(), name
-    again = cli("-f", "json", "evaluate-mask", out, "--bank", out.parent / "pico_memit.bank.safetensors",
-                "--model", args[args.index("--model") + 1], "--data", args[args.index("--data") + 1],
-                "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200")
+    data = args[args.index("--data") + 1]
+    run_sizes = ["--bank", out.parent / "pico_memit.bank.safetensors", "--model", args[args.index("--model") + 1],
+                 "--data", data, "--train-size", "20", "--val-size", "8", "--test-size", "8", "--text-tokens", "200"]
+    again = cli("-f", "json", "evaluate-mask", out, *run_sizes)
     assert again.code == 0, again.err
     assert again.json["rsr"]["test"]["rsr"] == metrics["rsr"]["test"]["rsr"]  # same mask, same edits
     # --extra records the bank lacks (4 of these 40) are batch-edited anew, --memit-batch facts at a time
-    common = ["--bank", out.parent / "pico_memit.bank.safetensors", "--model", args[args.index("--model") + 1],
-              "--data", args[args.index("--data") + 1], "--train-size", "20", "--val-size", "8", "--test-size", "8",
-              "--text-tokens", "200", "--no-baselines", "--splits", "test", "--extra", args[args.index("--data") + 1],
-              "--extra-size", "40"]
-    batched = cli("-f", "json", "evaluate-mask", out, *common, "--memit-batch", "16")
+    quick = [*run_sizes, "--no-baselines", "--splits", "test"]
+    extra = ["--extra", data, "--extra-size", "40"]
+    batched = cli("-f", "json", "evaluate-mask", out, *quick, *extra, "--memit-batch", "16")
     assert batched.code == 0, batched.err
     assert batched.json["rsr"]["extra"]["memit_batches"] == [16, 16, 8] and batched.json["rsr"]["extra"]["n"] == 40
-    assert cli("-f", "json", "evaluate-mask", out, *common).json["rsr"]["extra"]["memit_batches"] == [40]
-    alone = cli("evaluate-mask", out, *common[:-4], "--memit-batch", "16")
+    assert cli("-f", "json", "evaluate-mask", out, *quick, *extra).json["rsr"]["extra"]["memit_batches"] == [40]
+    alone = cli("evaluate-mask", out, *quick, "--memit-batch", "16")
     one_line_error(alone, "--memit-batch shapes the MEMIT batch edits made for --extra; there is no --extra")
     rome_bank = tmp_path / "masks" / "rome_bank.safetensors"
     rome_args = _train_args(pico_models, tmp_path, tmp_path / "masks" / "unused.safetensors", 2)
