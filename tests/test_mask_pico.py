@@ -463,6 +463,40 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     assert trained.code == 2 and "overlaps the input" in trained.err and not (Path(model) / "m.safetensors").exists()
     both = cli("evaluate-mask", out, *common, "--threshold", "0.5", "--target-pruned", "0.2")
     assert both.code == 2 and "not both" in both.err
+    # a second seed over the same bank, averaged into the first and cut: the card names both runs
+    seeded = out.parent / "pico_rome_s1.safetensors"
+    assert cli(*_train_args(pico_models, tmp_path, seeded, 2), "--seed", "1", "--bank", bank_file).code == 0
+    uncut = cli("evaluate-mask", out, *common, "--average", seeded)
+    assert uncut.code == 2 and "--average needs --threshold or --target-pruned" in uncut.err
+    mean_path = out.parent / "pico_rome_mean.safetensors"
+    mean = cli("-f", "json", "evaluate-mask", out, *common, "--average", seeded, "--target-pruned", "0.1", "-o", mean_path)
+    assert mean.code == 0, mean.err
+    assert mean.json["averaged_with"] == [str(seeded)] and set(mean.json["rsr"]) == {"train", "val", "test"}
+    mean_mask, second = MaskFile.load(mean_path), MaskFile.load(seeded)
+    assert not torch.equal(second.targets[0].scores, mask.targets[0].scores)  # the seeds train different masks
+    expected = (mask.targets[0].scores + second.targets[0].scores) / 2
+    assert torch.allclose(mean_mask.targets[0].scores, expected, atol=1e-3)  # stored in float16
+    assert abs(mean_mask.pruned_fraction() - 0.1) < 0.01 and mean_mask.targets[0].theta is None
+    assert [s["seed"] for s in mean_mask.metrics["averaged"]] == [0, 1] and mean_mask.hparams["train"]["seed"] == [0, 1]
+    text = (out.parent / "pico_rome_mean.md").read_text()
+    assert "soft scores averaged over 2 masks" in text and "`pico_rome_s1.safetensors`: seed 1" in text
+    assert "cut and measured by" in text and "| test |" in text
+
+
+def test_masks_average_only_over_the_same_tensors():
+    from editguard.mask.average import averaged
+
+    def mask(method="rome", tensor="w", fingerprint="f", layer=0):
+        return MaskFile("pico", None, "llama", method, 0.9, [MaskTarget(tensor, layer, (2, 2), False, fingerprint,
+                                                                       torch.rand(2, 2))])
+
+    paths = [Path("a.safetensors"), Path("b.safetensors")]
+    with pytest.raises(EditguardError, match="needs at least two"):
+        averaged([mask()], paths[:1])
+    for other, why in [(mask(method="memit"), "against MEMIT edits"), (mask(layer=1), "edits at layers"),
+                       (mask(tensor="v"), "other tensors"), (mask(fingerprint="g"), "another model's weights")]:
+        with pytest.raises(EditguardError, match=why):
+            averaged([mask(), other], paths)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])

@@ -191,6 +191,9 @@ def evaluate_mask_command(
     extra_size: Annotated[int, typer.Option("--extra-size", min=1, help="Records of --extra.")] = 100,
     memit_batch: Annotated[Optional[int], typer.Option(
         "--memit-batch", min=1, help="MEMIT: records per batch edit made for --extra (default: all in one).")] = None,
+    average: Annotated[Optional[list[Path]], typer.Option(
+        "--average", help="Average this mask's soft scores into MASK's before the cut (repeatable; masks of the "
+        "same tensors, e.g. other --seed runs); needs --threshold or --target-pruned.")] = None,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
@@ -201,6 +204,7 @@ def evaluate_mask_command(
     """RSR (with ceiling and controls), baselines and model cost of MASK against the edits in --bank;
     with -o, also write MASK re-binarised at --threshold / --target-pruned, carrying these figures."""
     from ..edit.bank import EditBank
+    from ..mask.average import averaged
     from ..mask.file import MaskFile
     from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, extra_records, write_rebinarised
 
@@ -210,7 +214,11 @@ def evaluate_mask_command(
         raise EditguardError(f"--splits {splits!r}: a comma-separated choice of train, val, test")
     if output is not None:
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
+    if average and threshold is None and target_pruned is None:
+        raise EditguardError("--average needs --threshold or --target-pruned: averaged scores have no trained cut")
     mask_file = MaskFile.load(mask)
+    if average:
+        mask_file = averaged([mask_file, *map(MaskFile.load, average)], [mask, *average])
     if memit_batch is not None and (extra is None or mask_file.method != "memit"):
         raise EditguardError("--memit-batch shapes the MEMIT batch edits made for --extra; "
                              + ("there is no --extra" if extra is None else "this mask is for ROME edits"))
@@ -223,11 +231,13 @@ def evaluate_mask_command(
     bank_file = EditBank.open(bank)
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
-        check_output_file(output, input_paths(ref, mask, bank))
+        check_output_file(output, input_paths(ref, mask, bank, *(average or [])))
     with state.out().progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     with ExitStack() as stack:
         result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
+    if average:
+        result["averaged_with"] = [str(p) for p in average]
     if output is not None:
         write_rebinarised(output, mask_file, mask, result, masks, job.command)
         result["written"] = str(output)
@@ -235,7 +245,8 @@ def evaluate_mask_command(
 
 
 def _render_evaluation(console, m) -> None:
-    console.print(f"{m['mask']}: γ={m['threshold']:.3f}, pruned {m['pruned_fraction']:.1%}")
+    averaged = "".join(f" + {p}" for p in m.get("averaged_with", []))
+    console.print(f"{m['mask']}{averaged}: γ={m['threshold']:.3f}, pruned {m['pruned_fraction']:.1%}")
     if "written" in m:
         console.print(f"wrote {m['written']} (+ .md card, .json metrics, figures; index.json updated)")
     for split, r in m["rsr"].items():

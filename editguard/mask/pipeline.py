@@ -476,13 +476,16 @@ def rebinarised(mask: MaskFile, source: Path, evaluation: dict, masks: list[torc
     """A copy of `mask` holding the binary `masks` the evaluation measured and its figures (the training
     history stays: it belongs to the same Θ). The masks are stored as they are, not re-derived: the soft
     scores are kept in float16, so a γ met exactly by training's float32 scores can fall on either side."""
-    trained = mask.metrics.get("rebinarised") or {"trained_threshold": mask.threshold,
-                                                   "trained_pruned_fraction": mask.pruned_fraction()}
     metrics = {**mask.metrics, "threshold": evaluation["threshold"],
                "pruned_fraction": evaluation["pruned_fraction"], "rsr": evaluation["rsr"],
-               "text": evaluation["text"],
-               "rebinarised": {"from": source.name, "trained_threshold": trained["trained_threshold"],
-                               "trained_pruned_fraction": trained["trained_pruned_fraction"], "command": command}}
+               "text": evaluation["text"]}
+    if "averaged" in mask.metrics:  # no trained cut to refer back to: each source's card holds its own
+        metrics["measured_by"] = command
+    else:
+        trained = mask.metrics.get("rebinarised") or {"trained_threshold": mask.threshold,
+                                                       "trained_pruned_fraction": mask.pruned_fraction()}
+        metrics["rebinarised"] = {"from": source.name, "trained_threshold": trained["trained_threshold"],
+                                  "trained_pruned_fraction": trained["trained_pruned_fraction"], "command": command}
     return replace(mask, threshold=evaluation["threshold"], metrics=metrics, binaries=[m.clone() for m in masks])
 
 
@@ -592,6 +595,30 @@ def _pct(x) -> str:
     return "n/a" if x is None or x != x else f"{100 * x:.1f} %"
 
 
+def _trained_lines(m: dict) -> list[str]:
+    return [
+        f"- command: `{m['command']}`",
+        *([f"- re-binarised from `{m['rebinarised']['from']}` (trained at γ = {m['rebinarised']['trained_threshold']:.3f}, "
+           f"{_pct(m['rebinarised']['trained_pruned_fraction'])} pruned) and re-measured by: "
+           f"`{m['rebinarised']['command']}`"] if "rebinarised" in m else []),
+        f"- shipped Θ: step {m.get('shipped_step', m['steps'])} of {m['steps']}"
+        + (" (the best validation point)" if m.get("shipped_step", m["steps"]) != m["steps"] else ""),
+        f"- wall time: edit bank {m['bank_seconds']:.0f} s (last session), training {m['train_seconds']:.0f} s "
+        f"({m['steps']} steps, summed over every session of a resumed run), last session {m['total_seconds']:.0f} s "
+        f"on {m['machine']}, model in {m.get('dtype', 'float32')}; editguard {__version__}",
+    ]
+
+
+def _averaged_lines(m: dict) -> list[str]:
+    lines = [f"- soft scores averaged over {len(m['averaged'])} masks (each has its own card), cut and measured by: "
+             f"`{m['measured_by']}`; editguard {__version__}"]
+    for s in m["averaged"]:
+        trained = f"trained by `{s['command']}`" if s.get("command") else "see its card"
+        step = f", Θ of step {s.get('shipped_step') or s['steps']} of {s['steps']}" if s.get("steps") else ""
+        lines.append(f"  - `{s['file']}`: seed {s['seed']}, γ = {s['threshold']:.3f}; {trained}{step}")
+    return lines
+
+
 def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
     m = mask.metrics
     lines = [
@@ -602,15 +629,7 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         f"pruned {_pct(m['pruned_fraction'])} of the weights",
         f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "
         f"({mask.data.get('source')}; hash {mask.data.get('hash')})",
-        f"- command: `{m['command']}`",
-        *([f"- re-binarised from `{m['rebinarised']['from']}` (trained at γ = {m['rebinarised']['trained_threshold']:.3f}, "
-           f"{_pct(m['rebinarised']['trained_pruned_fraction'])} pruned) and re-measured by: "
-           f"`{m['rebinarised']['command']}`"] if "rebinarised" in m else []),
-        f"- shipped Θ: step {m.get('shipped_step', m['steps'])} of {m['steps']}"
-        + (" (the best validation point)" if m.get("shipped_step", m["steps"]) != m["steps"] else ""),
-        f"- wall time: edit bank {m['bank_seconds']:.0f} s (last session), training {m['train_seconds']:.0f} s "
-        f"({m['steps']} steps, summed over every session of a resumed run), last session {m['total_seconds']:.0f} s "
-        f"on {m['machine']}, model in {m.get('dtype', 'float32')}; editguard {__version__}", "",
+        *(_averaged_lines(m) if "averaged" in m else _trained_lines(m)), "",
         "## Reversal (RSR: masked edited model prefers the true object, full multi-token log-prob)", "",
         "| split | n | original prefers true | edited, no mask | **RSR** | RSR among known | mask on unedited | "
         "mask on base weights only | mask on the edit only | SVD baseline | magnitude baseline |",
