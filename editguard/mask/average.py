@@ -51,4 +51,4 @@ def averaged(masks: list[MaskFile], paths: list[Path]) -> MaskFile:
                for i, t in enumerate(first.targets)]
     sources = [_source(m, p) for m, p in zip(masks, paths)]
     hparams = {**first.hparams, "train": {**(first.hparams.get("train") or {}), "seed": [s["seed"] for s in sources]}}
-    return replace(first, targets=targets, binaries=None, hparams=hparams, metrics={"averaged": sources, "curve": []})
+    return replace(first, targets=targets, binaries=None, hparams=hparams, metrics={"averaged": sources})

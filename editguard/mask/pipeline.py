@@ -655,7 +655,7 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         lines += ["", "## RSR per relation (test)", "", "| relation | n | original | RSR |", "|---|---|---|---|"]
         for rel, r in reports["test"]["per_relation"].items():
             lines.append(f"| {rel} | {r['n']} | {_pct(r['original'])} | {_pct(r['rsr'])} |")
-    if m["curve"]:
+    if m.get("curve"):  # an averaged mask has no training curve of its own (its sources' cards do)
         lines += ["", "## Time to RSR (validation, binarised at γ each epoch)", "",
                   "| epoch | step | training seconds | val RSR | pruned |", "|---|---|---|---|---|"]
         for c in m["curve"]:
