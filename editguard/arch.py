@@ -118,6 +118,8 @@ def _text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def for_model_type(model_type: str | None) -> Arch:
     row = _table().get(model_type or "")
+    if model_type is None:
+        raise UnsupportedError(f"config.json has no model_type; supported: {', '.join(supported())}")
     if row is None:
         raise UnsupportedError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(supported())}"

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,8 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress | None = None, source
             with quiet_transformers(), _no_gguf_bar():
                 model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (struct.error, EOFError):  # the reader ran past the end of the file
+            raise EditguardError(f"{gguf}: truncated or damaged GGUF file") from None
         except Exception as exc:  # transformers raises many types for unsupported GGUF content
             raise EditguardError(f"{gguf}: cannot convert this GGUF ({str(exc).splitlines()[0][:200]})") from None
         if getattr(model, "hf_quantizer", None) is not None:

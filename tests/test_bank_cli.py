@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 import yaml
 
 from editguard.edit.bank import FORMAT, EditBank
+from editguard.edit.hparams import hparams_from_dict
 from editguard.errors import EditguardError
 
 PICO_YAML = {"alg_name": "ROME", "layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6,
@@ -149,9 +151,48 @@ def test_bad_hparams(cli, pico_models, tmp_path):
     assert result.code == 2 and "presets" in result.err
     for extra, message in (({"rewrite_module_tmp": "model.layers.{}.mlp.gate_proj"}, "must name the MLP output projection"),
                            ({"v_num_grad_steps": -5}, "v_num_grad_steps must be at least 1"),
-                           ({"v_lr": float("nan")}, "v_lr must be positive")):
+                           ({"v_lr": float("nan")}, "v_lr must be a finite number")):
         bad = tmp_path / "bad.yaml"
         bad.write_text(yaml.safe_dump({**PICO_YAML, **extra}))
         result = cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "Italy", "--target",
                      "Paris", "--hparams", bad, "-o", tmp_path / "x")
         assert result.code == 2 and message in result.err, result.err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"v_lr": float("inf")}, "v_lr must be a finite number"),
+    ({"early_stop_loss": -1}, "early_stop_loss must not be negative"),
+    ({"mom2_dtype": "bogus"}, "mom2_dtype must be one of"),
+    ({"context_template_length_params": [[-5, 10]]}, "context_template_length_params values must be at least 1"),
+    ({"context_template_length_params": 5}, "list of [length, count] pairs"),
+    ({"seed": -1}, "seed must not be negative"),
+    ({"layers": True}, "layers must be a whole number"),
+    ({"v_num_grad_steps": 2.7}, "v_num_grad_steps must be a whole number"),
+    ({"mom2_adjustment": "false"}, "mom2_adjustment must be true or false"),
+    ({"kl_factor": "x"}, "kl_factor must be a finite number, got 'x'"),
+    ({"rewrite_module_tmp": 5}, "rewrite_module_tmp must be a string"),
+])
+def test_hparams_values_are_typed_per_key(extra, message):
+    """Each wrong value is named with its key; none is coerced (2.7 steps, a quoted "false") or let through."""
+    with pytest.raises(EditguardError, match=re.escape(message)):
+        hparams_from_dict({**PICO_YAML, **extra}, "rome", "bad.yaml")
+
+
+def test_hparams_accept_yaml_number_strings():
+    # PyYAML reads EasyEdit's `v_lr: 5e-1` as the string "5e-1"
+    assert hparams_from_dict({**PICO_YAML, **yaml.safe_load("v_lr: 5e-1")}, "rome").v_lr == 0.5
+
+
+def test_edit_never_writes_non_finite_weights(pico_models, tmp_path, monkeypatch):
+    from editguard import arch as arch_table
+    from editguard.checkpoint import Checkpoint
+    from editguard.edit import plant
+
+    checkpoint = Checkpoint(pico_models["llama"])
+    arch = arch_table.for_config(checkpoint.config)
+    name = "model.layers.0.mlp.down_proj.weight"
+    shape = checkpoint.read(name).shape
+    monkeypatch.setattr(plant, "combined_deltas", lambda arch, edits: {name: torch.full(shape, float("nan"))})
+    with pytest.raises(EditguardError, match="non-finite"):
+        plant.write_edited(checkpoint, arch, [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

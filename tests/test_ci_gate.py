@@ -246,7 +246,8 @@ def test_placement_options_reach_the_loader(cli, pico_models, monkeypatch, tmp_p
     args = {"scan": ["scan", model, "--tests", "activations"],
             "reverse": ["reverse", model, "-o", tmp_path / "out", "--method", "svd", "--layers", "1", "--eval"],
             "lock": ["lock", model, "--mask", tmp_path / "mask.safetensors", "--evaluate", "2", "--hparams", "smollm2-135m"],
-            "train": ["train", "--model", model, "--hparams", "smollm2-135m", "-o", tmp_path / "m.safetensors"],
+            "train": ["train", "--model", model, "--hparams", "smollm2-135m", "--layer", "1",
+                      "-o", tmp_path / "m.safetensors"],
             "evaluate-mask": ["evaluate-mask", REPO / "masks/smollm2-135m_rome_L9.safetensors", "--model", model,
                               "--bank", REPO / "banks/smollm2-135m_rome_L9.safetensors"]}[command]
     result = cli(*args, "--max-memory", "cpu=1GiB", "--offload-folder", tmp_path / "offload")

@@ -200,6 +200,15 @@ def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
     assert r.code == 2 and "for llama models" in r.err
 
 
+def test_lock_reads_evaluation_inputs_before_writing(cli, pico_models, pico_mask, tmp_path):
+    for option, value, message in (("--hparams", "no-such-preset", "no hparams file or preset"),
+                                   ("--data", str(tmp_path / "none.json"), "none.json")):
+        out = tmp_path / "locked"
+        r = cli("lock", pico_models["llama"], "--mask", pico_mask, "-o", out, "--evaluate", "1", option, value,
+                *(("--hparams", "smollm2-135m") if option == "--data" else ()))
+        assert r.code == 2 and message in r.err and not out.exists(), r.err
+
+
 def test_key_projection_deletes_a_rome_edit(edited, pico_models):
     """ROME with C = I writes u k̂ᵀ: projecting the subject's keys out leaves what it leaves of the base."""
     from editguard.edit.templates import context_templates

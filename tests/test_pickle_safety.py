@@ -91,8 +91,10 @@ def test_no_command_runs_a_planted_pickle(tmp_path, pico_models, cli, command, a
     marker = tmp_path / "PWNED"
     with open(folder / f"weights{suffix}", "wb") as handle:
         pickle.dump({"model.embed_tokens.weight": _Payload(str(marker))}, handle)
-    for name in ("mask.safetensors", "bank.safetensors", "hp.yaml"):
+    for name in ("mask.safetensors", "bank.safetensors"):
         (tmp_path / name).write_text("")  # present, so the command gets as far as the model
+    # valid, since edit and train check hyperparameters before loading the model
+    (tmp_path / "hp.yaml").write_text("alg_name: ROME\nlayers: [0]\n")
     repo = Path(__file__).resolve().parent.parent
     args = [a.format(m=folder, p=pico_models["llama"], t=tmp_path, r=repo) for a in command]
     result = cli(*args, *(["--allow-pickle"] if allow else []))

@@ -72,6 +72,13 @@ def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
     config["model_type"] = "mamba"
     (alien / "config.json").write_text(json.dumps(config))
     one_line_error(cli("inspect", alien), "unsupported architecture 'mamba'", code=3)
+    one_line_error(cli("fetch", alien), "unsupported architecture 'mamba'", code=3)
+    del config["model_type"]
+    (alien / "config.json").write_text(json.dumps(config))
+    one_line_error(cli("inspect", alien), "config.json has no model_type", code=3)
+    short = tmp_path / "short.gguf"
+    short.write_bytes(b"GGUF\x03\x00\x00\x00")
+    one_line_error(cli("fetch", short), "truncated or damaged GGUF file")
     one_line_error(cli("inspect", "demo:nonexistent"), "unknown demo model")
     one_line_error(cli("-f", "yaml", "inspect", "x"), "unknown --format")
     listed = tmp_path / "listed"

@@ -350,3 +350,30 @@ def test_robust_z_survives_a_majority_of_identical_values():
     assert float(robust_z(x).abs().max()) < 5
     x[0] = 50.0  # a real outlier still stands out
     assert float(robust_z(x)[0]) > 20
+
+
+def test_base_diff_refuses_partial_bases_and_flags_nan(cli, planted, tmp_path):
+    """A base missing the edited tensors must not read as "identical" (a CI gate would pass the edit), and NaN
+    weights, which equal nothing and have no norm, are a finding of their own."""
+    base = Path(planted["base"])
+    tensors = load_file(base / "model.safetensors")
+    partial = tmp_path / "partial"
+    shutil.copytree(base, partial)
+    save_file({k: v for k, v in tensors.items() if ".mlp.down_proj." not in k}, partial / "model.safetensors")
+    result = cli("scan", planted["rome"], "--base", partial, "--tests", "diff", "--fail-on", "edited")
+    assert result.code == 2 and "base lacks 2 of this model's 2 MLP output projections" in result.err
+    save_file({"w": torch.zeros(2)}, partial / "model.safetensors")
+    result = cli("scan", planted["rome"], "--base", partial, "--tests", "diff", "--fail-on", "edited")
+    assert result.code == 2 and "shares no tensor names" in result.err
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(base, damaged)
+    name = "model.layers.1.mlp.down_proj.weight"
+    save_file({**tensors, name: torch.full_like(tensors[name], float("nan"))}, damaged / "model.safetensors")
+    result = cli("-f", "json", "scan", damaged, "--base", base, "--tests", "diff", "--fail-on", "edited")
+    assert result.code == 1, result.err
+    data = result.json
+    assert data["verdict"] == "edited" and data["tests"]["diff"]["classification"] == "damaged"
+    nan = [f for f in data["findings"] if f["rule"] == "EG005"]
+    assert len(nan) == 1 and nan[0]["tensor"] == name and str(tensors[name].numel()) in nan[0]["message"]
+    json.dumps(data, allow_nan=False)  # norms cover the finite rest: strict JSON still

@@ -221,3 +221,50 @@ def test_same_seed_same_mask(cli, pico_models, tmp_path):
         assert result.code == 0, result.err
         scores[name] = MaskFile.load(out).targets[0].scores
     assert torch.equal(scores["a"], scores["b"]) and not torch.equal(scores["a"], scores["c"])
+
+
+def test_bad_input_fails_before_the_model_loads(cli, pico_models, tmp_path):
+    """A model whose weights would not load (config of 2 layers, one tensor): every error below must come from
+    the input itself, found before the load, not from the load."""
+    from safetensors.torch import save_file
+
+    hollow = tmp_path / "hollow"
+    shutil.copytree(pico_models["llama"], hollow)
+    save_file({"model.norm.weight": torch.ones(32)}, hollow / "model.safetensors")
+    args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
+    args[args.index("--model") + 1] = str(hollow)
+    hp = args[args.index("--hparams") + 1]
+
+    def train(*change):
+        changed = list(args)
+        for option, value in zip(change[::2], change[1::2]):
+            changed[changed.index(option) + 1] = value
+        return cli(*changed)
+
+    one_line_error(train("-o", str(tmp_path / "m.txt")), "must end in .safetensors")
+    one_line_error(train("--data", str(tmp_path / "none.json")), "no such CounterFact file")
+    one_line_error(cli(*args, "--layer", "9"), "layer 9 is out of range: this model has layers 0-1")
+    not_a_bank = tmp_path / "not_a_bank.safetensors"
+    save_file({"x": torch.zeros(1)}, not_a_bank)
+    one_line_error(cli(*args, "--bank", str(not_a_bank)), "is not an editguard edit bank")
+    edit = ["edit", str(hollow), "--fact", "The capital of {}", "--subject", "Italy", "--target", "Paris"]
+    one_line_error(cli(*edit, "--hparams", hp, "--layer", "9", "-o", str(tmp_path / "x")), "layer 9 is out of range")
+    one_line_error(cli(*edit, "--hparams", "no-such-preset", "-o", str(tmp_path / "x")), "no hparams file or preset")
+    one_line_error(cli(*edit, "--hparams", hp, "-o", str(tmp_path / "x"), "--resume"), "apply to --bank, not to -o")
+    one_line_error(cli(*edit, "--hparams", hp, "--bank", str(not_a_bank)), "exists; pass --resume")
+    one_line_error(cli(*edit, "--hparams", hp, "--bank", str(not_a_bank), "--resume"), "not an editguard edit bank")
+    # and the model really would not load: the errors above were not the load's
+    one_line_error(cli(*args), "lacks")
+    assert not (tmp_path / "x").exists() and not any(tmp_path.glob("m.*"))
+
+
+def test_evaluate_mask_checks_bank_and_data_before_the_model_loads(cli, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    mask, ours = repo / "masks/smollm2-135m_rome_L9.safetensors", repo / "banks/smollm2-135m_rome_L9.safetensors"
+    # the model does not exist: an error about it would mean the inputs were checked after it
+    base = ["evaluate-mask", str(mask), "--model", str(tmp_path / "no-model")]
+    one_line_error(cli(*base, "--bank", str(repo / "banks/gemma3-270m_rome_L6.safetensors")),
+                   "holds edits of a gemma3_text model; the mask is for llama models")
+    one_line_error(cli(*base, "--bank", str(repo / "banks/smollm2-135m_memit.safetensors")),
+                   "the mask was trained against ROME edits, the bank holds MEMIT edits")
+    one_line_error(cli(*base, "--bank", str(ours), "--data", str(tmp_path / "none.json")), "no such CounterFact file")

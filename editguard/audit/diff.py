@@ -37,6 +37,7 @@ class TensorChange:
     singular_values: list[float]
     effective_rank: int
     layer: int | None  # set when it is an MLP output projection
+    nonfinite: int = 0  # NaN / inf values here that the base does not have (norms then cover the finite rest)
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -48,7 +49,7 @@ class DiffResult:
     compared: int
     only_in_model: list[str] = field(default_factory=list)
     only_in_base: list[str] = field(default_factory=list)
-    classification: str = "identical"  # identical | rome-like | memit-like | fine-tune | other
+    classification: str = "identical"  # identical | rome-like | memit-like | fine-tune | other | damaged
     layers: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -82,6 +83,14 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     canon_model = {arch.canonical_tensor_name(n): n for n in model.names()}
     canon_base = {arch.canonical_tensor_name(n): n for n in base.names()}
     shared = sorted(set(canon_model) & set(canon_base))
+    if not shared:
+        raise EditguardError("the base shares no tensor names with this model: not a checkpoint of the same model")
+    # a base without the tensors edits rewrite cannot clear them: comparing the rest would read "identical"
+    targets = sorted(n for n in canon_model if arch.mlp_out_layer_of(n, num_layers) is not None)
+    missing = [n for n in targets if n not in canon_base]
+    if missing:
+        raise EditguardError(f"the base lacks {len(missing)} of this model's {len(targets)} MLP output projections "
+                             f"(e.g. {missing[0]}): not a full checkpoint of the same model")
     result = DiffResult([], len(shared), sorted(set(canon_model) - set(canon_base)),
                         sorted(set(canon_base) - set(canon_model)))
     for i, name in enumerate(shared):
@@ -92,7 +101,14 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             # a copy saved in another precision is not a change: compare at the coarser of the two dtypes
             coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
             a, b = a.to(coarse), b.to(coarse)
-        if not torch.equal(a, b):
+        nonfinite = _nonfinite(a) - _nonfinite(b)
+        if nonfinite > 0:
+            # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
+            delta = torch.where(torch.isfinite(a) & torch.isfinite(b), a.float() - b.float(), 0.0)
+            result.changed.append(TensorChange(name, model.info(canon_model[name]).file, float(delta.norm()),
+                                               float(delta.norm()) / max(float(b.float().nan_to_num().norm()), 1e-12),
+                                               [], 0, arch.mlp_out_layer_of(name, num_layers), nonfinite))
+        elif not torch.equal(a, b):
             delta = a.float() - b.float()
             norm = float(delta.norm())
             if norm > tol:
@@ -116,13 +132,18 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     return result
 
 
+def _nonfinite(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+
+
 def classify(result: DiffResult, total: int) -> None:
     """rome-like: one MLP output projection (or several, non-adjacent), each of rank <= 2;
     memit-like: only MLP output projections of consecutive layers (a batch edit of n facts has rank n),
-    or one projection with a higher-rank change; fine-tune: most tensors; other: anything else."""
-    changed = result.changed
+    or one projection with a higher-rank change; fine-tune: most tensors; other: anything else.
+    Tensors with new NaN / inf values are findings of their own and left out of the pattern."""
+    changed = [c for c in result.changed if not c.nonfinite]
     if not changed:
-        result.classification = "identical"
+        result.classification = "damaged" if result.changed else "identical"
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -142,10 +163,13 @@ def classify(result: DiffResult, total: int) -> None:
 
 
 def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> list[Finding]:
-    out: list[Finding] = []
+    out = [Finding("EG005", "error", f"{c.nonfinite} NaN or infinite values in {c.name} that the base does not have: "
+                   "a damaged or sabotaged checkpoint", score=float(c.nonfinite), layer=c.layer, tensor=c.name,
+                   file=c.file) for c in result.changed if c.nonfinite]
+    changed = [c for c in result.changed if not c.nonfinite]
     if result.classification in ("rome-like", "memit-like"):
         layers = ", ".join(map(str, result.layers))
-        for c in result.changed:
+        for c in changed:
             if result.classification == "rome-like":
                 rule, what = "EG001", (f"rank-{c.effective_rank} change in {c.name} (layer {c.layer}): ‖ΔW‖ = "
                                        f"{c.norm:.3g}, {c.relative:.2%} of the weight — a ROME-style edit")
@@ -155,22 +179,22 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
             out.append(Finding(rule, "error", what, score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
     elif result.classification == "fine-tune":
-        out.append(Finding("EG003", "note", f"{len(result.changed)} of {result.compared} tensors changed: a fine-tune, "
-                           "not a locate-and-edit update", score=len(result.changed) / max(result.compared, 1)))
+        out.append(Finding("EG003", "note", f"{len(changed)} of {result.compared} tensors changed: a fine-tune, "
+                           "not a locate-and-edit update", score=len(changed) / max(result.compared, 1)))
     elif result.classification == "other":
-        for c in result.changed:
+        for c in changed:
             out.append(Finding("EG004", "warning", f"{c.name} differs from the base (‖Δ‖ = {c.norm:.3g}, effective rank "
                                f"{c.effective_rank})", score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
     if result.classification in ("fine-tune", "other"):
         # an edit does not stop being one because other tensors changed too (noise added to hide it): an MLP
         # output projection whose change is one direction above all others is flagged either way
-        for c in result.changed:
+        for c in changed:
             sv = c.singular_values
             spike = sv[0] / max(sv[1], 1e-12) if len(sv) >= 2 else 0.0
             if c.layer is not None and spike >= SPIKE_RATIO:
                 out.append(Finding("EG001", "error", f"one direction dominates the change in {c.name} (layer {c.layer}; "
-                                   f"σ₁/σ₂ = {spike:.3g}) among {len(result.changed)} changed "
+                                   f"σ₁/σ₂ = {spike:.3g}) among {len(changed)} changed "
                                    "tensors: a ROME-style edit inside a broader change", score=c.relative, layer=c.layer,
                                    tensor=c.name, file=c.file, details={"singular_values": sv}))
     return out

@@ -10,6 +10,7 @@ RULES: dict[str, tuple[str, str]] = {
     "EG002": ("memit-like-edit", "Low-rank changes in MLP output projections of consecutive layers (MEMIT-style)."),
     "EG003": ("fine-tune", "Changes spread over most tensors (fine-tuning), not a locate-and-edit update."),
     "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune."),
+    "EG005": ("non-finite-weights", "A tensor holds NaN or infinite values that the base does not have."),
     "EG010": ("activation-outlier", "A subject drives an MLP output far beyond the other subjects (base-free test)."),
     "EG011": ("edited-answer", "An answer collapses when the MLP outputs at its subject's last token in a few "
                                "consecutive layers are zeroed; clean answers do not depend on them (base-free test)."),

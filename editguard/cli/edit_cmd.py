@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..data import counterfact
+from ..edit.bank import EditBank
 from ..edit.facts import Fact, fact_from_text
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
@@ -19,7 +20,7 @@ from ..outputs import check_output_file, check_output_folder
 from . import state
 from .app import app
 from .options import AllowPickle, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision, input_paths, \
-    load_options, resolve_model
+    load_options, num_layers_of, resolve_model
 
 
 def collect_facts(prompts: list[str], subjects: list[str], targets: list[str], cases: str | None,
@@ -83,25 +84,34 @@ def edit_command(
     if (output is None) == (bank is None):
         raise EditguardError("give exactly one of -o/--output (edited model) or --bank (edit bank)")
     if output is not None:
+        if resume or memit_batch is not None:
+            raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         check_output_folder(output, [model], force)  # before resolving: a hub model may download first
+    elif bank.exists():
+        if not resume:
+            raise EditguardError(f"edit bank {bank} exists; pass --resume to extend it, or choose another --bank")
+        EditBank.open(bank)  # a damaged file, or another kind of file, is named before the model loads
     facts = collect_facts(fact, subject, target, counterfact_cases, data, limit)
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
         check_output_folder(output, input_paths(ref), force)
     else:
         check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))  # a bank never replaces other files
+    # hyperparameters and layers are checked before the (slow) model load
+    num_layers = num_layers_of(ref, allow_pickle)  # reads the checkpoint's headers: a pickle is refused here
+    hp = load_hparams(hparams or _default_preset(ref), method, {"layers": [layer]} if layer is not None else None)
+    hp.check_layers(num_layers)
     with out.progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
-    hp = load_hparams(hparams or _default_preset(loaded), method, {"layers": [layer]} if layer is not None else None)
     if bank is not None:
         _fill_bank(loaded, facts, hp, bank, resume, memit_batch, evaluate)
     else:
         _plant(loaded, facts, hp, output, force, evaluate)
 
 
-def _default_preset(loaded) -> str:
-    if loaded.ref.kind == "demo":
-        return loaded.ref.spec.split(":", 1)[1]
+def _default_preset(ref) -> str:
+    if ref.kind == "demo":
+        return ref.spec.split(":", 1)[1]
     raise EditguardError("give --hparams (EasyEdit YAML or a preset name); only demo models have a default")
 
 

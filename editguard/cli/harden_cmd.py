@@ -311,23 +311,23 @@ def lock_command(
     mask_file = MaskFile.load(mask_path)
     mask_file.check_fits(arch, checkpoint)
     info: dict = {"model": ref.spec, "mask": str(mask_path)}
+    # the evaluation's hparams and records are read before anything is written: a bad one leaves no output
+    evaluation = _lock_evaluation_inputs(ref, mask_file, evaluate, hparams, data) if evaluate is not None else None
     if output is not None:
         with out.progress(f"writing {output}"):
             manifest = lock_checkpoint(checkpoint, arch, mask_file, mask_path, output, threshold, force=force)
         info.update(output=str(output), locked_tensors=sorted(manifest["tensors"]), mask_sha256=manifest["mask_sha256"],
                     manifest_sha256=manifest["manifest_sha256"])
-    if evaluate is not None:
-        info["evaluation"] = _evaluate_lock(ref, mask_file, evaluate, hparams, threshold, data, placement)
+    if evaluation is not None:
+        info["evaluation"] = _evaluate_lock(ref, mask_file, *evaluation, threshold, placement)
     out.emit(info, _render_lock)
 
 
-def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, threshold: float | None,
-                   data: str | None, placement: dict) -> dict:
+def _lock_evaluation_inputs(ref, mask_file: MaskFile, n: int, hparams: str | None, data: str | None) -> tuple:
+    """(hparams, facts) for `lock --evaluate N`."""
     from ..data.counterfact import load, load_split
     from ..edit.facts import Fact
     from ..edit.hparams import load_hparams
-    from ..harden.lock import evaluate_lock, install_mask
-    from ..loading import load_model
     from ..mask.pipeline import per_relation
 
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
@@ -336,7 +336,14 @@ def _evaluate_lock(ref, mask_file: MaskFile, n: int, hparams: str | None, thresh
     # the method the mask was trained against, at the layers of those edits
     hp = load_hparams(hparams or default, mask_file.method, {"layers": mask_file.edit_layers()})
     records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
-    facts = [Fact.from_record(r) for r in records]
+    return hp, [Fact.from_record(r) for r in records]
+
+
+def _evaluate_lock(ref, mask_file: MaskFile, hp, facts: list, threshold: float | None, placement: dict) -> dict:
+    from ..harden.lock import evaluate_lock, install_mask
+    from ..loading import load_model
+
+    n = len(facts)
     unlocked = load_model(ref, **placement)
     locked = load_model(ref, **placement)
     install_mask(locked.model, locked.arch, mask_file, threshold)

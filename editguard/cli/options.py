@@ -81,3 +81,11 @@ def input_paths(ref: ModelRef, *others: str | None) -> list:
     """What a command reads, for the output checks: the model folder, the user's own file behind a
     converted .gguf (the folder is a copy in the cache), and any other inputs (mask, base)."""
     return [ref.path, ref.model_id if ref.kind == "gguf" else None, *others]
+
+
+def num_layers_of(ref: ModelRef, allow_pickle: bool = False) -> int:
+    """Layer count from the checkpoint's config, without loading the model (for checks before the load)."""
+    from .. import arch as arch_table
+
+    config = ref.checkpoint(allow_pickle=allow_pickle).config
+    return arch_table.for_config(config).num_layers(config)

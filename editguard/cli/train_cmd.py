@@ -17,7 +17,7 @@ from ..outputs import check_output_file
 from . import state
 from .app import app
 from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, Revision, check_share, input_paths,
-                      load_options, resolve_model)
+                      load_options, num_layers_of, resolve_model)
 
 
 # TrainConfig fields with an option of their own
@@ -102,7 +102,7 @@ def train_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
-    from ..mask.pipeline import MASK_LAYER_IS_FOR_MEMIT, TrainJob, run, written_beside
+    from ..mask.pipeline import MASK_LAYER_IS_FOR_MEMIT, TrainJob, preflight, run, written_beside
     from ..mask.train import config_for, parse_settings
 
     if method not in ("rome", "memit"):
@@ -126,8 +126,6 @@ def train_command(
             check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))
         if bank.resolve() in {p.resolve() for p in written_beside(output)}:
             raise EditguardError(f"--bank {bank} is a file this run writes for the mask; choose another name")
-    with state.out().progress("loading model"):
-        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
     if hparams is None and default is None:
         raise EditguardError("give --hparams (EasyEdit YAML or preset); only demo models have a default")
@@ -137,6 +135,10 @@ def train_command(
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
                    memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layers=tuple(mask_layer or ()))
+    hp.check_layers(num_layers_of(ref, allow_pickle))  # these, and preflight's checks, before the slow load
+    preflight(hp, job)
+    with state.out().progress("loading model"):
+        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:
@@ -206,7 +208,8 @@ def evaluate_mask_command(
     from ..edit.bank import EditBank
     from ..mask.average import averaged
     from ..mask.file import MaskFile
-    from ..mask.pipeline import TrainJob, check_new_mask_path, evaluate_existing, extra_records, write_rebinarised
+    from ..mask.pipeline import (TrainJob, check_bank_for_mask, check_new_mask_path, evaluate_existing, extra_records, select_splits,
+                                 write_rebinarised)
 
     _check_cut(threshold, target_pruned)
     chosen = tuple(dict.fromkeys(s.strip() for s in splits.split(",") if s.strip()))
@@ -228,7 +231,9 @@ def evaluate_mask_command(
                    memit_batch=memit_batch)
     if extra is not None:
         extra_records(job)  # a bad name, file or case id is found before the model loads
+    select_splits(job)  # a bad --data file, too
     bank_file = EditBank.open(bank)
+    check_bank_for_mask(mask_file, bank_file)  # before the model loads
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
         check_output_file(output, input_paths(ref, mask, bank, *(average or [])))

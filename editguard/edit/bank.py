@@ -53,8 +53,10 @@ class EditBank:
             infos, raw_meta = read_safetensors_header(path)
         except EditguardError as exc:
             raise EditguardError(f"corrupted edit bank {path}: {exc.message}") from None
+        if "editguard" not in raw_meta:  # a readable safetensors file of another kind (a mask, a model shard)
+            raise EditguardError(f"{path} is not an editguard edit bank (no editguard metadata)")
         try:
-            meta = json.loads(raw_meta.get("editguard", ""))
+            meta = json.loads(raw_meta["editguard"])
         except json.JSONDecodeError:
             raise EditguardError(f"corrupted edit bank {path}: metadata is not JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:

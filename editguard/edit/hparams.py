@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -75,10 +76,13 @@ class EditHparams:
                 setattr(self, key, template.replace("{layer}", "{}"))
         return self
 
-    def check_against(self, model, num_layers: int, arch=None) -> None:
+    def check_layers(self, num_layers: int) -> None:
         for layer in self.layers:
             if not 0 <= layer < num_layers:
                 raise EditguardError(f"layer {layer} is out of range: this model has layers 0-{num_layers - 1}")
+
+    def check_against(self, model, num_layers: int, arch=None) -> None:
+        self.check_layers(num_layers)
         for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
             template = getattr(self, key)
             for layer in self.layers:
@@ -101,6 +105,38 @@ class EditHparams:
             raise EditguardError(f"fact_token {self.fact_token!r} is not implemented (only subject_last)")
         if self.method == "rome" and len(self.layers) != 1:
             raise EditguardError("ROME with more than one layer is not implemented; use MEMIT for several layers")
+
+
+INT_KEYS = ("v_num_grad_steps", "seed", "facts_per_batch", "mom2_n_samples", "v_loss_layer")
+FLOAT_KEYS = ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight", "early_stop_loss")
+STR_KEYS = ("fact_token", "mom2_dataset", "mom2_dtype", "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp",
+            "attn_module_tmp", "ln_f_module", "lm_head_module")
+MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")  # recorded with the edit; statistics are summed in float64 whatever it says
+
+
+class _Typed:
+    """Values of one hparams source checked one key at a time, so an error names the key."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def integer(self, key: str, value, at_least: int | None = None) -> int:
+        # bools are ints in Python and 2.7 would truncate silently: both are mistakes in a config
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EditguardError(f"{self.where}: {key} must be a whole number, got {value!r}")
+        if at_least is not None and value < at_least:
+            raise EditguardError(f"{self.where}: {key} values must be at least {at_least}, got {value}")
+        return value
+
+    def number(self, key: str, value) -> float:
+        # YAML 1.1 reads `5e-1` (no dot) as a string, so numeric strings are accepted as EasyEdit's configs use them
+        try:
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number):
+            raise EditguardError(f"{self.where}: {key} must be a finite number, got {value!r}")
+        return number
 
 
 def presets() -> list[str]:
@@ -145,26 +181,38 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
     values = {k: v for k, v in raw.items() if k in known}
     values.update(overrides or {})
     values["method"] = method
-    try:
-        hp = EditHparams(**values)
-        hp.layers = [int(x) for x in (hp.layers if isinstance(hp.layers, list) else [hp.layers])]
-        for key in ("v_num_grad_steps", "seed", "facts_per_batch", "mom2_n_samples", "v_loss_layer"):
-            setattr(hp, key, int(getattr(hp, key)))
-        for key in ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight",
-                    "early_stop_loss"):
-            setattr(hp, key, float(getattr(hp, key)))
-        hp.context_template_length_params = [[int(a), int(b)] for a, b in hp.context_template_length_params]
-    except (TypeError, ValueError):
-        raise EditguardError(f"{where}: a value has the wrong type") from None
+    hp = EditHparams(**values)
+    typed = _Typed(where)
+    hp.layers = [typed.integer("layers", x) for x in (hp.layers if isinstance(hp.layers, list) else [hp.layers])]
+    for key in INT_KEYS:
+        setattr(hp, key, typed.integer(key, getattr(hp, key)))
+    for key in FLOAT_KEYS:
+        setattr(hp, key, typed.number(key, getattr(hp, key)))
+    for key in STR_KEYS:
+        value = getattr(hp, key)
+        if value is not None and not isinstance(value, str):
+            raise EditguardError(f"{where}: {key} must be a string, got {value!r}")
+    if not isinstance(hp.mom2_adjustment, bool):  # a quoted "false" would be true in Python
+        raise EditguardError(f"{where}: mom2_adjustment must be true or false, got {hp.mom2_adjustment!r}")
+    if hp.mom2_dtype not in MOM2_DTYPES:
+        raise EditguardError(f"{where}: mom2_dtype must be one of {', '.join(MOM2_DTYPES)}, got {hp.mom2_dtype!r}")
+    pairs = hp.context_template_length_params
+    if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise EditguardError(f"{where}: context_template_length_params must be a list of [length, count] pairs")
+    hp.context_template_length_params = [[typed.integer("context_template_length_params", a, at_least=1),
+                                          typed.integer("context_template_length_params", b, at_least=0)]
+                                         for a, b in pairs]
     if not hp.layers:
         raise EditguardError(f"{where}: layers is empty")
     for key in ("v_num_grad_steps", "facts_per_batch", "mom2_n_samples"):
         if getattr(hp, key) < 1:
             raise EditguardError(f"{where}: {key} must be at least 1, got {getattr(hp, key)}")
+    if hp.seed < 0:
+        raise EditguardError(f"{where}: seed must not be negative, got {hp.seed}")
     for key in ("v_lr", "clamp_norm_factor"):
-        if not getattr(hp, key) > 0:  # NaN fails too
+        if not getattr(hp, key) > 0:
             raise EditguardError(f"{where}: {key} must be positive, got {getattr(hp, key)}")
-    for key in ("v_weight_decay", "kl_factor", "mom2_update_weight"):
+    for key in ("v_weight_decay", "kl_factor", "mom2_update_weight", "early_stop_loss"):
         if not getattr(hp, key) >= 0:
             raise EditguardError(f"{where}: {key} must not be negative, got {getattr(hp, key)}")
     return hp

@@ -44,5 +44,10 @@ def write_edited(checkpoint: Checkpoint, arch, edits: list[Edit], out_dir: Path,
         base = checkpoint.read(stored)
         if tuple(base.shape) != tuple(delta.shape):
             raise EditguardError(f"edit for {canonical} has shape {list(delta.shape)}, the weight {list(base.shape)}")
-        replacements[stored] = (base.float() + delta).to(base.dtype)
+        edited = (base.float() + delta).to(base.dtype)
+        if not bool(edited.isfinite().all()) and bool(base.isfinite().all()):
+            # an optimisation that diverged (or overflowed the stored dtype) would ship a broken model
+            raise EditguardError(f"the edit made {canonical} non-finite (NaN or inf; see the hyperparameters): "
+                                 "nothing written")
+        replacements[stored] = edited
     return checkpoint.write_copy(out_dir, replacements, force=force, progress=progress)

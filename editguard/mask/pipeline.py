@@ -218,9 +218,9 @@ def check_new_mask_path(path: Path) -> None:
             raise EditguardError(f"{index} is not a mask index (a JSON list of objects); move it or choose another folder")
 
 
-def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
-        progress: Progress | None = None) -> dict:
-    progress = progress or (lambda *a: None)
+def preflight(hp: EditHparams, job: TrainJob) -> None:
+    """What `run` checks without the model: the output name, an unfinished run, the method, the data and an
+    existing bank. The CLI calls it before loading the model, so bad input fails in a second."""
     job.output = Path(job.output)
     check_new_mask_path(job.output)
     ckpt = checkpoint_path(job.output)
@@ -229,6 +229,16 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     if hp.method != job.method:
         raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
                              f"against {job.method.upper()}")
+    select_splits(job)
+    if job.bank is not None and Path(job.bank).exists():
+        EditBank.open(job.bank)  # a damaged file or another kind of file is named now
+
+
+def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
+        progress: Progress | None = None) -> dict:
+    progress = progress or (lambda *a: None)
+    preflight(hp, job)
+    ckpt = checkpoint_path(job.output)
     check_mask_layers(loaded, hp, job.mask_layers)
     if job.resume and ckpt.exists():  # found now, not after the bank is built for this model
         theirs = checkpoint_info(ckpt).get("fingerprints")  # absent in checkpoints older than the field
@@ -373,6 +383,16 @@ def evaluate_splits(loaded, targets: list[tuple[str, bool]], masks: list[torch.T
     return reports, text
 
 
+def check_bank_for_mask(mask: MaskFile, bank: EditBank) -> None:
+    """What a bank must share with a mask to be judged under it, read from the two files alone."""
+    if bank.method != mask.method:
+        raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
+                             f"{bank.method.upper()} edits")
+    if bank.meta.get("model_type") != mask.model_type:
+        raise EditguardError(f"edit bank {bank.path} holds edits of a {bank.meta.get('model_type')} model; the mask is "
+                             f"for {mask.model_type} models")
+
+
 def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: TrainJob,
                       threshold: float | None = None, progress: Progress | None = None
                       ) -> tuple[dict, list[torch.Tensor]]:
@@ -381,9 +401,7 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
     binary masks they were measured with."""
     progress = progress or (lambda *a: None)
     mask.check_fits(loaded.arch, loaded.checkpoint)
-    if bank.method != mask.method:
-        raise EditguardError(f"the mask was trained against {mask.method.upper()} edits, the bank holds "
-                             f"{bank.method.upper()} edits")
+    check_bank_for_mask(mask, bank)
     changed = edited_targets(loaded.arch, mask.targets)
     if [t.tensor for t in mask.targets[:len(changed)]] != [t.tensor for t in changed]:
         raise EditguardError("the mask lists MLP inputs before the tensors edits change; editguard writes the "
