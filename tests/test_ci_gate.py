@@ -9,6 +9,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -276,7 +277,7 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
     folders = []
 
     def audit(model, folder, lock_check, stop=False):
-        (folder / "edited").mkdir()
+        (folder / "edited").mkdir(exist_ok=True)  # the real audit replaces its own folders
         folders.append(folder)
         if stop:
             raise KeyboardInterrupt
@@ -291,6 +292,8 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
                 "lock": {"mask": "m.safetensors", "model": "/gone/locked"}}
 
     monkeypatch.setattr(demo, "_audit", audit)
+    model_folder = tmp_path / "model"
+    monkeypatch.setattr(demo, "resolve_model", lambda spec: SimpleNamespace(path=model_folder))
     done = cli("-f", "json", "demo")
     assert done.code == 0 and done.json["models_kept"] is False and not folders[-1].exists()
     kept = cli("-f", "json", "demo", "--workdir", tmp_path / "keep")
@@ -299,6 +302,13 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
     assert "true answer restored" in told and "/gone/" not in told and "were removed" in told
     assert "with the shipped mask shipped.safetensors" in told  # the demo names the mask it reversed with
     assert "/gone/rp" in cli("demo", "--workdir", tmp_path / "keep2").err
+    again = cli("-f", "json", "demo", "--workdir", tmp_path / "keep")  # its own earlier workdir: fine
+    assert again.code == 0, again.err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "edited").mkdir()  # someone's model folder, named like the demo's
+    one_line_error(cli("demo", "--workdir", foreign), "was not made by editguard demo")
+    one_line_error(cli("demo", "--workdir", model_folder / "sub"), "overlaps the model folder")
     monkeypatch.setattr(demo, "_audit", lambda *a: audit(*a, stop=True))
     assert cli("demo").code == 130 and not folders[-1].exists()
     one_line_error(cli("demo", "--model", "org/x"), "runs on a demo model")

@@ -198,6 +198,12 @@ def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
     assert r.code == 2 and "for llama models" in r.err
     r = cli("reverse", pico_models["gpt2"], "--mask", pico_mask, "-o", tmp_path / "y")
     assert r.code == 2 and "for llama models" in r.err
+    # the probe file is read first: the other architecture would have been the error otherwise
+    r = cli("reverse", pico_models["gpt2"], "--mask", pico_mask, "-o", tmp_path / "y", "--probes", tmp_path / "no.jsonl")
+    assert r.code == 2 and "no such probe file" in r.err
+    r = cli("reverse", pico_models["llama"], "--method", "svd", "--layers", "1", "--base", tmp_path / "nope",
+            "-o", tmp_path / "z")
+    assert r.code == 2 and "--base applies to --method base, not svd" in r.err, r.err
 
 
 def test_lock_reads_evaluation_inputs_before_writing(cli, pico_models, pico_mask, tmp_path):

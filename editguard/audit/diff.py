@@ -101,7 +101,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             # a copy saved in another precision is not a change: compare at the coarser of the two dtypes
             coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
             a, b = a.to(coarse), b.to(coarse)
-        nonfinite = _nonfinite(a) - _nonfinite(b)
+        nonfinite = int((~torch.isfinite(a) & torch.isfinite(b)).sum())  # new NaN / inf, wherever they sit
         if nonfinite > 0:
             # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
             delta = torch.where(torch.isfinite(a) & torch.isfinite(b), a.float() - b.float(), 0.0)
@@ -130,10 +130,6 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             progress(i + 1, len(shared))
     classify(result, len(shared))
     return result
-
-
-def _nonfinite(t: torch.Tensor) -> int:
-    return int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
 
 
 def classify(result: DiffResult, total: int) -> None:

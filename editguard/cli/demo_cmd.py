@@ -32,8 +32,11 @@ def demo_command(
     if not model.startswith("demo:"):
         raise EditguardError("editguard demo runs on a demo model (demo:smollm2-135m or demo:gemma3-270m)")
     temporary = workdir is None  # four model copies (~2 GB for SmolLM2): removed unless asked to keep them
+    if not temporary:
+        _check_workdir(Path(workdir), resolve_model(model))
     folder = Path(tempfile.mkdtemp(prefix="editguard-demo-")) if temporary else Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / WORKDIR_MARKER).touch()
     try:
         report = _audit(model, folder, lock_check)
     finally:
@@ -41,6 +44,19 @@ def demo_command(
             shutil.rmtree(folder, ignore_errors=True)
     report["models_kept"] = not temporary
     state.out().emit(report, _render)
+
+
+WORKDIR_MARKER = ".editguard-demo"  # the demo replaces its own folders in a workdir it made, nothing else
+
+
+def _check_workdir(folder: Path, ref) -> None:
+    """A kept workdir: new, empty, or an earlier demo's (its folders are replaced), and apart from the model."""
+    inside = lambda a, b: a == b or b in a.parents  # noqa: E731
+    here, source = folder.expanduser().resolve(), Path(ref.path).resolve()
+    if inside(here, source) or inside(source, here):
+        raise EditguardError(f"--workdir {folder} overlaps the model folder {ref.path}")
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / WORKDIR_MARKER).exists())):
+        raise EditguardError(f"--workdir {folder} exists and was not made by editguard demo; choose a new or empty folder")
 
 
 def _audit(model: str, folder: Path, lock_check: bool) -> dict:

@@ -61,6 +61,7 @@ def reverse_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
+    from ..audit.probes import load_probes
     from ..harden.project import flagged_method, whiten_by_default
     from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
 
@@ -68,6 +69,7 @@ def reverse_command(
     check_share("--threshold", threshold)
     if base_revision is not None and base is None:
         raise EditguardError("--base-revision needs --base")
+    load_probes(probes)  # a missing or malformed probe file is named before minutes of scanning
     check_output_folder(output, [model, mask, base], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
     check_output_folder(output, input_paths(ref, mask, base), force)
@@ -87,6 +89,8 @@ def reverse_command(
         raise EditguardError("--method must be mask, project, svd or base")
     if whiten is not None and method != "project":
         raise EditguardError(f"--whiten/--no-whiten apply to --method project, not {method}")
+    if base is not None and method != "base":
+        raise EditguardError(f"--base applies to --method base, not {method}")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))

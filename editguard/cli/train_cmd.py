@@ -208,8 +208,8 @@ def evaluate_mask_command(
     from ..edit.bank import EditBank
     from ..mask.average import averaged
     from ..mask.file import MaskFile
-    from ..mask.pipeline import (TrainJob, check_bank_for_mask, check_new_mask_path, evaluate_existing, extra_records, select_splits,
-                                 write_rebinarised)
+    from ..mask.pipeline import (TrainJob, check_bank_for_mask, check_new_mask_path, evaluate_existing, extra_records,
+                                 select_splits, write_rebinarised)
 
     _check_cut(threshold, target_pruned)
     chosen = tuple(dict.fromkeys(s.strip() for s in splits.split(",") if s.strip()))

@@ -111,7 +111,8 @@ INT_KEYS = ("v_num_grad_steps", "seed", "facts_per_batch", "mom2_n_samples", "v_
 FLOAT_KEYS = ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight", "early_stop_loss")
 STR_KEYS = ("fact_token", "mom2_dataset", "mom2_dtype", "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp",
             "attn_module_tmp", "ln_f_module", "lm_head_module")
-MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")  # recorded with the edit; statistics are summed in float64 whatever it says
+# recorded with the edit; the statistics are summed in float64 whichever it names
+MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
 class _Typed:
