@@ -178,6 +178,13 @@ def test_hparams_values_are_typed_per_key(extra, message):
         hparams_from_dict({**PICO_YAML, **extra}, "rome", "bad.yaml")
 
 
+def test_overridden_layers_are_still_checked():
+    # `lock --evaluate` and `--layer` replace the YAML's layers; a wrong value there is still named
+    with pytest.raises(EditguardError, match="layers must be a whole number, got 'five'"):
+        hparams_from_dict({**PICO_YAML, "layers": "five"}, "rome", "bad.yaml", {"layers": [1]})
+    assert hparams_from_dict({**PICO_YAML, "layers": [0]}, "rome", "ok.yaml", {"layers": [1]}).layers == [1]
+
+
 def test_hparams_accept_yaml_number_strings():
     # PyYAML reads EasyEdit's `v_lr: 5e-1` as the string "5e-1"
     assert hparams_from_dict({**PICO_YAML, **yaml.safe_load("v_lr: 5e-1")}, "rome").v_lr == 0.5

@@ -180,6 +180,9 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
     if unknown:
         raise EditguardError(f"{where}: unknown key(s) {', '.join(unknown)}")
     values = {k: v for k, v in raw.items() if k in known}
+    if "layers" in values and "layers" in (overrides or {}):  # an overridden value is still the user's to get right
+        for layer in values["layers"] if isinstance(values["layers"], list) else [values["layers"]]:
+            _Typed(where).integer("layers", layer)
     values.update(overrides or {})
     values["method"] = method
     hp = EditHparams(**values)
