@@ -101,12 +101,13 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             # a copy saved in another precision is not a change: compare at the coarser of the two dtypes
             coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
             a, b = a.to(coarse), b.to(coarse)
-        nonfinite = int((~torch.isfinite(a) & torch.isfinite(b)).sum())  # new NaN / inf, wherever they sit
+        finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+        nonfinite = int((~finite_a & finite_b).sum())  # new NaN / inf, wherever they sit
         if nonfinite > 0:
             # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
-            delta = torch.where(torch.isfinite(a) & torch.isfinite(b), a.float() - b.float(), 0.0)
-            result.changed.append(TensorChange(name, model.info(canon_model[name]).file, float(delta.norm()),
-                                               float(delta.norm()) / max(float(b.float().nan_to_num().norm()), 1e-12),
+            norm = float(torch.where(finite_a & finite_b, a.float() - b.float(), 0.0).norm())
+            result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
+                                               norm / max(float(b.float().nan_to_num().norm()), 1e-12),
                                                [], 0, arch.mlp_out_layer_of(name, num_layers), nonfinite))
         elif not torch.equal(a, b):
             delta = a.float() - b.float()

@@ -219,8 +219,16 @@ def check_new_mask_path(path: Path) -> None:
 
 
 def preflight(hp: EditHparams, job: TrainJob) -> None:
-    """What `run` checks without the model: the output name, an unfinished run, the method, the data and an
-    existing bank. The CLI calls it before loading the model, so bad input fails in a second."""
+    """What can be checked without the model, for the CLI to call before loading it: `run`'s own checks,
+    plus the data and an existing bank, which `run` reads later anyway."""
+    check_job(hp, job)
+    select_splits(job)
+    if job.bank is not None and Path(job.bank).exists():
+        EditBank.open(job.bank)  # a damaged file or another kind of file is named now
+
+
+def check_job(hp: EditHparams, job: TrainJob) -> None:
+    """The output name, an unfinished run and the method: checked first by `run`."""
     job.output = Path(job.output)
     check_new_mask_path(job.output)
     ckpt = checkpoint_path(job.output)
@@ -229,15 +237,12 @@ def preflight(hp: EditHparams, job: TrainJob) -> None:
     if hp.method != job.method:
         raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
                              f"against {job.method.upper()}")
-    select_splits(job)
-    if job.bank is not None and Path(job.bank).exists():
-        EditBank.open(job.bank)  # a damaged file or another kind of file is named now
 
 
 def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         progress: Progress | None = None) -> dict:
     progress = progress or (lambda *a: None)
-    preflight(hp, job)
+    check_job(hp, job)
     ckpt = checkpoint_path(job.output)
     check_mask_layers(loaded, hp, job.mask_layers)
     if job.resume and ckpt.exists():  # found now, not after the bank is built for this model
