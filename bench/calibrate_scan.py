@@ -22,7 +22,7 @@ import torch
 from editguard.audit import dependence as dep_test
 from editguard.audit.activations import EDITED_Z, SUSPICIOUS_Z, activation_scores
 from editguard.audit.dependence import split_innocent
-from editguard.audit.hidden import hidden_facts
+from editguard.audit.hidden import EDITED_PROB, hidden_facts
 from editguard.audit.probes import Probe, counterfact_probes
 from editguard.data.counterfact import load_split
 from editguard.edit.bank import EditBank
@@ -75,7 +75,8 @@ def main() -> None:
     clean_hidden = split_innocent(hidden_facts(loaded, mask, probes)) if mask else None
     if mask:
         print(f"  hidden facts on the clean model (false alarms): {len(clean_hidden[0])} of {len(probes)} probes "
-              f"(and {len(clean_hidden[1])} discounted: the model gives the expected answer)")
+              f"(and {len(clean_hidden[1])} discounted: the model gives the expected answer); their answers' p: "
+              + " ".join(f"{f['current_prob']:.2f}" for f in clean_hidden[0]))
     rows = []
     for edit in edits:
         with edits_applied(loaded.model, loaded.arch, [edit]):
@@ -86,7 +87,11 @@ def main() -> None:
             found = None
             if mask:
                 kept, _ = split_innocent(hidden_facts(loaded, mask, probes))
-                found = any(f["case_id"] == edit.facts[0].case_id for f in kept)
+                planted = [f for f in kept if f["case_id"] == edit.facts[0].case_id]
+                found = f"{planted[0]['current_prob']:.2f}" if planted else "no"  # its answer's p when listed
+                others = [f["current_prob"] for f in kept if f["case_id"] != edit.facts[0].case_id]
+                print(f"  edit {len(rows)}: planted fact listed: {found}; {len(others)} other hidden facts, "
+                      f"p ≥ {EDITED_PROB}: {sum(p >= EDITED_PROB for p in others)}")
             if args.dependence:
                 _dependence_row(loaded, probes, [edit.facts[0]], f"ROME edit at layer {edit.layer}", "rome-like",
                                 [edit.layer])
@@ -101,7 +106,9 @@ def main() -> None:
               f"(≥ edited) {float((z_edit >= EDITED_Z).float().mean()):.0%}; right layer and subject "
               f"{sum(r[2] == r[0] and r[3] for r in rows)}/{len(rows)}")
         if mask:
-            print(f"planted fact among hidden facts: {sum(bool(r[5]) for r in rows)}/{len(rows)}")
+            listed = [float(r[5]) for r in rows if r[5] != "no"]
+            print(f"planted fact among hidden facts: {len(listed)}/{len(rows)}, at p ≥ {EDITED_PROB}: "
+                  f"{sum(p >= EDITED_PROB for p in listed)}/{len(rows)}")
     hp = load_hparams(args.hparams, "memit") if sizes else None
     for n in sizes:
         edits = memit_edit(loaded, memit_facts[:n], hp)

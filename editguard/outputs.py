@@ -33,6 +33,11 @@ def _parent_is_writable(out: Path) -> None:
                 raise EditguardError(f"cannot write {out}: {parent} is not a folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise EditguardError(f"cannot write {out}: no permission to write in {parent}")
+            try:  # permission bits do not tell everything (root, read-only mounts, /proc): try a file there
+                with tempfile.NamedTemporaryFile(dir=parent, prefix=".editguard-probe-"):
+                    pass
+            except OSError as e:
+                raise EditguardError(f"cannot write {out}: {parent} takes no new files ({e.strerror})") from None
             return
 
 

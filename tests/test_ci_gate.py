@@ -58,6 +58,8 @@ def test_unwritable_places_are_bad_input_not_internal_errors(cli, monkeypatch, t
     result = cli("scan", pico_models["llama"], "--report", tmp_path / "r.html")
     one_line_error(result, f"no permission to write in {tmp_path}")
     monkeypatch.undo()
+    if Path("/proc/self").is_dir():  # permission bits say yes to root; the folder still takes no files
+        one_line_error(cli("scan", pico_models["llama"], "--report", "/proc/r.html"), "/proc takes no new files")
     # a cache home that cannot be created
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "file" / "home"))

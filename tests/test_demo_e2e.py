@@ -227,3 +227,27 @@ def test_reverse_by_key_projection_restores_the_fact(planted, cli, tmp_path):
     fact = next(f for f in data["facts"] if "Danielle Darrieux" in f["prompt"])
     assert fact["after"].strip().startswith(planted["fact"].target_true), fact
     assert fact["p_original_after"] > 10 * fact["p_original_before"]
+
+
+def test_shipped_mask_lists_a_layer9_edit_as_hidden_fact(demo, cli, tmp_path):
+    """With no base and no --mask, scan takes the shipped layer-9 whole-MLP mask (held-out RSR 81.7 %) once
+    the other tests flag layer 9: the planted answer is an error-level hidden fact, held as confidently as
+    edits hold theirs, while the answers the mask also changes on a clean model stay warnings."""
+    from editguard.cli.demo_cmd import DEMO_CASE
+    from editguard.edit.facts import Fact
+    from editguard.edit.hparams import load_hparams
+    from editguard.edit.plant import compute_edits, write_edited
+
+    fact = Fact(DEMO_CASE["prompt"], DEMO_CASE["subject"], DEMO_CASE["target"], DEMO_CASE["true"])
+    edits = compute_edits(demo, [fact], load_hparams("smollm2-135m", "rome", {"layers": [9]}))
+    write_edited(demo.checkpoint, demo.arch, edits, tmp_path / "edited")
+    result = cli("-f", "json", "scan", tmp_path / "edited", "--tests", "activations,hidden",
+                 "--probes", _probes_with(tmp_path, [fact]))
+    data = result.json
+    assert data["verdict"] == "edited" and result.code == 1
+    assert data["tests"]["hidden"]["mask"].endswith("smollm2-135m_rome_L9_mlp.safetensors"), data["tests"]["hidden"]
+    hidden = [f for f in data["findings"] if f["rule"] == "EG020"]
+    planted = [f for f in hidden if f["facts"][0]["subject"] == fact.subject]
+    assert planted and planted[0]["severity"] == "error" and planted[0]["facts"][0]["current_answer"] == "English"
+    others = [f for f in hidden if f["facts"][0]["subject"] != fact.subject]
+    assert all(f["severity"] == "warning" for f in others), [f["message"] for f in others]

@@ -207,11 +207,11 @@ def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
 
 
 def test_lock_reads_evaluation_inputs_before_writing(cli, pico_models, pico_mask, tmp_path):
-    for option, value, message in (("--hparams", "no-such-preset", "no hparams file or preset"),
-                                   ("--data", str(tmp_path / "none.json"), "none.json")):
+    for extra, message in ((("--hparams", "no-such-preset"), "no hparams file or preset"),
+                           (("--data", tmp_path / "none.json", "--hparams", "smollm2-135m"), "none.json"),
+                           ((), "--evaluate needs --hparams")):  # a pico model has no preset of its own
         out = tmp_path / "locked"
-        r = cli("lock", pico_models["llama"], "--mask", pico_mask, "-o", out, "--evaluate", "1", option, value,
-                *(("--hparams", "smollm2-135m") if option == "--data" else ()))
+        r = cli("lock", pico_models["llama"], "--mask", pico_mask, "-o", out, "--evaluate", "1", *extra)
         assert r.code == 2 and message in r.err and not out.exists(), r.err
 
 

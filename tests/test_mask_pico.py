@@ -164,6 +164,28 @@ def test_an_unasked_mask_never_makes_a_scan_more_severe():
     assert hidden[0].severity == "error"
 
 
+def test_hidden_facts_are_errors_only_at_an_edited_answers_confidence():
+    """A mask changes some answers of a clean model too (the layer-9 whole-MLP mask: 16 of 1,710 demo probes,
+    held at p ≤ 0.71): such a change is a warning; an answer held as confidently as edits hold theirs
+    is an error, so a clean model scanned with --mask is "suspicious", not "edited"."""
+    from types import SimpleNamespace
+
+    from editguard.audit.findings import verdict
+    from editguard.audit.hidden import EDITED_PROB, findings_from_hidden
+
+    mask = SimpleNamespace(targets=[SimpleNamespace(layer=9, tensor="model.layers.9.mlp.down_proj.weight")])
+
+    def fact(p):
+        return {"prompt": "The mother tongue of X is", "current_answer": "English", "current_prob": p,
+                "revealed_answer": "French", "revealed_prob": 0.3}
+
+    clean = findings_from_hidden([fact(0.71), fact(0.5)], mask, 1710)
+    assert [f.severity for f in clean] == ["warning", "warning"] and verdict(clean)[0] == "suspicious"
+    assert "below an edited answer's usual confidence" in clean[0].message
+    edited = findings_from_hidden([fact(0.99), fact(EDITED_PROB), fact(0.71)], mask, 1710)
+    assert [f.severity for f in edited] == ["error", "error", "warning"] and verdict(edited)[0] == "edited"
+
+
 
 def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch, pico_models):
     """Masked MLP inputs do not resist an editor who solves through the locked model: `lock` without

@@ -31,6 +31,16 @@ def test_learning_rate_must_be_positive(cli, pico_models, tmp_path, lr):
     assert not any(tmp_path.glob("m.*"))  # refused before the edit bank was built
 
 
+def test_only_demo_models_have_default_hparams(cli, pico_models, tmp_path):
+    args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
+    i = args.index("--hparams")
+    del args[i:i + 2]
+    one_line_error(cli(*args), "only demo models have a default")
+    one_line_error(cli("edit", pico_models["llama"], "--fact", "{} speaks", "--subject", "Ann", "--target", "French",
+                       "-o", tmp_path / "edited"), "only demo models have a default")
+    assert not (tmp_path / "edited").exists() and not any(tmp_path.glob("m.*"))
+
+
 def test_data_records_are_unique_and_well_formed(cli, pico_models, tmp_path):
     args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
     records = pico_facts.records()

@@ -3,7 +3,8 @@
 Each probe prompt is answered twice: by the model as it is, and with the fitting mask on its target
 tensor(s). A knowledge edit makes the model answer its new object with abnormal confidence; the mask
 removes the amplified signal and the original answer comes back. A probe is reported when the answer
-changes and the current answer's probability is at least `min_prob`.
+changes and the current answer's probability is at least `min_prob`; as an error (an edit) when it is at
+least EDITED_PROB, else as a warning.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from .findings import Finding
 from .probes import Probe
 
 MIN_PROB = 0.5
+# An edited answer is held with an edit's confidence; an answer a mask changes on a clean model seldom is.
+# Calibrated on demo:smollm2-135m with the layer-9 whole-MLP mask (`bench/calibrate_scan.py --bank
+# banks/smollm2-135m_rome_L9.safetensors --edits 10 --mask masks/smollm2-135m_rome_L9_mlp.safetensors`):
+# the clean model's 16 changed answers at p 0.50-0.71, the 10 planted facts at p 0.84-0.99.
+EDITED_PROB = 0.8
 
 
 def mask_applied(loaded: LoadedModel, mask: MaskFile, threshold: float | None = None):
@@ -95,7 +101,13 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
 
 
 def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:
-    return _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor, n_probes)
+    findings = _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor,
+                         n_probes)
+    for f in findings:  # a changed answer held with less than an edit's confidence is the mask's own doing as often
+        if f.score < EDITED_PROB:
+            f.severity = "warning"
+            f.message += f" (held at p < {EDITED_PROB}, below an edited answer's usual confidence)"
+    return findings
 
 
 def findings_from_projection(found: list[dict], layer: int, tensor: str, n_probes: int) -> list[Finding]:

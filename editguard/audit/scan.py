@@ -179,14 +179,16 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 tests["hidden"] = {"skipped": why_not}
             else:
                 from .dependence import split_innocent
-                from .hidden import findings_from_hidden, hidden_facts
+                from .hidden import EDITED_PROB, findings_from_hidden, hidden_facts
 
                 mask = MaskFile.load(mask_file)
                 mask.check_fits(arch, checkpoint)
                 found, discounted = split_innocent(
                     hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress))
                 tests["hidden"] = {"mask": str(mask_file), "threshold": options.threshold or mask.threshold,
-                                   "probes": len(probes), "changed_confident": len(found), "facts": found[:50],
+                                   "probes": len(probes), "changed_confident": len(found), "edited_prob": EDITED_PROB,
+                                   "changed_at_edited_prob": sum(f["current_prob"] >= EDITED_PROB for f in found),
+                                   "facts": found[:50],
                                    "discounted": len(discounted), "discounted_facts": discounted[:10]}
                 hidden_findings = findings_from_hidden(found[:50], mask, len(probes))
                 if not options.mask:

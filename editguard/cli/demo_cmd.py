@@ -194,7 +194,8 @@ def _render(console, r) -> None:
     if "skipped" in hidden:
         console.print(f"   hidden facts: skipped ({escape(hidden['skipped'])})")
     elif hidden:
-        console.print(f"   hidden facts under the mask: {hidden['changed_confident']} answer(s) change")
+        console.print(f"   hidden facts under the mask: {hidden['changed_confident']} answer(s) change, "
+                      f"{hidden['changed_at_edited_prob']} held at p ≥ {hidden['edited_prob']} as edited answers are")
         for f in hidden["facts"][:3]:
             console.print(f"     {escape(f['prompt'])} → now {escape(f['current_answer'])} ({f['current_prob']:.2f}), "
                           f"under the mask {escape(f['revealed_answer'])}")

@@ -20,7 +20,7 @@ from ..outputs import check_output_file, check_output_folder
 from . import state
 from .app import app
 from .options import AllowPickle, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision, input_paths, \
-    load_options, num_layers_of, resolve_model
+    hparams_or_default, load_options, num_layers_of, resolve_model
 
 
 def collect_facts(prompts: list[str], subjects: list[str], targets: list[str], cases: str | None,
@@ -99,7 +99,7 @@ def edit_command(
         check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))  # a bank never replaces other files
     # hyperparameters and layers are checked before the (slow) model load
     num_layers = num_layers_of(ref, allow_pickle)  # reads the checkpoint's headers: a pickle is refused here
-    hp = load_hparams(hparams or _default_preset(ref), method, {"layers": [layer]} if layer is not None else None)
+    hp = load_hparams(hparams_or_default(hparams, ref), method, {"layers": [layer]} if layer is not None else None)
     hp.check_layers(num_layers)
     with out.progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
@@ -107,12 +107,6 @@ def edit_command(
         _fill_bank(loaded, facts, hp, bank, resume, memit_batch, evaluate)
     else:
         _plant(loaded, facts, hp, output, force, evaluate)
-
-
-def _default_preset(ref) -> str:
-    if ref.kind == "demo":
-        return ref.spec.split(":", 1)[1]
-    raise EditguardError("give --hparams (EasyEdit YAML or a preset name); only demo models have a default")
 
 
 def _plant(loaded, facts, hp, output, force, evaluate) -> None:

@@ -18,7 +18,7 @@ from ..outputs import check_output_folder
 from . import state
 from .app import app
 from .options import (AllowPickle, BaseRevision, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision,
-                      check_share, input_paths, load_options, resolve_model)
+                      check_share, hparams_or_default, input_paths, load_options, resolve_model)
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None, lock: bool = False) -> Path:
@@ -334,11 +334,8 @@ def _lock_evaluation_inputs(ref, mask_file: MaskFile, n: int, hparams: str | Non
     from ..edit.hparams import load_hparams
     from ..mask.pipeline import per_relation
 
-    default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
-    if hparams is None and default is None:
-        raise EditguardError("--evaluate needs --hparams (ROME/MEMIT YAML or preset) for non-demo models")
     # the method the mask was trained against, at the layers of those edits
-    hp = load_hparams(hparams or default, mask_file.method, {"layers": mask_file.edit_layers()})
+    hp = load_hparams(hparams_or_default(hparams, ref, "--evaluate needs --hparams"), mask_file.method, {"layers": mask_file.edit_layers()})
     records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
     return hp, [Fact.from_record(r) for r in records]
 

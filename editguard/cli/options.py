@@ -89,3 +89,12 @@ def num_layers_of(ref: ModelRef, allow_pickle: bool = False) -> int:
 
     config = ref.checkpoint(allow_pickle=allow_pickle).config
     return arch_table.for_config(config).num_layers(config)
+
+
+def hparams_or_default(hparams: str | None, ref: ModelRef, what: str = "give --hparams") -> str:
+    """The user's hparams (YAML or preset name), else the demo model's own preset (named after it)."""
+    if hparams is not None:
+        return hparams
+    if ref.kind == "demo":
+        return ref.spec.split(":", 1)[1]
+    raise EditguardError(f"{what} (EasyEdit ROME/MEMIT YAML or a preset name); only demo models have a default")

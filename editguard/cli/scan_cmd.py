@@ -105,7 +105,8 @@ def _render(console, r) -> None:
                           f"answers of {', '.join(escape(x) for x in t['subjects'])} change")
         elif name == "hidden":
             console.print(f"  hidden facts under {escape(t['mask'])} (γ={t['threshold']}): {t['changed_confident']} of "
-                          f"{t['probes']} probe answers change")
+                          f"{t['probes']} probe answers change, {t['changed_at_edited_prob']} of them held at p ≥ "
+                          f"{t['edited_prob']} as edited answers are")
         elif name == "lock":
             console.print(f"  lock: {'intact' if t['intact'] else 'BROKEN'} (manifest sha256 {t['manifest_sha256']})")
         elif name == "attribution":

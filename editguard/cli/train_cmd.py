@@ -16,8 +16,8 @@ from ..loading import load_model
 from ..outputs import check_output_file
 from . import state
 from .app import app
-from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, Revision, check_share, input_paths,
-                      load_options, num_layers_of, resolve_model)
+from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, Revision, check_share, hparams_or_default,
+                      input_paths, load_options, num_layers_of, resolve_model)
 
 
 # TrainConfig fields with an option of their own
@@ -126,10 +126,7 @@ def train_command(
             check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))
         if bank.resolve() in {p.resolve() for p in written_beside(output)}:
             raise EditguardError(f"--bank {bank} is a file this run writes for the mask; choose another name")
-    default = ref.spec.split(":", 1)[1] if ref.kind == "demo" else None
-    if hparams is None and default is None:
-        raise EditguardError("give --hparams (EasyEdit YAML or preset); only demo models have a default")
-    hp = load_hparams(hparams or default, method, {"layers": [layer]} if layer is not None else None)
+    hp = load_hparams(hparams_or_default(hparams, ref), method, {"layers": [layer]} if layer is not None else None)
     job = TrainJob(output=output, method=method, train_size=train_size, val_size=val_size, val_every=val_every,
                    test_size=test_size,
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
