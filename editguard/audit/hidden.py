@@ -103,7 +103,7 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
 def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:
     findings = _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor,
                          n_probes)
-    for f in findings:  # a changed answer held with less than an edit's confidence is the mask's own doing as often
+    for f in findings:  # below an edit's confidence a changed answer is as likely the mask's own doing
         if f.score < EDITED_PROB:
             f.severity = "warning"
             f.message += f" (held at p < {EDITED_PROB}, below an edited answer's usual confidence)"

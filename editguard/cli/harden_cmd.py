@@ -335,7 +335,8 @@ def _lock_evaluation_inputs(ref, mask_file: MaskFile, n: int, hparams: str | Non
     from ..mask.pipeline import per_relation
 
     # the method the mask was trained against, at the layers of those edits
-    hp = load_hparams(hparams_or_default(hparams, ref, "--evaluate needs --hparams"), mask_file.method, {"layers": mask_file.edit_layers()})
+    hp = load_hparams(hparams_or_default(hparams, ref, "--evaluate needs --hparams"), mask_file.method,
+                      {"layers": mask_file.edit_layers()})
     records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
     return hp, [Fact.from_record(r) for r in records]
 
