@@ -88,9 +88,9 @@ def main() -> None:
             if mask:
                 kept, _ = split_innocent(hidden_facts(loaded, mask, probes))
                 planted = [f for f in kept if f["case_id"] == edit.facts[0].case_id]
-                found = f"{planted[0]['current_prob']:.2f}" if planted else "no"  # its answer's p when listed
+                found = planted[0]["current_prob"] if planted else None  # its answer's p when listed
                 others = [f["current_prob"] for f in kept if f["case_id"] != edit.facts[0].case_id]
-                print(f"  edit {len(rows)}: planted fact listed: {found}; {len(others)} other hidden facts, "
+                print(f"  edit {len(rows)}: planted fact listed: {_listed(found)}; {len(others)} other hidden facts, "
                       f"p ≥ {EDITED_PROB}: {sum(p >= EDITED_PROB for p in others)}")
             if args.dependence:
                 _dependence_row(loaded, probes, [edit.facts[0]], f"ROME edit at layer {edit.layer}", "rome-like",
@@ -99,14 +99,14 @@ def main() -> None:
     if rows:
         print(f"{'edit':>4} {'z at edited layer':>18} {'top layer':>9} {'right subject':>13} {'max z':>6} {'hidden fact':>11}")
         for i, (layer, z_layer, top, right, zmax, found) in enumerate(rows):
-            print(f"{i:>4} {z_layer:>18.1f} {top:>9} {str(right):>13} {zmax:>6.1f} {str(found):>11}")
+            print(f"{i:>4} {z_layer:>18.1f} {top:>9} {str(right):>13} {zmax:>6.1f} {_listed(found) if mask else '-':>11}")
         z_edit = torch.tensor([r[1] for r in rows])
         print(f"edited layer z: min {float(z_edit.min()):.1f}, median {float(z_edit.median()):.1f}; clean max "
               f"{max(clean):.1f}; detected (≥ suspicious) {float((z_edit >= SUSPICIOUS_Z).float().mean()):.0%}, "
               f"(≥ edited) {float((z_edit >= EDITED_Z).float().mean()):.0%}; right layer and subject "
               f"{sum(r[2] == r[0] and r[3] for r in rows)}/{len(rows)}")
         if mask:
-            listed = [float(r[5]) for r in rows if r[5] != "no"]
+            listed = [r[5] for r in rows if r[5] is not None]
             print(f"planted fact among hidden facts: {len(listed)}/{len(rows)}, at p ≥ {EDITED_PROB}: "
                   f"{sum(p >= EDITED_PROB for p in listed)}/{len(rows)}")
     hp = load_hparams(args.hparams, "memit") if sizes else None
@@ -124,6 +124,11 @@ def main() -> None:
               + " ".join(f"{z[l]:.1f}" for l in hp.layers) + f"; over all layers {max(z):.1f}; edited subjects' best z "
               f"at the edited layers: min {float(best.min()):.1f}, max {float(best.max()):.1f}; "
               f"≥ suspicious {int((best >= SUSPICIOUS_Z).sum())}/{n}")
+
+
+def _listed(p: float | None) -> str:
+    """A planted fact's answer probability among the hidden facts, or that it was not listed."""
+    return "no" if p is None else f"{p:.2f}"
 
 
 def _dependence_row(loaded, probes, facts, label: str, method: str, layers: list[int]) -> None:

@@ -186,7 +186,6 @@ def test_hidden_facts_are_errors_only_at_an_edited_answers_confidence():
     assert [f.severity for f in edited] == ["error", "error", "warning"] and verdict(edited)[0] == "edited"
 
 
-
 def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch, pico_models):
     """Masked MLP inputs do not resist an editor who solves through the locked model: `lock` without
     --mask (and `demo`) takes a mask over the edited tensors first, even one with lower RSR."""

@@ -101,13 +101,9 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
 
 
 def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:
-    findings = _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor,
-                         n_probes)
-    for f in findings:  # below an edit's confidence a changed answer is as likely the mask's own doing
-        if f.score < EDITED_PROB:
-            f.severity = "warning"
-            f.message += f" (held at p < {EDITED_PROB}, below an edited answer's usual confidence)"
-    return findings
+    # below an edit's confidence a changed answer is as likely the mask's own doing: a warning
+    return _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor,
+                     n_probes, edited_prob=EDITED_PROB)
 
 
 def findings_from_projection(found: list[dict], layer: int, tensor: str, n_probes: int) -> list[Finding]:
@@ -116,11 +112,14 @@ def findings_from_projection(found: list[dict], layer: int, tensor: str, n_probe
 
 
 def _findings(rule: str, under: str, found: list[dict], min_prob: float, layer: int, tensor: str,
-              n_probes: int) -> list[Finding]:
+              n_probes: int, edited_prob: float = 0.0) -> list[Finding]:
+    """One finding per changed answer: an error when held at p ≥ `edited_prob`, else a warning."""
     return [Finding(
-        rule, "error",
+        rule, "error" if f["current_prob"] >= edited_prob else "warning",
         f"{f['prompt']!r}: answers {f['current_answer']!r} (p={f['current_prob']:.2f}); {under} "
         f"{f['revealed_answer']!r} (p={f['revealed_prob']:.2f})"
-        + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else ""),
+        + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else "")
+        + ("" if f["current_prob"] >= edited_prob
+           else f" (held at p < {edited_prob}, below an edited answer's usual confidence)"),
         score=f["current_prob"], threshold=min_prob, layer=layer, tensor=tensor, facts=[f],
         details={"probes": n_probes}) for f in found]
