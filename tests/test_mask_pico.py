@@ -157,8 +157,9 @@ def test_an_unasked_mask_never_makes_a_scan_more_severe():
     assert flagged == {1: "warning", 3: "error"}
     hidden = [Finding("EG020", "error", "hidden fact", layer=1)]
     assert verdict(flags[:1] + hidden)[0] == "edited"
-    _cap_severity(hidden, flagged, {1})
+    assert _cap_severity(hidden, flagged, {1}) == "warning"
     assert hidden[0].severity == "warning" and verdict(flags[:1] + hidden)[0] == "suspicious"
+    assert hidden[0].message.endswith("(graded warning: no more severe than the tests that flagged layer(s) [1])")
     hidden = [Finding("EG020", "error", "hidden fact", layer=3)]
     _cap_severity(hidden, flagged, {1, 3})
     assert hidden[0].severity == "error"
@@ -184,6 +185,11 @@ def test_hidden_facts_are_errors_only_at_an_edited_answers_confidence():
     assert "below an edited answer's usual confidence" in clean[0].message
     edited = findings_from_hidden([fact(0.99), fact(EDITED_PROB), fact(0.71)], mask, 1710)
     assert [f.severity for f in edited] == ["error", "error", "warning"] and verdict(edited)[0] == "edited"
+    # graded on the two decimals printed ("p=0.80" is never "held at p < 0.8"); a finding's threshold is the
+    # one that graded it: the edited answers' confidence, or --min-prob for a warning
+    rounded, low = findings_from_hidden([fact(0.796), fact(0.35)], mask, 1710, min_prob=0.3)
+    assert rounded.severity == "error" and "p=0.80" in rounded.message and rounded.threshold == EDITED_PROB
+    assert low.severity == "warning" and low.threshold == 0.3
 
 
 def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch, pico_models):

@@ -199,6 +199,24 @@ def test_decomposition_of_hidden_facts_shows_scanned_original_and_reversal(plant
     assert _decompositions(loaded, {}, diff, base.checkpoint, {}, 3, lambda m: None) == []  # nothing revealed
 
 
+def test_key_projection_never_outranks_the_test_that_flagged_its_layer(cli, planted, monkeypatch):
+    """Key projection (EG021) follows up the subjects a base-free test flagged: over a layer flagged by a
+    warning only, the answers it reveals are warnings too (verdict "suspicious", not "edited")."""
+    from editguard.audit import activations, hidden
+    from editguard.audit.findings import Finding
+
+    fact = {"prompt": "The official language of France is", "subject": "France", "answer": "Japanese"}
+    monkeypatch.setattr(activations, "findings_from_activations",
+                        lambda scores: [Finding("EG010", "warning", "an outlier", layer=1, facts=[fact])])
+    revealed = {**fact, "current_answer": "Japanese", "current_prob": 0.95, "revealed_answer": "French",
+                "revealed_prob": 0.4}
+    monkeypatch.setattr(hidden, "changed_answers", lambda *a, **k: [revealed])
+    data = cli("-f", "json", "scan", planted["rome"], "--tests", "activations,hidden").json
+    (eg021,) = [f for f in data["findings"] if f["rule"] == "EG021"]
+    assert eg021["severity"] == "warning" and "graded warning" in eg021["message"], eg021
+    assert data["verdict"] == "suspicious"
+
+
 def test_counterfact_all_probes_every_shipped_record_once():
     from editguard.audit.probes import ALL_SPLITS, load_probes
     from editguard.data.counterfact import load_split

@@ -180,6 +180,16 @@ def test_bank_metadata_is_validated(cli, pico_models, tmp_path, change, message)
     assert message in result.err
 
 
+def test_bank_only_writes_no_mask_so_its_name_may_exist(cli, pico_models, tmp_path):
+    mask = tmp_path / "m.safetensors"
+    mask.write_bytes(b"a shipped mask")  # banks/README regenerates each bank under its shipped mask's name
+    args = _train_args(pico_models, tmp_path, mask, 1)
+    bank_path = tmp_path / "bank.safetensors"
+    assert cli(*args, "--bank", bank_path, "--bank-only").code == 0
+    assert len(EditBank.open(bank_path)) > 0 and mask.read_bytes() == b"a shipped mask"
+    one_line_error(cli(*args, "--bank", bank_path), "exists; choose another -o")  # training would write it
+
+
 def test_malformed_factors_and_other_names_are_refused_as_banks(cli, pico_models, tmp_path):
     args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
     bank_path = tmp_path / "bank.safetensors"

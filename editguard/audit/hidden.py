@@ -100,26 +100,36 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
     return sorted(found, key=lambda f: -f["current_prob"])
 
 
-def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int) -> list[Finding]:
+def held_as_edited(p: float) -> bool:
+    """Held as confidently as edited answers are; graded on the two decimals the findings print."""
+    return round(p, 2) >= EDITED_PROB
+
+
+def findings_from_hidden(found: list[dict], mask: MaskFile, n_probes: int, min_prob: float = MIN_PROB
+                         ) -> list[Finding]:
     # below an edit's confidence a changed answer is as likely the mask's own doing: a warning
-    return _findings("EG020", "under the mask", found, MIN_PROB, mask.targets[0].layer, mask.targets[0].tensor,
-                     n_probes, edited_prob=EDITED_PROB)
+    return _findings("EG020", "under the mask", found, min_prob, mask.targets[0].layer, mask.targets[0].tensor,
+                     n_probes, graded=True)
 
 
 def findings_from_projection(found: list[dict], layer: int, tensor: str, n_probes: int) -> list[Finding]:
     return _findings("EG021", f"with the subject's keys projected out of layer {layer}", found, 0.0, layer, tensor,
-                     n_probes)
+                     n_probes, graded=False)
 
 
 def _findings(rule: str, under: str, found: list[dict], min_prob: float, layer: int, tensor: str,
-              n_probes: int, edited_prob: float = 0.0) -> list[Finding]:
-    """One finding per changed answer: an error when held at p ≥ `edited_prob`, else a warning."""
-    return [Finding(
-        rule, "error" if f["current_prob"] >= edited_prob else "warning",
-        f"{f['prompt']!r}: answers {f['current_answer']!r} (p={f['current_prob']:.2f}); {under} "
-        f"{f['revealed_answer']!r} (p={f['revealed_prob']:.2f})"
-        + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else "")
-        + ("" if f["current_prob"] >= edited_prob
-           else f" (held at p < {edited_prob}, below an edited answer's usual confidence)"),
-        score=f["current_prob"], threshold=min_prob, layer=layer, tensor=tensor, facts=[f],
-        details={"probes": n_probes}) for f in found]
+              n_probes: int, graded: bool) -> list[Finding]:
+    """One finding per changed answer: an error, or, when `graded`, an error only if `held_as_edited` and a
+    warning below. A finding's threshold is the one that graded it."""
+    def finding(f: dict) -> Finding:
+        error = not graded or held_as_edited(f["current_prob"])
+        return Finding(
+            rule, "error" if error else "warning",
+            f"{f['prompt']!r}: answers {f['current_answer']!r} (p={f['current_prob']:.2f}); {under} "
+            f"{f['revealed_answer']!r} (p={f['revealed_prob']:.2f})"
+            + (f"; CounterFact's original answer is {f['expected_answer']!r}" if f.get("expected_answer") else "")
+            + ("" if error else f" (held at p < {EDITED_PROB}, below an edited answer's usual confidence)"),
+            score=f["current_prob"], threshold=EDITED_PROB if graded and error else min_prob, layer=layer,
+            tensor=tensor, facts=[f], details={"probes": n_probes})
+
+    return [finding(f) for f in found]

@@ -170,16 +170,18 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                                                   f"(p ≥ {dep_test.MIN_PROB})")
             findings += dep_test.findings_from_dependence(loaded, dep)
         reversals = {}  # name -> intervention revealing hidden facts, for the decompositions
+        # the layers the tests above flag, and how severely: what the hidden-fact tests follow up, never outrank
+        flagged = _flagged_layers(findings)
         if "hidden" in options.tests and scores is not None:
-            reversals["keys projected out"] = _reveal_by_projection(loaded, probes, findings, tests, progress)
+            reversals["keys projected out"] = _reveal_by_projection(loaded, probes, findings, flagged, tests,
+                                                                    progress)
         if "hidden" in options.tests:
-            flagged = _flagged_layers(findings)
             mask_file, why_not = _fitting_mask(options.mask, arch, checkpoint, list(flagged))
             if mask_file is None:
                 tests["hidden"] = {"skipped": why_not}
             else:
                 from .dependence import split_innocent
-                from .hidden import EDITED_PROB, findings_from_hidden, hidden_facts
+                from .hidden import EDITED_PROB, findings_from_hidden, held_as_edited, hidden_facts
 
                 mask = MaskFile.load(mask_file)
                 mask.check_fits(arch, checkpoint)
@@ -187,12 +189,13 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                     hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress))
                 tests["hidden"] = {"mask": str(mask_file), "threshold": options.threshold or mask.threshold,
                                    "probes": len(probes), "changed_confident": len(found), "edited_prob": EDITED_PROB,
-                                   "changed_at_edited_prob": sum(f["current_prob"] >= EDITED_PROB for f in found),
+                                   "changed_at_edited_prob": sum(held_as_edited(f["current_prob"]) for f in found),
                                    "facts": found[:50],
                                    "discounted": len(discounted), "discounted_facts": discounted[:10]}
-                hidden_findings = findings_from_hidden(found[:50], mask, len(probes))
-                if not options.mask:
-                    _cap_severity(hidden_findings, flagged, set(mask.edit_layers()))
+                hidden_findings = findings_from_hidden(found[:50], mask, len(probes), options.min_prob)
+                # a mask taken unasked is graded at most as the tests that flagged its layers (JSON: graded_at_most)
+                tests["hidden"]["graded_at_most"] = (None if options.mask else
+                                                     _cap_severity(hidden_findings, flagged, set(mask.edit_layers())))
                 findings += hidden_findings
                 from .hidden import mask_applied
 
@@ -232,8 +235,10 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     }
 
 
-def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, progress) -> None:
-    """Hidden facts without a mask: the activation test's flagged subjects, their keys projected out."""
+def _reveal_by_projection(loaded, probes: list, findings: list, layer_severity: dict[int, str], tests: dict,
+                          progress) -> None:
+    """Hidden facts without a mask: the base-free tests' flagged subjects, their keys projected out; each
+    layer's findings no more severe than the tests that flagged it (`layer_severity`)."""
     from ..harden.project import flagged_subjects, projection_applied, whiten_by_default
     from .hidden import changed_answers, findings_from_projection
 
@@ -250,7 +255,9 @@ def _reveal_by_projection(loaded, probes: list, findings: list, tests: dict, pro
     for layer in sorted(flagged):
         layer_subjects = {x["subject"] for x in flagged[layer]}
         layer_found = [f for f in found if f["subject"] in layer_subjects]
-        findings += findings_from_projection(layer_found, layer, loaded.arch.weight_name("mlp_out", layer), len(chosen))
+        revealed = findings_from_projection(layer_found, layer, loaded.arch.weight_name("mlp_out", layer), len(chosen))
+        _cap_severity(revealed, layer_severity, {layer})
+        findings += revealed
     return lambda: projection_applied(loaded, flagged, whiten)
 
 
@@ -313,12 +320,16 @@ def _flagged_layers(findings: list) -> dict[int, str]:
     return flagged
 
 
-def _cap_severity(findings: list, flagged: dict[int, str], layers: set[int]) -> None:
-    """A mask taken unasked corroborates the tests that flagged its layers, never escalates: its findings
-    are no more severe than theirs (a warning stays "suspicious", it does not become "edited")."""
+def _cap_severity(findings: list, flagged: dict[int, str], layers: set[int]) -> str:
+    """A follow-up test (a mask taken unasked, key projection of flagged subjects) corroborates the tests that
+    flagged its layers, never escalates: its findings are no more severe than theirs (a warning stays
+    "suspicious", it does not become "edited"). Returns that ceiling."""
     cap = max((flagged[layer] for layer in layers if layer in flagged), key=SEVERITY_ORDER.get, default="note")
     for f in findings:
-        f.severity = min(f.severity, cap, key=SEVERITY_ORDER.get)
+        if SEVERITY_ORDER[f.severity] > SEVERITY_ORDER[cap]:
+            f.severity = cap
+            f.message += f" (graded {cap}: no more severe than the tests that flagged layer(s) {sorted(layers)})"
+    return cap
 
 
 def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> tuple[Path | None, str]:

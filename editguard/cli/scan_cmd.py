@@ -106,7 +106,9 @@ def _render(console, r) -> None:
         elif name == "hidden":
             console.print(f"  hidden facts under {escape(t['mask'])} (γ={t['threshold']}): {t['changed_confident']} of "
                           f"{t['probes']} probe answers change, {t['changed_at_edited_prob']} of them held at p ≥ "
-                          f"{t['edited_prob']} as edited answers are")
+                          f"{t['edited_prob']} as edited answers are"
+                          + (f" (graded {t['graded_at_most']} at most, as the tests that flagged its layer)"
+                             if t.get("graded_at_most") not in (None, "error") else ""))
         elif name == "lock":
             console.print(f"  lock: {'intact' if t['intact'] else 'BROKEN'} (manifest sha256 {t['manifest_sha256']})")
         elif name == "attribution":

@@ -230,9 +230,10 @@ def preflight(hp: EditHparams, job: TrainJob) -> None:
 def check_job(hp: EditHparams, job: TrainJob) -> None:
     """The output name, an unfinished run and the method: checked first by `run`."""
     job.output = Path(job.output)
-    check_new_mask_path(job.output)
+    if not job.bank_only:  # a bank-only run writes no mask: -o may name the (shipped) mask the bank is for
+        check_new_mask_path(job.output)
     ckpt = checkpoint_path(job.output)
-    if ckpt.exists() and not job.resume:
+    if ckpt.exists() and not job.resume and not job.bank_only:
         raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
     if hp.method != job.method:
         raise EditguardError(f"the edit hyperparameters are for {hp.method.upper()}, the mask is to be trained "
