@@ -65,7 +65,7 @@ def main() -> None:
                          r["rsr"] / r["original_prefers_true"], time.time() - started))
     print(f"{len(split.facts)} memit-test facts in {len(split.groups)} batch edit(s) of {args.bank}; original prefers "
           f"true {100 * r['original_prefers_true']:.1f} %, edited {100 * r['edited_prefers_true']:.1f} %")
-    print(f"| mask | trained on | layers | tensors | RSR | RSR known | mask on unedited | RSR / ceiling | s |")
+    print("| mask | trained on | layers | tensors | RSR | RSR known | mask on unedited | RSR / ceiling | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, method, layers, n, rsr, known, control, ratio, secs in rows:
         print(f"| {name} | {method} | {layers} | {n} | {100 * rsr:.1f} % | {100 * known:.1f} % | {100 * control:.1f} % "

@@ -188,31 +188,48 @@ class Checkpoint:
         return "pickle"
 
     def _safetensors_files(self) -> list[str]:
-        """The weight files transformers would load: the shard index's files, else `model.safetensors`
-        (a stray `*.safetensors` beside it is not loaded, so it must not be diffed or hashed either: a
-        clean copy of an edited tensor there would hide the edit), else every `*.safetensors`."""
-        index = self.folder / SAFETENSORS_INDEX
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise EditguardError(f"{index}: corrupt shard index") from None
-            escaping = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
-            if escaping:
-                raise EditguardError(f"{index}: shard names must be plain file names in the folder, not {escaping[0]!r}")
-            missing = [f for f in files if not (self.folder / f).is_file()]
-            if missing:
-                raise EditguardError(f"{self.folder}: shard index names missing files: {', '.join(missing)}")
-            return files
+        """The weight files transformers loads, in its order: the file config.json names in
+        `transformers_weights`, else `model.safetensors`, else the shard index's files, else every
+        `*.safetensors`. Files it would not load are not weights: a clean copy of an edited tensor in a
+        stray file (or in shards beside a `model.safetensors`) must not hide the edit from the diff or the
+        lock check."""
+        explicit = self.config.get("transformers_weights")
+        if explicit is not None:
+            if not isinstance(explicit, str) or Path(explicit).name != explicit or explicit in (".", ".."):
+                raise EditguardError(f"{self.folder}/config.json: transformers_weights must be a plain file name "
+                                     f"in the folder, not {explicit!r}")
+            if explicit.endswith(".safetensors.index.json") and (self.folder / explicit).is_file():
+                return self._index_files(self.folder / explicit)
+            if explicit.endswith(".safetensors") and (self.folder / explicit).is_file():
+                return [explicit]
+            raise EditguardError(f"{self.folder}/config.json: transformers_weights names {explicit!r}, not a "
+                                 f".safetensors file or shard index in the folder")
         if (self.folder / "model.safetensors").is_file():
             return ["model.safetensors"]
+        index = self.folder / SAFETENSORS_INDEX
+        if index.is_file():
+            return self._index_files(index)
         # editguard's own files beside the weights (a lock's mask) are not weights
         names = sorted(p.name for p in self.folder.glob("*.safetensors") if not p.name.startswith(OWN_FILE_PREFIX))
         odd = [n for n in names if not (self.folder / n).is_file()]
         if odd:
             raise EditguardError(f"{self.folder}: {', '.join(odd)} is not a file")
         return names
+
+    def _index_files(self, index: Path) -> list[str]:
+        """The shard files a shard index names, each a plain file in the folder."""
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise EditguardError(f"{index}: corrupt shard index") from None
+        escaping = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
+        if escaping:
+            raise EditguardError(f"{index}: shard names must be plain file names in the folder, not {escaping[0]!r}")
+        missing = [f for f in files if not (self.folder / f).is_file()]
+        if missing:
+            raise EditguardError(f"{self.folder}: shard index names missing files: {', '.join(missing)}")
+        return files
 
     def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
         if file not in self._pickle_state:
@@ -286,13 +303,14 @@ class Checkpoint:
         extra_files: dict[str, bytes] | None = None,
         force: bool = False,
         progress: Callable[[str], None] | None = None,
+        omit: Iterable[str] = (),
     ) -> list[str]:
         """Write a complete model folder equal to this one with some tensors replaced.
 
         Only shards that hold a replaced tensor are rewritten (streamed, byte ranges copied); the others
         are copied (kernel-side copy). The folder appears atomically: it is built beside
         `out_dir` and renamed into place, so an interrupted or failed write (disk full) leaves nothing.
-        Returns the names of the rewritten files.
+        Files named in `omit` are left out. Returns the names of the rewritten files.
         """
         out = check_output_folder(out_dir, [self.folder], force)
         for name in replacements:
@@ -318,7 +336,7 @@ class Checkpoint:
                     _copy(self.folder / SAFETENSORS_INDEX, tmp / SAFETENSORS_INDEX)
             weight_files = set(self.files) | {SAFETENSORS_INDEX}
             for item in self.folder.iterdir():
-                if item.name in weight_files or item.suffix in PICKLE_SUFFIXES or item.name.startswith("."):
+                if item.name in weight_files or item.name in omit or item.suffix in PICKLE_SUFFIXES or item.name.startswith("."):
                     continue
                 if item.is_file():
                     _copy(item, tmp / item.name)
@@ -378,7 +396,13 @@ class Checkpoint:
             os.fsync(dst.fileno())
 
     def _write_pickle_as_safetensors(self, tmp: Path, replacements: dict[str, torch.Tensor]) -> list[str]:
-        tensors = {name: replacements.get(name, self.read(name)) for name in self.names()}
+        tensors, storages = {}, set()
+        for name in self.names():
+            tensor = replacements.get(name, self.read(name))
+            storage = tensor.untyped_storage().data_ptr()
+            # tied weights share one storage in a pickle; safetensors stores each tensor on its own
+            tensors[name] = tensor.clone() if storage in storages else tensor
+            storages.add(storage)
         write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
         return ["model.safetensors"]
 
@@ -395,7 +419,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         # after the write: mkstemp, and safetensors' own temp file, make 0600; outputs look like any other file
         os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)  # on disk before the rename: a crash leaves the old file or the new one, never a torn one
         os.replace(tmp, path)
+        _fsync(path.parent)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -411,6 +437,20 @@ def make_temp_dir(out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # it becomes the output: ordinary permissions
     return tmp
+
+
+def _fsync(path: Path | str) -> None:
+    """Flush a file, or a folder's entries (a rename), to disk; a file system that cannot is left as is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from . import arch as arch_table
 from . import masks_index
-from .checkpoint import Checkpoint
 from .errors import EditguardError
 from .resolve import ModelRef
 

@@ -151,6 +151,7 @@ def _keep_lock(loaded: LoadedModel) -> None:
     if manifest is None:
         return
     mask = MaskFile.load(loaded.checkpoint.folder / manifest["mask_file"])
+    mask.check_fits(loaded.arch, loaded.checkpoint)  # a mask of other tensors or shapes is named, not met mid-forward
     install_mask(loaded.model, loaded.arch, mask, manifest.get("threshold"))
     loaded.extras["lock"] = manifest
 

@@ -16,12 +16,23 @@ def _overlap(out: Path, inputs: Iterable[str | os.PathLike | None]) -> Path | No
     as a hub id, are skipped). Both the path as given and its link target count: a Hugging Face cache
     snapshot holds links into its blobs."""
     for item in inputs:
-        if item is None or not Path(item).exists():
+        if item is None or not Path(item).expanduser().exists():
             continue
-        for source in {Path(os.path.abspath(item)), Path(item).resolve()}:
+        item = Path(item).expanduser()
+        for source in {Path(os.path.abspath(item)), item.resolve()}:
             if out == source or source.is_relative_to(out) or out.is_relative_to(source):
                 return source
+            if _within(out, source) or _within(source, out):
+                return source
     return None
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    """`inner` is `outer` or lies inside it by file identity: the same folder under another spelling (a
+    case-insensitive file system, a bind mount) that the path comparison above cannot see."""
+    if not outer.exists():
+        return False
+    return any(p.exists() and os.path.samefile(p, outer) for p in (inner, *inner.parents))
 
 
 def _parent_is_writable(out: Path) -> None:

@@ -106,7 +106,18 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
     for meta, message in (({"format": FORMAT}, "missing 'records'"),
                           ({"format": FORMAT, "records": None, "method": "rome", "groups": [], "hparams": {},
                             "hparams_hash": "", "fingerprints": {}, "context_templates": ["{}"]},
-                           "must be lists")):
+                           "must be lists"),
+                          ({"format": FORMAT, "records": [{"case_id": 1}], "method": "rome", "groups": [], "hparams": {},
+                            "hparams_hash": "", "fingerprints": {}, "context_templates": ["{}"]},
+                           "must name its layer"),
+                          ({"format": FORMAT, "records": [{"case_id": 1}], "method": "memit", "hparams": {},
+                            "groups": [{"records": [0, 3], "layers": [0], "tensors": ["w"]}],
+                            "hparams_hash": "", "fingerprints": {}, "context_templates": ["{}"]},
+                           "record numbers below 1"),
+                          ({"format": FORMAT, "records": [{"case_id": 1}], "method": "memit", "hparams": {},
+                            "groups": [{"records": [0], "layers": [0, 1], "tensors": ["w"]}],
+                            "hparams_hash": "", "fingerprints": {}, "context_templates": ["{}"]},
+                           "as many tensors as layers")):
         save_file({"x": torch.zeros(1)}, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(meta)})
         with pytest.raises(EditguardError, match=message):
             EditBank.open(tmp_path / "odd.safetensors")

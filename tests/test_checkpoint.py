@@ -206,3 +206,21 @@ def test_only_the_files_transformers_loads_are_weights(tmp_path):
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(EditguardError, match="plain file names"):
         Checkpoint(src)
+
+
+def test_weight_files_follow_transformers_order(tmp_path):
+    """transformers loads config.json's `transformers_weights`, else model.safetensors, else the shard
+    index: an edited tensor in the file it loads is what editguard must read, hash and rewrite."""
+    src = _sharded(tmp_path)
+    sharded = Checkpoint(src).files
+    name = Checkpoint(src).names()[0]
+    save_file({name: torch.full_like(Checkpoint(src).read(name), 7.0)}, src / "model.safetensors")
+    ck = Checkpoint(src)
+    assert ck.files == ["model.safetensors"] and float(ck.read(name).flatten()[0]) == 7.0
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "transformers_weights": "model.safetensors.index.json"}))
+    assert Checkpoint(src).files == sharded
+    for named, message in (("../x.safetensors", "plain file name"), ("weights.bin", "not a .safetensors file")):
+        (src / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
+        with pytest.raises(EditguardError, match=message):
+            Checkpoint(src)

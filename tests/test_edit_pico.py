@@ -3,6 +3,8 @@ flips the prediction; the fast path equals EasyEdit's reference loop."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from editguard.edit.edits import edits_applied
 from editguard.edit.facts import Fact
 from editguard.edit.hparams import hparams_from_dict
 from editguard.edit.plant import compute_edits, write_edited
+from editguard.errors import EditguardError
 from editguard.edit.rome import rome_edit_reference, rome_edits
 from editguard.loading import load_model
 from editguard.resolve import resolve
@@ -159,6 +162,13 @@ def test_context_templates_match_generate_and_banks_keep_theirs(pico_models, tmp
     fresh.extras[templates_key(hp)] = ["{}", "Something else. {}"]  # what another machine might sample
     bank = fill_bank(fresh, [FACT, FACT2], hp, bank_path, resume=True)
     assert templates_for(fresh, hp) == bank.meta["context_templates"] == templates_for(loaded, hp)
+    # a fact without a case id (--fact) is banked once, however often the run resumes; a case id already
+    # banked as another fact (another data file reusing the ids) is refused, not mixed in
+    assert len(bank) == 2 and len(fill_bank(fresh, [FACT, FACT2], hp, bank_path, resume=True)) == 2
+    numbered = bank_path.with_name("numbered.safetensors")
+    fill_bank(fresh, [replace(FACT, case_id=5)], hp, numbered)
+    with pytest.raises(EditguardError, match="holds case 5 as another fact"):
+        fill_bank(fresh, [replace(FACT2, case_id=5)], hp, numbered, resume=True)
 
 
 # the demo models' architecture and depth (their GGUFs' configs)

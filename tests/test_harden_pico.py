@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from editguard.checkpoint import Checkpoint, fingerprint
 from editguard.mask.file import MaskFile, MaskTarget
+from conftest import one_line_error
 
 TENSOR = "model.layers.1.mlp.down_proj.weight"
 
@@ -139,6 +143,25 @@ def test_reversal_evaluation_reads_each_model(edited, pico_models):
     assert same["perplexity_after"] != pytest.approx(summary["perplexity_before"])  # the edit changed the text figures
 
 
+def test_locked_model_loads_with_the_bits_that_masked_it(cli, pico_models, tmp_path):
+    """Scores are stored in float16: a weight the mask keeps (score 0.20001 ≥ γ = 0.2 in float32) scores
+    0.19995 when re-cut. The lock writes the stored bits; the loader must re-apply those, not a new cut."""
+    from editguard import load_locked
+
+    weight = Checkpoint(pico_models["llama"]).read(TENSOR)
+    scores = torch.rand(32, 64, generator=torch.Generator().manual_seed(0))
+    scores[0, 0] = 0.20001
+    mask = MaskFile("pico", None, "llama", "rome", 0.2, [MaskTarget(TENSOR, 1, (32, 64), False, fingerprint(weight), scores)])
+    mask.save(tmp_path / "m.safetensors")
+    stored = MaskFile.load(tmp_path / "m.safetensors")
+    assert stored.mask()[0, 0] == 1 and stored.targets[0].binary(0.2)[0, 0] == 0  # the rounding at stake
+    assert cli("lock", pico_models["llama"], "--mask", tmp_path / "m.safetensors", "-o", tmp_path / "locked").code == 0
+    assert json.loads((tmp_path / "locked" / "editguard-lock.json").read_text())["threshold"] is None
+    loaded = load_locked(str(tmp_path / "locked"))
+    effective = loaded.model.get_submodule(TENSOR.removesuffix(".weight")).weight.detach()
+    torch.testing.assert_close(effective, weight * stored.mask())
+
+
 def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     from editguard import load_locked
     from editguard.edit.edits import Edit, apply_to_model
@@ -181,8 +204,8 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     # is corrupt: refused, not obeyed
     import json as json_module
     for i, (field, value, message) in enumerate((("mask_file", "../elsewhere.safetensors", "mask_file must be"),
-                                                 ("threshold", 5.0, "not a number in"),
-                                                 ("threshold", "abc", "not a number in"), ("tensors", {}, "inconsistent"))):
+                                                 ("threshold", 5.0, "nor a number in"),
+                                                 ("threshold", "abc", "nor a number in"), ("tensors", {}, "inconsistent"))):
         odd = tmp_path / f"odd{i}"
         shutil.copytree(locked_dir, odd)
         manifest = json_module.loads((odd / "editguard-lock.json").read_text())
@@ -191,6 +214,10 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
             load_locked(str(odd))
         result = cli("scan", odd, "--tests", "diff")
         assert result.code == 2 and "corrupt lock manifest" in result.err
+    garbled = tmp_path / "garbled"  # not even text
+    shutil.copytree(locked_dir, garbled)
+    (garbled / "editguard-lock.json").write_bytes(b"\xff\xfe{" + bytes(range(128, 256)))
+    one_line_error(cli("scan", garbled, "--tests", "diff"), "corrupt lock manifest")
 
 
 def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
@@ -316,6 +343,22 @@ def test_whitened_projection_removes_a_memit_update_and_keeps_the_rest():
     assert torch.allclose(Q.T @ Q, torch.eye(n), atol=1e-5)
 
 
+def test_repeated_keys_project_out_nothing_else():
+    """A fact flagged by two tests yields its keys twice: the basis spans the distinct keys only, and a
+    weight direction orthogonal to them is left exactly as it was (QR would cut arbitrary ones)."""
+    from editguard.harden.project import key_basis, project_out
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 64, generator=gen)
+    repeated = torch.cat([keys, keys, keys[:1]])
+    assert key_basis(repeated).shape == (64, 3)
+    W = torch.randn(32, 64, generator=gen)
+    assert torch.allclose(project_out(W, repeated, False), project_out(W, keys, False), atol=1e-5)
+    other = torch.randn(64, generator=gen)
+    other -= keys.T @ torch.linalg.lstsq(keys.T, other).solution  # orthogonal to every key
+    assert torch.allclose(project_out(W, repeated, False) @ other, W @ other, atol=1e-4)
+
+
 def test_changed_answers_reads_each_probability_where_it_says(edited, pico_models):
     """Hidden-fact rows (scan's EG020/EG021): the planted answer, the answer an intervention reveals,
     and the cross probabilities, each from the model it names. The intervention here restores the
@@ -395,3 +438,62 @@ def test_outputs_never_touch_the_input(cli, pico_models, pico_mask, tmp_path):
     assert _digest(home / "model") == before
     result = cli("scan", home / "model", "--min-prob", "2")
     assert result.code == 2 and "--min-prob must be a number in [0, 1]" in result.err
+
+
+def test_force_never_deletes_what_the_run_reads(cli, pico_models, pico_mask, tmp_path, monkeypatch):
+    """Every file a run reads or offloads to counts as an input for -o: a probe file or an edit's
+    hyperparameters inside an earlier output are not deleted by --force; nor is the input reached by
+    another spelling of its path (a case-insensitive file system, a bind mount: same file identity)."""
+    earlier = tmp_path / "earlier"
+    shutil.copytree(pico_models["llama"], earlier)
+    probes = earlier / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "The official language of France is", "subject": "France"}) + "\n")
+    one_line_error(cli("reverse", pico_models["llama"], "--method", "svd", "--layers", "1", "--probes", probes,
+                       "-o", earlier, "--force"), "overlaps the input")
+    (earlier / "hp.yaml").write_text(yaml.safe_dump({"alg_name": "ROME", "layers": [1]}))
+    one_line_error(cli("edit", pico_models["llama"], "--fact", "The official language of {}", "--subject", "France",
+                       "--target", "Japanese", "--hparams", earlier / "hp.yaml", "-o", earlier, "--force"),
+                   "overlaps the input")
+    (earlier / "offload").mkdir()
+    one_line_error(cli("lock", pico_models["llama"], "--mask", pico_mask, "--offload-folder", earlier / "offload",
+                       "-o", earlier, "--force"), "overlaps the input")
+    assert probes.exists() and (earlier / "hp.yaml").exists()
+    model, alias = tmp_path / "model", tmp_path / "MODEL"
+    shutil.copytree(pico_models["llama"], model)
+    alias.mkdir()
+    real_samefile = os.path.samefile
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: {Path(a).name, Path(b).name} == {"model", "MODEL"}
+                        or real_samefile(a, b))
+    one_line_error(cli("lock", model, "--mask", pico_mask, "-o", alias, "--force"), "overlaps the input")
+    assert (model / "model.safetensors").exists()
+
+
+def test_reversing_a_locked_model_leaves_its_lock_behind(cli, pico_models, pico_mask, tmp_path):
+    """The reversal rewrites a tensor the lock protects: the copied manifest would report the output as
+    tampered with, so the output carries no lock and says so. A damaged tensor is named, not decomposed."""
+    locked = tmp_path / "locked"
+    assert cli("lock", pico_models["llama"], "--mask", pico_mask, "-o", locked).code == 0
+    result = cli("-f", "json", "reverse", locked, "--layers", "1", "-o", tmp_path / "out")
+    assert result.code == 0 and result.json["lock_removed"] is True, result.err
+    assert not (tmp_path / "out" / "editguard-lock.json").exists() and (locked / "editguard-lock.json").exists()
+    assert "lock" not in cli("-f", "json", "scan", tmp_path / "out", "--tests", "diff", "--base", locked).json["tests"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pico_models["llama"], damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    tensors[TENSOR][0, 0] = float("nan")
+    save_file(tensors, damaged / "model.safetensors")
+    one_line_error(cli("reverse", damaged, "--layers", "1", "-o", tmp_path / "d"), "NaN or infinite values")
+
+
+def test_reverse_options_belong_to_their_method(cli, edited, pico_mask, tmp_path):
+    """--threshold is the mask's and --layers svd's: given alone each picks its method; with another
+    method they are refused, not ignored."""
+    one_line_error(cli("reverse", edited, "--method", "svd", "--layers", "1", "--threshold", "0.5", "-o",
+                       tmp_path / "a"), "--threshold applies to --method mask, not svd")
+    one_line_error(cli("reverse", edited, "--method", "project", "--layers", "1", "-o", tmp_path / "b"),
+                   "--layers applies to --method svd, not project")
+    picked = cli("-f", "json", "reverse", edited, "--layers", "1", "-o", tmp_path / "c")
+    assert picked.code == 0 and picked.json["method"] == "svd", picked.err
+    picked = cli("-f", "json", "reverse", edited, "--mask", pico_mask, "--threshold", "0.5", "-o", tmp_path / "d")
+    assert picked.code == 0 and picked.json["method"] == "mask", picked.err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -20,7 +20,7 @@ from editguard import arch as arch_table
 from editguard.checkpoint import Checkpoint
 from editguard.errors import EditguardError
 from editguard.mask.file import MaskFile, MaskTarget
-from editguard.mask.train import MaskedProjection, MaskTrainer, PromptSet, TrainConfig, TrainState, load_checkpoint, \
+from editguard.mask.train import MaskedProjection, MaskTrainer, TrainConfig, TrainState, load_checkpoint, \
     make_optimizer, save_checkpoint
 
 
@@ -392,6 +392,19 @@ def test_best_validation_point_is_kept_and_checkpointed(tmp_path):
     loaded, _, _ = load_checkpoint(tmp_path / "ck.safetensors", TrainConfig())
     assert loaded.best_step == 2 and torch.equal(loaded.best_theta[0], state.best_theta[0])
     assert torch.equal(loaded.theta[0], state.theta[0])
+    # a checkpoint that does not fit the run, or is damaged, is named: never a mask missing a tensor
+    with pytest.raises(EditguardError, match="1 Θ tensors for 2 masked tensors"):
+        load_checkpoint(tmp_path / "ck.safetensors", TrainConfig(), shapes=[(2, 3), (2, 3)])
+    with pytest.raises(EditguardError, match="not of shape \\[3, 2\\]"):
+        load_checkpoint(tmp_path / "ck.safetensors", TrainConfig(), shapes=[(3, 2)])
+    from safetensors.torch import save_file
+
+    tensors = {"theta.0": torch.zeros(2, 3), "exp_avg.0": torch.zeros(2, 3), "exp_avg_sq.0": torch.zeros(2, 3)}
+    for info, message in (({"seconds": 1.0}, "step or seconds"), ({"step": 1, "seconds": 1.0, "curve": [3]}, "curve"),
+                          ({"step": 1, "seconds": 1.0}, "opt_step.0")):
+        save_file(tensors, tmp_path / "odd.safetensors", metadata={"editguard_train": json.dumps(info)})
+        with pytest.raises(EditguardError, match=f"corrupted training checkpoint .*{message}"):
+            load_checkpoint(tmp_path / "odd.safetensors", TrainConfig(), shapes=[(2, 3)])
 
 
 PICO_EDIT = {"alg_name": "ROME", "layers": [0], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 5}
@@ -665,6 +678,9 @@ def test_killed_training_resumes(pico_models, tmp_path):
     changed = subprocess.run(args + ["--resume", "--set", "margin=2.5"], env=env, capture_output=True, text=True,
                              timeout=600)
     assert changed.returncode == 2 and "other data or settings" in changed.stderr
+    validated = subprocess.run(args + ["--resume", "--val-every", "3"], env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert validated.returncode == 2 and "other --val-every" in validated.stderr
     # a checkpoint from before a setting existed resumes: the missing setting is its default
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -673,6 +689,7 @@ def test_killed_training_resumes(pico_models, tmp_path):
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
         meta = json.loads(handle.metadata()["editguard_train"])
     del meta["config"]["beta_anchor"]
+    del meta["settings"]  # written since: an older checkpoint's validation settings are taken as the run's
     save_file(tensors, str(ckpt), metadata={"editguard_train": json.dumps(meta)})
     resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr

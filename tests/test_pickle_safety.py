@@ -69,6 +69,26 @@ def test_benign_pickle_readable_with_flag(tmp_path, pico_models, cli):
     assert result.json["num_layers"] == 2
 
 
+def test_pickle_with_tied_weights_is_written_as_safetensors(tmp_path, pico_models, cli):
+    """torch.save of a tied model keeps the embedding and the unembedding on one storage, which safetensors
+    refuses to store twice: reverse/lock --allow-pickle still write the checkpoint, each tensor its own."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "tied-bin"
+    shutil.copytree(pico_models["llama"], folder)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # one tensor, as a tied state_dict holds it
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    result = cli("reverse", folder, "--allow-pickle", "--method", "svd", "--layers", "1", "-o", tmp_path / "out")
+    assert result.code == 0, result.err
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(written["lm_head.weight"], written["model.embed_tokens.weight"])
+
+
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth", ".ckpt"])
 @pytest.mark.parametrize("allow", [False, True])
 @pytest.mark.parametrize("command", [

@@ -86,7 +86,8 @@ def edit_command(
     if output is not None:
         if resume or memit_batch is not None:
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
-        check_output_folder(output, [model], force)  # before resolving: a hub model may download first
+        check_output_folder(output, [model, data, hparams, offload_folder], force)  # before resolving: a hub
+        # model may download first; --force must never delete what the run reads or offloads to
     elif bank.exists():
         if not resume:
             raise EditguardError(f"edit bank {bank} exists; pass --resume to extend it, or choose another --bank")
@@ -94,7 +95,7 @@ def edit_command(
     facts = collect_facts(fact, subject, target, counterfact_cases, data, limit)
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
-        check_output_folder(output, input_paths(ref), force)
+        check_output_folder(output, input_paths(ref, data, hparams, offload_folder), force)
     else:
         check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))  # a bank never replaces other files
     # hyperparameters and layers are checked before the (slow) model load

@@ -38,8 +38,9 @@ def reverse_command(
     model: ModelArg,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the restored checkpoint.")],
     method: Annotated[Optional[str], typer.Option("--method", help="project | mask | svd | base (default: base with --base, mask "
-                                                                   "with --mask, else project when scan's base-free tests "
-                                                                   "flag subjects, else the shipped mask).")] = None,
+                                                                   "with --mask or --threshold, svd with --layers, else "
+                                                                   "project when scan's base-free tests flag subjects, "
+                                                                   "else the shipped mask).")] = None,
     mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Unedited base (for --method base).")] = None,
@@ -63,25 +64,27 @@ def reverse_command(
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
     from ..audit.probes import load_probes
     from ..harden.project import flagged_method, whiten_by_default
-    from ..harden.reverse import base_replacements, masked_replacements, svd_replacements, write_reversed
+    from ..harden.reverse import (base_replacements, lock_files_undone, masked_replacements, svd_replacements,
+                                   write_reversed)
 
     out = state.out()
     check_share("--threshold", threshold)
     if base_revision is not None and base is None:
         raise EditguardError("--base-revision needs --base")
     load_probes(probes)  # a missing or malformed probe file is named before minutes of scanning
-    check_output_folder(output, [model, mask, base], force)  # before resolving: a hub model may download first
+    read = [mask, base, probes, offload_folder]  # --force must never delete what the run reads or offloads to
+    check_output_folder(output, [model, *read], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
-    check_output_folder(output, input_paths(ref, mask, base), force)
+    check_output_folder(output, input_paths(ref, *read), force)
     placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # load_model keywords
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
     inputs = _ReverseInput(ref, probes, placement)
     flagged = None
-    if method is None:  # the measured best first: the base itself, key projection, then the mask
-        if base or mask:
-            method = "base" if base else "mask"
+    if method is None:  # an option of one method picks it; else the measured best first: key projection, the mask
+        if base or mask or threshold is not None or layers:
+            method = "base" if base else "mask" if mask or threshold is not None else "svd"
         else:
             flagged = inputs.flagged(SHOWN_TESTS, required=False)  # with "hidden": the mask path shows its facts
             method = "project" if flagged else "mask"
@@ -91,6 +94,10 @@ def reverse_command(
         raise EditguardError(f"--whiten/--no-whiten apply to --method project, not {method}")
     if base is not None and method != "base":
         raise EditguardError(f"--base applies to --method base, not {method}")
+    if threshold is not None and method != "mask":
+        raise EditguardError(f"--threshold applies to --method mask, not {method}")
+    if layers and method != "svd":
+        raise EditguardError(f"--layers applies to --method svd, not {method}")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
@@ -132,7 +139,8 @@ def reverse_command(
     if method == "project":  # the facts just projected out are the ones to show
         facts = list({f["prompt"]: _shown(f) for layer_facts in flagged.values() for f in layer_facts}.values())[:20]
     else:
-        facts = inputs.shown_facts(mask)
+        facts = inputs.shown_facts(mask, threshold)
+    info["lock_removed"] = bool(lock_files_undone(checkpoint, replacements))
     with out.progress(f"writing {output}"):
         info["rewritten_files"] = write_reversed(checkpoint, replacements, output, force=force)
     info["tensors"] = sorted(replacements)
@@ -184,15 +192,16 @@ class _ReverseInput:
         loaded, self._loaded = self.model(), None
         return loaded
 
-    def findings(self, tests: tuple[str, ...], mask: str | None = None) -> list:
+    def findings(self, tests: tuple[str, ...], mask: str | None = None, threshold: float | None = None) -> list:
         from ..audit.scan import ScanOptions, scan
 
-        key = (tests, mask)
+        key = (tests, mask, threshold)
         if key not in self._scans:
             what = "finding flagged facts" if "hidden" in tests else "finding edited layers"
             with state.out().progress(f"{what} (activation and answer-dependence tests)"):
                 try:
-                    result = scan(self.ref, ScanOptions(mask=mask, probes=self.probes, tests=tests, loaded=self.model(),
+                    result = scan(self.ref, ScanOptions(mask=mask, threshold=threshold, probes=self.probes, tests=tests,
+                                                        loaded=self.model(),
                                                         **_scan_placement(self.placement)))
                 except NothingExamined:  # nothing flagged (a method that needs flags says so itself)
                     result = {"_findings": []}
@@ -218,10 +227,11 @@ class _ReverseInput:
                 out.append(f)
         return out
 
-    def shown_facts(self, mask: str | None) -> list[dict]:
-        """The facts to show before/after: what scan flags (outliers, revealed and hidden facts)."""
+    def shown_facts(self, mask: str | None, threshold: float | None = None) -> list[dict]:
+        """The facts to show before/after: what scan flags (outliers, revealed and hidden facts; the latter
+        under the mask at `threshold`, as applied)."""
         shown = {}
-        for f in self.findings(SHOWN_TESTS, mask):
+        for f in self.findings(SHOWN_TESTS, mask, threshold):
             for fact in f.facts:
                 shown.setdefault(fact["prompt"], _shown(fact))
         return list(shown.values())[:20]
@@ -246,7 +256,8 @@ def _before_after(inputs: _ReverseInput, output: Path, facts: list[dict], evalua
         return inputs.release() if which is inputs.ref else load_model(which, **inputs.placement)
 
     with state.out().progress("answers before and after" + (", RSR and perplexity" if evaluate else "")):
-        return evaluate_reversal(load, inputs.ref, resolve(str(output)), facts,
+        # the folder just written, by its absolute path: the -o text again could name a demo model or "~"
+        return evaluate_reversal(load, inputs.ref, resolve(str(Path(output).resolve())), facts,
                                  text_tokens if evaluate else 0, scores=evaluate)
 
 
@@ -254,6 +265,9 @@ def _render_reverse(console, r) -> None:
     how = r["method"] + (" (whitened keys)" if r.get("whitened") else "")
     console.print(f"reversed {escape(r['model'])} with --method {how} → {escape(r['output'])} "
                   f"(rewrote {', '.join(r['rewritten_files'])}; tensors {', '.join(r['tensors'])})")
+    if r.get("lock_removed"):
+        console.print("[yellow]the input's lock protected tensors this reversal changed: the output carries no "
+                      "lock (run `editguard lock` on it again)[/]")
     if r.get("left_as_they_are"):
         console.print(f"[yellow]still different from the base (not edit-like, left as they are):[/] "
                       f"{escape(', '.join(r['left_as_they_are']))}")
@@ -304,11 +318,12 @@ def lock_command(
         raise EditguardError("give -o/--output (write a locked copy) and/or --evaluate N")
     check_share("--threshold", threshold)
     placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # checked before writing
+    read = [mask, hparams, data, offload_folder]  # --force must never delete what the run reads or offloads to
     if output is not None:
-        check_output_folder(output, [model, mask], force)  # before resolving: a hub model may download first
+        check_output_folder(output, [model, *read], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
-        check_output_folder(output, input_paths(ref, mask), force)
+        check_output_folder(output, input_paths(ref, *read), force)
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     mask_path = _mask_for(mask, arch, checkpoint, lock=True)

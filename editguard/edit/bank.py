@@ -93,6 +93,17 @@ class EditBank:
                 raise TypeError("every record must be an object with a case_id (an integer or null)")
         n = len(self.meta["records"])
         if self.meta["method"] == "rome":
+            for record in self.meta["records"]:
+                if not isinstance(record.get("layer"), int) or not isinstance(record.get("tensor"), str):
+                    raise TypeError("every ROME record must name its layer (an integer) and tensor")
+        for group in self.meta["groups"]:
+            if not (isinstance(group, dict) and isinstance(group.get("records"), list)
+                    and all(isinstance(i, int) and 0 <= i < n for i in group["records"])):
+                raise TypeError(f"every group's records must be record numbers below {n}")
+            if not (isinstance(group.get("layers"), list) and isinstance(group.get("tensors"), list)
+                    and len(group["layers"]) == len(group["tensors"])):
+                raise TypeError("every group must list as many tensors as layers")
+        if self.meta["method"] == "rome":
             u, v = self.tensors.get("rome.u"), self.tensors.get("rome.v")
             if n and (u is None or v is None or u.ndim != 2 or v.ndim != 2 or u.shape[0] != n or v.shape[0] != n):
                 raise EditguardError(f"corrupted edit bank {self.path}: {n} records but factors of another shape")
@@ -132,6 +143,26 @@ class EditBank:
 
     def case_ids(self) -> set[int]:
         return {r["case_id"] for r in self.meta["records"] if r.get("case_id") is not None}
+
+    def unbanked(self, facts: list[Fact]) -> list[Fact]:
+        """The facts whose edit the bank lacks. A fact with a case id is banked under that id, which must
+        name the same fact (another data file reusing the ids is refused, not mixed in); a fact without
+        one (`--fact`) is banked when a record without one holds the same content."""
+        by_case = {r["case_id"]: _content(r) for r in self.meta["records"] if r.get("case_id") is not None}
+        free = {_content(r) for r in self.meta["records"] if r.get("case_id") is None}
+        todo = []
+        for fact in facts:
+            content = _content(_record(fact))
+            if fact.case_id is None:
+                if content not in free:
+                    todo.append(fact)
+            elif fact.case_id not in by_case:
+                todo.append(fact)
+            elif by_case[fact.case_id] != content:
+                raise EditguardError(f"edit bank {self.path} holds case {fact.case_id} as another fact (subject "
+                                     f"{by_case[fact.case_id][1]!r} → {by_case[fact.case_id][2]!r}; here "
+                                     f"{fact.subject!r} → {fact.target_new!r}): other data? use another bank")
+        return todo
 
     def check_matches(self, model_id: str, method: str, hparams_hash: str, fingerprints: dict[str, str]) -> None:
         """A bank is extended only with edits of the same model, method and hyperparameters."""
@@ -210,6 +241,11 @@ def _record(fact: Fact) -> dict:
     data["paraphrase_prompts"] = list(data["paraphrase_prompts"])
     data["neighborhood_prompts"] = list(data["neighborhood_prompts"])
     return data
+
+
+def _content(record: dict) -> tuple:
+    """What makes an edit the same edit: the prompt, subject and both objects."""
+    return tuple(record.get(k) for k in ("prompt", "subject", "target_new", "target_true"))
 
 
 def _fact(record: dict) -> Fact:

@@ -64,8 +64,7 @@ def fill_bank(
 
     ROME: one independent rank-one edit per fact. MEMIT: batch edits of `memit_batch` facts each."""
     bank = open_or_create_bank(loaded, hp, Path(path), resume)
-    done = bank.case_ids()
-    todo = [f for f in facts if f.case_id is None or f.case_id not in done]
+    todo = bank.unbanked(facts)
     if progress:
         progress(len(facts) - len(todo), len(facts))
     if hp.method == "rome":

@@ -46,7 +46,8 @@ def lock_checkpoint(checkpoint: Checkpoint, arch, mask: MaskFile, mask_path: Pat
     mask_bytes = Path(mask_path).read_bytes()
     manifest = {
         "format": FORMAT, "mask_file": MASK_NAME, "mask_sha256": hashlib.sha256(mask_bytes).hexdigest(),
-        "threshold": mask.threshold if threshold is None else threshold,
+        # null: the mask's stored bits, exactly what masked the weights above (not the scores cut at γ anew)
+        "threshold": threshold,
         "tensors": hashes, "targets": [t.tensor for t in mask.targets], "model_id": mask.model_id,
     }
     manifest_bytes = json.dumps(manifest, indent=2).encode()
@@ -61,8 +62,8 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise EditguardError(f"{path}: corrupt lock manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EditguardError(f"{path}: not an editguard lock manifest")
@@ -73,8 +74,9 @@ def read_manifest(folder: Path) -> dict | None:
     if manifest.get("mask_file") != MASK_NAME:  # never a path of the manifest's choosing
         raise EditguardError(f"{path}: corrupt lock manifest (mask_file must be {MASK_NAME})")
     threshold = manifest.get("threshold")
-    if type(threshold) not in (int, float) or not 0 < threshold < 1:
-        raise EditguardError(f"{path}: corrupt lock manifest (threshold {threshold!r} is not a number in (0, 1))")
+    if threshold is not None and (type(threshold) not in (int, float) or not 0 < threshold < 1):
+        raise EditguardError(f"{path}: corrupt lock manifest (threshold {threshold!r} is neither null, the mask's "
+                             f"stored bits, nor a number in (0, 1))")
     return manifest
 
 

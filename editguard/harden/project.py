@@ -41,6 +41,7 @@ from ..loading import LoadedModel
 # of ours, plus the bare prompt, span it closely (cos > 0.98 measured).
 KEY_TEMPLATES = [[5, 5]]
 WHITEN_WINDOWS = 64  # WikiText-2 windows for C (~65k tokens for a covariance of a few thousand dimensions)
+KEY_RANK_TOLERANCE = 1e-9  # singular values below this share of the largest: repeated keys, not new directions
 
 
 def edit_method(facts: Iterable[dict]) -> str | None:
@@ -92,12 +93,15 @@ def subject_keys(loaded: LoadedModel, layer: int, facts: list[dict], templates: 
     """Inputs of the layer's MLP output projection at each subject's last token, [keys, in], under each
     context template ("{}" + prefixes the model writes itself when not given)."""
     templates = templates or context_templates(loaded.model, loaded.tokenizer, KEY_TEMPLATES, seed=0)
-    ids, splits = [], []
+    ids, splits, seen = [], [], set()
     for fact in facts:
         prompt, subject = fact.get("prompt") or "", fact.get("subject") or ""
         if not subject or subject not in prompt:
             continue
         cut = prompt[: prompt.index(subject)] + "{}"  # nothing after the subject reaches its last token
+        if (cut, subject) in seen:  # one fact flagged by two tests, or two prompts alike up to the subject
+            continue
+        seen.add((cut, subject))
         for template in templates:
             seq, split = encode_at_subject(loaded.tokenizer, template.replace("{}", cut), subject)
             ids.append(seq[: split + 1])
@@ -111,13 +115,17 @@ def subject_keys(loaded: LoadedModel, layer: int, facts: list[dict], templates: 
 
 
 def key_basis(keys: torch.Tensor, moment: torch.Tensor | None = None) -> torch.Tensor:
-    """Orthonormal basis Q [in, r] of the span of keys [r, in], or with `moment` C of the span of C⁻¹ keys."""
+    """Orthonormal basis Q [in, rank] of the span of keys [r, in], or with `moment` C of the span of C⁻¹ keys.
+    From the SVD, not QR: QR of keys that repeat still returns r columns, the extra ones arbitrary
+    directions that projecting out would cut from the weight for nothing."""
     k = keys.T.double()
     if moment is not None:
         c = moment.double().to(k.device)
         ridge = 1e-10 * float(c.diagonal().mean())  # an input dimension the corpus never moves stays solvable
         k = torch.linalg.solve(c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device), k)
-    return torch.linalg.qr(k).Q.float()
+    u, sv, _ = torch.linalg.svd(k, full_matrices=False)
+    rank = int((sv > sv[0] * KEY_RANK_TOLERANCE).sum()) if sv.numel() and sv[0] > 0 else 0
+    return u[:, :rank].float()
 
 
 def input_moments(loaded: LoadedModel, layers: list[int]) -> dict[int, torch.Tensor]:

@@ -30,6 +30,8 @@ def svd_replacements(checkpoint: Checkpoint, arch, layers: list[int]) -> dict:
         if stored is None:
             raise EditguardError(f"layer {layer}: no MLP output projection in this checkpoint")
         weight = checkpoint.read(stored)
+        if not torch.isfinite(weight).all():  # no spectrum to take apart; a damaged tensor is named, not decomposed
+            raise EditguardError(f"{stored} holds NaN or infinite values: --method svd cannot treat it")
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
         out[stored] = (weight.float() - s[0] * torch.outer(u[:, 0], vh[0])).to(weight.dtype)
     return out
@@ -47,6 +49,16 @@ def base_replacements(checkpoint: Checkpoint, base: Checkpoint, arch, tensors: l
 
 
 def write_reversed(checkpoint: Checkpoint, replacements: dict, out_dir: Path, force: bool = False) -> list[str]:
+    """The reversed copy; the rewritten files. A lock whose tensors the reversal changes stays behind: its
+    manifest would call the output tampered with, and the output is no longer the locked checkpoint."""
     if not replacements:
         raise EditguardError("nothing to reverse: no flagged tensor")
-    return checkpoint.write_copy(out_dir, replacements, force=force)
+    return checkpoint.write_copy(out_dir, replacements, force=force, omit=lock_files_undone(checkpoint, replacements))
+
+
+def lock_files_undone(checkpoint: Checkpoint, replacements: dict) -> tuple[str, ...]:
+    """The lock's files (manifest, mask) when `replacements` change a tensor the checkpoint's lock protects."""
+    from .lock import MANIFEST, MASK_NAME, read_manifest
+
+    manifest = read_manifest(checkpoint.folder)
+    return (MANIFEST, MASK_NAME) if manifest and set(replacements) & set(manifest["tensors"]) else ()

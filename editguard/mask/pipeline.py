@@ -143,7 +143,8 @@ def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False, 
     or not), then with `whole_mlp` these layers' MLP input projections, which are masked and never
     edited."""
     edited = sorted(mask_layers or hp.layers)
-    targets = [(hp.rewrite_module_tmp.format(layer), loaded.arch.mlp_out_transposed) for layer in edited]
+    template = hp.rewrite_module_tmp or loaded.arch.mlp_out.replace("{layer}", "{}")  # as the editors fill it
+    targets = [(template.format(layer), loaded.arch.mlp_out_transposed) for layer in edited]
     layers = list(edited)
     for layer in edited if whole_mlp else []:
         inputs = loaded.arch.mlp_in_modules(layer)
@@ -227,6 +228,31 @@ def preflight(hp: EditHparams, job: TrainJob) -> None:
         EditBank.open(job.bank)  # a damaged file or another kind of file is named now
 
 
+def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> None:
+    """A checkpoint continues only the run that wrote it: same tensors, model, data and settings. Fields
+    added since a checkpoint was written count as the run's own (it trained with their defaults)."""
+    def refuse(why: str) -> EditguardError:
+        return EditguardError(f"{ckpt} was written by a run {why}; remove it to start over")
+
+    theirs = info.get("fingerprints")
+    if theirs is not None and set(theirs) != set(meta["fingerprints"]):
+        raise refuse("that edited other tensors (--layer or --method differ)")
+    if theirs is not None and theirs != meta["fingerprints"]:
+        raise refuse("on another model's weights")
+    # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
+    if info.get("targets", meta["targets"][:edited_tensors]) != meta["targets"]:
+        raise refuse("that masked other tensors (--whole-mlp, --layer or --mask-layer differ)")
+    if info.get("data_hash") != meta["data_hash"] or {**TrainConfig().to_dict(), **info.get("config", {})} != meta["config"]:
+        raise refuse("with other data or settings")
+    settings = info.get("settings", meta["settings"])
+    differ = [k for k in meta["settings"] if not isinstance(settings, dict) or settings.get(k) != meta["settings"][k]]
+    if differ:
+        names = {"val": "validation records (--val-size, --data)", "val_every": "--val-every",
+                 "target_pruned": "--target-pruned", "memit_batch": "--memit-batch", "dtype": "--dtype"}
+        raise EditguardError(f"{ckpt} was written by a run with other {', '.join(names[k] for k in differ)}; "
+                             f"resume with the same, or remove it to start over")
+
+
 def check_job(hp: EditHparams, job: TrainJob) -> None:
     """The output name, an unfinished run and the method: checked first by `run`."""
     job.output = Path(job.output)
@@ -246,13 +272,20 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     check_job(hp, job)
     ckpt = checkpoint_path(job.output)
     check_mask_layers(loaded, hp, job.mask_layers)
-    if job.resume and ckpt.exists():  # found now, not after the bank is built for this model
-        theirs = checkpoint_info(ckpt).get("fingerprints")  # absent in checkpoints older than the field
-        if theirs is not None and theirs != target_fingerprints(loaded, hp):
-            raise EditguardError(f"{ckpt} was written by a run on another model's weights; remove it to start over")
     train, val, test = select_splits(job)
     facts = {split: [Fact.from_record(r) for r in recs] for split, recs in
              (("train", train), ("val", val), ("test", test))}
+    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp, job.mask_layers)
+    # what the run's checkpoints record, and a resumed run must match: checked now, not after the bank
+    # grows by hours of edits (a bank reused or extended holds this model's, method's and hparams' edits)
+    meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], hp.digest()),
+            "fingerprints": target_fingerprints(loaded, hp), "targets": [path for path, _ in targets],
+            # what else shapes the run's validation curve and its Θ (checkpoints from before this lack it)
+            "settings": {"val": [f.case_id for f in facts["val"]], "val_every": job.val_every,
+                         "target_pruned": job.target_pruned, "memit_batch": job.memit_batch,
+                         "dtype": str(loaded.model.dtype).removeprefix("torch.")}}
+    if job.resume and ckpt.exists() and not job.bank_only:
+        check_resumable(ckpt, checkpoint_info(ckpt), meta, len(hp.layers))
     started = time.time()
     # 1. the edit bank, on the unedited model: ROME edits every record alone, MEMIT edits each split in
     #    batch edits (train: `memit_batch` records each, default all). Validation and training edits
@@ -275,7 +308,6 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         return {"bank": str(bank_path), "edits": len(bank), "bank_seconds": round(bank_seconds, 1)}
     kind = split_kind(job.method)
     edited = {split: kind.from_bank(bank, facts[split]) for split in ("train", "val") if facts[split]}
-    targets, target_layers = mask_targets(loaded, hp, job.whole_mlp, job.mask_layers)
     start_layer = min(target_layers)
     # 2. prompts, cached states below the (lowest) masked layer, the teacher's logits; a `--mask-layer`
     #    mask trains on the states the batch edits below it leave there (the edits above it run in the
@@ -285,20 +317,11 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     data = prepare_prompts(loaded, train_split.facts, start_layer, cfg.paraphrases,
                            progress=lambda d, t: progress("caching prompts", d, t, ""), edits_below=below)
     trainer = MaskTrainer(loaded, targets, start_layer, data, cfg, **train_split.trainer_inputs(targets))
-    meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], bank.meta["hparams_hash"]),
-            "fingerprints": bank.meta["fingerprints"],  # the bank's edits are of this model's weights (checked)
-            "targets": [path for path, _ in targets]}
     if job.resume and ckpt.exists():
-        state, optimizer, info = load_checkpoint(ckpt, cfg, trainer.device)
-        # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
-        theirs = info.get("targets", meta["targets"][:len(hp.layers)])
-        if theirs != meta["targets"]:
-            raise EditguardError(f"{ckpt} was written by a run that masked other tensors (--whole-mlp, --layer or "
-                                 f"--mask-layer differ); remove it to start over")
-        # settings added since a checkpoint was written count as their defaults (which it trained with)
-        theirs_config = {**TrainConfig().to_dict(), **info.get("config", {})}
-        if info.get("data_hash") != meta["data_hash"] or theirs_config != meta["config"]:
-            raise EditguardError(f"{ckpt} was written by a run with other data or settings; remove it to start over")
+        state, optimizer, _ = load_checkpoint(ckpt, cfg, trainer.device, [m.weight.shape for m in trainer.modules])
+        if state.step > trainer.total_steps:
+            raise EditguardError(f"corrupted training checkpoint {ckpt}: step {state.step} of "
+                                 f"{trainer.total_steps}; remove it to start over")
     else:
         state = trainer.init_state()
         optimizer = make_optimizer(state, cfg)

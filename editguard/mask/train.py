@@ -543,25 +543,53 @@ def checkpoint_info(path: Path) -> dict:
     return info
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "cpu"
-                    ) -> tuple[TrainState, torch.optim.AdamW, dict]:
+def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "cpu",
+                    shapes: list[tuple[int, ...]] | None = None) -> tuple[TrainState, torch.optim.AdamW, dict]:
+    """The training state a checkpoint holds; with `shapes` (the masked tensors'), each Θ must fit one.
+    Anything malformed is named as a corrupted checkpoint, never met later as a shape error or a mask
+    silently missing a tensor."""
     from safetensors import safe_open
 
+    def corrupted(why: str) -> EditguardError:
+        return EditguardError(f"corrupted training checkpoint {path}: {why}; remove it to start over")
+
     info = checkpoint_info(path)
-    with safe_open(str(path), "pt", device=str(device)) as handle:
-        keys = set(handle.keys())
-        n = len([k for k in keys if k.startswith("theta.")])
-        theta = [handle.get_tensor(f"theta.{i}") for i in range(n)]
-        state = TrainState(theta, info["step"], info["seconds"], info.get("curve", []))
-        if "best_theta.0" in keys:
-            state.best_theta = [handle.get_tensor(f"best_theta.{i}") for i in range(n)]
-            state.best_step = info.get("best_step")
-        optimizer = make_optimizer(state, cfg)
-        for i, t in enumerate(theta):
-            if f"exp_avg.{i}" in keys:
-                optimizer.state[t] = {"step": torch.tensor(float(handle.get_tensor(f"opt_step.{i}")[0])),  # CPU, as Adam keeps it
-                                      "exp_avg": handle.get_tensor(f"exp_avg.{i}"),
-                                      "exp_avg_sq": handle.get_tensor(f"exp_avg_sq.{i}")}
+    step, seconds, curve = info.get("step"), info.get("seconds"), info.get("curve", [])
+    if type(step) is not int or step < 0 or type(seconds) not in (int, float):
+        raise corrupted("step or seconds missing or not numbers")
+    if not (isinstance(curve, list) and all(isinstance(c, dict) and isinstance(c.get("val_rsr"), (int, float))
+                                            for c in curve)):
+        raise corrupted("the validation curve is malformed")
+    try:
+        with safe_open(str(path), "pt", device=str(device)) as handle:
+            keys = set(handle.keys())
+            n = len([k for k in keys if k.startswith("theta.")])
+            if shapes is not None and n != len(shapes):
+                raise corrupted(f"{n} Θ tensors for {len(shapes)} masked tensors")
+            missing = [f"theta.{i}" for i in range(n) if f"theta.{i}" not in keys]
+            if missing:
+                raise corrupted(f"{missing[0]} missing")
+            theta = [handle.get_tensor(f"theta.{i}") for i in range(n)]
+            state = TrainState(theta, step, float(seconds), curve)
+            if "best_theta.0" in keys:
+                state.best_theta = [handle.get_tensor(f"best_theta.{i}") for i in range(n)]
+                state.best_step = info.get("best_step")
+            optimizer = make_optimizer(state, cfg)
+            for i, t in enumerate(theta):
+                if f"exp_avg.{i}" in keys:
+                    optimizer.state[t] = {"step": torch.tensor(float(handle.get_tensor(f"opt_step.{i}")[0])),  # CPU, as Adam keeps it
+                                          "exp_avg": handle.get_tensor(f"exp_avg.{i}"),
+                                          "exp_avg_sq": handle.get_tensor(f"exp_avg_sq.{i}")}
+    except EditguardError:
+        raise
+    except Exception as exc:  # a tensor named by its siblings but absent (SafetensorError), or unreadable
+        raise corrupted(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    for i, t in enumerate(theta):
+        want = tuple(shapes[i]) if shapes is not None else tuple(t.shape)
+        tensors = [t, *(state.best_theta[i:i + 1] if state.best_theta else []),
+                   *(optimizer.state[t][k] for k in ("exp_avg", "exp_avg_sq") if t in optimizer.state)]
+        if any(tuple(x.shape) != want for x in tensors):
+            raise corrupted(f"Θ {i} or its optimizer state is not of shape {list(want)}")
     return state, optimizer, info
 
 
