@@ -31,11 +31,15 @@ def cache_dir(*parts: str) -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock, so two processes building the same artefact wait for each other."""
+def file_lock(path: Path, busy: str | None = None):
+    """An exclusive advisory lock, so two processes building the same artefact wait for each other; with
+    `busy`, a process that finds it held stops with that message instead of waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise EditguardError(busy) from None
         try:
             yield
         finally:

@@ -138,7 +138,7 @@ def test_second_moments_match_a_float64_pass(pico_models, tmp_path, monkeypatch)
 def test_context_templates_match_generate_and_banks_keep_theirs(pico_models, tmp_path):
     """Templates are EasyEdit's sampling (generate, top-k 5) drawn on a CPU generator, so they are the
     same on every device; a bank keeps the templates it was started with when extended."""
-    from editguard.edit.generate import fill_bank
+    from editguard.edit.generate import bank_writer, fill_bank
     from editguard.edit.rome import templates_for, templates_key
     from editguard.edit.templates import STARTERS, context_templates
 
@@ -169,6 +169,9 @@ def test_context_templates_match_generate_and_banks_keep_theirs(pico_models, tmp
     fill_bank(fresh, [replace(FACT, case_id=5)], hp, numbered)
     with pytest.raises(EditguardError, match="holds case 5 as another fact"):
         fill_bank(fresh, [replace(FACT2, case_id=5)], hp, numbered, resume=True)
+    with bank_writer(numbered):  # another process extending the bank: a second writer stops, it does not wait
+        with pytest.raises(EditguardError, match="being extended by another editguard process"):
+            fill_bank(fresh, [FACT2], hp, numbered, resume=True)
 
 
 # the demo models' architecture and depth (their GGUFs' configs)

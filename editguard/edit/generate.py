@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import fingerprint
 from ..errors import EditguardError
+from ..home import cache_dir, file_lock
 from ..loading import LoadedModel
 from .bank import EditBank
 from .facts import Fact
@@ -60,10 +62,25 @@ def fill_bank(
     memit_batch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EditBank:
-    """Edit every fact whose case id the bank lacks, flushing after each batch (a killed run resumes).
+    """Edit every fact whose edit the bank lacks, flushing after each batch (a killed run resumes).
 
     ROME: one independent rank-one edit per fact. MEMIT: batch edits of `memit_batch` facts each."""
-    bank = open_or_create_bank(loaded, hp, Path(path), resume)
+    with bank_writer(Path(path)):
+        return _fill_bank(loaded, facts, hp, Path(path), resume, memit_batch, progress)
+
+
+def bank_writer(path: Path):
+    """One process at a time extends a bank: each flush rewrites the whole file, so a second writer would
+    drop the first one's edits. The lock lives in editguard's cache, not beside the bank."""
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return file_lock(cache_dir("locks") / f"bank-{key}.lock",
+                     busy=f"edit bank {path} is being extended by another editguard process; wait for it to "
+                          f"finish, or use another --bank")
+
+
+def _fill_bank(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, path: Path, resume: bool,
+               memit_batch: int | None, progress: Callable[[int, int], None] | None) -> EditBank:
+    bank = open_or_create_bank(loaded, hp, path, resume)
     todo = bank.unbanked(facts)
     if progress:
         progress(len(facts) - len(todo), len(facts))
