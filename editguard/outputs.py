@@ -11,12 +11,17 @@ from typing import Iterable
 from .errors import EditguardError
 
 
+class Created(str):
+    """A folder the run creates while it reads (an offload folder): it overlaps the output even before it
+    exists, where a missing input is skipped (it may be a hub id)."""
+
+
 def _overlap(out: Path, inputs: Iterable[str | os.PathLike | None]) -> Path | None:
     """The first local input that `out` equals, holds or sits inside (inputs that are no local path, such
-    as a hub id, are skipped). Both the path as given and its link target count: a Hugging Face cache
-    snapshot holds links into its blobs."""
+    as a hub id, are skipped unless `Created`). Both the path as given and its link target count: a Hugging
+    Face cache snapshot holds links into its blobs."""
     for item in inputs:
-        if item is None or not Path(item).expanduser().exists():
+        if item is None or not (isinstance(item, Created) or Path(item).expanduser().exists()):
             continue
         item = Path(item).expanduser()
         for source in {Path(os.path.abspath(item)), item.resolve()}:

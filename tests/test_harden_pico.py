@@ -441,8 +441,9 @@ def test_outputs_never_touch_the_input(cli, pico_models, pico_mask, tmp_path):
 
 
 def test_force_never_deletes_what_the_run_reads(cli, pico_models, pico_mask, tmp_path, monkeypatch):
-    """Every file a run reads or offloads to counts as an input for -o: a probe file or an edit's
-    hyperparameters inside an earlier output are not deleted by --force; nor is the input reached by
+    """Every file a run reads or offloads to counts as an input for -o: a probe file, an edit's
+    hyperparameters or an offload folder (even one the load has yet to create) inside an earlier output are
+    not deleted by --force; nor is the input reached by
     another spelling of its path (a case-insensitive file system, a bind mount: same file identity)."""
     earlier = tmp_path / "earlier"
     shutil.copytree(pico_models["llama"], earlier)
@@ -457,6 +458,12 @@ def test_force_never_deletes_what_the_run_reads(cli, pico_models, pico_mask, tmp
     (earlier / "offload").mkdir()
     one_line_error(cli("lock", pico_models["llama"], "--mask", pico_mask, "--offload-folder", earlier / "offload",
                        "-o", earlier, "--force"), "overlaps the input")
+    for command in (("lock", pico_models["llama"], "--mask", pico_mask),  # one the load would create inside -o
+                    ("edit", pico_models["llama"], "--fact", "The official language of {}", "--subject", "France",
+                     "--target", "Japanese", "--hparams", shutil.copy(earlier / "hp.yaml", tmp_path))):
+        one_line_error(cli(*command, "--offload-folder", earlier / "not-yet", "-o", earlier, "--force"),
+                       "overlaps the input")
+    assert not (earlier / "not-yet").exists()
     assert probes.exists() and (earlier / "hp.yaml").exists()
     model, alias = tmp_path / "model", tmp_path / "MODEL"
     shutil.copytree(pico_models["llama"], model)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,47 @@ def test_interrupted_publishing_leaves_nothing_and_resumes(cli, pico_models, tmp
     assert resumed.code == 0, resumed.err
     for name in ("m.safetensors", "m.json", "m.md", "m-rsr.png", "m-heatmap.png", "index.json"):
         assert (out.parent / name).exists(), name
+
+
+KILLED_MIDWAY = """
+import os, sys
+from pathlib import Path
+from editguard.cli import main
+
+real_replace, moved = os.replace, []
+
+def killed_midway(src, dst):  # SIGKILL after the first file of the set reached its place: no handler runs
+    if Path(dst).parent == Path(sys.argv[1]) and Path(src).parent != Path(sys.argv[1]):
+        if moved:
+            os._exit(137)
+        moved.append(dst)
+    return real_replace(src, dst)
+
+os.replace = killed_midway
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_killed_publishing_is_undone_by_resume(cli, pico_models, tmp_path):
+    """A kill between the moves of the mask's set leaves part of it in place (no handler runs): --resume
+    removes exactly what that publish moved, and its staging folder, and finishes the set."""
+    out = tmp_path / "masks" / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plots, "heatmap", _interrupted)  # leaves the run's checkpoint
+        assert cli(*args).code == 130
+    killed = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(out.parent), *args, "--resume"],
+                            capture_output=True, text=True)
+    assert killed.returncode == 137, killed.stderr
+    left = {p.name for p in out.parent.iterdir()}
+    assert "m.publishing.json" in left and "m.safetensors" not in left
+    assert len(left - {"m.bank.safetensors", "m.ckpt.safetensors", "m.publishing.json"}) == 2, left  # a card file, staging
+    resumed = cli(*args, "--resume")
+    assert resumed.code == 0, resumed.err
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert not [n for n in left if n.startswith(".") or n.endswith(".publishing.json") or ".ckpt." in n], left
+    for name in ("m.safetensors", "m.json", "m.md", "m-rsr.png", "m-heatmap.png", "index.json"):
+        assert name in left, name
 
 
 def test_figures_and_index_are_checked_before_training(cli, pico_models, tmp_path):

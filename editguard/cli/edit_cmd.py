@@ -20,7 +20,7 @@ from ..outputs import check_output_file, check_output_folder
 from . import state
 from .app import app
 from .options import AllowPickle, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision, input_paths, \
-    hparams_or_default, load_options, num_layers_of, resolve_model
+    hparams_or_default, load_options, num_layers_of, offload_input, resolve_model
 
 
 def collect_facts(prompts: list[str], subjects: list[str], targets: list[str], cases: str | None,
@@ -86,7 +86,7 @@ def edit_command(
     if output is not None:
         if resume or memit_batch is not None:
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
-        check_output_folder(output, [model, data, hparams, offload_folder], force)  # before resolving: a hub
+        check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)  # before resolving: a hub
         # model may download first; --force must never delete what the run reads or offloads to
     elif bank.exists():
         if not resume:
@@ -95,7 +95,7 @@ def edit_command(
     facts = collect_facts(fact, subject, target, counterfact_cases, data, limit)
     ref = resolve_model(model, revision, allow_pickle)
     if output is not None:
-        check_output_folder(output, input_paths(ref, data, hparams, offload_folder), force)
+        check_output_folder(output, input_paths(ref, data, hparams, offload_input(offload_folder)), force)
     else:
         check_output_file(bank, input_paths(ref), suffixes=(".safetensors",))  # a bank never replaces other files
     # hyperparameters and layers are checked before the (slow) model load

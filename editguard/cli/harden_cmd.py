@@ -18,7 +18,7 @@ from ..outputs import check_output_folder
 from . import state
 from .app import app
 from .options import (AllowPickle, BaseRevision, DeviceMap, Dtype, MaxMemory, ModelArg, OffloadFolder, Revision,
-                      check_share, hparams_or_default, input_paths, load_options, resolve_model)
+                      check_share, hparams_or_default, input_paths, load_options, offload_input, resolve_model)
 
 
 def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | None = None, lock: bool = False) -> Path:
@@ -72,7 +72,7 @@ def reverse_command(
     if base_revision is not None and base is None:
         raise EditguardError("--base-revision needs --base")
     load_probes(probes)  # a missing or malformed probe file is named before minutes of scanning
-    read = [mask, base, probes, offload_folder]  # --force must never delete what the run reads or offloads to
+    read = [mask, base, probes, offload_input(offload_folder)]  # --force must never delete what the run reads or offloads to
     check_output_folder(output, [model, *read], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)
     check_output_folder(output, input_paths(ref, *read), force)
@@ -318,7 +318,7 @@ def lock_command(
         raise EditguardError("give -o/--output (write a locked copy) and/or --evaluate N")
     check_share("--threshold", threshold)
     placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # checked before writing
-    read = [mask, hparams, data, offload_folder]  # --force must never delete what the run reads or offloads to
+    read = [mask, hparams, data, offload_input(offload_folder)]  # --force must never delete what the run reads or offloads to
     if output is not None:
         check_output_folder(output, [model, *read], force)  # before resolving: a hub model may download first
     ref = resolve_model(model, revision, allow_pickle)

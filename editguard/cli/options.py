@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import EditguardError
+from ..outputs import Created
 from ..resolve import ModelRef, resolve
 from . import state
 
@@ -81,6 +82,12 @@ def input_paths(ref: ModelRef, *others: str | None) -> list:
     """What a command reads, for the output checks: the model folder, the user's own file behind a
     converted .gguf (the folder is a copy in the cache), and any other inputs (mask, base)."""
     return [ref.path, ref.model_id if ref.kind == "gguf" else None, *others]
+
+
+def offload_input(folder: str | None) -> Created | None:
+    """The offload folder as an input for -o checks: accelerate creates it during the load, so it counts
+    before it exists (--force must not delete it under the running load)."""
+    return None if folder is None else Created(folder)
 
 
 def num_layers_of(ref: ModelRef, allow_pickle: bool = False) -> int:

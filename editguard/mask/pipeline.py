@@ -7,6 +7,7 @@ Outputs next to the mask `NAME.safetensors`: `NAME.json` (metrics), `NAME.md` (t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -196,7 +197,7 @@ def card_files(output: Path) -> list[Path]:
 
 def written_beside(output: Path) -> list[Path]:
     """The files a training run writes under the mask's name, the mask included."""
-    return [output, checkpoint_path(output), *card_files(output)]
+    return [output, checkpoint_path(output), publishing_record(output), *card_files(output)]
 
 
 def check_new_mask_path(path: Path) -> None:
@@ -256,9 +257,11 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
 def check_job(hp: EditHparams, job: TrainJob) -> None:
     """The output name, an unfinished run and the method: checked first by `run`."""
     job.output = Path(job.output)
+    ckpt = checkpoint_path(job.output)
+    if job.resume and ckpt.exists() and not job.bank_only:
+        undo_killed_publish(job.output)  # its card files would block the resume that finishes the set
     if not job.bank_only:  # a bank-only run writes no mask: -o may name the (shipped) mask the bank is for
         check_new_mask_path(job.output)
-    ckpt = checkpoint_path(job.output)
     if ckpt.exists() and not job.resume and not job.bank_only:
         raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
     if hp.method != job.method:
@@ -580,21 +583,58 @@ def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict
     interrupted write leaves none of them (and a training checkpoint can be resumed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
-    moved = []
+    record, moved = publishing_record(path), []
     try:
         mask.save(staging / path.name)
         write_outputs(staging / path.name, mask, masks, reports)
         check_new_mask_path(path)  # again: hours may have passed since the run checked it
-        for made in sorted(staging.iterdir(), key=lambda f: f.name == path.name):
-            moved.append(path.parent / made.name)  # before the move: an interruption between them is covered
-            os.replace(made, path.parent / made.name)
+        made = sorted(staging.iterdir(), key=lambda f: f.name == path.name)
+        # what is about to be moved, by content: a kill between the moves (no handler runs) leaves this
+        # record, and `--resume` removes exactly those files before it finishes the set
+        write_text_atomic(record, json.dumps({"staging": staging.name, "files": {f.name: _sha256(f) for f in made}}))
+        for file in made:
+            moved.append(path.parent / file.name)  # before the move: an interruption between them is covered
+            os.replace(file, path.parent / file.name)
+        record.unlink()
     except BaseException:
         for done in moved:  # a part of the set would block the --resume that finishes it
             done.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     update_index(path, mask)
+
+
+def publishing_record(path: Path) -> Path:
+    """Beside the mask while `publish` moves its set into place."""
+    return path.with_name(path.stem + ".publishing.json")
+
+
+def undo_killed_publish(path: Path) -> None:
+    """Remove what a killed `publish` of `path` had moved into place (the mask, moved last, had not) and
+    its staging folder: only files whose content is the one recorded, so a file someone put there since is
+    left for the name check."""
+    record = publishing_record(path)
+    if path.exists() or not record.exists():
+        return
+    try:
+        made = json.loads(record.read_text())
+        staging, files = Path(str(made["staging"])).name, {str(k): str(v) for k, v in made["files"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        raise EditguardError(f"{record} is damaged: remove it and the card files beside the mask, then resume") from None
+    for name, digest in files.items():
+        file = path.parent / Path(name).name
+        if file.is_file() and _sha256(file) == digest:
+            file.unlink()
+    if staging.startswith(f".{path.stem}."):
+        shutil.rmtree(path.parent / staging, ignore_errors=True)
+    record.unlink()
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
