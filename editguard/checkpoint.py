@@ -138,6 +138,18 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(tensor.detach().to(torch.float32))).hexdigest()[:16]
 
 
+def model_fingerprint(checkpoint: "Checkpoint", samples: int = 4096) -> str:
+    """Identity of a whole model, cheap at any size: every stored tensor's name, shape and an evenly strided
+    sample of its values as float32 (read one tensor at a time). A fine-tune or an edit anywhere changes
+    it (they change whole matrices); a change to a few single weights may not."""
+    digest = hashlib.sha256()
+    for name in sorted(checkpoint.names()):
+        flat = checkpoint.read(name).reshape(-1)
+        digest.update(f"{name}:{checkpoint.info(name).shape}".encode())
+        digest.update(tensor_bytes(flat[::max(1, flat.numel() // samples)].to(torch.float32)))
+    return digest.hexdigest()[:16]
+
+
 class Checkpoint:
     """One model folder: config.json plus safetensors shards (or, if allowed, pickle files)."""
 

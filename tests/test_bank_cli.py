@@ -94,6 +94,10 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
     # another layer = other hyperparameters: refused
     other = cli(*args, "--resume", "--layer", "1")
     assert other.code == 2 and "other hyperparameters" in other.err
+    # the same edited tensor in a model changed elsewhere (a fine-tune of other layers): refused
+    tweaked = tweak_other_tensor(pico_models["gpt2"], tmp_path / "tweaked", "h.1.attn.c_attn.weight")
+    refused = cli(*["edit", tweaked, *args[2:]], "--resume")
+    assert refused.code == 2 and "another model's weights" in refused.err, refused.err
     # corrupted bank: one clear line
     data = bank_path.read_bytes()
     bank_path.write_bytes(data[: len(data) - 100])
@@ -121,6 +125,21 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
         save_file({"x": torch.zeros(1)}, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(meta)})
         with pytest.raises(EditguardError, match=message):
             EditBank.open(tmp_path / "odd.safetensors")
+
+
+def tweak_other_tensor(model, out, tensor: str):
+    """A copy of `model` with one tensor the edits do not touch scaled (nothing else changed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    weights = load_file(out / "model.safetensors")
+    names = [n for n in weights if n.endswith(tensor)]
+    assert len(names) == 1, list(weights)
+    weights[names[0]] = weights[names[0]] * 1.01
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,6 +19,7 @@ from conftest import one_line_error
 from editguard.edit.bank import EditBank
 from editguard.errors import EditguardError
 from editguard.mask import plots
+from test_bank_cli import tweak_other_tensor
 from test_mask_pico import PICO_EDIT, _train_args
 
 
@@ -180,6 +181,10 @@ def test_checkpoint_of_another_model_is_not_resumed(cli, pico_models, tmp_path, 
     one_line_error(cli("-q", *args, "--resume"), "was written by a run on another model's weights; remove it")
     assert pipeline.checkpoint_path(second).exists() and not second.exists()
     assert not (second.parent / "m.bank.safetensors").exists()
+    # the same edited tensor, other weights elsewhere: the whole-model fingerprint tells them apart
+    args[args.index("--model") + 1] = str(tweak_other_tensor(pico_models["llama"], tmp_path / "tweaked",
+                                                              "layers.0.self_attn.q_proj.weight"))
+    one_line_error(cli("-q", *args, "--resume"), "was written by a run on another model's weights; remove it")
 
 
 def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_path):
@@ -202,6 +207,10 @@ def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_pat
     bank.path = tmp_path / "cut.bank.safetensors"
     bank.flush()
     one_line_error(cli("evaluate-mask", out, "--bank", bank.path, *common), "rome.u has width 31")
+    # the mask's own bank on a model whose edited tensor matches but other weights differ
+    common[1] = str(tweak_other_tensor(pico_models["llama"], tmp_path / "tweaked", "layers.0.self_attn.q_proj.weight"))
+    one_line_error(cli("evaluate-mask", out, "--bank", out.parent / "m.bank.safetensors", *common),
+                   "the edited tensors match, other weights differ")
 
 
 @pytest.mark.parametrize("change, message", [

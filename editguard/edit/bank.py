@@ -2,9 +2,10 @@
 
 Tensors: ROME edits stacked as `rome.u` [N, out] and `rome.v` [N, in] (ΔW_i = u_i v_iᵀ, [out, in]);
 MEMIT batch edits as `memit.{g}.{layer}.u` [out, r] / `.v` [in, r] per group g. Metadata (JSON in the
-safetensors header): format version, model id + revision + a fingerprint of the base weight, method,
-layer(s), tensor names, hyperparameters and their hash, context templates, and one record per edit
-(case id, relation, subject, prompt, old and new object, optimisation steps and loss).
+safetensors header): format version, model id + revision + fingerprints of the edited base weights and
+of the whole model (older banks lack the latter), method, layer(s), tensor names, hyperparameters and
+their hash, context templates, and one record per edit (case id, relation, subject, prompt, old and new
+object, optimisation steps and loss).
 
 Appending rewrites the file atomically (temp + rename), so a killed run loses at most the edits since
 its last flush and `--resume` continues from the case ids already stored.
@@ -36,11 +37,13 @@ class EditBank:
     # -- creation and loading -----------------------------------------------------------------
     @classmethod
     def create(cls, path, *, model_id: str, revision: str | None, model_type: str, method: str, hparams: dict,
-               hparams_hash: str, templates: list[str], fingerprints: dict[str, str]) -> "EditBank":
+               hparams_hash: str, templates: list[str], fingerprints: dict[str, str],
+               model_fingerprint: str | None = None) -> "EditBank":
         meta = {
             "format": FORMAT, "editguard_version": __version__, "model_id": model_id, "revision": revision,
             "model_type": model_type, "method": method, "hparams": hparams, "hparams_hash": hparams_hash,
-            "context_templates": templates, "fingerprints": fingerprints, "records": [], "groups": [],
+            "context_templates": templates, "fingerprints": fingerprints, "model_fingerprint": model_fingerprint,
+            "records": [], "groups": [],
         }
         return cls(Path(path), meta, {})
 
@@ -84,6 +87,8 @@ class EditBank:
             raise TypeError("records and groups must be lists")
         if not isinstance(self.meta["fingerprints"], dict):
             raise TypeError("fingerprints must be an object")
+        if not isinstance(self.meta.get("model_fingerprint"), (str, type(None))):
+            raise TypeError("model_fingerprint must be a string")
         templates = self.meta["context_templates"]
         if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
             raise TypeError("context_templates must be a list of strings")
@@ -164,8 +169,11 @@ class EditBank:
                                      f"{fact.subject!r} → {fact.target_new!r}): other data? use another bank")
         return todo
 
-    def check_matches(self, model_id: str, method: str, hparams_hash: str, fingerprints: dict[str, str]) -> None:
-        """A bank is extended only with edits of the same model, method and hyperparameters."""
+    def check_matches(self, model_id: str, method: str, hparams_hash: str, fingerprints: dict[str, str],
+                      model_fingerprint: str | None = None) -> None:
+        """A bank is extended only with edits of the same model, method and hyperparameters (the whole
+        model's fingerprint is compared where the bank records one: older banks record the edited tensors
+        only)."""
         problems = []
         if self.meta["method"] != method:
             problems.append(f"method {self.meta['method']} (not {method})")
@@ -173,10 +181,15 @@ class EditBank:
             problems.append("other hyperparameters")
         if set(self.meta["fingerprints"]) != set(fingerprints):
             problems.append(f"edits of other tensors ({', '.join(sorted(self.meta['fingerprints']))})")
-        elif self.meta["fingerprints"] != fingerprints:
+        elif self.meta["fingerprints"] != fingerprints or not self.same_model(model_fingerprint):
             problems.append(f"another model's weights ({self.meta['model_id']})")
         if problems:
             raise EditguardError(f"edit bank {self.path} was built with {', '.join(problems)}; use another --bank")
+
+    def same_model(self, model_fingerprint: str | None) -> bool:
+        """False only when both sides have a whole-model fingerprint and they differ."""
+        theirs = self.meta.get("model_fingerprint")
+        return theirs is None or model_fingerprint is None or theirs == model_fingerprint
 
     def rome_factors(self, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, out], [N, in] for the selected ROME edits."""

@@ -29,7 +29,7 @@ from ..data import counterfact
 from ..edit.bank import EditBank
 from ..edit.edits import Edit
 from ..edit.facts import Fact
-from ..edit.generate import fill_bank, target_fingerprints
+from ..edit.generate import fill_bank, target_fingerprints, whole_model_fingerprint
 from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..loading import LoadedModel
@@ -238,7 +238,8 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
     theirs = info.get("fingerprints")
     if theirs is not None and set(theirs) != set(meta["fingerprints"]):
         raise refuse("that edited other tensors (--layer or --method differ)")
-    if theirs is not None and theirs != meta["fingerprints"]:
+    if theirs is not None and theirs != meta["fingerprints"] or \
+            info.get("model_fingerprint", meta["model_fingerprint"]) != meta["model_fingerprint"]:
         raise refuse("on another model's weights")
     # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
     if info.get("targets", meta["targets"][:edited_tensors]) != meta["targets"]:
@@ -282,7 +283,8 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     # what the run's checkpoints record, and a resumed run must match: checked now, not after the bank
     # grows by hours of edits (a bank reused or extended holds this model's, method's and hparams' edits)
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], hp.digest()),
-            "fingerprints": target_fingerprints(loaded, hp), "targets": [path for path, _ in targets],
+            "fingerprints": target_fingerprints(loaded, hp), "model_fingerprint": whole_model_fingerprint(loaded),
+            "targets": [path for path, _ in targets],
             # what else shapes the run's validation curve and its Θ (checkpoints from before this lack it)
             "settings": {"val": [f.case_id for f in facts["val"]], "val_every": job.val_every,
                          "target_pruned": job.target_pruned, "memit_batch": job.memit_batch,
@@ -448,6 +450,9 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
             raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
                                  f"its {canonical} differs from this model's")
+    if bank.meta.get("model_fingerprint") and not bank.same_model(whole_model_fingerprint(loaded)):  # older banks: none
+        raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
+                             "the edited tensors match, other weights differ")
     chosen = dict(zip(("train", "val", "test"), select_splits(job)))
     present = bank.case_ids()
     kind = split_kind(mask.method)
