@@ -138,15 +138,16 @@ def fingerprint(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(tensor.detach().to(torch.float32))).hexdigest()[:16]
 
 
-def model_fingerprint(checkpoint: "Checkpoint", samples: int = 4096) -> str:
-    """Identity of a whole model, cheap at any size: every stored tensor's name, shape and an evenly strided
-    sample of its values as float32 (read one tensor at a time). A fine-tune or an edit anywhere changes
-    it (they change whole matrices); a change to a few single weights may not."""
+def model_fingerprint(checkpoint: "Checkpoint") -> str:
+    """Identity of a whole model, cheap at any size: every stored tensor's name, dtype, shape and a few
+    runs of its raw bytes spread over it (`Checkpoint.sample`: a few pages a tensor, never the whole
+    file). A fine-tune or an edit anywhere changes it (they change whole matrices); a change to a few single
+    weights may not. Stored bytes: a copy in another dtype or format is another model here."""
     digest = hashlib.sha256()
     for name in sorted(checkpoint.names()):
-        flat = checkpoint.read(name).reshape(-1)
-        digest.update(f"{name}:{checkpoint.info(name).shape}".encode())
-        digest.update(tensor_bytes(flat[::max(1, flat.numel() // samples)].to(torch.float32)))
+        info = checkpoint.info(name)
+        digest.update(f"{name}:{info.dtype}:{info.shape}:".encode())
+        digest.update(checkpoint.sample(name))
     return digest.hexdigest()[:16]
 
 
@@ -299,6 +300,26 @@ class Checkpoint:
             tensor = torch.frombuffer(raw, dtype=info.torch_dtype).reshape(info.shape) if raw else \
                 torch.empty(info.shape, dtype=info.torch_dtype)
         return tensor if dtype is None else tensor.to(dtype)
+
+    def sample(self, name: str, runs: int = 16, run: int = 256) -> bytes:
+        """Raw stored bytes of `runs` runs of `run` consecutive elements spread evenly over a tensor (all of
+        a small one), read without the rest of it."""
+        numel = math.prod(self.info(name).shape)
+        if numel <= runs * run:
+            starts, run = [0], numel
+        else:
+            starts = [i * (numel - run) // (runs - 1) for i in range(runs)]
+        if self.format == "pickle":  # the state dict is memory-mapped: slicing reads only these pages
+            flat = self.read(name).reshape(-1)
+            return b"".join(tensor_bytes(flat[i:i + run]) for i in starts)
+        info = self.info(name)
+        itemsize = info.nbytes // max(numel, 1)
+        with open(self.folder / info.file, "rb") as handle:
+            parts = []
+            for i in starts:
+                handle.seek(info.start + i * itemsize)
+                parts.append(handle.read(run * itemsize))
+        return b"".join(parts)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():

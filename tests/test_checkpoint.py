@@ -224,3 +224,30 @@ def test_weight_files_follow_transformers_order(tmp_path):
         (src / "config.json").write_text(json.dumps({**config, "transformers_weights": named}))
         with pytest.raises(EditguardError, match=message):
             Checkpoint(src)
+
+
+def test_model_fingerprint_samples_runs_and_sees_dense_changes(tmp_path):
+    """The whole-model fingerprint reads a few runs of each tensor (the same bytes from safetensors and
+    from a pickle copy), and changes with any dense change, however small, or a change of dtype."""
+    from editguard.checkpoint import model_fingerprint
+
+    def folder(name: str, weights: dict, pickle: bool = False) -> Checkpoint:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+        if pickle:
+            torch.save(weights, path / "pytorch_model.bin")
+        else:
+            save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        return Checkpoint(path, allow_pickle=pickle)
+
+    gen = torch.Generator().manual_seed(0)
+    weights = {"big.weight": torch.randn(96, 96, generator=gen), "small.bias": torch.randn(8, generator=gen)}
+    base = folder("base", weights)
+    runs = base.sample("big.weight")
+    assert len(runs) == 16 * 256 * 4 and runs[:1024] == weights["big.weight"].reshape(-1)[:256].numpy().tobytes()
+    assert base.sample("small.bias") == weights["small.bias"].numpy().tobytes()  # small: all of it
+    assert model_fingerprint(base) == model_fingerprint(folder("pickled", weights, pickle=True))
+    rank_one = torch.outer(torch.randn(96, generator=gen), torch.randn(96, generator=gen)) * 1e-4
+    assert model_fingerprint(base) != model_fingerprint(folder("edited", {**weights, "big.weight": weights["big.weight"] + rank_one}))
+    assert model_fingerprint(base) != model_fingerprint(folder("half", {k: v.half() for k, v in weights.items()}))

@@ -101,45 +101,73 @@ def test_interrupted_publishing_leaves_nothing_and_resumes(cli, pico_models, tmp
         assert (out.parent / name).exists(), name
 
 
-KILLED_MIDWAY = """
+KILLED_PUBLISHING = """
 import os, sys
 from pathlib import Path
+import editguard.mask.pipeline as pipeline
 from editguard.cli import main
 
+folder, when = Path(sys.argv[1]), sys.argv[2]
 real_replace, moved = os.replace, []
 
 def killed_midway(src, dst):  # SIGKILL after the first file of the set reached its place: no handler runs
-    if Path(dst).parent == Path(sys.argv[1]) and Path(src).parent != Path(sys.argv[1]):
+    if Path(dst).parent == folder and Path(src).parent != folder:
         if moved:
             os._exit(137)
         moved.append(dst)
     return real_replace(src, dst)
 
-os.replace = killed_midway
-sys.exit(main(sys.argv[2:]))
+if when == "midway":
+    os.replace = killed_midway
+else:  # every file in place, the index entry not yet written
+    pipeline.update_index = lambda *a: os._exit(137)
+sys.exit(main(sys.argv[3:]))
 """
 
 
-def test_killed_publishing_is_undone_by_resume(cli, pico_models, tmp_path):
-    """A kill between the moves of the mask's set leaves part of it in place (no handler runs): --resume
-    removes exactly what that publish moved, and its staging folder, and finishes the set."""
+def _kill_publishing(cli, pico_models, tmp_path, when: str):
+    """A run whose training is done and whose publish is killed `when`; returns its arguments and -o."""
     out = tmp_path / "masks" / "m.safetensors"
     args = _train_args(pico_models, tmp_path, out, 1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(plots, "heatmap", _interrupted)  # leaves the run's checkpoint
         assert cli(*args).code == 130
-    killed = subprocess.run([sys.executable, "-c", KILLED_MIDWAY, str(out.parent), *args, "--resume"],
+    killed = subprocess.run([sys.executable, "-c", KILLED_PUBLISHING, str(out.parent), when, *args, "--resume"],
                             capture_output=True, text=True)
     assert killed.returncode == 137, killed.stderr
-    left = {p.name for p in out.parent.iterdir()}
-    assert "m.publishing.json" in left and "m.safetensors" not in left
-    assert len(left - {"m.bank.safetensors", "m.ckpt.safetensors", "m.publishing.json"}) == 2, left  # a card file, staging
+    assert (out.parent / ".m.safetensors.publishing").is_file()
+    return args, out
+
+
+def test_killed_publishing_is_undone_by_resume(cli, pico_models, tmp_path):
+    """A kill between the moves of the mask's set leaves part of it in place (no handler runs): --resume
+    removes exactly what that publish moved (not a file changed since), and its staging folder, and
+    finishes the set."""
+    args, out = _kill_publishing(cli, pico_models, tmp_path, "midway")
+    left = {p.name for p in out.parent.iterdir()} - {"m.bank.safetensors", "m.ckpt.safetensors",
+                                                        ".m.safetensors.publishing"}
+    moved = [n for n in left if not n.startswith(".")]
+    assert len(moved) == 1 and len(left) == 2 and "m.safetensors" not in left, left  # one card file, staging
+    (out.parent / moved[0]).write_bytes(b"someone's file now")
+    one_line_error(cli(*args, "--resume"), f"{moved[0]} exists; choose another -o")
+    assert (out.parent / moved[0]).read_bytes() == b"someone's file now"
+    (out.parent / moved[0]).unlink()
     resumed = cli(*args, "--resume")
     assert resumed.code == 0, resumed.err
     left = sorted(p.name for p in out.parent.iterdir())
-    assert not [n for n in left if n.startswith(".") or n.endswith(".publishing.json") or ".ckpt." in n], left
+    assert not [n for n in left if n.startswith(".") or ".ckpt." in n], left
     for name in ("m.safetensors", "m.json", "m.md", "m-rsr.png", "m-heatmap.png", "index.json"):
         assert name in left, name
+
+
+def test_killed_publishing_after_the_last_move_is_completed(cli, pico_models, tmp_path):
+    """Killed with the whole set in place but before its index entry: the next run adds the entry and
+    clears the record (and, the mask being there, refuses to write it again)."""
+    args, out = _kill_publishing(cli, pico_models, tmp_path, "index")
+    assert not (out.parent / "index.json").exists()
+    one_line_error(cli(*args, "--resume"), "m.safetensors exists; choose another -o")
+    assert [e["file"] for e in json.loads((out.parent / "index.json").read_text())] == ["m.safetensors"]
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_figures_and_index_are_checked_before_training(cli, pico_models, tmp_path):
@@ -219,6 +247,7 @@ def test_evaluate_mask_refuses_a_bank_of_other_tensors(cli, pico_models, tmp_pat
     (lambda meta: meta["records"][0].pop("case_id"), "every record must be an object with a case_id"),
     (lambda meta: meta["records"].__setitem__(0, 7), "every record must be an object with a case_id"),
     (lambda meta: meta.__setitem__("context_templates", "{}"), "context_templates must be a list of strings"),
+    (lambda meta: meta.__setitem__("model_fingerprint", ""), "model_fingerprint must be a non-empty string"),
 ])
 def test_bank_metadata_is_validated(cli, pico_models, tmp_path, change, message):
     args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)

@@ -206,13 +206,14 @@ def evaluate_mask_command(
     from ..mask.average import averaged
     from ..mask.file import MaskFile
     from ..mask.pipeline import (TrainJob, check_bank_for_mask, check_new_mask_path, evaluate_existing, extra_records,
-                                 select_splits, write_rebinarised)
+                                 recover_publish, select_splits, write_rebinarised)
 
     _check_cut(threshold, target_pruned)
     chosen = tuple(dict.fromkeys(s.strip() for s in splits.split(",") if s.strip()))
     if not chosen or not set(chosen) <= {"train", "val", "test"}:
         raise EditguardError(f"--splits {splits!r}: a comma-separated choice of train, val, test")
     if output is not None:
+        recover_publish(Path(output))  # a killed earlier write of this name left part of its set
         check_new_mask_path(output)  # before the evaluation, not after minutes of it
     if average and threshold is None and target_pruned is None:
         raise EditguardError("--average needs --threshold or --target-pruned: averaged scores have no trained cut")

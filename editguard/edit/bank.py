@@ -87,8 +87,9 @@ class EditBank:
             raise TypeError("records and groups must be lists")
         if not isinstance(self.meta["fingerprints"], dict):
             raise TypeError("fingerprints must be an object")
-        if not isinstance(self.meta.get("model_fingerprint"), (str, type(None))):
-            raise TypeError("model_fingerprint must be a string")
+        if self.meta.get("model_fingerprint") is not None and not (
+                isinstance(self.meta["model_fingerprint"], str) and self.meta["model_fingerprint"]):
+            raise TypeError("model_fingerprint must be a non-empty string")
         templates = self.meta["context_templates"]
         if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
             raise TypeError("context_templates must be a list of strings")

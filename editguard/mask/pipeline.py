@@ -221,8 +221,9 @@ def check_new_mask_path(path: Path) -> None:
 
 
 def preflight(hp: EditHparams, job: TrainJob) -> None:
-    """What can be checked without the model, for the CLI to call before loading it: `run`'s own checks,
-    plus the data and an existing bank, which `run` reads later anyway."""
+    """What can be checked without the model, for the CLI to call before loading it: `run`'s own checks
+    (which also clean up after a killed publish), plus the data and an existing bank, which `run` reads
+    later anyway."""
     check_job(hp, job)
     select_splits(job)
     if job.bank is not None and Path(job.bank).exists():
@@ -256,12 +257,12 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
 
 
 def check_job(hp: EditHparams, job: TrainJob) -> None:
-    """The output name, an unfinished run and the method: checked first by `run`."""
+    """The output name (after cleaning up a killed publish of it), an unfinished run and the method:
+    checked first by `run`."""
     job.output = Path(job.output)
     ckpt = checkpoint_path(job.output)
-    if job.resume and ckpt.exists() and not job.bank_only:
-        undo_killed_publish(job.output)  # its card files would block the resume that finishes the set
     if not job.bank_only:  # a bank-only run writes no mask: -o may name the (shipped) mask the bank is for
+        recover_publish(job.output)  # a killed publish's card files would block the resume that finishes it
         check_new_mask_path(job.output)
     if ckpt.exists() and not job.resume and not job.bank_only:
         raise EditguardError(f"an unfinished run left {ckpt}; pass --resume to continue it, or delete it to start over")
@@ -450,7 +451,7 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
             raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
                                  f"its {canonical} differs from this model's")
-    if bank.meta.get("model_fingerprint") and not bank.same_model(whole_model_fingerprint(loaded)):  # older banks: none
+    if bank.meta.get("model_fingerprint") is not None and not bank.same_model(whole_model_fingerprint(loaded)):  # older banks: none
         raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
                              "the edited tensors match, other weights differ")
     chosen = dict(zip(("train", "val", "test"), select_splits(job)))
@@ -585,61 +586,67 @@ def _variants(loaded, targets: list[tuple[str, bool]], sample: list[Edit], masks
 def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
     """Write the mask with its metrics, figures and card as one set: all of them are made in a staging
     folder beside `path` and moved into place, the mask last, then the index entry is added. An
-    interrupted write leaves none of them (and a training checkpoint can be resumed)."""
+    interrupted write leaves none of them (and a training checkpoint can be resumed); a killed one (no
+    handler runs) leaves a record of what it was moving, which `recover_publish` acts on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent))
-    record, moved = publishing_record(path), []
+    record, moved, recorded = publishing_record(path), [], False
     try:
         mask.save(staging / path.name)
         write_outputs(staging / path.name, mask, masks, reports)
         check_new_mask_path(path)  # again: hours may have passed since the run checked it
         made = sorted(staging.iterdir(), key=lambda f: f.name == path.name)
-        # what is about to be moved, by content: a kill between the moves (no handler runs) leaves this
-        # record, and `--resume` removes exactly those files before it finishes the set
         write_text_atomic(record, json.dumps({"staging": staging.name, "files": {f.name: _sha256(f) for f in made}}))
+        recorded = True
         for file in made:
             moved.append(path.parent / file.name)  # before the move: an interruption between them is covered
             os.replace(file, path.parent / file.name)
-        record.unlink()
+        update_index(path, mask)
     except BaseException:
         for done in moved:  # a part of the set would block the --resume that finishes it
             done.unlink(missing_ok=True)
-        record.unlink(missing_ok=True)
         raise
     finally:
+        if recorded:
+            record.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
-    update_index(path, mask)
 
 
 def publishing_record(path: Path) -> Path:
-    """Beside the mask while `publish` moves its set into place."""
-    return path.with_name(path.stem + ".publishing.json")
+    """Beside the mask while `publish` moves its set into place (hidden: no card or figure takes its name)."""
+    return path.with_name(f".{path.name}.publishing")
 
 
-def undo_killed_publish(path: Path) -> None:
-    """Remove what a killed `publish` of `path` had moved into place (the mask, moved last, had not) and
-    its staging folder: only files whose content is the one recorded, so a file someone put there since is
-    left for the name check."""
+def recover_publish(path: Path) -> None:
+    """After a killed `publish` of `path`: with the mask not yet in place, remove the files it had moved
+    (only those whose content is the one recorded: a file someone put there since is left for the name
+    check) and its staging folder; with the mask in place, the set is complete: add its index entry."""
     record = publishing_record(path)
-    if path.exists() or not record.exists():
+    if not record.is_file():
         return
     try:
         made = json.loads(record.read_text())
         staging, files = Path(str(made["staging"])).name, {str(k): str(v) for k, v in made["files"].items()}
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
-        raise EditguardError(f"{record} is damaged: remove it and the card files beside the mask, then resume") from None
-    for name, digest in files.items():
-        file = path.parent / Path(name).name
-        if file.is_file() and _sha256(file) == digest:
-            file.unlink()
+        raise EditguardError(f"{record} is damaged: remove it and the card files beside the mask, then run again") from None
+    if path.is_file() and files.get(path.name) == _sha256(path):
+        update_index(path, MaskFile.load(path))
+    elif not path.exists():
+        for name, digest in files.items():
+            file = path.parent / Path(name).name
+            if file.is_file() and _sha256(file) == digest:
+                file.unlink()
     if staging.startswith(f".{path.stem}."):
         shutil.rmtree(path.parent / staging, ignore_errors=True)
     record.unlink()
 
 
 def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
     with open(file, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:
