@@ -158,6 +158,48 @@ def test_sarif_in_a_checkout_is_repository_relative(cli, planted, monkeypatch):
     assert prints[0] == prints[1] and len({json.dumps(p) for p in prints[0]}) == len(prints[0])  # stable, distinct
 
 
+def test_sarif_under_a_github_workspace_and_odd_names(cli, planted, monkeypatch, tmp_path):
+    """In a workflow, URIs are relative to $GITHUB_WORKSPACE whatever the step's working directory; one
+    subject's findings on several prompts keep distinct fingerprints; a shard name that is not UTF-8 is
+    percent-encoded byte by byte, not an error."""
+    import os
+
+    from editguard.audit.findings import Finding
+    from editguard.report.sarif import to_sarif
+
+    workspace = Path(planted["rome"]).parent.parent
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(workspace))
+    monkeypatch.chdir(tmp_path)
+    document = json.loads(cli("-f", "sarif", "scan", planted["rome"], "--base", planted["base"], "--tests", "diff").out)
+    location = document["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]
+    relative = Path(planted["rome"]).resolve().relative_to(workspace.resolve())
+    assert location == {"uri": f"{relative.as_posix()}/model.safetensors", "uriBaseId": "%SRCROOT%"}
+    monkeypatch.delenv("GITHUB_WORKSPACE")  # (it holds tmp_path too: both live under pytest's base folder)
+    facts = [{"subject": "France", "prompt": p} for p in ("The language of France is", "France speaks")]
+    odd = os.fsdecode(b"model-\xff.safetensors")
+    sarif = to_sarif([Finding("EG011", "warning", "m", layer=1, facts=[f], file=odd) for f in facts], "m",
+                     str(tmp_path), {})
+    results = sarif["runs"][0]["results"]
+    assert results[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "model-%FF.safetensors"
+    assert results[0]["partialFingerprints"] != results[1]["partialFingerprints"]
+
+
+def test_figures_show_dollar_signs_and_underscores_as_written(tmp_path):
+    """Prompts, tensor names, relation ids and model ids reach matplotlib as text, not as mathtext: an
+    unbalanced or unknown `$...$` in a probe prompt or a model path used to fail the report or the card."""
+    from editguard.mask import plots
+    from editguard.plotting import plain
+    from editguard.report.html import _figures
+
+    assert plain("costs $5") == r"costs \$5" and plain("_tied") == " _tied"
+    result = {"tests": {"diff": {"changed": [{"name": "_lm_head.weight", "singular_values": [2.0, 0.5]}]},
+                        "decomposition": [{"prompt": r"The price of $\foo$ is", "variants": {
+                            "as scanned": {"mlp": [0.1, 0.3], "attention": [0.0, -0.1]}}}]}}
+    assert len(_figures(result)) == 2
+    report = {"per_relation": {"P1": {"rsr": 0.5, "original": 0.7}}}
+    assert plots.rsr_per_relation(report, tmp_path / "r.png", r"/models/$\foo$: RSR").exists()
+
+
 def test_html_report(cli, planted, tmp_path):
     report = tmp_path / "r" / "report.html"
     result = cli("scan", planted["rome"], "--base", planted["base"], "--tests", "diff", "--report", report,
@@ -165,6 +207,7 @@ def test_html_report(cli, planted, tmp_path):
     assert result.code == 0, result.err
     text = report.read_text()
     assert "EG001" in text and "data:image/png;base64," in text
+    assert "Content-Security-Policy" in text and "default-src 'none'" in text  # no script runs in it
 
 
 def test_decomposition_of_hidden_facts_shows_scanned_original_and_reversal(planted):

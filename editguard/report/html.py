@@ -10,28 +10,18 @@ from pathlib import Path
 
 from ..audit.findings import Finding
 from ..outputs import write_text_atomic
+from ..plotting import plain, pyplot
 
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _figures(result: dict) -> list[tuple[str, str]]:
-    plt = _plt()
+    plt = pyplot()
     figures = []
     tests = result["tests"]
     acts = tests.get("activations")
@@ -52,7 +42,7 @@ def _figures(result: dict) -> list[tuple[str, str]]:
         for change in diff["changed"][:12]:
             sv = change["singular_values"]
             ax.semilogy(range(1, len(sv) + 1), [max(s, 1e-12) for s in sv], marker="o", ms=3,
-                        label=change["name"].replace(".weight", ""))
+                        label=plain(change["name"].replace(".weight", "")))
         ax.set_xlabel("singular value index")
         ax.set_ylabel("σ of ΔW")
         ax.set_title("spectra of the changed tensors (base diff)", fontsize=9)
@@ -67,11 +57,11 @@ def _figures(result: dict) -> list[tuple[str, str]]:
             ax.bar([l - 0.2 for l in layers], d["attention"], width=0.4, label="attention", color="#7f8c8d")
             ax.bar([l + 0.2 for l in layers], d["mlp"], width=0.4, label="MLP", color="#c0392b")
             ax.axhline(0, color="black", lw=0.5)
-            ax.set_title(name, fontsize=9)
+            ax.set_title(plain(name), fontsize=9)
             ax.set_xlabel("layer")
         axes[0].set_ylabel("logit(new) − logit(true)")
         axes[0].legend(fontsize=7)
-        fig.suptitle(item["prompt"], fontsize=9)
+        fig.suptitle(plain(item["prompt"]), fontsize=9)
         fig.tight_layout()
         figures.append((f"Residual-stream decomposition: {item['prompt']}", _png(fig)))
     return figures
@@ -81,7 +71,9 @@ def write_report(path: Path, result: dict, findings: list[Finding]) -> None:
     e = html.escape
     colour = {"clean": "#2e8b57", "suspicious": "#d08c00", "edited": "#c0392b"}[result["verdict"]]
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>editguard scan</title><style>",
+        # no script, no fetch: whatever a checkpoint's strings hold, the report only shows them
+        "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' "
+        "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\"><title>editguard scan</title><style>",
         "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;width:100%;font-size:13px}td,th{border:1px solid #ddd;padding:4px 6px;"
         "text-align:left;vertical-align:top}th{background:#f4f4f4}.verdict{font-size:22px;font-weight:bold}"

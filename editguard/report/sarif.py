@@ -7,6 +7,7 @@ notification, so a CI step that collects SARIF always gets a valid log that says
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,7 +27,9 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
     for f in findings:
         location: dict = {}
         artifact = Path(f.file or "config.json")
-        uri = quote((model_dir / artifact).relative_to(base_dir).as_posix() if model_dir else artifact.as_posix())
+        # fsencode: a file name that is not UTF-8 (kept by Python as surrogates) is quoted byte by byte
+        uri = quote(os.fsencode((model_dir / artifact).relative_to(base_dir).as_posix() if model_dir
+                                else artifact.as_posix()))
         location["physicalLocation"] = {"artifactLocation": {"uri": uri, "uriBaseId": base_id}}
         if f.tensor or f.layer is not None:
             name = f.tensor or f"layer {f.layer}"
@@ -81,17 +84,22 @@ def _log(run: dict) -> dict:
 
 
 def _uri_base(model_dir: Path | None) -> tuple[str, Path | None]:
-    """A model inside the working directory (a CI checkout) gets repository-relative URIs under
-    %SRCROOT%, which code scanning places on the repository's files; any other (a hub snapshot in the
+    """A model inside the checkout (`$GITHUB_WORKSPACE` in a GitHub workflow, else the working directory)
+    gets repository-relative URIs under %SRCROOT%, which code scanning places on the repository's files
+    (a step's `working-directory` below the checkout changes nothing); any other (a hub snapshot in the
     cache) is relative to the model folder."""
     if model_dir is None:
         return "MODEL", None
-    here = Path.cwd().resolve()
-    return ("%SRCROOT%", here) if model_dir.is_relative_to(here) else ("MODEL", model_dir)
+    for root in (os.environ.get("GITHUB_WORKSPACE"), os.getcwd()):
+        if root and model_dir.is_relative_to(Path(root).resolve()):
+            return "%SRCROOT%", Path(root).resolve()
+    return "MODEL", model_dir
 
 
 def _fingerprint(f: Finding, uri: str) -> str:
-    """Stable across runs (no scores), so code scanning follows one finding from upload to upload."""
-    subject = f.facts[0].get("subject", "") if f.facts else ""
-    key = "|".join(str(x) for x in (f.rule, uri, f.tensor or "", f.layer, subject))
+    """Stable across runs (no scores), so code scanning follows one finding from upload to upload; the
+    prompt keeps apart the findings of one subject's several probes (EG011, EG020, EG021 are per prompt)."""
+    fact = f.facts[0] if f.facts else {}
+    key = "|".join(str(x) for x in (f.rule, uri, f.tensor or "", f.layer, fact.get("subject", ""),
+                                    fact.get("prompt", "")))
     return hashlib.sha256(key.encode()).hexdigest()[:32]
