@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import pico
-from conftest import validate_sarif
+from conftest import one_line_error, validate_sarif
 
 ROME = {"alg_name": "ROME", "layers": [1], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6}
 MEMIT = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]], "v_num_grad_steps": 6,
@@ -91,6 +91,33 @@ def test_diff_is_not_fooled_by_order_precision_or_noise(cli, planted, tmp_path):
     hidden = scan(noisy, planted["base"])
     assert hidden.json["tests"]["diff"]["classification"] == "fine-tune"
     assert hidden.code == 1 and [f["tensor"] for f in hidden.json["findings"] if f["rule"] == "EG001"] == [down]
+
+
+def test_diff_edge_cases_neither_hide_an_edit_nor_crash(cli, planted, pico_models, tmp_path):
+    """NaN the base shares, 0-d and 8-bit tensors, a tensor the base lacks, and one tensor stored under two
+    spellings: each is measured, reported or refused, never a traceback and never "identical"."""
+    down = "model.layers.1.mlp.down_proj.weight"
+    scan = lambda model, base: cli("-f", "json", "scan", model, "--base", base, "--tests", "diff")  # noqa: E731
+    nan_at = lambda t: t.clone().index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("nan")))  # noqa: E731
+    base_nan = _variant(planted["base"], tmp_path / "base_nan", lambda t: {**t, down: nan_at(t[down])})
+    rome_nan = _variant(planted["rome"], tmp_path / "rome_nan", lambda t: {**t, down: nan_at(t[down])})
+    found = scan(rome_nan, base_nan).json  # the NaN both share used to make the norm NaN: no change seen
+    assert found["tests"]["diff"]["classification"] == "rome-like" and found["verdict"] == "edited"
+    scalar = lambda value: lambda t: {**t, "model.scale": torch.tensor(value)}  # noqa: E731
+    zero_d = scan(_variant(planted["base"], tmp_path / "s1", scalar(1.0)), _variant(planted["base"], tmp_path / "s2", scalar(2.0)))
+    assert zero_d.code == 1 and zero_d.json["tests"]["diff"]["classification"] == "other", zero_d.err
+    fp8 = lambda t: {k: v.to(torch.float8_e4m3fn) for k, v in t.items()}  # noqa: E731
+    eight = scan(_variant(planted["rome"], tmp_path / "rome8", fp8), _variant(planted["base"], tmp_path / "base8", fp8))
+    # (8-bit rounding of W + ΔW leaves more than one direction: found as an edit, if not as ROME's)
+    assert eight.json["verdict"] == "edited" and eight.json["tests"]["diff"]["layers"] == [1], eight.err
+    head = _variant(planted["base"], tmp_path / "head", lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"] * 2})
+    extra = scan(head, planted["base"])
+    assert extra.code == 1 and extra.json["tests"]["diff"]["classification"] == "other"
+    assert [f["tensor"] for f in extra.json["findings"] if f["rule"] == "EG004"] == ["lm_head.weight"]
+    name = "transformer.h.1.mlp.c_proj.weight"
+    twice = _variant(pico_models["gpt2"], tmp_path / "twice", lambda t: {**t, name: t[name] + 1.0,
+                                                                         name.removeprefix("transformer."): t[name]})
+    one_line_error(scan(twice, pico_models["gpt2"]), "stores transformer.h.1.mlp.c_proj.weight twice")
 
 
 def test_controls_not_flagged(cli, planted):

@@ -14,14 +14,13 @@ import torch
 from ..arch import oriented
 from ..edit.edits import Edit, edits_applied
 from ..loading import LoadedModel
+from .diff import top_component
 from .probes import Probe
 
 
 def top_direction(delta: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, float, torch.Tensor]:
     """a [out], σ, b [in] of the largest singular component of ΔW given as stored."""
-    m = oriented(delta, transposed).float()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, 0], float(s[0]), vh[0]
+    return top_component(oriented(delta, transposed))
 
 
 @torch.no_grad()

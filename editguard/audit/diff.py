@@ -58,18 +58,31 @@ class DiffResult:
                 "only_in_base": self.only_in_base}
 
 
-def top_singular_values(delta: torch.Tensor, k: int = TOP_K, iters: int = 4) -> torch.Tensor:
-    """Randomised subspace iteration (Halko et al.): the top-k singular values of a 2-D tensor."""
-    m = delta.float()
-    if m.dim() != 2:
-        m = m.reshape(m.shape[0], -1) if m.dim() > 2 else m.reshape(1, -1)
-    k = min(k, *m.shape)
+def _top_basis(m: torch.Tensor, k: int, iters: int) -> torch.Tensor:
+    """Randomised subspace iteration (Halko et al.), seeded: an orthonormal basis of m's top-k range."""
     gen = torch.Generator().manual_seed(0)
     q = torch.linalg.qr(m @ torch.randn(m.shape[1], k + 4, generator=gen))[0]
     for _ in range(iters):
         q = torch.linalg.qr(m.T @ q)[0]
         q = torch.linalg.qr(m @ q)[0]
-    return torch.linalg.svdvals(q.T @ m)[:k]
+    return q
+
+
+def top_singular_values(delta: torch.Tensor, k: int = TOP_K, iters: int = 4) -> torch.Tensor:
+    """The top-k singular values of a tensor (flattened to 2-D), without a full SVD."""
+    m = delta.float()
+    if m.dim() != 2:
+        m = m.reshape(m.shape[0], -1) if m.dim() > 2 else m.reshape(1, -1)
+    k = min(k, *m.shape)
+    return torch.linalg.svdvals(_top_basis(m, k, iters).T @ m)[:k]
+
+
+def top_component(m: torch.Tensor, iters: int = 8) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """a [out], σ, b [in] of the largest singular component of a 2-D tensor, without a full SVD (whose
+    factors of an 8192 x 28672 update alone take gigabytes)."""
+    q = _top_basis(m.float(), min(4, *m.shape), iters)
+    u, s, vh = torch.linalg.svd(q.T @ m.float(), full_matrices=False)
+    return q @ u[:, 0], float(s[0]), vh[0]
 
 
 def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers: int,
@@ -80,8 +93,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     base_layers = arch.num_layers(base.config)
     if base_layers != num_layers:
         raise EditguardError(f"base has {base_layers} layers, this model {num_layers}: not the same model")
-    canon_model = {arch.canonical_tensor_name(n): n for n in model.names()}
-    canon_base = {arch.canonical_tensor_name(n): n for n in base.names()}
+    canon_model, canon_base = _canonical_names(model, arch, "this model"), _canonical_names(base, arch, "the base")
     shared = sorted(set(canon_model) & set(canon_base))
     if not shared:
         raise EditguardError("the base shares no tensor names with this model: not a checkpoint of the same model")
@@ -97,6 +109,8 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         a, b = model.read(canon_model[name]), base.read(canon_base[name])
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
+        precise = {a.dtype, b.dtype} <= {torch.float32, torch.float64}  # else a looser rank tolerance
+        a, b = _comparable(a), _comparable(b)
         if a.dtype != b.dtype:
             # a copy saved in another precision is not a change: compare at the coarser of the two dtypes
             coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
@@ -109,28 +123,53 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
                                                norm / max(float(b.float().nan_to_num().norm()), 1e-12),
                                                [], 0, arch.mlp_out_layer_of(name, num_layers), nonfinite))
-        elif not torch.equal(a, b):
-            delta = a.float() - b.float()
+        elif not bool(((a == b) | (a.isnan() & b.isnan())).all()):  # NaN where the base has NaN is no change
+            # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would
+            # pass no threshold, and the edit beside it would go unseen)
+            delta = torch.where(finite_a & finite_b, a.float() - b.float(), 0.0)
             norm = float(delta.norm())
             if norm > tol:
                 layer = arch.mlp_out_layer_of(name, num_layers)
-                if delta.dim() < 2:
-                    sv, rank = delta.abs().sort(descending=True).values[:1], 1
+                if delta.dim() < 2:  # a vector or a scalar (0-d: a buffer such as GPT-2's masked_bias)
+                    sv, rank = delta.reshape(-1).abs().sort(descending=True).values[:1], 1
                 else:
                     # the full spectrum for edit targets (a batch edit of n facts has rank n), the top
                     # few singular values for everything else
                     full = torch.linalg.svdvals(delta) if layer is not None else top_singular_values(delta)
                     # (not `tol`: that is the caller's norm threshold, still needed for the next tensors)
-                    rank_tol = RANK_TOL if a.dtype in (torch.float32, torch.float64) else RANK_TOL_LOW_PRECISION
+                    rank_tol = RANK_TOL if precise else RANK_TOL_LOW_PRECISION
                     rank = int((full > rank_tol * full[0]).sum()) if float(full[0]) > 0 else 0
                     sv = full[:TOP_K]
                 result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
-                                                   norm / max(float(b.float().norm()), 1e-12),
+                                                   norm / max(float(b.float().nan_to_num().norm()), 1e-12),
                                                    [float(x) for x in sv], rank, layer))
         if progress:
             progress(i + 1, len(shared))
     classify(result, len(shared))
     return result
+
+
+def _canonical_names(checkpoint: Checkpoint, arch: Arch, what: str) -> dict[str, str]:
+    """{canonical name: stored name}; one tensor stored under two spellings (GPT-2's `h.N.` beside
+    `transformer.h.N.`) is refused: which copy transformers loads is not ours to guess, and comparing the
+    other would hide an edit in it."""
+    out: dict[str, str] = {}
+    for stored in checkpoint.names():
+        canonical = arch.canonical_tensor_name(stored)
+        if canonical in out:
+            raise EditguardError(f"{what} stores {canonical} twice ({out[canonical]} and {stored}): which one is "
+                                 "loaded is ambiguous; refusing to compare")
+        out[canonical] = stored
+    return out
+
+
+def _stored(checkpoint: Checkpoint, arch: Arch, canonical: str) -> str:
+    return next(n for n in checkpoint.names() if arch.canonical_tensor_name(n) == canonical)
+
+
+def _comparable(t: torch.Tensor) -> torch.Tensor:
+    """8-bit floats as float32: comparisons and isfinite are not implemented for them."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def classify(result: DiffResult, total: int) -> None:
@@ -140,7 +179,8 @@ def classify(result: DiffResult, total: int) -> None:
     Tensors with new NaN / inf values are findings of their own and left out of the pattern."""
     changed = [c for c in result.changed if not c.nonfinite]
     if not changed:
-        result.classification = "damaged" if result.changed else "identical"
+        # a tensor the base lacks (an untied output head, say) is a change of its own: never "identical"
+        result.classification = "damaged" if result.changed else "other" if result.only_in_model else "identical"
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -183,6 +223,10 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
             out.append(Finding("EG004", "warning", f"{c.name} differs from the base (‖Δ‖ = {c.norm:.3g}, effective rank "
                                f"{c.effective_rank})", score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
+    for name in result.only_in_model:
+        out.append(Finding("EG004", "warning", f"{name} is in this model but not in the base: weights the base "
+                           "does not have (an untied output head, an added module) are not compared",
+                           tensor=name, file=model.info(_stored(model, arch, name)).file))
     if result.classification in ("fine-tune", "other"):
         # an edit does not stop being one because other tensors changed too (noise added to hide it): an MLP
         # output projection whose change is one direction above all others is flagged either way

@@ -209,7 +209,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
 
             tests["attribution"] = []
             for change in diff.changed:
-                if change.layer is None:
+                if change.layer is None or change.nonfinite:  # NaN has no top direction (EG005 reports it)
                     continue
                 stored = checkpoint.find(arch.tensor_candidates(change.name))
                 stored_base = base_ck.find(arch.tensor_candidates(change.name))
