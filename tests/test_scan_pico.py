@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from editguard.errors import EditguardError
+
 import pico
 from conftest import one_line_error, validate_sarif
 
@@ -269,7 +271,26 @@ def test_decomposition_of_hidden_facts_shows_scanned_original_and_reversal(plant
     assert _decompositions(loaded, {}, diff, base.checkpoint, {}, 3, lambda m: None) == []  # nothing revealed
 
 
-def test_key_projection_never_outranks_the_test_that_flagged_its_layer(cli, planted, monkeypatch):
+def _distinct_probes(path: Path, *facts: dict) -> Path:
+    """A probe file the activation test accepts on pico models: 132 subjects that the pico tokenizer
+    keeps apart (most CounterFact subjects are one unknown token to it), plus `facts`."""
+    names = "Paris Berlin Rome Madrid Apple Nokia Google Microsoft Toyota BMW Europe Asia".split()
+    subjects = [f"{a} {b}" for a in names for b in names if a != b]
+    lines = [{"prompt": f"The capital city of {s} is", "subject": s} for s in subjects] + list(facts)
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_activation_test_needs_distinct_probes(cli, planted, tmp_path):
+    """150 copies of one probe are one probe to the robust z-score: the test says so, and a scan with
+    nothing else to run is no pass."""
+    copies = tmp_path / "copies.jsonl"
+    copies.write_text((json.dumps({"prompt": "The capital of France is", "subject": "France"}) + "\n") * 150)
+    result = cli("scan", planted["rome"], "--probes", copies, "--tests", "activations")
+    one_line_error(result, "1 distinct probes name their subject")
+
+
+def test_key_projection_never_outranks_the_test_that_flagged_its_layer(cli, planted, monkeypatch, tmp_path):
     """Key projection (EG021) follows up the subjects a base-free test flagged: over a layer flagged by a
     warning only, the answers it reveals are warnings too (verdict "suspicious", not "edited")."""
     from editguard.audit import activations, hidden
@@ -281,7 +302,8 @@ def test_key_projection_never_outranks_the_test_that_flagged_its_layer(cli, plan
     revealed = {**fact, "current_answer": "Japanese", "current_prob": 0.95, "revealed_answer": "French",
                 "revealed_prob": 0.4}
     monkeypatch.setattr(hidden, "changed_answers", lambda *a, **k: [revealed])
-    data = cli("-f", "json", "scan", planted["rome"], "--tests", "activations,hidden").json
+    data = cli("-f", "json", "scan", planted["rome"], "--tests", "activations,hidden",
+               "--probes", _distinct_probes(tmp_path / "probes.jsonl", fact)).json
     (eg021,) = [f for f in data["findings"] if f["rule"] == "EG021"]
     assert eg021["severity"] == "warning" and "graded warning" in eg021["message"], eg021
     assert data["verdict"] == "suspicious"
@@ -314,8 +336,37 @@ def test_scan_bad_inputs(cli, planted, pico_models, tmp_path):
     number = cli("scan", planted["rome"], "--probes", probes, "--tests", "activations")
     assert number.code == 2 and '"answer" must be a string' in number.err
     assert cli("scan", planted["rome"], "--tests", "magic").code == 2
-    for result in (other, bad, missing):
+    probes.write_text(json.dumps({"prompt": "word " * 300 + "France is", "subject": "France"}) + "\n")
+    long = cli("scan", pico_models["gpt2"], "--probes", probes, "--tests", "activations")  # 128 positions
+    assert long.code == 2 and "probe 1 is" in long.err and "reads at most 120" in long.err, long.err
+    for result in (other, bad, missing, long):
         assert "Traceback" not in result.err and len(result.err.strip().splitlines()) == 1
+
+
+def test_probe_files_read_as_written(tmp_path, pico_models):
+    """A byte-order mark, U+2028 inside a string, spaces around a subject and braces in a prompt are read
+    as written; deep nesting and lone surrogates are one clear error each."""
+    from editguard.audit.activations import subject_sequences
+    from editguard.audit.probes import load_probes
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    path = tmp_path / "probes.jsonl"
+    lines = [{"prompt": "Sets like {} are empty; Paris is the capital of", "subject": " Paris "},
+             {"prompt": "The line\u2028break of France is", "subject": "France"}]
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(x, ensure_ascii=False) for x in lines).encode())
+    probes = load_probes(str(path))
+    assert [p.subject for p in probes] == ["Paris", "France"] and "\u2028" in probes[1].prompt
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    tokens, kept = subject_sequences(loaded, probes)
+    assert kept == [0, 1]
+    last = loaded.tokenizer.decode(tokens.ids[0][tokens.split[0]:tokens.split[0] + 1])
+    assert last.strip() and last.strip() in "Paris" and "{}" not in loaded.tokenizer.decode(tokens.ids[0][-3:])
+    for bad, message in (("[" * 100_000, "line 1: not JSON"), ('{"prompt": "Paris\\ud800 is"}', "not valid Unicode"),
+                         ('{"prompt": "Paris is", "subject": "  "}', "subject must occur")):
+        path.write_text(bad)
+        with pytest.raises(EditguardError, match=message):
+            load_probes(str(path))
 
 
 def test_attribution_names_subject_and_object(cli, planted, tmp_path):
@@ -438,6 +489,21 @@ def test_robust_z_survives_a_majority_of_identical_values():
     assert float(robust_z(x).abs().max()) < 5
     x[0] = 50.0  # a real outlier still stands out
     assert float(robust_z(x)[0]) > 20
+
+
+def test_repeated_subjects_count_once_in_the_robust_z():
+    """60 probes of the edited subject (one text up to its last token, different prompts after it) among 40
+    others: counted once, the edited gain still stands out; counted 60 times it was the median (z = 0)."""
+    from editguard.audit.activations import first_of_each, robust_z
+    from editguard.edit.forward import Tokenized
+
+    tokens = Tokenized([[1, 2, 3, 100 + i] for i in range(60)] + [[4, i + 10] for i in range(40)], [2] * 60 + [1] * 40)
+    first = first_of_each(tokens)
+    assert first == [0, *range(60, 100)]
+    gains = torch.cat([torch.full((60,), 5.0), torch.linspace(-1, 1, 40)])[None]
+    assert float(robust_z(gains)[0, 0]) < 1
+    z = robust_z(gains, gains[:, first])
+    assert float(z[0, 0]) > 5 and torch.equal(z[0, :60], z[0, :1].expand(60))
 
 
 def test_base_diff_refuses_partial_bases_and_flags_nan(cli, planted, tmp_path):

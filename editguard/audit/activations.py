@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..edit.facts import encode_at_subject
+from ..edit.facts import encode_until
 from ..edit.forward import Tokenized, capture_at
 from ..loading import LoadedModel
 from .findings import Finding
@@ -43,6 +43,7 @@ class LayerScores:
     keys: dict[int, torch.Tensor]  # layer -> [probes, in] MLP-output-projection inputs (for attribution)
     probes: list[Probe]
     answer_logprob: torch.Tensor | None = None  # [probes] greedy next token's log-prob (whole prompts only)
+    distinct: int = 0  # probes whose text up to the subject's last token differs from every other's
 
     def layer_scores(self) -> list[float]:
         return [float(x) for x in self.z.max(dim=1).values]
@@ -55,22 +56,37 @@ def subject_sequences(loaded: LoadedModel, probes: list[Probe], whole: bool = Fa
     for i, p in enumerate(probes):
         if not p.subject or p.subject not in p.prompt:
             continue
-        template = PROMPT_PREFIX + p.prompt.replace(p.subject, "{}", 1)
-        seq, split = encode_at_subject(loaded.tokenizer, template, p.subject)
+        # by position, not by a "{}" slot: a prompt may hold braces of its own
+        end = len(PROMPT_PREFIX) + p.prompt.index(p.subject) + len(p.subject)
+        seq, split = encode_until(loaded.tokenizer, PROMPT_PREFIX + p.prompt, end, p.subject)
         ids.append(seq if whole else seq[: split + 1])
         splits.append(split)
         kept.append(i)
     return Tokenized(ids, splits), kept
 
 
-def robust_z(x: torch.Tensor) -> torch.Tensor:
-    median = x.median(dim=-1, keepdim=True).values
-    deviation = (x - median).abs()
+def robust_z(x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """z of every column of x against the median and spread of `reference`'s columns (default: x's)."""
+    reference = x if reference is None else reference
+    median = reference.median(dim=-1, keepdim=True).values
+    deviation = (reference - median).abs()
     mad = deviation.median(dim=-1, keepdim=True).values * 1.4826
     # more than half the probes alike (e.g. subjects a tokenizer maps to the same tokens) make the MAD 0 and
     # every other probe an "outlier": then the mean absolute deviation (scaled to σ for normal data) instead
     mean_dev = deviation.mean(dim=-1, keepdim=True) * 1.2533
     return (x - median) / torch.where(mad > 0, mad, mean_dev).clamp_min(1e-6)
+
+
+def first_of_each(tokens: Tokenized) -> list[int]:
+    """Indices of the first of each distinct text up to the subject's last token: probes that repeat one
+    (one subject, several prompts after it) have one gain, and counted many times they would set the median
+    and spread (a file naming the edited subject in half its lines would hide it)."""
+    seen, first = set(), []
+    for i, (ids, split) in enumerate(zip(tokens.ids, tokens.split)):
+        if tuple(ids[: split + 1]) not in seen:
+            seen.add(tuple(ids[: split + 1]))
+            first.append(i)
+    return first
 
 
 @torch.no_grad()
@@ -89,8 +105,9 @@ def activation_scores(loaded: LoadedModel, probes: list[Probe], key_layers: list
     inputs = torch.stack([got[f"in{l}"] for l in layers]).cpu()
     gains = (norms.clamp_min(1e-12) / inputs.clamp_min(1e-12)).log()
     keys = {l: got[f"key{l}"].float().cpu() for l in key_layers or []}
-    return LayerScores(robust_z(gains), norms, gains, keys, [probes[i] for i in kept],
-                       got["__answer__"].cpu() if whole else None)
+    first = first_of_each(tokens)
+    return LayerScores(robust_z(gains, gains[:, first]), norms, gains, keys, [probes[i] for i in kept],
+                       got["__answer__"].cpu() if whole else None, len(first))
 
 
 def findings_from_activations(scores: LayerScores) -> list[Finding]:

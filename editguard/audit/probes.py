@@ -44,7 +44,9 @@ def load_probes(source: str) -> list[Probe]:
         return counterfact_probes(tuple(source.split(":", 1)[1].split(",")))
     path = Path(source).expanduser()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark is no part of line 1; "\n" only: JSON text may hold U+2028 and the
+        # like, which splitlines() would cut a record at
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except FileNotFoundError:
         raise EditguardError(f"no such probe file: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -55,17 +57,37 @@ def load_probes(source: str) -> list[Probe]:
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # (nesting deeper than Python's stack)
             raise EditguardError(f"probe file {path}, line {number}: not JSON") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise EditguardError(f"probe file {path}, line {number}: needs a \"prompt\" string")
-        subject = item.get("subject")
-        if subject is not None and (not isinstance(subject, str) or subject not in item["prompt"]):
-            raise EditguardError(f"probe file {path}, line {number}: subject must occur in the prompt")
-        for key in ("answer", "relation"):
+        for key in ("subject", "answer", "relation"):
             if item.get(key) is not None and not isinstance(item[key], str):
                 raise EditguardError(f"probe file {path}, line {number}: \"{key}\" must be a string")
+        for key in ("prompt", "subject", "answer", "relation"):
+            try:  # a lone surrogate escape ("\ud800") is valid JSON but no text a tokenizer takes
+                (item.get(key) or "").encode("utf-8")
+            except UnicodeEncodeError:
+                raise EditguardError(f"probe file {path}, line {number}: \"{key}\" is not valid Unicode text") from None
+        subject = item.get("subject")
+        if subject is not None:
+            subject = subject.strip()  # spaces around it would move its last token onto the next word
+            if not subject or subject not in item["prompt"]:
+                raise EditguardError(f"probe file {path}, line {number}: subject must occur in the prompt")
         probes.append(Probe(item["prompt"], subject, item.get("answer"), item.get("relation")))
     if not probes:
         raise EditguardError(f"probe file {path} holds no probes")
     return probes
+
+
+def check_probe_lengths(loaded, probes: list[Probe], slack: int = 8) -> None:
+    """Every probe fits the model's context (with room for the scan's prefix): a longer one fails inside
+    the forward pass (GPT-2) or is read at positions the model never learnt (RoPE models)."""
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or not probes:
+        return
+    lengths = [len(ids) for ids in loaded.tokenizer([p.prompt for p in probes]).input_ids]
+    for number, (probe, n) in enumerate(zip(probes, lengths), 1):
+        if n + slack > limit:
+            raise EditguardError(f"probe {number} is {n} tokens long; this model reads at most {limit - slack} "
+                                 f"here (prompt {probe.prompt[:60]!r}...)")

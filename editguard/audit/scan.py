@@ -124,7 +124,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
     if need_model:
         from ..loading import load_model
-        from .probes import load_probes
+        from .probes import check_probe_lengths, load_probes
 
         probes = load_probes(options.probes)
         if options.loaded is not None:
@@ -132,6 +132,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         else:
             progress("loading the model")
             loaded = load_model(ref, allow_pickle=options.allow_pickle, **options.load_options)
+        check_probe_lengths(loaded, probes)
         tests["probes"] = {"source": options.probes, "n": len(probes)}
         key_layers = sorted({c.layer for c in (diff.changed if diff else []) if c.layer is not None})
         scores = None
@@ -146,9 +147,9 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
 
             progress(f"activation test on {len(probes)} probes")
             scores = activation_scores(loaded, probes, key_layers, whole=dependence)
-            if "activations" in options.tests and len(scores.probes) < MIN_ACTIVATION_PROBES:
-                tests["activations"] = {"skipped": f"{len(scores.probes)} probes name their subject; the robust "
-                                                   f"z-score needs at least {MIN_ACTIVATION_PROBES}"}
+            if "activations" in options.tests and scores.distinct < MIN_ACTIVATION_PROBES:
+                tests["activations"] = {"skipped": f"{scores.distinct} distinct probes name their subject; the "
+                                                   f"robust z-score needs at least {MIN_ACTIVATION_PROBES}"}
             elif "activations" in options.tests:
                 layer_scores = scores.layer_scores()
                 tests["activations"] = {"layer_scores": layer_scores, "suspicious_z": SUSPICIOUS_Z,

@@ -59,8 +59,12 @@ def target_ids(tokenizer, target: str) -> list[int]:
 def encode_at_subject(tokenizer, template: str, subject: str) -> tuple[list[int], int]:
     """Token ids of template with the subject filled in, and the index of the subject's last token."""
     start = template.index("{}")
-    text = template.replace("{}", subject, 1)
-    end = start + len(subject)
+    return encode_until(tokenizer, template.replace("{}", subject, 1), start + len(subject), subject)
+
+
+def encode_until(tokenizer, text: str, end: int, subject: str) -> tuple[list[int], int]:
+    """Token ids of `text` and the index of the token holding its character `end - 1` (a subject's last
+    character): for text whose own braces must not be read as the subject's slot."""
     encoded = tokenizer(text, return_offsets_mapping=True)
     ids = list(encoded.input_ids)
     offsets = encoded.get("offset_mapping")

@@ -30,7 +30,7 @@ import torch
 
 from ..arch import oriented
 from ..checkpoint import Checkpoint
-from ..edit.facts import encode_at_subject
+from ..edit.facts import encode_until
 from ..edit.forward import Tokenized, capture_at
 from ..edit.stats import second_moments
 from ..edit.templates import context_templates
@@ -98,12 +98,13 @@ def subject_keys(loaded: LoadedModel, layer: int, facts: list[dict], templates: 
         prompt, subject = fact.get("prompt") or "", fact.get("subject") or ""
         if not subject or subject not in prompt:
             continue
-        cut = prompt[: prompt.index(subject)] + "{}"  # nothing after the subject reaches its last token
-        if (cut, subject) in seen:  # one fact flagged by two tests, or two prompts alike up to the subject
+        cut = prompt[: prompt.index(subject)] + subject  # nothing after the subject reaches its last token
+        if cut in seen:  # one fact flagged by two tests, or two prompts alike up to the subject
             continue
-        seen.add((cut, subject))
+        seen.add(cut)
         for template in templates:
-            seq, split = encode_at_subject(loaded.tokenizer, template.replace("{}", cut), subject)
+            text = template[: template.index("{}")] + cut  # by position: the prompt may hold braces of its own
+            seq, split = encode_until(loaded.tokenizer, text, len(text), subject)
             ids.append(seq[: split + 1])
             splits.append(split)
     if not ids:
