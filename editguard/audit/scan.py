@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 TESTS = ("diff", "activations", "dependence", "hidden", "attribution")
 BASE_FREE_TESTS = ("activations", "dependence")  # what finds an edited layer and subject without a base
-# Below this many probes naming their subject, the median/MAD of the activation test is too rough to
+# Below this many distinct probes naming their subject, the median/MAD of the activation test is too rough to
 # call anything an outlier: three clean probes gave z = 120 on the demo model. Calibrated on 1,700;
 # the end-to-end tests find edits with ~290.
 MIN_ACTIVATION_PROBES = 100
