@@ -304,7 +304,8 @@ class Checkpoint:
     def sample(self, name: str, runs: int = 16, run: int = 256) -> bytes:
         """Raw stored bytes of `runs` runs of `run` consecutive elements spread evenly over a tensor (all of
         a small one), read without the rest of it."""
-        numel = math.prod(self.info(name).shape)
+        info = self.info(name)
+        numel = math.prod(info.shape)
         if numel <= runs * run:
             starts, run = [0], numel
         else:
@@ -312,7 +313,6 @@ class Checkpoint:
         if self.format == "pickle":  # the state dict is memory-mapped: slicing reads only these pages
             flat = self.read(name).reshape(-1)
             return b"".join(tensor_bytes(flat[i:i + run]) for i in starts)
-        info = self.info(name)
         itemsize = info.nbytes // max(numel, 1)
         with open(self.folder / info.file, "rb") as handle:
             parts = []

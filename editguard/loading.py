@@ -6,6 +6,7 @@ that runs the network (editing, probing, mask training).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -14,7 +15,7 @@ import torch
 
 from . import arch as arch_table
 from .arch import Arch
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, model_fingerprint
 from .cpu_precision import warn_if_slow
 from .errors import EditguardError
 from .quiet import quiet_transformers
@@ -32,6 +33,12 @@ class LoadedModel:
     ref: ModelRef
     checkpoint: Checkpoint
     extras: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The whole model's identity (`model_fingerprint` of its checkpoint): what edit banks, training
+        checkpoints and the cached second-moment statistics are keyed by."""
+        return model_fingerprint(self.checkpoint)
 
     @property
     def device(self) -> torch.device:

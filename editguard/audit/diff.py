@@ -163,10 +163,6 @@ def _canonical_names(checkpoint: Checkpoint, arch: Arch, what: str) -> dict[str,
     return out
 
 
-def _stored(checkpoint: Checkpoint, arch: Arch, canonical: str) -> str:
-    return next(n for n in checkpoint.names() if arch.canonical_tensor_name(n) == canonical)
-
-
 def _comparable(t: torch.Tensor) -> torch.Tensor:
     """8-bit floats as float32: comparisons and isfinite are not implemented for them."""
     return t.float() if t.is_floating_point() and t.element_size() == 1 else t
@@ -226,7 +222,7 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
     for name in result.only_in_model:
         out.append(Finding("EG004", "warning", f"{name} is in this model but not in the base: weights the base "
                            "does not have (an untied output head, an added module) are not compared",
-                           tensor=name, file=model.info(_stored(model, arch, name)).file))
+                           tensor=name, file=model.info(model.find(arch.tensor_candidates(name))).file))
     if result.classification in ("fine-tune", "other"):
         # an edit does not stop being one because other tensors changed too (noise added to hide it): an MLP
         # output projection whose change is one direction above all others is flagged either way

@@ -86,8 +86,8 @@ def edit_command(
     if output is not None:
         if resume or memit_batch is not None:
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
-        check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)  # before resolving: a hub
-        # model may download first; --force must never delete what the run reads or offloads to
+        # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
+        check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
     elif bank.exists():
         if not resume:
             raise EditguardError(f"edit bank {bank} exists; pass --resume to extend it, or choose another --bank")

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import fingerprint, model_fingerprint
+from ..checkpoint import fingerprint
 from ..errors import EditguardError
 from ..home import cache_dir, file_lock
 from ..loading import LoadedModel
@@ -27,13 +27,6 @@ def target_fingerprints(loaded: LoadedModel, hp: EditHparams) -> dict[str, str]:
     return out
 
 
-def whole_model_fingerprint(loaded: LoadedModel) -> str:
-    """`model_fingerprint` of the checkpoint behind `loaded`, computed once per loaded model."""
-    if "model_fingerprint" not in loaded.extras:
-        loaded.extras["model_fingerprint"] = model_fingerprint(loaded.checkpoint)
-    return loaded.extras["model_fingerprint"]
-
-
 def edited_shapes(loaded: LoadedModel, hp: EditHparams) -> dict[int, tuple[int, int]]:
     """{layer: [out, in]} of the tensors the method edits."""
     shapes = {}
@@ -49,7 +42,7 @@ def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume
         if not resume:
             raise EditguardError(f"edit bank {path} exists; pass --resume to extend it, or choose another --bank")
         bank = EditBank.open(path)
-        bank.check_matches(loaded.ref.model_id, hp.method, hp.digest(), fingerprints, whole_model_fingerprint(loaded))
+        bank.check_matches(loaded.ref.model_id, hp.method, hp.digest(), fingerprints, loaded.fingerprint)
         bank.check_widths(edited_shapes(loaded, hp))  # before appending: a damaged bank is named, not met by cat
         # a bank keeps its own context templates: edits added on another machine use the same ones
         loaded.extras[templates_key(hp)] = list(bank.meta["context_templates"])
@@ -57,7 +50,7 @@ def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume
     return EditBank.create(
         path, model_id=loaded.ref.model_id, revision=loaded.ref.revision, model_type=loaded.arch.model_type,
         method=hp.method, hparams=hp.to_dict(), hparams_hash=hp.digest(), templates=templates_for(loaded, hp),
-        fingerprints=fingerprints, model_fingerprint=whole_model_fingerprint(loaded))
+        fingerprints=fingerprints, model_fingerprint=loaded.fingerprint)
 
 
 def fill_bank(

@@ -1,15 +1,15 @@
 """Second moments C = E[k kᵀ] of an MLP output projection's input, from a text corpus.
 
 ROME (with `mom2_adjustment`) and MEMIT weight their updates by C⁻¹. Statistics are computed once per
-model and layer and cached under `$EDITGUARD_HOME/stats/`, keyed by a digest of the weight files, so an
-edited copy of a model never reuses its parent's statistics. The corpus is the shipped WikiText-2 test
-split unless `mom2_dataset` names a text file; `mom2_n_samples` caps the number of windows (the
-paper's 100,000 Wikipedia samples are out of reach on a CPU, and WikiText-2 has ~300 windows).
+model and layer and cached under `$EDITGUARD_HOME/stats/`, keyed by the model's fingerprint
+(`LoadedModel.fingerprint`), so an edited copy of a model never reuses its parent's statistics. The
+corpus is the shipped WikiText-2 test split unless `mom2_dataset` names a text file; `mom2_n_samples`
+caps the number of windows (the paper's 100,000 Wikipedia samples are out of reach on a CPU, and
+WikiText-2 has ~300 windows).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
@@ -22,25 +22,9 @@ from ..loading import LoadedModel
 from .forward import _Stop
 
 WINDOW = 1024
-_DIGESTS: dict[tuple, str] = {}
-
-
-def weights_digest(loaded: LoadedModel) -> str:
-    files = [loaded.checkpoint.folder / f for f in loaded.checkpoint.files]
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        for f in files:
-            with open(f, "rb") as handle:
-                while block := handle.read(16 << 20):
-                    digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()[:16]
-    return _DIGESTS[key]
-
-
 def _stats_path(loaded: LoadedModel, layer: int, dataset: str, n_samples: int) -> Path:
     name = Path(dataset).name if dataset != "wikitext2" else dataset
-    return cache_dir("stats", weights_digest(loaded)) / f"mom2-L{layer}-{name}-{n_samples}.safetensors"
+    return cache_dir("stats", loaded.fingerprint) / f"mom2-L{layer}-{name}-{n_samples}.safetensors"
 
 
 def second_moments(loaded: LoadedModel, layers: list[int], template: str, dataset: str, n_samples: int,
@@ -59,7 +43,7 @@ def second_moments(loaded: LoadedModel, layers: list[int], template: str, datase
             missing.append(layer)
     if not missing:
         return result
-    lock = cache_dir("stats", weights_digest(loaded)) / "collect.lock"
+    lock = cache_dir("stats", loaded.fingerprint) / "collect.lock"
     with file_lock(lock):
         sums = _collect(loaded, missing, template, dataset, n_samples, progress)
     for layer, (total, count) in sums.items():

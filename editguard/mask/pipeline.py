@@ -29,7 +29,7 @@ from ..data import counterfact
 from ..edit.bank import EditBank
 from ..edit.edits import Edit
 from ..edit.facts import Fact
-from ..edit.generate import fill_bank, target_fingerprints, whole_model_fingerprint
+from ..edit.generate import fill_bank, target_fingerprints
 from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..loading import LoadedModel
@@ -284,7 +284,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     # what the run's checkpoints record, and a resumed run must match: checked now, not after the bank
     # grows by hours of edits (a bank reused or extended holds this model's, method's and hparams' edits)
     meta = {"config": cfg.to_dict(), "data_hash": data_hash([f.case_id for f in facts["train"]], hp.digest()),
-            "fingerprints": target_fingerprints(loaded, hp), "model_fingerprint": whole_model_fingerprint(loaded),
+            "fingerprints": target_fingerprints(loaded, hp), "model_fingerprint": loaded.fingerprint,
             "targets": [path for path, _ in targets],
             # what else shapes the run's validation curve and its Θ (checkpoints from before this lack it)
             "settings": {"val": [f.case_id for f in facts["val"]], "val_every": job.val_every,
@@ -451,7 +451,7 @@ def evaluate_existing(loaded: LoadedModel, mask: MaskFile, bank: EditBank, job: 
         if expected != "unknown" and (stored is None or fingerprint(loaded.checkpoint.read(stored)) != expected):
             raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
                                  f"its {canonical} differs from this model's")
-    if bank.meta.get("model_fingerprint") is not None and not bank.same_model(whole_model_fingerprint(loaded)):  # older banks: none
+    if bank.meta.get("model_fingerprint") is not None and not bank.same_model(loaded.fingerprint):  # older banks: none
         raise EditguardError(f"edit bank {bank.path} holds edits of another model ({bank.meta.get('model_id')}): "
                              "the edited tensors match, other weights differ")
     chosen = dict(zip(("train", "val", "test"), select_splits(job)))
