@@ -3,14 +3,16 @@
     python bench/train_speed.py --model demo:smollm2-135m --records 16 --steps 3 --batch 8
 
 Paper loop: for every record, rebuild the dense edited weight Ŵ_i = W + u_i v_iᵀ, run the teacher (the
-unedited model) and the student (Ŵ_i ⊙ K) over its prompts from the embeddings up, full logits at every
-position. editguard: per-prompt factored edits in one packed sequence (no padding), cached states below
-the layer, cached teacher logits, logits only at the last position. Both start from the same Θ and see
-the same batches; the table shows records/second, the ratio, and how far the losses drift apart after
-the identical steps. A second editguard row runs the model's frozen layers in bfloat16 (`--dtype
-bfloat16`; Θ, K, the edit and attention stay float32), against the float32 paper loop and against the
-paper's loop on the same bfloat16 model, so the table separates what precision buys from what the
-trainer's design buys.
+unedited model) and the student (Ŵ_i ⊙ K) over the record's prompts (one right-padded forward each) from
+the embeddings up, full logits at every position. editguard: per-prompt factored edits in one packed
+sequence (no padding), cached states below the layer, cached teacher logits, logits only at the last
+position. Both start from the same Θ and see the same batches; the table shows records/second, the
+ratio, how far the losses drift apart after the identical steps, and the multiply-adds of one step of
+each (torch's FLOP counter: matrix products, attention not counted), so the time ratio can be read
+against the arithmetic ratio. A second editguard row runs the model's frozen layers in bfloat16
+(`--dtype bfloat16`; Θ, K, the edit and attention stay float32), against the float32 paper loop and
+against the paper's loop on the same bfloat16 model, so the table separates what precision buys from
+what the trainer's design buys.
 `--device-map cuda` runs everything on a GPU; `--compare-attention` adds a row with the other attention
 choice for packs (attention batched over groups of rows, editguard's choice on a CPU, against one masked
 call over the pack, its choice elsewhere). Edits come from a fresh ROME run (the demo preset) on the first records of
@@ -25,10 +27,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from editguard.data.counterfact import load_split
 from editguard.edit import forward
 from editguard.edit.facts import Fact, target_ids
+from editguard.edit.forward import pad_batch
 from editguard.edit.hparams import load_hparams
 from editguard.edit.rome import rome_edits
 from editguard.loading import load_model
@@ -38,29 +42,40 @@ from editguard.resolve import resolve
 
 
 def paper_loss(loaded, trainer: MaskTrainer, theta, records, facts, progress, module_path, weight, bias):
+    """One record at a time, as the paper routes each sample to its own Ŵ_i: the record's prompts (rewrite
+    + paraphrases) in one right-padded forward of the teacher and one of the student."""
     cfg, tok, model = trainer.cfg, loaded.tokenizer, loaded.model
     K = torch.sigmoid(theta / cfg.tau(progress))
+    T = cfg.temperature(progress)
     margins, kls = [], []
     for r in records:
         dense = weight + torch.outer(trainer.u[r], trainer.v[r])  # Ŵ_i, rebuilt for every record
         fact = facts[r]
         new_tok, true_tok = target_ids(tok, fact.target_new)[0], target_ids(tok, fact.target_true)[0]
-        for text in record_prompts(fact, cfg.paraphrases):
-            ids = tok(text, return_tensors="pt").input_ids.to(model.device)
-            with torch.no_grad():
-                teacher = model(input_ids=ids).logits[0, -1]
-            student_module = MaskedProjection(dense, bias)
-            student_module.K = K
-            with swapped(model, module_path, student_module):
-                logits = model(input_ids=ids).logits[0, -1].float()  # full logits everywhere, then the last
-            margins.append(F.relu(logits[new_tok] - logits[true_tok] + cfg.margin))
-            T = cfg.temperature(progress)
-            kls.append(F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher.float() / T, -1),
-                                log_target=True, reduction="sum"))
-    T = cfg.temperature(progress)
+        ids, mask = pad_batch([tok(text).input_ids for text in record_prompts(fact, cfg.paraphrases)],
+                              tok.pad_token_id)
+        ids, mask, last = ids.to(model.device), mask.to(model.device), (mask.sum(1) - 1).to(model.device)
+        rows = torch.arange(len(ids), device=model.device)
+        with torch.no_grad():
+            teacher = model(input_ids=ids, attention_mask=mask).logits[rows, last].float()
+        student_module = MaskedProjection(dense, bias)
+        student_module.K = K
+        with swapped(model, module_path, student_module):
+            logits = model(input_ids=ids, attention_mask=mask).logits  # full logits everywhere
+        logits = logits[rows, last].float()
+        margins.append(F.relu(logits[:, new_tok] - logits[:, true_tok] + cfg.margin))
+        kls.append(F.kl_div(F.log_softmax(logits / T, -1), F.log_softmax(teacher / T, -1),
+                            log_target=True, reduction="none").sum(-1))
     pruned = (1 - K).mean()
-    return (torch.stack(margins).mean() + cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
-            + cfg.beta_kl * T * T * torch.stack(kls).mean())
+    return (torch.cat(margins).mean() + cfg.lam(progress) * F.relu(pruned - cfg.sparsity_max)
+            + cfg.beta_kl * T * T * torch.cat(kls).mean())
+
+
+def step_gflop(loss_fn) -> float:
+    """Matrix-product GFLOP of one loss + backward (not timed; the FLOP counter slows both loops alike)."""
+    with FlopCounterMode(display=False) as counter:
+        loss_fn().backward()
+    return counter.get_total_flops() / 1e9
 
 
 def ours(loaded, facts, layer, module_path, transposed, cfg, u, v, steps: int) -> dict:
@@ -77,7 +92,10 @@ def ours(loaded, facts, layer, module_path, transposed, cfg, u, v, steps: int) -
     seconds = time.perf_counter() - start
     with torch.no_grad():
         loss = float(trainer.loss(state.theta, trainer.batch_records(steps), steps / (trainer.total_steps - 1))[0])
-    return dict(loaded=loaded, trainer=trainer, theta0=theta0, theta=state.theta[0].detach(), seconds=seconds, prep=prep, loss=loss)
+    theta = [state.theta[0].detach().clone().requires_grad_(True)]
+    gflop = step_gflop(lambda: trainer.loss(theta, trainer.batch_records(0), 0.0)[0])
+    return dict(loaded=loaded, trainer=trainer, theta0=theta0, theta=state.theta[0].detach(), seconds=seconds, prep=prep,
+                loss=loss, gflop=gflop)
 
 
 def main() -> None:
@@ -120,16 +138,20 @@ def main() -> None:
                                        cfg, args.steps)
     print(f"{args.model} on {loaded.device}: layer {layer}, {args.steps} steps x {args.batch} records (3 prompts each)")
     width = max(19, *(len(f"editguard {d}") for d in runs))
-    print(f"{'loop':<{width}} {'seconds':>8} {'records/s':>10}")
+    print(f"{'loop':<{width}} {'seconds':>8} {'records/s':>10} {'GFLOP/step':>11} {'GFLOP/s':>8}")
+
+    def row(name: str, run: dict) -> str:
+        return (f"{name:<{width}} {run['seconds']:>8.1f} {n / run['seconds']:>10.2f} {run['gflop']:>11.0f} "
+                f"{run['gflop'] * args.steps / run['seconds']:>8.0f}")
+
     for dtype, paper in papers.items():
-        print(f"{'paper ' + dtype:<{width}} {paper['seconds']:>8.1f} {n / paper['seconds']:>10.2f}")
+        print(row("paper " + dtype, paper))
     for dtype, run in runs.items():
-        name = f"editguard {dtype}"
-        print(f"{name:<{width}} {run['seconds']:>8.1f} {n / run['seconds']:>10.2f}   "
-              f"(+ {run['prep']:.1f} s one-off caching of states and teacher)")
+        print(row(f"editguard {dtype}", run) + f"   (+ {run['prep']:.1f} s one-off caching of states and teacher)")
     base = papers["float32"]
     for dtype, run in runs.items():
         print(f"editguard {dtype}: speed-up {base['seconds'] / run['seconds']:.1f}x over the paper's float32 loop "
+              f"on {base['gflop'] / run['gflop']:.1f}x fewer matrix-product FLOPs "
               f"(with caching counted once: {base['seconds'] / (run['seconds'] + run['prep']):.1f}x); loss after "
               f"{args.steps} steps: paper {base['loss']:.5f}, editguard {run['loss']:.5f}, "
               f"|diff| {abs(base['loss'] - run['loss']):.2e}; "
@@ -159,7 +181,10 @@ def paper_run(loaded, trainer: MaskTrainer, theta0, facts, module_path, transpos
     with torch.no_grad():
         final = float(paper_loss(loaded, trainer, theta, trainer.batch_records(steps), facts,
                                  steps / (trainer.total_steps - 1), module_path, weight, bias))
-    return dict(seconds=seconds, loss=final, theta=theta.detach().cpu())
+    probe = theta.detach().clone().requires_grad_(True)
+    gflop = step_gflop(lambda: paper_loss(loaded, trainer, probe, trainer.batch_records(0), facts, 0.0, module_path,
+                                          weight, bias))
+    return dict(seconds=seconds, loss=final, theta=theta.detach().cpu(), gflop=gflop)
 
 @contextlib.contextmanager
 def _grouped_attention_on(device_type: str, on: bool):
