@@ -268,11 +268,13 @@ def test_grouped_batch_edits_train_against_their_own_masked_weights(model_type, 
         torch.testing.assert_close(fast[0], slow.float(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "gemma3_text"])
-def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_models, monkeypatch):
+def test_packed_rome_logits_equal_each_dense_edited_model(model_type, layer, pico_models, monkeypatch):
     """ROME training: prompts of different lengths and records run packed in one sequence; each prompt's
     last logits must equal a plain forward of (W + u_i v_iᵀ) ⊙ K for its own record i. With the layer's
-    MLP inputs masked too (--whole-mlp), they take their masks and never the edit."""
+    MLP inputs masked too (--whole-mlp), they take their masks and never the edit. Layer 1 is the last:
+    its MLP, masked projections included, runs at the read positions only."""
     from editguard.edit.facts import Fact
     from editguard.edit.edits import weight_param, weights_restored
     from editguard.loading import load_model
@@ -285,19 +287,19 @@ def test_packed_rome_logits_equal_each_dense_edited_model(model_type, pico_model
     facts = [Fact("The official language of {}", c, n, t, i, "P103", (f"In the streets of {c}, people speak",))
              for i, (c, n, t) in enumerate([("France", "Japanese", "French"), ("the Kingdom of Spain", "German", "Spanish"),
                                             ("Italy", "English", "Italian")])]
-    data = prepare_prompts(loaded, facts, 1, 1)
-    target = (arch.module("mlp_out", 1), arch.mlp_out_transposed)
+    data = prepare_prompts(loaded, facts, layer, 1)
+    target = (arch.module("mlp_out", layer), arch.mlp_out_transposed)
     out_dim, in_dim = canonical_weight(loaded.model.get_submodule(target[0]), target[1]).shape
     gen = torch.Generator().manual_seed(3)
     u, v = torch.randn(3, out_dim, generator=gen), torch.randn(3, in_dim, generator=gen) * 0.3
     K = torch.rand(out_dim, in_dim, generator=gen)
-    inputs = [(path, target[1]) for path in arch.mlp_in_modules(1)]
+    inputs = [(path, target[1]) for path in arch.mlp_in_modules(layer)]
     K_in = [(torch.rand(in_dim, out_dim, generator=gen) > 0.3).float() for _ in inputs]
     rows = torch.arange(len(data.record))
     assert len(set(data.mask.sum(1).tolist())) > 1  # really different lengths in one pack
     from editguard.edit import forward
     for targets, masks in (([target], [K]), ([target, *inputs], [K, *K_in])):
-        trainer = MaskTrainer(loaded, targets, 1, data, TrainConfig(), u=u, v=v)
+        trainer = MaskTrainer(loaded, targets, layer, data, TrainConfig(), u=u, v=v)
         fast = trainer._last_logits(rows, masks, True)
         with monkeypatch.context() as patched:
             patched.setattr(forward, "GROUPED_ATTENTION_DEVICES", set())  # one masked call per pack, as on a GPU

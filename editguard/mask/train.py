@@ -12,7 +12,8 @@ Speed: each ROME record has its own edited weight Ŵ_i = W + u_i v_iᵀ, never b
 so one forward pass carries a whole batch of different edits (MEMIT: one dense W + ΔW per batch edit,
 built once). The states entering the masked layer
 and the teacher's logits are computed once; each step runs only the layers from the masked one up,
-on the batch's prompts packed end to end (no padding), and reads logits only at the last prompt position.
+on the batch's prompts packed end to end (no padding), and reads logits only at the last prompt position
+(where the last layer's MLP runs too: its output elsewhere is never read).
 """
 
 from __future__ import annotations
@@ -187,6 +188,21 @@ class MaskedProjection(torch.nn.Module):
             proj = F.linear(xv, K) if K is not None else xv.sum(-1, keepdim=True)
             y = y + proj * self.u
         return y.to(dtype)
+
+
+class OnlyAt(torch.nn.Module):
+    """Stands in for the last layer's MLP: runs it only at the pack's positions `index`, where the loss
+    reads the logits. Its output elsewhere would reach nothing the loss reads (the last layer has no
+    later attention), so there it is left zero; saves that MLP's work, forward and backward, on every
+    other token."""
+
+    def __init__(self, inner: torch.nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.inner, self.index = inner, index
+
+    def forward(self, hidden_states, *args, **kwargs):
+        picked = self.inner(hidden_states[:, self.index], *args, **kwargs)
+        return picked.new_zeros(hidden_states.shape[:-1] + picked.shape[-1:]).index_copy(1, self.index, picked)
 
 
 def canonical_weight(module: torch.nn.Module, transposed: bool) -> torch.Tensor:
@@ -450,18 +466,25 @@ class MaskTrainer:
         src = rows[tok_row]
         states = data.hidden_edited if edited and data.hidden_edited is not None else data.hidden
         weights = self.group_weights[group] if group is not None and edited else self.base_weights
+        read = starts + data.last[rows]  # the pack positions the loss reads
+        last_mlp = arch.module("mlp", self.loaded.num_layers - 1)
         for i, (module, K, weight) in enumerate(zip(self.modules, masks, weights)):
             module.K, module.weight = K, weight
             if self.u is not None and edited and i == 0:  # one edit per packed token: its prompt's record's
-                module.u, module.v = self.u[data.record[src]][None], self.v[data.record[src]][None]
+                # inside the last MLP only the read positions run (OnlyAt below), so only their edits
+                tokens = src[read] if self.targets[0][0].startswith(last_mlp + ".") else src
+                module.u, module.v = self.u[data.record[tokens]][None], self.v[data.record[tokens]][None]
             else:
                 module.u = module.v = None
         mask = block_causal_mask(tok_row, tok_pos, model.dtype, device=device)
+        read = read.to(device)
         with contextlib.ExitStack() as stack:
             for (path, _), module in zip(self.targets, self.modules):
                 stack.enter_context(swapped(model, path, module))
             for path, module in self.group_unmasked[group] if group is not None and edited else ():
                 stack.enter_context(swapped(model, path, module))
+            # after the swaps above, so the stand-in runs the swapped projections
+            stack.enter_context(swapped(model, last_mlp, OnlyAt(model.get_submodule(last_mlp), read)))
             stack.enter_context(layers_skipped_below(model, arch, self.start))
             stack.enter_context(attention_in_groups(model, torch.zeros_like(lens), lens))
             layer = model.get_submodule(arch.module("layer", self.start))
@@ -474,8 +497,7 @@ class MaskTrainer:
                     use_cache=False)
             finally:
                 handle.remove()
-        h_last = out.last_hidden_state[0, (starts + data.last[rows]).to(device)]
-        return unembed(model, arch, h_last).float()
+        return unembed(model, arch, out.last_hidden_state[0, read]).float()
 
     def train(self, state: TrainState, optimizer: torch.optim.Optimizer, on_step: Callable | None = None,
               on_epoch_end: Callable | None = None, checkpoint: Callable | None = None, stop_after: int | None = None):
