@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import pico
 import pico_facts
 from conftest import one_line_error
 from editguard import arch as arch_table
@@ -269,7 +270,7 @@ def test_grouped_batch_edits_train_against_their_own_masked_weights(model_type, 
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", pico.ARCHS)
 def test_packed_rome_logits_equal_each_dense_edited_model(model_type, layer, pico_models, monkeypatch):
     """ROME training: prompts of different lengths and records run packed in one sequence; each prompt's
     last logits must equal a plain forward of (W + u_i v_iᵀ) ⊙ K for its own record i. With the layer's
