@@ -87,6 +87,22 @@ def test_diff_is_not_fooled_by_order_precision_or_noise(cli, planted, tmp_path):
     rome16 = _variant(planted["rome"], tmp_path / "rome16", lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()})
     edited16 = scan(rome16, planted["base"]).json
     assert edited16["tests"]["diff"]["classification"] == "rome-like" and edited16["verdict"] == "edited"
+    # a float16 copy of a bfloat16 base: tiny values float16 keeps as subnormals, at a coarser step than
+    # bfloat16, are the plain conversion of the base, no change; the edit stored the same way still is
+    def tiny_values(t):
+        t = {k: v.to(torch.bfloat16) for k, v in t.items()}
+        t[attn] = t[attn].clone()
+        t[attn][0, :8] = torch.tensor([1e-6, -3e-7, 2.5e-6, 7e-7, -1.3e-5, 4e-8, 9e-6, -2e-6]).to(torch.bfloat16)
+        return t
+    base_bf16 = _variant(planted["base"], tmp_path / "base_bf16", tiny_values)
+    fp16 = _variant(base_bf16, tmp_path / "fp16", lambda t: {k: v.to(torch.float16) for k, v in t.items()})
+    assert not torch.equal(load_file(fp16 / "model.safetensors")[attn].to(torch.bfloat16),
+                           load_file(base_bf16 / "model.safetensors")[attn])  # a coarse-dtype compare would differ
+    half = scan(fp16, base_bf16)
+    assert half.code == 0 and half.json["tests"]["diff"]["classification"] == "identical", half.json["findings"]
+    rome_half = _variant(planted["rome"], tmp_path / "rome_half", lambda t: {
+        k: v.to(torch.float16) for k, v in tiny_values(t).items()})
+    assert scan(rome_half, base_bf16).json["tests"]["diff"]["classification"] == "rome-like"
     # the edit with 1e-3 noise on every tensor (a "fine-tune" to hide it): still flagged, at its tensor
     noisy = _variant(planted["rome"], tmp_path / "noisy", lambda t: {
         k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in t.items()})

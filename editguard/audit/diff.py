@@ -111,22 +111,29 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
         precise = {a.dtype, b.dtype} <= {torch.float32, torch.float64}  # else a looser rank tolerance
         a, b = _comparable(a), _comparable(b)
+        converted = None
         if a.dtype != b.dtype:
-            # a copy saved in another precision is not a change: compare at the coarser of the two dtypes
+            # a copy saved in another precision is not a change: an element is the same when it is the base's
+            # value converted to this model's dtype, or equal at the coarser of the two dtypes (float16 and
+            # bfloat16 are each coarser somewhere: float16 keeps tiny values at a coarser step)
+            converted = a == b.to(a.dtype)
             coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
             a, b = a.to(coarse), b.to(coarse)
         finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
         nonfinite = int((~finite_a & finite_b).sum())  # new NaN / inf, wherever they sit
+        same = (a == b) | (a.isnan() & b.isnan())  # NaN where the base has NaN is no change
+        if converted is not None:
+            same |= converted
         if nonfinite > 0:
             # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
-            norm = float(torch.where(finite_a & finite_b, a.float() - b.float(), 0.0).norm())
+            norm = float(torch.where(finite_a & finite_b & ~same, a.float() - b.float(), 0.0).norm())
             result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
                                                norm / max(float(b.float().nan_to_num().norm()), 1e-12),
                                                [], 0, arch.mlp_out_layer_of(name, num_layers), nonfinite))
-        elif not bool(((a == b) | (a.isnan() & b.isnan())).all()):  # NaN where the base has NaN is no change
+        elif not bool(same.all()):
             # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would
             # pass no threshold, and the edit beside it would go unseen)
-            delta = torch.where(finite_a & finite_b, a.float() - b.float(), 0.0)
+            delta = torch.where(finite_a & finite_b & ~same, a.float() - b.float(), 0.0)
             norm = float(delta.norm())
             if norm > tol:
                 layer = arch.mlp_out_layer_of(name, num_layers)
