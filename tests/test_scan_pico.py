@@ -547,3 +547,32 @@ def test_base_diff_refuses_partial_bases_and_flags_nan(cli, planted, tmp_path):
     nan = [f for f in data["findings"] if f["rule"] == "EG005"]
     assert len(nan) == 1 and nan[0]["tensor"] == name and str(tensors[name].numel()) in nan[0]["message"]
     json.dumps(data, allow_nan=False)  # norms cover the finite rest: strict JSON still
+
+
+def test_nonfinite_activations_are_reported_not_scored(cli, pico_models, tmp_path):
+    """A damaged embedding row (inf) makes every probe naming that word NaN from layer 0 up: the robust z of
+    the other probes stays finite (it was NaN for the whole layer, and read "nan robust SDs"), the damage
+    is one EG012 error at layer 0, and the JSON holds no NaN."""
+    from editguard.audit.activations import robust_z
+
+    x = torch.tensor([[0.0, 1.0, -1.0, 0.5, float("nan"), 9.0, float("inf")]])
+    z = robust_z(x)
+    assert torch.isfinite(z).all() and z[0, 4] == 0 and z[0, 6] == 0
+    assert torch.allclose(z[0, :4], robust_z(x[:, [0, 1, 2, 3, 5]])[0, :4])  # as if they were not there
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(pico_models["llama"], damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    word = pico.tokenizer().convert_tokens_to_ids("Nokia")
+    embed = tensors["model.embed_tokens.weight"].clone()
+    embed[word] = float("inf")
+    save_file({**tensors, "model.embed_tokens.weight": embed}, damaged / "model.safetensors")
+    probes = _distinct_probes(tmp_path / "probes.jsonl")
+    result = cli("-f", "json", "scan", damaged, "--probes", probes, "--tests", "activations")
+    data = json.loads(result.out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert result.code == 1 and data["verdict"] == "edited", result.err
+    (eg012,) = [f for f in data["findings"] if f["rule"] == "EG012"]
+    assert eg012["layer"] == 0 and eg012["details"]["probes"] == 22 and "Nokia" in eg012["facts"][0]["subject"]
+    assert data["tests"]["activations"]["nonfinite_probes"] == 22
+    assert all(math.isfinite(z) for z in data["tests"]["activations"]["layer_scores"])
+    assert "nan" not in result.err.lower()

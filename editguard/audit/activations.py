@@ -66,15 +66,19 @@ def subject_sequences(loaded: LoadedModel, probes: list[Probe], whole: bool = Fa
 
 
 def robust_z(x: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
-    """z of every column of x against the median and spread of `reference`'s columns (default: x's)."""
+    """z of every column of x against the median and spread of `reference`'s columns (default: x's).
+    NaN and inf (a damaged layer) take no part in the median and spread and get z 0: one of them would
+    make every z of its row NaN (they are reported apart: findings_from_nonfinite)."""
     reference = x if reference is None else reference
-    median = reference.median(dim=-1, keepdim=True).values
+    reference = reference.masked_fill(~torch.isfinite(reference), float("nan"))
+    median = reference.nanmedian(dim=-1, keepdim=True).values  # the lower median, as median() takes
     deviation = (reference - median).abs()
-    mad = deviation.median(dim=-1, keepdim=True).values * 1.4826
+    mad = deviation.nanmedian(dim=-1, keepdim=True).values * 1.4826
     # more than half the probes alike (e.g. subjects a tokenizer maps to the same tokens) make the MAD 0 and
     # every other probe an "outlier": then the mean absolute deviation (scaled to σ for normal data) instead
-    mean_dev = deviation.mean(dim=-1, keepdim=True) * 1.2533
-    return (x - median) / torch.where(mad > 0, mad, mean_dev).clamp_min(1e-6)
+    mean_dev = deviation.nanmean(dim=-1, keepdim=True) * 1.2533
+    z = (x - median) / torch.where(mad > 0, mad, mean_dev).clamp_min(1e-6)
+    return torch.where(torch.isfinite(z), z, 0.0)
 
 
 def first_of_each(tokens: Tokenized) -> list[int]:
@@ -110,8 +114,27 @@ def activation_scores(loaded: LoadedModel, probes: list[Probe], key_layers: list
                        got["__answer__"].cpu() if whole else None, len(first))
 
 
+def findings_from_nonfinite(scores: LayerScores) -> list[Finding]:
+    """One finding when some probe's MLP output projection meets or gives NaN / inf: named at the lowest
+    such layer (a NaN stays in the residual stream, so the layers above it follow)."""
+    bad = ~torch.isfinite(scores.gains)
+    if not bool(bad.any()):
+        return []
+    layer = int(bad.any(dim=1).nonzero()[0])
+    probes = bad.any(dim=0)
+    example = scores.probes[int(bad[layer].nonzero()[0])]
+    return [Finding(
+        "EG012", "error",
+        f"layer {layer}: the MLP output projection's input or output is NaN or infinite on {int(probes.sum())} of "
+        f"{len(scores.probes)} probes (first at this layer; e.g. subject {example.subject!r}): a damaged checkpoint, "
+        "or one that overflows in this dtype", score=float(probes.sum()), layer=layer, tensor=None,
+        facts=[{"prompt": example.prompt, "subject": example.subject, "answer": example.answer,
+                "case_id": example.case_id}],
+        details={"probes": int(probes.sum()), "layers": sorted(int(x) for x in bad.any(dim=1).nonzero()[:, 0])})]
+
+
 def findings_from_activations(scores: LayerScores) -> list[Finding]:
-    out = []
+    out = findings_from_nonfinite(scores)
     for layer, z_row in enumerate(scores.z):
         best = int(z_row.argmax())
         z = float(z_row[best])

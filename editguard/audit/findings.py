@@ -14,6 +14,8 @@ RULES: dict[str, tuple[str, str]] = {
     "EG010": ("activation-outlier", "A subject drives an MLP output far beyond the other subjects (base-free test)."),
     "EG011": ("edited-answer", "An answer collapses when the MLP outputs at its subject's last token in a few "
                                "consecutive layers are zeroed; clean answers do not depend on them (base-free test)."),
+    "EG012": ("non-finite-activations", "An MLP output projection meets or gives NaN or infinite values on probe "
+                                         "prompts (base-free test): a damaged checkpoint, or one overflowing in its dtype."),
     "EG020": ("hidden-fact", "An answer changes under the edit-reversal mask and was held with abnormal confidence."),
     "EG021": ("revealed-fact", "An answer changes when the flagged subject's keys are projected out of the flagged layer "
                                "(base- and mask-free reversal): the revealed answer is the one the edit replaced."),
@@ -21,6 +23,8 @@ RULES: dict[str, tuple[str, str]] = {
 }
 
 SEVERITY_ORDER = {"note": 0, "warning": 1, "error": 2}
+# findings of damage, not of an edit: no layer they name is followed up as edited
+DAMAGE_RULES = {"EG005", "EG012"}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ..errors import EditguardError, NothingExamined
 from ..harden.lock import verify_lock
 from ..mask.file import MaskFile
 from ..resolve import HUB_ID, ModelRef, resolve
-from .findings import SEVERITY_ORDER, Finding, verdict
+from .findings import DAMAGE_RULES, SEVERITY_ORDER, Finding, verdict
 
 if TYPE_CHECKING:
     from ..loading import LoadedModel
@@ -154,7 +154,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 layer_scores = scores.layer_scores()
                 tests["activations"] = {"layer_scores": layer_scores, "suspicious_z": SUSPICIOUS_Z,
                                         "edited_z": EDITED_Z, "top_layer": int(torch.tensor(layer_scores).argmax()),
-                                        "probes_with_subject": len(scores.probes)}
+                                        "probes_with_subject": len(scores.probes),
+                                        "nonfinite_probes": int((~torch.isfinite(scores.gains)).any(dim=0).sum())}
                 findings += findings_from_activations(scores)
         if dependence:
             from . import dependence as dep_test
@@ -313,10 +314,11 @@ MIN_SHIPPED_MASK_RSR = 0.8
 
 
 def _flagged_layers(findings: list) -> dict[int, str]:
-    """Layer -> the highest severity (warning or error) a finding gives it."""
+    """Layer -> the highest severity (warning or error) a finding of an edit gives it."""
     flagged = {}
     for f in findings:
-        if f.layer is not None and SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER["warning"]:
+        if (f.layer is not None and f.rule not in DAMAGE_RULES
+                and SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER["warning"]):
             flagged[f.layer] = max(flagged.get(f.layer, f.severity), f.severity, key=SEVERITY_ORDER.get)
     return flagged
 

@@ -16,7 +16,7 @@ from ..audit.findings import RULES, Finding
 
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 LEVEL_DEFAULT = {"EG001": "error", "EG002": "error", "EG003": "note", "EG004": "warning", "EG005": "error", "EG010": "warning",
-                 "EG011": "warning",
+                 "EG011": "warning", "EG012": "error",
                  "EG020": "error", "EG021": "error", "EG030": "error"}
 
 
