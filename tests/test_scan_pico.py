@@ -108,7 +108,23 @@ def test_diff_is_not_fooled_by_order_precision_or_noise(cli, planted, tmp_path):
         k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in t.items()})
     hidden = scan(noisy, planted["base"])
     assert hidden.json["tests"]["diff"]["classification"] == "fine-tune"
+    # a fine-tune's edit targets keep the top values only (no full SVD): their rank is a lower bound
+    targets = [c for c in hidden.json["tests"]["diff"]["changed"] if c["layer"] is not None]
+    assert targets and all(c["rank_is_lower_bound"] and c["effective_rank"] == 8 for c in targets)
     assert hidden.code == 1 and [f["tensor"] for f in hidden.json["findings"] if f["rule"] == "EG001"] == [down]
+
+
+def test_diff_takes_the_full_spectrum_of_a_high_rank_edit(cli, planted, tmp_path):
+    """A change of rank 12 in one MLP output projection (more than the top values taken first): outside a
+    fine-tune its rank is exact, from the full spectrum."""
+    down = "model.layers.1.mlp.down_proj.weight"
+    gen = torch.Generator().manual_seed(4)
+    change = lambda t: {**t, down: t[down] + 0.05 * torch.randn(32, 12, generator=gen) @ torch.randn(12, 64, generator=gen)}  # noqa: E731
+    data = cli("-f", "json", "scan", _variant(planted["base"], tmp_path / "rank12", change), "--base", planted["base"],
+               "--tests", "diff").json
+    (c,) = data["tests"]["diff"]["changed"]
+    assert data["tests"]["diff"]["classification"] == "memit-like"
+    assert c["effective_rank"] == 12 and not c["rank_is_lower_bound"] and len(c["singular_values"]) == 8
 
 
 def test_diff_edge_cases_neither_hide_an_edit_nor_crash(cli, planted, pico_models, tmp_path):

@@ -2,7 +2,8 @@
 
 Neither model is ever loaded whole: one pair of tensors is in memory at a time. For each changed tensor:
 the norm of the difference, the relative change, and the top singular values (randomised subspace
-iteration), from which an effective rank follows.
+iteration), from which an effective rank follows; for MLP output projections outside a fine-tune, the
+full spectrum where the top values do not settle the rank.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class TensorChange:
     effective_rank: int
     layer: int | None  # set when it is an MLP output projection
     nonfinite: int = 0  # NaN / inf values here that the base does not have (norms then cover the finite rest)
+    # effective_rank counts TOP_K values that all pass: the change may have more (an edit target of a
+    # fine-tune, whose full spectrum is not taken)
+    rank_is_lower_bound: bool = False
 
     def to_json(self) -> dict:
         return self.__dict__.copy()
@@ -105,55 +109,86 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                              f"(e.g. {missing[0]}): not a full checkpoint of the same model")
     result = DiffResult([], len(shared), sorted(set(canon_model) - set(canon_base)),
                         sorted(set(canon_base) - set(canon_model)))
-    for i, name in enumerate(shared):
+
+    def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = model.read(canon_model[name]), base.read(canon_base[name])
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
-        precise = {a.dtype, b.dtype} <= {torch.float32, torch.float64}  # else a looser rank tolerance
-        a, b = _comparable(a), _comparable(b)
-        converted = None
-        if a.dtype != b.dtype:
-            # a copy saved in another precision is not a change: an element is the same when it is the base's
-            # value converted to this model's dtype, or equal at the coarser of the two dtypes (float16 and
-            # bfloat16 are each coarser somewhere: float16 keeps tiny values at a coarser step)
-            converted = a == b.to(a.dtype)
-            coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
-            a, b = a.to(coarse), b.to(coarse)
-        finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
-        nonfinite = int((~finite_a & finite_b).sum())  # new NaN / inf, wherever they sit
-        same = (a == b) | (a.isnan() & b.isnan())  # NaN where the base has NaN is no change
-        if converted is not None:
-            same |= converted
+        return a, b
+
+    for i, name in enumerate(shared):
+        delta, nonfinite, base_norm, precise = _difference(*pair(name))
         if nonfinite > 0:
             # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
-            norm = float(torch.where(finite_a & finite_b & ~same, a.float() - b.float(), 0.0).norm())
+            norm = float(delta.norm())
             result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
-                                               norm / max(float(b.float().nan_to_num().norm()), 1e-12),
-                                               [], 0, arch.mlp_out_layer_of(name, num_layers), nonfinite))
-        elif not bool(same.all()):
-            # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would
-            # pass no threshold, and the edit beside it would go unseen)
-            delta = torch.where(finite_a & finite_b & ~same, a.float() - b.float(), 0.0)
+                                               norm / max(base_norm, 1e-12), [], 0,
+                                               arch.mlp_out_layer_of(name, num_layers), nonfinite))
+        elif delta is not None:
             norm = float(delta.norm())
             if norm > tol:
                 layer = arch.mlp_out_layer_of(name, num_layers)
                 if delta.dim() < 2:  # a vector or a scalar (0-d: a buffer such as GPT-2's masked_bias)
-                    sv, rank = delta.reshape(-1).abs().sort(descending=True).values[:1], 1
+                    sv, rank, bound = delta.reshape(-1).abs().sort(descending=True).values[:1], 1, False
                 else:
-                    # the full spectrum for edit targets (a batch edit of n facts has rank n), the top
-                    # few singular values for everything else
-                    full = torch.linalg.svdvals(delta) if layer is not None else top_singular_values(delta)
-                    # (not `tol`: that is the caller's norm threshold, still needed for the next tensors)
-                    rank_tol = RANK_TOL if precise else RANK_TOL_LOW_PRECISION
-                    rank = int((full > rank_tol * full[0]).sum()) if float(full[0]) > 0 else 0
-                    sv = full[:TOP_K]
+                    # the top few singular values; an edit target whose top values all count gets its full
+                    # spectrum below (a batch edit of n facts has rank n) unless the change is a fine-tune
+                    sv, rank, bound = _spectrum(delta, precise, full=False)
                 result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
-                                                   norm / max(float(b.float().nan_to_num().norm()), 1e-12),
-                                                   [float(x) for x in sv], rank, layer))
+                                                   norm / max(base_norm, 1e-12), [float(x) for x in sv], rank, layer,
+                                                   rank_is_lower_bound=bound))
         if progress:
             progress(i + 1, len(shared))
     classify(result, len(shared))
+    if result.classification != "fine-tune":
+        # the exact rank of each edit target that needs it: a full SVD of an 8192 x 28672 change takes minutes,
+        # so not for every projection of a fine-tune, where no rank decides anything (two values spot a spike)
+        for change in result.changed:
+            if change.layer is not None and change.rank_is_lower_bound:
+                delta, _, _, precise = _difference(*pair(change.name))
+                sv, change.effective_rank, change.rank_is_lower_bound = _spectrum(delta, precise, full=True)
+                change.singular_values = [float(x) for x in sv]
+        classify(result, len(shared))
     return result
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, int, float, bool]:
+    """(the change a - b in float32 where both are finite, None when nothing changed; the number of NaN / inf
+    values a has where b has none; ‖b‖ over its finite values (0 when nothing changed); whether both are
+    stored at float32 or finer)."""
+    precise = {a.dtype, b.dtype} <= {torch.float32, torch.float64}  # else a looser rank tolerance
+    a, b = _comparable(a), _comparable(b)
+    if a.dtype == b.dtype and torch.equal(a, b):  # the common case, without a tensor-sized temporary (NaN: below)
+        return None, 0, 0.0, precise
+    converted = None
+    if a.dtype != b.dtype:
+        # a copy saved in another precision is not a change: an element is the same when it is the base's
+        # value converted to this model's dtype, or equal at the coarser of the two dtypes (float16 and
+        # bfloat16 are each coarser somewhere: float16 keeps tiny values at a coarser step)
+        converted = a == b.to(a.dtype)
+        coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+        a, b = a.to(coarse), b.to(coarse)
+    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+    nonfinite = int((~finite_a & finite_b).sum())  # new NaN / inf, wherever they sit
+    same = (a == b) | (a.isnan() & b.isnan())  # NaN where the base has NaN is no change
+    if converted is not None:
+        same |= converted
+    if bool(same.all()):
+        return None, 0, 0.0, precise
+    # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would pass no
+    # threshold, and the edit beside it would go unseen)
+    delta = torch.where(finite_a & finite_b & ~same, a.float() - b.float(), 0.0)
+    return delta, nonfinite, float(b.float().nan_to_num().norm()), precise
+
+
+def _spectrum(delta: torch.Tensor, precise: bool, full: bool) -> tuple[torch.Tensor, int, bool]:
+    """(the top TOP_K singular values, the effective rank, whether that rank is only a lower bound: every
+    value found counts and the matrix could hold more). `full`: from the whole spectrum, exact."""
+    values = torch.linalg.svdvals(delta.float()) if full else top_singular_values(delta)
+    rank_tol = RANK_TOL if precise else RANK_TOL_LOW_PRECISION
+    rank = int((values > rank_tol * values[0]).sum()) if float(values[0]) > 0 else 0
+    bound = not full and rank == len(values) < min(delta.reshape(delta.shape[0], -1).shape)
+    return values[:TOP_K], rank, bound
 
 
 def _canonical_names(checkpoint: Checkpoint, arch: Arch, what: str) -> dict[str, str]:
