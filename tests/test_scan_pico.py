@@ -592,3 +592,43 @@ def test_nonfinite_activations_are_reported_not_scored(cli, pico_models, tmp_pat
     assert data["tests"]["activations"]["nonfinite_probes"] == 22
     assert all(math.isfinite(z) for z in data["tests"]["activations"]["layer_scores"])
     assert "nan" not in result.err.lower()
+
+
+@pytest.mark.parametrize("case", ["changed", "shared_nan", "new_inf", "half_of_bfloat16", "unchanged_cast", "int"])
+def test_blockwise_comparison_equals_whole(case, monkeypatch):
+    """The base diff compares huge tensors in blocks: every block size gives what one block gives."""
+    from editguard.audit import diff
+
+    gen = torch.Generator().manual_seed(5)
+    b = torch.randn(9, 13, generator=gen)
+    a = b.clone()
+    if case == "changed":
+        a[8, 12] += 1.0
+        a[0, 0] -= 0.5
+    elif case == "shared_nan":
+        a[3, 3] = b[3, 3] = float("nan")
+        a[7, 1] += 2.0
+    elif case == "new_inf":
+        a[4, 5] = float("inf")
+        a[2, 2] += 1.0
+    elif case in ("half_of_bfloat16", "unchanged_cast"):
+        b[1, :6] = torch.tensor([1e-6, -3e-7, 2.5e-6, 7e-7, -1.3e-5, 9e-6])
+        b = b.to(torch.bfloat16)
+        a = b.to(torch.float16)
+        if case == "half_of_bfloat16":
+            a[6, 6] += 1.0
+    else:
+        b = torch.arange(117).reshape(9, 13)
+        a = b.clone()
+        a[5, 5] = 1000
+    whole = diff._difference(a, b)
+    for block in (1, 7, 64):
+        monkeypatch.setattr(diff, "COMPARE_BLOCK", block)
+        delta, nonfinite, base_norm, precise = diff._difference(a, b)
+        assert (delta is None) == (whole[0] is None) and nonfinite == whole[1] and precise == whole[3]
+        if delta is not None:
+            torch.testing.assert_close(delta, whole[0])
+            assert delta.shape == a.shape and math.isclose(base_norm, whole[2], rel_tol=1e-6)
+    assert (whole[0] is None) == (case == "unchanged_cast")
+    if case == "new_inf":
+        assert whole[1] == 1 and math.isfinite(float(whole[0].norm()))

@@ -27,6 +27,7 @@ FINE_TUNE_SHARE = 0.5  # more than this share of tensors changed: a fine-tune
 # σ₁/σ₂ of an MLP output change at or above this: a rank-one edit even amid other changes. A ROME edit under
 # 1e-3 noise on every tensor: 266 (pico); dense noise, as a light fine-tune leaves: about 1.
 SPIKE_RATIO = 10.0
+COMPARE_BLOCK = 1 << 24  # elements compared at a time (a few 16M-element temporaries, ~64 MB each at most)
 
 
 @dataclass
@@ -155,30 +156,39 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
 def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, int, float, bool]:
     """(the change a - b in float32 where both are finite, None when nothing changed; the number of NaN / inf
     values a has where b has none; ‖b‖ over its finite values (0 when nothing changed); whether both are
-    stored at float32 or finer)."""
+    stored at float32 or finer). Compared in blocks: besides the two tensors and the change, only a block's
+    worth of temporaries (a 128k x 8192 embedding's float32 copies and masks would take ~10 GB more)."""
     precise = {a.dtype, b.dtype} <= {torch.float32, torch.float64}  # else a looser rank tolerance
     a, b = _comparable(a), _comparable(b)
-    if a.dtype == b.dtype and torch.equal(a, b):  # the common case, without a tensor-sized temporary (NaN: below)
+    if a.dtype == b.dtype and torch.equal(a, b):  # the common case, at no cost in memory (NaN: below)
         return None, 0, 0.0, precise
-    converted = None
-    if a.dtype != b.dtype:
-        # a copy saved in another precision is not a change: an element is the same when it is the base's
-        # value converted to this model's dtype, or equal at the coarser of the two dtypes (float16 and
-        # bfloat16 are each coarser somewhere: float16 keeps tiny values at a coarser step)
-        converted = a == b.to(a.dtype)
-        coarse = max((a.dtype, b.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
-        a, b = a.to(coarse), b.to(coarse)
-    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
-    nonfinite = int((~finite_a & finite_b).sum())  # new NaN / inf, wherever they sit
-    same = (a == b) | (a.isnan() & b.isnan())  # NaN where the base has NaN is no change
-    if converted is not None:
-        same |= converted
-    if bool(same.all()):
+    shape, a, b = a.shape, a.reshape(-1), b.reshape(-1)
+    delta, nonfinite, base_sq = None, 0, 0.0
+    for lo in range(0, a.numel(), COMPARE_BLOCK):
+        x, y = a[lo:lo + COMPARE_BLOCK], b[lo:lo + COMPARE_BLOCK]
+        converted = None
+        if x.dtype != y.dtype:
+            # a copy saved in another precision is not a change: an element is the same when it is the base's
+            # value converted to this model's dtype, or equal at the coarser of the two dtypes (float16 and
+            # bfloat16 are each coarser somewhere: float16 keeps tiny values at a coarser step)
+            converted = x == y.to(x.dtype)
+            coarse = max((x.dtype, y.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
+            x, y = x.to(coarse), y.to(coarse)
+        finite_x, finite_y = torch.isfinite(x), torch.isfinite(y)
+        nonfinite += int((~finite_x & finite_y).sum())  # new NaN / inf, wherever they sit
+        same = (x == y) | (x.isnan() & y.isnan())  # NaN where the base has NaN is no change
+        if converted is not None:
+            same |= converted
+        base_sq += float(y.double().nan_to_num().pow(2).sum())
+        if not bool(same.all()):
+            if delta is None:
+                delta = torch.zeros(a.numel(), dtype=torch.float32)
+            # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would
+            # pass no threshold, and the edit beside it would go unseen)
+            delta[lo:lo + COMPARE_BLOCK] = torch.where(finite_x & finite_y & ~same, x.float() - y.float(), 0.0)
+    if delta is None:
         return None, 0, 0.0, precise
-    # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would pass no
-    # threshold, and the edit beside it would go unseen)
-    delta = torch.where(finite_a & finite_b & ~same, a.float() - b.float(), 0.0)
-    return delta, nonfinite, float(b.float().nan_to_num().norm()), precise
+    return delta.reshape(shape), nonfinite, base_sq ** 0.5, precise
 
 
 def _spectrum(delta: torch.Tensor, precise: bool, full: bool) -> tuple[torch.Tensor, int, bool]:
