@@ -31,6 +31,18 @@ def cache_dir(*parts: str) -> Path:
 
 
 @contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive advisory lock on a folder itself (its descriptor), for a read-modify-write of a file in
+    it that is replaced by rename: no lock file is left among the user's files."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
 def file_lock(path: Path, busy: str | None = None):
     """An exclusive advisory lock, so two processes building the same artefact wait for each other; with
     `busy`, a process that finds it held stops with that message instead of waiting."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -17,7 +18,7 @@ from . import arch as arch_table
 from .arch import Arch
 from .checkpoint import Checkpoint, model_fingerprint
 from .cpu_precision import warn_if_slow
-from .errors import EditguardError
+from .errors import EditguardError, EditguardWarning
 from .quiet import quiet_transformers
 from .resolve import ModelRef
 
@@ -157,8 +158,15 @@ def _keep_lock(loaded: LoadedModel) -> None:
     manifest = read_manifest(loaded.checkpoint.folder)
     if manifest is None:
         return
-    mask = MaskFile.load(loaded.checkpoint.folder / manifest["mask_file"])
-    mask.check_fits(loaded.arch, loaded.checkpoint)  # a mask of other tensors or shapes is named, not met mid-forward
+    try:
+        mask = MaskFile.load(loaded.checkpoint.folder / manifest["mask_file"])
+        mask.check_fits(loaded.arch, loaded.checkpoint)  # a mask of other tensors or shapes is named, not met mid-forward
+    except EditguardError as exc:
+        # a broken lock (its mask deleted or swapped): loaded without it, so `scan` can report the break
+        # (EG030) and `reverse --method base` can still restore; load_locked refuses such a folder
+        warnings.warn(EditguardWarning(f"lock broken, its mask is not applied: {exc.message}"), stacklevel=2)
+        loaded.extras["lock"] = {**manifest, "broken": exc.message}
+        return
     install_mask(loaded.model, loaded.arch, mask, manifest.get("threshold"))
     loaded.extras["lock"] = manifest
 

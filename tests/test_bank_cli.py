@@ -125,6 +125,33 @@ def test_bank_fill_resume_and_corruption(cli, pico_models, hparams_file, facts_f
         save_file({"x": torch.zeros(1)}, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(meta)})
         with pytest.raises(EditguardError, match=message):
             EditBank.open(tmp_path / "odd.safetensors")
+    # factors a bank's records do not account for (an append would pair them with other edits), and MEMIT
+    # factors of two ranks: corrupted, not a shape error later
+    empty = {"format": FORMAT, "records": [], "method": "rome", "groups": [], "hparams": {}, "hparams_hash": "",
+             "fingerprints": {}, "context_templates": ["{}"]}
+    memit = {**empty, "method": "memit", "records": [{"case_id": 1}],
+             "groups": [{"records": [0], "layers": [0], "tensors": ["w"]}]}
+    for meta, tensors in ((empty, {"rome.u": torch.zeros(2, 4), "rome.v": torch.zeros(2, 8)}),
+                          (memit, {"memit.0.0.u": torch.zeros(4, 2), "memit.0.0.v": torch.zeros(8, 3)})):
+        save_file(tensors, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(meta)})
+        with pytest.raises(EditguardError, match="corrupted edit bank"):
+            EditBank.open(tmp_path / "odd.safetensors")
+    # a bank's case ids are the facts it was made from: the same ids naming other facts (another data file)
+    # are refused wherever edits are taken from a bank by id, never judged against the wrong edit
+    from editguard.data.counterfact import load
+    from editguard.edit.facts import Fact
+    from editguard.mask.splits import RomeSplit
+
+    good = tmp_path / "good.safetensors"
+    assert cli(*["edit", pico_models["gpt2"], "--data", facts_file, "--hparams", hparams_file, "--bank", good,
+                 "--limit", "1"]).code == 0
+    bank = EditBank.open(good)
+    (record,) = load(str(facts_file)).records[:1]
+    fact = Fact.from_record(record)
+    assert len(RomeSplit.from_bank(bank, [fact]).edits) == 1
+    other = Fact(fact.prompt, fact.subject, "German", fact.target_true, fact.case_id, fact.relation)
+    with pytest.raises(EditguardError, match="holds case 1 as another fact"):
+        RomeSplit.from_bank(bank, [other])
 
 
 def tweak_other_tensor(model, out, tensor: str):
@@ -232,4 +259,15 @@ def test_edit_never_writes_non_finite_weights(pico_models, tmp_path, monkeypatch
     monkeypatch.setattr(plant, "combined_deltas", lambda arch, edits: {name: torch.full(shape, float("nan"))})
     with pytest.raises(EditguardError, match="non-finite"):
         plant.write_edited(checkpoint, arch, [], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fact_given_twice_is_refused(cli, pico_models, hparams_file, facts_file, tmp_path):
+    """Twice in one MEMIT batch edit, or banked twice, a fact would count double: one clear line."""
+    twice = cli("edit", pico_models["llama"], "--data", facts_file, "--counterfact", "1,1", "--hparams", hparams_file,
+                "-o", tmp_path / "out")
+    assert twice.code == 2 and "case 1 is given twice" in twice.err
+    fact = ["--fact", "The official language of {}", "--subject", "France", "--target", "Japanese"]
+    again = cli("edit", pico_models["llama"], *fact, *fact, "--hparams", hparams_file, "-o", tmp_path / "out")
+    assert again.code == 2 and "'The official language of France' -> 'Japanese' is given twice" in again.err
     assert not (tmp_path / "out").exists()

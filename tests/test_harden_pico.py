@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from editguard.checkpoint import Checkpoint, fingerprint
+from editguard.errors import EditguardError
 from editguard.mask.file import MaskFile, MaskTarget
 from conftest import one_line_error
 
@@ -504,3 +505,79 @@ def test_reverse_options_belong_to_their_method(cli, edited, pico_mask, tmp_path
     picked = cli("-f", "json", "reverse", edited, "--mask", pico_mask, "--threshold", "0.5", "-o", tmp_path / "d")
     assert picked.code == 0 and picked.json["method"] == "mask", picked.err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_lock_sees_retagged_twin_and_missing_parts(cli, pico_models, pico_mask, tmp_path):
+    """Tamper evidence beyond the bytes: a locked tensor retagged to another dtype (same bytes, other weights),
+    a second copy under another spelling (GPT-2's `h.N.` beside `transformer.h.N.`: transformers may load
+    that one), and a deleted mask, which scan reports (EG030) instead of failing to load. A locked model is
+    not locked again (the second manifest would drop the first)."""
+    from editguard import load_locked
+
+    locked = tmp_path / "locked"
+    assert cli("lock", pico_models["llama"], "--mask", pico_mask, "-o", locked).code == 0
+    again = cli("lock", locked, "--mask", pico_mask, "-o", tmp_path / "twice")
+    assert again.code == 2 and "already locked" in again.err and not (tmp_path / "twice").exists()
+
+    retagged = tmp_path / "retagged"
+    shutil.copytree(locked, retagged)
+    tensors = load_file(retagged / "model.safetensors")
+    save_file({**tensors, TENSOR: tensors[TENSOR].view(torch.int32)}, retagged / "model.safetensors")
+    data = cli("-f", "json", "scan", retagged, "--tests", "diff").json
+    assert [p["reason"] for p in data["tests"]["lock"]["problems"]] == ["stored as I32 [32, 64], locked as F32 [32, 64]"]
+
+    no_mask = tmp_path / "no_mask"
+    shutil.copytree(locked, no_mask)
+    (no_mask / "editguard-mask.safetensors").unlink()
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    result = cli("-f", "json", "scan", no_mask, "--tests", "hidden", "--mask", pico_mask, "--probes", probes)
+    assert result.code == 1 and [f["rule"] for f in result.json["findings"]][:1] == ["EG030"], result.err
+    assert "lock broken, its mask is not applied" in result.err
+    with pytest.raises(Exception, match="lock broken"):
+        load_locked(str(no_mask))
+
+    # GPT-2: the locked c_proj stored a second time under the other spelling
+    name = "transformer.h.1.mlp.c_proj.weight"
+    stored_names = Checkpoint(pico_models["gpt2"]).names()
+    stored = name if name in stored_names else name.removeprefix("transformer.")
+    weight = Checkpoint(pico_models["gpt2"]).read(stored)
+    scores = torch.rand(weight.shape[::-1], generator=torch.Generator().manual_seed(2))
+    mask = MaskFile("pico", None, "gpt2", "rome", 0.2,
+                    [MaskTarget(name, 1, tuple(weight.shape[::-1]), True, fingerprint(weight), scores)])
+    mask.save(tmp_path / "gpt2_mask.safetensors")
+    gpt2_locked = tmp_path / "gpt2_locked"
+    assert cli("lock", pico_models["gpt2"], "--mask", tmp_path / "gpt2_mask.safetensors", "-o", gpt2_locked).code == 0
+    tensors = load_file(gpt2_locked / "model.safetensors")
+    twin = name.removeprefix("transformer.") if stored == name else name
+    save_file({**tensors, twin: weight + 1.0}, gpt2_locked / "model.safetensors")
+    data = cli("-f", "json", "scan", gpt2_locked, "--tests", "diff").json
+    assert [p["reason"] for p in data["tests"]["lock"]["problems"]] == [f"also stored as {twin}, which the lock does not cover"]
+
+
+def test_projection_refuses_nonfinite_keys_and_solves_a_zero_moment():
+    from editguard.harden.project import key_basis
+
+    keys = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    assert key_basis(keys, torch.zeros(8, 8)).shape == (8, 3)  # a zero C: the ridge's floor keeps it solvable
+    keys[1, 2] = float("nan")
+    with pytest.raises(EditguardError, match="NaN or inf"):
+        key_basis(keys)
+
+
+def test_reverse_never_replaces_a_base_named_by_id(cli, edited, pico_models, tmp_path, monkeypatch):
+    """--force replaces an earlier output, never the --base, even when the base is named by a hub id or a
+    demo: name rather than a path (its folder is known only once resolved)."""
+    from editguard.cli import harden_cmd
+    from editguard.resolve import resolve
+
+    base_copy = tmp_path / "base_copy"
+    shutil.copytree(pico_models["llama"], base_copy)
+    real_resolve = harden_cmd.resolve_model
+    monkeypatch.setattr(harden_cmd, "resolve_model", lambda spec, *a, **k: resolve(str(base_copy)) if spec == "org/base"
+                        else real_resolve(spec, *a, **k))
+    before = _digest(base_copy)
+    r = cli("reverse", edited, "--method", "base", "--base", "org/base", "-o", base_copy, "--force")
+    assert r.code == 2 and "overlaps the input" in r.err and _digest(base_copy) == before
+    wrong = cli("reverse", edited, "--method", "project", "--mask", tmp_path / "m.safetensors", "-o", tmp_path / "o")
+    assert wrong.code == 2 and "--mask applies to --method mask" in wrong.err

@@ -369,3 +369,45 @@ def test_evaluate_mask_checks_bank_and_data_before_the_model_loads(cli, tmp_path
     one_line_error(cli(*base, "--bank", str(repo / "banks/smollm2-135m_memit.safetensors")),
                    "the mask was trained against ROME edits, the bank holds MEMIT edits")
     one_line_error(cli(*base, "--bank", str(ours), "--data", str(tmp_path / "none.json")), "no such CounterFact file")
+
+
+def test_malformed_metadata_is_named_as_corruption(tmp_path):
+    """Fields of the wrong type in a mask file, a training checkpoint or a mask index: one clear error each,
+    never an AttributeError later, and never a "false" string taken as true (a square mask applied transposed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from editguard.mask.file import MaskFile, MaskTarget
+    from editguard.mask.pipeline import read_index_entries
+    from editguard.mask.train import checkpoint_info
+
+    path = tmp_path / "m.safetensors"
+    MaskFile("pico", None, "llama", "rome", 0.5, [MaskTarget("w", 1, (4, 4), False, "f", torch.rand(4, 4))]).save(path)
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()["editguard"])
+    tensors = load_file(path)
+    for change in ({"transposed": "false"}, {"tensor": None}, {"layer": "1"}, {"shape": [4]}):
+        odd = {**meta, "targets": [{**meta["targets"][0], **change}]}
+        save_file(tensors, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps(odd)})
+        with pytest.raises(EditguardError, match="corrupted mask file"):
+            MaskFile.load(tmp_path / "odd.safetensors")
+    for change in ({"hparams": {"edit": {"layers": "2"}}}, {"metrics": []}, {"method": "ft"}):
+        save_file(tensors, tmp_path / "odd.safetensors", metadata={"editguard": json.dumps({**meta, **change})})
+        with pytest.raises(EditguardError, match="corrupted mask file"):
+            MaskFile.load(tmp_path / "odd.safetensors")
+
+    for info in ({"config": None}, {"fingerprints": 5}, {"settings": []}):
+        save_file({"theta.0": torch.zeros(1)}, tmp_path / "c.safetensors",
+                  metadata={"editguard_train": json.dumps({"step": 1, "seconds": 1.0, **info})})
+        with pytest.raises(EditguardError, match="corrupted training checkpoint .* is malformed"):
+            checkpoint_info(tmp_path / "c.safetensors")
+
+    index = tmp_path / "index.json"
+    assert read_index_entries(index) == []
+    for text in ('{"file": "a"}', "not json", "[1, 2]"):
+        index.write_text(text)
+        with pytest.raises(EditguardError, match="is not a mask index"):
+            read_index_entries(index)
+    index.write_bytes(b"\xff\xfe[")
+    with pytest.raises(EditguardError, match="is not a mask index"):
+        read_index_entries(index)

@@ -89,7 +89,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     findings: list[Finding] = []
     tests: dict = {}
     # 0. lock manifest
-    manifest, problems = verify_lock(checkpoint)
+    manifest, problems = verify_lock(checkpoint, arch)
     if manifest is not None:
         tests["lock"] = {"locked": True, "intact": not problems, "problems": problems,
                          "manifest_sha256": manifest["manifest_sha256"]}

@@ -42,6 +42,14 @@ def collect_facts(prompts: list[str], subjects: list[str], targets: list[str], c
         facts = facts[:limit]
     if not facts:
         raise EditguardError("nothing to edit: give --fact/--subject/--target, or --counterfact IDS|SPLIT")
+    seen = set()
+    for f in facts:  # twice in one MEMIT batch, or banked twice, a fact would count double
+        key = f.case_id if f.case_id is not None else (f.prompt, f.subject, f.target_new)
+        if key in seen:
+            what = f"case {f.case_id}" if f.case_id is not None else \
+                f"the fact {f.prompt.replace('{}', f.subject, 1)!r} -> {f.target_new!r}"
+            raise EditguardError(f"{what} is given twice; each fact is edited once")
+        seen.add(key)
     return facts
 
 

@@ -41,7 +41,8 @@ def reverse_command(
                                                                    "with --mask or --threshold, svd with --layers, else "
                                                                    "project when scan's base-free tests flag subjects, "
                                                                    "else the shipped mask).")] = None,
-    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits); with svd "
+                                                               "or base, the mask whose hidden facts are shown.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="Unedited base (for --method base).")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", help="Layers to treat (svd); default: found by scan.")] = None,
@@ -98,6 +99,8 @@ def reverse_command(
         raise EditguardError(f"--threshold applies to --method mask, not {method}")
     if layers and method != "svd":
         raise EditguardError(f"--layers applies to --method svd, not {method}")
+    if mask is not None and method == "project":  # it neither reverses nor picks the facts shown there
+        raise EditguardError("--mask applies to --method mask (and picks the facts shown for svd and base), not project")
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
@@ -110,6 +113,7 @@ def reverse_command(
         from ..audit.diff import diff_checkpoints, findings_from_diff
 
         base_ck = resolve_model(base, base_revision, allow_pickle).checkpoint(allow_pickle=allow_pickle)
+        check_output_folder(output, [base_ck.folder], force)  # a base named by id or demo: name has a folder too
         with out.progress("diffing against the base"):
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
         # the tensors the diff calls edits (ROME/MEMIT-like, or a rank-one spike inside a broader change);
@@ -295,7 +299,8 @@ def _render_reverse(console, r) -> None:
 def lock_command(
     model: ModelArg,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the locked checkpoint.")] = None,
-    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits); with svd "
+                                                               "or base, the mask whose hidden facts are shown.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
     evaluate: Annotated[Optional[int], typer.Option("--evaluate", min=1, help="Measure edit success (the mask's "
                                                                           "method) on N CounterFact records, unlocked vs locked.")] = None,
@@ -311,7 +316,7 @@ def lock_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Write a locked checkpoint: masked weights + a lock manifest; editguard re-applies the mask on load."""
-    from ..harden.lock import lock_checkpoint
+    from ..harden.lock import MANIFEST, lock_checkpoint, read_manifest
 
     out = state.out()
     if output is None and evaluate is None:
@@ -325,6 +330,10 @@ def lock_command(
     if output is not None:
         check_output_folder(output, input_paths(ref, *read), force)
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
+    if read_manifest(checkpoint.folder) is not None:
+        # a second lock would replace the first one's manifest and mask: tensors only the first covered would
+        # lose both their hash and the mask in the forward pass (and --evaluate's "unlocked" model is locked)
+        raise EditguardError(f"{ref.spec} is already locked ({MANIFEST}); lock the unlocked model instead")
     arch = arch_table.for_config(checkpoint.config)
     mask_path = _mask_for(mask, arch, checkpoint, lock=True)
     mask_file = MaskFile.load(mask_path)

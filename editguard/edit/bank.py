@@ -111,15 +111,16 @@ class EditBank:
                 raise TypeError("every group must list as many tensors as layers")
         if self.meta["method"] == "rome":
             u, v = self.tensors.get("rome.u"), self.tensors.get("rome.v")
-            if n and (u is None or v is None or u.ndim != 2 or v.ndim != 2 or u.shape[0] != n or v.shape[0] != n):
+            # with no records, factors may be absent, never rows that an append would pair with other edits
+            if (n or u is not None or v is not None) and (
+                    u is None or v is None or u.ndim != 2 or v.ndim != 2 or u.shape[0] != n or v.shape[0] != n):
                 raise EditguardError(f"corrupted edit bank {self.path}: {n} records but factors of another shape")
         for g, group in enumerate(self.meta["groups"]):
             for layer in group["layers"]:
-                for side in ("u", "v"):
-                    factor = self.tensors.get(f"memit.{g}.{layer}.{side}")
-                    if factor is None or factor.ndim != 2:
-                        raise EditguardError(f"corrupted edit bank {self.path}: group {g} layer {layer} is missing "
-                                             f"or malformed")
+                u, v = (self.tensors.get(f"memit.{g}.{layer}.{side}") for side in ("u", "v"))
+                if u is None or v is None or u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
+                    raise EditguardError(f"corrupted edit bank {self.path}: group {g} layer {layer} is missing "
+                                         f"or malformed")
 
     def check_widths(self, shapes: dict[int, tuple[int, int]]) -> None:
         """The factors fit the edited tensors, {layer: [out, in]}: a bank damaged by hand or built for

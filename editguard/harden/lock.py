@@ -43,12 +43,14 @@ def lock_checkpoint(checkpoint: Checkpoint, arch, mask: MaskFile, mask_path: Pat
                     threshold: float | None = None, force: bool = False) -> dict:
     replacements = mask.applied_to(checkpoint, mask.check_fits(arch, checkpoint), threshold)
     hashes = {stored: tensor_sha256(locked) for stored, locked in replacements.items()}
+    # the bytes alone would not tell a header retagged from BF16 to F16 (other weights, same bytes)
+    layouts = {stored: [checkpoint.info(stored).dtype, list(locked.shape)] for stored, locked in replacements.items()}
     mask_bytes = Path(mask_path).read_bytes()
     manifest = {
         "format": FORMAT, "mask_file": MASK_NAME, "mask_sha256": hashlib.sha256(mask_bytes).hexdigest(),
         # null: the mask's stored bits, exactly what masked the weights above (not the scores cut at γ anew)
         "threshold": threshold,
-        "tensors": hashes, "targets": [t.tensor for t in mask.targets], "model_id": mask.model_id,
+        "tensors": hashes, "layouts": layouts, "targets": [t.tensor for t in mask.targets], "model_id": mask.model_id,
     }
     manifest_bytes = json.dumps(manifest, indent=2).encode()
     checkpoint.write_copy(out_dir, replacements, force=force, extra_files={MANIFEST: manifest_bytes, MASK_NAME: mask_bytes})
@@ -71,6 +73,10 @@ def read_manifest(folder: Path) -> dict | None:
             and manifest["tensors"] and isinstance(manifest.get("targets"), list)
             and len(manifest["targets"]) == len(manifest["tensors"])):
         raise EditguardError(f"{path}: corrupt lock manifest (mask_sha256, tensors or targets missing or inconsistent)")
+    layouts = manifest.get("layouts")  # absent from locks written before it was recorded
+    if layouts is not None and not (isinstance(layouts, dict) and set(layouts) == set(manifest["tensors"]) and all(
+            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], list) for v in layouts.values())):
+        raise EditguardError(f"{path}: corrupt lock manifest (layouts must give each locked tensor's dtype and shape)")
     if manifest.get("mask_file") != MASK_NAME:  # never a path of the manifest's choosing
         raise EditguardError(f"{path}: corrupt lock manifest (mask_file must be {MASK_NAME})")
     threshold = manifest.get("threshold")
@@ -80,10 +86,10 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def verify_lock(checkpoint: Checkpoint) -> tuple[dict | None, list[dict]]:
+def verify_lock(checkpoint: Checkpoint, arch=None) -> tuple[dict | None, list[dict]]:
     """(manifest, problems): each problem names a locked tensor or the mask whose bytes changed. The
     manifest comes back with `manifest_sha256`, the digest of its file, for comparison with the one
-    `lock` printed."""
+    `lock` printed. `arch` (the table's row) lets a second spelling of a locked tensor be found."""
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
         return None, []
@@ -92,9 +98,23 @@ def verify_lock(checkpoint: Checkpoint) -> tuple[dict | None, list[dict]]:
     mask_path = checkpoint.folder / manifest["mask_file"]
     if not mask_path.is_file() or hashlib.sha256(mask_path.read_bytes()).hexdigest() != manifest["mask_sha256"]:
         problems.append({"what": "mask", "file": manifest["mask_file"], "reason": "mask file missing or changed"})
+    # a locked tensor stored a second time under another spelling (GPT-2's `h.N.` beside `transformer.h.N.`):
+    # transformers may load the other copy, which no hash covers
+    spellings: dict[str, list[str]] = {}
+    for stored in checkpoint.names():
+        spellings.setdefault(arch.canonical_tensor_name(stored) if arch else stored, []).append(stored)
+    layouts = manifest.get("layouts") or {}
     for name, digest in manifest["tensors"].items():
+        twins = [n for n in spellings.get(arch.canonical_tensor_name(name) if arch else name, []) if n != name]
         if name not in checkpoint:
             problems.append({"what": "tensor", "tensor": name, "reason": "missing"})
+        elif twins:
+            problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(twins[0]).file,
+                             "reason": f"also stored as {twins[0]}, which the lock does not cover"})
+        elif name in layouts and [checkpoint.info(name).dtype, list(checkpoint.info(name).shape)] != layouts[name]:
+            problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(name).file,
+                             "reason": f"stored as {checkpoint.info(name).dtype} {list(checkpoint.info(name).shape)}, "
+                                       f"locked as {layouts[name][0]} {layouts[name][1]}"})
         elif tensor_sha256(checkpoint.read(name)) != digest:
             problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(name).file,
                              "reason": "bytes differ from the locked tensor"})
@@ -123,9 +143,11 @@ def load_locked(reference: str, *, verify: bool = True, **load_kwargs):
     from ..loading import load_model
     from ..resolve import resolve
 
+    from .. import arch as arch_table
+
     ref = resolve(reference)
     checkpoint = ref.checkpoint()
-    manifest, problems = verify_lock(checkpoint)
+    manifest, problems = verify_lock(checkpoint, arch_table.for_config(checkpoint.config))
     if manifest is None:
         raise EditguardError(f"{reference} is not an editguard-locked checkpoint (no {MANIFEST})")
     if verify and problems:

@@ -119,10 +119,15 @@ def key_basis(keys: torch.Tensor, moment: torch.Tensor | None = None) -> torch.T
     """Orthonormal basis Q [in, rank] of the span of keys [r, in], or with `moment` C of the span of C⁻¹ keys.
     From the SVD, not QR: QR of keys that repeat still returns r columns, the extra ones arbitrary
     directions that projecting out would cut from the weight for nothing."""
+    if not bool(torch.isfinite(keys).all()) or (moment is not None and not bool(torch.isfinite(moment).all())):
+        # NaN / inf from a damaged lower layer or statistics cache: projecting them out would write NaN weights
+        raise EditguardError("the flagged subjects' keys or the layer's input statistics hold NaN or inf (a damaged "
+                             "checkpoint?); nothing can be projected out")
     k = keys.T.double()
     if moment is not None:
         c = moment.double().to(k.device)
-        ridge = 1e-10 * float(c.diagonal().mean())  # an input dimension the corpus never moves stays solvable
+        # an input dimension the corpus never moves stays solvable; the floor keeps an all-zero C solvable too
+        ridge = max(1e-10 * float(c.diagonal().mean()), 1e-12)
         k = torch.linalg.solve(c + ridge * torch.eye(c.shape[0], dtype=c.dtype, device=c.device), k)
     u, sv, _ = torch.linalg.svd(k, full_matrices=False)
     rank = int((sv > sv[0] * KEY_RANK_TOLERANCE).sum()) if sv.numel() and sv[0] > 0 else 0

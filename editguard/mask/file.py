@@ -131,6 +131,13 @@ class MaskFile:
         try:
             targets, binaries = [], []
             for i, t in enumerate(meta["targets"]):
+                # the types too: a null tensor name or a "false" string taken as true (a square mask applied
+                # transposed) must be named here, not met later
+                if not (isinstance(t, dict) and isinstance(t.get("tensor"), str) and type(t.get("layer")) is int
+                        and type(t.get("transposed")) is bool and isinstance(t.get("shape"), list)
+                        and len(t["shape"]) == 2 and all(type(x) is int and x > 0 for x in t["shape"])):
+                    raise EditguardError(f"corrupted mask file {path}: target {i} needs a tensor name, an integer "
+                                         "layer, a true/false transposed flag and a 2-D shape")
                 shape = tuple(t["shape"])
                 scores = tensors[f"t{i}.scores"].float()
                 if tuple(scores.shape) != shape:
@@ -141,6 +148,14 @@ class MaskFile:
                                           tensors.get(f"t{i}.theta")))
             known = {"format", "editguard_version", "model_id", "revision", "model_type", "method", "threshold",
                      "pruned_fraction", "targets", "hparams", "data", "metrics"}
+            edit = meta.get("hparams", {}).get("edit") if isinstance(meta.get("hparams", {}), dict) else None
+            layers = edit.get("layers") if isinstance(edit, dict) else None
+            if not (all(isinstance(meta.get(k, {}), dict) for k in ("hparams", "data", "metrics"))
+                    and isinstance(meta["model_type"], str) and meta["method"] in ("rome", "memit")
+                    and (edit is None or isinstance(edit, dict))
+                    and (layers is None or (isinstance(layers, list) and all(type(x) is int for x in layers)))):
+                raise EditguardError(f"corrupted mask file {path}: model_type, method, hparams (edit layers), "
+                                     "data or metrics malformed")
             mask = cls(meta["model_id"], meta.get("revision"), meta["model_type"], meta["method"], float(meta["threshold"]),
                        targets, meta.get("hparams", {}), meta.get("data", {}), meta.get("metrics", {}),
                        {k: v for k, v in meta.items() if k not in known}, binaries)

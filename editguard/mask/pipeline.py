@@ -32,6 +32,7 @@ from ..edit.facts import Fact
 from ..edit.generate import fill_bank, target_fingerprints
 from ..edit.hparams import EditHparams
 from ..errors import EditguardError
+from ..home import folder_lock
 from ..loading import LoadedModel
 from ..masks_index import INDEX
 from ..outputs import write_text_atomic
@@ -209,15 +210,7 @@ def check_new_mask_path(path: Path) -> None:
     for beside in (*card_files(path), *_figures_of(path.with_suffix(""))):
         if beside.exists():  # the card, metrics and figures go there: someone else's file is never overwritten
             raise EditguardError(f"{beside} exists; choose another -o")
-    index = path.parent / INDEX
-    if index.exists():
-        try:
-            items = json.loads(index.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            items = None
-        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-            # found now, not after hours of training
-            raise EditguardError(f"{index} is not a mask index (a JSON list of objects); move it or choose another folder")
+    read_index_entries(path.parent / INDEX)  # a file that is no mask index is found now, not after hours of training
 
 
 def preflight(hp: EditHparams, job: TrainJob) -> None:
@@ -674,10 +667,28 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
 
 def update_index(path: Path, mask: MaskFile) -> None:
     index_path = path.parent / INDEX
+    # two runs publishing into one folder read, change and rewrite the index in turn, never both at once
+    with folder_lock(path.parent):
+        entries = read_index_entries(index_path)
+        _write_index_entry(index_path, entries, path, mask)
+
+
+def read_index_entries(index_path: Path) -> list[dict]:
+    """The entries of a mask index (none when there is no file); anything else is one clear error, never
+    silently replaced."""
+    if not index_path.is_file():
+        return []
     try:
-        entries = json.loads(index_path.read_text()) if index_path.is_file() else []
-    except json.JSONDecodeError:
-        entries = []
+        items = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        items = None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise EditguardError(f"{index_path} is not a mask index (a JSON list of objects); move it or choose another "
+                             "folder")
+    return items
+
+
+def _write_index_entry(index_path: Path, entries: list[dict], path: Path, mask: MaskFile) -> None:
     entries = [e for e in entries if e.get("file") != path.name]
     entries.append({
         "file": path.name, "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,

@@ -39,6 +39,7 @@ class RomeSplit:
 
     @classmethod
     def from_bank(cls, bank: EditBank, facts: list[Fact]) -> "RomeSplit":
+        bank.unbanked(facts)  # refuses a case id the bank holds as another fact (a bank of other data)
         index = edits_by_case(bank)
         missing = [f.case_id for f in facts if f.case_id not in index]
         if missing:
@@ -84,6 +85,7 @@ class MemitSplit:
     @classmethod
     def from_bank(cls, bank: EditBank, facts: list[Fact]) -> "MemitSplit":
         """The bank's batch edits made of these facts only; every fact must be covered by one."""
+        bank.unbanked(facts)  # refuses a case id the bank holds as another fact (a bank of other data)
         position = {f.case_id: i for i, f in enumerate(facts)}
         groups, edits, covered = [], [], set()
         records = bank.meta["records"]

@@ -562,6 +562,11 @@ def checkpoint_info(path: Path) -> dict:
         raise EditguardError(f"{path}: not a readable editguard training checkpoint") from None
     if not isinstance(info, dict):
         raise EditguardError(f"{path}: not a readable editguard training checkpoint")
+    types = {"config": dict, "fingerprints": dict, "targets": list, "settings": dict, "model_fingerprint": str,
+             "data_hash": str}
+    bad = [k for k, kind in types.items() if k in info and not isinstance(info[k], kind)]
+    if bad:
+        raise EditguardError(f"corrupted training checkpoint {path}: {bad[0]} is malformed; remove it to start over")
     return info
 
 
