@@ -498,10 +498,19 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
+    if not out.exists():
         os.replace(tmp, out)
+        return
+    # a fresh name each time: one left by a killed run (or another process of the same pid) is never in the way
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old)  # onto the empty folder just made
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)  # interrupted between the two: the earlier output goes back where it was
+        raise
+    try:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    except BaseException:  # interrupted while cleaning up: the new output is in place; finish, then stop
+        shutil.rmtree(old, ignore_errors=True)
+        raise

@@ -251,3 +251,36 @@ def test_model_fingerprint_samples_runs_and_sees_dense_changes(tmp_path):
     rank_one = torch.outer(torch.randn(96, generator=gen), torch.randn(96, generator=gen)) * 1e-4
     assert model_fingerprint(base) != model_fingerprint(folder("edited", {**weights, "big.weight": weights["big.weight"] + rank_one}))
     assert model_fingerprint(base) != model_fingerprint(folder("half", {k: v.half() for k, v in weights.items()}))
+
+
+def test_replacing_an_output_folder_keeps_one_whole_copy(tmp_path, monkeypatch):
+    """--force: the earlier output is moved aside under a fresh hidden name (a leftover from a killed run is
+    never in the way), put back if the swap is interrupted, and removed once the new one is in place."""
+    import os
+
+    from editguard import checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("old")
+    (tmp_path / f".out.old-{os.getpid()}").mkdir()  # what an earlier scheme would have collided with
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "a").write_text("new")
+    calls = []
+    real = os.replace
+
+    def interrupted(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint._replace_dir(new, out)
+    monkeypatch.setattr(checkpoint.os, "replace", real)
+    assert (out / "a").read_text() == "old" and (new / "a").read_text() == "new"
+    checkpoint._replace_dir(new, out)
+    assert (out / "a").read_text() == "new" and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.old-{os.getpid()}", "out"]
