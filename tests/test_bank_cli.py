@@ -271,3 +271,33 @@ def test_a_fact_given_twice_is_refused(cli, pico_models, hparams_file, facts_fil
     again = cli("edit", pico_models["llama"], *fact, *fact, "--hparams", hparams_file, "-o", tmp_path / "out")
     assert again.code == 2 and "'The official language of France' -> 'Japanese' is given twice" in again.err
     assert not (tmp_path / "out").exists()
+
+
+def test_memit_fill_resumes_only_with_its_batch_size(cli, pico_models, facts_file, tmp_path, monkeypatch):
+    """A MEMIT fill killed between batch edits resumes with the same --memit-batch (other batches would be
+    other edits); once finished, the bank carries no pending run and extends with any batch size."""
+    from editguard.edit import memit
+
+    hp = tmp_path / "memit.yaml"
+    hp.write_text(yaml.safe_dump({"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]],
+                                  "v_num_grad_steps": 6, "mom2_update_weight": 100.0, "mom2_n_samples": 10}))
+    bank_path = tmp_path / "bank.safetensors"
+    args = ["edit", pico_models["llama"], "--method", "memit", "--data", facts_file, "--hparams", hp,
+            "--bank", bank_path]
+    real, calls = memit.memit_edit, []
+
+    def killed_on_the_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(memit, "memit_edit", killed_on_the_second)
+    assert cli(*args, "--memit-batch", "1").code == 130
+    monkeypatch.setattr(memit, "memit_edit", real)
+    assert len(EditBank.open(bank_path)) == 1
+    other = cli(*args, "--resume", "--memit-batch", "2")
+    assert other.code == 2 and "resume with --memit-batch 1" in other.err
+    assert cli(*args, "--resume", "--memit-batch", "1").code == 0
+    bank = EditBank.open(bank_path)
+    assert len(bank) == 3 and "filling" not in bank.meta and [len(g["records"]) for g in bank.meta["groups"]] == [1, 1, 1]

@@ -94,9 +94,20 @@ def _fill_bank(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, path: Pa
     else:
         from .memit import memit_edit
 
+        pending = bank.meta.get("filling")  # left by a run killed between its batch edits
+        if todo and isinstance(pending, dict) and type(pending.get("memit_batch")) is int \
+                and pending["memit_batch"] != memit_batch:
+            # other batches would make other edits than the killed run was making (and its settings record)
+            raise EditguardError(f"edit bank {path} was being filled in MEMIT batch edits of "
+                                 f"{pending['memit_batch']} facts by a run that stopped; resume with "
+                                 f"--memit-batch {pending['memit_batch']}")
         step = memit_batch or len(todo) or 1
+        if todo:
+            bank.meta["filling"] = {"memit_batch": memit_batch}
         for lo in range(0, len(todo), step):
             bank.append(memit_edit(loaded, todo[lo: lo + step], hp))
+            if lo + step >= len(todo):
+                bank.meta.pop("filling", None)  # done: the last flush leaves no pending run behind
             bank.flush()
             if progress:
                 progress(len(facts) - len(todo) + min(lo + step, len(todo)), len(facts))
