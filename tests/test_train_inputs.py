@@ -411,3 +411,19 @@ def test_malformed_metadata_is_named_as_corruption(tmp_path):
     index.write_bytes(b"\xff\xfe[")
     with pytest.raises(EditguardError, match="is not a mask index"):
         read_index_entries(index)
+
+
+def test_checkpoint_of_reordered_training_records_is_not_resumed(cli, pico_models, tmp_path, monkeypatch):
+    """The data hash is of the set of records; their order sets the batches: a run over the same records in
+    another order does not resume another order's checkpoint."""
+    import editguard.mask.pipeline as pipeline
+
+    out = tmp_path / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "publish", _interrupted)  # a run that stops with its checkpoint in place
+        assert cli(*args).code == 130
+    data = Path(args[args.index("--data") + 1])
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:20][::-1] + records[20:]))
+    one_line_error(cli("-q", *args, "--resume"), "was written by a run with other training records or their order")

@@ -243,7 +243,7 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
     settings = info.get("settings", meta["settings"])
     differ = [k for k in meta["settings"] if not isinstance(settings, dict) or settings.get(k) != meta["settings"][k]]
     if differ:
-        names = {"val": "validation records (--val-size, --data)", "val_every": "--val-every",
+        names = {"train": "training records or their order (--data)", "val": "validation records (--val-size, --data)", "val_every": "--val-every",
                  "target_pruned": "--target-pruned", "memit_batch": "--memit-batch", "dtype": "--dtype"}
         raise EditguardError(f"{ckpt} was written by a run with other {', '.join(names[k] for k in differ)}; "
                              f"resume with the same, or remove it to start over")
@@ -280,7 +280,9 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
             "fingerprints": target_fingerprints(loaded, hp), "model_fingerprint": loaded.fingerprint,
             "targets": [path for path, _ in targets],
             # what else shapes the run's validation curve and its Θ (checkpoints from before this lack it)
-            "settings": {"val": [f.case_id for f in facts["val"]], "val_every": job.val_every,
+            # the training records in their order (the data hash is of the set; the order sets the batches)
+            "settings": {"train": [f.case_id for f in facts["train"]], "val": [f.case_id for f in facts["val"]],
+                         "val_every": job.val_every,
                          "target_pruned": job.target_pruned, "memit_batch": job.memit_batch,
                          "dtype": str(loaded.model.dtype).removeprefix("torch.")}}
     if job.resume and ckpt.exists() and not job.bank_only:
