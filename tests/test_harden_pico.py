@@ -206,7 +206,8 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     import json as json_module
     for i, (field, value, message) in enumerate((("mask_file", "../elsewhere.safetensors", "mask_file must be"),
                                                  ("threshold", 5.0, "nor a number in"),
-                                                 ("threshold", "abc", "nor a number in"), ("tensors", {}, "inconsistent"))):
+                                                 ("threshold", "abc", "nor a number in"), ("tensors", {}, "inconsistent"),
+                                                 ("layouts", {TENSOR: "F32"}, "layouts must give"))):
         odd = tmp_path / f"odd{i}"
         shutil.copytree(locked_dir, odd)
         manifest = json_module.loads((odd / "editguard-lock.json").read_text())

@@ -74,8 +74,10 @@ def read_manifest(folder: Path) -> dict | None:
             and len(manifest["targets"]) == len(manifest["tensors"])):
         raise EditguardError(f"{path}: corrupt lock manifest (mask_sha256, tensors or targets missing or inconsistent)")
     layouts = manifest.get("layouts")  # absent from locks written before it was recorded
-    if layouts is not None and not (isinstance(layouts, dict) and set(layouts) == set(manifest["tensors"]) and all(
-            isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], list) for v in layouts.values())):
+    if layouts is not None and not (
+            isinstance(layouts, dict) and set(layouts) == set(manifest["tensors"])
+            and all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], list)
+                    for v in layouts.values())):
         raise EditguardError(f"{path}: corrupt lock manifest (layouts must give each locked tensor's dtype and shape)")
     if manifest.get("mask_file") != MASK_NAME:  # never a path of the manifest's choosing
         raise EditguardError(f"{path}: corrupt lock manifest (mask_file must be {MASK_NAME})")

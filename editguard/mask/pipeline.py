@@ -243,7 +243,8 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
     settings = info.get("settings", meta["settings"])
     differ = [k for k in meta["settings"] if not isinstance(settings, dict) or settings.get(k) != meta["settings"][k]]
     if differ:
-        names = {"train": "training records or their order (--data)", "val": "validation records (--val-size, --data)", "val_every": "--val-every",
+        names = {"train": "training records or their order (--data)", "val": "validation records (--val-size, --data)",
+                 "val_every": "--val-every",
                  "target_pruned": "--target-pruned", "memit_batch": "--memit-batch", "dtype": "--dtype"}
         raise EditguardError(f"{ckpt} was written by a run with other {', '.join(names[k] for k in differ)}; "
                              f"resume with the same, or remove it to start over")
