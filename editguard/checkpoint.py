@@ -377,7 +377,9 @@ class Checkpoint:
                     shutil.copytree(item, tmp / item.name)
             for name, data in (extra_files or {}).items():
                 (tmp / name).write_bytes(data)
+            _fsync_tree(tmp)  # every file on disk before the rename: a crash after it leaves no torn file
             _replace_dir(tmp, out)
+            _fsync(out.parent)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
@@ -484,6 +486,14 @@ def _fsync(path: Path | str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """_fsync every file and folder under `folder`, then `folder` itself."""
+    for root, dirs, files in os.walk(folder):
+        for name in files + dirs:
+            _fsync(Path(root) / name)
+    _fsync(folder)
 
 
 def _umask() -> int:

@@ -103,6 +103,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new one
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

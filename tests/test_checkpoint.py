@@ -284,3 +284,23 @@ def test_replacing_an_output_folder_keeps_one_whole_copy(tmp_path, monkeypatch):
     checkpoint._replace_dir(new, out)
     assert (out / "a").read_text() == "new" and not new.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.old-{os.getpid()}", "out"]
+
+
+def test_a_written_folder_is_on_disk_before_it_is_renamed_into_place(pico_models, tmp_path, monkeypatch):
+    """Every file of the build folder is flushed (fsync) before the rename that publishes it."""
+    from editguard import checkpoint
+
+    flushed = []
+    real_replace = checkpoint._replace_dir
+    monkeypatch.setattr(checkpoint, "_fsync", lambda path: flushed.append(Path(path)))
+
+    def replace(tmp, out):
+        built = {p for p in tmp.rglob("*")} | {tmp}
+        assert built <= set(flushed), sorted(built - set(flushed))
+        real_replace(tmp, out)
+
+    monkeypatch.setattr(checkpoint, "_replace_dir", replace)
+    ck = checkpoint.Checkpoint(pico_models["llama"])
+    name = "model.layers.1.mlp.down_proj.weight"
+    ck.write_copy(tmp_path / "out", {name: ck.read(name) * 2})
+    assert (tmp_path / "out" / "config.json").exists()
