@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .arch import Arch
 from .checkpoint import Checkpoint, fingerprint
+from .errors import EditguardError
 from .home import home
 
 INDEX = "index.json"
@@ -33,14 +34,28 @@ def mask_dirs() -> list[Path]:
     return unique
 
 
+def read_index(path: Path) -> list[dict]:
+    """The entries of a mask index (none when there is no file); anything else is one clear error, never
+    silently replaced."""
+    if not path.is_file():
+        return []
+    try:
+        items = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        items = None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise EditguardError(f"{path} is not a mask index (a JSON list of objects); move it or choose another folder")
+    return items
+
+
 def entries() -> list[dict]:
     found = []
     for folder in mask_dirs():
         try:
-            items = json.loads((folder / INDEX).read_text())
-        except (OSError, json.JSONDecodeError):
+            items = read_index(folder / INDEX)
+        except EditguardError:
             continue  # a broken user index must not break inspect; `editguard masks` reports it
-        for item in items if isinstance(items, list) else []:
+        for item in items:
             if _well_formed(item):
                 found.append({**item, "path": str(folder / item["file"])})
     return found

@@ -378,7 +378,7 @@ def test_malformed_metadata_is_named_as_corruption(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from editguard.mask.file import MaskFile, MaskTarget
-    from editguard.mask.pipeline import read_index_entries
+    from editguard.masks_index import read_index
     from editguard.mask.train import checkpoint_info
 
     path = tmp_path / "m.safetensors"
@@ -403,14 +403,14 @@ def test_malformed_metadata_is_named_as_corruption(tmp_path):
             checkpoint_info(tmp_path / "c.safetensors")
 
     index = tmp_path / "index.json"
-    assert read_index_entries(index) == []
+    assert read_index(index) == []
     for text in ('{"file": "a"}', "not json", "[1, 2]"):
         index.write_text(text)
         with pytest.raises(EditguardError, match="is not a mask index"):
-            read_index_entries(index)
+            read_index(index)
     index.write_bytes(b"\xff\xfe[")
     with pytest.raises(EditguardError, match="is not a mask index"):
-        read_index_entries(index)
+        read_index(index)
 
 
 def test_checkpoint_of_reordered_training_records_is_not_resumed(cli, pico_models, tmp_path, monkeypatch):

@@ -48,6 +48,11 @@ class LayerScores:
     def layer_scores(self) -> list[float]:
         return [float(x) for x in self.z.max(dim=1).values]
 
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """[layers, probes]: where the gain is NaN or inf (the projection met or gave such values)."""
+        return ~torch.isfinite(self.gains)
+
 
 def subject_sequences(loaded: LoadedModel, probes: list[Probe], whole: bool = False) -> tuple[Tokenized, list[int]]:
     """Each probe (after PROMPT_PREFIX) cut after its subject's last token, or `whole`, with the split at
@@ -117,10 +122,11 @@ def activation_scores(loaded: LoadedModel, probes: list[Probe], key_layers: list
 def findings_from_nonfinite(scores: LayerScores) -> list[Finding]:
     """One finding when some probe's MLP output projection meets or gives NaN / inf: named at the lowest
     such layer (a NaN stays in the residual stream, so the layers above it follow)."""
-    bad = ~torch.isfinite(scores.gains)
+    bad = scores.nonfinite
     if not bool(bad.any()):
         return []
-    layer = int(bad.any(dim=1).nonzero()[0])
+    layers = bad.any(dim=1).nonzero()[:, 0].tolist()
+    layer = layers[0]
     probes = bad.any(dim=0)
     example = scores.probes[int(bad[layer].nonzero()[0])]
     return [Finding(
@@ -130,7 +136,7 @@ def findings_from_nonfinite(scores: LayerScores) -> list[Finding]:
         "or one that overflows in this dtype", score=float(probes.sum()), layer=layer, tensor=None,
         facts=[{"prompt": example.prompt, "subject": example.subject, "answer": example.answer,
                 "case_id": example.case_id}],
-        details={"probes": int(probes.sum()), "layers": sorted(int(x) for x in bad.any(dim=1).nonzero()[:, 0])})]
+        details={"probes": int(probes.sum()), "layers": layers})]
 
 
 def findings_from_activations(scores: LayerScores) -> list[Finding]:

@@ -155,7 +155,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 tests["activations"] = {"layer_scores": layer_scores, "suspicious_z": SUSPICIOUS_Z,
                                         "edited_z": EDITED_Z, "top_layer": int(torch.tensor(layer_scores).argmax()),
                                         "probes_with_subject": len(scores.probes),
-                                        "nonfinite_probes": int((~torch.isfinite(scores.gains)).any(dim=0).sum())}
+                                        "nonfinite_probes": int(scores.nonfinite.any(dim=0).sum())}
                 findings += findings_from_activations(scores)
         if dependence:
             from . import dependence as dep_test

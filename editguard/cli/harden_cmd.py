@@ -299,8 +299,7 @@ def _render_reverse(console, r) -> None:
 def lock_command(
     model: ModelArg,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the locked checkpoint.")] = None,
-    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits); with svd "
-                                                               "or base, the mask whose hidden facts are shown.")] = None,
+    mask: Annotated[Optional[str], typer.Option("--mask", help="Mask file (default: the shipped mask that fits).")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ.")] = None,
     evaluate: Annotated[Optional[int], typer.Option("--evaluate", min=1, help="Measure edit success (the mask's "
                                                                           "method) on N CounterFact records, unlocked vs locked.")] = None,

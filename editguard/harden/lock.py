@@ -88,10 +88,10 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def verify_lock(checkpoint: Checkpoint, arch=None) -> tuple[dict | None, list[dict]]:
+def verify_lock(checkpoint: Checkpoint, arch) -> tuple[dict | None, list[dict]]:
     """(manifest, problems): each problem names a locked tensor or the mask whose bytes changed. The
     manifest comes back with `manifest_sha256`, the digest of its file, for comparison with the one
-    `lock` printed. `arch` (the table's row) lets a second spelling of a locked tensor be found."""
+    `lock` printed. `arch` (the table's row) names a second spelling of a locked tensor."""
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
         return None, []
@@ -104,21 +104,23 @@ def verify_lock(checkpoint: Checkpoint, arch=None) -> tuple[dict | None, list[di
     # transformers may load the other copy, which no hash covers
     spellings: dict[str, list[str]] = {}
     for stored in checkpoint.names():
-        spellings.setdefault(arch.canonical_tensor_name(stored) if arch else stored, []).append(stored)
+        spellings.setdefault(arch.canonical_tensor_name(stored), []).append(stored)
     layouts = manifest.get("layouts") or {}
     for name, digest in manifest["tensors"].items():
-        twins = [n for n in spellings.get(arch.canonical_tensor_name(name) if arch else name, []) if n != name]
         if name not in checkpoint:
             problems.append({"what": "tensor", "tensor": name, "reason": "missing"})
-        elif twins:
+            continue
+        info = checkpoint.info(name)
+        twins = [n for n in spellings[arch.canonical_tensor_name(name)] if n != name]
+        if twins:
             problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(twins[0]).file,
                              "reason": f"also stored as {twins[0]}, which the lock does not cover"})
-        elif name in layouts and [checkpoint.info(name).dtype, list(checkpoint.info(name).shape)] != layouts[name]:
-            problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(name).file,
-                             "reason": f"stored as {checkpoint.info(name).dtype} {list(checkpoint.info(name).shape)}, "
+        elif name in layouts and [info.dtype, list(info.shape)] != layouts[name]:
+            problems.append({"what": "tensor", "tensor": name, "file": info.file,
+                             "reason": f"stored as {info.dtype} {list(info.shape)}, "
                                        f"locked as {layouts[name][0]} {layouts[name][1]}"})
         elif tensor_sha256(checkpoint.read(name)) != digest:
-            problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(name).file,
+            problems.append({"what": "tensor", "tensor": name, "file": info.file,
                              "reason": "bytes differ from the locked tensor"})
     return manifest, problems
 
@@ -142,10 +144,9 @@ def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) ->
 
 def load_locked(reference: str, *, verify: bool = True, **load_kwargs):
     """Load a locked checkpoint with its mask re-applied in the forward pass (a `LoadedModel`)."""
+    from .. import arch as arch_table
     from ..loading import load_model
     from ..resolve import resolve
-
-    from .. import arch as arch_table
 
     ref = resolve(reference)
     checkpoint = ref.checkpoint()

@@ -148,7 +148,8 @@ class MaskFile:
                                           tensors.get(f"t{i}.theta")))
             known = {"format", "editguard_version", "model_id", "revision", "model_type", "method", "threshold",
                      "pruned_fraction", "targets", "hparams", "data", "metrics"}
-            edit = meta.get("hparams", {}).get("edit") if isinstance(meta.get("hparams", {}), dict) else None
+            hparams = meta.get("hparams", {})
+            edit = hparams.get("edit") if isinstance(hparams, dict) else None
             layers = edit.get("layers") if isinstance(edit, dict) else None
             if not (all(isinstance(meta.get(k, {}), dict) for k in ("hparams", "data", "metrics"))
                     and isinstance(meta["model_type"], str) and meta["method"] in ("rome", "memit")
@@ -157,7 +158,7 @@ class MaskFile:
                 raise EditguardError(f"corrupted mask file {path}: model_type, method, hparams (edit layers), "
                                      "data or metrics malformed")
             mask = cls(meta["model_id"], meta.get("revision"), meta["model_type"], meta["method"], float(meta["threshold"]),
-                       targets, meta.get("hparams", {}), meta.get("data", {}), meta.get("metrics", {}),
+                       targets, hparams, meta.get("data", {}), meta.get("metrics", {}),
                        {k: v for k, v in meta.items() if k not in known}, binaries)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # a field or tensor missing or malformed
             raise EditguardError(f"corrupted mask file {path}: {malformed(exc)}") from None

@@ -34,7 +34,7 @@ from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..home import folder_lock
 from ..loading import LoadedModel
-from ..masks_index import INDEX
+from ..masks_index import INDEX, read_index
 from ..outputs import write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
@@ -210,7 +210,7 @@ def check_new_mask_path(path: Path) -> None:
     for beside in (*card_files(path), *_figures_of(path.with_suffix(""))):
         if beside.exists():  # the card, metrics and figures go there: someone else's file is never overwritten
             raise EditguardError(f"{beside} exists; choose another -o")
-    read_index_entries(path.parent / INDEX)  # a file that is no mask index is found now, not after hours of training
+    read_index(path.parent / INDEX)  # a file that is no mask index is found now, not after hours of training
 
 
 def preflight(hp: EditHparams, job: TrainJob) -> None:
@@ -672,36 +672,16 @@ def update_index(path: Path, mask: MaskFile) -> None:
     index_path = path.parent / INDEX
     # two runs publishing into one folder read, change and rewrite the index in turn, never both at once
     with folder_lock(path.parent):
-        entries = read_index_entries(index_path)
-        _write_index_entry(index_path, entries, path, mask)
-
-
-def read_index_entries(index_path: Path) -> list[dict]:
-    """The entries of a mask index (none when there is no file); anything else is one clear error, never
-    silently replaced."""
-    if not index_path.is_file():
-        return []
-    try:
-        items = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        items = None
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise EditguardError(f"{index_path} is not a mask index (a JSON list of objects); move it or choose another "
-                             "folder")
-    return items
-
-
-def _write_index_entry(index_path: Path, entries: list[dict], path: Path, mask: MaskFile) -> None:
-    entries = [e for e in entries if e.get("file") != path.name]
-    entries.append({
-        "file": path.name, "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,
-        "layers": [t.layer for t in mask.targets], "edit_layers": mask.edit_layers(), "threshold": mask.threshold,
-        "pruned_fraction": round(mask.pruned_fraction(), 4),
-        "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),
-        "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
-                     "fingerprint": t.fingerprint} for t in mask.targets],
-    })
-    write_text_atomic(index_path, json.dumps(sorted(entries, key=lambda e: e["file"]), indent=2) + "\n")
+        entries = [e for e in read_index(index_path) if e.get("file") != path.name]
+        entries.append({
+            "file": path.name, "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,
+            "layers": [t.layer for t in mask.targets], "edit_layers": mask.edit_layers(), "threshold": mask.threshold,
+            "pruned_fraction": round(mask.pruned_fraction(), 4),
+            "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),
+            "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
+                         "fingerprint": t.fingerprint} for t in mask.targets],
+        })
+        write_text_atomic(index_path, json.dumps(sorted(entries, key=lambda e: e["file"]), indent=2) + "\n")
 
 
 def _pct(x) -> str:
