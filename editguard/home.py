@@ -45,14 +45,34 @@ def folder_lock(folder: Path):
 @contextlib.contextmanager
 def file_lock(path: Path, busy: str | None = None):
     """An exclusive advisory lock, so two processes building the same artefact wait for each other; with
-    `busy`, a process that finds it held stops with that message instead of waiting."""
+    `busy`, a process that finds it held stops with that message instead of waiting. The lock file is
+    removed on release: locks keyed by passing paths (each bank filled, each .gguf converted) would
+    otherwise pile up in the cache, one per path, forever."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    while True:
+        handle = open(path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
         except BlockingIOError:
+            handle.close()
             raise EditguardError(busy) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        # The holder before us may have removed the file while we waited on it: a lock on a name nobody
+        # else opens any more is no lock, so take the file now at `path` instead.
+        if _same_file(path, handle.fileno()):
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # before the release, so no one can lock this file after us and miss the new one
+        handle.close()  # releases the lock
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)

@@ -193,3 +193,42 @@ def test_every_demo_model_has_presets_that_fit_it(demo):
         assert [hp.rewrite_module_tmp.format(l) for l in hp.layers] == [arch.module("mlp_out", l) for l in hp.layers]
     # MEMIT's window ends at the ROME layer, as EasyEdit's presets place them
     assert load_hparams(demo, "memit").layers[-1] == load_hparams(demo, "rome").layers[0]
+
+
+def test_second_moments_reuse_what_another_process_wrote_and_redo_what_is_unreadable(pico_models, tmp_path,
+                                                                                      monkeypatch):
+    import contextlib
+
+    from editguard.edit import stats
+
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 89} counts {i}." for i in range(800)))
+    template = "model.layers.{}.mlp.down_proj"
+    collected, real_collect = [], stats._collect
+
+    def counting_collect(loaded, layers, *args):
+        collected.append(list(layers))
+        return real_collect(loaded, layers, *args)
+
+    monkeypatch.setattr(stats, "_collect", counting_collect)
+    first = stats.second_moments(loaded, [0, 1], template, str(text), 100)
+    assert collected == [[0, 1]]
+    layer0 = stats._stats_path(loaded, 0, str(text), 100)
+    layer1 = stats._stats_path(loaded, 1, str(text), 100)
+    layer1.unlink()
+    real_lock = stats.file_lock
+
+    @contextlib.contextmanager
+    def another_process_finished_first(path):
+        # While this process waited for the lock, another one cached layer 1.
+        with real_lock(path):
+            stats.write_safetensors(layer1, {"mom2": first[1], "count": torch.tensor([1])})
+            yield
+
+    monkeypatch.setattr(stats, "file_lock", another_process_finished_first)
+    layer0.write_bytes(b"\x00" * 7)  # a damaged cache file: recomputed, not a crash
+    again = stats.second_moments(loaded, [0, 1], template, str(text), 100)
+    assert collected == [[0, 1], [0]]
+    assert all(torch.equal(again[layer], first[layer]) for layer in (0, 1))

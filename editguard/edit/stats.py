@@ -10,6 +10,7 @@ WikiText-2 has ~300 windows).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -31,27 +32,35 @@ def second_moments(loaded: LoadedModel, layers: list[int], template: str, datase
                    progress: Callable[[int, int], None] | None = None) -> dict[int, torch.Tensor]:
     """C of the input of module `template`.format(layer) for each layer (float32, [in, in]) over `n_samples`
     windows of `dataset`, from the cache or one pass over the corpus for all of them."""
-    result: dict[int, torch.Tensor] = {}
-    missing = []
+    result = _cached(loaded, layers, dataset, n_samples)
+    if len(result) == len(layers):
+        return result
+    # One process collects at a time; one that waited here finds what the other wrote.
+    with file_lock(cache_dir("stats", loaded.fingerprint) / "collect.lock"):
+        result.update(_cached(loaded, [layer for layer in layers if layer not in result], dataset, n_samples))
+        missing = [layer for layer in layers if layer not in result]
+        if missing:
+            sums = _collect(loaded, missing, template, dataset, n_samples, progress)
+            for layer, (total, count) in sums.items():
+                moment = (total / max(count, 1)).float()
+                write_safetensors(_stats_path(loaded, layer, dataset, n_samples),
+                                  {"mom2": moment, "count": torch.tensor([count])})
+                result[layer] = moment
+    return result
+
+
+def _cached(loaded: LoadedModel, layers: list[int], dataset: str, n_samples: int) -> dict[int, torch.Tensor]:
+    """The layers whose statistics the cache holds; an unreadable cache file counts as missing (recomputed)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    found = {}
     for layer in layers:
         path = _stats_path(loaded, layer, dataset, n_samples)
         if path.is_file():
-            from safetensors.torch import load_file
-
-            result[layer] = load_file(path)["mom2"]
-        else:
-            missing.append(layer)
-    if not missing:
-        return result
-    lock = cache_dir("stats", loaded.fingerprint) / "collect.lock"
-    with file_lock(lock):
-        sums = _collect(loaded, missing, template, dataset, n_samples, progress)
-    for layer, (total, count) in sums.items():
-        moment = (total / max(count, 1)).float()
-        write_safetensors(_stats_path(loaded, layer, dataset, n_samples),
-                          {"mom2": moment, "count": torch.tensor([count])})
-        result[layer] = moment
-    return result
+            with contextlib.suppress(SafetensorError, OSError, KeyError):
+                found[layer] = load_file(path)["mom2"]
+    return found
 
 
 def second_moment(loaded: LoadedModel, layer: int, hp) -> torch.Tensor:
