@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -26,6 +27,8 @@ from .outputs import check_output_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"  # the pickle files transformers loads: this, else its shard index's
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 OWN_FILE_PREFIX = "editguard-"  # files editguard writes into a model folder (lock manifest, lock mask)
 
 # safetensors dtype tag -> (torch dtype, bytes per element)
@@ -187,8 +190,13 @@ class Checkpoint:
                 self._tensors.update(tensors)
                 self.file_metadata[shard] = metadata
             return "safetensors"
-        pickles = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        pickles = self._pickle_files()
         if not pickles:
+            stray = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+            if stray:  # e.g. a Trainer's training_args.bin: not weights, and not read
+                raise EditguardError(f"{self.folder} holds no weights transformers would load (model.safetensors, "
+                                     f"{PICKLE_WEIGHTS} or a shard index); the pickle files here "
+                                     f"({', '.join(stray)}) are not read")
             raise EditguardError(f"{self.folder} holds no weights (*.safetensors)")
         if not self.allow_pickle:
             raise EditguardError(
@@ -197,8 +205,20 @@ class Checkpoint:
             )
         for name in pickles:
             for tensor_name in self._load_pickle(name):
+                if tensor_name in self._pickle_names:
+                    raise EditguardError(f"{self.folder}: tensor {tensor_name!r} is stored in both "
+                                         f"{self._pickle_names[tensor_name]} and {name}")
                 self._pickle_names[tensor_name] = name
         return "pickle"
+
+    def _pickle_files(self) -> list[str]:
+        """The pickle weights transformers loads, and only those (other pickles beside them, such as a
+        Trainer's training_args.bin or a stale copy, are not this model's weights)."""
+        if (self.folder / PICKLE_WEIGHTS).is_file():
+            return [PICKLE_WEIGHTS]
+        if (self.folder / PICKLE_INDEX).is_file():
+            return self._index_files(self.folder / PICKLE_INDEX)
+        return []
 
     def _safetensors_files(self) -> list[str]:
         """The weight files transformers loads, in its order: the file config.json names in
@@ -249,7 +269,8 @@ class Checkpoint:
             try:
                 state = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-                raise EditguardError(f"{self.folder / file}: refused to load pickle ({str(exc).splitlines()[0]})") from None
+                why = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # torch's message carries colour codes
+                raise EditguardError(f"{self.folder / file}: refused to load pickle ({why})") from None
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):
@@ -280,11 +301,14 @@ class Checkpoint:
         return TensorInfo(name, self._pickle_names[name], _TAGS.get(tensor.dtype, "F32"), tuple(tensor.shape), 0, 0)
 
     def find(self, candidates: Iterable[str]) -> str | None:
-        """The first of several possible spellings of a tensor name that this checkpoint stores."""
-        for name in candidates:
-            if name in self:
-                return name
-        return None
+        """The one of several possible spellings of a tensor name that this checkpoint stores. Stored under
+        two, which copy a loader takes is up to the loader (transformers takes the alias for GPT-2): refuse,
+        never guess, or a reversal could rewrite the copy nobody loads."""
+        stored = [name for name in candidates if name in self]
+        if len(stored) > 1:
+            raise EditguardError(f"{self.folder}: one tensor is stored under two names, {stored[0]!r} and "
+                                 f"{stored[1]!r}; keep one")
+        return stored[0] if stored else None
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor from disk without touching the others."""

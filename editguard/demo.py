@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoint import make_temp_dir
-from .errors import EditguardError
+from .errors import EditguardError, UnsupportedError
 from .home import cache_dir, file_lock
 from .quiet import quiet_transformers
 
@@ -133,19 +133,26 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress | None = None, source
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out)
     try:
-        try:
-            with quiet_transformers(), _no_gguf_bar():
-                model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="float32")
-                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except (struct.error, EOFError):  # the reader ran past the end of the file
-            raise EditguardError(f"{gguf}: truncated or damaged GGUF file") from None
-        except Exception as exc:  # transformers raises many types for unsupported GGUF content
-            raise EditguardError(f"{gguf}: cannot convert this GGUF ({str(exc).splitlines()[0][:200]})") from None
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        with quiet_transformers():
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        # transformers also reads the files beside a GGUF (a tokenizer_config.json there can name code and
+        # ask to run it): load from a folder that holds the GGUF alone, and never trust remote code.
+        with tempfile.TemporaryDirectory(prefix="editguard-gguf-") as alone:
+            os.symlink(gguf, Path(alone) / gguf.name)
+            try:
+                with quiet_transformers(), _no_gguf_bar():
+                    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=gguf.name, dtype="float32",
+                                                                 trust_remote_code=False)
+                    tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name, trust_remote_code=False)
+            except (struct.error, EOFError):  # the reader ran past the end of the file
+                raise EditguardError(f"{gguf}: truncated or damaged GGUF file") from None
+            except Exception as exc:  # transformers raises many types for unsupported GGUF content
+                why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                error = UnsupportedError if "is not supported" in why else EditguardError
+                raise error(f"{gguf}: cannot convert this GGUF ({why})") from None
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+            with quiet_transformers():
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         stat = gguf.stat()
         (tmp / MARKER).write_text(json.dumps(
             {"gguf": gguf.name, "size": stat.st_size, **(source or {})}, indent=2))

@@ -15,6 +15,24 @@ import pico  # noqa: E402
 from editguard.cli import main  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def editguard_home(tmp_path_factory):
+    """Tests never write into the user's editguard cache (locks, statistics, converted GGUFs) nor read
+    what earlier runs left there: each session gets a fresh home, with the demo models (~540 MB each,
+    built once by `make setup` or .ci/run) linked in from the real one."""
+    from editguard.home import home
+
+    real, fresh = home(), tmp_path_factory.mktemp("editguard-home")
+    (fresh / "models").mkdir()
+    for demo in sorted((real / "models").glob("demo-*")):
+        if demo.is_dir():
+            (fresh / "models" / demo.name).symlink_to(demo.resolve(), target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EDITGUARD_HOME", str(fresh))
+    yield fresh
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def pico_models(tmp_path_factory) -> dict[str, Path]:
     """One saved pico model per supported architecture (built once per test session)."""

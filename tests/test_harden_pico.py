@@ -582,3 +582,21 @@ def test_reverse_never_replaces_a_base_named_by_id(cli, edited, pico_models, tmp
     assert r.code == 2 and "overlaps the input" in r.err and _digest(base_copy) == before
     wrong = cli("reverse", edited, "--method", "project", "--mask", tmp_path / "m.safetensors", "-o", tmp_path / "o")
     assert wrong.code == 2 and "--mask applies to --method mask" in wrong.err
+
+
+def test_reverse_refuses_a_tensor_stored_under_both_spellings(cli, pico_models, tmp_path):
+    """transformers loads GPT-2's `h.N.` copy when a file also holds `transformer.h.N.`: reversing the other
+    copy would leave the loaded weights as they were, so a tensor stored twice is refused."""
+    import shutil
+
+    name = "transformer.h.1.mlp.c_proj.weight"
+    twice = tmp_path / "twice"
+    shutil.copytree(pico_models["gpt2"], twice)
+    tensors = load_file(twice / "model.safetensors")
+    stored = name if name in tensors else name.removeprefix("transformer.")
+    twin = name.removeprefix("transformer.") if stored == name else name
+    save_file({**tensors, twin: tensors[stored] + 1.0}, twice / "model.safetensors")
+    for command in (["reverse", twice, "--method", "svd", "--layers", "1", "-o", tmp_path / "out"],
+                    ["inspect", twice]):
+        one_line_error(cli(*command), "one tensor is stored under two names")
+    assert not (tmp_path / "out").exists()

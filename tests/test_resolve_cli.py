@@ -188,3 +188,65 @@ def test_inspect_demo_model(cli):
     info = cli("-f", "json", "inspect", "demo:smollm2-135m").json
     assert info["num_layers"] == 30 and info["tied_embeddings"] is True
     assert all(t["stored_shape"] == [576, 1536] for t in info["edit_targets"]["layers"])
+
+
+def _tiny_gguf(path: Path, arch: str = "llama") -> Path:
+    """A one-layer GGUF of `arch` (float32 tensors, a 16-word llama tokenizer), written with the gguf package."""
+    import gguf
+    import numpy as np
+
+    hidden, ffn, vocab = 32, 64, 16
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(16)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (hidden, hidden),
+              "blk.0.attn_v.weight": (hidden, hidden), "blk.0.attn_output.weight": (hidden, hidden),
+              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+              "blk.0.ffn_down.weight": (hidden, ffn)}
+    for name, shape in shapes.items():
+        writer.add_tensor(name, rng.normal(0, 0.02, shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_is_converted_alone_and_never_runs_code_beside_it(tmp_path, cli, monkeypatch):
+    # transformers reads a tokenizer_config.json beside a GGUF; one naming custom code made it ask, on
+    # stdout, whether to run that code (and run it on "y").
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    model = _tiny_gguf(folder / "tiny.gguf")
+    ran = tmp_path / "code-ran"
+    (folder / "evil_tok.py").write_text(f"open({str(ran)!r}, 'w').close()\nclass EvilTokenizer: pass\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": [None, "evil_tok.EvilTokenizer"]}}))
+    monkeypatch.setattr("sys.stdin", open("/dev/null"))
+    result = cli("-f", "json", "inspect", model)
+    assert result.code == 0, result.err
+    assert result.json["architecture"] == "llama" and result.json["num_layers"] == 1
+    assert not ran.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["evil_tok.py", "tiny.gguf", "tokenizer_config.json"]
+
+
+def test_gguf_of_an_architecture_transformers_cannot_convert_is_unsupported(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    one_line_error(cli("inspect", _tiny_gguf(tmp_path / "bert.gguf", arch="bert")), "is not supported", code=3)
