@@ -76,6 +76,25 @@ def load_tokenizer(ref: ModelRef):
     return tokenizer
 
 
+def _check_loading(ref: ModelRef, info: dict) -> None:
+    """transformers fills weights a checkpoint lacks with random ones and says so only in a log line
+    editguard silences: every test would then run on a partly random model."""
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise EditguardError(f"{ref.spec}: the checkpoint lacks {missing[0]}{more}, which the model needs "
+                             "(transformers would fill it with random values)")
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        raise EditguardError(f"{ref.spec}: {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]} "
+                             "has the wrong shape for config.json")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:  # weights the model never reads: not what it runs, but worth an auditor's look
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        warnings.warn(EditguardWarning(f"{ref.spec}: the checkpoint stores {unexpected[0]}{more}, which the model "
+                                       "does not load"), stacklevel=3)
+
+
 def load_model(
     ref: ModelRef,
     *,
@@ -118,7 +137,7 @@ def load_model(
             kwargs["device_map"] = _auto_map_keeping(config, torch_dtype, max_memory, keep)
     with quiet_transformers():
         try:
-            model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(ref.path, output_loading_info=True, **kwargs)
         except EditguardError:
             raise
         except Exception as exc:
@@ -126,6 +145,7 @@ def load_model(
             if stop is not None:  # Ctrl-C while transformers imports the model class: not a broken model
                 raise stop from None
             raise EditguardError(f"{ref.spec}: transformers could not load it ({str(exc).splitlines()[0][:240]})") from None
+    _check_loading(ref, info)
     model.eval()
     model.requires_grad_(False)
     warn_if_slow(model)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint
+from .checkpoint import Checkpoint
 from .demo import DEMO_PREFIX, ensure_demo, ensure_gguf_folder
 from .errors import EditguardError
 
@@ -24,11 +24,14 @@ HUB_PATTERNS = [
     "merges.txt",
     "*.tiktoken",
     "chat_template*",
-    "*.safetensors",
-    "*.safetensors.index.json",
+    # the weights transformers loads, at the repo's top level: not consolidated.safetensors or original/*.pth
+    # copies in another layout (as many GB again, never read)
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
     "README.md",
 ]
-HUB_PICKLE_PATTERNS = [f"*{suffix}" for suffix in PICKLE_SUFFIXES] + ["*.bin.index.json"]
+HUB_PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"]
 
 
 @dataclass(frozen=True)

@@ -73,3 +73,31 @@ def test_warning_is_one_line_on_the_cli(cli, pico_models, monkeypatch, tmp_path)
     assert result.json["tensors"]  # stdout is still one JSON document
     quiet = cli("-q", *args, "-o", tmp_path / "b")
     assert quiet.code == 0 and "slower than float32" not in quiet.err
+
+
+def test_missing_weights_are_refused_and_extra_ones_reported(pico_models, tmp_path, cli):
+    """transformers would fill a missing tensor with random values (and say so only in a silenced log)."""
+    import shutil
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from editguard.errors import EditguardError, EditguardWarning
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(pico_models["llama"], lacking)
+    tensors = load_file(lacking / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]
+    save_file(tensors, lacking / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EditguardError, match="lacks model.layers.0.self_attn.q_proj.weight"):
+        load_model(resolve(str(lacking)))
+    result = cli("scan", lacking, "--tests", "activations")
+    assert result.code == 2 and "lacks model.layers.0.self_attn.q_proj.weight" in result.err, result.err
+    extra = tmp_path / "extra"
+    shutil.copytree(pico_models["llama"], extra)
+    tensors = load_file(extra / "model.safetensors")
+    tensors["model.layers.0.mlp.hidden_payload"] = torch.ones(4)
+    save_file(tensors, extra / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(EditguardWarning, match="stores model.layers.0.mlp.hidden_payload, which the model does not"):
+        load_model(resolve(str(extra)))

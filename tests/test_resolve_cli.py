@@ -250,3 +250,23 @@ def test_gguf_is_converted_alone_and_never_runs_code_beside_it(tmp_path, cli, mo
 def test_gguf_of_an_architecture_transformers_cannot_convert_is_unsupported(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
     one_line_error(cli("inspect", _tiny_gguf(tmp_path / "bert.gguf", arch="bert")), "is not supported", code=3)
+
+
+def test_hub_download_takes_only_the_weights_transformers_loads():
+    """The allow patterns, through huggingface_hub's own filter, on the file lists of two real layouts."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from editguard.resolve import HUB_PATTERNS, HUB_PICKLE_PATTERNS
+
+    mistral = ["config.json", "consolidated.safetensors", "params.json", "tokenizer.json", "tokenizer.model",
+               "tokenizer_config.json", "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+               "model-00003-of-00003.safetensors", "model.safetensors.index.json", "README.md"]
+    llama = ["config.json", "original/consolidated.00.pth", "original/params.json", "model.safetensors",
+             "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin",
+             "pytorch_model.bin.index.json", "training_args.bin", "tokenizer.json", "subdir/model.safetensors"]
+    pick = lambda files, patterns: sorted(filter_repo_objects(files, allow_patterns=patterns))  # noqa: E731
+    assert pick(mistral, HUB_PATTERNS) == sorted(set(mistral) - {"consolidated.safetensors", "params.json"})
+    chosen = pick(llama, HUB_PATTERNS + HUB_PICKLE_PATTERNS)
+    assert chosen == ["config.json", "model.safetensors", "pytorch_model-00001-of-00002.bin",
+                      "pytorch_model-00002-of-00002.bin", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                      "tokenizer.json"]
