@@ -113,10 +113,15 @@ def oriented(matrix, transposed: bool):
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     # Multimodal wrappers keep the language model's settings in text_config.
-    return config.get("text_config") or config
+    text = config.get("text_config")
+    if text is not None and not isinstance(text, dict):
+        raise EditguardError("config.json: text_config is not a JSON object")
+    return text or config
 
 
 def for_model_type(model_type: str | None) -> Arch:
+    if model_type is not None and not isinstance(model_type, str):
+        raise UnsupportedError(f"config.json: model_type must be a string, not {model_type!r}")
     row = _table().get(model_type or "")
     if model_type is None:
         raise UnsupportedError(f"config.json has no model_type; supported: {', '.join(supported())}")

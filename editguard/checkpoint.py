@@ -108,7 +108,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)):
             raise EditguardError(f"{path}: corrupt safetensors header entry for {name!r} (shape and offsets must be "
                                  "non-negative integers)")
-        if tag not in _DTYPES:
+        if not isinstance(tag, str) or tag not in _DTYPES:
             raise EditguardError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
         if end - begin != math.prod(shape) * _DTYPES[tag][1]:
             raise EditguardError(f"{path}: corrupt safetensors header (tensor {name!r} size does not match its shape)")

@@ -37,7 +37,7 @@ def inspect_model(ref: ModelRef, allow_pickle: bool = False) -> dict:
         "source": ref.kind,
         "folder": str(checkpoint.folder),
         "architecture": arch.model_type,
-        "model_class": (checkpoint.config.get("architectures") or [None])[0],
+        "model_class": _model_class(checkpoint.config),
         "num_layers": num_layers,
         "hidden_size": checkpoint.config.get("hidden_size") or checkpoint.config.get("n_embd"),
         "weight_format": checkpoint.format,
@@ -58,3 +58,8 @@ def inspect_model(ref: ModelRef, allow_pickle: bool = False) -> dict:
             for m in masks_index.fitting(arch, checkpoint)
         ],
     }
+
+
+def _model_class(config: dict) -> str | None:
+    classes = config.get("architectures")
+    return classes[0] if isinstance(classes, list) and classes and isinstance(classes[0], str) else None

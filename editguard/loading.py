@@ -61,7 +61,7 @@ def load_tokenizer(ref: ModelRef):
     if config_path.is_file() and (ref.path / "tokenizer.json").is_file():
         try:
             declared = json.loads(config_path.read_text()).get("tokenizer_class")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # not JSON, or not an object
             declared = None
         if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             # honour a generic tokenizer the folder declares; AutoTokenizer would swap in a model-specific one

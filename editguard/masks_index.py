@@ -68,7 +68,8 @@ def _well_formed(item) -> bool:
         return False
     targets = item.get("targets", [])
     layers, edit_layers = item.get("layers") or [], item.get("edit_layers") or []
-    return isinstance(targets, list) and isinstance(layers, list) and isinstance(edit_layers, list) and all(
+    ints = lambda values: isinstance(values, list) and all(type(v) is int for v in values)  # noqa: E731
+    return isinstance(targets, list) and ints(layers) and ints(edit_layers) and all(
         isinstance(t, dict) and isinstance(t.get("tensor"), str) and isinstance(t.get("stored_shape"), list)
         for t in targets) and isinstance(item.get("test_rsr") or 0, (int, float))
 

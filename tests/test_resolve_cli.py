@@ -270,3 +270,41 @@ def test_hub_download_takes_only_the_weights_transformers_loads():
     assert chosen == ["config.json", "model.safetensors", "pytorch_model-00001-of-00002.bin",
                       "pytorch_model-00002-of-00002.bin", "pytorch_model.bin", "pytorch_model.bin.index.json",
                       "tokenizer.json"]
+
+
+def test_malformed_metadata_gives_one_line_not_an_internal_error(tmp_path, pico_models, cli, monkeypatch):
+    def variant(name: str, config_change=None) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(pico_models["llama"], folder)
+        if config_change:
+            config = json.loads((folder / "config.json").read_text())
+            config_change(config)
+            (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    one_line_error(cli("inspect", variant("listed_type", lambda c: c.update(model_type=["llama"]))),
+                   "model_type must be a string", code=3)
+    one_line_error(cli("inspect", variant("text_str", lambda c: c.update(text_config="x"))),
+                   "text_config is not a JSON object")
+    odd_classes = cli("-f", "json", "inspect", variant("classes", lambda c: c.update(architectures={"a": 1})))
+    assert odd_classes.code == 0 and odd_classes.json["model_class"] is None, odd_classes.err
+    retagged = variant("retagged")
+    data = (retagged / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_len])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = [header[name]["dtype"]]
+    raw = json.dumps(header).encode()
+    (retagged / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + header_len:])
+    one_line_error(cli("inspect", retagged), "unsupported dtype")
+    listed_tok = variant("listed_tok")
+    (listed_tok / "tokenizer_config.json").write_text("[1]")
+    result = cli("scan", listed_tok, "--tests", "activations")
+    assert "internal error" not in result.err and "Traceback" not in result.err, result.err
+    # a user's mask index whose entry has non-integer layers is skipped, not a crash of inspect
+    user_masks = tmp_path / "user_masks"
+    user_masks.mkdir()
+    (user_masks / "index.json").write_text(json.dumps([
+        {"file": "m.safetensors", "model_type": "llama", "layers": [1, "a"], "targets": []}]))
+    monkeypatch.setenv("EDITGUARD_MASKS", str(user_masks))
+    assert cli("inspect", pico_models["llama"]).code == 0
