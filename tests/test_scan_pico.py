@@ -621,10 +621,10 @@ def test_blockwise_comparison_equals_whole(case, monkeypatch):
         b = torch.arange(117).reshape(9, 13)
         a = b.clone()
         a[5, 5] = 1000
-    whole = diff._difference(a, b)
+    whole = diff.difference(a, b)
     for block in (1, 7, 64):
         monkeypatch.setattr(diff, "COMPARE_BLOCK", block)
-        delta, nonfinite, base_norm, precise = diff._difference(a, b)
+        delta, nonfinite, base_norm, precise = diff.difference(a, b)
         assert (delta is None) == (whole[0] is None) and nonfinite == whole[1] and precise == whole[3]
         if delta is not None:
             torch.testing.assert_close(delta, whole[0])
@@ -632,3 +632,52 @@ def test_blockwise_comparison_equals_whole(case, monkeypatch):
     assert (whole[0] is None) == (case == "unchanged_cast")
     if case == "new_inf":
         assert whole[1] == 1 and math.isfinite(float(whole[0].norm()))
+
+
+def test_diff_sees_missing_tensors_overflow_and_zero_bases(cli, planted, tmp_path):
+    """A tensor only the base has is a change; a finite value float16 cannot hold is a change, not a NaN; a
+    change to an all-zero weight is 100 % of it, not 10^12 %; the attribution of an edit beside a NaN both
+    sides share runs."""
+    down = "model.layers.1.mlp.down_proj.weight"
+    scan = lambda model, base, tests="diff": cli("-f", "json", "scan", model, "--base", base, "--tests", tests)  # noqa: E731
+    lacking = _variant(planted["base"], tmp_path / "lacking",
+                       lambda t: {k: v for k, v in t.items() if k != "model.layers.0.self_attn.q_proj.weight"})
+    result = scan(lacking, planted["base"])
+    assert result.code == 1 and result.json["tests"]["diff"]["classification"] == "other", result.err
+    assert [f["tensor"] for f in result.json["findings"] if "in the base but not in this model" in f["message"]] == [
+        "model.layers.0.self_attn.q_proj.weight"]
+    half = _variant(planted["base"], tmp_path / "half", lambda t: {k: v.half() for k, v in t.items()})
+    big = _variant(planted["base"], tmp_path / "big",
+                   lambda t: {**t, down: t[down].clone().index_put_((torch.tensor([0]), torch.tensor([0])),
+                                                                    torch.tensor(7e4))})
+    over = scan(big, half).json
+    assert "EG005" not in [f["rule"] for f in over["findings"]]
+    (change,) = over["tests"]["diff"]["changed"]
+    assert change["name"] == down and change["nonfinite"] == 0 and abs(change["norm"] - 7e4) < 1.0
+    zero = _variant(planted["base"], tmp_path / "zero", lambda t: {**t, down: torch.zeros_like(t[down])})
+    gen = torch.Generator().manual_seed(3)
+    zero_edit = _variant(zero, tmp_path / "zero_edit", lambda t: {**t, down: 1e-3 * torch.outer(
+        torch.randn(t[down].shape[0], generator=gen), torch.randn(t[down].shape[1], generator=gen))})
+    (edit,) = scan(zero_edit, zero).json["tests"]["diff"]["changed"]
+    assert edit["relative"] == 1.0
+    down_nan = lambda t: {**t, down: t[down].clone().index_put_((torch.tensor([0]), torch.tensor([0])),  # noqa: E731
+                                                                torch.tensor(float("nan")))}
+    base_nan = _variant(planted["base"], tmp_path / "base_nan", down_nan)
+    rome_nan = _variant(planted["rome"], tmp_path / "rome_nan", down_nan)
+    full = scan(rome_nan, base_nan, "diff,attribution")
+    assert full.code == 1 and "internal error" not in full.err, full.err
+    assert isinstance(full.json["tests"]["attribution"], list), full.json["tests"]["attribution"]
+
+
+def test_attribution_says_why_it_did_not_run_and_probes_are_read_first(cli, planted, tmp_path):
+    from editguard.audit.scan import ScanOptions, scan
+    from editguard.errors import EditguardError
+    from editguard.resolve import resolve
+
+    one_line_error(cli("scan", planted["rome"], "--base", planted["base"], "--tests", "attribution"),
+                   "add diff to --tests")
+    said = []
+    with pytest.raises(EditguardError, match="probe"):
+        scan(resolve(str(planted["rome"])), ScanOptions(base=str(planted["base"]), probes=str(tmp_path / "none.jsonl")),
+             progress=said.append)
+    assert not any("diffing" in line for line in said), said

@@ -35,7 +35,7 @@ class TensorChange:
     name: str  # canonical name
     file: str
     norm: float
-    relative: float
+    relative: float  # ‖Δ‖ / ‖base‖; 1 where the base is all zero (the weight is all change)
     singular_values: list[float]
     effective_rank: int
     layer: int | None  # set when it is an MLP output projection
@@ -108,8 +108,10 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     if missing:
         raise EditguardError(f"the base lacks {len(missing)} of this model's {len(targets)} MLP output projections "
                              f"(e.g. {missing[0]}): not a full checkpoint of the same model")
+    # a tied output head is the embedding: a model that ties it need not store what an untied base stores
+    derived = {arch.weight_name("unembed")} if arch.tied(model.config) else set()
     result = DiffResult([], len(shared), sorted(set(canon_model) - set(canon_base)),
-                        sorted(set(canon_base) - set(canon_model)))
+                        sorted(set(canon_base) - set(canon_model) - derived))
 
     def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = model.read(canon_model[name]), base.read(canon_base[name])
@@ -118,12 +120,12 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         return a, b
 
     for i, name in enumerate(shared):
-        delta, nonfinite, base_norm, precise = _difference(*pair(name))
+        delta, nonfinite, base_norm, precise = difference(*pair(name))
         if nonfinite > 0:
             # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
             norm = float(delta.norm())
             result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
-                                               norm / max(base_norm, 1e-12), [], 0,
+                                               _relative(norm, base_norm), [], 0,
                                                arch.mlp_out_layer_of(name, num_layers), nonfinite))
         elif delta is not None:
             norm = float(delta.norm())
@@ -136,7 +138,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                     # spectrum below (a batch edit of n facts has rank n) unless the change is a fine-tune
                     sv, rank, bound = _spectrum(delta, precise, full=False)
                 result.changed.append(TensorChange(name, model.info(canon_model[name]).file, norm,
-                                                   norm / max(base_norm, 1e-12), [float(x) for x in sv], rank, layer,
+                                                   _relative(norm, base_norm), [float(x) for x in sv], rank, layer,
                                                    rank_is_lower_bound=bound))
         if progress:
             progress(i + 1, len(shared))
@@ -146,14 +148,18 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         # so not for every projection of a fine-tune, where no rank decides anything (two values spot a spike)
         for change in result.changed:
             if change.layer is not None and change.rank_is_lower_bound:
-                delta, _, _, precise = _difference(*pair(change.name))
+                delta, _, _, precise = difference(*pair(change.name))
                 sv, change.effective_rank, change.rank_is_lower_bound = _spectrum(delta, precise, full=True)
                 change.singular_values = [float(x) for x in sv]
         classify(result, len(shared))
     return result
 
 
-def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, int, float, bool]:
+def _relative(norm: float, base_norm: float) -> float:
+    return norm / base_norm if base_norm > 0 else 1.0
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, int, float, bool]:
     """(the change a - b in float32 where both are finite, None when nothing changed; the number of NaN / inf
     values a has where b has none; ‖b‖ over its finite values (0 when nothing changed); whether both are
     stored at float32 or finer). Compared in blocks: besides the two tensors and the change, only a block's
@@ -166,6 +172,10 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, 
     delta, nonfinite, base_sq = None, 0, 0.0
     for lo in range(0, a.numel(), COMPARE_BLOCK):
         x, y = a[lo:lo + COMPARE_BLOCK], b[lo:lo + COMPARE_BLOCK]
+        # finiteness and the change from the stored values: a finite value the coarser dtype cannot hold
+        # is a change, not a NaN or inf
+        x_stored, y_stored = x, y
+        finite_x, finite_y = torch.isfinite(x), torch.isfinite(y)
         converted = None
         if x.dtype != y.dtype:
             # a copy saved in another precision is not a change: an element is the same when it is the base's
@@ -174,18 +184,18 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, 
             converted = x == y.to(x.dtype)
             coarse = max((x.dtype, y.dtype), key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
             x, y = x.to(coarse), y.to(coarse)
-        finite_x, finite_y = torch.isfinite(x), torch.isfinite(y)
         nonfinite += int((~finite_x & finite_y).sum())  # new NaN / inf, wherever they sit
         same = (x == y) | (x.isnan() & y.isnan())  # NaN where the base has NaN is no change
         if converted is not None:
             same |= converted
-        base_sq += float(y.double().nan_to_num().pow(2).sum())
+        base_sq += float(y_stored.double().nan_to_num(posinf=0.0, neginf=0.0).pow(2).sum())
         if not bool(same.all()):
             if delta is None:
                 delta = torch.zeros(a.numel(), dtype=torch.float32)
             # measured where both are finite: a NaN or inf the base has must not make the norm NaN (it would
             # pass no threshold, and the edit beside it would go unseen)
-            delta[lo:lo + COMPARE_BLOCK] = torch.where(finite_x & finite_y & ~same, x.float() - y.float(), 0.0)
+            delta[lo:lo + COMPARE_BLOCK] = torch.where(finite_x & finite_y & ~same,
+                                                       x_stored.float() - y_stored.float(), 0.0)
     if delta is None:
         return None, 0, 0.0, precise
     return delta.reshape(shape), nonfinite, base_sq ** 0.5, precise
@@ -227,8 +237,10 @@ def classify(result: DiffResult, total: int) -> None:
     Tensors with new NaN / inf values are findings of their own and left out of the pattern."""
     changed = [c for c in result.changed if not c.nonfinite]
     if not changed:
-        # a tensor the base lacks (an untied output head, say) is a change of its own: never "identical"
-        result.classification = "damaged" if result.changed else "other" if result.only_in_model else "identical"
+        # a tensor only one side has (an untied output head, a weight deleted so that transformers fills it
+        # with random values) is a change of its own: never "identical"
+        result.classification = ("damaged" if result.changed else
+                                 "other" if result.only_in_model or result.only_in_base else "identical")
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -259,8 +271,10 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
                 rule, what = "EG001", (f"rank-{c.effective_rank} change in {c.name} (layer {c.layer}): ‖ΔW‖ = "
                                        f"{c.norm:.3g}, {c.relative:.2%} of the weight — a ROME-style edit")
             else:
-                rule, what = "EG002", (f"low-rank change in {c.name} (layer {c.layer}; edited layers {layers}): ‖ΔW‖ = "
-                                       f"{c.norm:.3g}, effective rank {c.effective_rank} — a MEMIT-style batch edit")
+                # (a batch edit of n facts has rank n, which may be the matrix's full rank: say the rank, not "low")
+                rank = f"{'≥ ' if c.rank_is_lower_bound else ''}{c.effective_rank}"
+                rule, what = "EG002", (f"rank-{rank} change in {c.name} (layer {c.layer}; edited layers {layers}): "
+                                       f"‖ΔW‖ = {c.norm:.3g} — a MEMIT-style batch edit")
             out.append(Finding(rule, "error", what, score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
     elif result.classification == "fine-tune":
@@ -275,6 +289,9 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
         out.append(Finding("EG004", "warning", f"{name} is in this model but not in the base: weights the base "
                            "does not have (an untied output head, an added module) are not compared",
                            tensor=name, file=model.info(model.find(arch.tensor_candidates(name))).file))
+    for name in result.only_in_base:
+        out.append(Finding("EG004", "warning", f"{name} is in the base but not in this model: a weight the model "
+                           "lacks is not this model's (a loader fills it with random values or refuses)", tensor=name))
     if result.classification in ("fine-tune", "other"):
         # an edit does not stop being one because other tensors changed too (noise added to hide it): an MLP
         # output projection whose change is one direction above all others is flagged either way

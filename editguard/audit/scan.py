@@ -96,6 +96,11 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         for p in problems:
             findings.append(Finding("EG030", "error", f"locked {p['what']} {p.get('tensor', p.get('file'))}: {p['reason']}",
                                     tensor=p.get("tensor"), file=p.get("file")))
+    need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
+    if need_model:  # a bad probe file is found before a long base download and diff, not after
+        from .probes import load_probes
+
+        probes = load_probes(options.probes)
     # 1. base diff
     diff = base_ck = None
     base_spec, declared_by = (options.base, None) if options.base else declared_base(checkpoint, ref.model_id)
@@ -121,12 +126,10 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     elif "diff" in options.tests:
         tests["diff"] = {"skipped": "no base given (--base) or declared in the model card or config.json"}
     # the remaining tests run the network
-    need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
     if need_model:
         from ..loading import load_model
-        from .probes import check_probe_lengths, load_probes
+        from .probes import check_probe_lengths
 
-        probes = load_probes(options.probes)
         if options.loaded is not None:
             loaded = options.loaded
         else:
@@ -208,6 +211,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 tests["decomposition"] = decompositions
         if "attribution" in options.tests and diff is not None and key_layers and scores is not None:
             from .attribution import attribute
+            from .diff import difference
 
             tests["attribution"] = []
             for change in diff.changed:
@@ -215,13 +219,20 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                     continue
                 stored = checkpoint.find(arch.tensor_candidates(change.name))
                 stored_base = base_ck.find(arch.tensor_candidates(change.name))
-                delta = checkpoint.read(stored).float() - base_ck.read(stored_base).float()
+                # the change where both are finite, as the diff measured it (NaN the base shares is no change)
+                delta = difference(checkpoint.read(stored), base_ck.read(stored_base))[0]
                 result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes,
                                    change.layer, change.name)
                 tests["attribution"].append({"layer": change.layer, "tensor": change.name, **result})
     if "attribution" in options.tests and "attribution" not in tests:
-        tests["attribution"] = {"skipped": "it attributes an update found by the base diff: give --base" if diff is None
-                                else "the base diff changed no MLP output projection"}
+        if diff is None:
+            why = ("it attributes an update found by the base diff: " +
+                   ("add diff to --tests" if "diff" not in options.tests else "give --base"))
+        elif not any(c.layer is not None and not c.nonfinite for c in diff.changed):
+            why = "the base diff changed no MLP output projection"
+        else:
+            why = "no probe names its subject (give probes with \"subject\")"
+        tests["attribution"] = {"skipped": why}
     skipped = {name: tests[name]["skipped"] for name in options.tests
                if isinstance(tests.get(name), dict) and "skipped" in tests[name]}
     if "lock" not in tests and not any(name in tests and name not in skipped for name in options.tests):
