@@ -42,6 +42,11 @@ class ModelRef:
     model_id: str  # stable identity recorded in banks, masks and reports
     revision: str | None = None  # hub commit, when known
 
+    @property
+    def source(self) -> str:
+        """Where the user's weights are: the .gguf file itself (converted into the cache), else the folder."""
+        return self.model_id if self.kind == "gguf" else str(self.path)
+
     def checkpoint(self, allow_pickle: bool = False) -> Checkpoint:
         return Checkpoint(self.path, allow_pickle=allow_pickle)
 

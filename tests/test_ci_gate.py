@@ -170,7 +170,7 @@ def _precommit(monkeypatch, argv, codes):
     return stop.value.code, calls
 
 
-def test_precommit_scans_model_folders_only_and_stops_on_ctrl_c(monkeypatch, tmp_path, pico_models):
+def test_precommit_scans_model_folders_only_and_stops_on_ctrl_c(monkeypatch, tmp_path, pico_models, capsys):
     monkeypatch.chdir(tmp_path)
     for name in ("a", "b"):
         shutil.copytree(pico_models["llama"], tmp_path / name)
@@ -178,6 +178,7 @@ def test_precommit_scans_model_folders_only_and_stops_on_ctrl_c(monkeypatch, tmp
     (tmp_path / "app" / "config.json").write_text('{"port": 8080}')  # an application's config, not a model
     code, calls = _precommit(monkeypatch, ["app/config.json", "a/config.json", "b/model.safetensors"], [0, 1])
     assert (code, calls) == (1, ["a", "b"])
+    assert capsys.readouterr().err.splitlines() == ["editguard-precommit: a", "editguard-precommit: b"]
     code, calls = _precommit(monkeypatch, ["a/config.json", "b/config.json"], [130, 0])
     assert (code, calls) == (130, ["a"])  # interrupted: b is not scanned
 

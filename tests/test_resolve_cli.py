@@ -190,8 +190,9 @@ def test_inspect_demo_model(cli):
     assert all(t["stored_shape"] == [576, 1536] for t in info["edit_targets"]["layers"])
 
 
-def _tiny_gguf(path: Path, arch: str = "llama") -> Path:
-    """A one-layer GGUF of `arch` (float32 tensors, a 16-word llama tokenizer), written with the gguf package."""
+def _tiny_gguf(path: Path, arch: str = "llama", edit: float = 0.0) -> Path:
+    """A one-layer GGUF of `arch` (float32 tensors, a 16-word llama tokenizer), written with the gguf package;
+    `edit` adds a rank-one change of that size to the MLP output projection."""
     import gguf
     import numpy as np
 
@@ -221,7 +222,10 @@ def _tiny_gguf(path: Path, arch: str = "llama") -> Path:
               "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
               "blk.0.ffn_down.weight": (hidden, ffn)}
     for name, shape in shapes.items():
-        writer.add_tensor(name, rng.normal(0, 0.02, shape).astype(np.float32))
+        weight = rng.normal(0, 0.02, shape).astype(np.float32)
+        if name == "blk.0.ffn_down.weight":
+            weight += edit * np.outer(np.linspace(-1, 1, shape[0]), np.linspace(1, 2, shape[1])).astype(np.float32)
+        writer.add_tensor(name, weight)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -308,3 +312,27 @@ def test_malformed_metadata_gives_one_line_not_an_internal_error(tmp_path, pico_
         {"file": "m.safetensors", "model_type": "llama", "layers": [1, "a"], "targets": []}]))
     monkeypatch.setenv("EDITGUARD_MASKS", str(user_masks))
     assert cli("inspect", pico_models["llama"]).code == 0
+
+
+def test_sarif_of_a_gguf_points_at_the_file_and_names_skipped_tests(tmp_path, cli, monkeypatch, pico_models):
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "upload").mkdir()
+    base = _tiny_gguf(tmp_path / "base.gguf")
+    _tiny_gguf(tmp_path / "upload" / "tiny.gguf", edit=0.05)
+    result = cli("-f", "sarif", "scan", "upload/tiny.gguf", "--base", base, "--tests", "diff")
+    assert result.code == 1, result.err
+    log = json.loads(result.out)
+    validate_sarif(log)
+    run = log["runs"][0]
+    locations = {r["ruleId"]: r["locations"][0]["physicalLocation"]["artifactLocation"] for r in run["results"]}
+    assert locations["EG001"] == {"uri": "upload/tiny.gguf", "uriBaseId": "%SRCROOT%"}, locations
+    assert run["properties"]["tests_run"] == ["diff"] and run["properties"]["tests_skipped"] == {}
+    # the activation test needs 100 probes naming their subject; the pico tokenizer finds only 80
+    llama = pico_models["llama"]
+    partial = json.loads(cli("-f", "sarif", "scan", llama, "--base", llama, "--tests", "diff,activations").out)
+    assert partial["runs"][0]["properties"]["verdict"] == "clean"
+    notes = partial["runs"][0]["invocations"][0]["toolExecutionNotifications"]
+    assert [n["level"] for n in notes] == ["warning"], notes
+    assert notes[0]["message"]["text"].startswith("activations skipped: ")
+    assert partial["runs"][0]["properties"]["tests_skipped"].keys() == {"activations"}

@@ -155,7 +155,7 @@ def reverse_command(
 
     # SARIF: the findings behind this reversal (what it acted on, what found the facts it shows), with
     # what it wrote as the run's properties
-    sarif = to_sarif(inputs.all_findings(), ref.spec, str(ref.path),
+    sarif = to_sarif(inputs.all_findings(), ref.spec, ref.source,
                      {"reversed_with": method, "output": str(output), "tensors": info["tensors"]})
     out.emit(info, _render_reverse, sarif=sarif)
 

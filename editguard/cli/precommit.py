@@ -25,6 +25,8 @@ def run() -> None:
     folders = sorted({str(Path(f).parent) for f in sys.argv[1:] if _is_model_folder(Path(f).parent)})
     worst = 0
     for folder in folders:
+        if len(folders) > 1:  # which folder each verdict or error line belongs to
+            print(f"editguard-precommit: {folder}", file=sys.stderr, flush=True)
         code = main(["scan", "--fail-on", "edited", "--", folder])  # "--": a folder named like an option is a folder
         if code >= 128:  # Ctrl-C or SIGTERM: stop here, do not scan the next folder
             sys.exit(code)

@@ -71,7 +71,12 @@ def scan_command(
 
         write_report(report, result, findings)
         result["report"] = str(report)
-    sarif = to_sarif(findings, result["model"], str(ref.path), {"verdict": result["verdict"], "severity": result["severity"]})
+    skipped = {name: test["skipped"] for name, test in result["tests"].items()
+               if isinstance(test, dict) and "skipped" in test}
+    sarif = to_sarif(findings, result["model"], ref.source,
+                     {"verdict": result["verdict"], "severity": result["severity"],
+                      "tests_run": [name for name in chosen if name in result["tests"] and name not in skipped],
+                      "tests_skipped": skipped}, skipped=skipped)
     out.emit(result, _render, sarif=sarif)
     if fail_on != "never" and VERDICT_RANK[result["verdict"]] >= VERDICT_RANK[fail_on]:
         raise typer.Exit(EXIT_FINDINGS)

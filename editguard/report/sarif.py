@@ -20,13 +20,18 @@ LEVEL_DEFAULT = {"EG001": "error", "EG002": "error", "EG003": "note", "EG004": "
                  "EG020": "error", "EG021": "error", "EG030": "error"}
 
 
-def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: dict) -> dict:
-    model_dir = Path(folder).resolve() if folder else None
+def to_sarif(findings: list[Finding], model: str, source: str | None, summary: dict,
+             skipped: dict[str, str] | None = None) -> dict:
+    """`source`: the model folder, or the one file the user's weights are (a .gguf, converted elsewhere: its
+    findings belong to it, not to a cache folder); `skipped`: tests that did not run and why, each a
+    warning notification, so a clean log says what it did not look at."""
+    single = Path(source).resolve() if source and Path(source).is_file() else None
+    model_dir = single.parent if single else Path(source).resolve() if source else None
     base_id, base_dir = _uri_base(model_dir)
     results = []
     for f in findings:
         location: dict = {}
-        artifact = Path(f.file or "config.json")
+        artifact = Path(single.name if single else f.file or "config.json")
         # fsencode: a file name that is not UTF-8 (kept by Python as surrogates) is quoted byte by byte
         uri = quote(os.fsencode((model_dir / artifact).relative_to(base_dir).as_posix() if model_dir
                                 else artifact.as_posix()))
@@ -43,8 +48,12 @@ def to_sarif(findings: list[Finding], model: str, folder: str | None, summary: d
             "message": {"text": f.message}, "locations": [location], "properties": properties,
             "partialFingerprints": {"editguardFinding/v1": _fingerprint(f, uri)},
         })
-    run = _run(results, {"executionSuccessful": True}, {"model": model, **summary})
-    if folder:
+    invocation: dict = {"executionSuccessful": True}
+    if skipped:
+        invocation["toolExecutionNotifications"] = [{"level": "warning", "message": {"text": f"{name} skipped: {why}"}}
+                                                    for name, why in skipped.items()]
+    run = _run(results, invocation, {"model": model, **summary})
+    if source:
         # as_uri percent-encodes: a folder named "rome edit#1" must not read as a fragment
         run["originalUriBaseIds"] = {base_id: {"uri": base_dir.as_uri().rstrip("/") + "/"}}
     return _log(run)
