@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import EditguardError
+from .errors import BAD_JSON, EditguardError
 from .outputs import check_output_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -90,7 +90,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
                                  f"does not fit in a {size}-byte file)")
         try:
             header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except BAD_JSON as exc:
             raise EditguardError(f"{path}: corrupt safetensors header ({exc.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise EditguardError(f"{path}: corrupt safetensors header (not a JSON object)")
@@ -166,7 +166,7 @@ class Checkpoint:
             raise EditguardError(f"{self.folder} has no config.json: not a Hugging Face model folder")
         try:
             self.config: dict = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except BAD_JSON:
             raise EditguardError(f"{config_path}: not valid JSON") from None
         if not isinstance(self.config, dict):
             raise EditguardError(f"{config_path}: not a JSON object")
@@ -254,7 +254,7 @@ class Checkpoint:
         try:
             weight_map = json.loads(index.read_bytes())["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        except (*BAD_JSON, KeyError, TypeError, AttributeError):
             raise EditguardError(f"{index}: corrupt shard index") from None
         escaping = [f for f in files if not isinstance(f, str) or Path(f).name != f or f in (".", "..")]
         if escaping:

@@ -8,6 +8,10 @@ EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 EXIT_UNSUPPORTED = 3
 
+# What json.loads raises on bad input: ValueError (JSONDecodeError, UnicodeDecodeError, an integer past
+# Python's digit limit) and RecursionError (nesting deeper than the stack).
+BAD_JSON = (ValueError, RecursionError)
+
 
 class EditguardError(Exception):
     """An expected failure with a message meant for the user (bad input, missing file, ...)."""

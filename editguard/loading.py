@@ -18,7 +18,7 @@ from . import arch as arch_table
 from .arch import Arch
 from .checkpoint import Checkpoint, model_fingerprint
 from .cpu_precision import warn_if_slow
-from .errors import EditguardError, EditguardWarning
+from .errors import BAD_JSON, EditguardError, EditguardWarning
 from .quiet import quiet_transformers
 from .resolve import ModelRef
 
@@ -61,7 +61,7 @@ def load_tokenizer(ref: ModelRef):
     if config_path.is_file() and (ref.path / "tokenizer.json").is_file():
         try:
             declared = json.loads(config_path.read_text()).get("tokenizer_class")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):  # not JSON, or not an object
+        except (*BAD_JSON, AttributeError):  # not JSON, or not an object
             declared = None
         if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
             # honour a generic tokenizer the folder declares; AutoTokenizer would swap in a model-specific one

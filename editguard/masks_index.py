@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .arch import Arch
 from .checkpoint import Checkpoint, fingerprint
-from .errors import EditguardError
+from .errors import BAD_JSON, EditguardError
 from .home import home
 
 INDEX = "index.json"
@@ -41,7 +41,7 @@ def read_index(path: Path) -> list[dict]:
         return []
     try:
         items = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, *BAD_JSON):
         items = None
     if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
         raise EditguardError(f"{path} is not a mask index (a JSON list of objects); move it or choose another folder")

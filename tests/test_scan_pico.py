@@ -395,6 +395,7 @@ def test_probe_files_read_as_written(tmp_path, pico_models):
     last = loaded.tokenizer.decode(tokens.ids[0][tokens.split[0]:tokens.split[0] + 1])
     assert last.strip() and last.strip() in "Paris" and "{}" not in loaded.tokenizer.decode(tokens.ids[0][-3:])
     for bad, message in (("[" * 100_000, "line 1: not JSON"), ('{"prompt": "Paris\\ud800 is"}', "not valid Unicode"),
+                         ('{"prompt": "Paris is", "n": ' + "9" * 5000 + "}", "line 1: not JSON"),
                          ('{"prompt": "Paris is", "subject": "  "}', "subject must occur")):
         path.write_text(bad)
         with pytest.raises(EditguardError, match=message):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import counterfact
-from ..errors import EditguardError
+from ..errors import BAD_JSON, EditguardError
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def load_probes(source: str) -> list[Probe]:
             continue
         try:
             item = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):  # (nesting deeper than Python's stack)
+        except BAD_JSON:  # (nesting deeper than Python's stack)
             raise EditguardError(f"probe file {path}, line {number}: not JSON") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise EditguardError(f"probe file {path}, line {number}: needs a \"prompt\" string")

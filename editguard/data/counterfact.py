@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import EditguardError
+from ..errors import BAD_JSON, EditguardError
 from ..home import cache_dir, file_lock
 
 RELATIONS = ("P103", "P17", "P495", "P176", "P413", "P136", "P30", "P937", "P27", "P1412")
@@ -102,13 +102,13 @@ def load_path(path: Path, strict: bool = False) -> LoadReport:
         items = json.loads(text)
         if isinstance(items, dict):  # {"0": record, ...} or {"data": [...]}
             items = items.get("data") if isinstance(items.get("data"), list) else list(items.values())
-    except json.JSONDecodeError:
+    except BAD_JSON:
         items = []
         for number, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     items.append(json.loads(line))
-                except json.JSONDecodeError:
+                except BAD_JSON:
                     items.append(f"line {number + 1} is not JSON")
     if not isinstance(items, list):
         raise EditguardError(f"{path}: expected a JSON list of records or JSON lines")

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import read_safetensors_header, write_safetensors
-from ..errors import EditguardError, malformed
+from ..errors import BAD_JSON, EditguardError, malformed
 from .edits import Edit
 from .facts import Fact
 
@@ -60,7 +60,7 @@ class EditBank:
             raise EditguardError(f"{path} is not an editguard edit bank (no editguard metadata)")
         try:
             meta = json.loads(raw_meta["editguard"])
-        except json.JSONDecodeError:
+        except BAD_JSON:
             raise EditguardError(f"corrupted edit bank {path}: metadata is not JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise EditguardError(f"{path} is not an editguard edit bank (format {meta.get('format') if isinstance(meta, dict) else None!r})")

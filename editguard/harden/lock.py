@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from ..arch import oriented
 from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, tensor_bytes
-from ..errors import EditguardError
+from ..errors import BAD_JSON, EditguardError
 from ..mask.file import MaskFile
 
 MANIFEST = f"{OWN_FILE_PREFIX}lock.json"
@@ -65,7 +65,7 @@ def read_manifest(folder: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except BAD_JSON:
         raise EditguardError(f"{path}: corrupt lock manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EditguardError(f"{path}: not an editguard lock manifest")

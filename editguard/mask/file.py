@@ -20,7 +20,7 @@ import torch
 from .. import __version__
 from ..arch import oriented
 from ..checkpoint import fingerprint, read_safetensors_header, write_safetensors
-from ..errors import EditguardError, malformed
+from ..errors import BAD_JSON, EditguardError, malformed
 
 FORMAT = "editguard-mask/1"
 
@@ -118,7 +118,7 @@ class MaskFile:
             meta = json.loads(raw.get("editguard", "null"))
         except EditguardError as exc:
             raise EditguardError(f"corrupted mask file {path}: {exc.message}") from None
-        except json.JSONDecodeError:
+        except BAD_JSON:
             raise EditguardError(f"corrupted mask file {path}: metadata is not JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise EditguardError(f"{path} is not an editguard mask file")

@@ -36,7 +36,7 @@ from ..edit.edits import edits_applied
 from ..edit.facts import target_ids
 from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
-from ..errors import EditguardError
+from ..errors import BAD_JSON, EditguardError
 from ..loading import LoadedModel
 
 
@@ -558,7 +558,7 @@ def checkpoint_info(path: Path) -> dict:
     try:
         _, raw = read_safetensors_header(path)
         info = json.loads(raw["editguard_train"])
-    except (EditguardError, KeyError, json.JSONDecodeError):
+    except (EditguardError, KeyError, *BAD_JSON):
         raise EditguardError(f"{path}: not a readable editguard training checkpoint") from None
     if not isinstance(info, dict):
         raise EditguardError(f"{path}: not a readable editguard training checkpoint")
