@@ -228,6 +228,12 @@ def test_bad_hparams(cli, pico_models, tmp_path):
     ({"mom2_adjustment": "false"}, "mom2_adjustment must be true or false"),
     ({"kl_factor": "x"}, "kl_factor must be a finite number, got 'x'"),
     ({"rewrite_module_tmp": 5}, "rewrite_module_tmp must be a string"),
+    ({"rewrite_module_tmp": "model.layers.0.mlp.down_proj"}, "must hold one {} for the layer number"),
+    ({"mlp_module_tmp": "model.layers.{}.mlp.{}"}, "mlp_module_tmp must hold one {}"),
+    ({"layer_module_tmp": "model.layers.{0}"}, "layer_module_tmp must hold one {}"),
+    ({"mom2_adjustment": True, "mom2_dataset": "wikipedia"}, "needs a Wikipedia dump"),
+    ({"mom2_adjustment": True, "mom2_dataset": "/no/such/corpus.txt"}, "neither wikitext2 nor a text file"),
+    ({1: "x", "v_lrr": 2}, "unknown key(s) 1, v_lrr"),
 ])
 def test_hparams_values_are_typed_per_key(extra, message):
     """Each wrong value is named with its key; none is coerced (2.7 steps, a quoted "false") or let through."""
@@ -301,3 +307,40 @@ def test_memit_fill_resumes_only_with_its_batch_size(cli, pico_models, facts_fil
     assert cli(*args, "--resume", "--memit-batch", "1").code == 0
     bank = EditBank.open(bank_path)
     assert len(bank) == 3 and "filling" not in bank.meta and [len(g["records"]) for g in bank.meta["groups"]] == [1, 1, 1]
+
+
+def test_memit_layers_named_twice_and_unreadable_yaml_are_refused(tmp_path):
+    from editguard.edit.hparams import load_hparams
+
+    with pytest.raises(EditguardError, match=re.escape("layers [1, 1] names a layer twice")):
+        hparams_from_dict({**PICO_YAML, "alg_name": "MEMIT", "layers": [1, 1]}, "memit", "dup.yaml")
+    # EasyEdit's ROME configs name wikipedia with mom2_adjustment false: the corpus is unused, so accepted
+    assert hparams_from_dict({**PICO_YAML, "mom2_dataset": "wikipedia"}, "rome").mom2_dataset == "wikipedia"
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00layers")
+    with pytest.raises(EditguardError, match="not readable UTF-8 text"):
+        load_hparams(str(binary), "rome")
+
+
+def test_statistics_need_enough_text_and_are_keyed_by_the_corpus_itself(pico_models, tmp_path, monkeypatch):
+    from editguard.edit.stats import second_moments
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    template = "model.layers.{}.mlp.down_proj"
+    short, empty = tmp_path / "short.txt", tmp_path / "empty.txt"
+    short.write_text("The capital of France is Paris")
+    empty.write_text("")
+    with pytest.raises(EditguardError, match="tokens cannot estimate the 64-dimensional second moment"):
+        second_moments(loaded, [0], template, str(short), 100)
+    with pytest.raises(EditguardError, match="no text"):
+        second_moments(loaded, [0], template, str(empty), 100)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "corpus.txt").write_text(" ".join(f"alpha{i % 41} is {i}." for i in range(600)))
+    (tmp_path / "b" / "corpus.txt").write_text(" ".join(f"beta{i % 37} was {i * 3}." for i in range(600)))
+    first = second_moments(loaded, [0], template, str(tmp_path / "a" / "corpus.txt"), 100)[0]
+    second = second_moments(loaded, [0], template, str(tmp_path / "b" / "corpus.txt"), 100)[0]
+    assert not torch.equal(first, second)  # one file name, two corpora: two cache entries

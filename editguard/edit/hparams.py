@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from ..data.text import WIKITEXT
 from ..errors import EditguardError
 
 # Keys EasyEdit configs carry that have no effect here (devices, paths, precision switches).
@@ -152,9 +153,11 @@ def load_hparams(source: str | None, method: str, overrides: dict | None = None)
     path = Path(source).expanduser()
     if path.is_file():
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise EditguardError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise EditguardError(f"{path}: not readable UTF-8 text ({exc.__class__.__name__})") from None
         where = str(path)
     else:
         name = source if source.startswith(("rome-", "memit-")) else f"{method}-{source}"
@@ -176,7 +179,7 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
         raise EditguardError(f"{where}: alg_name {raw.get('alg_name')!r} is not ROME or MEMIT")
     if alg != method:
         raise EditguardError(f"{where}: these are {alg.upper()} hyperparameters, but --method is {method}")
-    unknown = sorted(k for k in raw if k not in known and k not in IGNORED_KEYS)
+    unknown = sorted(str(k) for k in raw if not (isinstance(k, str) and (k in known or k in IGNORED_KEYS)))
     if unknown:
         raise EditguardError(f"{where}: unknown key(s) {', '.join(unknown)}")
     values = {k: v for k, v in raw.items() if k in known}
@@ -208,6 +211,16 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
                                          for a, b in pairs]
     if not hp.layers:
         raise EditguardError(f"{where}: layers is empty")
+    if len(set(hp.layers)) != len(hp.layers):  # two steps on one tensor: a bank keeps one layer's factors each
+        raise EditguardError(f"{where}: layers {hp.layers} names a layer twice")
+    for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+        template = getattr(hp, key)
+        # one "{}" for the layer: without it every layer would name the same module (a silent wrong edit)
+        if template is not None and (template.count("{}") != 1 or template.replace("{}", "").count("{")
+                                     or template.replace("{}", "").count("}")):
+            raise EditguardError(f"{where}: {key} must hold one {{}} for the layer number, got {template!r}")
+    if hp.method == "memit" or hp.mom2_adjustment:  # the statistics are used: their corpus must exist now,
+        _check_corpus(where, hp.mom2_dataset)  # not after the long optimisation of every fact
     for key in ("v_num_grad_steps", "facts_per_batch", "mom2_n_samples"):
         if getattr(hp, key) < 1:
             raise EditguardError(f"{where}: {key} must be at least 1, got {getattr(hp, key)}")
@@ -220,3 +233,13 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
         if not getattr(hp, key) >= 0:
             raise EditguardError(f"{where}: {key} must not be negative, got {getattr(hp, key)}")
     return hp
+
+
+def _check_corpus(where: str, dataset: str) -> None:
+    if dataset == WIKITEXT:
+        return
+    if dataset == "wikipedia":
+        raise EditguardError(f"{where}: mom2_dataset 'wikipedia' (EasyEdit's) needs a Wikipedia dump editguard does "
+                             f"not download; use {WIKITEXT} (shipped) or the path of a text file")
+    if not Path(dataset).expanduser().is_file():
+        raise EditguardError(f"{where}: mom2_dataset {dataset!r} is neither {WIKITEXT} nor a text file")

@@ -11,20 +11,31 @@ WikiText-2 has ~300 windows).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..checkpoint import write_safetensors
-from ..data.text import load_text
+from ..data.text import WIKITEXT, load_text
+from ..errors import EditguardError
 from ..home import cache_dir, file_lock
 from ..loading import LoadedModel
 from .forward import _Stop
 
 WINDOW = 1024
 def _stats_path(loaded: LoadedModel, layer: int, dataset: str, n_samples: int) -> Path:
-    name = Path(dataset).name if dataset != "wikitext2" else dataset
+    if dataset == WIKITEXT:
+        name = dataset
+    else:  # two corpora may share a file name, and a corpus may be edited: key on where and which version
+        path = Path(dataset).expanduser().resolve()
+        try:
+            stat = path.stat()
+            version = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        except OSError:
+            version = str(path)  # (reading it will say what is wrong)
+        name = f"{path.name}-{hashlib.sha256(version.encode()).hexdigest()[:12]}"
     return cache_dir("stats", loaded.fingerprint) / f"mom2-L{layer}-{name}-{n_samples}.safetensors"
 
 
@@ -42,7 +53,11 @@ def second_moments(loaded: LoadedModel, layers: list[int], template: str, datase
         if missing:
             sums = _collect(loaded, missing, template, dataset, n_samples, progress)
             for layer, (total, count) in sums.items():
-                moment = (total / max(count, 1)).float()
+                if count < total.shape[0]:  # fewer keys than dimensions: C is singular, the edit meaningless
+                    raise EditguardError(
+                        f"mom2_dataset {dataset}: {count} tokens cannot estimate the {total.shape[0]}-dimensional "
+                        f"second moment of {template.format(layer)}; give a longer text or a larger mom2_n_samples")
+                moment = (total / count).float()
                 write_safetensors(_stats_path(loaded, layer, dataset, n_samples),
                                   {"mom2": moment, "count": torch.tensor([count])})
                 result[layer] = moment
@@ -74,6 +89,8 @@ def _collect(loaded: LoadedModel, layers: list[int], template: str, dataset: str
     ids = tokenizer(load_text(dataset), add_special_tokens=False).input_ids
     window = min(WINDOW, getattr(model.config, "max_position_embeddings", WINDOW) or WINDOW)
     windows = [ids[i: i + window] for i in range(0, len(ids), window)][: n_samples]
+    if not windows:
+        raise EditguardError(f"mom2_dataset {dataset}: no text to compute statistics from")
     sums: dict[int, list] = {layer: [None, 0] for layer in layers}
     handles = []
     for layer in layers:
