@@ -344,3 +344,36 @@ def test_statistics_need_enough_text_and_are_keyed_by_the_corpus_itself(pico_mod
     first = second_moments(loaded, [0], template, str(tmp_path / "a" / "corpus.txt"), 100)[0]
     second = second_moments(loaded, [0], template, str(tmp_path / "b" / "corpus.txt"), 100)[0]
     assert not torch.equal(first, second)  # one file name, two corpora: two cache entries
+
+
+def test_counterfact_files_of_one_record_with_a_bom_and_typed_case_ids(tmp_path):
+    from editguard.data.counterfact import load_path
+
+    record = {"case_id": 7, "prompt": "The capital of {} is", "subject": "France", "target_new": "Rome",
+              "target_true": "Paris"}
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(record) + "\n")
+    assert [r.case_id for r in load_path(one).records] == [7]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps([record, {**record, "case_id": "8"}]).encode())
+    assert [r.case_id for r in load_path(bom).records] == [7, 8]
+    for bad in (1.9, True, -1, "x1"):
+        odd = tmp_path / "odd.json"
+        odd.write_text(json.dumps([record, {**record, "case_id": bad}]))
+        report = load_path(odd)
+        assert [r.case_id for r in report.records] == [7] and "case_id is not a non-negative integer" in report.problems[0][1]
+    huge = tmp_path / "huge.json"
+    huge.write_text('[{"case_id": 1e999, "prompt": "x {}", "subject": "s", "target_new": "a", "target_true": "b"}]')
+    with pytest.raises(EditguardError, match="no usable CounterFact records"):
+        load_path(huge)
+
+
+def test_subject_is_found_as_a_whole_word_and_once(cli, pico_models, hparams_file, facts_file, tmp_path):
+    from editguard.edit.facts import fact_from_text
+
+    assert fact_from_text("Romeo lived in Rome", "Rome", "Paris").prompt == "Romeo lived in {}"
+    with pytest.raises(EditguardError, match="occurs 2 times"):
+        fact_from_text("Rome is older than Rome", "Rome", "Paris")
+    result = cli("edit", pico_models["llama"], "--counterfact", "rome-test", "--data", facts_file,
+                 "--hparams", hparams_file, "-o", tmp_path / "x")
+    assert result.code == 2 and "give one or the other" in result.err, result.err

@@ -31,6 +31,9 @@ def collect_facts(prompts: list[str], subjects: list[str], targets: list[str], c
     for prompt, subject, target in zip(prompts, subjects, targets):
         facts.append(fact_from_text(prompt, subject, target))
     if cases is not None and (cases in counterfact.SPLITS or cases in ("train", "test", "val")):
+        if data is not None:  # a split is shipped data: --data would be ignored without a word
+            raise EditguardError(f"--counterfact {cases} names a shipped split; --data {data} applies to case ids "
+                                 "(or alone, for the whole file): give one or the other")
         facts += [Fact.from_record(r) for r in _report(counterfact.load(cases))]
     elif cases is not None:  # case ids: looked up in --data, else in all shipped records
         pool = _report(counterfact.load(data)) if data else \

@@ -12,6 +12,7 @@ import functools
 import json
 import lzma
 import os
+import re
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -95,12 +96,16 @@ def load_path(path: Path, strict: bool = False) -> LoadReport:
     if not path.is_file():
         raise EditguardError(f"no such CounterFact file: {path}")
     try:
-        text = lzma.decompress(path.read_bytes()).decode() if path.suffix == ".xz" else path.read_text()
+        # utf-8-sig: a byte-order mark (files exported on Windows) is not part of the first record
+        raw = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
+        text = raw.decode("utf-8-sig")
     except (OSError, UnicodeDecodeError, lzma.LZMAError) as exc:
         raise EditguardError(f"{path}: unreadable ({exc.__class__.__name__})") from None
     try:
         items = json.loads(text)
-        if isinstance(items, dict):  # {"0": record, ...} or {"data": [...]}
+        if isinstance(items, dict) and _is_record(items):  # a file of one record (one JSON line, or one object)
+            items = [items]
+        elif isinstance(items, dict):  # {"0": record, ...} or {"data": [...]}
             items = items.get("data") if isinstance(items.get("data"), list) else list(items.values())
     except BAD_JSON:
         items = []
@@ -127,6 +132,10 @@ def load_path(path: Path, strict: bool = False) -> LoadReport:
     return LoadReport(records, problems)
 
 
+def _is_record(item: dict) -> bool:
+    return any(key in item for key in ("requested_rewrite", "target_true", "ground_truth", "rephrase_prompt"))
+
+
 def parse_record(item, index: int = 0) -> Record:
     """One record in any supported format; ValueError says what is wrong with it."""
     if not isinstance(item, dict):
@@ -149,9 +158,7 @@ def parse_record(item, index: int = 0) -> Record:
         if not isinstance(prompt, str) or not isinstance(subject, str) or not subject:
             raise ValueError("missing prompt or subject")
         if "{}" not in prompt:
-            if subject not in prompt:
-                raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-            prompt = prompt.replace(subject, "{}", 1)
+            prompt = subject_slot(prompt, subject)
         rephrase = item.get("rephrase_prompt")
         locality = item.get("locality_prompt")
         return _checked(
@@ -161,6 +168,20 @@ def parse_record(item, index: int = 0) -> Record:
             neighborhood_prompts=[locality] if isinstance(locality, str) else [],
         )
     raise ValueError("unknown record format (no requested_rewrite, target_true or ground_truth)")
+
+
+def subject_slot(prompt: str, subject: str) -> str:
+    """`prompt` with its one occurrence of `subject` replaced by {}: as a whole word where it is one ("Rome"
+    in "Romeo lived in Rome" is the last word, not the start of "Romeo"), else as a substring (scripts
+    without spaces). Found twice, which one is meant is the user's to say; ValueError says why not."""
+    for pattern in (rf"(?<!\w){re.escape(subject)}(?!\w)", re.escape(subject)):
+        found = [m.start() for m in re.finditer(pattern, prompt)]
+        if len(found) == 1:
+            return prompt[:found[0]] + "{}" + prompt[found[0] + len(subject):]
+        if len(found) > 1:
+            raise ValueError(f"subject {subject!r} occurs {len(found)} times in prompt {prompt!r}: write {{}} "
+                             "where the one to edit stands")
+    raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
 
 
 def _str_of(value) -> str | None:
@@ -182,10 +203,13 @@ def _checked(**fields) -> Record:
     for key in ("target_new", "target_true"):
         if not isinstance(fields.get(key), str) or not fields[key].strip():
             raise ValueError(f"missing {key}")
-    try:
-        fields["case_id"] = int(fields["case_id"])
-    except (TypeError, ValueError, KeyError):
-        raise ValueError("case_id is not an integer") from None
+    case_id = fields.get("case_id")
+    # a whole number, or its digits: 1.9 is not case 1, and JSON true is not case 1 either
+    if isinstance(case_id, str) and case_id.strip().isdigit():
+        case_id = int(case_id)
+    if isinstance(case_id, bool) or not isinstance(case_id, int) or case_id < 0:
+        raise ValueError("case_id is not a non-negative integer")
+    fields["case_id"] = case_id
     for key in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts"):
         value = fields.get(key) or ()
         if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):

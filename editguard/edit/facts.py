@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.counterfact import subject_slot
 from ..errors import EditguardError
 
 
@@ -39,9 +40,10 @@ class Fact:
 def fact_from_text(prompt: str, subject: str, target: str) -> Fact:
     """`--fact`: the prompt may hold `{}` or the subject itself."""
     if "{}" not in prompt:
-        if subject not in prompt:
-            raise EditguardError(f"subject {subject!r} does not occur in prompt {prompt!r} (and it has no {{}})")
-        prompt = prompt.replace(subject, "{}", 1)
+        try:
+            prompt = subject_slot(prompt, subject)
+        except ValueError as exc:
+            raise EditguardError(f"{exc} (and it has no {{}})") from None
     fact = Fact(prompt, subject, target)
     fact.validate()
     return fact
