@@ -232,3 +232,12 @@ def test_second_moments_reuse_what_another_process_wrote_and_redo_what_is_unread
     again = stats.second_moments(loaded, [0, 1], template, str(text), 100)
     assert collected == [[0, 1], [0]]
     assert all(torch.equal(again[layer], first[layer]) for layer in (0, 1))
+
+
+def test_context_template_counts_follow_easyedit(pico_models):
+    # EasyEdit samples n // 5 texts per starter word: a count under 5 samples none, 12 samples two each
+    from editguard.edit.templates import context_templates
+
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    assert context_templates(loaded.model, loaded.tokenizer, [[5, 3]]) == ["{}"]
+    assert len(context_templates(loaded.model, loaded.tokenizer, [[5, 3], [4, 12]])) == 1 + 10

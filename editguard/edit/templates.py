@@ -18,7 +18,9 @@ def context_templates(model, tokenizer, length_params: list[list[int]], seed: in
     templates = ["{}"]
     generator = torch.Generator().manual_seed(seed)
     for length, count in length_params:
-        per_starter = max(count // len(STARTERS), 1)
+        per_starter = count // len(STARTERS)  # EasyEdit's n_gen // 5: a count under 5 samples none
+        if per_starter == 0:
+            continue
         for starter in STARTERS:
             ids = tokenizer(starter, return_tensors="pt").input_ids.repeat(per_starter, 1)
             for row in _sample(model, ids, max(length - ids.shape[1], 1), generator):
