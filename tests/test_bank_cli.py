@@ -377,3 +377,17 @@ def test_subject_is_found_as_a_whole_word_and_once(cli, pico_models, hparams_fil
     result = cli("edit", pico_models["llama"], "--counterfact", "rome-test", "--data", facts_file,
                  "--hparams", hparams_file, "-o", tmp_path / "x")
     assert result.code == 2 and "give one or the other" in result.err, result.err
+
+
+def test_bank_eval_judges_this_runs_facts_and_refuses_memit(cli, pico_models, hparams_file, tmp_path):
+    bank = tmp_path / "bank.safetensors"
+    first = ["--fact", "The capital of {}", "--subject", "France", "--target", "Rome"]
+    second = ["--fact", "The language of {}", "--subject", "Germany", "--target", "Japanese"]
+    assert cli("edit", pico_models["llama"], *first, "--hparams", hparams_file, "--bank", bank).code == 0
+    result = cli("-f", "json", "edit", pico_models["llama"], *second, "--hparams", hparams_file, "--bank", bank,
+                 "--resume", "--eval")
+    assert result.code == 0, result.err
+    assert result.json["edits"] == 2 and result.json["quality"]["n"] == 1  # this run's fact only
+    memit = cli("edit", pico_models["llama"], *first, "--method", "memit", "--hparams", hparams_file,
+                "--bank", tmp_path / "memit.safetensors", "--eval")
+    assert memit.code == 2 and "implemented for ROME" in memit.err, memit.err

@@ -99,6 +99,9 @@ def edit_command(
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
         check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
+    elif evaluate and method == "memit":  # a bank's MEMIT edits are batches: judged together, not per fact
+        raise EditguardError("--eval of a bank is implemented for ROME edits; for MEMIT, plant the batch with -o "
+                             "and --eval")
     elif bank.exists():
         if not resume:
             raise EditguardError(f"edit bank {bank} exists; pass --resume to extend it, or choose another --bank")
@@ -191,10 +194,8 @@ def _fill_bank(loaded, facts, hp, bank_path, resume, memit_batch, evaluate) -> N
     seconds = time.time() - start
     result = {"bank": str(bank_path), "method": bank.method, "edits": len(bank), "seconds": round(seconds, 1),
               "hparams_hash": bank.meta["hparams_hash"], "model_id": bank.meta["model_id"]}
-    if evaluate and bank.method == "rome":
-        wanted = {f.case_id for f in facts}
-        indices = [i for i, r in enumerate(bank.meta["records"]) if r.get("case_id") in wanted]
-        result["quality"] = summarize(edit_quality(loaded, bank.edits(indices)))
+    if evaluate:
+        result["quality"] = summarize(edit_quality(loaded, bank.edits(bank.indices_of(facts))))
     out.emit(result, lambda console, r: console.print(
         f"edit bank {r['bank']}: {r['edits']} {r['method'].upper()} edits ({r['seconds']} s this run)"
         + (f"; efficacy {r['quality']['efficacy']:.1%}, paraphrase {r['quality']['paraphrase']:.1%}, "

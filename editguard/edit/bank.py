@@ -171,6 +171,13 @@ class EditBank:
                                      f"{fact.subject!r} → {fact.target_new!r}): other data? use another bank")
         return todo
 
+    def indices_of(self, facts: list[Fact]) -> list[int]:
+        """The records that hold these facts' edits: by case id, or (`--fact`) by content, so records
+        without a case id from earlier runs are not taken for this run's."""
+        wanted = {("case", f.case_id) if f.case_id is not None else ("content", _content(_record(f))) for f in facts}
+        return [i for i, r in enumerate(self.meta["records"])
+                if (("case", r["case_id"]) if r.get("case_id") is not None else ("content", _content(r))) in wanted]
+
     def check_matches(self, model_id: str, method: str, hparams_hash: str, fingerprints: dict[str, str],
                       model_fingerprint: str | None = None) -> None:
         """A bank is extended only with edits of the same model, method and hyperparameters (the whole
