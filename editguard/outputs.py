@@ -3,10 +3,11 @@ not its own kind of output. Commands check before the work starts; the writers c
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from .errors import EditguardError
 
@@ -111,3 +112,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+def finite_json(data: Any) -> Any:
+    """`data` with NaN and infinities as null: JSON has no such numbers (Python writes bare NaN, which
+    strict parsers reject). A figure that could not be measured is null."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_json(value) for value in data]
+    return data

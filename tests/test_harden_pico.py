@@ -600,3 +600,18 @@ def test_reverse_refuses_a_tensor_stored_under_both_spellings(cli, pico_models, 
                     ["inspect", twice]):
         one_line_error(cli(*command), "one tensor is stored under two names")
     assert not (tmp_path / "out").exists()
+
+
+def test_lock_and_reverse_refuse_options_they_would_ignore(cli, pico_models, pico_mask, tmp_path):
+    facts = tmp_path / "facts.json"
+    facts.write_text(json.dumps([{"case_id": i, "prompt": "The capital of {} is", "subject": s, "target_new": "Rome",
+                                  "target_true": "Paris"} for i, s in enumerate(["France", "Spain"])]))
+    lock = ["lock", pico_models["llama"], "--mask", pico_mask]
+    one_line_error(cli(*lock, "-o", tmp_path / "locked", "--data", facts), "--hparams and --data apply to --evaluate")
+    assert not (tmp_path / "locked").exists()
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump({"alg_name": "ROME", "layers": [1], "context_template_length_params": [[5, 5]],
+                                  "v_num_grad_steps": 5}))
+    one_line_error(cli(*lock, "--evaluate", "5", "--data", facts, "--hparams", hp), "holds only 2 records")
+    one_line_error(cli("reverse", pico_models["llama"], "--method", "svd", "--layers", "1", "-o", tmp_path / "r",
+                       "--text-tokens", "100"), "--text-tokens applies to --eval")

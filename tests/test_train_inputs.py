@@ -427,3 +427,49 @@ def test_checkpoint_of_reordered_training_records_is_not_resumed(cli, pico_model
     records = json.loads(data.read_text())
     data.write_text(json.dumps(records[:20][::-1] + records[20:]))
     one_line_error(cli("-q", *args, "--resume"), "was written by a run with other training records or their order")
+
+
+def test_a_mask_named_index_is_refused_before_the_work(tmp_path):
+    """Its metrics file would be index.json, the folder's mask index: the run failed only at the end."""
+    from editguard.mask.pipeline import check_new_mask_path
+
+    with pytest.raises(EditguardError, match="the folder's mask index"):
+        check_new_mask_path(tmp_path / "index.safetensors")
+
+
+def test_target_pruned_is_cut_exactly_or_refused_where_scores_tie():
+    from editguard.mask.pipeline import TrainJob, choose_threshold
+    from editguard.mask.train import TrainConfig
+
+    distinct = [torch.linspace(0.01, 0.99, 1000).reshape(20, 50)]
+    gamma = choose_threshold(distinct, TrainJob(Path("m.safetensors"), target_pruned=0.3), TrainConfig())
+    assert int((distinct[0] < gamma).sum()) == 300  # k weights pruned, not k - 1
+    tied = [torch.cat([torch.linspace(0.01, 0.5, 400), torch.ones(600)]).reshape(20, 50).half()]
+    cut = choose_threshold(tied, TrainJob(Path("m.safetensors"), target_pruned=0.2), TrainConfig())
+    assert int((tied[0].float() < cut).sum()) == 200
+    with pytest.raises(EditguardError, match="they tie there"):
+        choose_threshold(tied, TrainJob(Path("m.safetensors"), target_pruned=0.5), TrainConfig())
+
+
+def test_metrics_files_hold_strict_json():
+    import math
+
+    from editguard.outputs import finite_json
+
+    cleaned = finite_json({"rsr_known": math.nan, "per_relation": [{"rsr": math.inf}, {"rsr": 0.5}]})
+    assert json.loads(json.dumps(cleaned, allow_nan=False)) == {"rsr_known": None,
+                                                                 "per_relation": [{"rsr": None}, {"rsr": 0.5}]}
+
+
+def test_options_a_mode_would_ignore_are_refused(cli, pico_models, tmp_path):
+    out = tmp_path / "m.safetensors"
+    one_line_error(cli(*_train_args(pico_models, tmp_path, out, 1), "--memit-batch", "7"),
+                   "--memit-batch applies to --method memit")
+    one_line_error(cli(*_train_args(pico_models, tmp_path, out, 1), "--val-size", "0", "--val-every", "2"),
+                   "--val-every needs validation records")
+    memit = tmp_path / "memit.yaml"
+    memit.write_text(yaml.safe_dump({**PICO_EDIT, "alg_name": "MEMIT", "layers": [0, 1]}))
+    args = _train_args(pico_models, tmp_path, out, 1)
+    args[args.index("--hparams") + 1] = str(memit)
+    one_line_error(cli(*args, "--method", "memit", "--mask-layer", "9"), "--mask-layer 9 is out of range")
+    assert not out.exists()

@@ -52,7 +52,8 @@ def reverse_command(
                                                    "whitened ROME write; default: when the flagged facts read MEMIT-like.")] = None,
     evaluate: Annotated[bool, typer.Option("--eval", help="RSR on the flagged facts (original answer preferred over the "
                                                           "edited one), perplexity of input and output, top-1 agreement.")] = False,
-    text_tokens: Annotated[int, typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for --eval.")] = 8192,
+    text_tokens: Annotated[Optional[int], typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for --eval "
+                                                                                   "(default 8192).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     base_revision: BaseRevision = None,
@@ -72,6 +73,9 @@ def reverse_command(
     check_share("--threshold", threshold)
     if base_revision is not None and base is None:
         raise EditguardError("--base-revision needs --base")
+    if text_tokens is not None and not evaluate:
+        raise EditguardError("--text-tokens applies to --eval")
+    text_tokens = text_tokens or 8192
     load_probes(probes)  # a missing or malformed probe file is named before minutes of scanning
     read = [mask, base, probes, offload_input(offload_folder)]  # --force must never delete what the run reads or offloads to
     check_output_folder(output, [model, *read], force)  # before resolving: a hub model may download first
@@ -320,6 +324,8 @@ def lock_command(
     out = state.out()
     if output is None and evaluate is None:
         raise EditguardError("give -o/--output (write a locked copy) and/or --evaluate N")
+    if evaluate is None and (hparams is not None or data is not None):
+        raise EditguardError("--hparams and --data apply to --evaluate")
     check_share("--threshold", threshold)
     placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # checked before writing
     read = [mask, hparams, data, offload_input(offload_folder)]  # --force must never delete what the run reads or offloads to
@@ -360,7 +366,9 @@ def _lock_evaluation_inputs(ref, mask_file: MaskFile, n: int, hparams: str | Non
     # the method the mask was trained against, at the layers of those edits
     hp = load_hparams(hparams_or_default(hparams, ref, "--evaluate needs --hparams"), mask_file.method,
                       {"layers": mask_file.edit_layers()})
-    records = load(data).records[:n] if data else per_relation(load_split("rome-test"), n)
+    records = load(data, strict=True).records[:n] if data else per_relation(load_split("rome-test"), n)
+    if len(records) < n:
+        raise EditguardError(f"--evaluate {n}: {data or 'the rome-test split'} holds only {len(records)} records")
     return hp, [Fact.from_record(r) for r in records]
 
 

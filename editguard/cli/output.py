@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
+from ..outputs import finite_json
 from ..report.sarif import answer_sarif, failure_sarif
 
 FORMATS = ("human", "json", "sarif")
@@ -87,7 +87,7 @@ class Output:
             render(self.console, data)
 
     def _write(self, document: Any) -> None:
-        sys.stdout.write(json.dumps(_finite(document), indent=2, default=str, allow_nan=False) + "\n")
+        sys.stdout.write(json.dumps(finite_json(document), indent=2, default=str, allow_nan=False) + "\n")
         self.emitted = True
 
     def warning(self, message: str) -> None:
@@ -141,15 +141,3 @@ def human_bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-def _finite(data: Any) -> Any:
-    """`data` with NaN and infinities as null: JSON has no such numbers (Python writes bare NaN, which
-    strict parsers reject). A figure that could not be measured is null."""
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {key: _finite(value) for key, value in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(value) for value in data]
-    return data

@@ -102,7 +102,8 @@ def train_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
-    from ..mask.pipeline import MASK_LAYER_IS_FOR_MEMIT, TrainJob, preflight, run, written_beside
+    from ..mask.pipeline import (MASK_LAYER_IS_FOR_MEMIT, TrainJob, check_mask_layers, preflight, run,
+                                 written_beside)
     from ..mask.train import config_for, parse_settings
 
     if method not in ("rome", "memit"):
@@ -111,6 +112,10 @@ def train_command(
         raise EditguardError(f"unknown --select {select!r}; choose best or last")
     if mask_layer and method != "memit":
         raise EditguardError(MASK_LAYER_IS_FOR_MEMIT)
+    if memit_batch is not None and method != "memit":  # (ROME edits are one fact each)
+        raise EditguardError("--memit-batch applies to --method memit")
+    if val_size == 0 and val_every is not None:
+        raise EditguardError("--val-every needs validation records: give --val-size above 0")
     _check_cut(threshold, target_pruned)
     check_share("--max-pruned", max_pruned)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
@@ -132,7 +137,9 @@ def train_command(
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
                    memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layers=tuple(mask_layer or ()))
-    hp.check_layers(num_layers_of(ref, allow_pickle))  # these, and preflight's checks, before the slow load
+    num_layers = num_layers_of(ref, allow_pickle)
+    hp.check_layers(num_layers)  # these, and preflight's checks, before the slow load
+    check_mask_layers(num_layers, hp, job.mask_layers)
     preflight(hp, job)
     with state.out().progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
@@ -187,7 +194,8 @@ def evaluate_mask_command(
     extra: Annotated[Optional[str], typer.Option("--extra", help="Also report another CounterFact split (e.g. "
                                                  "memit-test) or file; edits the bank lacks are made now, in a copy.")
                      ] = None,
-    extra_size: Annotated[int, typer.Option("--extra-size", min=1, help="Records of --extra.")] = 100,
+    extra_size: Annotated[Optional[int], typer.Option("--extra-size", min=1, help="Records of --extra (default: "
+                                                      "its first 100, or all if fewer).")] = None,
     memit_batch: Annotated[Optional[int], typer.Option(
         "--memit-batch", min=1, help="MEMIT: records per batch edit made for --extra (default: all in one).")] = None,
     average: Annotated[Optional[list[Path]], typer.Option(

@@ -35,7 +35,7 @@ from ..errors import EditguardError
 from ..home import folder_lock
 from ..loading import LoadedModel
 from ..masks_index import INDEX, read_index
-from ..outputs import write_text_atomic
+from ..outputs import finite_json, write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
 from .file import MaskFile, MaskTarget
@@ -73,7 +73,7 @@ class TrainJob:
     mask_layers: tuple[int, ...] = ()
     splits: tuple[str, ...] = ("train", "val", "test")  # evaluate-mask: which of the job's splits to report
     extra: str | None = None  # evaluate-mask: another CounterFact split or file, reported as "extra"
-    extra_size: int = 100
+    extra_size: int | None = None  # records of `extra` (None: the first EXTRA_DEFAULT, or fewer)
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["editguard"] + sys.argv[1:]))
 
 
@@ -91,12 +91,27 @@ def per_relation(records: list, n: int) -> list:
     return out
 
 
+# how far the pruned share may land from --target-pruned where scores tie (stored scores are float16)
+TARGET_TOLERANCE = 0.005
+
+
 def choose_threshold(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> float:
-    """γ: given, or the score quantile that prunes `target_pruned` of the weights (of all targets together)."""
-    if job.target_pruned is not None:
-        flat = torch.cat([s.reshape(-1).float() for s in scores])
-        return float(flat.kthvalue(max(int(job.target_pruned * flat.numel()), 1)).values)
-    return job.threshold if job.threshold is not None else cfg.threshold
+    """γ: given, or the score that prunes `target_pruned` of the weights (of all targets together): masks keep
+    s ≥ γ, so γ is the next score above the k smallest. Where many scores tie no γ prunes that share: one
+    clear error with the shares that can be had, never a silently different cut."""
+    if job.target_pruned is None:
+        return job.threshold if job.threshold is not None else cfg.threshold
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    k = max(round(job.target_pruned * flat.numel()), 1)
+    gamma = float(flat.kthvalue(min(k + 1, flat.numel())).values)
+    got = float((flat < gamma).float().mean())
+    if not 0 < gamma < 1 or abs(got - job.target_pruned) > TARGET_TOLERANCE:
+        tied = float(flat.kthvalue(k).values)
+        below, above = float((flat < tied).float().mean()), float((flat <= tied).float().mean())
+        raise EditguardError(f"--target-pruned {job.target_pruned:g} cannot be cut from these scores: they tie "
+                             f"there, so a threshold prunes {below:.2%} or {above:.2%}; choose a share outside "
+                             "that span, or --threshold")
+    return gamma
 
 
 def binarise(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> list[torch.Tensor]:
@@ -158,12 +173,12 @@ def mask_targets(loaded: LoadedModel, hp: EditHparams, whole_mlp: bool = False, 
 MASK_LAYER_IS_FOR_MEMIT = "--mask-layer is for MEMIT masks; a ROME mask covers the edited layer (--layer)"
 
 
-def check_mask_layers(loaded: LoadedModel, hp: EditHparams, mask_layers: tuple[int, ...]) -> None:
+def check_mask_layers(n: int, hp: EditHparams, mask_layers: tuple[int, ...]) -> None:
+    """`--mask-layer`s of a model with `n` layers: for MEMIT, in range, each once."""
     if not mask_layers:
         return
     if hp.method != "memit":
         raise EditguardError(MASK_LAYER_IS_FOR_MEMIT)
-    n = loaded.arch.num_layers(loaded.checkpoint.config)
     for layer in mask_layers:
         if not 0 <= layer < n:
             raise EditguardError(f"--mask-layer {layer} is out of range: the model has layers 0-{n - 1}")
@@ -207,6 +222,9 @@ def check_new_mask_path(path: Path) -> None:
         raise EditguardError("the mask file name must end in .safetensors")
     if path.exists():
         raise EditguardError(f"{path} exists; choose another -o (masks are never overwritten)")
+    if INDEX in {p.name for p in written_beside(path)}:  # its metrics file would be the folder's mask index
+        raise EditguardError(f"{path.name}: its metrics would be written as {INDEX}, the folder's mask index; "
+                             "choose another -o")
     for beside in (*card_files(path), *_figures_of(path.with_suffix(""))):
         if beside.exists():  # the card, metrics and figures go there: someone else's file is never overwritten
             raise EditguardError(f"{beside} exists; choose another -o")
@@ -270,7 +288,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     progress = progress or (lambda *a: None)
     check_job(hp, job)
     ckpt = checkpoint_path(job.output)
-    check_mask_layers(loaded, hp, job.mask_layers)
+    check_mask_layers(loaded.num_layers, hp, job.mask_layers)
     train, val, test = select_splits(job)
     facts = {split: [Fact.from_record(r) for r in recs] for split, recs in
              (("train", train), ("val", val), ("test", test))}
@@ -513,11 +531,16 @@ def extra_split(loaded: LoadedModel, bank: EditBank, job: TrainJob, progress: Pr
         return kind.from_bank(extended, facts)
 
 
+EXTRA_DEFAULT = 100
+
+
 def extra_records(job: TrainJob) -> list:
     """The first `job.extra_size` records of `job.extra`, each with its own case id (edits are found by it)."""
-    records = counterfact.load(job.extra, strict=True).records[: job.extra_size]
+    records = counterfact.load(job.extra, strict=True).records[: job.extra_size or EXTRA_DEFAULT]
     if not records:
         raise EditguardError(f"--extra {job.extra}: no records")
+    if job.extra_size is not None and len(records) < job.extra_size:
+        raise EditguardError(f"--extra-size {job.extra_size}: {job.extra} holds only {len(records)} records")
     ids = [r.case_id for r in records]
     if None in ids or len(set(ids)) < len(ids):
         raise EditguardError(f"--extra {job.extra}: every record needs its own case_id (edits are found by it)")
@@ -649,7 +672,7 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
     """The metrics JSON, figures and card beside `path`."""
     stem = path.with_suffix("")
     card_path, metrics_path = card_files(path)
-    write_text_atomic(metrics_path, json.dumps(mask.metrics, indent=2))
+    write_text_atomic(metrics_path, json.dumps(finite_json(mask.metrics), indent=2, allow_nan=False))
     figures = []
     if "test" in reports:
         figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
@@ -681,7 +704,8 @@ def update_index(path: Path, mask: MaskFile) -> None:
             "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
                          "fingerprint": t.fingerprint} for t in mask.targets],
         })
-        write_text_atomic(index_path, json.dumps(sorted(entries, key=lambda e: e["file"]), indent=2) + "\n")
+        write_text_atomic(index_path, json.dumps(finite_json(sorted(entries, key=lambda e: e["file"])), indent=2,
+                                                 allow_nan=False) + "\n")
 
 
 def _pct(x) -> str:
