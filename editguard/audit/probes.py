@@ -57,7 +57,7 @@ def load_probes(source: str) -> list[Probe]:
             continue
         try:
             item = json.loads(line)
-        except BAD_JSON:  # (nesting deeper than Python's stack)
+        except BAD_JSON:  # (also nesting deeper than the stack, or an integer past the digit limit)
             raise EditguardError(f"probe file {path}, line {number}: not JSON") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise EditguardError(f"probe file {path}, line {number}: needs a \"prompt\" string")
