@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -76,6 +77,19 @@ def load_tokenizer(ref: ModelRef):
     return tokenizer
 
 
+# accelerate's placements by name (a dict is library-only); "cuda:N" and a bare device index name one GPU
+DEVICE_MAPS = re.compile(r"cpu|auto|balanced|balanced_low_0|sequential|mps|cuda(:\d+)?|\d+")
+
+
+def check_placement(device_map: str, dtype: str) -> None:
+    """--device-map and --dtype, checked when given, not only once a command gets to loading the model."""
+    if dtype not in DTYPES and dtype != "auto":
+        raise EditguardError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    if isinstance(device_map, str) and not DEVICE_MAPS.fullmatch(device_map):
+        raise EditguardError(f"unknown --device-map {device_map!r}; choose cpu, auto, cuda, cuda:N, balanced or "
+                             "sequential")
+
+
 def _check_loading(ref: ModelRef, info: dict) -> None:
     """transformers fills weights a checkpoint lacks with random ones and says so only in a log line
     editguard silences: every test would then run on a partly random model."""
@@ -120,8 +134,7 @@ def load_model(
     last = arch.weight_name("mlp_out", num_layers - 1)
     if checkpoint.find(arch.tensor_candidates(last)) is None:
         raise EditguardError(f"{ref.spec}: config.json says {num_layers} layers but the checkpoint lacks {last}")
-    if dtype not in DTYPES and dtype != "auto":
-        raise EditguardError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    check_placement(device_map, dtype)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     kwargs: dict = dict(dtype=torch_dtype, trust_remote_code=False, use_safetensors=checkpoint.format == "safetensors")
     if device_map != "cpu" or max_memory or offload_folder:

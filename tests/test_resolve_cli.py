@@ -336,3 +336,11 @@ def test_sarif_of_a_gguf_points_at_the_file_and_names_skipped_tests(tmp_path, cl
     assert [n["level"] for n in notes] == ["warning"], notes
     assert notes[0]["message"]["text"].startswith("activations skipped: ")
     assert partial["runs"][0]["properties"]["tests_skipped"].keys() == {"activations"}
+
+
+def test_placement_options_are_checked_even_where_no_model_loads(cli, pico_models):
+    llama = pico_models["llama"]
+    one_line_error(cli("scan", llama, "--base", llama, "--tests", "diff", "--dtype", "foo"), "unknown dtype 'foo'")
+    one_line_error(cli("scan", llama, "--base", llama, "--tests", "diff", "--device-map", "gpu0"),
+                   "unknown --device-map 'gpu0'")
+    assert cli("scan", llama, "--base", llama, "--tests", "diff", "--device-map", "cuda:1").code == 0

@@ -64,6 +64,9 @@ def parse_max_memory(text: str | None) -> dict | None:
 def load_options(device_map: str, dtype: str, max_memory: str | None, offload_folder: str | None,
                  allow_pickle: bool | None = None) -> dict:
     """load_model's placement keywords (and allow_pickle, unless None: a caller that passes it itself)."""
+    from ..loading import check_placement
+
+    check_placement(device_map, dtype)
     options = dict(device_map=device_map, dtype=dtype, max_memory=parse_max_memory(max_memory),
                    offload_folder=offload_folder)
     return options if allow_pickle is None else {**options, "allow_pickle": allow_pickle}

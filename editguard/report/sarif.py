@@ -77,7 +77,7 @@ def _run(results: list[dict], invocation: dict, properties: dict) -> dict:
         "shortDescription": {"text": name.replace("-", " ")},
         "fullDescription": {"text": description},
         "defaultConfiguration": {"level": LEVEL_DEFAULT[rule]},
-        "helpUri": "https://github.com/editguard/editguard#findings",
+        "helpUri": "https://github.com/editguard/editguard#what-scan-looks-at",  # the README table of tests and rules
     } for rule, (name, description) in RULES.items()]
     return {
         "tool": {"driver": {"name": "editguard", "version": __version__, "semanticVersion": __version__,
