@@ -55,6 +55,12 @@ class ScanOptions:
     loaded: LoadedModel | None = field(default=None, repr=False)  # the model of `ref`, already loaded: reused
 
 
+def skipped_tests(tests: dict, names) -> dict[str, str]:
+    """{test: why it did not run} for those of `names` that a scan's `tests` report as skipped."""
+    return {name: tests[name]["skipped"] for name in names
+            if isinstance(tests.get(name), dict) and "skipped" in tests[name]}
+
+
 def declared_base(checkpoint, model_id: str | None = None) -> tuple[str | None, str | None]:
     """(base, where it is named): the model card's `base_model:`, else config.json's `_name_or_path` (what
     transformers 4 recorded as the model a checkpoint was loaded from before it was saved), unless that is
@@ -233,8 +239,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         else:
             why = "no probe names its subject (give probes with \"subject\")"
         tests["attribution"] = {"skipped": why}
-    skipped = {name: tests[name]["skipped"] for name in options.tests
-               if isinstance(tests.get(name), dict) and "skipped" in tests[name]}
+    skipped = skipped_tests(tests, options.tests)
     if "lock" not in tests and not any(name in tests and name not in skipped for name in options.tests):
         # a CI gate must not pass a model that nothing examined (a lock's check counts: it reads every locked byte)
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())

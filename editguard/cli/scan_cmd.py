@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..audit.findings import VERDICT_RANK
-from ..audit.scan import TESTS, ScanOptions, scan
+from ..audit.scan import TESTS, ScanOptions, scan, skipped_tests
 from ..errors import EXIT_FINDINGS, EditguardError
 from ..report.sarif import to_sarif
 from ..outputs import check_output_file
@@ -71,8 +71,7 @@ def scan_command(
 
         write_report(report, result, findings)
         result["report"] = str(report)
-    skipped = {name: test["skipped"] for name, test in result["tests"].items()
-               if isinstance(test, dict) and "skipped" in test}
+    skipped = skipped_tests(result["tests"], chosen)
     sarif = to_sarif(findings, result["model"], ref.source,
                      {"verdict": result["verdict"], "severity": result["severity"],
                       "tests_run": [name for name in chosen if name in result["tests"] and name not in skipped],

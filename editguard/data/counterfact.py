@@ -132,8 +132,12 @@ def load_path(path: Path, strict: bool = False) -> LoadReport:
     return LoadReport(records, problems)
 
 
+# the keys that mark each record format parse_record reads (ROME's, normalised, flat EasyEdit / MEND)
+_FORMAT_KEYS = ("requested_rewrite", "target_true", "ground_truth", "rephrase_prompt")
+
+
 def _is_record(item: dict) -> bool:
-    return any(key in item for key in ("requested_rewrite", "target_true", "ground_truth", "rephrase_prompt"))
+    return any(key in item for key in _FORMAT_KEYS)
 
 
 def parse_record(item, index: int = 0) -> Record:
@@ -167,7 +171,7 @@ def parse_record(item, index: int = 0) -> Record:
             paraphrase_prompts=[rephrase] if isinstance(rephrase, str) else [],
             neighborhood_prompts=[locality] if isinstance(locality, str) else [],
         )
-    raise ValueError("unknown record format (no requested_rewrite, target_true or ground_truth)")
+    raise ValueError(f"unknown record format (none of {', '.join(_FORMAT_KEYS)})")
 
 
 def subject_slot(prompt: str, subject: str) -> str:

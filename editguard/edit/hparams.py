@@ -87,7 +87,7 @@ class EditHparams:
         for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
             template = getattr(self, key)
             for layer in self.layers:
-                path = template.format(layer) if "{}" in template else template
+                path = template.format(layer)  # one {}: checked by hparams_from_dict, or from the arch table
                 try:
                     model.get_submodule(path)
                 except AttributeError:
@@ -216,8 +216,7 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
     for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
         template = getattr(hp, key)
         # one "{}" for the layer: without it every layer would name the same module (a silent wrong edit)
-        if template is not None and (template.count("{}") != 1 or template.replace("{}", "").count("{")
-                                     or template.replace("{}", "").count("}")):
+        if template is not None and (template.count("{}") != 1 or any(c in template.replace("{}", "") for c in "{}")):
             raise EditguardError(f"{where}: {key} must hold one {{}} for the layer number, got {template!r}")
     if hp.method == "memit" or hp.mom2_adjustment:  # the statistics are used: their corpus must exist now,
         _check_corpus(where, hp.mom2_dataset)  # not after the long optimisation of every fact
