@@ -13,7 +13,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from editguard.checkpoint import Checkpoint, fingerprint
 from editguard.errors import EditguardError
+from editguard.mask.file import MaskFile, MaskTarget
 
 import pico
 from conftest import one_line_error, validate_sarif
@@ -682,3 +684,83 @@ def test_attribution_says_why_it_did_not_run_and_probes_are_read_first(cli, plan
         scan(resolve(str(planted["rome"])), ScanOptions(base=str(planted["base"]), probes=str(tmp_path / "none.jsonl")),
              progress=said.append)
     assert not any("diffing" in line for line in said), said
+
+
+def _lock(cli, model, tmp_path, name: str, pruned: float = 0.2) -> Path:
+    """`model` locked with a random mask over layer 1's down_proj that prunes `pruned` of it."""
+    tensor = "model.layers.1.mlp.down_proj.weight"
+    mask_path = tmp_path / f"{name}-mask.safetensors"
+    scores = torch.rand(32, 64, generator=torch.Generator().manual_seed(0))
+    MaskFile("pico", None, "llama", "rome", pruned,
+             [MaskTarget(tensor, 1, (32, 64), False, fingerprint(Checkpoint(model).read(tensor)), scores)]).save(mask_path)
+    out = tmp_path / name
+    assert cli("lock", model, "--mask", mask_path, "-o", out).code == 0
+    return out
+
+
+def test_base_diff_of_a_locked_model(cli, planted, tmp_path):
+    """Against its unlocked base a locked model's locked tensors are compared with base ⊙ the lock's mask:
+    the lock alone is no change; an edit made before locking (a fifth of its entries cut by the mask) still
+    reads as a rank-one ROME edit at its layer, attributed to its subject; an edit added after locking too,
+    beside the lock's own report of the changed bytes."""
+    tensor = "model.layers.1.mlp.down_proj.weight"
+    locked = _lock(cli, planted["base"], tmp_path, "locked")
+    clean = cli("-f", "json", "scan", locked, "--base", planted["base"], "--tests", "diff")
+    assert clean.code == 0 and clean.json["verdict"] == "clean", clean.err
+    diff = clean.json["tests"]["diff"]
+    assert diff["classification"] == "identical" and diff["masked_by_lock"] == [tensor] and not diff["changed"]
+    assert "locked tensor(s) against the base ⊙ the lock's mask" in cli("scan", locked, "--base", planted["base"],
+                                                                       "--tests", "diff").err
+    # edited, then locked
+    edited_locked = _lock(cli, planted["rome"], tmp_path, "edited-locked")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps({"prompt": f"The official language of {s}", "subject": s})
+                                for s in ["France", "Germany", "Spain", "Italy", "Toyota", "Paris"]))
+    result = cli("-f", "json", "scan", edited_locked, "--base", planted["base"], "--tests", "diff,attribution",
+                 "--probes", probes)
+    assert result.code == 1 and result.json["tests"]["lock"]["intact"], result.err
+    diff = result.json["tests"]["diff"]
+    assert diff["classification"] == "rome-like" and diff["layers"] == [1], diff
+    assert diff["changed"][0]["effective_rank"] == 1
+    assert [f["rule"] for f in result.json["findings"]] == ["EG001"]
+    assert result.json["tests"]["attribution"][0]["subjects"][0]["subject"] == "France"
+    # against the edited model it was locked from: nothing but the lock
+    same = cli("-f", "json", "scan", edited_locked, "--base", planted["rome"], "--tests", "diff")
+    assert same.code == 0 and same.json["tests"]["diff"]["classification"] == "identical"
+    # locked, then edited: the lock reports the bytes, the diff what was added
+    tampered = tmp_path / "tampered"
+    shutil.copytree(locked, tampered)
+    tensors = load_file(tampered / "model.safetensors")
+    gen = torch.Generator().manual_seed(3)
+    tensors[tensor] = tensors[tensor] + 0.05 * torch.outer(torch.randn(32, generator=gen), torch.randn(64, generator=gen))
+    save_file(tensors, tampered / "model.safetensors")
+    result = cli("-f", "json", "scan", tampered, "--base", planted["base"], "--tests", "diff")
+    assert sorted(f["rule"] for f in result.json["findings"]) == ["EG001", "EG030"], result.json["findings"]
+    assert result.json["tests"]["diff"]["changed"][0]["effective_rank"] == 1
+    # a locked base is compared as it is (like with like): the same lock reads as no change
+    assert cli("-f", "json", "scan", locked, "--base", locked, "--tests", "diff").json["tests"]["diff"]["masked_by_lock"] == []
+
+
+def test_completing_what_a_lock_masked():
+    """A low-rank change with a fifth of its entries zeroed is full-rank; filled from the kept entries it is
+    the change again. A high-rank change keeps its kept entries and its rank; a row with nothing kept stays 0."""
+    from editguard.audit.diff import complete_masked, top_singular_values
+
+    gen = torch.Generator().manual_seed(0)
+    keep = (torch.rand(48, 80, generator=gen) > 0.2).float()
+    for rank in (1, 2):
+        change = torch.randn(48, rank, generator=gen) @ torch.randn(rank, 80, generator=gen)
+        cut = top_singular_values(change * keep)
+        assert cut[rank] > 0.05 * cut[0]  # the cut alone looks like a change of high rank
+        torch.testing.assert_close(complete_masked(change * keep, keep), change, rtol=1e-4, atol=1e-4)
+    noise = torch.randn(48, 80, generator=gen) * keep
+    filled = complete_masked(noise, keep)
+    assert torch.equal(filled[keep > 0], noise[keep > 0])
+    sv = top_singular_values(filled)
+    assert sv[7] > 0.3 * sv[0]
+    keep[5] = 0
+    change = torch.outer(torch.randn(48, generator=gen), torch.randn(80, generator=gen))
+    filled = complete_masked(change * keep, keep)
+    assert torch.equal(filled[5], torch.zeros(80)) and torch.isfinite(filled).all()
+    torch.testing.assert_close(filled[6:], change[6:], rtol=1e-4, atol=1e-4)
+    assert complete_masked(change, torch.ones(48, 80)) is change  # nothing masked: nothing to fill

@@ -3,19 +3,22 @@
 Neither model is ever loaded whole: one pair of tensors is in memory at a time. For each changed tensor:
 the norm of the difference, the relative change, and the top singular values (randomised subspace
 iteration), from which an effective rank follows; for MLP output projections outside a fine-tune, the
-full spectrum where the top values do not settle the rank.
+full spectrum where the top values do not settle the rank. A locked model (editguard `lock`) is compared
+with the base ⊙ the lock's mask on its locked tensors: the lock is no change, an edit made before or after
+it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from ..arch import Arch
 from ..checkpoint import Checkpoint
 from ..errors import EditguardError
+from ..mask.file import weight_times_mask
 from .findings import Finding
 
 TOP_K = 8
@@ -56,11 +59,14 @@ class DiffResult:
     only_in_base: list[str] = field(default_factory=list)
     classification: str = "identical"  # identical | rome-like | memit-like | fine-tune | other | damaged
     layers: list[int] = field(default_factory=list)
+    masked_by_lock: list[str] = field(default_factory=list)  # compared with the base ⊙ the lock's mask
+    # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
+    delta_of: Optional[Callable[[str], Optional[torch.Tensor]]] = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"classification": self.classification, "layers": self.layers, "compared": self.compared,
                 "changed": [c.to_json() for c in self.changed], "only_in_model": self.only_in_model,
-                "only_in_base": self.only_in_base}
+                "only_in_base": self.only_in_base, "masked_by_lock": self.masked_by_lock}
 
 
 def _top_basis(m: torch.Tensor, k: int, iters: int) -> torch.Tensor:
@@ -91,7 +97,11 @@ def top_component(m: torch.Tensor, iters: int = 8) -> tuple[torch.Tensor, float,
 
 
 def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers: int,
-                     progress: Callable[[int, int], None] | None = None, tol: float = 0.0) -> DiffResult:
+                     progress: Callable[[int, int], None] | None = None, tol: float = 0.0,
+                     base_masks: dict[str, torch.Tensor] | None = None) -> DiffResult:
+    """`base_masks`: {canonical name: mask in the stored orientation} of a locked model (`lock_masks`); those
+    tensors are compared with the base's times the mask, as the lock wrote them."""
+    base_masks = base_masks or {}
     if base.config.get("model_type") != model.config.get("model_type"):
         raise EditguardError(f"base is a {base.config.get('model_type')} model, this is {model.config.get('model_type')}: "
                              "not the same architecture")
@@ -111,16 +121,27 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     # a tied output head is the embedding: a model that ties it need not store what an untied base stores
     derived = {arch.weight_name("unembed")} if arch.tied(model.config) else set()
     result = DiffResult([], len(shared), sorted(set(canon_model) - set(canon_base)),
-                        sorted(set(canon_base) - set(canon_model) - derived))
+                        sorted(set(canon_base) - set(canon_model) - derived),
+                        masked_by_lock=sorted(set(base_masks) & set(shared)))
 
-    def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def measured(name: str) -> tuple[torch.Tensor | None, int, float, bool]:
         a, b = model.read(canon_model[name]), base.read(canon_base[name])
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
-        return a, b
+        K = base_masks.get(name)
+        if K is None:
+            return difference(a, b)
+        if tuple(K.shape) != tuple(b.shape):
+            raise EditguardError(f"{name}: the lock's mask is {list(K.shape)}, the base's tensor {list(b.shape)}")
+        delta, nonfinite, base_norm, precise = difference(a, weight_times_mask(b, K))
+        if delta is not None and not nonfinite:
+            # where the mask is 0 the lock zeroed both sides: no comparison sees an edit there
+            delta = complete_masked(delta, K)
+        return delta, nonfinite, base_norm, precise
 
+    result.delta_of = lambda name: measured(name)[0]
     for i, name in enumerate(shared):
-        delta, nonfinite, base_norm, precise = difference(*pair(name))
+        delta, nonfinite, base_norm, precise = measured(name)
         if nonfinite > 0:
             # NaN never equals NaN, and a NaN norm passes no threshold: count them rather than measure them
             norm = float(delta.norm())
@@ -148,11 +169,40 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         # so not for every projection of a fine-tune, where no rank decides anything (two values spot a spike)
         for change in result.changed:
             if change.layer is not None and change.rank_is_lower_bound:
-                delta, _, _, precise = difference(*pair(change.name))
+                delta, _, _, precise = measured(change.name)
                 sv, change.effective_rank, change.rank_is_lower_bound = _spectrum(delta, precise, full=True)
                 change.singular_values = [float(x) for x in sv]
         classify(result, len(shared))
     return result
+
+
+def complete_masked(delta: torch.Tensor, keep: torch.Tensor, rank: int = 2, rounds: int = 6,
+                    iters: int = 15) -> torch.Tensor:
+    """`delta` (2-D) with the entries where `keep` is 0 filled from the best rank-`rank` fit to the others. A
+    lock's mask zeroes those entries of the locked model and of the base ⊙ mask alike, so an edit made before
+    locking reaches the diff with a tenth of its entries cut out, which turns a rank-one update into a
+    full-rank pattern; filled in, it reads as rank one again. A change no low-rank fit explains keeps its
+    kept entries as they are and stays high-rank. The fit: one component at a time against what the others
+    leave (weighted alternating least squares), a few rounds over the components."""
+    if delta.dim() != 2 or bool(keep.all()):
+        return delta
+    w = keep.float()
+    observed = delta.float() * w
+    parts = [torch.zeros_like(observed) for _ in range(min(rank, *observed.shape))]
+    for _ in range(rounds if len(parts) > 1 else 1):
+        for c in range(len(parts)):
+            others = sum(p for i, p in enumerate(parts) if i != c) if len(parts) > 1 else 0
+            parts[c] = _rank_one_fit(observed - w * others, w, iters)
+    return torch.where(w > 0, delta.float(), sum(parts))
+
+
+def _rank_one_fit(m: torch.Tensor, w: torch.Tensor, iters: int) -> torch.Tensor:
+    """u vᵀ minimising Σ w_ij (m_ij - u_i v_j)² (m already zero where w is), from m's top direction."""
+    v = _top_basis(m, 1, 2)[:, 0] @ m
+    for _ in range(iters):
+        u = (m @ v) / (w @ (v * v)).clamp_min(1e-30)
+        v = (m.T @ u) / (w.T @ (u * u)).clamp_min(1e-30)
+    return torch.outer(u, v)
 
 
 def _relative(norm: float, base_norm: float) -> float:

@@ -23,7 +23,7 @@ import torch
 from .. import arch as arch_table
 from .. import masks_index
 from ..errors import EditguardError, NothingExamined
-from ..harden.lock import verify_lock
+from ..harden.lock import MANIFEST, lock_masks, verify_lock
 from ..mask.file import MaskFile
 from ..resolve import HUB_ID, ModelRef, resolve
 from .findings import DAMAGE_RULES, SEVERITY_ORDER, Finding, verdict
@@ -81,6 +81,15 @@ def declared_base(checkpoint, model_id: str | None = None) -> tuple[str | None, 
     return None, None
 
 
+def _lock_masks_against(checkpoint, arch, manifest: dict | None, problems: list[dict], base_ck) -> dict | None:
+    """The lock's masks when the model is a locked copy of an unlocked base, for the base diff; None when the
+    model carries no lock, its mask file changed (EG030 says so; nothing tells what it masked), or the base
+    is locked too (like is then compared with like)."""
+    if manifest is None or any(p["what"] == "mask" for p in problems) or (base_ck.folder / MANIFEST).is_file():
+        return None
+    return lock_masks(checkpoint, arch, manifest)
+
+
 def _hub_only(value: str) -> bool:
     """A hub id that is not also a path here (`models/base` may be both: resolve would take the folder)."""
     return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
@@ -124,7 +133,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
 
             progress(f"diffing against {base_spec}")
             base_ck = base_ref.checkpoint(allow_pickle=options.allow_pickle)
-            diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers)
+            diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers,
+                                    base_masks=_lock_masks_against(checkpoint, arch, manifest, problems, base_ck))
             # a base the upload names for itself proves nothing about the upload: say which kind this is
             tests["diff"] = {"base": base_spec, "declared_by": declared_by,
                              "declared_by_card": declared_by == "model card", **diff.to_json()}
@@ -217,16 +227,13 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 tests["decomposition"] = decompositions
         if "attribution" in options.tests and diff is not None and key_layers and scores is not None:
             from .attribution import attribute
-            from .diff import difference
 
             tests["attribution"] = []
             for change in diff.changed:
                 if change.layer is None or change.nonfinite:  # NaN has no top direction (EG005 reports it)
                     continue
-                stored = checkpoint.find(arch.tensor_candidates(change.name))
-                stored_base = base_ck.find(arch.tensor_candidates(change.name))
-                # the change where both are finite, as the diff measured it (NaN the base shares is no change)
-                delta = difference(checkpoint.read(stored), base_ck.read(stored_base))[0]
+                # the change as the diff measured it (finite values; a locked tensor against base ⊙ mask)
+                delta = diff.delta_of(change.name)
                 result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes,
                                    change.layer, change.name)
                 tests["attribution"].append({"layer": change.layer, "tensor": change.name, **result})

@@ -94,7 +94,9 @@ def _render(console, r) -> None:
             console.print(f"  {name}: skipped — {escape(t['skipped'])}")
         elif name == "diff":
             declared = f" (named by the {t['declared_by']}: unverified)" if t.get("declared_by") else ""
-            console.print(f"  base diff vs {escape(t['base'])}{declared}: {t['classification']}"
+            locked = (f" (its {len(t['masked_by_lock'])} locked tensor(s) against the base ⊙ the lock's mask)"
+                      if t.get("masked_by_lock") else "")
+            console.print(f"  base diff vs {escape(t['base'])}{declared}{locked}: {t['classification']}"
                           + (f", layers {t['layers']}" if t["layers"] else "") + f" ({len(t['changed'])} of {t['compared']} tensors changed)")
         elif name == "activations":
             scores = t["layer_scores"]

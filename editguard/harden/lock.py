@@ -10,7 +10,8 @@ A plain checkpoint cannot force a mask on whoever edits it, so a lock is three t
   is lost, while an editor working through the locked forward compensates for whatever K did to the
   base weights (the cards' "mask on the edit only" column approximates this; `evaluate_lock` measures
   it end to end; `bench/lock_bound.py` bounds what any shared mask of a given size can cut).
-`verify_lock` (run by `scan`) reports any locked tensor whose bytes no longer match.
+`verify_lock` (run by `scan`) reports any locked tensor whose bytes no longer match; `scan --base` of a
+locked model compares its locked tensors with the base ⊙ the lock's mask (`lock_masks`).
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ def verify_lock(checkpoint: Checkpoint, arch) -> tuple[dict | None, list[dict]]:
             problems.append({"what": "tensor", "tensor": name, "file": info.file,
                              "reason": "bytes differ from the locked tensor"})
     return manifest, problems
+
+
+def lock_masks(checkpoint: Checkpoint, arch, manifest: dict) -> dict[str, torch.Tensor]:
+    """{canonical tensor name: the lock's mask in that tensor's stored orientation}, as the lock applied it.
+    A base diff multiplies the unlocked base by it, so the lock itself reads as no change and what was
+    added before or after locking stands out. Only for a lock whose mask file `verify_lock` found intact."""
+    mask = MaskFile.load(checkpoint.folder / manifest["mask_file"])
+    return {arch.canonical_tensor_name(stored): oriented(K, target.transposed)
+            for target, stored, K in zip(mask.targets, mask.check_fits(arch, checkpoint),
+                                         mask.masks(manifest["threshold"]))}
 
 
 class _MaskParam(torch.nn.Module):

@@ -25,6 +25,12 @@ from ..errors import BAD_JSON, EditguardError, malformed
 FORMAT = "editguard-mask/1"
 
 
+def weight_times_mask(weight: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """weight ⊙ K (K in the stored orientation), computed in float32 and stored in the weight's own dtype:
+    what `lock` and `reverse` write, and what a base diff of a locked model expects of the base."""
+    return (weight.float() * K).to(weight.dtype)
+
+
 @dataclass
 class MaskTarget:
     tensor: str  # canonical weight name
@@ -73,8 +79,7 @@ class MaskFile:
         """Stored name -> that checkpoint tensor times its mask, in the file's own orientation and dtype."""
         out = {}
         for target, stored, K in zip(self.targets, stored_names, self.masks(threshold)):
-            weight = checkpoint.read(stored)
-            out[stored] = (weight.float() * oriented(K, target.transposed)).to(weight.dtype)
+            out[stored] = weight_times_mask(checkpoint.read(stored), oriented(K, target.transposed))
         return out
 
     def edit_layers(self) -> list[int]:
