@@ -45,9 +45,14 @@ class Arch:
     unembed: str
     mlp_out_transposed: bool
     tie_default: bool
-    mlp_adds_to_residual: bool  # the MLP's output joins the residual stream as it is (no norm after it)
+    mlp_out_norm: str  # the norm the MLP's output passes before joining the residual stream; "" for none
     num_layers_keys: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def mlp_adds_to_residual(self) -> bool:
+        """The MLP's output joins the residual stream as it is (no norm after it)."""
+        return not self.mlp_out_norm
 
     # -- module paths -------------------------------------------------------------------------
     def module(self, role: str, layer: int | None = None) -> str:
@@ -151,3 +156,5 @@ def module_names(arch: Arch, num_layers: int) -> Iterable[tuple[str, int | None,
             yield role, layer, arch.module(role, layer)
         for path in arch.mlp_in_modules(layer):
             yield "mlp_in", layer, path
+        if arch.mlp_out_norm:
+            yield "mlp_out_norm", layer, arch.module("mlp_out_norm", layer)

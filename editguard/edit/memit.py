@@ -5,6 +5,10 @@ in order, on the model already carrying the updates of the layers before it:
     K = keys at l (mean over context-template groups), R = (z − z_current) / (layers left),
     ΔW_l = R Kᵀ (λC + K Kᵀ)⁻¹, solved in float64,
 stored as factors u = R [out, n], v = (λC + KKᵀ)⁻¹K [in, n] (C is symmetric).
+Where the MLP's output is normalised before it joins the residual stream (Gemma's post-feedforward norm),
+R is not a residual change but the change of the projection's output whose normalisation moves the
+residual by it, as nearly as the norm allows (`norm_preimage`): the residual change itself, added before
+a norm that multiplies by up to ~250 and fixes the output's size, pushed far off its mark.
 """
 
 from __future__ import annotations
@@ -89,12 +93,21 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
     with weights_restored(model, [hp.rewrite_module_tmp.format(layer) + ".weight" for layer in layers]):
         for i, layer in enumerate(layers):
             rewrite = hp.rewrite_module_tmp.format(layer)
-            got = capture_at(model, arch, Tokenized(seqs, splits), {"k": (rewrite, "in"), "z": (z_path, "out")},
+            captures = {"k": (rewrite, "in"), "z": (z_path, "out")}
+            if arch.mlp_out_norm:
+                captures |= {"x": (rewrite, "out"), "nx": (arch.module("mlp_out_norm", layer), "out")}
+            got = capture_at(model, arch, Tokenized(seqs, splits), captures,
                              pad_id=pad, stop_after=hp.layer_module_tmp.format(max(layer, z_layer)))
             keys = got["k"].double().reshape(len(facts), per_fact, -1)
             k = torch.stack([keys[:, a:b].mean(1) for a, b in groups]).mean(0)  # [n, in]
-            z_now = got["z"].double().reshape(len(facts), per_fact, -1)[:, 0]  # template "{}"
+            at_prompt = {name: got[name].double().reshape(len(facts), per_fact, -1)[:, 0]  # template "{}"
+                         for name in got if name != "k"}
+            z_now = at_prompt["z"]
             resid = (z.to(z_now.device) - z_now) / (len(layers) - i)  # [n, out]
+            if arch.mlp_out_norm:
+                x = at_prompt["x"]
+                norm = model.get_submodule(arch.module("mlp_out_norm", layer))
+                resid = norm_preimage(norm, x, at_prompt["nx"] + resid) - x
             cov = moments[layer].to(k.device).double()  # a cached C is read onto the CPU
             K = k.T  # [in, n]
             adj_k = torch.linalg.solve(hp.mom2_update_weight * cov + K @ K.T, K)  # [in, n]
@@ -105,3 +118,24 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
             if progress:
                 progress(f"layer {layer} done")
     return edits
+
+
+def norm_preimage(norm: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
+    """Rows y ([n, d]) whose normalisation norm(y) comes nearest `target`, found from x by L-BFGS through
+    the norm module itself (its gain and epsilon as the model computes them). An RMS norm's output has a
+    size set by its gain, so a target off that surface is met as nearly as it allows. The rows are
+    independent; their losses are summed into one problem."""
+    weight = next(norm.parameters())
+    target = target.to(weight.device, weight.dtype)
+    y = x.detach().to(weight.device, weight.dtype).clone().requires_grad_()
+    optimiser = torch.optim.LBFGS([y], lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def loss():
+        value = (norm(y) - target).pow(2).sum()
+        y.grad = torch.autograd.grad(value, y)[0]  # not .backward(): the norm's own weight gets no gradient
+        return value
+
+    with torch.enable_grad():
+        optimiser.step(loss)
+    return y.detach().to(x.device, x.dtype)
