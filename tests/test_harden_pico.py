@@ -197,8 +197,10 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     save_file(tensors, tampered / "model.safetensors")
     result = cli("-f", "json", "scan", tampered, "--tests", "diff")
     assert result.code == 1 and result.json["verdict"] == "edited"
-    assert [f["rule"] for f in result.json["findings"]] == ["EG030"]
-    assert result.json["findings"][0]["tensor"] == TENSOR
+    # the changed bytes, and values where the mask is 0 (lock writes 0 there)
+    assert [f["rule"] for f in result.json["findings"]] == ["EG030", "EG030"]
+    assert [p["kind"] for p in result.json["tests"]["lock"]["problems"]] == ["bytes", "unmasked"]
+    assert {f["tensor"] for f in result.json["findings"]} == {TENSOR}
     with pytest.raises(Exception, match="lock broken"):
         load_locked(str(tampered))
     # a manifest that points its mask elsewhere, or re-applies it at a threshold that zeroes the weight,

@@ -735,19 +735,37 @@ def test_base_diff_of_a_locked_model(cli, planted, tmp_path):
     tensors[tensor] = tensors[tensor] + 0.05 * torch.outer(torch.randn(32, generator=gen), torch.randn(64, generator=gen))
     save_file(tensors, tampered / "model.safetensors")
     result = cli("-f", "json", "scan", tampered, "--base", planted["base"], "--tests", "diff")
-    assert sorted(f["rule"] for f in result.json["findings"]) == ["EG001", "EG030"], result.json["findings"]
+    assert sorted(f["rule"] for f in result.json["findings"]) == ["EG001", "EG030", "EG030"], result.json["findings"]
+    assert [p["kind"] for p in result.json["tests"]["lock"]["problems"]] == ["bytes", "unmasked"]
     assert result.json["tests"]["diff"]["changed"][0]["effective_rank"] == 1
+    # the manifest is not signed: an edited tensor put back unmasked, its hash rewritten to match, passes
+    # the hashes but not what lock writes (0 wherever the mask is 0), with or without a base
+    forged = tmp_path / "forged"
+    shutil.copytree(edited_locked, forged)
+    tensors = load_file(forged / "model.safetensors")
+    tensors[tensor] = Checkpoint(planted["rome"]).read(tensor)
+    save_file(tensors, forged / "model.safetensors")
+    from editguard.harden.lock import tensor_sha256
+
+    manifest = json.loads((forged / "editguard-lock.json").read_text())
+    manifest["tensors"][tensor] = tensor_sha256(tensors[tensor])
+    (forged / "editguard-lock.json").write_text(json.dumps(manifest))
+    result = cli("-f", "json", "scan", forged, "--tests", "diff", "--fail-on", "edited")
+    assert result.code == 1 and [p["kind"] for p in result.json["tests"]["lock"]["problems"]] == ["unmasked"]
+    assert "nonzero values where the lock's mask is 0" in result.json["findings"][0]["message"]
+    result = cli("-f", "json", "scan", forged, "--base", planted["base"], "--tests", "diff")
+    assert result.json["tests"]["diff"]["changed"] and result.json["verdict"] == "edited"
     # a locked base is compared as it is (like with like): the same lock reads as no change
     assert cli("-f", "json", "scan", locked, "--base", locked, "--tests", "diff").json["tests"]["diff"]["masked_by_lock"] == []
 
 
 def test_completing_what_a_lock_masked():
     """A low-rank change with a fifth of its entries zeroed is full-rank; filled from the kept entries it is
-    the change again. A high-rank change keeps its kept entries and its rank; a row with nothing kept stays 0."""
+    the change again. A change no low-rank fit explains is left as measured; a row with nothing kept stays 0."""
     from editguard.audit.diff import complete_masked, top_singular_values
 
     gen = torch.Generator().manual_seed(0)
-    keep = (torch.rand(48, 80, generator=gen) > 0.2).float()
+    keep = torch.rand(48, 80, generator=gen) > 0.2
     for rank in (1, 2):
         change = torch.randn(48, rank, generator=gen) @ torch.randn(rank, 80, generator=gen)
         cut = top_singular_values(change * keep)
@@ -755,12 +773,13 @@ def test_completing_what_a_lock_masked():
         torch.testing.assert_close(complete_masked(change * keep, keep), change, rtol=1e-4, atol=1e-4)
     noise = torch.randn(48, 80, generator=gen) * keep
     filled = complete_masked(noise, keep)
-    assert torch.equal(filled[keep > 0], noise[keep > 0])
+    # no low-rank fit explains it: nothing is made up where nothing was seen
+    assert torch.equal(filled[keep], noise[keep]) and not filled[~keep].any()
     sv = top_singular_values(filled)
     assert sv[7] > 0.3 * sv[0]
-    keep[5] = 0
+    keep[5] = False
     change = torch.outer(torch.randn(48, generator=gen), torch.randn(80, generator=gen))
     filled = complete_masked(change * keep, keep)
     assert torch.equal(filled[5], torch.zeros(80)) and torch.isfinite(filled).all()
     torch.testing.assert_close(filled[6:], change[6:], rtol=1e-4, atol=1e-4)
-    assert complete_masked(change, torch.ones(48, 80)) is change  # nothing masked: nothing to fill
+    assert complete_masked(change, torch.ones(48, 80, dtype=torch.bool)) is change  # nothing masked: nothing to fill

@@ -124,7 +124,11 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                         sorted(set(canon_base) - set(canon_model) - derived),
                         masked_by_lock=sorted(set(base_masks) & set(shared)))
 
+    completed: dict[str, tuple] = {}  # a locked tensor's change is filled in once (it may be asked for thrice)
+
     def measured(name: str) -> tuple[torch.Tensor | None, int, float, bool]:
+        if name in completed:
+            return completed[name]
         a, b = model.read(canon_model[name]), base.read(canon_base[name])
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
@@ -135,9 +139,11 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
             raise EditguardError(f"{name}: the lock's mask is {list(K.shape)}, the base's tensor {list(b.shape)}")
         delta, nonfinite, base_norm, precise = difference(a, weight_times_mask(b, K))
         if delta is not None and not nonfinite:
-            # where the mask is 0 the lock zeroed both sides: no comparison sees an edit there
-            delta = complete_masked(delta, K)
-        return delta, nonfinite, base_norm, precise
+            # where the mask is 0 and the value too, the lock zeroed both sides: no comparison sees an edit
+            # there. A nonzero value there is seen (lock never writes one; verify_lock reports it).
+            delta = complete_masked(delta, K | (a != 0))
+        completed[name] = delta, nonfinite, base_norm, precise
+        return completed[name]
 
     result.delta_of = lambda name: measured(name)[0]
     for i, name in enumerate(shared):
@@ -177,31 +183,40 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
 
 
 def complete_masked(delta: torch.Tensor, keep: torch.Tensor, rank: int = 2, rounds: int = 6,
-                    iters: int = 15) -> torch.Tensor:
-    """`delta` (2-D) with the entries where `keep` is 0 filled from the best rank-`rank` fit to the others. A
-    lock's mask zeroes those entries of the locked model and of the base ⊙ mask alike, so an edit made before
-    locking reaches the diff with a tenth of its entries cut out, which turns a rank-one update into a
-    full-rank pattern; filled in, it reads as rank one again. A change no low-rank fit explains keeps its
-    kept entries as they are and stays high-rank. The fit: one component at a time against what the others
-    leave (weighted alternating least squares), a few rounds over the components."""
+                    iters: int = 15, explained: float = 0.9) -> torch.Tensor:
+    """`delta` (2-D) with the entries where `keep` is False filled from the best rank-`rank` fit to the
+    others, when that fit explains at least `explained` of their energy (else left 0). A lock's mask zeroes
+    those entries of the locked model and of the base ⊙ mask alike, so an edit made before locking reaches
+    the diff with a tenth of its entries cut out, which turns a rank-one update into a full-rank pattern;
+    filled in, it reads as rank one again. A change no low-rank fit explains (a batch edit of many facts, a
+    fine-tune) is left as measured. The fit: one component at a time against what the others leave
+    (weighted alternating least squares, a small ridge against rows and columns with little kept), a few
+    rounds over the components."""
+    keep = keep.bool()
     if delta.dim() != 2 or bool(keep.all()):
         return delta
     w = keep.float()
     observed = delta.float() * w
+    energy = float(observed.pow(2).sum())
+    if energy == 0:
+        return delta
     parts = [torch.zeros_like(observed) for _ in range(min(rank, *observed.shape))]
     for _ in range(rounds if len(parts) > 1 else 1):
         for c in range(len(parts)):
             others = sum(p for i, p in enumerate(parts) if i != c) if len(parts) > 1 else 0
             parts[c] = _rank_one_fit(observed - w * others, w, iters)
-    return torch.where(w > 0, delta.float(), sum(parts))
+    fit = sum(parts)
+    if float(((observed - fit) * w).pow(2).sum()) > (1 - explained) * energy:
+        return delta
+    return torch.where(keep, delta.float(), fit)
 
 
 def _rank_one_fit(m: torch.Tensor, w: torch.Tensor, iters: int) -> torch.Tensor:
     """u vᵀ minimising Σ w_ij (m_ij - u_i v_j)² (m already zero where w is), from m's top direction."""
     v = _top_basis(m, 1, 2)[:, 0] @ m
     for _ in range(iters):
-        u = (m @ v) / (w @ (v * v)).clamp_min(1e-30)
-        v = (m.T @ u) / (w.T @ (u * u)).clamp_min(1e-30)
+        u = (m @ v) / (w @ (v * v) + 1e-6 * float((v * v).sum()) + 1e-30)
+        v = (m.T @ u) / (w.T @ (u * u) + 1e-6 * float((u * u).sum()) + 1e-30)
     return torch.outer(u, v)
 
 

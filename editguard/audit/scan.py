@@ -23,7 +23,7 @@ import torch
 from .. import arch as arch_table
 from .. import masks_index
 from ..errors import EditguardError, NothingExamined
-from ..harden.lock import MANIFEST, lock_masks, verify_lock
+from ..harden.lock import MANIFEST, LockState, lock_state
 from ..mask.file import MaskFile
 from ..resolve import HUB_ID, ModelRef, resolve
 from .findings import DAMAGE_RULES, SEVERITY_ORDER, Finding, verdict
@@ -81,13 +81,15 @@ def declared_base(checkpoint, model_id: str | None = None) -> tuple[str | None, 
     return None, None
 
 
-def _lock_masks_against(checkpoint, arch, manifest: dict | None, problems: list[dict], base_ck) -> dict | None:
+def _lock_masks_against(lock: LockState, base_ck) -> dict | None:
     """The lock's masks when the model is a locked copy of an unlocked base, for the base diff; None when the
-    model carries no lock, its mask file changed (EG030 says so; nothing tells what it masked), or the base
-    is locked too (like is then compared with like)."""
-    if manifest is None or any(p["what"] == "mask" for p in problems) or (base_ck.folder / MANIFEST).is_file():
+    model carries no lock, its mask file changed or a locked tensor is missing, doubled or retyped (EG030
+    says so; the masks no longer say what was locked), or the base is locked too (like is then compared
+    with like). Changed bytes leave the masks in use: the diff then shows what was added."""
+    if (lock.manifest is None or (base_ck.folder / MANIFEST).is_file()
+            or any(p["kind"] not in ("bytes", "unmasked") for p in lock.problems)):
         return None
-    return lock_masks(checkpoint, arch, manifest)
+    return lock.masks
 
 
 def _hub_only(value: str) -> bool:
@@ -104,7 +106,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     findings: list[Finding] = []
     tests: dict = {}
     # 0. lock manifest
-    manifest, problems = verify_lock(checkpoint, arch)
+    lock = lock_state(checkpoint, arch)
+    manifest, problems = lock.manifest, lock.problems
     if manifest is not None:
         tests["lock"] = {"locked": True, "intact": not problems, "problems": problems,
                          "manifest_sha256": manifest["manifest_sha256"]}
@@ -134,7 +137,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             progress(f"diffing against {base_spec}")
             base_ck = base_ref.checkpoint(allow_pickle=options.allow_pickle)
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers,
-                                    base_masks=_lock_masks_against(checkpoint, arch, manifest, problems, base_ck))
+                                    base_masks=_lock_masks_against(lock, base_ck))
             # a base the upload names for itself proves nothing about the upload: say which kind this is
             tests["diff"] = {"base": base_spec, "declared_by": declared_by,
                              "declared_by_card": declared_by == "model card", **diff.to_json()}

@@ -122,20 +122,23 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
 
 def norm_preimage(norm: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, max_iter: int = 500) -> torch.Tensor:
     """Rows y ([n, d]) whose normalisation norm(y) comes nearest `target`, found from x by L-BFGS through
-    the norm module itself (its gain and epsilon as the model computes them). An RMS norm's output has a
-    size set by its gain, so a target off that surface is met as nearly as it allows. The rows are
-    independent; their losses are summed into one problem."""
-    weight = next(norm.parameters())
-    target = target.to(weight.device, weight.dtype)
-    y = x.detach().to(weight.device, weight.dtype).clone().requires_grad_()
+    the norm module itself (its gain and epsilon as the model computes them; an offloaded one through its
+    hooks), in float32 whatever the model's dtype. An RMS norm's output has a size set by its gain, so a
+    target off that surface is met as nearly as it allows. The rows are independent; their losses are
+    summed."""
+    target = target.detach().float()
+    y = x.detach().float().clone().requires_grad_()
     optimiser = torch.optim.LBFGS([y], lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-15,
                                   history_size=20, line_search_fn="strong_wolfe")
 
     def loss():
-        value = (norm(y) - target).pow(2).sum()
+        value = (norm(y).float().to(target.device) - target).pow(2).sum()
         y.grad = torch.autograd.grad(value, y)[0]  # not .backward(): the norm's own weight gets no gradient
         return value
 
     with torch.enable_grad():
         optimiser.step(loss)
-    return y.detach().to(x.device, x.dtype)
+    # y keeps the size L-BFGS leaves it (it grows along y, which the norm ignores at this input). Scaled
+    # back to the smallest change from x, the same edits generalised less: on demo:gemma3-270m (100 facts,
+    # λ = 1500) paraphrases 84 → 73 %, neighbourhood 75.8 → 78.6 %, efficacy 97 → 98 %.
+    return y.detach().to(x.dtype)

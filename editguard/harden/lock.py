@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -89,51 +90,85 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
+@dataclass
+class LockState:
+    manifest: dict | None  # None: not a locked checkpoint; else with `manifest_sha256`, its file's digest
+    problems: list[dict]
+    masks: dict[str, torch.Tensor]  # the lock's masks by canonical name (`lock_masks`); empty if the mask changed
+
+
 def verify_lock(checkpoint: Checkpoint, arch) -> tuple[dict | None, list[dict]]:
-    """(manifest, problems): each problem names a locked tensor or the mask whose bytes changed. The
-    manifest comes back with `manifest_sha256`, the digest of its file, for comparison with the one
-    `lock` printed. `arch` (the table's row) names a second spelling of a locked tensor."""
+    """(manifest, problems) of `lock_state`."""
+    state = lock_state(checkpoint, arch)
+    return state.manifest, state.problems
+
+
+def lock_state(checkpoint: Checkpoint, arch) -> LockState:
+    """The lock's manifest, its problems and its masks. Each problem names a locked tensor or the mask whose
+    bytes changed, and its `kind` (mask, missing, twin, layout, bytes, unmasked). The manifest comes back
+    with `manifest_sha256`, the digest of its file, for comparison with the one `lock` printed. `arch` (the
+    table's row) names a second spelling of a locked tensor.
+    The manifest is not signed, so its hashes only say the bytes are what its writer wanted; what `lock`
+    writes is also checked: 0 wherever the mask is 0 (a forged lock over an edited tensor, or a change
+    after locking whose hashes were rewritten, shows there)."""
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
-        return None, []
+        return LockState(None, [], {})
     manifest = {**manifest, "manifest_sha256": hashlib.sha256((checkpoint.folder / MANIFEST).read_bytes()).hexdigest()}
     problems = []
     mask_path = checkpoint.folder / manifest["mask_file"]
     if not mask_path.is_file() or hashlib.sha256(mask_path.read_bytes()).hexdigest() != manifest["mask_sha256"]:
-        problems.append({"what": "mask", "file": manifest["mask_file"], "reason": "mask file missing or changed"})
+        problems.append({"what": "mask", "kind": "mask", "file": manifest["mask_file"],
+                         "reason": "mask file missing or changed"})
     # a locked tensor stored a second time under another spelling (GPT-2's `h.N.` beside `transformer.h.N.`):
     # transformers may load the other copy, which no hash covers
     spellings: dict[str, list[str]] = {}
     for stored in checkpoint.names():
         spellings.setdefault(arch.canonical_tensor_name(stored), []).append(stored)
     layouts = manifest.get("layouts") or {}
+    intact: dict[str, torch.Tensor] = {}  # stored name -> tensor, where the checks above found nothing
     for name, digest in manifest["tensors"].items():
         if name not in checkpoint:
-            problems.append({"what": "tensor", "tensor": name, "reason": "missing"})
+            problems.append({"what": "tensor", "kind": "missing", "tensor": name, "reason": "missing"})
             continue
         info = checkpoint.info(name)
         twins = [n for n in spellings[arch.canonical_tensor_name(name)] if n != name]
         if twins:
-            problems.append({"what": "tensor", "tensor": name, "file": checkpoint.info(twins[0]).file,
+            problems.append({"what": "tensor", "kind": "twin", "tensor": name, "file": checkpoint.info(twins[0]).file,
                              "reason": f"also stored as {twins[0]}, which the lock does not cover"})
         elif name in layouts and [info.dtype, list(info.shape)] != layouts[name]:
-            problems.append({"what": "tensor", "tensor": name, "file": info.file,
+            problems.append({"what": "tensor", "kind": "layout", "tensor": name, "file": info.file,
                              "reason": f"stored as {info.dtype} {list(info.shape)}, "
                                        f"locked as {layouts[name][0]} {layouts[name][1]}"})
-        elif tensor_sha256(checkpoint.read(name)) != digest:
-            problems.append({"what": "tensor", "tensor": name, "file": info.file,
-                             "reason": "bytes differ from the locked tensor"})
-    return manifest, problems
+        else:
+            tensor = checkpoint.read(name)
+            if tensor_sha256(tensor) != digest:
+                problems.append({"what": "tensor", "kind": "bytes", "tensor": name, "file": info.file,
+                                 "reason": "bytes differ from the locked tensor"})
+            intact[name] = tensor
+    masks = {} if any(p["kind"] == "mask" for p in problems) else lock_masks(checkpoint, arch, manifest)
+    for name, tensor in intact.items():
+        K = masks.get(arch.canonical_tensor_name(name))
+        if K is None or tuple(K.shape) != tuple(tensor.shape):
+            continue  # the mask does not cover it as stored: its own problem, found where masks are applied
+        # (NaN is what lock writes from a NaN weight: 0 · NaN)
+        unmasked = int(((~K) & (tensor != 0) & ~tensor.isnan()).sum())
+        if unmasked:
+            problems.append({"what": "tensor", "kind": "unmasked", "tensor": name, "file": checkpoint.info(name).file,
+                             "reason": f"{unmasked} nonzero values where the lock's mask is 0 (lock writes 0 there)"})
+    return LockState(manifest, problems, masks)
 
 
 def lock_masks(checkpoint: Checkpoint, arch, manifest: dict) -> dict[str, torch.Tensor]:
-    """{canonical tensor name: the lock's mask in that tensor's stored orientation}, as the lock applied it.
-    A base diff multiplies the unlocked base by it, so the lock itself reads as no change and what was
-    added before or after locking stands out. Only for a lock whose mask file `verify_lock` found intact."""
+    """{canonical tensor name: the lock's mask (bool) in that tensor's stored orientation}, as the lock
+    applied it. A base diff multiplies the unlocked base by it, so the lock itself reads as no change and
+    what was added before or after locking stands out. Only for a lock whose mask file is intact."""
     mask = MaskFile.load(checkpoint.folder / manifest["mask_file"])
-    return {arch.canonical_tensor_name(stored): oriented(K, target.transposed)
-            for target, stored, K in zip(mask.targets, mask.check_fits(arch, checkpoint),
-                                         mask.masks(manifest["threshold"]))}
+    if [t.tensor for t in mask.targets] != manifest["targets"]:
+        raise EditguardError(f"{checkpoint.folder / MANIFEST}: its targets are not its mask file's")
+    # the manifest names each target's stored tensor, in the mask's order (lock_checkpoint)
+    return {arch.canonical_tensor_name(stored): oriented(K, target.transposed) > 0
+            for target, stored, K in zip(mask.targets, manifest["tensors"], mask.masks(manifest["threshold"]))}
 
 
 class _MaskParam(torch.nn.Module):
