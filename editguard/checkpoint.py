@@ -136,6 +136,11 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+def comparable(t: torch.Tensor) -> torch.Tensor:
+    """8-bit floats as float32: comparisons and isfinite are not implemented for them."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def fingerprint(tensor: torch.Tensor) -> str:
     """Identity of a weight: sha256 of its float32 bytes, as stored (masks and banks record it)."""
     return hashlib.sha256(tensor_bytes(tensor.detach().to(torch.float32))).hexdigest()[:16]

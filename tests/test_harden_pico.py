@@ -224,6 +224,33 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     one_line_error(cli("scan", garbled, "--tests", "diff"), "corrupt lock manifest")
 
 
+def test_lock_whose_manifest_does_not_match_its_mask(cli, pico_models, pico_mask, tmp_path):
+    """A manifest rewritten to say another tensor is the locked one (its hash and layout rewritten to
+    match) is not what lock wrote: EG030, not an error that stops the scan. An 8-bit float lock is
+    checked like any other."""
+    from editguard.harden.lock import tensor_sha256
+
+    locked = tmp_path / "locked"
+    assert cli("lock", pico_models["llama"], "--mask", pico_mask, "-o", locked).code == 0
+    other = TENSOR.replace("layers.1", "layers.0")
+    manifest = json.loads((locked / "editguard-lock.json").read_text())
+    manifest["tensors"] = {other: tensor_sha256(Checkpoint(locked).read(other))}
+    manifest["layouts"] = {other: manifest["layouts"][TENSOR]}
+    (locked / "editguard-lock.json").write_text(json.dumps(manifest))
+    result = cli("-f", "json", "scan", locked, "--tests", "diff")
+    assert result.code == 1 and [p["kind"] for p in result.json["tests"]["lock"]["problems"]] == ["mask"], result.err
+    assert "not its mask file's targets" in result.json["findings"][0]["message"]
+    eight = tmp_path / "eight"
+    shutil.copytree(pico_models["llama"], eight)
+    tensors = load_file(eight / "model.safetensors")
+    tensors[TENSOR] = tensors[TENSOR].to(torch.float8_e4m3fn)
+    save_file(tensors, eight / "model.safetensors")
+    assert cli("lock", eight, "--mask", pico_mask, "-o", tmp_path / "eight-locked").code == 0
+    clean = cli("-f", "json", "scan", tmp_path / "eight-locked", "--tests", "diff", "--base", eight)
+    assert clean.code == 0 and clean.json["tests"]["lock"]["intact"], clean.err
+    assert clean.json["tests"]["diff"]["classification"] == "identical"
+
+
 def test_mask_for_other_architecture(cli, pico_models, pico_mask, tmp_path):
     r = cli("lock", pico_models["qwen2"], "--mask", pico_mask, "-o", tmp_path / "x")
     assert r.code == 2 and "for llama models" in r.err

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from ..arch import Arch
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
 from .findings import Finding
@@ -141,7 +141,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         if delta is not None and not nonfinite:
             # where the mask is 0 and the value too, the lock zeroed both sides: no comparison sees an edit
             # there. A nonzero value there is seen (lock never writes one; verify_lock reports it).
-            delta = complete_masked(delta, K | (a != 0))
+            delta = complete_masked(delta, K | (comparable(a) != 0))
         completed[name] = delta, nonfinite, base_norm, precise
         return completed[name]
 
@@ -230,7 +230,7 @@ def difference(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor | None, i
     stored at float32 or finer). Compared in blocks: besides the two tensors and the change, only a block's
     worth of temporaries (a 128k x 8192 embedding's float32 copies and masks would take ~10 GB more)."""
     precise = {a.dtype, b.dtype} <= {torch.float32, torch.float64}  # else a looser rank tolerance
-    a, b = _comparable(a), _comparable(b)
+    a, b = comparable(a), comparable(b)
     if a.dtype == b.dtype and torch.equal(a, b):  # the common case, at no cost in memory (NaN: below)
         return None, 0, 0.0, precise
     shape, a, b = a.shape, a.reshape(-1), b.reshape(-1)
@@ -288,11 +288,6 @@ def _canonical_names(checkpoint: Checkpoint, arch: Arch, what: str) -> dict[str,
                                  "loaded is ambiguous; refusing to compare")
         out[canonical] = stored
     return out
-
-
-def _comparable(t: torch.Tensor) -> torch.Tensor:
-    """8-bit floats as float32: comparisons and isfinite are not implemented for them."""
-    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def classify(result: DiffResult, total: int) -> None:

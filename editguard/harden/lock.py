@@ -10,8 +10,9 @@ A plain checkpoint cannot force a mask on whoever edits it, so a lock is three t
   is lost, while an editor working through the locked forward compensates for whatever K did to the
   base weights (the cards' "mask on the edit only" column approximates this; `evaluate_lock` measures
   it end to end; `bench/lock_bound.py` bounds what any shared mask of a given size can cut).
-`verify_lock` (run by `scan`) reports any locked tensor whose bytes no longer match; `scan --base` of a
-locked model compares its locked tensors with the base ⊙ the lock's mask (`lock_masks`).
+`lock_state` (run by `scan`) reports any locked tensor whose bytes no longer match, or that holds a value
+where the mask is 0; `scan --base` of a locked model compares its locked tensors with the base ⊙ the
+lock's mask (`lock_masks`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..arch import oriented
-from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, tensor_bytes
+from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, comparable, tensor_bytes
 from ..errors import BAD_JSON, EditguardError
 from ..mask.file import MaskFile
 
@@ -125,8 +126,13 @@ def lock_state(checkpoint: Checkpoint, arch) -> LockState:
     spellings: dict[str, list[str]] = {}
     for stored in checkpoint.names():
         spellings.setdefault(arch.canonical_tensor_name(stored), []).append(stored)
+    masks: dict[str, torch.Tensor] = {}
+    if not problems:
+        try:
+            masks = lock_masks(checkpoint, arch, manifest)
+        except EditguardError as exc:  # intact by its hash, yet not what lock wrote: a forged lock
+            problems.append({"what": "mask", "kind": "mask", "file": manifest["mask_file"], "reason": exc.message})
     layouts = manifest.get("layouts") or {}
-    intact: dict[str, torch.Tensor] = {}  # stored name -> tensor, where the checks above found nothing
     for name, digest in manifest["tensors"].items():
         if name not in checkpoint:
             problems.append({"what": "tensor", "kind": "missing", "tensor": name, "reason": "missing"})
@@ -136,25 +142,28 @@ def lock_state(checkpoint: Checkpoint, arch) -> LockState:
         if twins:
             problems.append({"what": "tensor", "kind": "twin", "tensor": name, "file": checkpoint.info(twins[0]).file,
                              "reason": f"also stored as {twins[0]}, which the lock does not cover"})
-        elif name in layouts and [info.dtype, list(info.shape)] != layouts[name]:
+            continue
+        if name in layouts and [info.dtype, list(info.shape)] != layouts[name]:
             problems.append({"what": "tensor", "kind": "layout", "tensor": name, "file": info.file,
                              "reason": f"stored as {info.dtype} {list(info.shape)}, "
                                        f"locked as {layouts[name][0]} {layouts[name][1]}"})
-        else:
-            tensor = checkpoint.read(name)
-            if tensor_sha256(tensor) != digest:
-                problems.append({"what": "tensor", "kind": "bytes", "tensor": name, "file": info.file,
-                                 "reason": "bytes differ from the locked tensor"})
-            intact[name] = tensor
-    masks = {} if any(p["kind"] == "mask" for p in problems) else lock_masks(checkpoint, arch, manifest)
-    for name, tensor in intact.items():
+            continue
+        tensor = checkpoint.read(name)
+        if tensor_sha256(tensor) != digest:
+            problems.append({"what": "tensor", "kind": "bytes", "tensor": name, "file": info.file,
+                             "reason": "bytes differ from the locked tensor"})
         K = masks.get(arch.canonical_tensor_name(name))
-        if K is None or tuple(K.shape) != tuple(tensor.shape):
-            continue  # the mask does not cover it as stored: its own problem, found where masks are applied
+        if K is None:
+            continue
+        if tuple(K.shape) != tuple(tensor.shape):
+            problems.append({"what": "tensor", "kind": "layout", "tensor": name, "file": info.file,
+                             "reason": f"stored as {list(tensor.shape)}, its lock mask is {list(K.shape)}"})
+            continue
+        tensor = comparable(tensor)
         # (NaN is what lock writes from a NaN weight: 0 · NaN)
         unmasked = int(((~K) & (tensor != 0) & ~tensor.isnan()).sum())
         if unmasked:
-            problems.append({"what": "tensor", "kind": "unmasked", "tensor": name, "file": checkpoint.info(name).file,
+            problems.append({"what": "tensor", "kind": "unmasked", "tensor": name, "file": info.file,
                              "reason": f"{unmasked} nonzero values where the lock's mask is 0 (lock writes 0 there)"})
     return LockState(manifest, problems, masks)
 
@@ -164,11 +173,13 @@ def lock_masks(checkpoint: Checkpoint, arch, manifest: dict) -> dict[str, torch.
     applied it. A base diff multiplies the unlocked base by it, so the lock itself reads as no change and
     what was added before or after locking stands out. Only for a lock whose mask file is intact."""
     mask = MaskFile.load(checkpoint.folder / manifest["mask_file"])
-    if [t.tensor for t in mask.targets] != manifest["targets"]:
-        raise EditguardError(f"{checkpoint.folder / MANIFEST}: its targets are not its mask file's")
     # the manifest names each target's stored tensor, in the mask's order (lock_checkpoint)
-    return {arch.canonical_tensor_name(stored): oriented(K, target.transposed) > 0
-            for target, stored, K in zip(mask.targets, manifest["tensors"], mask.masks(manifest["threshold"]))}
+    pairs = list(zip(mask.targets, manifest["tensors"]))
+    if [t.tensor for t in mask.targets] != manifest["targets"] or any(
+            arch.canonical_tensor_name(stored) != target.tensor for target, stored in pairs):
+        raise EditguardError(f"{checkpoint.folder / MANIFEST}: its tensors are not its mask file's targets")
+    return {target.tensor: oriented(K, target.transposed) > 0
+            for (target, _), K in zip(pairs, mask.masks(manifest["threshold"]))}
 
 
 class _MaskParam(torch.nn.Module):
