@@ -8,7 +8,7 @@ stored as factors u = R [out, n], v = (λC + KKᵀ)⁻¹K [in, n] (C is symmetri
 Where the MLP's output is normalised before it joins the residual stream (Gemma's post-feedforward norm),
 R is not a residual change but the change of the projection's output whose normalisation moves the
 residual by it, as nearly as the norm allows (`norm_preimage`): the residual change itself, added before
-a norm that multiplies by up to ~250 and fixes the output's size, pushed far off its mark.
+a norm that multiplies by up to ~800 (demo:gemma3-270m) and fixes the output's size, pushed far off its mark.
 """
 
 from __future__ import annotations
@@ -94,7 +94,9 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
         for i, layer in enumerate(layers):
             rewrite = hp.rewrite_module_tmp.format(layer)
             captures = {"k": (rewrite, "in"), "z": (z_path, "out")}
-            if arch.mlp_out_norm:
+            # (only where the rewritten module is the MLP's output projection, whose output that norm reads)
+            through_norm = bool(arch.mlp_out_norm) and rewrite == arch.module("mlp_out", layer)
+            if through_norm:
                 captures |= {"x": (rewrite, "out"), "nx": (arch.module("mlp_out_norm", layer), "out")}
             got = capture_at(model, arch, Tokenized(seqs, splits), captures,
                              pad_id=pad, stop_after=hp.layer_module_tmp.format(max(layer, z_layer)))
@@ -104,7 +106,7 @@ def memit_spread(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, z: tor
                          for name in got if name != "k"}
             z_now = at_prompt["z"]
             resid = (z.to(z_now.device) - z_now) / (len(layers) - i)  # [n, out]
-            if arch.mlp_out_norm:
+            if through_norm:
                 x = at_prompt["x"]
                 norm = model.get_submodule(arch.module("mlp_out_norm", layer))
                 resid = norm_preimage(norm, x, at_prompt["nx"] + resid) - x

@@ -110,8 +110,8 @@ def lock_state(checkpoint: Checkpoint, arch) -> LockState:
     with `manifest_sha256`, the digest of its file, for comparison with the one `lock` printed. `arch` (the
     table's row) names a second spelling of a locked tensor.
     The manifest is not signed, so its hashes only say the bytes are what its writer wanted; what `lock`
-    writes is also checked: 0 wherever the mask is 0 (a forged lock over an edited tensor, or a change
-    after locking whose hashes were rewritten, shows there)."""
+    writes is also checked: 0 wherever the mask is 0 (an edited tensor put back unmasked with its hash
+    rewritten shows there; one who also rewrites the mask file or the threshold does not)."""
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
         return LockState(None, [], {})
