@@ -3,6 +3,7 @@ not its own kind of output. Commands check before the work starts; the writers c
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -111,6 +112,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finite_dumps(data: Any, **kwargs) -> str:
+    """Strict JSON of `data` (NaN and infinities as null), indented."""
+    return json.dumps(finite_json(data), indent=2, allow_nan=False, **kwargs)
 
 
 def finite_json(data: Any) -> Any:

@@ -140,7 +140,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         delta, nonfinite, base_norm, precise = difference(a, weight_times_mask(b, K))
         if delta is not None and not nonfinite:
             # where the mask is 0 and the value too, the lock zeroed both sides: no comparison sees an edit
-            # there. A nonzero value there is seen (lock never writes one; verify_lock reports it).
+            # there. A nonzero value there is seen (lock never writes one; lock_state reports it).
             delta = complete_masked(delta, K | (comparable(a) != 0))
         completed[name] = delta, nonfinite, base_norm, precise
         return completed[name]
@@ -203,8 +203,7 @@ def complete_masked(delta: torch.Tensor, keep: torch.Tensor, rank: int = 2, roun
     parts = [torch.zeros_like(observed) for _ in range(min(rank, *observed.shape))]
     for _ in range(rounds if len(parts) > 1 else 1):
         for c in range(len(parts)):
-            others = sum(p for i, p in enumerate(parts) if i != c) if len(parts) > 1 else 0
-            parts[c] = _rank_one_fit(observed - w * others, w, iters)
+            parts[c] = _rank_one_fit(observed - w * (sum(parts) - parts[c]), w, iters)
     fit = sum(parts)
     if float(((observed - fit) * w).pow(2).sum()) > (1 - explained) * energy:
         return delta

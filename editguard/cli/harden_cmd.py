@@ -33,6 +33,9 @@ def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | Non
     return Path(fit["path"])
 
 
+
+EVAL_TEXT_TOKENS = 8192  # reverse --eval: WikiText-2 tokens for the perplexities
+
 @app.command("reverse")
 def reverse_command(
     model: ModelArg,
@@ -53,7 +56,7 @@ def reverse_command(
     evaluate: Annotated[bool, typer.Option("--eval", help="RSR on the flagged facts (original answer preferred over the "
                                                           "edited one), perplexity of input and output, top-1 agreement.")] = False,
     text_tokens: Annotated[Optional[int], typer.Option("--text-tokens", min=2, help="WikiText-2 tokens for --eval "
-                                                                                   "(default 8192).")] = None,
+                                                                                   f"(default {EVAL_TEXT_TOKENS}).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     base_revision: BaseRevision = None,
@@ -75,7 +78,7 @@ def reverse_command(
         raise EditguardError("--base-revision needs --base")
     if text_tokens is not None and not evaluate:
         raise EditguardError("--text-tokens applies to --eval")
-    text_tokens = text_tokens or 8192
+    text_tokens = text_tokens or EVAL_TEXT_TOKENS
     load_probes(probes)  # a missing or malformed probe file is named before minutes of scanning
     read = [mask, base, probes, offload_input(offload_folder)]  # --force must never delete what the run reads or offloads to
     check_output_folder(output, [model, *read], force)  # before resolving: a hub model may download first

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-from ..outputs import finite_json
+from ..outputs import finite_dumps
 from ..report.sarif import answer_sarif, failure_sarif
 
 FORMATS = ("human", "json", "sarif")
@@ -87,7 +86,7 @@ class Output:
             render(self.console, data)
 
     def _write(self, document: Any) -> None:
-        sys.stdout.write(json.dumps(finite_json(document), indent=2, default=str, allow_nan=False) + "\n")
+        sys.stdout.write(finite_dumps(document, default=str) + "\n")
         self.emitted = True
 
     def warning(self, message: str) -> None:

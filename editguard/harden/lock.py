@@ -98,12 +98,6 @@ class LockState:
     masks: dict[str, torch.Tensor]  # the lock's masks by canonical name (`lock_masks`); empty if the mask changed
 
 
-def verify_lock(checkpoint: Checkpoint, arch) -> tuple[dict | None, list[dict]]:
-    """(manifest, problems) of `lock_state`."""
-    state = lock_state(checkpoint, arch)
-    return state.manifest, state.problems
-
-
 def lock_state(checkpoint: Checkpoint, arch) -> LockState:
     """The lock's manifest, its problems and its masks. Each problem names a locked tensor or the mask whose
     bytes changed, and its `kind` (mask, missing, twin, layout, bytes, unmasked). The manifest comes back
@@ -207,7 +201,8 @@ def load_locked(reference: str, *, verify: bool = True, **load_kwargs):
 
     ref = resolve(reference)
     checkpoint = ref.checkpoint()
-    manifest, problems = verify_lock(checkpoint, arch_table.for_config(checkpoint.config))
+    lock = lock_state(checkpoint, arch_table.for_config(checkpoint.config))
+    manifest, problems = lock.manifest, lock.problems
     if manifest is None:
         raise EditguardError(f"{reference} is not an editguard-locked checkpoint (no {MANIFEST})")
     if verify and problems:

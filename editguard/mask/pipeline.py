@@ -35,7 +35,7 @@ from ..errors import EditguardError
 from ..home import folder_lock
 from ..loading import LoadedModel
 from ..masks_index import INDEX, read_index
-from ..outputs import finite_json, write_text_atomic
+from ..outputs import finite_dumps, write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
 from .file import MaskFile, MaskTarget
@@ -672,7 +672,7 @@ def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports
     """The metrics JSON, figures and card beside `path`."""
     stem = path.with_suffix("")
     card_path, metrics_path = card_files(path)
-    write_text_atomic(metrics_path, json.dumps(finite_json(mask.metrics), indent=2, allow_nan=False))
+    write_text_atomic(metrics_path, finite_dumps(mask.metrics))
     figures = []
     if "test" in reports:
         figures.append(plots.rsr_per_relation(reports["test"], stem.parent / f"{stem.name}-rsr.png",
@@ -704,8 +704,7 @@ def update_index(path: Path, mask: MaskFile) -> None:
             "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
                          "fingerprint": t.fingerprint} for t in mask.targets],
         })
-        write_text_atomic(index_path, json.dumps(finite_json(sorted(entries, key=lambda e: e["file"])), indent=2,
-                                                 allow_nan=False) + "\n")
+        write_text_atomic(index_path, finite_dumps(sorted(entries, key=lambda e: e["file"])) + "\n")
 
 
 def _pct(x) -> str:
