@@ -33,8 +33,8 @@ def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | Non
     return Path(fit["path"])
 
 
-
 EVAL_TEXT_TOKENS = 8192  # reverse --eval: WikiText-2 tokens for the perplexities
+
 
 @app.command("reverse")
 def reverse_command(
