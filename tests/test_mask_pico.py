@@ -423,6 +423,23 @@ def _train_args(pico_models, tmp_path, out, epochs):
             "--text-tokens", "200", "--checkpoint-every", "1", "-o", str(out)]
 
 
+def test_train_with_a_sharp_anneal_ships_the_cut_it_measured(cli, pico_models, tmp_path):
+    """τ_end = 6·e^-5.5 ≈ 0.025: the final soft scores are 1.0 for every weight in float32, yet
+    --target-pruned is met and the stored bits are the ones evaluated; sharper still, γ itself rounds to 1
+    and the run stops with one clear line."""
+    out = tmp_path / "masks" / "sharp.safetensors"
+    result = cli("-f", "json", *_train_args(pico_models, tmp_path, out, 1), "--set", "tau_decay=5.5",
+                 "--target-pruned", "0.1", "--no-baselines")
+    assert result.code == 0, result.err
+    mask = MaskFile.load(out)
+    assert bool((mask.targets[0].scores == 1).all())  # the scores alone could not be cut
+    assert abs(mask.pruned_fraction() - 0.1) < 0.005 and abs(result.json["pruned_fraction"] - 0.1) < 0.005
+    assert f"γ = 1 − {1 - mask.threshold:.1e}" in out.with_suffix(".md").read_text()  # not "γ = 1.000"
+    sharper = cli(*_train_args(pico_models, tmp_path, tmp_path / "masks" / "sharper.safetensors", 1), "--set",
+                  "tau_decay=8", "--target-pruned", "0.1", "--no-baselines")
+    assert sharper.code == 2 and "too sharp for a threshold" in sharper.err
+
+
 def test_summary_leaves_out_figures_not_computed():
     from editguard.cli.train_cmd import _rsr_details
 

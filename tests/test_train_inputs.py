@@ -451,6 +451,22 @@ def test_target_pruned_is_cut_exactly_or_refused_where_scores_tie():
         choose_threshold(tied, TrainJob(Path("m.safetensors"), target_pruned=0.5), TrainConfig())
 
 
+def test_a_sharp_anneal_is_cut_on_the_logits_where_its_scores_round_to_one():
+    """τ_end small: sigmoid(Θ/τ_end) is 1.0 in float32 for nearly every weight, so the scores tie; their
+    logits keep Θ's order and cut exactly."""
+    from editguard.mask.pipeline import TrainJob, binarise, choose_threshold
+    from editguard.mask.train import TrainConfig
+
+    logits = [torch.linspace(17.0, 40.0, 1000).reshape(20, 50)]
+    job = TrainJob(Path("m.safetensors"), target_pruned=0.1)
+    with pytest.raises(EditguardError, match="they tie there"):
+        choose_threshold([torch.sigmoid(x) for x in logits], job, TrainConfig())
+    gamma, masks = binarise(logits, job, TrainConfig())
+    assert int((masks[0] == 0).sum()) == 100 and 0 < gamma < 1
+    fixed, masks = binarise(logits, TrainJob(Path("m.safetensors"), threshold=0.5), TrainConfig())
+    assert fixed == 0.5 and bool(masks[0].all())  # every logit above 0: nothing pruned
+
+
 def test_metrics_files_hold_strict_json():
     import math
 

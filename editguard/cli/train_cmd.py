@@ -13,6 +13,7 @@ from rich.markup import escape
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
 from ..loading import load_model
+from ..mask.file import gamma_text
 from ..outputs import check_output_file
 from . import state
 from .app import app
@@ -166,7 +167,7 @@ def _rsr_details(r: dict) -> str:
 def _render(console, m) -> None:
     test = m["rsr"].get("test", {})
     console.print(f"wrote {m['mask']} (+ .md card, .json metrics, figures; index.json updated)")
-    console.print(f"pruned {m['pruned_fraction']:.1%} at γ={m['threshold']:.3f}; test RSR {test.get('rsr', float('nan')):.1%} "
+    console.print(f"pruned {m['pruned_fraction']:.1%} at γ={gamma_text(m['threshold'])}; test RSR {test.get('rsr', float('nan')):.1%} "
                   f"({_rsr_details(test)}); perplexity original "
                   f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "
                   f"{m['total_seconds']:.0f} s")
@@ -257,7 +258,7 @@ def evaluate_mask_command(
 
 def _render_evaluation(console, m) -> None:
     averaged = "".join(f" + {p}" for p in m.get("averaged_with", []))
-    console.print(f"{m['mask']}{averaged}: γ={m['threshold']:.3f}, pruned {m['pruned_fraction']:.1%}")
+    console.print(f"{m['mask']}{averaged}: γ={gamma_text(m['threshold'])}, pruned {m['pruned_fraction']:.1%}")
     if "written" in m:
         console.print(f"wrote {m['written']} (+ .md card, .json metrics, figures; index.json updated)")
     for split, r in m["rsr"].items():

@@ -2,8 +2,9 @@
 provenance and metrics, in one safetensors file. One reader/writer.
 
 Tensors per target t (index in `targets`): `t{t}.bits` (uint8, numpy.packbits of the [out, in] binary
-mask, row-major), `t{t}.scores` (float16 soft mask values K = sigmoid(Θ/τ_end), so another threshold can
-be chosen later) and `t{t}.theta` (float16 raw Θ, for resuming or re-annealing). Masks are always in
+mask, row-major; applied unless another threshold is asked for), `t{t}.scores` (float16 soft mask values K = sigmoid(Θ/τ_end),
+so another threshold can be chosen later; after a sharp anneal they may round to 1 and tie) and `t{t}.theta`
+(float16 raw Θ, for resuming or re-annealing). Masks are always in
 [out, in] orientation; `transposed` records that the checkpoint stores the weight as [in, out].
 """
 
@@ -29,6 +30,12 @@ def weight_times_mask(weight: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     """weight ⊙ K (K in the stored orientation), computed in float32 and stored in the weight's own dtype:
     what `lock` and `reverse` write, and what a base diff of a locked model expects of the base."""
     return (weight.float() * K).to(weight.dtype)
+
+
+def gamma_text(threshold: float) -> str:
+    """γ for people: three decimals, or its distance from 1 where three decimals would print 1.000 (a
+    sharply annealed mask cuts at 1 − 6e-08)."""
+    return f"{threshold:.3f}" if threshold < 0.9995 else f"1 − {1 - threshold:.1e}"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -38,7 +39,7 @@ from ..masks_index import INDEX, read_index
 from ..outputs import finite_dumps, write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
-from .file import MaskFile, MaskTarget
+from .file import MaskFile, MaskTarget, gamma_text
 from .splits import MemitSplit, RomeSplit
 from .train import (MaskTrainer, TrainConfig, TrainState, checkpoint_info, data_hash, load_checkpoint, make_optimizer,
                     prepare_prompts, save_checkpoint)
@@ -95,28 +96,50 @@ def per_relation(records: list, n: int) -> list:
 TARGET_TOLERANCE = 0.005
 
 
-def choose_threshold(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> float:
-    """γ: given, or the score that prunes `target_pruned` of the weights (of all targets together): masks keep
-    s ≥ γ, so γ is the next score above the k smallest. Where many scores tie no γ prunes that share: one
-    clear error with the shares that can be had, never a silently different cut."""
+def _sigmoid(x: float) -> float:
+    return 0.5 * (1.0 + math.tanh(x / 2))  # never overflows, for any logit
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def cut_point(keys: list[torch.Tensor], job: TrainJob, cfg: TrainConfig, logits: bool = False) -> tuple[float, float]:
+    """(γ, cut): masks keep the weights whose key is ≥ cut. `keys` are soft scores K (cut = γ) or their
+    logits Θ/τ_end (`logits`), which rank alike but never round to 1 as float32 scores do past a logit
+    of ~17 (a sharper τ anneal than the paper's made 95 % of them tie). γ is given, or the key that prunes
+    `target_pruned` of the weights (of all targets together), the next one above the k smallest. Where
+    many keys tie no cut prunes that share: one clear error with the shares that can be had, never a
+    silently different cut."""
     if job.target_pruned is None:
-        return job.threshold if job.threshold is not None else cfg.threshold
-    flat = torch.cat([s.reshape(-1).float() for s in scores])
+        gamma = job.threshold if job.threshold is not None else cfg.threshold
+        return gamma, (_logit(gamma) if logits else gamma)
+    flat = torch.cat([s.reshape(-1).float() for s in keys])
     k = max(round(job.target_pruned * flat.numel()), 1)
-    gamma = float(flat.kthvalue(min(k + 1, flat.numel())).values)
-    got = float((flat < gamma).float().mean())
+    cut = float(flat.kthvalue(min(k + 1, flat.numel())).values)
+    got = float((flat < cut).float().mean())
+    gamma = _sigmoid(cut) if logits else cut
+    if logits and gamma >= 1:
+        raise EditguardError(f"the soft masks end too sharp for a threshold: the cut lies at Θ/τ_end = {cut:.0f}, "
+                             "where γ rounds to 1; anneal less sharply (a smaller tau_decay)")
     if not 0 < gamma < 1 or abs(got - job.target_pruned) > TARGET_TOLERANCE:
         tied = float(flat.kthvalue(k).values)
         below, above = float((flat < tied).float().mean()), float((flat <= tied).float().mean())
         raise EditguardError(f"--target-pruned {job.target_pruned:g} cannot be cut from these scores: they tie "
                              f"there, so a threshold prunes {below:.2%} or {above:.2%}; choose a share outside "
                              "that span, or --threshold")
-    return gamma
+    return gamma, cut
 
 
-def binarise(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> list[torch.Tensor]:
-    threshold = choose_threshold(scores, job, cfg)
-    return [(s >= threshold).float() for s in scores]
+def choose_threshold(scores: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> float:
+    """γ for soft scores K (masks keep s ≥ γ): see cut_point."""
+    return cut_point(scores, job, cfg)[0]
+
+
+def binarise(logits: list[torch.Tensor], job: TrainJob, cfg: TrainConfig) -> tuple[float, list[torch.Tensor]]:
+    """(γ, binary masks) from the logits Θ/τ_end of the final soft masks."""
+    gamma, cut = cut_point(logits, job, cfg, logits=True)
+    return gamma, [(s >= cut).float() for s in logits]
 
 
 def pruned_share(masks: list[torch.Tensor]) -> float:
@@ -357,7 +380,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         if "val" not in edited or (epoch % every and st.step < trainer.total_steps):
             return
         # the masks as they would ship if training stopped here (annealed to the final τ, binarised)
-        masks = binarise(trainer.soft_masks(st.theta), job, cfg)
+        masks = binarise(trainer.score_logits(st.theta), job, cfg)[1]
         score = float((edited["val"].preference(loaded, targets, masks) > 0).float().mean())
         st.keep_if_best(score)
         st.curve.append({"step": st.step, "epoch": epoch, "seconds": round(st.seconds, 1),
@@ -369,8 +392,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
     # 3. threshold: fixed, or chosen for a target pruned share
     theta, shipped_step = state.shipped(best=job.select == "best")
     scores = trainer.soft_masks(theta)
-    threshold = choose_threshold(scores, job, cfg)
-    masks = [(s >= threshold).float() for s in scores]
+    threshold, masks = binarise(trainer.score_logits(theta), job, cfg)
     test_started = time.time()
     bank = fill(["val", "train", "test"], "edit bank (test edits)")
     bank_seconds += time.time() - test_started
@@ -396,7 +418,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
                     data={"train": len(facts["train"]), "val": len(facts["val"]), "test": len(facts["test"]),
                           "source": job.data or "paper splits", "hash": meta["data_hash"],
                           "bank": str(bank_path), "bank_hparams_hash": bank.meta["hparams_hash"]},
-                    metrics=metrics)
+                    metrics=metrics, binaries=masks)  # the bits measured: the scores may round to a tie
     publish(job.output, mask, masks, reports)
     ckpt.unlink(missing_ok=True)
     return metrics
@@ -714,7 +736,7 @@ def _pct(x) -> str:
 def _trained_lines(m: dict) -> list[str]:
     return [
         f"- command: `{m['command']}`",
-        *([f"- re-binarised from `{m['rebinarised']['from']}` (trained at γ = {m['rebinarised']['trained_threshold']:.3f}, "
+        *([f"- re-binarised from `{m['rebinarised']['from']}` (trained at γ = {gamma_text(m['rebinarised']['trained_threshold'])}, "
            f"{_pct(m['rebinarised']['trained_pruned_fraction'])} pruned) and re-measured by: "
            f"`{m['rebinarised']['command']}`"] if "rebinarised" in m else []),
         f"- shipped Θ: step {m.get('shipped_step', m['steps'])} of {m['steps']}"
@@ -731,7 +753,7 @@ def _averaged_lines(m: dict) -> list[str]:
     for s in m["averaged"]:
         trained = f"trained by `{s['command']}`" if s.get("command") else "see its card"
         step = f", Θ of step {s.get('shipped_step') or s['steps']} of {s['steps']}" if s.get("steps") else ""
-        lines.append(f"  - `{s['file']}`: seed {s['seed']}, γ = {s['threshold']:.3f}; {trained}{step}")
+        lines.append(f"  - `{s['file']}`: seed {s['seed']}, γ = {gamma_text(s['threshold'])}; {trained}{step}")
     return lines
 
 
@@ -741,7 +763,7 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
         f"# Mask card: `{path.name}`", "",
         f"- model: `{mask.model_id}` ({mask.model_type}), "
         + ", ".join(f"tensor `{t.tensor}` (layer {t.layer}, [out, in] = {list(t.shape)})" for t in mask.targets),
-        f"- trained against: {mask.method.upper()} edits; threshold γ = {mask.threshold:.3f}; "
+        f"- trained against: {mask.method.upper()} edits; threshold γ = {gamma_text(mask.threshold)}; "
         f"pruned {_pct(m['pruned_fraction'])} of the weights",
         f"- data: {mask.data.get('train')} train / {mask.data.get('val')} val / {mask.data.get('test')} test records "
         f"({mask.data.get('source')}; hash {mask.data.get('hash')})",
