@@ -2,10 +2,10 @@
 provenance and metrics, in one safetensors file. One reader/writer.
 
 Tensors per target t (index in `targets`): `t{t}.bits` (uint8, numpy.packbits of the [out, in] binary
-mask, row-major; applied unless another threshold is asked for), `t{t}.scores` (float16 soft mask values K = sigmoid(Θ/τ_end),
-so another threshold can be chosen later; after a sharp anneal they may round to 1 and tie) and `t{t}.theta`
-(float16 raw Θ, for resuming or re-annealing). Masks are always in
-[out, in] orientation; `transposed` records that the checkpoint stores the weight as [in, out].
+mask, row-major; applied unless another threshold is asked for), `t{t}.scores` (float16 soft mask values
+K = sigmoid(Θ/τ_end), so another threshold can be chosen later; after a sharp anneal they may round to 1
+and tie) and `t{t}.theta` (float16 raw Θ, for resuming or re-annealing). Masks are always in [out, in]
+orientation; `transposed` records that the checkpoint stores the weight as [in, out].
 """
 
 from __future__ import annotations
