@@ -465,6 +465,11 @@ def test_a_sharp_anneal_is_cut_on_the_logits_where_its_scores_round_to_one():
     assert int((masks[0] == 0).sum()) == 100 and 0 < gamma < 1
     fixed, masks = binarise(logits, TrainJob(Path("m.safetensors"), threshold=0.5), TrainConfig())
     assert fixed == 0.5 and bool(masks[0].all())  # every logit above 0: nothing pruned
+    pruned_hard = [torch.linspace(-60.0, 5.0, 1000).reshape(20, 50)]  # the cut at −53.5: γ ≈ 6e-24, not 0
+    gamma, masks = binarise(pruned_hard, job, TrainConfig())
+    assert int((masks[0] == 0).sum()) == 100 and 0 < gamma < 1e-20
+    with pytest.raises(EditguardError, match="too sharp for a threshold"):
+        binarise([torch.linspace(-2000.0, 5.0, 1000).reshape(20, 50)], job, TrainConfig())
 
 
 def test_metrics_files_hold_strict_json():

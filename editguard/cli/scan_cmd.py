@@ -12,6 +12,7 @@ from rich.table import Table
 from ..audit.findings import VERDICT_RANK
 from ..audit.scan import TESTS, ScanOptions, scan, skipped_tests
 from ..errors import EXIT_FINDINGS, EditguardError
+from ..mask.file import gamma_text
 from ..report.sarif import to_sarif
 from ..outputs import check_output_file
 from . import state
@@ -110,8 +111,8 @@ def _render(console, r) -> None:
             console.print(f"  revealed by key projection (layers {t['layers']}): {t['changed']} of {t['probes']} probe "
                           f"answers of {', '.join(escape(x) for x in t['subjects'])} change")
         elif name == "hidden":
-            console.print(f"  hidden facts under {escape(t['mask'])} (γ={t['threshold']}): {t['changed_confident']} of "
-                          f"{t['probes']} probe answers change, {t['changed_at_edited_prob']} of them held at p ≥ "
+            console.print(f"  hidden facts under {escape(t['mask'])} (γ={gamma_text(t['threshold'])}): "
+                          f"{t['changed_confident']} of {t['probes']} probe answers change, {t['changed_at_edited_prob']} of them held at p ≥ "
                           f"{t['edited_prob']} as edited answers are"
                           + (f" (graded {t['graded_at_most']} at most, as the tests that flagged its layer)"
                              if t.get("graded_at_most") not in (None, "error") else ""))

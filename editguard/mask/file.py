@@ -64,7 +64,8 @@ class MaskFile:
     data: dict = field(default_factory=dict)  # training data description + hash
     metrics: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
-    binaries: list[torch.Tensor] | None = None  # as stored (may differ from scores >= threshold if edited)
+    # as stored: may differ from scores >= threshold (re-cut, edited, or scores rounded to a tie)
+    binaries: list[torch.Tensor] | None = None
 
     def mask(self, index: int = 0, threshold: float | None = None) -> torch.Tensor:
         """Binary [out, in] mask of target `index`, at the stored threshold unless one is given."""

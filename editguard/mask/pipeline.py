@@ -97,7 +97,11 @@ TARGET_TOLERANCE = 0.005
 
 
 def _sigmoid(x: float) -> float:
-    return 0.5 * (1.0 + math.tanh(x / 2))  # never overflows, for any logit
+    """In float64, without overflow and with full precision on both sides of 0."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
 
 
 def _logit(p: float) -> float:
@@ -119,15 +123,17 @@ def cut_point(keys: list[torch.Tensor], job: TrainJob, cfg: TrainConfig, logits:
     cut = float(flat.kthvalue(min(k + 1, flat.numel())).values)
     got = float((flat < cut).float().mean())
     gamma = _sigmoid(cut) if logits else cut
-    if logits and gamma >= 1:
+    if logits and not 0 < gamma < 1:
         raise EditguardError(f"the soft masks end too sharp for a threshold: the cut lies at Θ/τ_end = {cut:.0f}, "
-                             "where γ rounds to 1; anneal less sharply (a smaller tau_decay)")
+                             f"where γ rounds to {gamma:g}; anneal less sharply (a smaller tau_decay)")
     if not 0 < gamma < 1 or abs(got - job.target_pruned) > TARGET_TOLERANCE:
         tied = float(flat.kthvalue(k).values)
         below, above = float((flat < tied).float().mean()), float((flat <= tied).float().mean())
+        # scores of 1: a sharply annealed mask's, rounded; only shares up to `below` can be cut from them
+        hint = "its own cut (no --threshold or --target-pruned)" if tied >= 1 and not logits else "--threshold"
         raise EditguardError(f"--target-pruned {job.target_pruned:g} cannot be cut from these scores: they tie "
                              f"there, so a threshold prunes {below:.2%} or {above:.2%}; choose a share outside "
-                             "that span, or --threshold")
+                             f"that span, or {hint}")
     return gamma, cut
 
 
