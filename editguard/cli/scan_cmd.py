@@ -112,8 +112,8 @@ def _render(console, r) -> None:
                           f"answers of {', '.join(escape(x) for x in t['subjects'])} change")
         elif name == "hidden":
             console.print(f"  hidden facts under {escape(t['mask'])} (γ={gamma_text(t['threshold'])}): "
-                          f"{t['changed_confident']} of {t['probes']} probe answers change, {t['changed_at_edited_prob']} of them held at p ≥ "
-                          f"{t['edited_prob']} as edited answers are"
+                          f"{t['changed_confident']} of {t['probes']} probe answers change, "
+                          f"{t['changed_at_edited_prob']} of them held at p ≥ {t['edited_prob']} as edited answers are"
                           + (f" (graded {t['graded_at_most']} at most, as the tests that flagged its layer)"
                              if t.get("graded_at_most") not in (None, "error") else ""))
         elif name == "lock":

@@ -397,8 +397,9 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
                   checkpoint=lambda st, opt: save_checkpoint(ckpt, st, opt, meta))
     # 3. threshold: fixed, or chosen for a target pruned share
     theta, shipped_step = state.shipped(best=job.select == "best")
-    scores = trainer.soft_masks(theta)
-    threshold, masks = binarise(trainer.score_logits(theta), job, cfg)
+    logits = trainer.score_logits(theta)
+    threshold, masks = binarise(logits, job, cfg)
+    scores = [torch.sigmoid(x) for x in logits]  # K at the final τ, as the mask file stores it
     test_started = time.time()
     bank = fill(["val", "train", "test"], "edit bank (test edits)")
     bank_seconds += time.time() - test_started

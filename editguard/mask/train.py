@@ -526,10 +526,6 @@ class MaskTrainer:
             p.requires_grad_(False)
         return state
 
-    def soft_masks(self, theta: list[torch.Tensor]) -> list[torch.Tensor]:
-        """K at the final τ (on the CPU, as mask files store it)."""
-        return [torch.sigmoid(logits) for logits in self.score_logits(theta)]
-
     def score_logits(self, theta: list[torch.Tensor]) -> list[torch.Tensor]:
         """Θ/τ_end, the logits of the final K, on the CPU: what thresholds cut (K itself rounds to 1)."""
         return [(t.detach().float() / self.cfg.tau(1.0)).cpu() for t in theta]
