@@ -54,7 +54,8 @@ def inspect_model(ref: ModelRef, allow_pickle: bool = False) -> dict:
         "masks": [
             {"file": m["path"], "method": m.get("method"), "match": m["match"],
              "layers": sorted(set(m.get("layers") or [])),  # a --whole-mlp mask lists its layer per tensor
-             "tensors": len(m.get("targets", []))}
+             "tensors": len(m.get("targets", [])), "test_rsr": m.get("test_rsr"),
+             "perplexity_increase": m.get("perplexity_increase")}
             for m in masks_index.fitting(arch, checkpoint)
         ],
     }

@@ -9,6 +9,7 @@ tensor names and shapes, base-weight fingerprints). Folders searched, in order: 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _well_formed(item) -> bool:
     ints = lambda values: isinstance(values, list) and all(type(v) is int for v in values)  # noqa: E731
     return isinstance(targets, list) and ints(layers) and ints(edit_layers) and all(
         isinstance(t, dict) and isinstance(t.get("tensor"), str) and isinstance(t.get("stored_shape"), list)
-        for t in targets) and isinstance(item.get("test_rsr") or 0, (int, float))
+        for t in targets) and all(isinstance(item.get(key) or 0, (int, float)) for key in ("test_rsr", "perplexity_increase"))
 
 
 def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:
@@ -116,13 +117,38 @@ def edited_tensors_only(arch: Arch, entry: dict) -> bool:
         arch.is_mlp_out(t["tensor"], layer) for t, layer in zip(entry["targets"], layers))
 
 
+def perplexity_increase(text: dict) -> float | None:
+    """What the mask alone costs a clean model: WikiText-2 perplexity with the mask on the unedited weights
+    over the original's, minus one (what a lock costs everyone who loads it); None when not measured."""
+    try:
+        ratio = text["mask_on_unedited"]["perplexity"] / text["original"]["perplexity"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return round(ratio - 1, 4) if math.isfinite(ratio) else None
+
+
+LOCK_PERPLEXITY_BUDGET = 0.10  # the paper's bar for a pruned model: perplexity within 10 % of the original
+
+
+def lock_cost_class(entry: dict) -> int:
+    """0: the mask alone costs a clean model at most LOCK_PERPLEXITY_BUDGET in perplexity, 1: not measured
+    (an index written before the field), 2: more."""
+    cost = entry.get("perplexity_increase")
+    return 1 if cost is None else 0 if cost <= LOCK_PERPLEXITY_BUDGET else 2
+
+
 def best_fit(arch: Arch, checkpoint: Checkpoint, layers=None, method: str | None = None,
              lock: bool = False) -> dict | None:
     """The fitting mask to use: one trained against `method` and over `layers` (found edited or planted)
     first, then exact matches, then by RSR. For a lock, masks over the edited tensors alone come first: an
     editor solves for the edit through the locked model, so masked MLP inputs (`train --whole-mlp`) only
-    change the key the edit is solved at (the layer-9 whole-MLP mask: ROME success 100 → 100 %)."""
-    fits = prefer_layers(fitting(arch, checkpoint), layers, method)
+    change the key the edit is solved at (the layer-9 whole-MLP mask: ROME success 100 → 100 %). Among
+    those, a lock also weighs what it costs: every user of a locked model runs the mask, so masks within
+    the perplexity budget come before better reversers that are not (gemma3's MEMIT mask: +63 %)."""
+    fits = fitting(arch, checkpoint)
+    if lock:  # stable sorts: the last one decides first
+        fits = sorted(fits, key=lock_cost_class)
+    fits = prefer_layers(fits, layers, method)
     if lock:
         fits = sorted(fits, key=lambda e: not edited_tensors_only(arch, e))
     return fits[0] if fits else None

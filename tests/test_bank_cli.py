@@ -17,10 +17,21 @@ PICO_YAML = {"alg_name": "ROME", "layers": [0], "context_template_length_params"
              "facts_per_batch": 2}
 
 
+PICO_MEMIT_YAML = {"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]],
+                   "v_num_grad_steps": 6, "mom2_update_weight": 100.0, "mom2_n_samples": 10}
+
+
 @pytest.fixture
 def hparams_file(tmp_path):
     path = tmp_path / "pico.yaml"
     path.write_text(yaml.safe_dump(PICO_YAML))
+    return path
+
+
+@pytest.fixture
+def memit_hparams_file(tmp_path):
+    path = tmp_path / "memit.yaml"
+    path.write_text(yaml.safe_dump(PICO_MEMIT_YAML))
     return path
 
 
@@ -279,14 +290,13 @@ def test_a_fact_given_twice_is_refused(cli, pico_models, hparams_file, facts_fil
     assert not (tmp_path / "out").exists()
 
 
-def test_memit_fill_resumes_only_with_its_batch_size(cli, pico_models, facts_file, tmp_path, monkeypatch):
+def test_memit_fill_resumes_only_with_its_batch_size(cli, pico_models, facts_file, memit_hparams_file, tmp_path,
+                                                     monkeypatch):
     """A MEMIT fill killed between batch edits resumes with the same --memit-batch (other batches would be
     other edits); once finished, the bank carries no pending run and extends with any batch size."""
     from editguard.edit import memit
 
-    hp = tmp_path / "memit.yaml"
-    hp.write_text(yaml.safe_dump({"alg_name": "MEMIT", "layers": [0, 1], "context_template_length_params": [[5, 5]],
-                                  "v_num_grad_steps": 6, "mom2_update_weight": 100.0, "mom2_n_samples": 10}))
+    hp = memit_hparams_file
     bank_path = tmp_path / "bank.safetensors"
     args = ["edit", pico_models["llama"], "--method", "memit", "--data", facts_file, "--hparams", hp,
             "--bank", bank_path]
@@ -379,7 +389,7 @@ def test_subject_is_found_as_a_whole_word_and_once(cli, pico_models, hparams_fil
     assert result.code == 2 and "give one or the other" in result.err, result.err
 
 
-def test_bank_eval_judges_this_runs_facts_and_refuses_memit(cli, pico_models, hparams_file, tmp_path):
+def test_bank_eval_judges_this_runs_facts(cli, pico_models, hparams_file, memit_hparams_file, tmp_path):
     bank = tmp_path / "bank.safetensors"
     first = ["--fact", "The capital of {}", "--subject", "France", "--target", "Rome"]
     second = ["--fact", "The language of {}", "--subject", "Germany", "--target", "Japanese"]
@@ -388,6 +398,23 @@ def test_bank_eval_judges_this_runs_facts_and_refuses_memit(cli, pico_models, hp
                  "--resume", "--eval")
     assert result.code == 0, result.err
     assert result.json["edits"] == 2 and result.json["quality"]["n"] == 1  # this run's fact only
-    memit = cli("edit", pico_models["llama"], *first, "--method", "memit", "--hparams", hparams_file,
-                "--bank", tmp_path / "memit.safetensors", "--eval")
-    assert memit.code == 2 and "implemented for ROME" in memit.err, memit.err
+    # MEMIT: each fact judged under its whole batch edit, as `edit -o --eval` judges a planted batch
+    memit_bank = tmp_path / "memit.safetensors"
+    assert cli("edit", pico_models["llama"], *first, "--method", "memit", "--hparams", memit_hparams_file,
+               "--bank", memit_bank).code == 0
+    memit = cli("-f", "json", "edit", pico_models["llama"], *first, *second, "--method", "memit", "--hparams",
+                memit_hparams_file, "--bank", memit_bank, "--resume", "--memit-batch", "2", "--eval")
+    assert memit.code == 0, memit.err
+    quality = memit.json["quality"]
+    assert memit.json["edits"] == 2 and quality["n"] == 2  # the earlier batch's fact and this run's
+    from editguard.edit.bank import EditBank
+    from editguard.edit.quality import bank_quality, judge
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    loaded, bank = load_model(resolve(str(pico_models["llama"]))), EditBank.open(memit_bank)
+    germany = bank.edits([1])[0].facts  # the second batch's one fact
+    unedited = judge(loaded, germany)[0].new_prob
+    edited = bank_quality(loaded, bank, germany)
+    assert len(edited) == 1 and edited[0].new_prob > unedited  # judged under its batch edit...
+    assert judge(loaded, germany)[0].new_prob == unedited  # ...which is taken off again

@@ -192,6 +192,8 @@ def test_action_and_hooks_are_valid_and_name_real_commands():
     steps = {s.get("id") or s.get("name") or s["uses"]: s for s in action["runs"]["steps"]}
     script = steps["scan"]["run"]
     assert 'if [ -z "$MODEL" ]' in script and "mkdir -p" in script and "-- \"$MODEL\"" in script
+    for name in ("base", "lock-digest", "fail-on"):  # each scan input reaches the option of its name
+        assert "${{ inputs.%s }}" % name in steps["scan"]["env"].values() and f"--{name} " in script, name
     upload = steps["Upload SARIF"]
     assert "steps.scan.outputs.code == '1'" in upload["if"] and upload["with"]["category"]
 

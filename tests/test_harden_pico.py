@@ -224,6 +224,34 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     one_line_error(cli("scan", garbled, "--tests", "diff"), "corrupt lock manifest")
 
 
+def test_scan_checks_the_lock_digest_it_is_given(cli, pico_models, pico_mask, tmp_path):
+    """The one check an unsigned lock allows: the manifest digest `lock` printed. A forger who rewrites the
+    mask file, the threshold and every hash passes every other check; `scan --lock-digest` (and
+    `load_locked(manifest_sha256=...)`) still refuse them, as they refuse a model with no lock at all."""
+    from editguard import load_locked
+
+    locked = tmp_path / "locked"
+    digest = cli("-f", "json", "lock", pico_models["llama"], "--mask", pico_mask, "-o", locked).json["manifest_sha256"]
+    ok = cli("-f", "json", "scan", locked, "--tests", "diff", "--lock-digest", digest.upper())
+    assert ok.code == 0 and ok.json["tests"]["lock"]["intact"] and ok.json["tests"]["lock"]["expected_sha256"] == digest
+    load_locked(str(locked), manifest_sha256=digest)
+    # the threshold rewritten: a valid manifest that re-applies the mask at another γ
+    manifest = json.loads((locked / "editguard-lock.json").read_text())
+    (locked / "editguard-lock.json").write_text(json.dumps({**manifest, "threshold": 0.01}))
+    assert cli("-f", "json", "scan", locked, "--tests", "diff").json["tests"]["lock"]["intact"]  # unseen without it
+    forged = cli("-f", "json", "scan", locked, "--tests", "diff", "--lock-digest", digest)
+    assert forged.code == 1 and [p["kind"] for p in forged.json["tests"]["lock"]["problems"]] == ["digest"]
+    assert forged.json["findings"][0]["rule"] == "EG030" and digest in forged.json["findings"][0]["message"]
+    with pytest.raises(EditguardError, match="not the expected"):
+        load_locked(str(locked), manifest_sha256=digest)
+    load_locked(str(locked))  # without the digest the rewrite is invisible, as the README says
+    unlocked = cli("-f", "json", "scan", pico_models["llama"], "--tests", "diff", "--lock-digest", digest)
+    assert unlocked.code == 1 and unlocked.json["tests"]["lock"]["locked"] is False
+    assert [p["kind"] for p in unlocked.json["tests"]["lock"]["problems"]] == ["unlocked"]
+    assert "MISSING" in cli("scan", pico_models["llama"], "--tests", "diff", "--lock-digest", digest).err
+    one_line_error(cli("scan", locked, "--tests", "diff", "--lock-digest", "abc"), "64 hex digits")
+
+
 def test_lock_whose_manifest_does_not_match_its_mask(cli, pico_models, pico_mask, tmp_path):
     """A manifest rewritten to say another tensor is the locked one (its hash and layout rewritten to
     match) is not what lock wrote: EG030, not an error that stops the scan. An 8-bit float lock is

@@ -213,6 +213,30 @@ def test_lock_prefers_a_mask_over_the_edited_tensors_alone(tmp_path, monkeypatch
     assert masks_index.best_fit(arch, llama, [0], "rome", lock=True)["file"] == "down0.safetensors"
 
 
+def test_lock_weighs_what_the_mask_costs_the_model(tmp_path, monkeypatch, pico_models):
+    """Every user of a locked model runs its mask: `lock` takes a mask within the perplexity budget over a
+    better reverser beyond it (gemma3's MEMIT mask: test RSR 73.5 %, perplexity +63 % on the clean model),
+    an unmeasured one between them; masks for the layer a caller names (demo's planted edit) still first."""
+    from editguard import masks_index
+
+    llama = Checkpoint(pico_models["llama"])
+    arch = arch_table.for_config(llama.config)
+    costly, cheap, unknown, other = _index_entries(llama, [("costly0.safetensors", 0, 0.9), ("cheap0.safetensors", 0, 0.5),
+                                                           ("unknown0.safetensors", 0, 0.7), ("cheap1.safetensors", 1, 0.4)])
+    costly["perplexity_increase"], cheap["perplexity_increase"], other["perplexity_increase"] = 0.63, 0.08, 0.01
+    (tmp_path / "index.json").write_text(json.dumps([costly, cheap, unknown, other]))
+    monkeypatch.setattr("editguard.masks_index.mask_dirs", lambda: [tmp_path])
+    assert masks_index.best_fit(arch, llama)["file"] == "costly0.safetensors"  # reverse: by RSR
+    assert masks_index.best_fit(arch, llama, lock=True)["file"] == "cheap0.safetensors"
+    assert masks_index.best_fit(arch, llama, [1], lock=True)["file"] == "cheap1.safetensors"
+    cheap["perplexity_increase"] = 0.2  # over the budget too: the unmeasured one comes before both
+    (tmp_path / "index.json").write_text(json.dumps([costly, cheap, unknown]))
+    assert masks_index.best_fit(arch, llama, lock=True)["file"] == "unknown0.safetensors"
+    costly["perplexity_increase"] = "high"  # a malformed figure makes the entry unreadable, as a bad RSR does
+    (tmp_path / "index.json").write_text(json.dumps([costly]))
+    assert masks_index.best_fit(arch, llama, lock=True) is None
+
+
 def _trainer(loaded, seed=0):
     from editguard.edit.facts import Fact
     from editguard.mask.train import prepare_prompts
@@ -472,6 +496,10 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     monkeypatch.setenv("EDITGUARD_MASKS", str(out.parent))
     info = cli("-f", "json", "inspect", pico_models["llama"]).json
     assert [m["match"] for m in info["masks"]] == ["exact"]
+    # with what the mask alone costs a clean model, for lock's choice
+    text = metrics["text"]
+    cost = text["mask_on_unedited"]["perplexity"] / text["original"]["perplexity"] - 1
+    assert info["masks"][0]["perplexity_increase"] == pytest.approx(cost, abs=1e-4)
     assert "| test |" in (out.parent / "pico_rome.md").read_text()
     # evaluate-mask reproduces the evaluation from the mask file and the bank, at another threshold too
     args = _train_args(pico_models, tmp_path, out, 2)

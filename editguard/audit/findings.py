@@ -19,7 +19,7 @@ RULES: dict[str, tuple[str, str]] = {
     "EG020": ("hidden-fact", "An answer changes under the edit-reversal mask and was held with abnormal confidence."),
     "EG021": ("revealed-fact", "An answer changes when the flagged subject's keys are projected out of the flagged layer "
                                "(base- and mask-free reversal): the revealed answer is the one the edit replaced."),
-    "EG030": ("lock-tampered", "A tensor protected by an editguard lock no longer matches its recorded hash."),
+    "EG030": ("lock-tampered", "A tensor protected by an editguard lock no longer matches its recorded hash, or the lock manifest is not the expected one (`scan --lock-digest`)."),
 }
 
 SEVERITY_ORDER = {"note": 0, "warning": 1, "error": 2}

@@ -51,6 +51,7 @@ class ScanOptions:
     threshold: float | None = None
     allow_pickle: bool = False
     load_options: dict = field(default_factory=dict)
+    lock_digest: str | None = None  # the lock manifest's sha256 as `lock` printed it: another, or none, is EG030
     decompose: int = 0  # residual-stream decompositions of this many flagged facts (for the HTML report)
     loaded: LoadedModel | None = field(default=None, repr=False)  # the model of `ref`, already loaded: reused
 
@@ -106,13 +107,16 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     findings: list[Finding] = []
     tests: dict = {}
     # 0. lock manifest
-    lock = lock_state(checkpoint, arch)
+    lock = lock_state(checkpoint, arch, options.lock_digest)
     manifest, problems = lock.manifest, lock.problems
-    if manifest is not None:
-        tests["lock"] = {"locked": True, "intact": not problems, "problems": problems,
-                         "manifest_sha256": manifest["manifest_sha256"]}
+    if manifest is not None or options.lock_digest is not None:
+        tests["lock"] = {"locked": manifest is not None, "intact": not problems, "problems": problems,
+                         "manifest_sha256": manifest["manifest_sha256"] if manifest else None,
+                         **({"expected_sha256": options.lock_digest} if options.lock_digest else {})}
         for p in problems:
-            findings.append(Finding("EG030", "error", f"locked {p['what']} {p.get('tensor', p.get('file'))}: {p['reason']}",
+            where = f"{p['what']} {p['file']}" if p["kind"] in ("digest", "unlocked") else \
+                f"locked {p['what']} {p.get('tensor', p.get('file'))}"
+            findings.append(Finding("EG030", "error", f"{where}: {p['reason']}",
                                     tensor=p.get("tensor"), file=p.get("file")))
     need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
     if need_model:  # a bad probe file is found before a long base download and diff, not after

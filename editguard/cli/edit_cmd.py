@@ -79,7 +79,8 @@ def edit_command(
     bank: Annotated[Optional[Path], typer.Option("--bank", help="Fill this edit bank (independent edits).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Extend an existing --bank.")] = False,
     memit_batch: Annotated[Optional[int], typer.Option("--memit-batch", min=1, help="Facts per MEMIT batch in a bank.")] = None,
-    evaluate: Annotated[bool, typer.Option("--eval", help="Efficacy, paraphrase and neighbourhood scores.")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval", help="Efficacy, paraphrase and neighbourhood scores (a bank's "
+                                                          "MEMIT facts under their batch edit).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
@@ -99,9 +100,6 @@ def edit_command(
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
         check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
-    elif evaluate and method == "memit":  # a bank's MEMIT edits are batches: judged together, not per fact
-        raise EditguardError("--eval of a bank is implemented for ROME edits; for MEMIT, plant the batch with -o "
-                             "and --eval")
     elif bank.exists():
         if not resume:
             raise EditguardError(f"edit bank {bank} exists; pass --resume to extend it, or choose another --bank")
@@ -179,7 +177,7 @@ def _render_plant(console, r) -> None:
 
 def _fill_bank(loaded, facts, hp, bank_path, resume, memit_batch, evaluate) -> None:
     from ..edit.generate import fill_bank
-    from ..edit.quality import edit_quality, summarize
+    from ..edit.quality import bank_quality, summarize
 
     out = state.out()
     start = time.time()
@@ -195,7 +193,8 @@ def _fill_bank(loaded, facts, hp, bank_path, resume, memit_batch, evaluate) -> N
     result = {"bank": str(bank_path), "method": bank.method, "edits": len(bank), "seconds": round(seconds, 1),
               "hparams_hash": bank.meta["hparams_hash"], "model_id": bank.meta["model_id"]}
     if evaluate:
-        result["quality"] = summarize(edit_quality(loaded, bank.edits(bank.indices_of(facts))))
+        # this run's facts (a resumed bank's earlier ones too); MEMIT facts under their whole batch edit
+        result["quality"] = summarize(bank_quality(loaded, bank, facts))
     out.emit(result, lambda console, r: console.print(
         f"edit bank {r['bank']}: {r['edits']} {r['method'].upper()} edits ({r['seconds']} s this run)"
         + (f"; efficacy {r['quality']['efficacy']:.1%}, paraphrase {r['quality']['paraphrase']:.1%}, "

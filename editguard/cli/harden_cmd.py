@@ -346,7 +346,8 @@ def lock_command(
     mask_path = _mask_for(mask, arch, checkpoint, lock=True)
     mask_file = MaskFile.load(mask_path)
     mask_file.check_fits(arch, checkpoint)
-    info: dict = {"model": ref.spec, "mask": str(mask_path)}
+    info: dict = {"model": ref.spec, "mask": str(mask_path),
+                  "mask_perplexity_increase": masks_index.perplexity_increase(mask_file.metrics.get("text") or {})}
     # the evaluation's hparams and records are read before anything is written: a bad one leaves no output
     evaluation = _lock_evaluation_inputs(ref, mask_file, evaluate, hparams, data) if evaluate is not None else None
     if output is not None:
@@ -391,7 +392,10 @@ def _render_lock(console, r) -> None:
     if r.get("output"):
         console.print(f"locked {escape(r['model'])} → {escape(r['output'])} (tensors {', '.join(r['locked_tensors'])}; "
                       f"mask {escape(r['mask'])})")
-        console.print(f"lock manifest sha256 {r['manifest_sha256']} (keep it: scan reports the digest it finds)")
+        console.print(f"lock manifest sha256 {r['manifest_sha256']} (keep it: `editguard scan --lock-digest` checks it)")
+    if r.get("mask_perplexity_increase") is not None:
+        console.print(f"the mask's cost, from its card: WikiText-2 perplexity {100 * r['mask_perplexity_increase']:+.1f} % "
+                      "on the unedited model")
     if r.get("evaluation"):
         e = r["evaluation"]
         console.print(f"{e['method'].upper()} edit success on {e['unlocked']['n']} CounterFact facts: unlocked "

@@ -37,6 +37,16 @@ def _render(console, info: dict) -> None:
     if info["masks"]:
         for mask in info["masks"]:
             console.print(f"mask: {mask['file']} ({mask['method']}, layers {mask['layers']}, {mask['tensors']} "
-                          f"tensor{'s' if mask['tensors'] != 1 else ''}, {mask['match']} match)")
+                          f"tensor{'s' if mask['tensors'] != 1 else ''}, {mask['match']} match{_mask_figures(mask)})")
     else:
         console.print("mask: none of the shipped masks fits this model")
+
+
+def _mask_figures(mask: dict) -> str:
+    """The card's test RSR and what the mask alone costs in perplexity, where the index has them."""
+    figures = []
+    if mask.get("test_rsr") is not None:
+        figures.append(f"test RSR {100 * mask['test_rsr']:.1f} %")
+    if mask.get("perplexity_increase") is not None:
+        figures.append(f"perplexity {100 * mask['perplexity_increase']:+.1f} %")
+    return "".join(f", {f}" for f in figures)

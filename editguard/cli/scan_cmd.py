@@ -33,6 +33,9 @@ def scan_command(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Mask threshold γ (default: the mask's).")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at this verdict or worse: suspicious | edited | never.")] = "suspicious",
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write a self-contained HTML report.")] = None,
+    lock_digest: Annotated[Optional[str], typer.Option("--lock-digest", help="The lock manifest's sha256 that `lock` "
+                                                       "printed: a locked model whose manifest has another digest, or "
+                                                       "a model without one, is a finding (EG030).")] = None,
     revision: Revision = None,
     base_revision: BaseRevision = None,
     allow_pickle: AllowPickle = False,
@@ -55,13 +58,17 @@ def scan_command(
         raise EditguardError(f"no such mask file: {mask}")
     check_share("--threshold", threshold)
     check_share("--min-prob", min_prob, closed=True)
+    if lock_digest is not None:
+        from ..harden.lock import check_digest
+
+        lock_digest = check_digest(lock_digest, "--lock-digest")
     if base_revision is not None and base is None:  # not applied to a base the upload names for itself
         raise EditguardError("--base-revision needs --base")
     ref = resolve_model(model, revision, allow_pickle)
     if report is not None:  # before the scan: a bad path fails in a second, not after minutes
         report = check_output_file(report, input_paths(ref, base), (".html", ".htm"))
     options = ScanOptions(base=base, mask=mask, probes=probes, tests=chosen, min_prob=min_prob, threshold=threshold,
-                          allow_pickle=allow_pickle, base_revision=base_revision,
+                          allow_pickle=allow_pickle, base_revision=base_revision, lock_digest=lock_digest,
                           load_options=load_options(device_map, dtype, max_memory, offload_folder),
                           decompose=3 if report is not None else 0)
     with out.progress(f"scanning {model}") as advance:
@@ -117,7 +124,9 @@ def _render(console, r) -> None:
                           + (f" (graded {t['graded_at_most']} at most, as the tests that flagged its layer)"
                              if t.get("graded_at_most") not in (None, "error") else ""))
         elif name == "lock":
-            console.print(f"  lock: {'intact' if t['intact'] else 'BROKEN'} (manifest sha256 {t['manifest_sha256']})")
+            status = "intact" if t["intact"] else "BROKEN" if t["locked"] else "MISSING"
+            expected = (", as expected" if t["intact"] else f", expected {t['expected_sha256']}") if t.get("expected_sha256") else ""
+            console.print(f"  lock: {status} (manifest sha256 {t['manifest_sha256'] or 'none'}{expected})")
         elif name == "attribution":
             for a in t:
                 subj = a["subjects"][0] if a["subjects"] else {}

@@ -71,6 +71,25 @@ def edit_quality(loaded: LoadedModel, edits: list[Edit], batch_size: int = 64) -
     return judge(loaded, [e.facts[0] for e in edits], alone=edits, batch_size=batch_size)
 
 
+def bank_quality(loaded: LoadedModel, bank, facts: list[Fact], batch_size: int = 64) -> list[FactQuality]:
+    """The quality of `facts`' edits in an edit bank: a ROME edit alone on the unedited model; a MEMIT
+    fact under its whole batch edit (the edit it was solved in), one batch at a time."""
+    from .edits import edits_applied
+
+    wanted = set(bank.indices_of(facts))
+    if bank.method == "rome":
+        return edit_quality(loaded, bank.edits(sorted(wanted)), batch_size)
+    qualities = []
+    for g, group in enumerate(bank.meta["groups"]):
+        picked = [k for k, i in enumerate(group["records"]) if i in wanted]
+        if not picked:
+            continue
+        edits = bank.edits([g])
+        with edits_applied(loaded.model, loaded.arch, edits):
+            qualities += judge(loaded, [edits[0].facts[k] for k in picked], batch_size=batch_size)
+    return qualities
+
+
 def summarize(qualities: list[FactQuality]) -> dict[str, float]:
     import math
 

@@ -98,19 +98,36 @@ class LockState:
     masks: dict[str, torch.Tensor]  # the lock's masks by canonical name (`lock_masks`); empty if the mask changed
 
 
-def lock_state(checkpoint: Checkpoint, arch) -> LockState:
+def check_digest(value: str, option: str) -> str:
+    """A manifest digest as `lock` prints it (64 hex digits), lower-cased."""
+    digest = value.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise EditguardError(f"{option} must be the lock manifest's sha256 as `lock` printed it (64 hex digits), "
+                             f"not {value!r}")
+    return digest
+
+
+def lock_state(checkpoint: Checkpoint, arch, expected_sha256: str | None = None) -> LockState:
     """The lock's manifest, its problems and its masks. Each problem names a locked tensor or the mask whose
-    bytes changed, and its `kind` (mask, missing, twin, layout, bytes, unmasked). The manifest comes back
-    with `manifest_sha256`, the digest of its file, for comparison with the one `lock` printed. `arch` (the
-    table's row) names a second spelling of a locked tensor.
+    bytes changed, and its `kind` (mask, missing, twin, layout, bytes, unmasked, digest, unlocked). The
+    manifest comes back with `manifest_sha256`, the digest of its file. `arch` (the table's row) names a
+    second spelling of a locked tensor.
     The manifest is not signed, so its hashes only say the bytes are what its writer wanted; what `lock`
     writes is also checked: 0 wherever the mask is 0 (an edited tensor put back unmasked with its hash
-    rewritten shows there; one who also rewrites the mask file or the threshold does not)."""
+    rewritten shows there; one who also rewrites the mask file or the threshold does not). The check that
+    covers those too is `expected_sha256`, the digest `lock` printed: a manifest with another digest, or
+    none, is a problem."""
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
-        return LockState(None, [], {})
+        return LockState(None, [] if expected_sha256 is None else [
+            {"what": "lock", "kind": "unlocked", "file": MANIFEST,
+             "reason": f"expected a lock manifest with sha256 {expected_sha256}; the checkpoint has none"}], {})
     manifest = {**manifest, "manifest_sha256": hashlib.sha256((checkpoint.folder / MANIFEST).read_bytes()).hexdigest()}
     problems = []
+    if expected_sha256 is not None and manifest["manifest_sha256"] != expected_sha256:
+        problems.append({"what": "lock manifest", "kind": "digest", "file": MANIFEST,
+                         "reason": f"sha256 {manifest['manifest_sha256']}, not the expected {expected_sha256} "
+                                   "(rewritten: its hashes, mask or threshold may be another writer's)"})
     mask_path = checkpoint.folder / manifest["mask_file"]
     if not mask_path.is_file() or hashlib.sha256(mask_path.read_bytes()).hexdigest() != manifest["mask_sha256"]:
         problems.append({"what": "mask", "kind": "mask", "file": manifest["mask_file"],
@@ -193,15 +210,17 @@ def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) ->
         parametrize.register_parametrization(module, "weight", _MaskParam(K), unsafe=True)
 
 
-def load_locked(reference: str, *, verify: bool = True, **load_kwargs):
-    """Load a locked checkpoint with its mask re-applied in the forward pass (a `LoadedModel`)."""
+def load_locked(reference: str, *, verify: bool = True, manifest_sha256: str | None = None, **load_kwargs):
+    """Load a locked checkpoint with its mask re-applied in the forward pass (a `LoadedModel`). With
+    `manifest_sha256` (the digest `lock` printed), a manifest with another digest is refused as well."""
     from .. import arch as arch_table
     from ..loading import load_model
     from ..resolve import resolve
 
+    expected = check_digest(manifest_sha256, "manifest_sha256") if manifest_sha256 is not None else None
     ref = resolve(reference)
     checkpoint = ref.checkpoint()
-    lock = lock_state(checkpoint, arch_table.for_config(checkpoint.config))
+    lock = lock_state(checkpoint, arch_table.for_config(checkpoint.config), expected)
     manifest, problems = lock.manifest, lock.problems
     if manifest is None:
         raise EditguardError(f"{reference} is not an editguard-locked checkpoint (no {MANIFEST})")

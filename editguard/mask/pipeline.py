@@ -35,7 +35,7 @@ from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..home import folder_lock
 from ..loading import LoadedModel
-from ..masks_index import INDEX, read_index
+from ..masks_index import INDEX, perplexity_increase, read_index
 from ..outputs import finite_dumps, write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
@@ -730,6 +730,7 @@ def update_index(path: Path, mask: MaskFile) -> None:
             "layers": [t.layer for t in mask.targets], "edit_layers": mask.edit_layers(), "threshold": mask.threshold,
             "pruned_fraction": round(mask.pruned_fraction(), 4),
             "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),
+            "perplexity_increase": perplexity_increase(mask.metrics.get("text") or {}),
             "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
                          "fingerprint": t.fingerprint} for t in mask.targets],
         })
