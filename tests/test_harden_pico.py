@@ -248,6 +248,9 @@ def test_scan_checks_the_lock_digest_it_is_given(cli, pico_models, pico_mask, tm
     unlocked = cli("-f", "json", "scan", pico_models["llama"], "--tests", "diff", "--lock-digest", digest)
     assert unlocked.code == 1 and unlocked.json["tests"]["lock"]["locked"] is False
     assert [p["kind"] for p in unlocked.json["tests"]["lock"]["problems"]] == ["unlocked"]
+    sarif = cli("-f", "sarif", "scan", pico_models["llama"], "--tests", "diff", "--lock-digest", digest).out
+    result = json.loads(sarif)["runs"][0]["results"][0]
+    assert result["ruleId"] == "EG030" and "editguard-lock.json" not in json.dumps(result.get("locations", []))
     assert "MISSING" in cli("scan", pico_models["llama"], "--tests", "diff", "--lock-digest", digest).err
     one_line_error(cli("scan", locked, "--tests", "diff", "--lock-digest", "abc"), "64 hex digits")
 

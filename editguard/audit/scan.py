@@ -114,8 +114,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                          "manifest_sha256": manifest["manifest_sha256"] if manifest else None,
                          **({"expected_sha256": options.lock_digest} if options.lock_digest else {})}
         for p in problems:
-            where = f"{p['what']} {p['file']}" if p["kind"] in ("digest", "unlocked") else \
-                f"locked {p['what']} {p.get('tensor', p.get('file'))}"
+            where = " ".join([p["what"], *([p["file"]] if p.get("file") else [])]) if p["kind"] in ("digest", "unlocked") \
+                else f"locked {p['what']} {p.get('tensor', p.get('file'))}"
             findings.append(Finding("EG030", "error", f"{where}: {p['reason']}",
                                     tensor=p.get("tensor"), file=p.get("file")))
     need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))

@@ -120,8 +120,8 @@ def lock_state(checkpoint: Checkpoint, arch, expected_sha256: str | None = None)
     manifest = read_manifest(checkpoint.folder)
     if manifest is None:
         return LockState(None, [] if expected_sha256 is None else [
-            {"what": "lock", "kind": "unlocked", "file": MANIFEST,
-             "reason": f"expected a lock manifest with sha256 {expected_sha256}; the checkpoint has none"}], {})
+            {"what": "lock manifest", "kind": "unlocked",  # no file: a location must not name one that is absent
+             "reason": f"expected one with sha256 {expected_sha256}; the checkpoint has none ({MANIFEST})"}], {})
     manifest = {**manifest, "manifest_sha256": hashlib.sha256((checkpoint.folder / MANIFEST).read_bytes()).hexdigest()}
     problems = []
     if expected_sha256 is not None and manifest["manifest_sha256"] != expected_sha256:
