@@ -144,7 +144,7 @@ def best_fit(arch: Arch, checkpoint: Checkpoint, layers=None, method: str | None
     editor solves for the edit through the locked model, so masked MLP inputs (`train --whole-mlp`) only
     change the key the edit is solved at (the layer-9 whole-MLP mask: ROME success 100 → 100 %). Among
     those, a lock also weighs what it costs: every user of a locked model runs the mask, so masks within
-    the perplexity budget come before better reversers that are not (gemma3's MEMIT mask: +63 %)."""
+    the perplexity budget come before better reversers that are not (SmolLM2's MEMIT mask: +49 %)."""
     fits = fitting(arch, checkpoint)
     if lock:  # stable sorts: the last one decides first
         fits = sorted(fits, key=lock_cost_class)
