@@ -117,10 +117,12 @@ def edited_tensors_only(arch: Arch, entry: dict) -> bool:
         arch.is_mlp_out(t["tensor"], layer) for t, layer in zip(entry["targets"], layers))
 
 
-def perplexity_increase(text: dict) -> float | None:
-    """What the mask alone costs a clean model: WikiText-2 perplexity with the mask on the unedited weights
-    over the original's, minus one (what a lock costs everyone who loads it); None when not measured."""
+def perplexity_increase(metrics: dict) -> float | None:
+    """What the mask alone costs a clean model, from a mask's metrics: WikiText-2 perplexity with the mask on
+    the unedited weights over the original's, minus one (what a lock costs everyone who loads it); None when
+    not measured."""
     try:
+        text = metrics["text"]
         ratio = text["mask_on_unedited"]["perplexity"] / text["original"]["perplexity"]
     except (KeyError, TypeError, ZeroDivisionError):
         return None

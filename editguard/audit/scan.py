@@ -98,6 +98,13 @@ def _hub_only(value: str) -> bool:
     return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
 
 
+def _lock_problem_text(problem: dict) -> str:
+    """'locked tensor NAME: why' (or mask FILE); the manifest itself (--lock-digest) is not a locked part."""
+    if problem["kind"] in ("digest", "unlocked"):
+        return f"{problem['what']}: {problem['reason']}"
+    return f"locked {problem['what']} {problem.get('tensor', problem.get('file'))}: {problem['reason']}"
+
+
 def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) -> dict:
     progress = progress or (lambda message: None)
     started = time.time()
@@ -114,10 +121,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                          "manifest_sha256": manifest["manifest_sha256"] if manifest else None,
                          **({"expected_sha256": options.lock_digest} if options.lock_digest else {})}
         for p in problems:
-            where = " ".join([p["what"], *([p["file"]] if p.get("file") else [])]) if p["kind"] in ("digest", "unlocked") \
-                else f"locked {p['what']} {p.get('tensor', p.get('file'))}"
-            findings.append(Finding("EG030", "error", f"{where}: {p['reason']}",
-                                    tensor=p.get("tensor"), file=p.get("file")))
+            findings.append(Finding("EG030", "error", _lock_problem_text(p), tensor=p.get("tensor"), file=p.get("file")))
     need_model = any(t in options.tests for t in ("activations", "dependence", "hidden", "attribution"))
     if need_model:  # a bad probe file is found before a long base download and diff, not after
         from .probes import load_probes

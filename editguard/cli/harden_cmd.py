@@ -347,7 +347,7 @@ def lock_command(
     mask_file = MaskFile.load(mask_path)
     mask_file.check_fits(arch, checkpoint)
     info: dict = {"model": ref.spec, "mask": str(mask_path),
-                  "mask_perplexity_increase": masks_index.perplexity_increase(mask_file.metrics.get("text") or {})}
+                  "mask_perplexity_increase": masks_index.perplexity_increase(mask_file.metrics)}
     # the evaluation's hparams and records are read before anything is written: a bad one leaves no output
     evaluation = _lock_evaluation_inputs(ref, mask_file, evaluate, hparams, data) if evaluate is not None else None
     if output is not None:

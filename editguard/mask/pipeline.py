@@ -730,7 +730,7 @@ def update_index(path: Path, mask: MaskFile) -> None:
             "layers": [t.layer for t in mask.targets], "edit_layers": mask.edit_layers(), "threshold": mask.threshold,
             "pruned_fraction": round(mask.pruned_fraction(), 4),
             "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),
-            "perplexity_increase": perplexity_increase(mask.metrics.get("text") or {}),
+            "perplexity_increase": perplexity_increase(mask.metrics),
             "targets": [{"tensor": t.tensor, "stored_shape": list(t.shape[::-1] if t.transposed else t.shape),
                          "fingerprint": t.fingerprint} for t in mask.targets],
         })
