@@ -597,6 +597,21 @@ def test_nonfinite_activations_are_reported_not_scored(cli, pico_models, tmp_pat
     assert "nan" not in result.err.lower()
 
 
+@pytest.mark.parametrize("layers, ranks, expected", [
+    ([6], [1], "rome-like"), ([3, 9], [1, 2], "rome-like"),  # ROME edits at non-adjacent layers
+    ([2, 3, 4], [1, 1, 1], "memit-like"), ([4], [40], "memit-like"),
+    ([3, 5, 7], [100, 100, 100], "memit-like"),  # a batch edit over a layer list with gaps
+    (list(range(0, 24, 2)), [50] * 12, "other"),  # more layers than MEMIT spreads over
+])
+def test_diff_classifies_by_layers_and_rank(layers, ranks, expected):
+    from editguard.audit.diff import DiffResult, TensorChange, classify
+
+    result = DiffResult([TensorChange(f"model.layers.{n}.mlp.down_proj.weight", "model.safetensors", 1.0, 0.01,
+                                      [1.0], rank, n) for n, rank in zip(layers, ranks)], compared=300)
+    classify(result, total=300)
+    assert result.classification == expected and result.layers == layers
+
+
 @pytest.mark.parametrize("case", ["changed", "shared_nan", "new_inf", "half_of_bfloat16", "unchanged_cast", "int"])
 def test_blockwise_comparison_equals_whole(case, monkeypatch):
     """The base diff compares huge tensors in blocks: every block size gives what one block gives."""

@@ -291,8 +291,9 @@ def _canonical_names(checkpoint: Checkpoint, arch: Arch, what: str) -> dict[str,
 
 def classify(result: DiffResult, total: int) -> None:
     """rome-like: one MLP output projection (or several, non-adjacent), each of rank <= 2;
-    memit-like: only MLP output projections of consecutive layers (a batch edit of n facts has rank n),
-    or one projection with a higher-rank change; fine-tune: most tensors; other: anything else.
+    memit-like: only MLP output projections of at most MEMIT_MAX_LAYERS layers, consecutive or of a
+    higher rank (a batch edit of n facts has rank n; EasyEdit configs may list any layers);
+    fine-tune: most tensors; other: anything else.
     Tensors with new NaN / inf values are findings of their own and left out of the pattern."""
     changed = [c for c in result.changed if not c.nonfinite]
     if not changed:
@@ -310,7 +311,7 @@ def classify(result: DiffResult, total: int) -> None:
         result.classification = "other"
     elif all(c.effective_rank <= 2 for c in mlp) and (len(mlp) == 1 or not consecutive):
         result.classification = "rome-like"
-    elif len(mlp) == 1 or (consecutive and len(mlp) <= MEMIT_MAX_LAYERS):
+    elif len(mlp) <= MEMIT_MAX_LAYERS:
         result.classification = "memit-like"
     else:
         result.classification = "other"
