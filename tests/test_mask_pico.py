@@ -385,6 +385,32 @@ def test_anchor_adds_the_kl_of_the_mask_on_the_unedited_model(pico_models):
     assert anchored.item() == pytest.approx(plain.item() + 2.0 * T * T * kl.item(), rel=1e-5)
 
 
+def test_margin_unknown_weighs_the_prompts_the_original_model_did_not_know(pico_models):
+    """`--set margin_unknown=W` weighs the margin term by W at prompts where the original model does not
+    prefer the true object's first token (1, the paper's loss, everywhere else); the KL term is untouched."""
+    import dataclasses
+
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    trainer = _trainer(load_model(resolve(str(pico_models["llama"]))))
+    theta, data, records = trainer.init_state().theta, trainer.data, [0, 1, 2, 3]
+    rows = torch.tensor([j for r in records for j in trainer.prompts_of[r]])
+    knew = data.teacher[rows].gather(1, data.true_tok[rows, None]) > data.teacher[rows].gather(1, data.new_tok[rows, None])
+    assert 0 < int(knew.sum()) < len(rows)  # both kinds of prompt, or the test tells nothing
+    logits = trainer._last_logits(rows, [torch.sigmoid(t / trainer.cfg.tau(0.5)) for t in theta], True)
+    hinge = torch.relu(logits.gather(1, data.new_tok[rows, None]) - logits.gather(1, data.true_tok[rows, None])
+                       + trainer.cfg.margin)
+    _, paper = trainer.loss(theta, records, 0.5)
+    for weight in (0.0, 0.25):
+        trainer.cfg = dataclasses.replace(trainer.cfg, margin_unknown=weight)
+        _, parts = trainer.loss(theta, records, 0.5)
+        expected = torch.where(knew, hinge, weight * hinge).sum() / len(rows)
+        assert parts["margin"] == pytest.approx(expected.item(), rel=1e-5)
+        assert parts["kl"] == pytest.approx(paper["kl"], rel=1e-6)
+    assert paper["margin"] == pytest.approx(hinge.mean().item(), rel=1e-5)
+
+
 def test_trainer_resume_is_exact(pico_models, tmp_path):
     from editguard.loading import load_model
     from editguard.resolve import resolve

@@ -91,8 +91,9 @@ def train_command(
     select: Annotated[str, typer.Option("--select", help="Ship the mask from the best validation point (best) "
                                         "or the last step (last).")] = "best",
     settings: Annotated[Optional[list[str]], typer.Option(
-        "--set", metavar="KEY=VALUE", help="Any other training setting, repeatable: margin, beta_kl, beta_anchor "
-        "(KL of the mask on the unedited model; not in the paper), tau_start, "
+        "--set", metavar="KEY=VALUE", help="Any other training setting, repeatable: margin, margin_unknown (the "
+        "margin's weight where the original model does not prefer the true object; not in the paper), beta_kl, "
+        "beta_anchor (KL of the mask on the unedited model; not in the paper), tau_start, "
         "tau_decay, lambda_start, lambda_end, temp_start, temp_end, theta_mean, theta_std, weight_decay, grad_clip, "
         "betas (B1,B2), paraphrases.")] = None,
     revision: Revision = None,

@@ -53,6 +53,10 @@ class TrainConfig:
     tau_start: float = 6.0  # τ(p) = tau_start · exp(−tau_decay · p)
     tau_decay: float = 3.0
     margin: float = 3.0
+    # not in the paper (1 = as the paper): the margin term's weight at prompts where the original model
+    # (the teacher) does not prefer the true object's first token to the new one's: there the margin
+    # teaches the mask a fact the model never knew instead of undoing an edit
+    margin_unknown: float = 1.0
     sparsity_max: float = 0.10
     lambda_start: float = 1e-6
     lambda_end: float = 60.0
@@ -94,8 +98,8 @@ class TrainConfig:
             need(getattr(self, key) >= 1, f"{key} must be at least 1, got {getattr(self, key)}")
         for key in ("lr", "tau_start", "temp_start", "temp_end", "theta_std"):
             need(getattr(self, key) > 0, f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("weight_decay", "grad_clip", "margin", "lambda_start", "lambda_end", "beta_kl", "beta_anchor",
-                    "tau_decay"):
+        for key in ("weight_decay", "grad_clip", "margin", "margin_unknown", "lambda_start", "lambda_end", "beta_kl",
+                    "beta_anchor", "tau_decay"):
             need(getattr(self, key) >= 0, f"{key} must not be negative, got {getattr(self, key)}")
         need(0 < self.sparsity_max < 1 and 0 < self.threshold < 1, "sparsity_max and threshold must lie in (0, 1)")
         need(len(self.betas) == 2 and all(0 <= b < 1 and math.isfinite(b) for b in self.betas),
@@ -354,6 +358,9 @@ class MaskTrainer:
                  dense: list[list[torch.Tensor | None]] | None = None, record_group: torch.Tensor | None = None,
                  unmasked: list[list] | None = None):
         self.loaded, self.targets, self.start, self.data, self.cfg = loaded, targets, start_layer, data, config
+        # [P] the original model prefers the true object's first token to the new one's (margin_unknown)
+        self.original_knew = (data.teacher.gather(1, data.true_tok[:, None])
+                              > data.teacher.gather(1, data.new_tok[:, None]))[:, 0]
         # Θ, the edit factors and the frozen weights live where the model runs; prompts stay on the CPU
         self.device = loaded.device
         self.u, self.v = (None, None) if u is None else (u.to(self.device), v.to(self.device))
@@ -429,7 +436,8 @@ class MaskTrainer:
             device = logits.device
             z_new = logits.gather(1, data.new_tok[pack, None].to(device))[:, 0]
             z_true = logits.gather(1, data.true_tok[pack, None].to(device))[:, 0]
-            margin_sum = margin_sum + F.relu(z_new - z_true + cfg.margin).sum()
+            weight = torch.where(self.original_knew[pack], 1.0, cfg.margin_unknown).to(device)
+            margin_sum = margin_sum + (weight * F.relu(z_new - z_true + cfg.margin)).sum()
             kl_sum = kl_sum + kl_to_teacher(pack, logits)
             flips += float((z_true > z_new).sum())
             if anchored:
