@@ -118,8 +118,11 @@ def load_model(
 ) -> LoadedModel:
     """Load `ref` with transformers, never trusting remote code and never unpickling unless allowed.
 
-    `keep_on_device` names modules (e.g. the edited MLP projections) that must hold real weights: with
-    accelerate's automatic placement they would otherwise risk being offloaded to `meta`/disk.
+    `keep_on_device` names modules that must hold real weights (editguard writes them in place: edits,
+    masks, restorations): with accelerate's automatic placement they would otherwise risk being offloaded
+    to `meta`/disk. The embedding and output head, every layer's MLP output projection (what ROME and
+    MEMIT write, and what every `down_proj` mask covers) and a lock's masked tensors are always kept;
+    name others (a whole-MLP mask's input projections) here.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -134,14 +137,15 @@ def load_model(
     check_placement(device_map, dtype)
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     kwargs: dict = dict(dtype=torch_dtype, trust_remote_code=False, use_safetensors=checkpoint.format == "safetensors")
-    if device_map != "cpu" or max_memory or offload_folder:
+    placed = device_map != "cpu" or max_memory or offload_folder  # accelerate places (and may offload) it
+    keep = kept_modules(arch, num_layers, checkpoint, keep_on_device) if placed else []
+    if placed:
         kwargs["device_map"] = device_map
         if max_memory:
             kwargs["max_memory"] = max_memory
         if offload_folder:
             kwargs["offload_folder"] = offload_folder
-        keep = list(keep_on_device)
-        if device_map == "auto" and keep:
+        if device_map == "auto":
             with quiet_transformers():
                 config = AutoConfig.from_pretrained(ref.path, trust_remote_code=False)
             kwargs["device_map"] = _auto_map_keeping(config, torch_dtype, max_memory, keep)
@@ -159,14 +163,39 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     warn_if_slow(model)
-    for name in keep_on_device:
-        weight = model.get_submodule(name).weight
-        if weight.device.type == "meta":
-            raise EditguardError(f"{name} was offloaded; give it room with --max-memory or --device-map cpu")
+    for name in keep:
+        real_weight(model.get_submodule(name).weight, name)
     tokenizer = load_tokenizer(ref)
     loaded = LoadedModel(model, tokenizer, arch, num_layers, ref, checkpoint)
     _keep_lock(loaded)
     return loaded
+
+
+def kept_modules(arch: Arch, num_layers: int, checkpoint: Checkpoint, extra: Iterable[str] = ()) -> list[str]:
+    """The modules automatic placement must leave on a real device: the embedding (it sets the device
+    inputs go to) and output head (read directly), every layer's MLP output projection, and of `extra` and
+    the modules a lock's manifest masks those this architecture has (a mask of other modules, or a broken
+    manifest, is reported by the command's own checks)."""
+    from .harden.lock import read_manifest
+
+    keep = [arch.module("embed"), arch.unembed, *(arch.module("mlp_out", n) for n in range(num_layers))]
+    try:
+        manifest = read_manifest(checkpoint.folder)
+    except EditguardError:
+        manifest = None
+    targets = [t.removesuffix(".weight") for t in (manifest or {}).get("targets", []) if isinstance(t, str)]
+    maskable = set(keep) | {path for n in range(num_layers) for path in arch.mlp_in_modules(n)}
+    keep += [name for name in [*extra, *targets] if name in maskable]
+    return list(dict.fromkeys(keep))
+
+
+def real_weight(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """`weight`, refused with one clear line where accelerate offloaded it (`meta`): editguard reads or
+    writes it in place, which an offloaded weight does not allow."""
+    if weight.device.type == "meta":
+        raise EditguardError(f"{name} was offloaded by --device-map auto; editguard reads and writes it in place: "
+                             "give the model room with --max-memory, or use --device-map cpu")
+    return weight
 
 
 def _interruption(exc: BaseException) -> BaseException | None:
@@ -223,7 +252,7 @@ def _auto_map_keeping(config, dtype, max_memory, keep: list[str]) -> dict:
         if owner is not None and device_map[owner] in offloaded:
             where = device_map.pop(owner)
             prefix, node = owner, empty.get_submodule(owner)
-            rest = module[len(owner):].lstrip(".").split(".")
+            rest = [step for step in module[len(owner):].lstrip(".").split(".") if step]  # none: the owner is it
             for step in rest:
                 join = (lambda name: f"{prefix}.{name}" if prefix else name)
                 for name, _ in node.named_parameters(recurse=False):

@@ -163,6 +163,43 @@ def test_locked_model_loads_with_the_bits_that_masked_it(cli, pico_models, tmp_p
     torch.testing.assert_close(effective, weight * stored.mask())
 
 
+def test_commands_run_on_a_model_offloaded_to_disk(cli, edited, pico_models, pico_mask, tmp_path):
+    """--device-map auto under a memory cap that sends most of the model to disk: the modules editguard
+    reads and writes in place (embedding, head, MLP output projections, a given mask's and a lock's
+    tensors) stay real, so each command gives what it gives on the CPU; a weight left offloaded that a
+    command must touch is one clear line."""
+    from editguard import load_locked
+    from editguard.edit.edits import weight_param
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    def offloaded(name):
+        return ["--device-map", "auto", "--max-memory", "cpu=20KB", "--offload-folder", tmp_path / name]
+
+    model = pico_models["llama"]
+    again = cli("-q", "edit", model, "--fact", "The official language of {}", "--subject", "France", "--target",
+                "Japanese", "--hparams", tmp_path / "hp.yaml", "-o", tmp_path / "edited_off", *offloaded("o1"))
+    assert again.code == 0, again.err
+    assert (tmp_path / "edited_off" / "model.safetensors").read_bytes() == (edited / "model.safetensors").read_bytes()
+    scan = cli("-f", "json", "scan", edited, "--base", model, *offloaded("o2"))
+    assert scan.code == 1 and scan.json["tests"]["diff"]["classification"] == "rome-like", scan.err
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    reverse = cli("reverse", edited, "-o", tmp_path / "rev", "--mask", pico_mask, "--probes", probes, *offloaded("o3"))
+    assert reverse.code == 0, reverse.err
+    torch.testing.assert_close(Checkpoint(tmp_path / "rev").read(TENSOR),
+                               Checkpoint(edited).read(TENSOR) * MaskFile.load(pico_mask).mask())
+    assert cli("lock", model, "--mask", pico_mask, "-o", tmp_path / "locked").code == 0
+    placement = dict(device_map="auto", max_memory={"cpu": "20KB"}, offload_folder=str(tmp_path / "o4"))
+    locked = load_locked(str(tmp_path / "locked"), **placement)
+    effective = locked.model.get_submodule(TENSOR.removesuffix(".weight")).weight.detach()
+    torch.testing.assert_close(effective, Checkpoint(model).read(TENSOR) * MaskFile.load(pico_mask).mask())
+    assert any(p.device.type == "meta" for p in locked.model.parameters())  # the cap did offload the rest
+    loaded = load_model(resolve(str(model)), **{**placement, "offload_folder": str(tmp_path / "o5")})
+    with pytest.raises(EditguardError, match="up_proj.weight was offloaded by --device-map auto"):
+        weight_param(loaded.model, "model.layers.1.mlp.up_proj.weight")
+
+
 def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     from editguard import load_locked
     from editguard.edit.edits import Edit, apply_to_model

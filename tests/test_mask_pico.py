@@ -431,6 +431,25 @@ def test_trainer_resume_is_exact(pico_models, tmp_path):
     torch.testing.assert_close(resumed.theta[0], full.theta[0])
 
 
+def test_grad_clip_zero_means_no_clipping(pico_models):
+    """`--set grad_clip=0` trains unclipped (clipping to norm 0 would zero every gradient, leaving AdamW
+    only its weight decay)."""
+    import dataclasses
+
+    from editguard.loading import load_model
+    from editguard.resolve import resolve
+
+    trainer = _trainer(load_model(resolve(str(pico_models["llama"]))))
+    runs = []
+    for clip in (0.0, 1e9, 1e-3):
+        trainer.cfg = dataclasses.replace(trainer.cfg, grad_clip=clip)
+        state = trainer.init_state()
+        trainer.train(state, make_optimizer(state, trainer.cfg), stop_after=2)
+        runs.append(state.theta[0].detach())
+    torch.testing.assert_close(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])  # clipping does change the steps
+
+
 def test_best_validation_point_is_kept_and_checkpointed(tmp_path):
     state = TrainState([torch.zeros(2, 3)])
     for step, score in ((1, 0.2), (2, 0.5), (3, 0.5), (4, 0.1)):

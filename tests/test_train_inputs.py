@@ -295,6 +295,7 @@ def test_malformed_factors_and_other_names_are_refused_as_banks(cli, pico_models
     ("betas=0.9", "betas must be two numbers in [0, 1)"),
     ("betas=0.9,1.5", "betas must be two numbers in [0, 1)"),
     ("betas=a,b", "--set betas: 'a,b' is not B1,B2"),
+    ("margin_unknown=-1", "margin_unknown must not be negative"),
 ])
 def test_training_settings_are_checked_before_the_model_loads(cli, pico_models, tmp_path, monkeypatch, setting,
                                                              message):
@@ -307,6 +308,7 @@ def test_training_settings_are_checked_before_the_model_loads(cli, pico_models, 
     args = _train_args(pico_models, tmp_path, tmp_path / "m.safetensors", 1)
     one_line_error(cli(*args, "--set", setting), message)
     one_line_error(cli(*args, "--set", "margin=1", "--set", "margin=2"), "--set margin is given twice")
+    one_line_error(cli(*args, "--seed", str(2 ** 60)), "seed must lie in [0, 2^32)")
 
 
 def test_same_seed_same_mask(cli, pico_models, tmp_path):

@@ -85,6 +85,8 @@ def reverse_command(
     ref = resolve_model(model, revision, allow_pickle)
     check_output_folder(output, input_paths(ref, *read), force)
     placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # load_model keywords
+    if mask is not None:  # the masked modules hold real weights (MLP output projections always do)
+        placement["keep_on_device"] = MaskFile.load(mask).module_paths()
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
@@ -381,6 +383,7 @@ def _evaluate_lock(ref, mask_file: MaskFile, hp, facts: list, threshold: float |
     from ..loading import load_model
 
     n = len(facts)
+    placement = {**placement, "keep_on_device": mask_file.module_paths()}  # the lock's mask goes on them
     unlocked = load_model(ref, **placement)
     locked = load_model(ref, **placement)
     install_mask(locked.model, locked.arch, mask_file, threshold)

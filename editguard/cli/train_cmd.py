@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from .. import arch as arch_table
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
 from ..loading import load_model
@@ -143,8 +144,13 @@ def train_command(
     hp.check_layers(num_layers)  # these, and preflight's checks, before the slow load
     check_mask_layers(num_layers, hp, job.mask_layers)
     preflight(hp, job)
+    keep = []  # a whole-MLP mask's input projections stay on a real device too (output projections always do)
+    if whole_mlp:
+        arch = arch_table.for_config(ref.checkpoint(allow_pickle=allow_pickle).config)
+        keep = [path for layer in job.mask_layers or hp.layers for path in arch.mlp_in_modules(layer)]
     with state.out().progress("loading model"):
-        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
+        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
+                            keep_on_device=keep)
     with ExitStack() as stack:
         metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
     if bank_only:
@@ -246,7 +252,8 @@ def evaluate_mask_command(
     if output is not None:
         check_output_file(output, input_paths(ref, mask, bank, *(average or [])))
     with state.out().progress("loading model"):
-        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
+        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
+                            keep_on_device=mask_file.module_paths())
     with ExitStack() as stack:
         result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
     if average:

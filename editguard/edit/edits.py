@@ -47,10 +47,12 @@ def weight_param(model, tensor: str) -> torch.Tensor:
     must go to the original, so the mask still applies to them in the forward pass."""
     from torch.nn.utils import parametrize
 
+    from ..loading import real_weight
+
     module = model.get_submodule(tensor.removesuffix(".weight"))
     if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+        return real_weight(module.parametrizations.weight.original, tensor)
+    return real_weight(module.weight, tensor)
 
 
 @torch.no_grad()

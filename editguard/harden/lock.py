@@ -204,9 +204,12 @@ class _MaskParam(torch.nn.Module):
 
 def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) -> None:
     """Keep the mask in the forward pass: weight := original ⊙ K on every use."""
+    from ..loading import real_weight
+
     for (path, transposed), K in zip(mask.modules(), mask.masks(threshold)):
         module = model.get_submodule(path)
-        K = oriented(K, transposed).to(module.weight.device, module.weight.dtype)  # once, not per forward
+        weight = real_weight(module.weight, path + ".weight")  # (an offloaded one cannot carry the mask)
+        K = oriented(K, transposed).to(weight.device, weight.dtype)  # once, not per forward
         parametrize.register_parametrization(module, "weight", _MaskParam(K), unsafe=True)
 
 

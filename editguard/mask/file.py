@@ -83,6 +83,10 @@ class MaskFile:
         """(module path, transposed) per target: what `masks_applied` and the split reports take."""
         return [(t.tensor.removesuffix(".weight"), t.transposed) for t in self.targets]
 
+    def module_paths(self) -> list[str]:
+        """The masked modules, which must hold real weights (load_model's keep_on_device)."""
+        return [path for path, _ in self.modules()]
+
     def applied_to(self, checkpoint, stored_names: list[str], threshold: float | None = None) -> dict:
         """Stored name -> that checkpoint tensor times its mask, in the file's own orientation and dtype."""
         out = {}

@@ -37,7 +37,7 @@ from ..edit.facts import target_ids
 from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
 from ..errors import BAD_JSON, EditguardError
-from ..loading import LoadedModel
+from ..loading import LoadedModel, real_weight
 
 
 @dataclass
@@ -47,7 +47,7 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01  # torch's AdamW default
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0: no clipping
     theta_mean: float = 0.85
     theta_std: float = 0.1
     tau_start: float = 6.0  # τ(p) = tau_start · exp(−tau_decay · p)
@@ -105,6 +105,7 @@ class TrainConfig:
         need(len(self.betas) == 2 and all(0 <= b < 1 and math.isfinite(b) for b in self.betas),
              f"betas must be two numbers in [0, 1), got {','.join(map(str, self.betas))}")
         need(self.paraphrases >= 0, f"paraphrases must not be negative, got {self.paraphrases}")
+        need(0 <= self.seed < 2 ** 32, f"seed must lie in [0, 2^32), got {self.seed}")  # (seeds each epoch's order)
 
 
 PRESETS: dict[str, dict] = {
@@ -210,7 +211,7 @@ class OnlyAt(torch.nn.Module):
 
 
 def canonical_weight(module: torch.nn.Module, transposed: bool) -> torch.Tensor:
-    w = module.weight.detach()
+    w = real_weight(module.weight, "a masked or edited projection").detach()
     return oriented(w, transposed).float().contiguous()
 
 
@@ -519,7 +520,8 @@ class MaskTrainer:
             optimizer.zero_grad(set_to_none=True)
             loss, info = self.loss(state.theta, self.batch_records(state.step), progress)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(state.theta, cfg.grad_clip)
+            if cfg.grad_clip > 0:  # 0: no clipping (clipping to norm 0 would zero every step)
+                torch.nn.utils.clip_grad_norm_(state.theta, cfg.grad_clip)
             optimizer.step()
             state.step += 1
             state.seconds += time.perf_counter() - start
