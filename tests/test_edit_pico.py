@@ -106,6 +106,24 @@ def test_memit_batch_flips_both(model_type, pico_models, tmp_path, monkeypatch):
     assert sorted(changed) == sorted(e.tensor for e in edits)
 
 
+@pytest.mark.parametrize("params", [[[10, 3]], [[5, 3], [10, 10]], [[5, 7], [4, 0]]])
+def test_memit_key_groups_are_the_templates_drawn(params, pico_models, tmp_path, monkeypatch):
+    """A count under 5 draws no templates (EasyEdit's count // 5 per starter): MEMIT's key groups follow
+    what was drawn, so no key is the mean of an empty group (NaN) or of another group's templates."""
+    from editguard.edit.memit import _template_groups
+    from editguard.edit.rome import templates_for
+
+    monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
+    loaded = load_model(resolve(str(pico_models["llama"])))
+    hp = hparams_from_dict({**PICO_HP, "layers": [0, 1], "mom2_update_weight": 100.0, "mom2_n_samples": 20,
+                            "context_template_length_params": params}, "memit")
+    groups = _template_groups(hp)
+    assert groups[0] == (0, 1) and groups[-1][1] == len(templates_for(loaded, hp))
+    assert all(stop > start for start, stop in groups) and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    edits = compute_edits(loaded, [FACT, FACT2], hp)
+    assert all(torch.isfinite(e.delta()).all() for e in edits)
+
+
 def test_norm_preimage_reaches_what_the_norm_can_reach(pico_models):
     """Gemma normalises the MLP output before the residual: MEMIT asks for the projection output whose
     normalisation is the target. A reachable target (the norm of some other input) is met; the input

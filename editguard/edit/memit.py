@@ -24,17 +24,19 @@ from .forward import Tokenized, capture_at
 from .hparams import EditHparams
 from .rome import prepare, templates_for
 from .stats import second_moments
+from .templates import group_sizes
 from .vstar import optimise_fast, plan_fact
 
 
 def _template_groups(hp: EditHparams) -> list[tuple[int, int]]:
-    """(start, stop) of each context-template group in the flat list: ["{}"], then one per length."""
+    """(start, stop) of each context-template group in the flat list: ["{}"], then one per length that
+    yields templates (an empty group would make the key's mean NaN)."""
     groups = [(0, 1)]
     start = 1
-    for _, count in hp.context_template_length_params:
-        n = max(count // 5, 1) * 5
-        groups.append((start, start + n))
-        start += n
+    for n in group_sizes(hp.context_template_length_params):
+        if n:
+            groups.append((start, start + n))
+            start += n
     return groups
 
 

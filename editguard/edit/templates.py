@@ -12,13 +12,19 @@ import torch
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
 
+def group_sizes(length_params: list[list[int]]) -> list[int]:
+    """How many templates each (length, count) pair yields: EasyEdit's count // 5 per starter, so a count
+    under 5 yields none."""
+    return [count // len(STARTERS) * len(STARTERS) for _, count in length_params]
+
+
 @torch.no_grad()
 def context_templates(model, tokenizer, length_params: list[list[int]], seed: int = 0) -> list[str]:
     """["{}"] + for each (length, n): n templates "<sampled text>. {}" of `length` tokens in all."""
     templates = ["{}"]
     generator = torch.Generator().manual_seed(seed)
-    for length, count in length_params:
-        per_starter = count // len(STARTERS)  # EasyEdit's n_gen // 5: a count under 5 samples none
+    for (length, _), size in zip(length_params, group_sizes(length_params)):
+        per_starter = size // len(STARTERS)
         if per_starter == 0:
             continue
         for starter in STARTERS:
