@@ -115,7 +115,7 @@ def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatc
     monkeypatch.chdir(tmp_path)
     shutil.copytree(pico_models["llama"], tmp_path / "models" / "base")  # a hub-id-shaped name that is a folder here
     for declared, reason in ((str(pico_models["llama"]), "no base given"), ("models/base", "no base given"),
-                             ("pico-org/base", "declared base 'pico-org/base' not resolvable")):
+                             ("pico-org/base", "declared base 'pico-org/base' not usable")):
         upload = tmp_path / declared.replace("/", "_")
         shutil.copytree(pico_models["llama"], upload)
         (upload / "README.md").write_text(f"---\nbase_model: {declared}\n---\n# a model\n")
@@ -131,6 +131,15 @@ def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatc
     assert "named by the model card: unverified" in cli("scan", upload, "--tests", "diff").err
     given = cli("-f", "json", "scan", upload, "--tests", "diff", "--base", pico_models["llama"])
     assert given.json["tests"]["diff"]["declared_by_card"] is False
+    # a card base of another architecture (or one too long to be a path) is the card's mistake: the diff is
+    # skipped with the reason and the rest of the scan goes on; the same base given with --base is refused
+    _fake_hub_cache(tmp_path / "hub", "pico-org/other", pico_models["qwen2"])
+    for declared, reason in (("pico-org/other", "not usable (base is a qwen2 model"), ("a/" + "x" * 300, "not usable")):
+        (upload / "README.md").write_text(f"---\nbase_model: {declared}\n---\n# a model\n")
+        skipped = cli("-f", "json", "scan", upload, "--tests", "diff")
+        assert skipped.code == 2 and "no test could run" in skipped.json["error"], skipped.json
+        assert reason in skipped.json["error"], skipped.json
+    one_line_error(cli("scan", upload, "--tests", "diff", "--base", "pico-org/other"), "architecture")
     # without a card: config.json's _name_or_path (transformers 4 wrote it), a hub id only
     plain = tmp_path / "plain"
     shutil.copytree(pico_models["llama"], plain)

@@ -131,21 +131,24 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
     diff = base_ck = None
     base_spec, declared_by = (options.base, None) if options.base else declared_base(checkpoint, ref.model_id)
     if "diff" in options.tests and base_spec:
+        from .diff import diff_checkpoints, findings_from_diff
+
         try:
             base_ref = resolve(base_spec, revision=options.base_revision, allow_pickle=options.allow_pickle,
                                progress=progress)
-        except EditguardError as exc:
-            if options.base:
-                raise
-            base_ref = None
-            tests["diff"] = {"skipped": f"declared base {base_spec!r} not resolvable ({exc.message})"}
-        if base_ref is not None:
-            from .diff import diff_checkpoints, findings_from_diff
-
             progress(f"diffing against {base_spec}")
             base_ck = base_ref.checkpoint(allow_pickle=options.allow_pickle)
             diff = diff_checkpoints(checkpoint, base_ck, arch, num_layers,
                                     base_masks=_lock_masks_against(lock, base_ck))
+        except (EditguardError, OSError) as exc:
+            if options.base:
+                raise
+            # a base the upload names for itself (unverified) that cannot be read or compared must not stop
+            # the other tests: an upload could otherwise disable every scan with a wrong base_model line
+            diff = base_ck = None
+            why = exc.message if isinstance(exc, EditguardError) else f"{type(exc).__name__}: {exc}"
+            tests["diff"] = {"skipped": f"declared base {base_spec[:200]!r} not usable ({why})"}
+        if diff is not None:
             # a base the upload names for itself proves nothing about the upload: say which kind this is
             tests["diff"] = {"base": base_spec, "declared_by": declared_by,
                              "declared_by_card": declared_by == "model card", **diff.to_json()}
