@@ -200,6 +200,18 @@ def test_commands_run_on_a_model_offloaded_to_disk(cli, edited, pico_models, pic
         weight_param(loaded.model, "model.layers.1.mlp.up_proj.weight")
 
 
+def test_a_hidden_facts_test_that_compared_nothing_is_no_clean_result(cli, edited, pico_mask, tmp_path):
+    """The hidden-facts test examines the answers held at ≥ --min-prob: with none, it looked at nothing, so
+    it is skipped (here the only test: exit 2), never a clean verdict."""
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    args = ["-f", "json", "scan", edited, "--tests", "hidden", "--mask", pico_mask, "--probes", probes, "--min-prob"]
+    seen = cli(*args, "0")
+    assert seen.code in (0, 1) and "skipped" not in seen.json["tests"]["hidden"], seen.err
+    none = cli(*args, "1")
+    assert none.code == 2 and "hidden: no probe answer is confident enough to test (p ≥ 1.0)" in none.json["error"]
+
+
 def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     from editguard import load_locked
     from editguard.edit.edits import Edit, apply_to_model

@@ -68,13 +68,17 @@ def next_token_answers(loaded: LoadedModel, prompts: list[str], batch_size: int 
 
 
 def hidden_facts(loaded: LoadedModel, mask: MaskFile, probes: list[Probe], min_prob: float = MIN_PROB,
-                 threshold: float | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
-    return changed_answers(loaded, probes, lambda: mask_applied(loaded, mask, threshold), "the mask", min_prob, progress)
+                 threshold: float | None = None, progress: Callable[[str], None] | None = None,
+                 counts: dict | None = None) -> list[dict]:
+    return changed_answers(loaded, probes, lambda: mask_applied(loaded, mask, threshold), "the mask", min_prob, progress,
+                           counts)
 
 
 def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Callable[[], contextlib.AbstractContextManager],
-                    name: str, min_prob: float, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Probes whose greedy answer changes under `intervention` (a reversal), current answer held at ≥ min_prob."""
+                    name: str, min_prob: float, progress: Callable[[str], None] | None = None,
+                    counts: dict | None = None) -> list[dict]:
+    """Probes whose greedy answer changes under `intervention` (a reversal), current answer held at ≥ min_prob.
+    `counts["confident"]` is set to how many answers were held that firmly: the ones examined at all."""
     prompts = [p.prompt for p in probes]
     if progress:
         progress("answering probes")
@@ -84,6 +88,8 @@ def changed_answers(loaded: LoadedModel, probes: list[Probe], intervention: Call
     with intervention():
         revealed, p_current_masked = next_token_answers(loaded, prompts, also=[a.token for a in current])
     changed = [i for i, (a, b) in enumerate(zip(current, revealed)) if a.token != b.token and a.prob >= min_prob]
+    if counts is not None:
+        counts["confident"] = sum(a.prob >= min_prob for a in current)
     # the revealed answers' probability without the intervention: one more pass, over the changed prompts only
     _, p_revealed_now = next_token_answers(loaded, [prompts[i] for i in changed], also=[revealed[i].token for i in changed])
     found = []

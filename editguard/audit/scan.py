@@ -220,8 +220,9 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
 
                 mask = MaskFile.load(mask_file)
                 mask.check_fits(arch, checkpoint)
+                counts: dict = {}
                 found, discounted = split_innocent(
-                    hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress))
+                    hidden_facts(loaded, mask, probes, options.min_prob, options.threshold, progress, counts))
                 tests["hidden"] = {"mask": str(mask_file), "threshold": options.threshold or mask.threshold,
                                    "probes": len(probes), "changed_confident": len(found), "edited_prob": EDITED_PROB,
                                    "changed_at_edited_prob": sum(held_as_edited(f["current_prob"]) for f in found),
@@ -235,6 +236,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 from .hidden import mask_applied
 
                 reversals["with the mask"] = lambda: mask_applied(loaded, mask, options.threshold)
+                if not counts["confident"]:  # it compared nothing: not evidence that the model is clean
+                    tests["hidden"]["skipped"] = f"no probe answer is confident enough to test (p ≥ {options.min_prob})"
         if options.decompose:
             decompositions = _decompositions(loaded, tests, diff, base_ck, reversals, options.decompose, progress)
             if decompositions:
