@@ -597,6 +597,21 @@ def test_nonfinite_activations_are_reported_not_scored(cli, pico_models, tmp_pat
     assert "nan" not in result.err.lower()
 
 
+def test_a_memit_window_flags_every_layer_it_names():
+    """Follow-up tests (key projection, an unasked mask) are graded no higher than what flagged their
+    layer: each layer of a MEMIT-like window the answer-dependence test names counts, not only its first."""
+    from editguard.audit.findings import Finding
+    from editguard.audit.scan import _cap_severity, _flagged_layers
+
+    window = Finding("EG011", "error", "drop", layer=2, details={"method": "memit-like", "layers": [2, 3, 4, 5, 6]})
+    outlier = Finding("EG010", "warning", "outlier", layer=9)
+    flagged = _flagged_layers([window, outlier, Finding("EG012", "error", "NaN", layer=0, details={"layers": [0, 1]})])
+    assert flagged == {2: "error", 3: "error", 4: "error", 5: "error", 6: "error", 9: "warning"}
+    revealed = [Finding("EG021", "error", "revealed", layer=5), Finding("EG021", "error", "revealed", layer=9)]
+    assert _cap_severity(revealed[:1], flagged, {5}) == "error" and revealed[0].severity == "error"
+    assert _cap_severity(revealed[1:], flagged, {9}) == "warning" and revealed[1].severity == "warning"
+
+
 @pytest.mark.parametrize("layers, ranks, expected", [
     ([6], [1], "rome-like"), ([3, 9], [1, 2], "rome-like"),  # ROME edits at non-adjacent layers
     ([2, 3, 4], [1, 1, 1], "memit-like"), ([4], [40], "memit-like"),

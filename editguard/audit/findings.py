@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 # rule id -> (short name, description). SARIF gets one rule per entry.
 RULES: dict[str, tuple[str, str]] = {
     "EG001": ("rome-like-edit", "A rank-one change in one MLP output projection (ROME-style knowledge edit)."),
-    "EG002": ("memit-like-edit", "Low-rank changes in MLP output projections of consecutive layers (MEMIT-style)."),
+    "EG002": ("memit-like-edit", "Low-rank changes in the MLP output projections of a few layers (MEMIT-style batch edit)."),
     "EG003": ("fine-tune", "Changes spread over most tensors (fine-tuning), not a locate-and-edit update."),
     "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune."),
     "EG005": ("non-finite-weights", "A tensor holds NaN or infinite values that the base does not have."),

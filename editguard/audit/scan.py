@@ -354,12 +354,14 @@ MIN_SHIPPED_MASK_RSR = 0.8
 
 
 def _flagged_layers(findings: list) -> dict[int, str]:
-    """Layer -> the highest severity (warning or error) a finding of an edit gives it."""
+    """Layer -> the highest severity (warning or error) a finding of an edit gives it (every layer of a
+    MEMIT-like window the answer-dependence test names, not only the first)."""
     flagged = {}
     for f in findings:
         if (f.layer is not None and f.rule not in DAMAGE_RULES
                 and SEVERITY_ORDER[f.severity] >= SEVERITY_ORDER["warning"]):
-            flagged[f.layer] = max(flagged.get(f.layer, f.severity), f.severity, key=SEVERITY_ORDER.get)
+            for layer in (f.details or {}).get("layers") or [f.layer]:
+                flagged[layer] = max(flagged.get(layer, f.severity), f.severity, key=SEVERITY_ORDER.get)
     return flagged
 
 
