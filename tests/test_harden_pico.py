@@ -234,9 +234,12 @@ def test_lock_manifest_loader_and_tamper(cli, pico_models, pico_mask, tmp_path):
     x = torch.randn(3, 64, generator=gen)
     expected = x @ ((base * K + edit.delta()) * K).T
     torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-4)
-    # scan: intact lock is clean; a changed locked tensor is reported
-    clean = cli("-f", "json", "scan", locked_dir, "--tests", "diff")
+    # scan: an intact lock, proven by the digest lock printed, is clean; a changed locked tensor is reported
+    clean = cli("-f", "json", "scan", locked_dir, "--tests", "diff", "--lock-digest", r.json["manifest_sha256"])
     assert clean.code == 0 and clean.json["tests"]["lock"]["intact"] is True
+    # an intact lock without its digest vouches for nothing the manifest does not: alone, no test ran
+    unproven = cli("-f", "json", "scan", locked_dir, "--tests", "diff")
+    assert unproven.code == 2 and "no test could run (diff: no base given" in unproven.json["error"]
     # the manifest's digest, printed at lock time, is what scan reports: a rewritten manifest shows
     assert clean.json["tests"]["lock"]["manifest_sha256"] == r.json["manifest_sha256"]
     tampered = tmp_path / "tampered"
@@ -287,7 +290,8 @@ def test_scan_checks_the_lock_digest_it_is_given(cli, pico_models, pico_mask, tm
     # the threshold rewritten: a valid manifest that re-applies the mask at another γ
     manifest = json.loads((locked / "editguard-lock.json").read_text())
     (locked / "editguard-lock.json").write_text(json.dumps({**manifest, "threshold": 0.01}))
-    assert cli("-f", "json", "scan", locked, "--tests", "diff").json["tests"]["lock"]["intact"]  # unseen without it
+    unseen = cli("-f", "json", "scan", locked, "--tests", "diff", "--base", pico_models["llama"])
+    assert unseen.json["tests"]["lock"]["intact"]  # unseen without the digest
     forged = cli("-f", "json", "scan", locked, "--tests", "diff", "--lock-digest", digest)
     assert forged.code == 1 and [p["kind"] for p in forged.json["tests"]["lock"]["problems"]] == ["digest"]
     assert forged.json["findings"][0]["rule"] == "EG030" and digest in forged.json["findings"][0]["message"]

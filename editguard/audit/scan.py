@@ -264,8 +264,11 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             why = "no probe names its subject (give probes with \"subject\")"
         tests["attribution"] = {"skipped": why}
     skipped = skipped_tests(tests, options.tests)
-    if "lock" not in tests and not any(name in tests and name not in skipped for name in options.tests):
-        # a CI gate must not pass a model that nothing examined (a lock's check counts: it reads every locked byte)
+    # A CI gate must not pass a model that nothing examined. A lock's check counts where it found a problem
+    # (a finding) or was asked to prove the lock the user made (--lock-digest): an intact unsigned lock
+    # vouches for its own tensors only, under a manifest anyone can rewrite.
+    lock_examined = "lock" in tests and (bool(problems) or options.lock_digest is not None)
+    if not lock_examined and not any(name in tests and name not in skipped for name in options.tests):
         reasons = "; ".join(f"{name}: {why}" for name, why in skipped.items())
         raise NothingExamined(f"no test could run{' (' + reasons + ')' if reasons else ''}")
     label, severity = verdict(findings)
