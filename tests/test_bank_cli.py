@@ -218,6 +218,9 @@ def test_bad_hparams(cli, pico_models, tmp_path):
                  "--hparams", "no-such-preset", "-o", tmp_path / "x")
     assert result.code == 2 and "presets" in result.err
     for extra, message in (({"rewrite_module_tmp": "model.layers.{}.mlp.gate_proj"}, "must name the MLP output projection"),
+                           ({"lm_head_module": "lm_haed"}, "lm_head_module 'lm_haed' does not resolve on this model"),
+                           ({"attn_module_tmp": "model.layers.{}.attn"}, "attn_module_tmp 'model.layers.{}.attn' does "
+                                                                          "not resolve"),
                            ({"v_num_grad_steps": -5}, "v_num_grad_steps must be at least 1"),
                            ({"v_lr": float("nan")}, "v_lr must be a finite number")):
         bad = tmp_path / "bad.yaml"
@@ -233,7 +236,10 @@ def test_bad_hparams(cli, pico_models, tmp_path):
     ({"mom2_dtype": "bogus"}, "mom2_dtype must be one of"),
     ({"context_template_length_params": [[-5, 10]]}, "context_template_length_params values must be at least 1"),
     ({"context_template_length_params": 5}, "list of [length, count] pairs"),
-    ({"seed": -1}, "seed must not be negative"),
+    ({"seed": -1}, "seed must lie in [0, 2^63)"),
+    ({"seed": 2 ** 64}, "seed must lie in [0, 2^63)"),
+    ({"v_lr": 10 ** 400}, "v_lr must be a finite number"),
+    ({"attn_module_tmp": "model.layers.attn"}, "attn_module_tmp must hold one {}"),
     ({"layers": True}, "layers must be a whole number"),
     ({"v_num_grad_steps": 2.7}, "v_num_grad_steps must be a whole number"),
     ({"mom2_adjustment": "false"}, "mom2_adjustment must be true or false"),
@@ -250,6 +256,13 @@ def test_hparams_values_are_typed_per_key(extra, message):
     """Each wrong value is named with its key; none is coerced (2.7 steps, a quoted "false") or let through."""
     with pytest.raises(EditguardError, match=re.escape(message)):
         hparams_from_dict({**PICO_YAML, **extra}, "rome", "bad.yaml")
+
+
+def test_memit_needs_a_positive_covariance_weight():
+    # λ = 0 leaves K Kᵀ alone, singular with fewer facts than the key width: a broken solve, not an edit
+    with pytest.raises(EditguardError, match="mom2_update_weight must be positive for MEMIT"):
+        hparams_from_dict({**PICO_YAML, "alg_name": "MEMIT", "mom2_update_weight": 0}, "memit", "bad.yaml")
+    assert hparams_from_dict({**PICO_YAML, "mom2_update_weight": 0}, "rome", "ok.yaml").mom2_update_weight == 0
 
 
 def test_overridden_layers_are_still_checked():

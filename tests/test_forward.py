@@ -31,6 +31,17 @@ def test_packed_rows_may_exceed_the_sliding_window(model_type, tmp_path):
     _check_suffix_run(load_model(resolve(str(folder))), "mlp")
 
 
+def test_a_prefix_longer_than_the_sliding_window_is_one_clear_error(tmp_path):
+    """The prefix cache of a sliding-window layer keeps only the window: a prompt whose part up to the
+    subject is longer is refused with its length, not an internal error."""
+    from editguard.errors import EditguardError
+
+    loaded = load_model(resolve(str(pico.build("gemma3_text", tmp_path / "g", sliding_window=6))))
+    seqs = [list(range(3, 15)), list(range(3, 8))]
+    with pytest.raises(EditguardError, match="longer than this model's sliding attention window"):
+        build_prefix_cache(loaded.model, loaded.arch, Tokenized(seqs, [11, 3]), start=1)
+
+
 def _check_suffix_run(loaded, site):
     model, arch = loaded.model, loaded.arch
     gen = torch.Generator().manual_seed(0)

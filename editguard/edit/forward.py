@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..arch import Arch
+from ..errors import EditguardError
 
 
 class _Skip(torch.nn.Module):
@@ -183,7 +184,8 @@ def build_prefix_cache(
                 continue  # never read (layers below `start` are skipped); layer 0 sets the cache length
             cached = cache.layers[layer_idx]
             if cached.keys.shape[2] < width:
-                raise ValueError("sequence longer than the sliding window: the prefix cache cannot hold it")
+                raise EditguardError(f"a prompt of {width} tokens before the subject's end is longer than this model's "
+                                     f"sliding attention window ({cached.keys.shape[2]}): shorten it")
             gather = src.to(cached.keys.device)[:, None, :, None].expand(
                 -1, cached.keys.shape[1], -1, cached.keys.shape[3])
             keys_chunk.append(torch.gather(cached.keys, 2, gather))

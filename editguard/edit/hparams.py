@@ -84,15 +84,18 @@ class EditHparams:
 
     def check_against(self, model, num_layers: int, arch=None) -> None:
         self.check_layers(num_layers)
-        for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
-            template = getattr(self, key)
-            for layer in self.layers:
-                path = template.format(layer)  # one {}: checked by hparams_from_dict, or from the arch table
-                try:
-                    model.get_submodule(path)
-                except AttributeError:
-                    raise EditguardError(f"{key} {template!r} does not resolve on this model ({path} not found)") \
-                        from None
+        # every template, used or only recorded (the architecture table says where attention, the final norm
+        # and the head are): a typo is named, not carried silently into a bank's hparams
+        paths = [(key, getattr(self, key), getattr(self, key).format(layer))
+                 for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp")
+                 if getattr(self, key) is not None for layer in self.layers]  # one {}: checked by hparams_from_dict
+        paths += [(key, getattr(self, key), getattr(self, key)) for key in ("ln_f_module", "lm_head_module")
+                  if getattr(self, key) is not None]
+        for key, template, path in paths:
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise EditguardError(f"{key} {template!r} does not resolve on this model ({path} not found)") from None
         if arch is not None:  # ΔW is solved for the MLP output projection's shape and orientation
             for layer in self.layers:
                 path = self.rewrite_module_tmp.format(layer)
@@ -134,7 +137,7 @@ class _Typed:
         # YAML 1.1 reads `5e-1` (no dot) as a string, so numeric strings are accepted as EasyEdit's configs use them
         try:
             number = None if isinstance(value, bool) else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (an integer too large for a float)
             number = None
         if number is None or not math.isfinite(number):
             raise EditguardError(f"{self.where}: {key} must be a finite number, got {value!r}")
@@ -213,7 +216,7 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
         raise EditguardError(f"{where}: layers is empty")
     if len(set(hp.layers)) != len(hp.layers):  # two steps on one tensor: a bank keeps one layer's factors each
         raise EditguardError(f"{where}: layers {hp.layers} names a layer twice")
-    for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
+    for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
         template = getattr(hp, key)
         # one "{}" for the layer: without it every layer would name the same module (a silent wrong edit)
         if template is not None and (template.count("{}") != 1 or any(c in template.replace("{}", "") for c in "{}")):
@@ -223,14 +226,16 @@ def hparams_from_dict(raw: dict, method: str, where: str = "hparams", overrides:
     for key in ("v_num_grad_steps", "facts_per_batch", "mom2_n_samples"):
         if getattr(hp, key) < 1:
             raise EditguardError(f"{where}: {key} must be at least 1, got {getattr(hp, key)}")
-    if hp.seed < 0:
-        raise EditguardError(f"{where}: seed must not be negative, got {hp.seed}")
+    if not 0 <= hp.seed < 2 ** 63:
+        raise EditguardError(f"{where}: seed must lie in [0, 2^63), got {hp.seed}")
     for key in ("v_lr", "clamp_norm_factor"):
         if not getattr(hp, key) > 0:
             raise EditguardError(f"{where}: {key} must be positive, got {getattr(hp, key)}")
     for key in ("v_weight_decay", "kl_factor", "mom2_update_weight", "early_stop_loss"):
         if not getattr(hp, key) >= 0:
             raise EditguardError(f"{where}: {key} must not be negative, got {getattr(hp, key)}")
+    if hp.method == "memit" and not hp.mom2_update_weight > 0:  # λ = 0 leaves K Kᵀ alone: singular for n < width
+        raise EditguardError(f"{where}: mom2_update_weight must be positive for MEMIT, got {hp.mom2_update_weight}")
     return hp
 
 
