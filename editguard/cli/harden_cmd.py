@@ -85,8 +85,6 @@ def reverse_command(
     ref = resolve_model(model, revision, allow_pickle)
     check_output_folder(output, input_paths(ref, *read), force)
     placement = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)  # load_model keywords
-    if mask is not None:  # the masked modules hold real weights (MLP output projections always do)
-        placement["keep_on_device"] = MaskFile.load(mask).module_paths()
     checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
     arch = arch_table.for_config(checkpoint.config)
     num_layers = arch.num_layers(checkpoint.config)
@@ -110,6 +108,8 @@ def reverse_command(
         raise EditguardError(f"--layers applies to --method svd, not {method}")
     if mask is not None and method == "project":  # it neither reverses nor picks the facts shown there
         raise EditguardError("--mask applies to --method mask (and picks the facts shown for svd and base), not project")
+    if mask is not None:  # its modules hold real weights (MLP output projections always do); nothing loaded yet
+        placement["keep_on_device"] = MaskFile.load(mask).module_paths()
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
