@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import BAD_JSON, EditguardError
+from .errors import BAD_JSON, EditguardError, first_line
 from .outputs import check_output_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -274,7 +274,7 @@ class Checkpoint:
             try:
                 state = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # weights_only refuses anything but tensors and plain containers
-                why = re.sub(r"\x1b\[[0-9;]*m", "", str(exc).splitlines()[0])  # torch's message carries colour codes
+                why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # torch's message carries colour codes
                 raise EditguardError(f"{self.folder / file}: refused to load pickle ({why})") from None
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]

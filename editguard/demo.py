@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .checkpoint import make_temp_dir
-from .errors import EditguardError, UnsupportedError
+from .errors import EditguardError, UnsupportedError, first_line
 from .home import cache_dir, file_lock
 from .quiet import quiet_transformers
 
@@ -145,7 +146,7 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress | None = None, source
             except (struct.error, EOFError):  # the reader ran past the end of the file
                 raise EditguardError(f"{gguf}: truncated or damaged GGUF file") from None
             except Exception as exc:  # transformers raises many types for unsupported GGUF content
-                why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                why = first_line(exc, 200)
                 error = UnsupportedError if "is not supported" in why else EditguardError
                 raise error(f"{gguf}: cannot convert this GGUF ({why})") from None
             if getattr(model, "hf_quantizer", None) is not None:
@@ -188,8 +189,10 @@ def ensure_gguf_folder(gguf: Path, progress: Progress | None = None) -> Path:
     if not is_gguf(gguf):
         raise EditguardError(f"{gguf}: not a GGUF file (bad magic bytes)")
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir("models") / f"gguf-{gguf.stem}-{key}"
+    # (os.fsencode: a file name need not be valid UTF-8)
+    key = hashlib.sha256(os.fsencode(gguf) + f"|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # a plain folder name: the tokenizer library cannot write under a name that is not valid UTF-8
+    out = cache_dir("models") / f"gguf-{re.sub(r'[^A-Za-z0-9._-]', '_', gguf.stem)}-{key}"
     if (out / MARKER).is_file():
         return out
     with file_lock(out.with_name(out.name + ".lock")):

@@ -23,6 +23,12 @@ class EditguardError(Exception):
         self.message = message
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of a library's error message for a one-line error (its type where it has none)."""
+    lines = str(exc).splitlines()
+    return (lines[0] if lines and lines[0].strip() else type(exc).__name__)[:limit]
+
+
 class EditguardWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI prints it as one line)."""
 

@@ -10,13 +10,22 @@ from pathlib import Path
 from .errors import EditguardError
 
 
+def user_path(text: str | os.PathLike) -> Path:
+    """A path as the user typed it, `~` and `~user` expanded (a `~user` with no home is one clear error)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        raise EditguardError(f"{text}: no home folder for that user, so its '~' cannot be expanded") from None
+
+
 def home() -> Path:
-    """`$EDITGUARD_HOME`, else `$XDG_CACHE_HOME/editguard`, else `~/.cache/editguard`."""
+    """`$EDITGUARD_HOME`, else `$XDG_CACHE_HOME/editguard`, else `~/.cache/editguard`; absolute (what is
+    built there is linked to from temporary folders elsewhere)."""
     env = os.environ.get("EDITGUARD_HOME")
     if env:
-        return Path(env).expanduser()
+        return user_path(env).absolute()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    base = user_path(xdg).absolute() if xdg else Path.home() / ".cache"
     return base / "editguard"
 
 

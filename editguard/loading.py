@@ -19,7 +19,7 @@ from . import arch as arch_table
 from .arch import Arch
 from .checkpoint import Checkpoint, model_fingerprint
 from .cpu_precision import warn_if_slow
-from .errors import BAD_JSON, EditguardError, EditguardWarning
+from .errors import BAD_JSON, EditguardError, EditguardWarning, first_line
 from .quiet import quiet_transformers
 from .resolve import ModelRef
 
@@ -71,7 +71,7 @@ def load_tokenizer(ref: ModelRef):
         try:
             tokenizer = loader.from_pretrained(ref.path, trust_remote_code=False)
         except Exception as exc:
-            raise EditguardError(f"{ref.spec}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]})") from None
+            raise EditguardError(f"{ref.spec}: cannot load its tokenizer ({first_line(exc, 200)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -158,7 +158,7 @@ def load_model(
             stop = _interruption(exc)
             if stop is not None:  # Ctrl-C while transformers imports the model class: not a broken model
                 raise stop from None
-            raise EditguardError(f"{ref.spec}: transformers could not load it ({str(exc).splitlines()[0][:240]})") from None
+            raise EditguardError(f"{ref.spec}: transformers could not load it ({first_line(exc, 240)})") from None
     _check_loading(ref, info)
     model.eval()
     model.requires_grad_(False)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import EditguardError
+from .home import user_path
 
 
 class Created(str):
@@ -23,9 +24,9 @@ def _overlap(out: Path, inputs: Iterable[str | os.PathLike | None]) -> Path | No
     as a hub id, are skipped unless `Created`). Both the path as given and its link target count: a Hugging
     Face cache snapshot holds links into its blobs."""
     for item in inputs:
-        if item is None or not (isinstance(item, Created) or Path(item).expanduser().exists()):
+        if item is None or not (isinstance(item, Created) or user_path(item).exists()):
             continue
-        item = Path(item).expanduser()
+        item = user_path(item)
         for source in {Path(os.path.abspath(item)), item.resolve()}:
             if out == source or source.is_relative_to(out) or out.is_relative_to(source):
                 return source
@@ -103,7 +104,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        # errors="replace": a file name that is not valid UTF-8 (held as surrogates) must not fail the write
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new one

@@ -10,7 +10,8 @@ from typing import Callable
 
 from .checkpoint import Checkpoint
 from .demo import DEMO_PREFIX, ensure_demo, ensure_gguf_folder
-from .errors import EditguardError
+from .errors import EditguardError, first_line
+from .home import user_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -60,12 +61,12 @@ def resolve(
     """Turn whatever the user typed into a local model folder, fetching or converting it if needed."""
     if not spec.strip():  # Path("") is the working directory: an empty CI variable must not scan it
         raise EditguardError("the model argument is empty")
-    if revision is not None and (spec.startswith(DEMO_PREFIX) or Path(spec).expanduser().exists()):
+    if revision is not None and (spec.startswith(DEMO_PREFIX) or user_path(spec).exists()):
         raise EditguardError(f"a revision applies to hub ids only; {spec} is a local model")
     if spec.startswith(DEMO_PREFIX):
         name = spec[len(DEMO_PREFIX):]
         return ModelRef(spec, "demo", ensure_demo(name, progress), model_id=spec)
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if path.exists():
         if path.is_file():
             if path.suffix.lower() == ".gguf":
@@ -85,10 +86,10 @@ def resolve(
 def hub_cache_dir() -> Path:
     # Read at call time (huggingface_hub reads its constants once, at import).
     if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+        return user_path(os.environ["HF_HUB_CACHE"])
     hf_home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return Path(hf_home).expanduser() / "hub"
+    return user_path(hf_home) / "hub"
 
 
 def hub_offline() -> bool:
@@ -119,9 +120,9 @@ def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progre
     except hub_errors.RevisionNotFoundError:
         raise EditguardError(f"{repo_id}: no revision {revision!r}") from None
     except hub_errors.HFValidationError as exc:  # e.g. "org/a--b", "org/x.", names over 96 characters
-        raise EditguardError(f"{repo_id}: not a valid Hugging Face repo id ({str(exc).splitlines()[0][:200]})") from None
+        raise EditguardError(f"{repo_id}: not a valid Hugging Face repo id ({first_line(exc, 200)})") from None
     except (hub_errors.HfHubHTTPError, OSError) as exc:
-        raise EditguardError(f"{repo_id}: download failed ({str(exc).splitlines()[0][:200]})") from None
+        raise EditguardError(f"{repo_id}: download failed ({first_line(exc, 200)})") from None
     if not (folder / "config.json").is_file():
         raise EditguardError(f"{repo_id}: the cached snapshot has no config.json")
     return folder

@@ -251,6 +251,28 @@ def test_gguf_is_converted_alone_and_never_runs_code_beside_it(tmp_path, cli, mo
     assert sorted(p.name for p in folder.iterdir()) == ["evil_tok.py", "tiny.gguf", "tokenizer_config.json"]
 
 
+def test_odd_paths_are_read_or_named_in_one_line(tmp_path, cli, monkeypatch):
+    """A .gguf whose name is not valid UTF-8, converted under a relative EDITGUARD_HOME (the conversion links
+    to it from a temporary folder elsewhere), and a `~user` path for a user with no home."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDITGUARD_HOME", "home")
+    odd = _tiny_gguf(tmp_path / "tiny.gguf").rename(tmp_path / os.fsdecode(b"mod\xe9le.gguf"))
+    result = cli("-f", "json", "inspect", odd)
+    assert result.code == 0 and result.json["num_layers"] == 1, result.err
+    assert any((tmp_path / "home" / "models").iterdir())
+    one_line_error(cli("inspect", "~no_such_user_editguard/model"), "no home folder for that user")
+
+
+def test_library_errors_give_their_first_line_or_their_type():
+    from editguard.errors import first_line
+
+    assert first_line(ValueError("bad header\ndetails")) == "bad header"
+    assert first_line(OSError()) == "OSError" and first_line(RuntimeError("\n")) == "RuntimeError"
+    assert first_line(ValueError("x" * 300), 200) == "x" * 200
+
+
 def test_gguf_of_an_architecture_transformers_cannot_convert_is_unsupported(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "home"))
     one_line_error(cli("inspect", _tiny_gguf(tmp_path / "bert.gguf", arch="bert")), "is not supported", code=3)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..data import counterfact
 from ..errors import BAD_JSON, EditguardError
+from ..home import user_path
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def load_probes(source: str) -> list[Probe]:
         return counterfact_probes()
     if source.startswith("counterfact:"):
         return counterfact_probes(tuple(source.split(":", 1)[1].split(",")))
-    path = Path(source).expanduser()
+    path = user_path(source)
     try:
         # utf-8-sig: a byte-order mark is no part of line 1; "\n" only: JSON text may hold U+2028 and the
         # like, which splitlines() would cut a record at

@@ -24,6 +24,7 @@ from .. import arch as arch_table
 from .. import masks_index
 from ..errors import EditguardError, NothingExamined
 from ..harden.lock import MANIFEST, LockState, lock_state
+from ..home import user_path
 from ..mask.file import MaskFile
 from ..resolve import HUB_ID, ModelRef, resolve
 from .findings import DAMAGE_RULES, SEVERITY_ORDER, Finding, verdict
@@ -95,7 +96,7 @@ def _lock_masks_against(lock: LockState, base_ck) -> dict | None:
 
 def _hub_only(value: str) -> bool:
     """A hub id that is not also a path here (`models/base` may be both: resolve would take the folder)."""
-    return bool(HUB_ID.match(value)) and not Path(value).expanduser().exists()
+    return bool(HUB_ID.match(value)) and not user_path(value).exists()
 
 
 def _lock_problem_text(problem: dict) -> str:

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from .. import masks_index
 from ..errors import EditguardError
+from ..home import user_path
 from . import state
 from .app import app
 from .options import resolve_model
@@ -52,7 +53,7 @@ WORKDIR_MARKER = ".editguard-demo"  # the demo replaces its own folders in a wor
 def _check_workdir(folder: Path, ref) -> None:
     """A kept workdir: new, empty, or an earlier demo's (its folders are replaced), and apart from the model."""
     inside = lambda a, b: a == b or b in a.parents  # noqa: E731
-    here, source = folder.expanduser().resolve(), Path(ref.path).resolve()
+    here, source = user_path(folder).resolve(), Path(ref.path).resolve()
     if inside(here, source) or inside(source, here):
         raise EditguardError(f"--workdir {folder} overlaps the model folder {ref.path}")
     if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / WORKDIR_MARKER).exists())):

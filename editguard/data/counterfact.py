@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import BAD_JSON, EditguardError
-from ..home import cache_dir, file_lock
+from ..home import cache_dir, file_lock, user_path
 
 RELATIONS = ("P103", "P17", "P495", "P176", "P413", "P136", "P30", "P937", "P27", "P1412")
 OFFICIAL_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
@@ -88,7 +88,7 @@ def load(source: str, strict: bool = False) -> LoadReport:
     if source in SPLITS or source in ("train", "test", "val"):
         split = {"train": "rome-train", "test": "rome-test", "val": "rome-val"}.get(source, source)
         return LoadReport(load_split(split), [])
-    path = official_path() if source == "official" else Path(source).expanduser()
+    path = official_path() if source == "official" else user_path(source)
     return load_path(path, strict=strict)
 
 
@@ -262,7 +262,7 @@ def official_path() -> Path:
     """The official counterfact.json: `$EDITGUARD_COUNTERFACT`, else downloaded once into the cache."""
     env = os.environ.get("EDITGUARD_COUNTERFACT")
     if env:
-        return Path(env).expanduser()
+        return user_path(env)
     dest = cache_dir("data") / "counterfact.json"
     if dest.is_file():
         return dest

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import lzma
 from importlib import resources
-from pathlib import Path
 
 from ..errors import EditguardError
+from ..home import user_path
 
 WIKITEXT = "wikitext2"
 
@@ -14,7 +14,7 @@ WIKITEXT = "wikitext2"
 def load_text(source: str = WIKITEXT) -> str:
     if source == WIKITEXT:
         return lzma.decompress(resources.files("editguard.data").joinpath("wikitext2_test.txt.xz").read_bytes()).decode()
-    path = Path(source).expanduser()
+    path = user_path(source)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -21,7 +21,7 @@ import torch
 
 from .. import __version__
 from ..checkpoint import read_safetensors_header, write_safetensors
-from ..errors import BAD_JSON, EditguardError, malformed
+from ..errors import BAD_JSON, EditguardError, first_line, malformed
 from .edits import Edit
 from .facts import Fact
 
@@ -69,7 +69,7 @@ class EditBank:
         try:
             tensors = load_file(path)
         except Exception as exc:
-            raise EditguardError(f"corrupted edit bank {path}: {str(exc).splitlines()[0]}") from None
+            raise EditguardError(f"corrupted edit bank {path}: {first_line(exc)}") from None
         bank = cls(path, meta, tensors)
         try:
             bank._validate()

@@ -13,12 +13,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
 import yaml
 
 from ..data.text import WIKITEXT
-from ..errors import EditguardError
+from ..errors import EditguardError, first_line
+from ..home import user_path
 
 # Keys EasyEdit configs carry that have no effect here (devices, paths, precision switches).
 IGNORED_KEYS = {"model_name", "stats_dir", "device", "model_parallel", "fp16", "max_length", "batch_size",
@@ -153,12 +153,12 @@ def load_hparams(source: str | None, method: str, overrides: dict | None = None)
     """A preset name (e.g. `smollm2-135m`, looked up as `{method}-{name}`), or a YAML file path."""
     if source is None:
         raise EditguardError(f"give --hparams: a YAML file or one of the presets: {', '.join(presets())}")
-    path = Path(source).expanduser()
+    path = user_path(source)
     if path.is_file():
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise EditguardError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise EditguardError(f"{path}: not valid YAML ({first_line(exc)})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise EditguardError(f"{path}: not readable UTF-8 text ({exc.__class__.__name__})") from None
         where = str(path)
@@ -245,5 +245,5 @@ def _check_corpus(where: str, dataset: str) -> None:
     if dataset == "wikipedia":
         raise EditguardError(f"{where}: mom2_dataset 'wikipedia' (EasyEdit's) needs a Wikipedia dump editguard does "
                              f"not download; use {WIKITEXT} (shipped) or the path of a text file")
-    if not Path(dataset).expanduser().is_file():
+    if not user_path(dataset).is_file():
         raise EditguardError(f"{where}: mom2_dataset {dataset!r} is neither {WIKITEXT} nor a text file")

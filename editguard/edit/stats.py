@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import write_safetensors
 from ..data.text import WIKITEXT, load_text
 from ..errors import EditguardError
-from ..home import cache_dir, file_lock
+from ..home import cache_dir, file_lock, user_path
 from ..loading import LoadedModel
 from .forward import _Stop
 
@@ -29,7 +29,7 @@ def _stats_path(loaded: LoadedModel, layer: int, dataset: str, n_samples: int) -
     if dataset == WIKITEXT:
         name = dataset
     else:  # two corpora may share a file name, and a corpus may be edited: key on where and which version
-        path = Path(dataset).expanduser().resolve()
+        path = user_path(dataset).resolve()
         try:
             stat = path.stat()
             version = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"

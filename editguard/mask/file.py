@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from ..arch import oriented
 from ..checkpoint import fingerprint, read_safetensors_header, write_safetensors
-from ..errors import BAD_JSON, EditguardError, malformed
+from ..errors import BAD_JSON, EditguardError, first_line, malformed
 
 FORMAT = "editguard-mask/1"
 
@@ -144,7 +144,7 @@ class MaskFile:
         try:
             tensors = load_file(path)
         except Exception as exc:  # safetensors' own error type for bad data
-            raise EditguardError(f"corrupted mask file {path}: {str(exc).splitlines()[0]}") from None
+            raise EditguardError(f"corrupted mask file {path}: {first_line(exc)}") from None
         try:
             targets, binaries = [], []
             for i, t in enumerate(meta["targets"]):

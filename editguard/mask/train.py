@@ -36,7 +36,7 @@ from ..edit.edits import edits_applied
 from ..edit.facts import target_ids
 from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
-from ..errors import BAD_JSON, EditguardError
+from ..errors import BAD_JSON, EditguardError, first_line
 from ..loading import LoadedModel, real_weight
 
 
@@ -620,7 +620,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "
     except EditguardError:
         raise
     except Exception as exc:  # a tensor named by its siblings but absent (SafetensorError), or unreadable
-        raise corrupted(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        raise corrupted(first_line(exc)) from None
     for i, t in enumerate(theta):
         want = tuple(shapes[i]) if shapes is not None else tuple(t.shape)
         tensors = [t, *(state.best_theta[i:i + 1] if state.best_theta else []),
