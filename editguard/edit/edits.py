@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from ..arch import Arch
+from ..loading import real_weight
 from .facts import Fact
 
 
@@ -46,8 +47,6 @@ def weight_param(model, tensor: str) -> torch.Tensor:
     """The stored parameter behind `tensor`: with a lock's parametrisation (weight = original ⊙ K) edits
     must go to the original, so the mask still applies to them in the forward pass."""
     from torch.nn.utils import parametrize
-
-    from ..loading import real_weight
 
     module = model.get_submodule(tensor.removesuffix(".weight"))
     if parametrize.is_parametrized(module, "weight"):

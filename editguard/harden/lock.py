@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from ..arch import oriented
 from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, comparable, tensor_bytes
 from ..errors import BAD_JSON, EditguardError
+from ..loading import real_weight
 from ..mask.file import MaskFile
 
 MANIFEST = f"{OWN_FILE_PREFIX}lock.json"
@@ -204,8 +205,6 @@ class _MaskParam(torch.nn.Module):
 
 def install_mask(model, arch, mask: MaskFile, threshold: float | None = None) -> None:
     """Keep the mask in the forward pass: weight := original ⊙ K on every use."""
-    from ..loading import real_weight
-
     for (path, transposed), K in zip(mask.modules(), mask.masks(threshold)):
         module = model.get_submodule(path)
         weight = real_weight(module.weight, path + ".weight")  # (an offloaded one cannot carry the mask)

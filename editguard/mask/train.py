@@ -210,8 +210,8 @@ class OnlyAt(torch.nn.Module):
         return picked.new_zeros(hidden_states.shape[:-1] + picked.shape[-1:]).index_copy(1, self.index, picked)
 
 
-def canonical_weight(module: torch.nn.Module, transposed: bool) -> torch.Tensor:
-    w = real_weight(module.weight, "a masked or edited projection").detach()
+def canonical_weight(module: torch.nn.Module, transposed: bool, path: str = "a masked projection") -> torch.Tensor:
+    w = real_weight(module.weight, path).detach()
     return oriented(w, transposed).float().contiguous()
 
 
@@ -368,7 +368,7 @@ class MaskTrainer:
         self.modules, self.base_weights = [], []
         for path, transposed in targets:
             module = loaded.model.get_submodule(path)
-            self.base_weights.append(canonical_weight(module, transposed))
+            self.base_weights.append(canonical_weight(module, transposed, path))
             self.modules.append(MaskedProjection.standing_in(module, self.base_weights[-1]))
         # the edited weights of each batch edit, built once (one dense matrix per edit and target, not per record)
         self.group_weights = [[w if d is None else w + d.float().to(w.device) for w, d in zip(self.base_weights, deltas)]
@@ -382,7 +382,7 @@ class MaskTrainer:
             path = edit.tensor.removesuffix(".weight")
             module = loaded.model.get_submodule(path)
             if path not in bases:  # MEMIT edits only MLP output projections, hence their orientation
-                bases[path] = canonical_weight(module, loaded.arch.mlp_out_transposed)
+                bases[path] = canonical_weight(module, loaded.arch.mlp_out_transposed, path)
             return path, MaskedProjection.standing_in(module, bases[path] + edit.delta().to(bases[path].device))
 
         self.group_unmasked = [[stand_in(e) for e in edits if e.layer >= start_layer] for edits in unmasked]
