@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -272,7 +273,9 @@ class Checkpoint:
     def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
         if file not in self._pickle_state:
             try:
-                state = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+                # mmap needs the zip format torch.save writes since 1.6; older files are read whole
+                state = torch.load(self.folder / file, map_location="cpu", weights_only=True,
+                                   mmap=zipfile.is_zipfile(self.folder / file))
             except Exception as exc:  # weights_only refuses anything but tensors and plain containers
                 why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # torch's message carries colour codes
                 raise EditguardError(f"{self.folder / file}: refused to load pickle ({why})") from None
@@ -406,9 +409,9 @@ class Checkpoint:
                     shutil.copytree(item, tmp / item.name)
             for name, data in (extra_files or {}).items():
                 (tmp / name).write_bytes(data)
-            _fsync_tree(tmp)  # every file on disk before the rename: a crash after it leaves no torn file
+            fsync_tree(tmp)  # every file on disk before the rename: a crash after it leaves no torn file
             _replace_dir(tmp, out)
-            _fsync(out.parent)
+            fsync_path(out.parent)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
@@ -483,9 +486,9 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         # after the write: mkstemp, and safetensors' own temp file, make 0600; outputs look like any other file
         os.chmod(tmp, 0o666 & ~_umask())
-        _fsync(tmp)  # on disk before the rename: a crash leaves the old file or the new one, never a torn one
+        fsync_path(tmp)  # on disk before the rename: a crash leaves the old file or the new one, never a torn one
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -503,7 +506,7 @@ def make_temp_dir(out: Path) -> Path:
     return tmp
 
 
-def _fsync(path: Path | str) -> None:
+def fsync_path(path: Path | str) -> None:
     """Flush a file, or a folder's entries (a rename), to disk; a file system that cannot is left as is."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -517,12 +520,12 @@ def _fsync(path: Path | str) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: Path) -> None:
-    """_fsync every file and folder under `folder`, then `folder` itself."""
+def fsync_tree(folder: Path) -> None:
+    """fsync_path every file and folder under `folder`, then `folder` itself."""
     for root, dirs, files in os.walk(folder):
         for name in files + dirs:
-            _fsync(Path(root) / name)
-    _fsync(folder)
+            fsync_path(Path(root) / name)
+    fsync_path(folder)
 
 
 def _umask() -> int:
@@ -542,7 +545,11 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         return
     # a fresh name each time: one left by a killed run (or another process of the same pid) is never in the way
     old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old)  # onto the empty folder just made
+    try:
+        os.replace(out, old)  # onto the empty folder just made
+    except BaseException:  # e.g. `out` is a mount point (EBUSY): the earlier output stays, the empty folder goes
+        old.rmdir()
+        raise
     try:
         os.replace(tmp, out)
     except BaseException:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import make_temp_dir
+from .checkpoint import fsync_path, fsync_tree, make_temp_dir
 from .errors import EditguardError, UnsupportedError, first_line
 from .home import cache_dir, file_lock
 from .quiet import quiet_transformers
@@ -157,9 +157,11 @@ def convert_gguf(gguf: Path, out: Path, progress: Progress | None = None, source
         stat = gguf.stat()
         (tmp / MARKER).write_text(json.dumps(
             {"gguf": gguf.name, "size": stat.st_size, **(source or {})}, indent=2))
+        fsync_tree(tmp)  # on disk before the rename: a crash must not leave a cache entry with torn shards
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -286,13 +286,37 @@ def test_replacing_an_output_folder_keeps_one_whole_copy(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.old-{os.getpid()}", "out"]
 
 
+def test_an_output_folder_that_cannot_be_moved_aside_is_left_as_it_was(tmp_path, monkeypatch, pico_models):
+    """--force onto a mount point: renaming it away fails (EBUSY); one error line, the earlier output and
+    its parent exactly as they were (no empty hidden folders)."""
+    import os
+
+    from editguard import checkpoint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    real = os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", busy)
+    ck = checkpoint.Checkpoint(pico_models["llama"])
+    with pytest.raises(EditguardError, match="could not write .*busy"):
+        ck.write_copy(out, {}, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "config.json").read_text() == "{}"
+
+
 def test_a_written_folder_is_on_disk_before_it_is_renamed_into_place(pico_models, tmp_path, monkeypatch):
     """Every file of the build folder is flushed (fsync) before the rename that publishes it."""
     from editguard import checkpoint
 
     flushed = []
     real_replace = checkpoint._replace_dir
-    monkeypatch.setattr(checkpoint, "_fsync", lambda path: flushed.append(Path(path)))
+    monkeypatch.setattr(checkpoint, "fsync_path", lambda path: flushed.append(Path(path)))
 
     def replace(tmp, out):
         built = {p for p in tmp.rglob("*")} | {tmp}

@@ -994,3 +994,12 @@ def test_train_memit_mask_layer(cli, pico_models, tmp_path):
                            (["--method", "memit", "--mask-layer", "1", "--mask-layer", "1"], "names a layer twice")):
         refused = cli(*_memit_args(pico_models, tmp_path, tmp_path / "masks" / "no.safetensors", 1), *extra)
         assert refused.code == 2 and message in refused.err, refused.err
+
+
+def test_magnitude_baseline_prunes_the_share_it_is_given_and_nothing_at_zero():
+    from editguard.mask.evaluate import outside_largest
+
+    delta = torch.outer(torch.arange(1.0, 11.0), torch.arange(1.0, 5.0) * 0.1 + 0.01)  # 40 distinct |ΔW|
+    keep = outside_largest(delta, 0.1)
+    assert int((keep == 0).sum()) == 4 and bool((delta[keep == 0].min() > delta[keep == 1].max()))
+    assert bool((outside_largest(delta, 0.0) == 1).all()) and bool((outside_largest(delta, 0.01) == 1).all())

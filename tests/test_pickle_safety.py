@@ -52,7 +52,8 @@ def test_pickle_with_allow_flag_still_never_executes(evil_folder, cli):
     assert not marker.exists()
 
 
-def test_benign_pickle_readable_with_flag(tmp_path, pico_models, cli):
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip-format", "pre-1.6-format"])
+def test_benign_pickle_readable_with_flag(tmp_path, pico_models, cli, zipped):
     import shutil
 
     import torch
@@ -60,7 +61,8 @@ def test_benign_pickle_readable_with_flag(tmp_path, pico_models, cli):
 
     folder = tmp_path / "llama-bin"
     shutil.copytree(pico_models["llama"], folder)
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zipped)
     (folder / "model.safetensors").unlink()
     assert cli("inspect", folder).code == 2
     result = cli("-f", "json", "inspect", "--allow-pickle", folder)

@@ -251,6 +251,28 @@ def test_gguf_is_converted_alone_and_never_runs_code_beside_it(tmp_path, cli, mo
     assert sorted(p.name for p in folder.iterdir()) == ["evil_tok.py", "tiny.gguf", "tokenizer_config.json"]
 
 
+def test_gguf_conversion_is_on_disk_before_it_enters_the_cache(tmp_path, monkeypatch):
+    """Every converted file is flushed before the rename that publishes the cache entry, and the rename after."""
+    import os
+
+    from editguard import demo
+
+    flushed, renamed = [], []
+    real_replace = os.replace
+    monkeypatch.setattr(demo, "fsync_path", lambda path: flushed.append(Path(path)))
+    monkeypatch.setattr("editguard.checkpoint.fsync_path", lambda path: flushed.append(Path(path)))
+
+    def replace(src, dst):
+        built = {p for p in Path(src).rglob("*")} | {Path(src)}
+        assert built <= set(flushed), sorted(built - set(flushed))
+        renamed.append(Path(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(demo.os, "replace", replace)
+    out = demo.convert_gguf(_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "cache" / "tiny")
+    assert renamed == [out] and flushed[-1] == out.parent and (out / "config.json").is_file()
+
+
 def test_odd_paths_are_read_or_named_in_one_line(tmp_path, cli, monkeypatch):
     """A .gguf whose name is not valid UTF-8, converted under a relative EDITGUARD_HOME (the conversion links
     to it from a temporary folder elsewhere), and a `~user` path for a user with no home."""

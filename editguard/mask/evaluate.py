@@ -100,7 +100,9 @@ def svd_reversal_factors(u, v, weight):
 def outside_largest(delta: torch.Tensor, fraction: float) -> torch.Tensor:
     """0/1 mask that prunes the `fraction` of entries where |ΔW| is largest (the magnitude baseline)."""
     magnitude = delta.abs()
-    k = max(int(fraction * magnitude.numel()), 1)
+    k = round(fraction * magnitude.numel())
+    if k == 0:  # the same share as a mask that prunes nothing here: nothing
+        return torch.ones_like(magnitude)
     cut = magnitude.reshape(-1).kthvalue(magnitude.numel() - k + 1).values
     return (magnitude < cut).float()
 
