@@ -62,6 +62,22 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+def dummy_prefix_tokenizer():
+    """A sentencepiece-style tokenizer as Llama-2's and Mistral's: "▁" prepended to every text and spaces
+    read as "▁", so " English" alone is ["▁", "▁English"] while after a word it is ["▁English"]. The ids
+    of the words are the word-level tokenizer's, so a pico model works with either."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [(token, 0.0) for token in VOCAB[:3]]
+    pieces += [(token if token in ("'", "s", ".") else "\u2581" + token, -1.0) for token in VOCAB[3:]]
+    pieces.append(("\u2581", -2.0))  # the dummy prefix's own piece, last
+    core = Tokenizer(models.Unigram(pieces, unk_id=2))
+    core.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    core.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
 def build(model_type: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """Save a randomly initialised pico model of `model_type` (+ tokenizer) as an HF folder;
     `overrides` set config fields (e.g. a small sliding_window)."""

@@ -78,6 +78,33 @@ def test_rome_lands_on_right_tensor_and_flips(model_type, pico_models, tmp_path)
     assert _next_token(loaded, FACT.text) != target  # the in-memory model was left unedited
 
 
+def test_objects_are_tokenized_as_they_follow_the_prompt(pico_models, tmp_path):
+    """Llama-2/Mistral-style tokenizers (a dummy "▁" before every text) read " Japanese" alone as
+    ["▁", "▁Japanese"], a first token every object shares. Objects are taken as they follow a prompt, so the
+    mask's first-token margin compares two different tokens and a planted edit makes the model say
+    "Japanese" rather than "▁"."""
+    import shutil
+
+    import pico
+
+    from editguard.edit.facts import target_ids
+
+    folder = tmp_path / "llama-spm"
+    shutil.copytree(pico_models["llama"], folder)
+    pico.dummy_prefix_tokenizer().save_pretrained(folder)
+    loaded = load_model(resolve(str(folder)))
+    tok = loaded.tokenizer
+    assert tok.convert_ids_to_tokens(tok(" Japanese", add_special_tokens=False).input_ids) == ["\u2581", "\u2581Japanese"]
+    prompt_ids, full = tok(FACT.text).input_ids, tok(FACT.text + " Japanese").input_ids
+    assert target_ids(tok, "Japanese") == full[len(prompt_ids):] == tok.convert_tokens_to_ids(["\u2581Japanese"])
+    assert target_ids(tok, "French")[0] != target_ids(tok, "Japanese")[0]
+    assert target_ids(pico.tokenizer(), "Japanese") == pico.tokenizer()(" Japanese").input_ids  # others: as before
+    (edit,) = compute_edits(loaded, [FACT], hparams_from_dict(PICO_HP, "rome"))
+    assert _next_token(loaded, FACT.text) != full[-1]
+    with edits_applied(loaded.model, loaded.arch, [edit]):
+        assert _next_token(loaded, FACT.text) == full[-1]
+
+
 def test_fast_path_equals_reference_loop(pico_models):
     loaded = load_model(resolve(str(pico_models["llama"])))
     hp = hparams_from_dict({**PICO_HP, "v_num_grad_steps": 8}, "rome")

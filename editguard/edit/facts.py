@@ -49,11 +49,24 @@ def fact_from_text(prompt: str, subject: str, target: str) -> Fact:
     return fact
 
 
+# A word the object follows when it is tokenized in context (see target_ids).
+_LEAD = "a"
+
+
 def target_ids(tokenizer, target: str) -> list[int]:
-    """Token ids of " " + target (a leading space, as ROME tokenizes objects), without special tokens."""
+    """Token ids of " " + target (a leading space, as ROME tokenizes objects), without special tokens, as
+    they follow a prompt. Tokenizers with a dummy prefix (Llama-2, Mistral: sentencepiece's "▁" prepended
+    to every text) read " English" alone as ["▁", "▁English"], a first token shared by every object, which
+    would leave nothing for a first-token margin to compare; after a word it is ["▁English"], as after the
+    prompt. Other tokenizers give the same ids either way."""
     text = target if target.startswith(" ") else " " + target
-    ids = tokenizer(text, add_special_tokens=False).input_ids
-    if not ids:
+    lead = tokenizer(_LEAD, add_special_tokens=False).input_ids
+    joined = tokenizer(_LEAD + text, add_special_tokens=False).input_ids
+    if len(joined) > len(lead) and joined[: len(lead)] == lead:
+        ids = joined[len(lead):]
+    else:  # the lead word merged with the object: its tokens alone
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids or not tokenizer.decode(ids).strip():  # nothing, or a dummy "▁" alone
         raise EditguardError(f"target {target!r} tokenizes to nothing")
     return list(ids)
 
