@@ -71,19 +71,31 @@ class Arch:
         return self.module(role, layer) + ".weight"
 
     def tensor_candidates(self, canonical: str) -> list[str]:
-        """The canonical name and the alias spellings files may use for it, in that order."""
+        """The canonical name and the other spellings files may use for it (the table's aliases, then the
+        base model's own name), in that order."""
         names = [canonical]
         for canon_prefix, stored_prefix in self.aliases:
             if canonical.startswith(canon_prefix):
                 names.append(stored_prefix + canonical[len(canon_prefix):])
-        return names
+        if self._in_base_model(canonical):
+            names.append(canonical[len(self.base) + 1:])
+        return list(dict.fromkeys(names))
 
     def canonical_tensor_name(self, stored: str) -> str:
-        """Inverse of the aliases: how transformers names a tensor a file stores as `stored`."""
+        """Inverse of the spellings: how transformers names a tensor a file stores as `stored`."""
         for canon_prefix, stored_prefix in self.aliases:
             if stored.startswith(stored_prefix) and not stored.startswith(canon_prefix):
                 return canon_prefix + stored[len(stored_prefix):]
+        # transformers loads a base model's checkpoint (`layers.N...`, no `model.`) into the model with a
+        # head, so that spelling is the same tensor (and a second copy of it, if both are stored)
+        if not stored.startswith(self.base + ".") and self._in_base_model(f"{self.base}.{stored}"):
+            return f"{self.base}.{stored}"
         return stored
+
+    def _in_base_model(self, canonical: str) -> bool:
+        """`canonical` names a tensor of the base model (a layer's, the embedding's or the final norm's)."""
+        roots = (self.layer.split("{layer}")[0], self.embed + ".", self.final_norm + ".")
+        return canonical.startswith(roots) and canonical.startswith(self.base + ".")
 
     def is_mlp_out(self, tensor_name: str, layer: int) -> bool:
         """`tensor_name` (any alias) is layer `layer`'s MLP output projection weight, the tensor edits change."""

@@ -219,7 +219,8 @@ def _keep_lock(loaded: LoadedModel) -> None:
         return
     try:
         mask = MaskFile.load(loaded.checkpoint.folder / manifest["mask_file"])
-        mask.check_fits(loaded.arch, loaded.checkpoint)  # a mask of other tensors or shapes is named, not met mid-forward
+        stored_names = mask.check_fits(loaded.arch, loaded.checkpoint)  # a mask of other tensors or shapes is named, not met mid-forward
+        _check_loaded_is_locked(loaded, mask, stored_names)
     except EditguardError as exc:
         # a broken lock (its mask deleted or swapped): loaded without it, so `scan` can report the break
         # (EG030) and `reverse --method base` can still restore; load_locked refuses such a folder
@@ -228,6 +229,19 @@ def _keep_lock(loaded: LoadedModel) -> None:
         return
     install_mask(loaded.model, loaded.arch, mask, manifest.get("threshold"))
     loaded.extras["lock"] = manifest
+
+
+def _check_loaded_is_locked(loaded: LoadedModel, mask, stored_names: list[str]) -> None:
+    """The weights transformers loaded into the masked modules are the locked tensors, byte for byte (in the
+    loaded dtype): a second copy under a spelling transformers also reads, or a config.json that routes
+    the load elsewhere, would otherwise put weights no hash covers under the mask."""
+    for (path, _), stored in zip(mask.modules(), stored_names):
+        weight = real_weight(loaded.model.get_submodule(path).weight, path + ".weight").detach()
+        locked = loaded.checkpoint.read(stored).to(weight.device, weight.dtype)
+        same = weight.shape == locked.shape and bool(((weight == locked) | (weight.isnan() & locked.isnan())).all())
+        if not same:
+            raise EditguardError(f"the model transformers builds does not hold the locked {stored} in {path} "
+                                 "(another copy of it, or a config.json that routes the load elsewhere)")
 
 
 def _auto_map_keeping(config, dtype, max_memory, keep: list[str]) -> dict:

@@ -669,6 +669,64 @@ def test_lock_sees_retagged_twin_and_missing_parts(cli, pico_models, pico_mask, 
     assert [p["reason"] for p in data["tests"]["lock"]["problems"]] == [f"also stored as {twin}, which the lock does not cover"]
 
 
+def test_lock_sees_what_would_route_the_load_around_it(cli, pico_models, pico_mask, tmp_path, monkeypatch):
+    """Ways to keep the lock's bytes and manifest intact (its digest too) while the model transformers builds
+    no longer uses them under the mask: an edited copy under the base model's own spelling (`layers.N...`,
+    which transformers loads into `model.layers.N...`), a config.json naming another model type or fewer
+    layers. Each is EG030 under --lock-digest, load_locked refuses it, and no command fails mid-load."""
+    from editguard import load_locked
+    from editguard.arch import Arch
+
+    locked = tmp_path / "locked"
+    digest = cli("-f", "json", "lock", pico_models["llama"], "--mask", pico_mask, "-o", locked).json["manifest_sha256"]
+
+    def variant(name: str, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(locked, folder)
+        change(folder)
+        return folder
+
+    def twin(folder):
+        tensors = load_file(folder / "model.safetensors")
+        save_file({**tensors, TENSOR.removeprefix("model."): tensors[TENSOR] + 0.5}, folder / "model.safetensors")
+
+    def config(**fields):
+        def change(folder):
+            data = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**data, **fields}))
+        return change
+
+    cases = {"twin": (twin, "also stored as layers.1.mlp.down_proj.weight"),
+             "mistral": (config(model_type="mistral", architectures=["MistralForCausalLM"]),
+                         "mask is for llama models, this model is mistral"),
+             "one_layer": (config(num_hidden_layers=1), "which this model does not build")}
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    for name, (change, why) in cases.items():
+        folder = variant(name, change)
+        result = cli("-f", "json", "scan", folder, "--lock-digest", digest, "--tests", "diff", "--fail-on", "edited")
+        assert result.code == 1 and result.json["tests"]["lock"]["intact"] is False, (name, result.out)
+        assert any(why in p["reason"] for p in result.json["tests"]["lock"]["problems"]), (name, result.out)
+        with pytest.raises(EditguardError, match="lock broken"):
+            load_locked(str(folder), manifest_sha256=digest)
+        loaded = cli("-f", "json", "scan", folder, "--tests", "hidden", "--probes", probes, "--fail-on", "edited")
+        if name == "twin":  # which copy transformers loads is its choice: refused, as for any tensor stored twice
+            one_line_error(loaded, "one tensor is stored under two names")
+        else:
+            assert loaded.code == 1 and loaded.json["tests"]["lock"]["intact"] is False, (name, loaded.out, loaded.err)
+
+    # a spelling the table does not know (here: the base model's, with that rule switched off) is caught when
+    # the model is loaded: the weights transformers put under the mask are not the locked bytes
+    monkeypatch.setattr(Arch, "canonical_tensor_name", lambda self, stored: stored)
+    monkeypatch.setattr(Arch, "tensor_candidates", lambda self, canonical: [canonical])
+    folder = variant("unknown_spelling", twin)
+    with pytest.raises(EditguardError, match="does not hold the locked"):
+        load_locked(str(folder), manifest_sha256=digest)
+    result = cli("-f", "json", "scan", folder, "--lock-digest", digest, "--tests", "hidden", "--mask", pico_mask,
+                 "--probes", probes, "--fail-on", "edited")
+    assert result.code == 1 and [p["kind"] for p in result.json["tests"]["lock"]["problems"]] == ["loaded"], result.out
+
+
 def test_projection_refuses_nonfinite_keys_and_solves_a_zero_moment():
     from editguard.harden.project import key_basis
 

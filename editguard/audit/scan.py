@@ -101,7 +101,7 @@ def _hub_only(value: str) -> bool:
 
 def _lock_problem_text(problem: dict) -> str:
     """'locked tensor NAME: why' (or mask FILE); the manifest itself (--lock-digest) is not a locked part."""
-    if problem["kind"] in ("digest", "unlocked"):
+    if problem["kind"] in ("digest", "unlocked", "loaded"):
         return f"{problem['what']}: {problem['reason']}"
     return f"locked {problem['what']} {problem.get('tensor', problem.get('file'))}: {problem['reason']}"
 
@@ -166,6 +166,11 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         else:
             progress("loading the model")
             loaded = load_model(ref, allow_pickle=options.allow_pickle, **options.load_options)
+        broken = (loaded.extras.get("lock") or {}).get("broken")
+        if manifest is not None and broken and not problems:  # what only loading shows: the mask not applied
+            problems.append({"what": "lock", "kind": "loaded", "reason": f"its mask is not applied: {broken}"})
+            tests["lock"]["intact"] = False
+            findings.append(Finding("EG030", "error", _lock_problem_text(problems[-1])))
         check_probe_lengths(loaded, probes)
         tests["probes"] = {"source": options.probes, "n": len(probes)}
         key_layers = sorted({c.layer for c in (diff.changed if diff else []) if c.layer is not None})

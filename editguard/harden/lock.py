@@ -138,8 +138,9 @@ def lock_state(checkpoint: Checkpoint, arch, expected_sha256: str | None = None)
     spellings: dict[str, list[str]] = {}
     for stored in checkpoint.names():
         spellings.setdefault(arch.canonical_tensor_name(stored), []).append(stored)
+    twinned = any(len(spellings.get(arch.canonical_tensor_name(name), ())) > 1 for name in manifest["tensors"])
     masks: dict[str, torch.Tensor] = {}
-    if not problems:
+    if not problems and not twinned:  # (a twin is reported below, once)
         try:
             masks = lock_masks(checkpoint, arch, manifest)
         except EditguardError as exc:  # intact by its hash, yet not what lock wrote: a forged lock
@@ -185,6 +186,7 @@ def lock_masks(checkpoint: Checkpoint, arch, manifest: dict) -> dict[str, torch.
     applied it. A base diff multiplies the unlocked base by it, so the lock itself reads as no change and
     what was added before or after locking stands out. Only for a lock whose mask file is intact."""
     mask = MaskFile.load(checkpoint.folder / manifest["mask_file"])
+    mask.check_fits(arch, checkpoint)  # config.json edited (another model_type, fewer layers): the loader could not apply it
     # the manifest names each target's stored tensor, in the mask's order (lock_checkpoint)
     pairs = list(zip(mask.targets, manifest["tensors"]))
     if [t.tensor for t in mask.targets] != manifest["targets"] or any(
@@ -229,7 +231,11 @@ def load_locked(reference: str, *, verify: bool = True, manifest_sha256: str | N
     if verify and problems:
         raise EditguardError(f"{reference}: lock broken ({problems[0]['reason']}: "
                              f"{problems[0].get('tensor', problems[0].get('file'))})")
-    return load_model(ref, **load_kwargs)  # load_model re-applies the lock's mask
+    loaded = load_model(ref, **load_kwargs)  # load_model re-applies the lock's mask
+    broken = loaded.extras["lock"].get("broken")
+    if verify and broken:  # what only loading shows (transformers read another copy of a locked tensor)
+        raise EditguardError(f"{reference}: lock broken ({broken})")
+    return loaded
 
 
 def evaluate_lock(unlocked, locked, facts: list, hp, progress: Callable[[str], None] | None = None) -> dict:

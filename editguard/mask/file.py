@@ -189,8 +189,13 @@ class MaskFile:
         names. A fingerprint mismatch is allowed (fine-tuned or edited copies) and reported by callers."""
         if arch.model_type != self.model_type:
             raise EditguardError(f"mask is for {self.model_type} models, this model is {arch.model_type}")
+        num_layers = arch.num_layers(checkpoint.config)
+        built = {f"{path}.weight" for n in range(num_layers) for path in (arch.module("mlp_out", n), *arch.mlp_in_modules(n))}
         stored_names = []
         for t in self.targets:
+            if t.tensor not in built:  # perhaps stored, yet not a tensor of the model config.json describes
+                raise EditguardError(f"mask targets {t.tensor}, which this model does not build (config.json: "
+                                     f"{num_layers} layers; masks cover MLP projections)")
             stored = checkpoint.find(arch.tensor_candidates(t.tensor))
             if stored is None:
                 raise EditguardError(f"mask targets {t.tensor}, which this model does not have")
