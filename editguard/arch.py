@@ -109,10 +109,13 @@ class Arch:
     def num_layers(self, config: dict[str, Any]) -> int:
         config = _text_config(config)
         for key in self.num_layers_keys:
-            if isinstance(config.get(key), int) and not isinstance(config[key], bool):
-                if config[key] < 1:
-                    raise EditguardError(f"config.json: {key} is {config[key]}; a model needs at least one layer")
-                return config[key]
+            if config.get(key) is None:
+                continue
+            if not isinstance(config[key], int) or isinstance(config[key], bool):
+                raise EditguardError(f"config.json: {key} is {config[key]!r}, not a whole number")
+            if config[key] < 1:
+                raise EditguardError(f"config.json: {key} is {config[key]}; a model needs at least one layer")
+            return config[key]
         raise EditguardError(f"config.json of this {self.model_type} model has none of {list(self.num_layers_keys)}")
 
     def tied(self, config: dict[str, Any]) -> bool:

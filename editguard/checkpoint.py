@@ -416,6 +416,9 @@ class Checkpoint:
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
                 raise EditguardError(f"disk full while writing {out}; nothing was written") from None
+            source = Path(exc.filename) if isinstance(exc.filename, str) else None
+            if source is not None and source.is_relative_to(self.folder):  # an input file, not the output
+                raise EditguardError(f"could not read {source}: {exc.strerror or exc}") from None
             raise EditguardError(f"could not write {out}: {exc.strerror or exc}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -44,8 +44,10 @@ def read_index(path: Path) -> list[dict]:
         items = json.loads(path.read_text())
     except (OSError, *BAD_JSON):
         items = None
-    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-        raise EditguardError(f"{path} is not a mask index (a JSON list of objects); move it or choose another folder")
+    if not isinstance(items, list) or not all(isinstance(item, dict) and isinstance(item.get("file"), str)
+                                              for item in items):
+        raise EditguardError(f"{path} is not a mask index (a JSON list of objects, each naming its mask \"file\"); "
+                             "move it or choose another folder")
     return items
 
 

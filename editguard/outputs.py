@@ -60,12 +60,20 @@ def _parent_is_writable(out: Path) -> None:
             return
 
 
+def _resolved(path: str | os.PathLike) -> Path:
+    """`path` made absolute with its links followed, or one clear error (a link loop)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:  # Python raises RuntimeError for a loop before 3.13, OSError after
+        raise EditguardError(f"cannot write {path}: a symbolic link loop or an unreadable path ({exc})") from None
+
+
 def check_output_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
                         force: bool = False) -> Path:
     """The resolved output folder, or one clear error: it overlaps an input (equal, inside it, or holding
     it: `--force` would delete the input), exists without `--force`, is a file, or is a non-empty folder
     that is not a model folder (so `--force` cannot wipe an arbitrary directory)."""
-    out = Path(out).resolve()
+    out = _resolved(out)
     source = _overlap(out, inputs)
     if source is not None:
         raise EditguardError(f"output folder {out} overlaps the input {source}; editguard never writes into or over "
@@ -86,7 +94,7 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
                       suffixes: tuple[str, ...] = ()) -> Path:
     """The resolved path of a file editguard may (over)write: not inside or equal to an input, not a
     folder, and with one of `suffixes` (e.g. a report must end in .html: it can never replace weights)."""
-    path = Path(path).resolve()
+    path = _resolved(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise EditguardError(f"{path.name}: the file name must end in {' or '.join(suffixes)}")
     source = _overlap(path, inputs)

@@ -61,6 +61,8 @@ def resolve(
     """Turn whatever the user typed into a local model folder, fetching or converting it if needed."""
     if not spec.strip():  # Path("") is the working directory: an empty CI variable must not scan it
         raise EditguardError("the model argument is empty")
+    if revision is not None and not revision.strip():  # an empty CI variable: not silently the default branch
+        raise EditguardError("the revision is empty")
     if revision is not None and (spec.startswith(DEMO_PREFIX) or user_path(spec).exists()):
         raise EditguardError(f"a revision applies to hub ids only; {spec} is a local model")
     if spec.startswith(DEMO_PREFIX):

@@ -328,3 +328,24 @@ def test_a_written_folder_is_on_disk_before_it_is_renamed_into_place(pico_models
     name = "model.layers.1.mlp.down_proj.weight"
     ck.write_copy(tmp_path / "out", {name: ck.read(name) * 2})
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_an_unreadable_input_file_is_named_as_what_failed(tmp_path, monkeypatch, pico_models):
+    """A file of the input that cannot be read while the copy is written is reported as a read of that file,
+    not as a failure to write the output; nothing is left behind."""
+    import os
+
+    from editguard import checkpoint
+
+    real = checkpoint.shutil.copy2
+
+    def copy2(src, dst, *args, **kwargs):
+        if Path(src).name == "tokenizer.json":
+            raise PermissionError(13, os.strerror(13), str(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "copy2", copy2)
+    ck = checkpoint.Checkpoint(pico_models["llama"])
+    with pytest.raises(EditguardError, match=r"could not read .*tokenizer.json: Permission denied"):
+        ck.write_copy(tmp_path / "out", {})
+    assert list(tmp_path.iterdir()) == []

@@ -50,6 +50,20 @@ def test_config_layer_count_is_checked_against_the_weights(cli, tmp_path, pico_m
     one_line_error(cli("inspect", none), "num_hidden_layers is 0")
 
 
+def test_empty_or_mistyped_values_are_named_not_taken_for_defaults(cli, tmp_path, pico_models):
+    """An empty --base or --revision (an unset CI variable) is refused, not read as "none" or the default
+    branch; a layer count in config.json that is not a whole number is named as such; --memit-batch with
+    ROME is refused as `train` refuses it."""
+    one_line_error(cli("scan", pico_models["llama"], "--base", ""), "--base is empty")
+    one_line_error(cli("inspect", "org/name", "--revision", ""), "the revision is empty")
+    for value in ("2", 2.5):
+        odd = _copy_with_config(pico_models["llama"], tmp_path / f"odd{value}", num_hidden_layers=value)
+        one_line_error(cli("inspect", odd), f"num_hidden_layers is {value!r}, not a whole number")
+    one_line_error(cli("edit", pico_models["llama"], "--fact", "The capital of {}", "--subject", "France", "--target",
+                       "Rome", "--bank", tmp_path / "b.safetensors", "--memit-batch", "2"),
+                   "--memit-batch applies to --method memit")
+
+
 def test_unwritable_places_are_bad_input_not_internal_errors(cli, monkeypatch, tmp_path, pico_models):
     from editguard import outputs
 
@@ -64,6 +78,26 @@ def test_unwritable_places_are_bad_input_not_internal_errors(cli, monkeypatch, t
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("EDITGUARD_HOME", str(tmp_path / "file" / "home"))
     one_line_error(cli("inspect", "demo:smollm2-135m"), "set EDITGUARD_HOME to a writable folder")
+
+
+def test_outputs_never_replace_a_probe_or_mask_file_and_link_loops_are_one_line(cli, tmp_path, pico_models):
+    """`scan --report` onto its own --probes or --mask file is refused before the scan; an output path that
+    is a symbolic link loop is one clear line for every kind of output."""
+    probes = tmp_path / "probes.html"
+    probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
+    mask = tmp_path / "mask.html"
+    mask.write_bytes(b"not really a mask")
+    before = probes.read_bytes()
+    one_line_error(cli("scan", pico_models["llama"], "--probes", probes, "--report", probes), "overlaps the input")
+    one_line_error(cli("scan", pico_models["llama"], "--mask", mask, "--report", mask), "overlaps the input")
+    assert probes.read_bytes() == before and mask.read_bytes() == b"not really a mask"
+    one_line_error(cli("scan", pico_models["llama"], "--probes", "", "--tests", "hidden"), "--probes is empty")
+    one_line_error(cli("inspect", tmp_path / "a\nb"), "a\\nb")  # a line break in what it quotes stays one line
+    one_line_error(cli("scan", pico_models["llama"], "--tests", "x\ny"), "unknown test(s) x\\ny")
+    (tmp_path / "a.html").symlink_to(tmp_path / "b.html")
+    (tmp_path / "b.html").symlink_to(tmp_path / "a.html")
+    one_line_error(cli("scan", pico_models["llama"], "--report", tmp_path / "a.html"), "symbolic link loop")
+    one_line_error(cli("lock", pico_models["llama"], "--mask", mask, "-o", tmp_path / "a.html"), "symbolic link loop")
 
 
 def test_os_errors_read_as_the_environment(cli, monkeypatch, pico_models):
@@ -269,6 +303,9 @@ def test_placement_options_reach_the_loader(cli, pico_models, monkeypatch, tmp_p
     assert result.code == 130, result.err
     assert seen[-1]["max_memory"] == {"cpu": "1GiB"} and seen[-1]["offload_folder"] == str(tmp_path / "offload")
     one_line_error(cli(*args, "--max-memory", "lots"), "--max-memory: expected DEVICE=SIZE pairs, got 'lots'")
+    for value, why in (("cpu=abc", "'abc' for cpu is not a size"), ("cpu=-5GB", "is not a size"),
+                       ("7=1GB", "no GPU 7 on this machine"), ("gpu=1GB", "unknown device 'gpu'")):
+        one_line_error(cli(*args, "--max-memory", value), why)
 
 
 def test_base_revision_reaches_the_base_only(cli, pico_models, tmp_path):

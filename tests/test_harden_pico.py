@@ -163,7 +163,7 @@ def test_locked_model_loads_with_the_bits_that_masked_it(cli, pico_models, tmp_p
     torch.testing.assert_close(effective, weight * stored.mask())
 
 
-def test_commands_run_on_a_model_offloaded_to_disk(cli, edited, pico_models, pico_mask, tmp_path):
+def test_commands_run_on_a_model_offloaded_to_disk(cli, edited, pico_models, pico_mask, tmp_path, caplog):
     """--device-map auto under a memory cap that sends most of the model to disk: the modules editguard
     reads and writes in place (embedding, head, MLP output projections, a given mask's and a lock's
     tensors) stay real, so each command gives what it gives on the CPU; a weight left offloaded that a
@@ -187,6 +187,8 @@ def test_commands_run_on_a_model_offloaded_to_disk(cli, edited, pico_models, pic
     probes.write_text('{"prompt": "The official language of France", "subject": "France", "answer": "French"}\n')
     reverse = cli("reverse", edited, "-o", tmp_path / "rev", "--mask", pico_mask, "--probes", probes, *offloaded("o3"))
     assert reverse.code == 0, reverse.err
+    # accelerate's own log line ("Some parameters are on the meta device ...") stays out of the output
+    assert not [r for r in caplog.records if r.name.startswith("accelerate") and "meta device" in r.getMessage()]
     torch.testing.assert_close(Checkpoint(tmp_path / "rev").read(TENSOR),
                                Checkpoint(edited).read(TENSOR) * MaskFile.load(pico_mask).mask())
     assert cli("lock", model, "--mask", pico_mask, "-o", tmp_path / "locked").code == 0

@@ -406,7 +406,7 @@ def test_malformed_metadata_is_named_as_corruption(tmp_path):
 
     index = tmp_path / "index.json"
     assert read_index(index) == []
-    for text in ('{"file": "a"}', "not json", "[1, 2]"):
+    for text in ('{"file": "a"}', "not json", "[1, 2]", "[{}]", '[{"file": 1}, {"file": "b"}]'):
         index.write_text(text)
         with pytest.raises(EditguardError, match="is not a mask index"):
             read_index(index)

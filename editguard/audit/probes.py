@@ -42,6 +42,8 @@ def load_probes(source: str) -> list[Probe]:
         return counterfact_probes()
     if source.startswith("counterfact:"):
         return counterfact_probes(tuple(source.split(":", 1)[1].split(",")))
+    if not source.strip():
+        raise EditguardError("--probes is empty: give counterfact, counterfact:SPLIT[,SPLIT] or a JSONL file")
     path = user_path(source)
     try:
         # utf-8-sig: a byte-order mark is no part of line 1; "\n" only: JSON text may hold U+2028 and the

@@ -100,6 +100,8 @@ def edit_command(
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
         check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
+    elif memit_batch is not None and method != "memit":  # (ROME edits are one fact each)
+        raise EditguardError("--memit-batch applies to --method memit")
     elif bank.exists():
         if not resume:
             raise EditguardError(f"edit bank {bank} exists; pass --resume to extend it, or choose another --bank")

@@ -56,9 +56,31 @@ def parse_max_memory(text: str | None) -> dict | None:
         key, sep, value = item.partition("=")
         if not sep or not value.strip():
             raise EditguardError(f"--max-memory: expected DEVICE=SIZE pairs, got {item!r}")
-        key = key.strip()
-        caps[int(key) if key.isdigit() else key] = value.strip()
+        key, value = key.strip(), value.strip()
+        caps[_memory_device(key)] = value
+        try:
+            from accelerate.utils import convert_file_size_to_int
+
+            size = convert_file_size_to_int(value)
+        except ValueError:
+            size = -1
+        if size <= 0:
+            raise EditguardError(f"--max-memory: {value!r} for {key} is not a size (use e.g. 2GB, 500MiB)")
     return caps
+
+
+def _memory_device(key: str) -> int | str:
+    """A --max-memory device as accelerate names it: a GPU index this machine has, cpu, or disk."""
+    if key.isdigit():
+        import torch
+
+        count = torch.cuda.device_count()
+        if int(key) >= count:
+            raise EditguardError(f"--max-memory: no GPU {key} on this machine ({count} found)")
+        return int(key)
+    if key not in ("cpu", "disk", "mps"):
+        raise EditguardError(f"--max-memory: unknown device {key!r} (a GPU index, cpu, disk or mps)")
+    return key
 
 
 def load_options(device_map: str, dtype: str, max_memory: str | None, offload_folder: str | None,

@@ -95,8 +95,10 @@ class Output:
             self.console.print(f"[bold yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     def error(self, message: str, exit_code: int) -> None:
-        # the message may quote the command line or the model's config: never read it as markup
-        self.console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        # the message may quote the command line or the model's config: never read it as markup, and a
+        # line break inside what it quotes does not make it two lines
+        line = message.replace("\r", "\\r").replace("\n", "\\n")
+        self.console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         if self.emitted:
             return
         if self.format == "json":

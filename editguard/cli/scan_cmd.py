@@ -62,11 +62,14 @@ def scan_command(
         from ..harden.lock import check_digest
 
         lock_digest = check_digest(lock_digest, "--lock-digest")
+    if base is not None and not base.strip():  # an empty CI variable: not silently "no base"
+        raise EditguardError("--base is empty")
     if base_revision is not None and base is None:  # not applied to a base the upload names for itself
         raise EditguardError("--base-revision needs --base")
     ref = resolve_model(model, revision, allow_pickle)
     if report is not None:  # before the scan: a bad path fails in a second, not after minutes
-        report = check_output_file(report, input_paths(ref, base), (".html", ".htm"))
+        probe_file = None if probes == "counterfact" or probes.startswith("counterfact:") else probes
+        report = check_output_file(report, input_paths(ref, base, mask, probe_file), (".html", ".htm"))
     options = ScanOptions(base=base, mask=mask, probes=probes, tests=chosen, min_prob=min_prob, threshold=threshold,
                           allow_pickle=allow_pickle, base_revision=base_revision, lock_digest=lock_digest,
                           load_options=load_options(device_map, dtype, max_memory, offload_folder),
