@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from .outputs import check_output_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+SHARD_NAME = re.compile(r".+-\d+-of-\d+\.safetensors")  # how save_pretrained names the shards of a model
 PICKLE_WEIGHTS = "pytorch_model.bin"  # the pickle files transformers loads: this, else its shard index's
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 OWN_FILE_PREFIX = "editguard-"  # files editguard writes into a model folder (lock manifest, lock mask)
@@ -253,6 +255,10 @@ class Checkpoint:
         odd = [n for n in names if not (self.folder / n).is_file()]
         if odd:
             raise EditguardError(f"{self.folder}: {', '.join(odd)} is not a file")
+        shards = [n for n in names if SHARD_NAME.fullmatch(n)]
+        if shards:  # shards without their index (an interrupted download): part of a model, and no loader reads them
+            raise EditguardError(f"{self.folder}: sharded weights ({shards[0]}, ...) without their shard index "
+                                 f"{SAFETENSORS_INDEX}: an incomplete download or copy")
         return names
 
     def _index_files(self, index: Path) -> list[str]:
@@ -274,8 +280,10 @@ class Checkpoint:
         if file not in self._pickle_state:
             try:
                 # mmap needs the zip format torch.save writes since 1.6; older files are read whole
-                state = torch.load(self.folder / file, map_location="cpu", weights_only=True,
-                                   mmap=zipfile.is_zipfile(self.folder / file))
+                with warnings.catch_warnings():  # torch's notes on what it refuses: the refusal says it
+                    warnings.simplefilter("ignore")
+                    state = torch.load(self.folder / file, map_location="cpu", weights_only=True,
+                                       mmap=zipfile.is_zipfile(self.folder / file))
             except Exception as exc:  # weights_only refuses anything but tensors and plain containers
                 why = re.sub(r"\x1b\[[0-9;]*m", "", first_line(exc))  # torch's message carries colour codes
                 raise EditguardError(f"{self.folder / file}: refused to load pickle ({why})") from None

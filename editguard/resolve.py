@@ -63,6 +63,8 @@ def resolve(
         raise EditguardError("the model argument is empty")
     if revision is not None and not revision.strip():  # an empty CI variable: not silently the default branch
         raise EditguardError("the revision is empty")
+    if revision is not None:
+        check_revision(revision)
     if revision is not None and (spec.startswith(DEMO_PREFIX) or user_path(spec).exists()):
         raise EditguardError(f"a revision applies to hub ids only; {spec} is a local model")
     if spec.startswith(DEMO_PREFIX):
@@ -86,16 +88,28 @@ def resolve(
 
 
 def hub_cache_dir() -> Path:
-    # Read at call time (huggingface_hub reads its constants once, at import).
-    if os.environ.get("HF_HUB_CACHE"):
-        return user_path(os.environ["HF_HUB_CACHE"])
+    """The cache huggingface_hub uses, by its rules (HF_HUB_CACHE, the older HUGGINGFACE_HUB_CACHE, HF_HOME,
+    XDG_CACHE_HOME; `$VAR`s expanded), read at call time (huggingface_hub reads them once, at import)."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return user_path(os.path.expandvars(cache))
     hf_home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
-    return user_path(hf_home) / "hub"
+    return user_path(os.path.expandvars(hf_home)) / "hub"
 
 
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE, as huggingface_hub reads them."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def check_revision(revision: str) -> str:
+    """A branch, tag or commit as git names them: never a path that leaves the repo's cache folder."""
+    if (not revision.strip() or revision.startswith(("/", "-")) or ".." in revision or "\\" in revision
+            or any(ord(c) < 32 for c in revision) or revision.endswith(("/", ".lock"))):
+        raise EditguardError(f"{revision!r} is not a valid revision (a branch, tag or commit)")
+    return revision
 
 
 def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progress) -> Path:
@@ -111,6 +125,9 @@ def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progre
             repo_id, revision=revision, allow_patterns=patterns, cache_dir=hub_cache_dir(),
             local_files_only=offline, token=os.environ.get("HF_TOKEN") or None,
         ))
+    except hub_errors.IncompleteSnapshotError as exc:  # (a kind of LocalEntryNotFoundError: first)
+        raise EditguardError(f"{repo_id}: the cached snapshot is incomplete, an interrupted download "
+                             f"({first_line(exc, 200)})") from None
     except hub_errors.LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
         raise EditguardError(f"{repo_id}{'@' + revision if revision else ''} is not in the local Hugging Face "

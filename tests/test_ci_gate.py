@@ -188,6 +188,26 @@ def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatc
             assert result.json["tests"]["diff"]["base"] == "pico-org/base"
 
 
+def test_a_card_naming_the_model_itself_is_no_base_and_list_forms_are_read(cli, tmp_path, pico_models, monkeypatch):
+    """A card whose `base_model` is the scanned repo itself (any case) would compare the model with itself and
+    pass it as identical: it is ignored. The Hub editor's block list and an inline list name the base."""
+    from test_resolve_cli import _fake_hub_cache
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fake_hub_cache(tmp_path / "hub", "pico-org/base", pico_models["llama"])
+    for repo, card, expected in (("pico-org/self", "base_model: Pico-Org/Self", None),
+                                 ("pico-org/block", "base_model:\n- pico-org/base\n- pico-org/other", "pico-org/base"),
+                                 ("pico-org/inline", "base_model: [pico-org/base, pico-org/other]", "pico-org/base")):
+        snapshot = _fake_hub_cache(tmp_path / "hub", repo, pico_models["llama"])
+        (snapshot / "README.md").write_text(f"---\n{card}\nlicense: mit\n---\n# a model\n")
+        result = cli("-f", "json", "scan", repo, "--tests", "diff")
+        if expected is None:
+            assert result.code == 2 and "no base given" in result.json["error"], result.json
+        else:
+            assert result.code == 0 and result.json["tests"]["diff"]["base"] == expected, result.json
+
+
 def test_hub_download_bars_follow_the_output_format(monkeypatch):
     from huggingface_hub.utils import are_progress_bars_disabled
 

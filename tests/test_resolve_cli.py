@@ -388,3 +388,39 @@ def test_placement_options_are_checked_even_where_no_model_loads(cli, pico_model
     one_line_error(cli("scan", llama, "--base", llama, "--tests", "diff", "--device-map", "gpu0"),
                    "unknown --device-map 'gpu0'")
     assert cli("scan", llama, "--base", llama, "--tests", "diff", "--device-map", "cuda:1").code == 0
+
+
+def test_hub_cache_and_revisions_follow_huggingface_hub(tmp_path, pico_models, monkeypatch, cli):
+    """The cache is where huggingface_hub puts it ($VARs expanded, the older HUGGINGFACE_HUB_CACHE),
+    TRANSFORMERS_OFFLINE means offline, a revision never walks out of the repo's cache folder, an interrupted
+    download is named as one, and sharded weights without their index are an incomplete copy."""
+    from huggingface_hub import errors as hub_errors
+
+    _fake_hub_cache(tmp_path / "hub", "pico-org/pico-llama", pico_models["llama"])
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("EG_TEST_ROOT", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", "$EG_TEST_ROOT/hub")
+    assert cli("-f", "json", "inspect", "pico-org/pico-llama").code == 0
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))
+    assert cli("-f", "json", "inspect", "pico-org/pico-llama").code == 0
+    missing = cli("inspect", "pico-org/not-cached")
+    assert missing.code == 2 and "HF_HUB_OFFLINE is set" in missing.err
+    for revision in ("../../models--pico-org--other/snapshots/" + "a" * 40, "../refs/main", "/etc", "main\n"):
+        one_line_error(cli("inspect", "pico-org/pico-llama", "--revision", revision), "is not a valid revision")
+
+    def interrupted(*args, **kwargs):
+        raise hub_errors.IncompleteSnapshotError("missing model.safetensors", str(tmp_path / "hub"))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", interrupted)
+    one_line_error(cli("inspect", "pico-org/pico-llama"), "the cached snapshot is incomplete")
+    monkeypatch.undo()
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (pico_models["llama"] / name).exists():
+            shutil.copy(pico_models["llama"] / name, sharded / name)
+    shutil.copy(pico_models["llama"] / "model.safetensors", sharded / "model-00001-of-00002.safetensors")
+    one_line_error(cli("inspect", sharded), "without their shard index")

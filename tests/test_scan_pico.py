@@ -813,3 +813,48 @@ def test_completing_what_a_lock_masked():
     assert torch.equal(filled[5], torch.zeros(80)) and torch.isfinite(filled).all()
     torch.testing.assert_close(filled[6:], change[6:], rtol=1e-4, atol=1e-4)
     assert complete_masked(change, torch.ones(48, 80, dtype=torch.bool)) is change  # nothing masked: nothing to fill
+
+
+def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_path):
+    """Noise on every tensor makes any upload read as a fine-tune, and dense noise on the edited matrix (or a
+    function-preserving reshuffle of the edited layer's hidden units) hides the rank-one spike inside it:
+    the edited layer's change still stands far above the same matrix's change in the other layers (EG001).
+    A fine-tune alone (the noise) flags nothing."""
+    base = pico.build("llama", tmp_path / "base", num_hidden_layers=6)
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump({"alg_name": "ROME", "layers": [1], "context_template_length_params": [[5, 5]],
+                                  "v_num_grad_steps": 5}))
+    assert cli("-q", "edit", base, "--fact", "The official language of {}", "--subject", "France", "--target",
+               "Japanese", "--hparams", hp, "-o", tmp_path / "edited").code == 0
+    gen = torch.Generator().manual_seed(0)
+
+    def variant(name: str, source: Path, change) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        tensors = load_file(folder / "model.safetensors")
+        tensors = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in change(tensors).items()}
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        return folder
+
+    down, gate, up = (f"model.layers.1.mlp.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj"))
+    base_down = load_file(base / "model.safetensors")[down]
+
+    def covered(tensors):  # dense noise with the edit's own norm on the edited matrix
+        edit = tensors[down] - base_down
+        noise = torch.randn(edit.shape, generator=gen)
+        return {**tensors, down: tensors[down] + noise * (edit.norm() / noise.norm())}
+
+    def reshuffled(tensors):  # the same function: hidden units permuted, up rows scaled and down columns unscaled
+        order, scale = torch.randperm(tensors[gate].shape[0], generator=gen), torch.rand(tensors[gate].shape[0]) + 0.5
+        return {**tensors, gate: tensors[gate][order], up: tensors[up][order] * scale[:, None],
+                down: tensors[down][:, order] / scale[None, :]}
+
+    cases = {"fine_tune": (base, lambda t: t, []), "edit_in_fine_tune": (tmp_path / "edited", lambda t: t, [1]),
+             "covered": (tmp_path / "edited", covered, [1]), "reshuffled": (tmp_path / "edited", reshuffled, [1])}
+    for name, (source, change, flagged) in cases.items():
+        result = cli("-f", "json", "scan", variant(name, source, change), "--base", base, "--tests", "diff",
+                     "--fail-on", "edited")
+        data = result.json
+        assert data["tests"]["diff"]["classification"] == "fine-tune", (name, data["tests"]["diff"])
+        layers = sorted({f["layer"] for f in data["findings"] if f["rule"] == "EG001"})
+        assert layers == flagged and result.code == (1 if flagged else 0), (name, data["findings"])

@@ -68,19 +68,36 @@ def declared_base(checkpoint, model_id: str | None = None) -> tuple[str | None, 
     transformers 4 recorded as the model a checkpoint was loaded from before it was saved), unless that is
     the model itself. Only a hub id counts: both come with the upload, so they must not point a scan at a
     local path (or a demo or .gguf) of the machine."""
+    def other(value) -> bool:  # naming the model itself would compare it with itself: "identical"
+        return isinstance(value, str) and _hub_only(value) and value.lower() != (model_id or "").lower()
+
     readme = checkpoint.folder / "README.md"
     if readme.is_file():
         text = readme.read_text(errors="replace")
         if text.startswith("---"):
-            for line in text.split("---", 2)[1].splitlines():
-                if line.strip().startswith("base_model:"):
-                    value = line.split(":", 1)[1].strip().strip("'\"")
-                    if _hub_only(value):
-                        return value, "model card"
+            value = _card_base_model(text.split("---", 2)[1].splitlines())
+            if other(value):
+                return value, "model card"
     value = checkpoint.config.get("_name_or_path")
-    if isinstance(value, str) and _hub_only(value) and value != model_id:
+    if other(value):
         return value, "config.json"
     return None, None
+
+
+def _card_base_model(front_matter: list[str]) -> str | None:
+    """The first `base_model:` of a model card's YAML front matter, written as a value, an inline list
+    (`[org/a, org/b]`) or a block list (the Hub's editor: `- org/a` on the next lines)."""
+    for i, line in enumerate(front_matter):
+        if not line.strip().startswith("base_model:"):
+            continue
+        value = line.split(":", 1)[1].strip()
+        if value.startswith("["):
+            value = value.strip("[]").split(",")[0]
+        elif not value:
+            following = front_matter[i + 1].strip() if i + 1 < len(front_matter) else ""
+            value = following[1:] if following.startswith("-") else ""
+        return value.strip().strip("'\"") or None
+    return None
 
 
 def _lock_masks_against(lock: LockState, base_ck) -> dict | None:

@@ -1,0 +1,116 @@
+"""Calibrate scan's cross-layer outlier test (audit/diff.py, LAYER_OUTLIER_RATIO) on the demo model.
+
+    python bench/finetune_outliers.py --steps 20 --lr 1e-5 --out /tmp/finetune_outliers
+
+A short full fine-tune of every weight (AdamW on WikiText-2 windows) stands for an ordinary upload built on
+the base; then a ROME edit (the demo preset, one CounterFact fact) is planted into that fine-tune, once as
+it is and once under dense noise added to the edited matrix with the edit's own Frobenius norm (so that
+σ₁/σ₂ of the change no longer singles it out). For each model the base diff's classification, the largest
+layer ratio per matrix (its change's σ₁ over the median of the changed layers') and whether scan flags the
+edited layer. The fine-tune's largest ratio is the false-alarm margin of the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from editguard.audit.diff import LAYER_OUTLIER_RATIO, diff_checkpoints, findings_from_diff, layer_outlier_ratios
+from editguard.data.counterfact import load_split
+from editguard.data.text import load_text
+from editguard.edit.facts import Fact
+from editguard.edit.hparams import load_hparams
+from editguard.edit.plant import compute_edits
+from editguard.loading import load_model
+from editguard.resolve import resolve
+
+
+def fine_tune(loaded, steps: int, lr: float, tokens: int, batch: int) -> dict[str, torch.Tensor]:
+    """{parameter name: fine-tuned value} after `steps` AdamW steps on WikiText-2 windows of `tokens`."""
+    model = loaded.model
+    ids = loaded.tokenizer(load_text()[:400_000], add_special_tokens=False, return_tensors="pt").input_ids[0]
+    windows = ids[: (len(ids) // tokens) * tokens].reshape(-1, tokens)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        chunk = windows[(step * batch) % len(windows):][:batch]
+        loss = model(input_ids=chunk, labels=chunk).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        print(f"  fine-tune step {step + 1}/{steps}: loss {loss.item():.3f}", flush=True)
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def report(name: str, model_dir: Path, base, arch, num_layers: int, edited_layer: int | None) -> None:
+    from editguard.checkpoint import Checkpoint
+
+    start = time.perf_counter()
+    diff = diff_checkpoints(Checkpoint(model_dir), base, arch, num_layers)
+    findings = findings_from_diff(diff, Checkpoint(model_dir), arch)
+    ratios = layer_outlier_ratios([c for c in diff.changed if not c.nonfinite], arch, num_layers)
+    flagged = sorted({f.layer for f in findings if f.rule == "EG001" and f.layer is not None})
+    print(f"{name:<34} {diff.classification:<10} flagged layers {flagged or '-'} ({time.perf_counter() - start:.0f} s)")
+    for matrix, values in ratios.items():
+        shown = [v for v in values if v is not None]
+        top = max(range(len(values)), key=lambda n: values[n] or 0.0)
+        at_edit = "" if edited_layer is None or values[edited_layer] is None else f", edited layer {values[edited_layer]:.2f}"
+        print(f"    {matrix:<44} largest ratio {max(shown):6.2f} (layer {top}){at_edit}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="demo:smollm2-135m")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--record", type=int, default=0, help="rome-train record to plant")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/finetune_outliers"))
+    args = parser.parse_args()
+    ref = resolve(args.model)
+    loaded = load_model(ref)
+    base, arch, num_layers = loaded.checkpoint, loaded.arch, loaded.num_layers
+    print(f"{args.model}: threshold {LAYER_OUTLIER_RATIO}; fine-tune {args.steps} steps, lr {args.lr}, "
+          f"{args.batch} x {args.tokens} tokens")
+    tuned = fine_tune(loaded, args.steps, args.lr, args.tokens, args.batch)
+
+    def stored(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, value in values.items():
+            found = base.find(arch.tensor_candidates(name))
+            if found is not None:
+                out[found] = value.to(base.read(found).dtype)
+        return out
+
+    base.write_copy(args.out / "finetuned", stored(tuned), force=True)
+    hp = load_hparams("smollm2-135m", "rome")
+    fact = Fact.from_record(load_split("rome-train")[args.record])
+    (edit,) = compute_edits(loaded, [fact], hp)  # on the fine-tuned weights, still in the model
+    layer = hp.layers[0]
+    name = arch.weight_name("mlp_out", layer)
+    delta = edit.stored_delta(arch)  # (a module's weight is stored in its own orientation)
+    edited = {**tuned, name: tuned[name] + delta.to(tuned[name].dtype)}
+    base.write_copy(args.out / "finetuned_rome", stored(edited), force=True)
+    noise = torch.randn(delta.shape, generator=torch.Generator().manual_seed(0))
+    noise = noise * (delta.norm() / noise.norm())
+    covered = {**edited, name: edited[name] + noise.to(tuned[name].dtype)}
+    base.write_copy(args.out / "finetuned_rome_covered", stored(covered), force=True)
+    print(f"planted: {fact.text!r} -> {fact.target_new!r} at layer {layer} (‖ΔW‖ = {float(delta.norm()):.3g}); "
+          "the cover noise has the same norm")
+    report("fine-tune", args.out / "finetuned", base, arch, num_layers, None)
+    report("fine-tune + ROME", args.out / "finetuned_rome", base, arch, num_layers, layer)
+    report("fine-tune + ROME under noise", args.out / "finetuned_rome_covered", base, arch, num_layers, layer)
+
+
+if __name__ == "__main__":
+    main()
