@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass
@@ -112,6 +113,18 @@ def check_revision(revision: str) -> str:
     return revision
 
 
+@contextlib.contextmanager
+def _hub_quiet():
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
 def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progress) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
@@ -121,10 +134,11 @@ def _hub_download(repo_id: str, revision: str | None, allow_pickle: bool, progre
     if progress:
         progress(f"resolving {repo_id} in the Hugging Face cache" + ("" if offline else " (downloading what is missing)"))
     try:
-        folder = Path(snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, cache_dir=hub_cache_dir(),
-            local_files_only=offline, token=os.environ.get("HF_TOKEN") or None,
-        ))
+        with _hub_quiet():  # its retry warnings; what failed is said once, below
+            folder = Path(snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, cache_dir=hub_cache_dir(),
+                local_files_only=offline, token=os.environ.get("HF_TOKEN") or None,
+            ))
     except hub_errors.IncompleteSnapshotError as exc:  # (a kind of LocalEntryNotFoundError: first)
         raise EditguardError(f"{repo_id}: the cached snapshot is incomplete, an interrupted download "
                              f"({first_line(exc, 200)})") from None

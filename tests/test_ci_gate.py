@@ -162,6 +162,7 @@ def test_model_card_base_must_be_a_hub_id(cli, tmp_path, pico_models, monkeypatc
     _fake_hub_cache(tmp_path / "hub", "pico-org/base", pico_models["llama"])
     declared = cli("-f", "json", "scan", upload, "--tests", "diff")
     assert declared.code == 0 and declared.json["tests"]["diff"]["declared_by_card"] is True
+    assert declared.json["tests"]["diff"]["base_revision"] == "a" * 40  # which commit of the base was compared
     assert "named by the model card: unverified" in cli("scan", upload, "--tests", "diff").err
     given = cli("-f", "json", "scan", upload, "--tests", "diff", "--base", pico_models["llama"])
     assert given.json["tests"]["diff"]["declared_by_card"] is False

@@ -168,7 +168,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             tests["diff"] = {"skipped": f"declared base {base_spec[:200]!r} not usable ({why})"}
         if diff is not None:
             # a base the upload names for itself proves nothing about the upload: say which kind this is
-            tests["diff"] = {"base": base_spec, "declared_by": declared_by,
+            tests["diff"] = {"base": base_spec, "base_revision": base_ref.revision, "declared_by": declared_by,
                              "declared_by_card": declared_by == "model card", **diff.to_json()}
             findings += findings_from_diff(diff, checkpoint, arch)
     elif "diff" in options.tests:
