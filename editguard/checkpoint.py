@@ -8,6 +8,7 @@ even then are read only with `torch.load(weights_only=True)`: no code from a che
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ from .outputs import check_output_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkstemp/mkdtemp add to a prefix
 SHARD_NAME = re.compile(r".+-\d+-of-\d+\.safetensors")  # how save_pretrained names the shards of a model
 PICKLE_WEIGHTS = "pytorch_model.bin"  # the pickle files transformers loads: this, else its shard index's
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -487,6 +489,7 @@ class Checkpoint:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file + rename)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -494,7 +497,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # its I/O errors are not OSErrors: read the OS error it names
+            found = re.search(r"os error (\d+)", str(exc))
+            raise OSError(int(found.group(1)) if found else errno.EIO, first_line(exc)) from None
         # after the write: mkstemp, and safetensors' own temp file, make 0600; outputs look like any other file
         os.chmod(tmp, 0o666 & ~_umask())
         fsync_path(tmp)  # on disk before the rename: a crash leaves the old file or the new one, never a torn one
@@ -502,12 +509,23 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         fsync_path(path.parent)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise EditguardError(f"disk full while writing {path}; nothing was written") from None
-        raise
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise EditguardError(f"disk full while writing {path}; nothing was written "
+                                 f"({exc.strerror or os.strerror(exc.errno)})") from None
+        raise EditguardError(f"could not write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(path: Path) -> None:
+    """The temporary files `write_safetensors` left beside `path` when killed mid-write (no handler ran).
+    Only for a caller that holds the lock on writing `path`: another writer's file would be in flight."""
+    path = Path(path)
+    if path.parent.is_dir():
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            if leftover.is_file() and TEMP_SUFFIX.fullmatch(leftover.name[len(path.name) + 2:]):
+                leftover.unlink(missing_ok=True)
 
 
 def make_temp_dir(out: Path) -> Path:

@@ -78,6 +78,19 @@ def file_lock(path: Path, busy: str | None = None):
         handle.close()  # releases the lock
 
 
+def path_lock(kind: str, path: Path, busy: str):
+    """One process at a time writes the file at `path` (an edit bank, a mask and its training run): a
+    second stops with `busy`. The lock lives in editguard's cache, not beside the user's file."""
+    import hashlib
+
+    try:
+        where = str(Path(path).resolve())
+    except (RuntimeError, OSError):  # a link loop: the output checks name it
+        where = os.path.abspath(path)
+    key = hashlib.sha256(where.encode()).hexdigest()[:16]
+    return file_lock(cache_dir("locks") / f"{kind}-{key}.lock", busy=busy)
+
+
 def _same_file(path: Path, fd: int) -> bool:
     try:
         named = os.stat(path)

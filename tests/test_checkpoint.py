@@ -349,3 +349,19 @@ def test_an_unreadable_input_file_is_named_as_what_failed(tmp_path, monkeypatch,
     with pytest.raises(EditguardError, match=r"could not read .*tokenizer.json: Permission denied"):
         ck.write_copy(tmp_path / "out", {})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("os_error", [28, 27], ids=["ENOSPC", "EFBIG"])
+def test_safetensors_write_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, os_error):
+    """safetensors reports a full disk (or a file-size limit) as its own error type, not an OSError."""
+    from safetensors import SafetensorError
+
+    from editguard.checkpoint import write_safetensors
+
+    def full(*args, **kwargs):
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {os_error})")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(EditguardError, match=r"disk full while writing .*bank.safetensors; nothing was written"):
+        write_safetensors(tmp_path / "bank.safetensors", {"x": torch.zeros(2)})
+    assert list(tmp_path.iterdir()) == []

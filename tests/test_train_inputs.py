@@ -431,6 +431,45 @@ def test_checkpoint_of_reordered_training_records_is_not_resumed(cli, pico_model
     one_line_error(cli("-q", *args, "--resume"), "was written by a run with other training records or their order")
 
 
+def test_resume_sees_other_facts_another_writer_and_what_kills_left(cli, pico_models, tmp_path, monkeypatch):
+    """A checkpoint continues only the same facts (not other facts under the same case ids); a second run of
+    the same -o while one holds it is refused at once; what a killed run left (half-written temporary
+    files, a staging folder from before publish wrote its record) is removed by the next run; a bank
+    resumed in another precision is refused."""
+    import editguard.mask.pipeline as pipeline
+    from editguard.mask.pipeline import mask_writer
+
+    out = tmp_path / "m.safetensors"
+    args = _train_args(pico_models, tmp_path, out, 1)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "publish", _interrupted)  # a run that stops with its checkpoint in place
+        assert cli(*args).code == 130
+    data = Path(args[args.index("--data") + 1])
+    records = json.loads(data.read_text())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{**r, "requested_rewrite": {**r["requested_rewrite"],
+                                                             "target_new": {"str": "Antarctica"}}}
+                                 for r in records]))
+    other_args = list(args)
+    other_args[other_args.index("--data") + 1] = str(other)
+    one_line_error(cli(*other_args, "--bank", tmp_path / "other_bank.safetensors", "--resume"),
+                   "facts behind the same case ids")
+    with mask_writer(out):
+        one_line_error(cli(*args, "--resume"), "is being trained or written by another editguard process")
+    # a kill mid-write (a temporary copy of the checkpoint) and one inside publish before its record
+    (tmp_path / ".m.ckpt.safetensors.ab12cd34").write_bytes(b"half")
+    (tmp_path / ".m.zz99yy88").mkdir()
+    (tmp_path / ".m.zz99yy88" / "m.safetensors").write_bytes(b"staged")
+    resumed = cli(*args, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")], sorted(p.name for p in tmp_path.iterdir())
+    bank = tmp_path / "m.bank.safetensors"
+    extend = ["edit", pico_models["llama"], "--data", data, "--hparams", args[args.index("--hparams") + 1],
+              "--bank", bank, "--resume"]
+    refused = cli(*extend, "--dtype", "bfloat16")  # (stderr also warns that bfloat16 is slow on this CPU)
+    assert refused.code == 2 and "error: edit bank" in refused.err and "holds edits computed in float32" in refused.err
+
+
 def test_a_mask_named_index_is_refused_before_the_work(tmp_path):
     """Its metrics file would be index.json, the folder's mask index: the run failed only at the end."""
     from editguard.mask.pipeline import check_new_mask_path

@@ -105,8 +105,7 @@ def train_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
-    from ..mask.pipeline import (MASK_LAYER_IS_FOR_MEMIT, TrainJob, check_mask_layers, preflight, run,
-                                 written_beside)
+    from ..mask.pipeline import MASK_LAYER_IS_FOR_MEMIT, TrainJob, check_mask_layers, mask_writer, written_beside
     from ..mask.train import config_for, parse_settings
 
     if method not in ("rome", "memit"):
@@ -143,6 +142,15 @@ def train_command(
     num_layers = num_layers_of(ref, allow_pickle)
     hp.check_layers(num_layers)  # these, and preflight's checks, before the slow load
     check_mask_layers(num_layers, hp, job.mask_layers)
+    with mask_writer(output):  # held to the end: one run (or resume) of a mask at a time
+        _train(ref, hp, cfg, job, whole_mlp, allow_pickle, device_map, dtype, max_memory, offload_folder, output,
+               bank_only)
+
+
+def _train(ref, hp, cfg, job, whole_mlp, allow_pickle, device_map, dtype, max_memory, offload_folder, output,
+           bank_only) -> None:
+    from ..mask.pipeline import preflight, run
+
     preflight(hp, job)
     keep = []  # a whole-MLP mask's input projections stay on a real device too (output projections always do)
     if whole_mlp:
@@ -222,46 +230,48 @@ def evaluate_mask_command(
     from ..mask.average import averaged
     from ..mask.file import MaskFile
     from ..mask.pipeline import (TrainJob, check_bank_for_mask, check_new_mask_path, evaluate_existing, extra_records,
-                                 recover_publish, select_splits, write_rebinarised)
+                                 mask_writer, recover_publish, select_splits, write_rebinarised)
 
     _check_cut(threshold, target_pruned)
     chosen = tuple(dict.fromkeys(s.strip() for s in splits.split(",") if s.strip()))
     if not chosen or not set(chosen) <= {"train", "val", "test"}:
         raise EditguardError(f"--splits {splits!r}: a comma-separated choice of train, val, test")
-    if output is not None:
-        recover_publish(Path(output))  # a killed earlier write of this name left part of its set
-        check_new_mask_path(output)  # before the evaluation, not after minutes of it
-    if average and threshold is None and target_pruned is None:
-        raise EditguardError("--average needs --threshold or --target-pruned: averaged scores have no trained cut")
-    mask_file = MaskFile.load(mask)
-    if average:
-        mask_file = averaged([mask_file, *map(MaskFile.load, average)], [mask, *average])
-    if memit_batch is not None and (extra is None or mask_file.method != "memit"):
-        raise EditguardError("--memit-batch shapes the MEMIT batch edits made for --extra; "
-                             + ("there is no --extra" if extra is None else "this mask is for ROME edits"))
-    job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size,
-                   test_size=test_size, data=data, text_tokens=text_tokens, baselines=not no_baselines,
-                   target_pruned=target_pruned, splits=chosen, extra=extra, extra_size=extra_size,
-                   memit_batch=memit_batch)
-    if extra is not None:
-        extra_records(job)  # a bad name, file or case id is found before the model loads
-    select_splits(job)  # a bad --data file, too
-    bank_file = EditBank.open(bank)
-    check_bank_for_mask(mask_file, bank_file)  # before the model loads
-    ref = resolve_model(model, revision, allow_pickle)
-    if output is not None:
-        check_output_file(output, input_paths(ref, mask, bank, *(average or [])))
-    with state.out().progress("loading model"):
-        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
-                            keep_on_device=mask_file.module_paths())
-    with ExitStack() as stack:
-        result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
-    if average:
-        result["averaged_with"] = [str(p) for p in average]
-    if output is not None:
-        write_rebinarised(output, mask_file, mask, result, masks, job.command)
-        result["written"] = str(output)
-    state.out().emit(result, _render_evaluation)
+    with ExitStack() as held:  # one writer of the -o name, from its first check to the write
+        if output is not None:
+            held.enter_context(mask_writer(Path(output)))
+            recover_publish(Path(output))  # a killed earlier write of this name left part of its set
+            check_new_mask_path(output)  # before the evaluation, not after minutes of it
+        if average and threshold is None and target_pruned is None:
+            raise EditguardError("--average needs --threshold or --target-pruned: averaged scores have no trained cut")
+        mask_file = MaskFile.load(mask)
+        if average:
+            mask_file = averaged([mask_file, *map(MaskFile.load, average)], [mask, *average])
+        if memit_batch is not None and (extra is None or mask_file.method != "memit"):
+            raise EditguardError("--memit-batch shapes the MEMIT batch edits made for --extra; "
+                                 + ("there is no --extra" if extra is None else "this mask is for ROME edits"))
+        job = TrainJob(output=mask, method=mask_file.method, train_size=train_size, val_size=val_size,
+                       test_size=test_size, data=data, text_tokens=text_tokens, baselines=not no_baselines,
+                       target_pruned=target_pruned, splits=chosen, extra=extra, extra_size=extra_size,
+                       memit_batch=memit_batch)
+        if extra is not None:
+            extra_records(job)  # a bad name, file or case id is found before the model loads
+        select_splits(job)  # a bad --data file, too
+        bank_file = EditBank.open(bank)
+        check_bank_for_mask(mask_file, bank_file)  # before the model loads
+        ref = resolve_model(model, revision, allow_pickle)
+        if output is not None:
+            check_output_file(output, input_paths(ref, mask, bank, *(average or [])))
+        with state.out().progress("loading model"):
+            loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
+                                keep_on_device=mask_file.module_paths())
+        with ExitStack() as stack:
+            result, masks = evaluate_existing(loaded, mask_file, bank_file, job, threshold, progress=_Bars(stack))
+        if average:
+            result["averaged_with"] = [str(p) for p in average]
+        if output is not None:
+            write_rebinarised(output, mask_file, mask, result, masks, job.command)
+            result["written"] = str(output)
+        state.out().emit(result, _render_evaluation)
 
 
 def _render_evaluation(console, m) -> None:

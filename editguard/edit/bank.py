@@ -38,11 +38,12 @@ class EditBank:
     @classmethod
     def create(cls, path, *, model_id: str, revision: str | None, model_type: str, method: str, hparams: dict,
                hparams_hash: str, templates: list[str], fingerprints: dict[str, str],
-               model_fingerprint: str | None = None) -> "EditBank":
+               model_fingerprint: str | None = None, dtype: str | None = None) -> "EditBank":
         meta = {
             "format": FORMAT, "editguard_version": __version__, "model_id": model_id, "revision": revision,
             "model_type": model_type, "method": method, "hparams": hparams, "hparams_hash": hparams_hash,
             "context_templates": templates, "fingerprints": fingerprints, "model_fingerprint": model_fingerprint,
+            "dtype": dtype,  # the precision the edits were computed in (banks before it was recorded: unknown)
             "records": [], "groups": [],
         }
         return cls(Path(path), meta, {})

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import fingerprint
+from ..checkpoint import fingerprint, remove_stale_temps
 from ..errors import EditguardError
-from ..home import cache_dir, file_lock
+from ..home import path_lock
 from ..loading import LoadedModel
 from .bank import EditBank
 from .facts import Fact
@@ -41,8 +40,12 @@ def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume
     if path.exists():
         if not resume:
             raise EditguardError(f"edit bank {path} exists; pass --resume to extend it, or choose another --bank")
+        remove_stale_temps(path)  # a killed flush's half-written copy (the bank writer's lock is held here)
         bank = EditBank.open(path)
         bank.check_matches(loaded.ref.model_id, hp.method, hp.digest(), fingerprints, loaded.fingerprint)
+        if bank.meta.get("dtype") not in (None, dtype_name(loaded)):  # edits of one bank share one precision
+            raise EditguardError(f"edit bank {path} holds edits computed in {bank.meta['dtype']}; resume it with "
+                                 f"--dtype {bank.meta['dtype']}, or use another --bank")
         bank.check_widths(edited_shapes(loaded, hp))  # before appending: a damaged bank is named, not met by cat
         # a bank keeps its own context templates: edits added on another machine use the same ones
         loaded.extras[templates_key(hp)] = list(bank.meta["context_templates"])
@@ -50,7 +53,12 @@ def open_or_create_bank(loaded: LoadedModel, hp: EditHparams, path: Path, resume
     return EditBank.create(
         path, model_id=loaded.ref.model_id, revision=loaded.ref.revision, model_type=loaded.arch.model_type,
         method=hp.method, hparams=hp.to_dict(), hparams_hash=hp.digest(), templates=templates_for(loaded, hp),
-        fingerprints=fingerprints, model_fingerprint=loaded.fingerprint)
+        fingerprints=fingerprints, model_fingerprint=loaded.fingerprint, dtype=dtype_name(loaded))
+
+
+def dtype_name(loaded: LoadedModel) -> str:
+    """The precision the model computes in, as --dtype names it."""
+    return str(loaded.model.dtype).removeprefix("torch.")
 
 
 def fill_bank(
@@ -72,10 +80,8 @@ def fill_bank(
 def bank_writer(path: Path):
     """One process at a time extends a bank: each flush rewrites the whole file, so a second writer would
     drop the first one's edits. The lock lives in editguard's cache, not beside the bank."""
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    return file_lock(cache_dir("locks") / f"bank-{key}.lock",
-                     busy=f"edit bank {path} is being extended by another editguard process; wait for it to "
-                          f"finish, or use another --bank")
+    return path_lock("bank", path, busy=f"edit bank {path} is being extended by another editguard process; wait "
+                                        f"for it to finish, or use another --bank")
 
 
 def _fill_bank(loaded: LoadedModel, facts: list[Fact], hp: EditHparams, path: Path, resume: bool,

@@ -7,6 +7,7 @@ Outputs next to the mask `NAME.safetensors`: `NAME.json` (metrics), `NAME.md` (t
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -25,15 +26,15 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from ..checkpoint import fingerprint
+from ..checkpoint import TEMP_SUFFIX, fingerprint, remove_stale_temps
 from ..data import counterfact
 from ..edit.bank import EditBank
 from ..edit.edits import Edit
 from ..edit.facts import Fact
-from ..edit.generate import fill_bank, target_fingerprints
+from ..edit.generate import dtype_name, fill_bank, target_fingerprints
 from ..edit.hparams import EditHparams
 from ..errors import EditguardError
-from ..home import folder_lock
+from ..home import folder_lock, path_lock
 from ..loading import LoadedModel
 from ..masks_index import INDEX, perplexity_increase, read_index
 from ..outputs import finite_dumps, write_text_atomic
@@ -288,13 +289,22 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
     if info.get("data_hash") != meta["data_hash"] or {**TrainConfig().to_dict(), **info.get("config", {})} != meta["config"]:
         raise refuse("with other data or settings")
     settings = info.get("settings", meta["settings"])
-    differ = [k for k in meta["settings"] if not isinstance(settings, dict) or settings.get(k) != meta["settings"][k]]
+    # (a setting added since the checkpoint was written is the run's own, as above)
+    differ = [k for k in meta["settings"]
+              if not isinstance(settings, dict) or k in settings and settings[k] != meta["settings"][k]]
     if differ:
         names = {"train": "training records or their order (--data)", "val": "validation records (--val-size, --data)",
+                 "facts": "facts behind the same case ids (--data)",
                  "val_every": "--val-every",
                  "target_pruned": "--target-pruned", "memit_batch": "--memit-batch", "dtype": "--dtype"}
         raise EditguardError(f"{ckpt} was written by a run with other {', '.join(names[k] for k in differ)}; "
                              f"resume with the same, or remove it to start over")
+
+
+def facts_digest(facts: list[Fact]) -> str:
+    """What the records say (a case id may name another fact in another --data file)."""
+    rows = [[f.case_id, f.prompt, f.subject, f.target_new, f.target_true] for f in facts]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
 
 
 def check_job(hp: EditHparams, job: TrainJob) -> None:
@@ -302,7 +312,9 @@ def check_job(hp: EditHparams, job: TrainJob) -> None:
     checked first by `run`."""
     job.output = Path(job.output)
     ckpt = checkpoint_path(job.output)
+    remove_stale_temps(ckpt)  # killed mid-write (the CLI holds the mask's lock: no other run writes these)
     if not job.bank_only:  # a bank-only run writes no mask: -o may name the (shipped) mask the bank is for
+        remove_stale_temps(job.output)
         recover_publish(job.output)  # a killed publish's card files would block the resume that finishes it
         check_new_mask_path(job.output)
     if ckpt.exists() and not job.resume and not job.bank_only:
@@ -330,9 +342,10 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
             # what else shapes the run's validation curve and its Θ (checkpoints from before this lack it)
             # the training records in their order (the data hash is of the set; the order sets the batches)
             "settings": {"train": [f.case_id for f in facts["train"]], "val": [f.case_id for f in facts["val"]],
+                         "facts": facts_digest(facts["train"] + facts["val"]),
                          "val_every": job.val_every,
                          "target_pruned": job.target_pruned, "memit_batch": job.memit_batch,
-                         "dtype": str(loaded.model.dtype).removeprefix("torch.")}}
+                         "dtype": dtype_name(loaded)}}
     if job.resume and ckpt.exists() and not job.bank_only:
         check_resumable(ckpt, checkpoint_info(ckpt), meta, len(hp.layers))
     started = time.time()
@@ -413,7 +426,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         "bank_seconds": round(bank_seconds, 1),
         "total_seconds": round(total_seconds, 1), "steps": state.step,
         "machine": machine_description(loaded.device),
-        "command": job.command, "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "command": job.command, "dtype": dtype_name(loaded),
     }
     saved = []
     for (path, transposed), layer, score, th in zip(targets, target_layers, scores, theta):
@@ -665,12 +678,20 @@ def publishing_record(path: Path) -> Path:
     return path.with_name(f".{path.name}.publishing")
 
 
+def mask_writer(path: Path):
+    """One process at a time trains, resumes or writes a mask under one name: a second would train from the
+    same checkpoint and publish over the first's set (the CLI holds it from its first check to the end)."""
+    return path_lock("mask", path, busy=f"mask {path} is being trained or written by another editguard process; "
+                                        "wait for it to finish, or choose another -o")
+
+
 def recover_publish(path: Path) -> None:
     """After a killed `publish` of `path`: with the mask not yet in place, remove the files it had moved
     (only those whose content is the one recorded: a file someone put there since is left for the name
     check) and its staging folder; with the mask in place, the set is complete: add its index entry."""
     record = publishing_record(path)
     if not record.is_file():
+        _remove_orphan_staging(path)
         return
     try:
         made = json.loads(record.read_text())
@@ -687,6 +708,17 @@ def recover_publish(path: Path) -> None:
     if staging.startswith(f".{path.stem}."):
         shutil.rmtree(path.parent / staging, ignore_errors=True)
     record.unlink()
+
+
+def _remove_orphan_staging(path: Path) -> None:
+    """Staging folders of `publish` runs killed before they wrote their record (under mask_writer's lock no
+    other publish of `path` is running): each holds only a copy of a set that was never moved into place."""
+    if not path.parent.is_dir():
+        return
+    for folder in path.parent.glob(f".{glob.escape(path.stem)}.*"):
+        if folder.is_dir() and TEMP_SUFFIX.fullmatch(folder.name[len(path.stem) + 2:]) and \
+                all(f.is_file() and f.name.startswith(path.stem) for f in folder.iterdir()):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _sha256(file: Path) -> str:
