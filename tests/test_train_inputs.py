@@ -415,18 +415,23 @@ def test_malformed_metadata_is_named_as_corruption(tmp_path):
         read_index(index)
 
 
+def _stopped_run(cli, pico_models, tmp_path, out, monkeypatch) -> tuple[list, Path, list]:
+    """A training run stopped with its checkpoint in place: its arguments, its --data file and records."""
+    import editguard.mask.pipeline as pipeline
+
+    args = _train_args(pico_models, tmp_path, out, 1)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "publish", _interrupted)
+        assert cli(*args).code == 130
+    data = Path(args[args.index("--data") + 1])
+    return args, data, json.loads(data.read_text())
+
+
 def test_checkpoint_of_reordered_training_records_is_not_resumed(cli, pico_models, tmp_path, monkeypatch):
     """The data hash is of the set of records; their order sets the batches: a run over the same records in
     another order does not resume another order's checkpoint."""
-    import editguard.mask.pipeline as pipeline
-
     out = tmp_path / "m.safetensors"
-    args = _train_args(pico_models, tmp_path, out, 1)
-    with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "publish", _interrupted)  # a run that stops with its checkpoint in place
-        assert cli(*args).code == 130
-    data = Path(args[args.index("--data") + 1])
-    records = json.loads(data.read_text())
+    args, data, records = _stopped_run(cli, pico_models, tmp_path, out, monkeypatch)
     data.write_text(json.dumps(records[:20][::-1] + records[20:]))
     one_line_error(cli("-q", *args, "--resume"), "was written by a run with other training records or their order")
 
@@ -436,16 +441,10 @@ def test_resume_sees_other_facts_another_writer_and_what_kills_left(cli, pico_mo
     the same -o while one holds it is refused at once; what a killed run left (half-written temporary
     files, a staging folder from before publish wrote its record) is removed by the next run; a bank
     resumed in another precision is refused."""
-    import editguard.mask.pipeline as pipeline
     from editguard.mask.pipeline import mask_writer
 
     out = tmp_path / "m.safetensors"
-    args = _train_args(pico_models, tmp_path, out, 1)
-    with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "publish", _interrupted)  # a run that stops with its checkpoint in place
-        assert cli(*args).code == 130
-    data = Path(args[args.index("--data") + 1])
-    records = json.loads(data.read_text())
+    args, data, records = _stopped_run(cli, pico_models, tmp_path, out, monkeypatch)
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{**r, "requested_rewrite": {**r["requested_rewrite"],
                                                              "target_new": {"str": "Antarctica"}}}
