@@ -459,7 +459,7 @@ def test_resume_sees_other_facts_another_writer_and_what_kills_left(cli, pico_mo
     (tmp_path / ".m.ckpt.safetensors.ab12cd34").write_bytes(b"half")
     (tmp_path / ".m.zz99yy88").mkdir()
     (tmp_path / ".m.zz99yy88" / "m.safetensors").write_bytes(b"staged")
-    resumed = cli(*args, "--resume")
+    resumed = cli(*args, "--resume", "--checkpoint-every", "3")  # (how often it checkpoints changes no result)
     assert resumed.code == 0, resumed.err
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")], sorted(p.name for p in tmp_path.iterdir())
     bank = tmp_path / "m.bank.safetensors"

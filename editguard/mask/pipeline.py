@@ -286,7 +286,11 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
     # checkpoints from before --whole-mlp did not record their targets: they masked the edited tensors
     if info.get("targets", meta["targets"][:edited_tensors]) != meta["targets"]:
         raise refuse("that masked other tensors (--whole-mlp, --layer or --mask-layer differ)")
-    if info.get("data_hash") != meta["data_hash"] or {**TrainConfig().to_dict(), **info.get("config", {})} != meta["config"]:
+    def shaping(config: dict) -> dict:  # how often checkpoints are written changes no result
+        return {k: v for k, v in config.items() if k != "checkpoint_every"}
+
+    if info.get("data_hash") != meta["data_hash"] or \
+            shaping({**TrainConfig().to_dict(), **info.get("config", {})}) != shaping(meta["config"]):
         raise refuse("with other data or settings")
     settings = info.get("settings", meta["settings"])
     # (a setting added since the checkpoint was written is the run's own, as above)
