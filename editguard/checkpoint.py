@@ -518,14 +518,20 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         raise
 
 
+def temp_leftovers(folder: Path, prefix: str) -> list[Path]:
+    """What tempfile made in `folder` under `.{prefix}.` (a file or folder named `.{prefix}.XXXXXXXX`)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob(f".{glob.escape(prefix)}.*") if TEMP_SUFFIX.fullmatch(p.name[len(prefix) + 2:])]
+
+
 def remove_stale_temps(path: Path) -> None:
     """The temporary files `write_safetensors` left beside `path` when killed mid-write (no handler ran).
     Only for a caller that holds the lock on writing `path`: another writer's file would be in flight."""
     path = Path(path)
-    if path.parent.is_dir():
-        for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
-            if leftover.is_file() and TEMP_SUFFIX.fullmatch(leftover.name[len(path.name) + 2:]):
-                leftover.unlink(missing_ok=True)
+    for leftover in temp_leftovers(path.parent, path.name):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
 
 
 def make_temp_dir(out: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 from pathlib import Path
 
@@ -81,8 +82,6 @@ def file_lock(path: Path, busy: str | None = None):
 def path_lock(kind: str, path: Path, busy: str):
     """One process at a time writes the file at `path` (an edit bank, a mask and its training run): a
     second stops with `busy`. The lock lives in editguard's cache, not beside the user's file."""
-    import hashlib
-
     try:
         where = str(Path(path).resolve())
     except (RuntimeError, OSError):  # a link loop: the output checks name it

@@ -62,8 +62,6 @@ def resolve(
     """Turn whatever the user typed into a local model folder, fetching or converting it if needed."""
     if not spec.strip():  # Path("") is the working directory: an empty CI variable must not scan it
         raise EditguardError("the model argument is empty")
-    if revision is not None and not revision.strip():  # an empty CI variable: not silently the default branch
-        raise EditguardError("the revision is empty")
     if revision is not None:
         check_revision(revision)
     if revision is not None and (spec.startswith(DEMO_PREFIX) or user_path(spec).exists()):
@@ -107,7 +105,9 @@ def hub_offline() -> bool:
 
 def check_revision(revision: str) -> str:
     """A branch, tag or commit as git names them: never a path that leaves the repo's cache folder."""
-    if (not revision.strip() or revision.startswith(("/", "-")) or ".." in revision or "\\" in revision
+    if not revision.strip():  # an empty CI variable: not silently the default branch
+        raise EditguardError("the revision is empty")
+    if (revision.startswith(("/", "-")) or ".." in revision or "\\" in revision
             or any(ord(c) < 32 for c in revision) or revision.endswith(("/", ".lock"))):
         raise EditguardError(f"{revision!r} is not a valid revision (a branch, tag or commit)")
     return revision

@@ -68,6 +68,7 @@ class DiffResult:
     classification: str = "identical"  # identical | rome-like | memit-like | fine-tune | other | damaged
     layers: list[int] = field(default_factory=list)
     masked_by_lock: list[str] = field(default_factory=list)  # compared with the base ⊙ the lock's mask
+    num_layers: int = 0  # of the models compared
     # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
     delta_of: Optional[Callable[[str], Optional[torch.Tensor]]] = field(default=None, repr=False, compare=False)
 
@@ -130,7 +131,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     derived = {arch.weight_name("unembed")} if arch.tied(model.config) else set()
     result = DiffResult([], len(shared), sorted(set(canon_model) - set(canon_base)),
                         sorted(set(canon_base) - set(canon_model) - derived),
-                        masked_by_lock=sorted(set(base_masks) & set(shared)))
+                        masked_by_lock=sorted(set(base_masks) & set(shared)), num_layers=num_layers)
 
     completed: dict[str, tuple] = {}  # a locked tensor's change is filled in once (it may be asked for thrice)
 
@@ -361,7 +362,7 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
         out.append(Finding("EG004", "warning", f"{name} is in the base but not in this model: a weight the model "
                            "lacks is not this model's (a loader fills it with random values or refuses)", tensor=name))
     if result.classification in ("fine-tune", "other"):
-        outliers = _layer_outliers(changed, arch)
+        outliers = _layer_outliers(changed, arch, result.num_layers)
         out += outliers
         # an edit does not stop being one because other tensors changed too (noise added to hide it): an MLP
         # output projection whose change is one direction above all others is flagged either way
@@ -402,26 +403,20 @@ def layer_outlier_ratios(changed: list[TensorChange], arch: Arch, num_layers: in
     return ratios
 
 
-def _layer_outliers(changed: list[TensorChange], arch: Arch) -> list[Finding]:
+def _layer_outliers(changed: list[TensorChange], arch: Arch, num_layers: int) -> list[Finding]:
     """EG001 for each layer whose change stands out of the same matrix's change in the other layers."""
-    num_layers = 1 + max((n for c in changed for n in [_layer_index(c.name, arch)] if n is not None), default=-1)
     by_name = {c.name: c for c in changed}
+    names = [layer_matrices(arch, n) for n in range(num_layers)]
     out = []
     for first, ratios in layer_outlier_ratios(changed, arch, num_layers).items():
-        role = layer_matrices(arch, 0).index(first)
+        role = names[0].index(first)
+        compared = sum(r is not None for r in ratios)
         for layer, ratio in enumerate(ratios):
             if ratio is None or ratio < LAYER_OUTLIER_RATIO:
                 continue
-            c = by_name[layer_matrices(arch, layer)[role]]
+            c = by_name[names[layer][role]]
             out.append(Finding("EG001", "error", f"the change in {c.name} (layer {layer}; σ₁ = {c.singular_values[0]:.3g}) "
-                               f"is {ratio:.3g}× the median of the {sum(r is not None for r in ratios)} layers where "
-                               "that matrix changed: one layer edited inside a broader change", score=c.relative,
-                               layer=layer, tensor=c.name, file=c.file,
-                               details={"singular_values": c.singular_values, "layer_ratio": ratio}))
+                               f"is {ratio:.3g}× the median of the {compared} layers where that matrix changed: one "
+                               "layer edited inside a broader change", score=c.relative, layer=layer, tensor=c.name,
+                               file=c.file, details={"singular_values": c.singular_values, "layer_ratio": ratio}))
     return out
-
-
-def _layer_index(name: str, arch: Arch) -> int | None:
-    root = arch.layer.split("{layer}")[0]
-    head = name[len(root):].split(".", 1)[0] if name.startswith(root) else ""
-    return int(head) if head.isdigit() else None

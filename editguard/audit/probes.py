@@ -36,12 +36,16 @@ def counterfact_probes(splits=("rome-test",)) -> list[Probe]:
     return probes
 
 
+def probe_file(source: str) -> str | None:
+    """The file a --probes value names (None for the shipped CounterFact splits)."""
+    return None if source == "counterfact" or source.startswith("counterfact:") else source
+
+
 def load_probes(source: str) -> list[Probe]:
     """`counterfact` (the shipped test split), `counterfact:SPLIT[,SPLIT]`, `counterfact:all`, or a JSONL file."""
-    if source == "counterfact":
-        return counterfact_probes()
-    if source.startswith("counterfact:"):
-        return counterfact_probes(tuple(source.split(":", 1)[1].split(",")))
+    if probe_file(source) is None:
+        splits = source.split(":", 1)[1].split(",") if ":" in source else None
+        return counterfact_probes(tuple(splits)) if splits else counterfact_probes()
     if not source.strip():
         raise EditguardError("--probes is empty: give counterfact, counterfact:SPLIT[,SPLIT] or a JSONL file")
     path = user_path(source)

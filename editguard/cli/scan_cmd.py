@@ -68,8 +68,9 @@ def scan_command(
         raise EditguardError("--base-revision needs --base")
     ref = resolve_model(model, revision, allow_pickle)
     if report is not None:  # before the scan: a bad path fails in a second, not after minutes
-        probe_file = None if probes == "counterfact" or probes.startswith("counterfact:") else probes
-        report = check_output_file(report, input_paths(ref, base, mask, probe_file), (".html", ".htm"))
+        from ..audit.probes import probe_file
+
+        report = check_output_file(report, input_paths(ref, base, mask, probe_file(probes)), (".html", ".htm"))
     options = ScanOptions(base=base, mask=mask, probes=probes, tests=chosen, min_prob=min_prob, threshold=threshold,
                           allow_pickle=allow_pickle, base_revision=base_revision, lock_digest=lock_digest,
                           load_options=load_options(device_map, dtype, max_memory, offload_folder),

@@ -105,7 +105,8 @@ def train_command(
     offload_folder: OffloadFolder = None,
 ) -> None:
     """Train a shared mask against edits of MODEL, evaluate it, and write it with its card."""
-    from ..mask.pipeline import MASK_LAYER_IS_FOR_MEMIT, TrainJob, check_mask_layers, mask_writer, written_beside
+    from ..mask.pipeline import (MASK_LAYER_IS_FOR_MEMIT, TrainJob, check_mask_layers, mask_writer, preflight, run,
+                                 written_beside)
     from ..mask.train import config_for, parse_settings
 
     if method not in ("rome", "memit"):
@@ -143,28 +144,20 @@ def train_command(
     hp.check_layers(num_layers)  # these, and preflight's checks, before the slow load
     check_mask_layers(num_layers, hp, job.mask_layers)
     with mask_writer(output):  # held to the end: one run (or resume) of a mask at a time
-        _train(ref, hp, cfg, job, whole_mlp, allow_pickle, device_map, dtype, max_memory, offload_folder, output,
-               bank_only)
-
-
-def _train(ref, hp, cfg, job, whole_mlp, allow_pickle, device_map, dtype, max_memory, offload_folder, output,
-           bank_only) -> None:
-    from ..mask.pipeline import preflight, run
-
-    preflight(hp, job)
-    keep = []  # a whole-MLP mask's input projections stay on a real device too (output projections always do)
-    if whole_mlp:
-        arch = arch_table.for_config(ref.checkpoint(allow_pickle=allow_pickle).config)
-        keep = [path for layer in job.mask_layers or hp.layers for path in arch.mlp_in_modules(layer)]
-    with state.out().progress("loading model"):
-        loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
-                            keep_on_device=keep)
-    with ExitStack() as stack:
-        metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
-    if bank_only:
-        state.out().emit(metrics, lambda console, m: console.print(f"edit bank {m['bank']}: {m['edits']} edits"))
-        return
-    state.out().emit({"mask": str(output), **metrics}, _render)
+        preflight(hp, job)
+        keep = []  # a whole-MLP mask's input projections stay on a real device too (output projections always do)
+        if whole_mlp:
+            arch = arch_table.for_config(ref.checkpoint(allow_pickle=allow_pickle).config)
+            keep = [path for layer in job.mask_layers or hp.layers for path in arch.mlp_in_modules(layer)]
+        with state.out().progress("loading model"):
+            loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
+                                keep_on_device=keep)
+        with ExitStack() as stack:
+            metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
+        if bank_only:
+            state.out().emit(metrics, lambda console, m: console.print(f"edit bank {m['bank']}: {m['edits']} edits"))
+            return
+        state.out().emit({"mask": str(output), **metrics}, _render)
 
 
 # the figures next to RSR, in the order a reader checks them; absent ones (e.g. --no-baselines) are left out

@@ -7,7 +7,6 @@ Outputs next to the mask `NAME.safetensors`: `NAME.json` (metrics), `NAME.md` (t
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
@@ -26,7 +25,7 @@ from typing import Callable
 import torch
 
 from .. import __version__
-from ..checkpoint import TEMP_SUFFIX, fingerprint, remove_stale_temps
+from ..checkpoint import fingerprint, remove_stale_temps, temp_leftovers
 from ..data import counterfact
 from ..edit.bank import EditBank
 from ..edit.edits import Edit
@@ -717,11 +716,8 @@ def recover_publish(path: Path) -> None:
 def _remove_orphan_staging(path: Path) -> None:
     """Staging folders of `publish` runs killed before they wrote their record (under mask_writer's lock no
     other publish of `path` is running): each holds only a copy of a set that was never moved into place."""
-    if not path.parent.is_dir():
-        return
-    for folder in path.parent.glob(f".{glob.escape(path.stem)}.*"):
-        if folder.is_dir() and TEMP_SUFFIX.fullmatch(folder.name[len(path.stem) + 2:]) and \
-                all(f.is_file() and f.name.startswith(path.stem) for f in folder.iterdir()):
+    for folder in temp_leftovers(path.parent, path.stem):
+        if folder.is_dir() and all(f.is_file() and f.name.startswith(path.stem) for f in folder.iterdir()):
             shutil.rmtree(folder, ignore_errors=True)
 
 
