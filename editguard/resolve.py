@@ -83,6 +83,9 @@ def resolve(
                                  "for a hub id; run from another directory to mean the hub repo)")
         folder = _hub_download(spec, revision, allow_pickle, progress)
         return ModelRef(spec, "hub", folder, model_id=spec, revision=folder.name)
+    if "/" in spec.strip("/") and not spec.startswith((".", "/", "~")):  # meant for a hub id, perhaps
+        raise EditguardError(f"no such file or folder: {spec} (nor a hub id: those read ORG/NAME, in letters, "
+                             "digits, '-', '_' and '.')")
     raise EditguardError(f"no such file or folder: {spec}")
 
 

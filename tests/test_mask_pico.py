@@ -747,6 +747,24 @@ def test_train_memit_masks_every_edited_layer(cli, pico_models, tmp_path, monkey
     assert wrong.code == 2 and "ROME edits" in wrong.err
 
 
+def test_resume_reads_the_default_validation_interval_as_the_number_it_stands_for(tmp_path):
+    """--val-every left out and given as its default value are one setting; older checkpoints wrote None."""
+    from editguard.mask.pipeline import check_resumable, default_val_every
+
+    every = default_val_every(25)
+    meta = {"config": TrainConfig(epochs=25).to_dict(), "data_hash": "d", "fingerprints": {"w": "f"},
+            "model_fingerprint": "m", "targets": ["w"],
+            "settings": {"train": ["1"], "val": ["2"], "facts": "x", "val_every": every}}
+    ckpt = tmp_path / "run.ckpt.safetensors"
+    for written in (every, None):  # None: a checkpoint from before the interval was recorded as run
+        check_resumable(ckpt, {**meta, "settings": {**meta["settings"], "val_every": written}}, meta, 1)
+    check_resumable(ckpt, {k: v for k, v in meta.items() if k != "settings"}, meta, 1)
+    for written in (every, None):  # a run at the default is not continued at another interval
+        other = {**meta, "settings": {**meta["settings"], "val_every": every + 1}}
+        with pytest.raises(EditguardError, match="other --val-every"):
+            check_resumable(ckpt, {**meta, "settings": {**meta["settings"], "val_every": written}}, other, 1)
+
+
 def test_killed_training_resumes(pico_models, tmp_path):
     out = tmp_path / "masks" / "killed.safetensors"
     args = [sys.executable, "-m", "editguard", "-q", *_train_args(pico_models, tmp_path, out, 25)]

@@ -56,6 +56,7 @@ def test_inspect_pico(model_type, pico_models, cli):
 
 def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
     one_line_error(cli("inspect", tmp_path / "nope"), "no such file or folder")
+    one_line_error(cli("inspect", "no-such-org/model/"), "nor a hub id: those read ORG/NAME")  # a stray slash
     (tmp_path / "noconfig").mkdir()
     one_line_error(cli("inspect", tmp_path / "noconfig"), "no config.json")
     fake = tmp_path / "fake.gguf"

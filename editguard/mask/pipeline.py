@@ -292,6 +292,9 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
             shaping({**TrainConfig().to_dict(), **info.get("config", {})}) != shaping(meta["config"]):
         raise refuse("with other data or settings")
     settings = info.get("settings", meta["settings"])
+    if isinstance(settings, dict) and "val_every" in settings and settings["val_every"] is None:
+        # written before the interval was recorded as run: None meant the default, for the same epochs
+        settings = {**settings, "val_every": default_val_every(meta["config"]["epochs"])}
     # (a setting added since the checkpoint was written is the run's own, as above)
     differ = [k for k in meta["settings"]
               if not isinstance(settings, dict) or k in settings and settings[k] != meta["settings"][k]]
@@ -302,6 +305,11 @@ def check_resumable(ckpt: Path, info: dict, meta: dict, edited_tensors: int) -> 
                  "target_pruned": "--target-pruned", "memit_batch": "--memit-batch", "dtype": "--dtype"}
         raise EditguardError(f"{ckpt} was written by a run with other {', '.join(names[k] for k in differ)}; "
                              f"resume with the same, or remove it to start over")
+
+
+def default_val_every(epochs: int) -> int:
+    """Epochs between validations when --val-every is not given: about VAL_POINTS over the run."""
+    return max(1, -(-epochs // VAL_POINTS))
 
 
 def facts_digest(facts: list[Fact]) -> str:
@@ -346,7 +354,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
             # the training records in their order (the data hash is of the set; the order sets the batches)
             "settings": {"train": [f.case_id for f in facts["train"]], "val": [f.case_id for f in facts["val"]],
                          "facts": facts_digest(facts["train"] + facts["val"]),
-                         "val_every": job.val_every,
+                         "val_every": job.val_every or default_val_every(cfg.epochs),
                          "target_pruned": job.target_pruned, "memit_batch": job.memit_batch,
                          "dtype": dtype_name(loaded)}}
     if job.resume and ckpt.exists() and not job.bank_only:
@@ -395,7 +403,7 @@ def run(loaded: LoadedModel, hp: EditHparams, cfg: TrainConfig, job: TrainJob,
         progress("training", st.step, trainer.total_steps,
                  f"loss {info['loss']:.3f} flip {info['flip']:.2f} pruned {info['pruned_soft']:.3f}")
 
-    every = job.val_every or max(1, -(-cfg.epochs // VAL_POINTS))
+    every = meta["settings"]["val_every"]
 
     def on_epoch(st: TrainState) -> None:
         epoch = st.step // trainer.steps_per_epoch
