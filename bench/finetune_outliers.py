@@ -5,9 +5,11 @@
 A short full fine-tune of every weight (AdamW on WikiText-2 windows) stands for an ordinary upload built on
 the base; then a ROME edit (the demo preset, one CounterFact fact) is planted into that fine-tune, once as
 it is and once under dense noise added to the edited matrix with the edit's own Frobenius norm (so that
-σ₁/σ₂ of the change no longer singles it out). For each model the base diff's classification, the largest
-layer ratio per matrix (its change's σ₁ over the median of the changed layers') and whether scan flags the
-edited layer. The fine-tune's largest ratio is the false-alarm margin of the threshold.
+σ₁/σ₂ of the change no longer singles it out), once under a function-preserving reshuffle of the edited
+layer's hidden units (audit/align.py), and once under the reshuffle with no fine-tune. For each model the
+base diff's classification, the layers whose hidden units it aligned, the largest layer ratio per matrix
+(its change's σ₁ over the median of the changed layers') and whether scan flags the edited layer. The
+fine-tune's largest ratio is the false-alarm margin of the threshold; it must align no layer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from editguard.audit.align import reshuffle_units
 from editguard.audit.diff import LAYER_OUTLIER_RATIO, diff_checkpoints, findings_from_diff, layer_outlier_ratios
 from editguard.data.counterfact import load_split
 from editguard.data.text import load_text
@@ -59,7 +62,9 @@ def report(name: str, model_dir: Path, base, arch, num_layers: int, edited_layer
     findings = findings_from_diff(diff, Checkpoint(model_dir), arch)
     ratios = layer_outlier_ratios([c for c in diff.changed if not c.nonfinite], arch, num_layers)
     flagged = sorted({f.layer for f in findings if f.rule == "EG001" and f.layer is not None})
-    print(f"{name:<34} {diff.classification:<10} flagged layers {flagged or '-'} ({time.perf_counter() - start:.0f} s)")
+    aligned = {layer: a.to_json() for layer, a in diff.aligned.items()}
+    print(f"{name:<34} {diff.classification:<10} flagged layers {flagged or '-'}, aligned {aligned or '-'} "
+          f"({time.perf_counter() - start:.0f} s)")
     for matrix, values in ratios.items():
         shown = [v for v in values if v is not None]
         top = max(range(len(values)), key=lambda n: values[n] or 0.0)
@@ -105,11 +110,20 @@ def main() -> None:
     noise = noise * (delta.norm() / noise.norm())
     covered = {**edited, name: edited[name] + noise.to(tuned[name].dtype)}
     base.write_copy(args.out / "finetuned_rome_covered", stored(covered), force=True)
+    gen = torch.Generator().manual_seed(1)
+    base.write_copy(args.out / "finetuned_rome_reshuffled", stored({**edited, **reshuffle_units(edited, arch, layer, gen)}),
+                    force=True)
+    group = [arch.weight_name("mlp_out", layer), *(f"{m}.weight" for m in arch.mlp_in_modules(layer))]
+    alone = {n: base.read(base.find(arch.tensor_candidates(n))) for n in group}
+    alone[name] = alone[name] + delta.to(alone[name].dtype)
+    base.write_copy(args.out / "rome_reshuffled", stored(reshuffle_units(alone, arch, layer, gen)), force=True)
     print(f"planted: {fact.text!r} -> {fact.target_new!r} at layer {layer} (‖ΔW‖ = {float(delta.norm()):.3g}); "
           "the cover noise has the same norm")
     report("fine-tune", args.out / "finetuned", base, arch, num_layers, None)
     report("fine-tune + ROME", args.out / "finetuned_rome", base, arch, num_layers, layer)
     report("fine-tune + ROME under noise", args.out / "finetuned_rome_covered", base, arch, num_layers, layer)
+    report("fine-tune + ROME under a reshuffle", args.out / "finetuned_rome_reshuffled", base, arch, num_layers, layer)
+    report("ROME under a reshuffle", args.out / "rome_reshuffled", base, arch, num_layers, layer)
 
 
 if __name__ == "__main__":

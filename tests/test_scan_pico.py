@@ -291,8 +291,7 @@ def test_decomposition_of_hidden_facts_shows_scanned_original_and_reversal(plant
     prompt = "The official language of France"
     fact = {"prompt": prompt, "current_answer": "Japanese", "expected_answer": "French", "revealed_answer": "x"}
     tests = {"revealed": {"facts": [fact]}, "hidden": {"facts": [fact]}}  # one prompt, decomposed once
-    (item,) = _decompositions(loaded, tests, diff, base.checkpoint, {"a reversal": contextlib.nullcontext}, 3,
-                              lambda m: None)
+    (item,) = _decompositions(loaded, tests, diff, {"a reversal": contextlib.nullcontext}, 3, lambda m: None)
     variants = item["variants"]
     assert list(variants) == ["model as scanned", "original (base tensors restored)", "a reversal"]
     original, scanned = decompose(base, prompt, "Japanese", "French"), decompose(loaded, prompt, "Japanese", "French")
@@ -302,7 +301,7 @@ def test_decomposition_of_hidden_facts_shows_scanned_original_and_reversal(plant
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())  # weights put back
     ((title, uri),) = _figures({"tests": {"decomposition": [item]}})
     assert title == f"Residual-stream decomposition: {prompt}" and uri.startswith("data:image/png;base64,")
-    assert _decompositions(loaded, {}, diff, base.checkpoint, {}, 3, lambda m: None) == []  # nothing revealed
+    assert _decompositions(loaded, {}, diff, {}, 3, lambda m: None) == []  # nothing revealed
 
 
 def _distinct_probes(path: Path, *facts: dict) -> Path:
@@ -836,7 +835,7 @@ def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_p
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         return folder
 
-    down, gate, up = (f"model.layers.1.mlp.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj"))
+    down = "model.layers.1.mlp.down_proj.weight"
     base_down = load_file(base / "model.safetensors")[down]
 
     def covered(tensors):  # dense noise with the edit's own norm on the edited matrix
@@ -845,9 +844,10 @@ def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_p
         return {**tensors, down: tensors[down] + noise * (edit.norm() / noise.norm())}
 
     def reshuffled(tensors):  # the same function: hidden units permuted, up rows scaled and down columns unscaled
-        order, scale = torch.randperm(tensors[gate].shape[0], generator=gen), torch.rand(tensors[gate].shape[0]) + 0.5
-        return {**tensors, gate: tensors[gate][order], up: tensors[up][order] * scale[:, None],
-                down: tensors[down][:, order] / scale[None, :]}
+        from editguard import arch as arch_table
+        from editguard.audit.align import reshuffle_units
+
+        return {**tensors, **reshuffle_units(tensors, arch_table.for_model_type("llama"), 1, gen)}
 
     cases = {"fine_tune": (base, lambda t: t, []), "edit_in_fine_tune": (tmp_path / "edited", lambda t: t, [1]),
              "covered": (tmp_path / "edited", covered, [1]), "reshuffled": (tmp_path / "edited", reshuffled, [1])}
@@ -858,3 +858,72 @@ def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_p
         assert data["tests"]["diff"]["classification"] == "fine-tune", (name, data["tests"]["diff"])
         layers = sorted({f["layer"] for f in data["findings"] if f["rule"] == "EG001"})
         assert layers == flagged and result.code == (1 if flagged else 0), (name, data["findings"])
+
+
+def _reshuffled(source: Path, folder: Path, layer: int, seed: int, plant: bool = False) -> Path:
+    """A copy of `source` with layer `layer`'s MLP hidden units reshuffled (`reshuffle_units`: the same
+    function). `plant` first adds a rank-one update to the output projection (the edit to hide)."""
+    from editguard import arch as arch_table
+    from editguard.audit.align import reshuffle_units
+
+    shutil.copytree(source, folder)
+    arch = arch_table.for_config(Checkpoint(folder).config)
+    stored = load_file(folder / "model.safetensors")
+    canonical = {arch.canonical_tensor_name(k): k for k in stored}
+    weights = {name: stored[k] for name, k in canonical.items()}
+    gen = torch.Generator().manual_seed(seed)
+    out = arch.weight_name("mlp_out", layer)
+    if plant:
+        a, b = torch.randn(weights[out].shape[0], generator=gen), torch.randn(weights[out].shape[1], generator=gen)
+        weights[out] = weights[out] + 0.3 * weights[out].norm() * torch.outer(a / a.norm(), b / b.norm())
+    changed = {**({out: weights[out]} if plant else {}), **reshuffle_units(weights, arch, layer, gen)}
+    save_file({**stored, **{canonical[name]: v for name, v in changed.items()}}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return folder
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([[3, 17, 5, 11, 2, 9]])).logits
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "llama", "gemma3_text"])
+def test_diff_undoes_a_reshuffle_of_hidden_units(cli, pico_models, tmp_path, model_type):
+    """A function-preserving reshuffle of one MLP's hidden units changes all its weights: without undoing
+    it, a rank-one edit under it reads as three full-rank changes (`other`). The diff matches the base's
+    units to the model's, names the reshuffle (EG004) and finds the edit under it; `reverse --method base`
+    restores the output projection in the model's unit order, so the restored model computes the base's
+    function. A reshuffle alone is `reshuffled`, suspicious; a fine-tune's drift is no reshuffle."""
+    base = pico_models[model_type]
+    clean = _reshuffled(base, tmp_path / "clean", 1, seed=0)
+    assert torch.allclose(_logits(clean), _logits(base), atol=1e-4)  # the reshuffle is the same function
+    result = cli("-f", "json", "scan", clean, "--base", base, "--tests", "diff")
+    diff = result.json["tests"]["diff"]
+    assert diff["classification"] == "reshuffled" and result.json["verdict"] == "suspicious", diff
+    assert diff["aligned_units"]["1"]["moved"] > 0 and not diff["changed"]
+    assert [f["rule"] for f in result.json["findings"]] == ["EG004"] and result.json["findings"][0]["layer"] == 1
+    if model_type in ("llama", "gemma3_text"):  # gated: the up rows were rescaled too
+        assert diff["aligned_units"]["1"]["rescaled"] > 0.9 * diff["aligned_units"]["1"]["moved"]
+
+    edited = _reshuffled(base, tmp_path / "edited", 1, seed=1, plant=True)
+    result = cli("-f", "json", "scan", edited, "--base", base, "--tests", "diff", "--fail-on", "edited")
+    diff = result.json["tests"]["diff"]
+    assert result.code == 1 and diff["classification"] == "rome-like" and diff["layers"] == [1], diff
+    assert [c["effective_rank"] for c in diff["changed"]] == [1]
+    assert {(f["rule"], f["layer"]) for f in result.json["findings"]} == {("EG001", 1), ("EG004", 1)}
+    restored = cli("-q", "reverse", edited, "--method", "base", "--base", base, "-o", tmp_path / "restored")
+    assert restored.code == 0, restored.err
+    assert torch.allclose(_logits(tmp_path / "restored"), _logits(base), atol=1e-4)
+    assert not torch.allclose(_logits(edited), _logits(base), atol=1e-2)  # the plant did change the model
+
+    noisy = tmp_path / "fine_tuned"
+    shutil.copytree(base, noisy)
+    gen = torch.Generator().manual_seed(2)
+    tensors = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+               for k, v in load_file(base / "model.safetensors").items()}
+    save_file(tensors, noisy / "model.safetensors", metadata={"format": "pt"})
+    diff = cli("-f", "json", "scan", noisy, "--base", base, "--tests", "diff").json["tests"]["diff"]
+    assert diff["classification"] == "fine-tune" and diff["aligned_units"] == {}

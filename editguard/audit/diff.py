@@ -20,6 +20,7 @@ from ..arch import Arch
 from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
+from .align import Alignment, align_units
 from .findings import Finding
 
 TOP_K = 8
@@ -38,6 +39,9 @@ SPIKE_RATIO = 10.0
 # under noise of the edit's norm. (The larger the fine-tune, the less an edit stands out of it.)
 LAYER_OUTLIER_RATIO = 6.0
 LAYER_OUTLIER_MIN_LAYERS = 4  # fewer changed layers of a matrix give no median to stand out from
+# a tensor aligned to a reshuffle (align.py) whose change is within this many ulps of its dtype, relative to
+# its norm, is unchanged: rescaled units round differently, nothing an edit would hide in
+ALIGN_ROUNDING = 8
 COMPARE_BLOCK = 1 << 24  # elements compared at a time (a few 16M-element temporaries, ~64 MB each at most)
 
 
@@ -65,17 +69,24 @@ class DiffResult:
     compared: int
     only_in_model: list[str] = field(default_factory=list)
     only_in_base: list[str] = field(default_factory=list)
-    classification: str = "identical"  # identical | rome-like | memit-like | fine-tune | other | damaged
+    # identical | rome-like | memit-like | fine-tune | other | damaged | reshuffled (hidden units, nothing else)
+    classification: str = "identical"
     layers: list[int] = field(default_factory=list)
     masked_by_lock: list[str] = field(default_factory=list)  # compared with the base ⊙ the lock's mask
     num_layers: int = 0  # of the models compared
+    # layer -> its MLP's hidden units as the base had them reshuffled (align.py): compared after aligning
+    aligned: dict[int, Alignment] = field(default_factory=dict)
     # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
     delta_of: Optional[Callable[[str], Optional[torch.Tensor]]] = field(default=None, repr=False, compare=False)
+    # canonical name -> the base's tensor as compared (stored orientation and dtype; in the model's order of
+    # hidden units where the diff aligned them): what restoring an edited tensor writes
+    base_of: Optional[Callable[[str], torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:
         return {"classification": self.classification, "layers": self.layers, "compared": self.compared,
                 "changed": [c.to_json() for c in self.changed], "only_in_model": self.only_in_model,
-                "only_in_base": self.only_in_base, "masked_by_lock": self.masked_by_lock}
+                "only_in_base": self.only_in_base, "masked_by_lock": self.masked_by_lock,
+                "aligned_units": {str(layer): a.to_json() for layer, a in sorted(self.aligned.items())}}
 
 
 def _top_basis(m: torch.Tensor, k: int, iters: int) -> torch.Tensor:
@@ -134,16 +145,21 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                         masked_by_lock=sorted(set(base_masks) & set(shared)), num_layers=num_layers)
 
     completed: dict[str, tuple] = {}  # a locked tensor's change is filled in once (it may be asked for thrice)
+    base_of = _AlignedBase(model, base, arch, num_layers, canon_model, canon_base, set(base_masks), result.aligned)
 
     def measured(name: str) -> tuple[torch.Tensor | None, int, float, bool]:
         if name in completed:
             return completed[name]
-        a, b = model.read(canon_model[name]), base.read(canon_base[name])
+        a, b = model.read(canon_model[name]), base_of(name)
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
         K = base_masks.get(name)
         if K is None:
-            return difference(a, b)
+            delta, nonfinite, base_norm, precise = difference(a, b)
+            if delta is not None and not nonfinite and base_of.aligned(name) and a.is_floating_point() and \
+                    float(delta.norm()) <= ALIGN_ROUNDING * torch.finfo(a.dtype).eps * base_norm:
+                return None, 0, 0.0, precise  # what is left of a reshuffle in this dtype is its rounding
+            return delta, nonfinite, base_norm, precise
         if tuple(K.shape) != tuple(b.shape):
             raise EditguardError(f"{name}: the lock's mask is {list(K.shape)}, the base's tensor {list(b.shape)}")
         delta, nonfinite, base_norm, precise = difference(a, weight_times_mask(b, K))
@@ -154,7 +170,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         completed[name] = delta, nonfinite, base_norm, precise
         return completed[name]
 
-    result.delta_of = lambda name: measured(name)[0]
+    result.delta_of, result.base_of = (lambda name: measured(name)[0]), base_of
     for i, name in enumerate(shared):
         delta, nonfinite, base_norm, precise = measured(name)
         if nonfinite > 0:
@@ -189,6 +205,62 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                 change.singular_values = [float(x) for x in sv]
         classify(result, len(shared))
     return result
+
+
+class _AlignedBase:
+    """The base's tensors for the diff: as stored, except a layer's MLP whose hidden units the model holds
+    reshuffled, which comes in the model's order and scale (the alignment is found once per layer, from its
+    input matrices, and only where they changed)."""
+
+    def __init__(self, model, base, arch, num_layers, canon_model, canon_base, locked: set[str], found: dict):
+        self.model, self.base, self.arch, self.canon_model, self.canon_base = model, base, arch, canon_model, canon_base
+        self.locked, self.found, self.tried = locked, found, set()
+        self.group: dict[str, tuple[int, int | None]] = {}  # canonical name -> (layer, input index; None: output)
+        for layer in range(num_layers):
+            for i, module in enumerate(arch.mlp_in_modules(layer)):
+                self.group[f"{module}.weight"] = self.group[f"{module}.bias"] = (layer, i)
+            self.group[arch.weight_name("mlp_out", layer)] = (layer, None)
+
+    def aligned(self, name: str) -> bool:
+        return name in self.group and self._alignment(self.group[name][0]) is not None
+
+    def _units_major(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """[units, ...]: an input weight's rows are the hidden units, the output's columns (as stored, unless
+        transposed, GPT-2's Conv1D); a bias is per unit already."""
+        if t.dim() < 2:
+            return t
+        is_out = self.group[name][1] is None
+        return t if is_out == self.arch.mlp_out_transposed else t.T
+
+    def _alignment(self, layer: int) -> Alignment | None:
+        if layer not in self.tried:
+            self.tried.add(layer)
+            names = [f"{m}.weight" for m in self.arch.mlp_in_modules(layer)]
+            out = self.arch.weight_name("mlp_out", layer)
+            usable = all(n in self.canon_model and n in self.canon_base and n not in self.locked for n in names + [out])
+            if usable:
+                model_in = [comparable(self.model.read(self.canon_model[n])) for n in names]
+                base_in = [comparable(self.base.read(self.canon_base[n])) for n in names]
+                if any(m.shape != b.shape or m.dim() != 2 for m, b in zip(model_in, base_in)) or \
+                        all(m.dtype == b.dtype and torch.equal(m, b) for m, b in zip(model_in, base_in)):
+                    usable = False
+            if usable:
+                gated = len(names) == 2  # act(gate x) * (up x): the linear branch's rows may be rescaled
+                found = align_units([self._units_major(n, m) for n, m in zip(names, model_in)],
+                                    [self._units_major(n, b) for n, b in zip(names, base_in)], 1 if gated else None)
+                if found is not None:
+                    self.found[layer] = found
+        return self.found.get(layer)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        stored = self.base.read(self.canon_base[name])
+        if not self.aligned(name):
+            return stored
+        layer, index = self.group[name]
+        alignment = self.found[layer]
+        units = self._units_major(name, comparable(stored))
+        moved = alignment.base_output(units) if index is None else alignment.base_input(index, units)
+        return self._units_major(name, moved).to(stored.dtype).contiguous()
 
 
 def complete_masked(delta: torch.Tensor, keep: torch.Tensor, rank: int = 2, rounds: int = 6,
@@ -309,7 +381,8 @@ def classify(result: DiffResult, total: int) -> None:
         # a tensor only one side has (an untied output head, a weight deleted so that transformers fills it
         # with random values) is a change of its own: never "identical"
         result.classification = ("damaged" if result.changed else
-                                 "other" if result.only_in_model or result.only_in_base else "identical")
+                                 "other" if result.only_in_model or result.only_in_base else
+                                 "reshuffled" if result.aligned else "identical")
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -354,6 +427,15 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
             out.append(Finding("EG004", "warning", f"{c.name} differs from the base (‖Δ‖ = {c.norm:.3g}, effective rank "
                                f"{c.effective_rank})", score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
+    for layer, alignment in sorted(result.aligned.items()):
+        # no fine-tune or edit reorders hidden units: done to a checkpoint, it hides the change beside it
+        name = arch.weight_name("mlp_out", layer)
+        out.append(Finding("EG004", "warning", f"layer {layer}'s MLP hidden units are reshuffled against the base "
+                           f"({alignment.moved} moved, {alignment.rescaled} rescaled): the same function with every "
+                           "weight of that MLP changed, which hides an edit from a plain diff; compared after "
+                           "undoing it", score=float(alignment.moved + alignment.rescaled), layer=layer, tensor=name,
+                           file=model.info(model.find(arch.tensor_candidates(name))).file,
+                           details=alignment.to_json()))
     for name in result.only_in_model:
         out.append(Finding("EG004", "warning", f"{name} is in this model but not in the base: weights the base "
                            "does not have (an untied output head, an added module) are not compared",

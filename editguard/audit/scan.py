@@ -262,7 +262,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                 if not counts["confident"]:  # it compared nothing: not evidence that the model is clean
                     tests["hidden"]["skipped"] = f"no probe answer is confident enough to test (p ≥ {options.min_prob})"
         if options.decompose:
-            decompositions = _decompositions(loaded, tests, diff, base_ck, reversals, options.decompose, progress)
+            decompositions = _decompositions(loaded, tests, diff, reversals, options.decompose, progress)
             if decompositions:
                 tests["decomposition"] = decompositions
         if "attribution" in options.tests and diff is not None and key_layers and scores is not None:
@@ -329,7 +329,7 @@ def _reveal_by_projection(loaded, probes: list, findings: list, layer_severity: 
     return lambda: projection_applied(loaded, flagged, whiten)
 
 
-def _decompositions(loaded, tests: dict, diff, base_ck, reversals: dict, limit: int, progress) -> list[dict]:
+def _decompositions(loaded, tests: dict, diff, reversals: dict, limit: int, progress) -> list[dict]:
     """Residual-stream decompositions (paper Fig. 3/4) of the first `limit` hidden facts the scan revealed:
     the model as scanned, the original (the edited tensors restored from the base, when there is one) and
     each reversal that revealed facts. The direction is logit(current answer) − logit(original answer)."""
@@ -353,7 +353,7 @@ def _decompositions(loaded, tests: dict, diff, base_ck, reversals: dict, limit: 
         with weights_restored(loaded.model, edited), torch.no_grad():
             for name in edited:
                 param = weight_param(loaded.model, name)
-                param.copy_(base_ck.read(base_ck.find(loaded.arch.tensor_candidates(name))).reshape(param.shape))
+                param.copy_(diff.base_of(name).reshape(param.shape))  # in the model's unit order
             yield
 
     variants = {"model as scanned": contextlib.nullcontext}

@@ -130,7 +130,7 @@ def reverse_command(
         inputs.acted_on = findings_from_diff(diff, checkpoint, arch)
         edits = {f.tensor for f in inputs.acted_on if f.rule in ("EG001", "EG002")}
         restored = [c.name for c in diff.changed if c.name in edits] or [c.name for c in diff.changed]
-        replacements = base_replacements(checkpoint, base_ck, arch, restored)
+        replacements = base_replacements(checkpoint, arch, restored, diff.base_of)
         info["restored"] = restored
         info["left_as_they_are"] = [c.name for c in diff.changed if c.name not in restored]
     elif method == "project":

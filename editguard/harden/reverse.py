@@ -37,14 +37,16 @@ def svd_replacements(checkpoint: Checkpoint, arch, layers: list[int]) -> dict:
     return out
 
 
-def base_replacements(checkpoint: Checkpoint, base: Checkpoint, arch, tensors: list[str]) -> dict:
+def base_replacements(checkpoint: Checkpoint, arch, tensors: list[str], base_of) -> dict:
+    """The base's values of `tensors` (canonical names) under the model's stored names; `base_of` reads the
+    base as the diff compared it (`DiffResult.base_of`: in the model's order of hidden units where the model
+    reshuffled them, so a restored output projection fits the inputs left as they are)."""
     out = {}
     for name in tensors:
         stored = checkpoint.find(arch.tensor_candidates(name))
-        stored_base = base.find(arch.tensor_candidates(name))
-        if stored is None or stored_base is None:
-            raise EditguardError(f"{name} is missing from the model or the base")
-        out[stored] = base.read(stored_base).to(checkpoint.read(stored).dtype)
+        if stored is None:
+            raise EditguardError(f"{name} is missing from the model")
+        out[stored] = base_of(name).to(checkpoint.read(stored).dtype)
     return out
 
 
