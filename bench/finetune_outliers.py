@@ -63,6 +63,8 @@ def report(name: str, model_dir: Path, base, arch, num_layers: int, edited_layer
     ratios = layer_outlier_ratios([c for c in diff.changed if not c.nonfinite], arch, num_layers)
     flagged = sorted({f.layer for f in findings if f.rule == "EG001" and f.layer is not None})
     aligned = {layer: a.to_json() for layer, a in diff.aligned.items()}
+    if diff.aligned_residual is not None:
+        aligned["residual"] = diff.aligned_residual.to_json()
     print(f"{name:<34} {diff.classification:<10} flagged layers {flagged or '-'}, aligned {aligned or '-'} "
           f"({time.perf_counter() - start:.0f} s)")
     for matrix, values in ratios.items():

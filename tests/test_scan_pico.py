@@ -926,4 +926,75 @@ def test_diff_undoes_a_reshuffle_of_hidden_units(cli, pico_models, tmp_path, mod
                for k, v in load_file(base / "model.safetensors").items()}
     save_file(tensors, noisy / "model.safetensors", metadata={"format": "pt"})
     diff = cli("-f", "json", "scan", noisy, "--base", base, "--tests", "diff").json["tests"]["diff"]
-    assert diff["classification"] == "fine-tune" and diff["aligned_units"] == {}
+    assert diff["classification"] == "fine-tune" and diff["aligned_units"] == {} and diff["aligned_residual"] is None
+
+
+# how each tensor of a pico llama / gpt2 touches the residual stream: its columns read it (or an embedding
+# holds it), its rows write it, or (a vector) it is per residual dimension: a norm's weight, a bias added to it
+_READS = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wte", "wpe",
+          "attn.c_proj.weight", "mlp.c_proj.weight")
+_WRITES = ("o_proj", "down_proj", "c_attn.weight", "c_fc.weight")
+_PER_DIMENSION = ("layernorm", "norm.weight", "ln_", "c_proj.bias")
+
+
+def _residual_permuted(source: Path, folder: Path, seed: int, flip: bool, plant: bool = False,
+                       units: bool = False) -> Path:
+    """A copy of `source` with the residual stream's dimensions permuted throughout (and, under RMSNorm,
+    `flip`ped in sign: a norm's weight is permuted only): the same function. `plant` first adds a rank-one
+    update to layer 1's MLP output projection; `units` also reshuffles layer 1's hidden units."""
+    from editguard import arch as arch_table
+    from editguard.audit.align import reshuffle_units
+
+    shutil.copytree(source, folder)
+    arch = arch_table.for_config(Checkpoint(folder).config)
+    tensors = {arch.canonical_tensor_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
+    gen = torch.Generator().manual_seed(seed)
+    hidden = tensors[arch.weight_name("embed")].shape[1]
+    out = arch.weight_name("mlp_out", 1)
+    if plant:
+        a, b = torch.randn(tensors[out].shape[0], generator=gen), torch.randn(tensors[out].shape[1], generator=gen)
+        tensors[out] = tensors[out] + 0.3 * tensors[out].norm() * torch.outer(a / a.norm(), b / b.norm())
+    if units:
+        tensors.update(reshuffle_units(tensors, arch, 1, gen))
+    order = torch.randperm(hidden, generator=gen)
+    sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(hidden)
+    for name, t in tensors.items():
+        if any(k in name for k in _READS) and t.dim() == 2:
+            tensors[name] = t[:, order] * sign
+        elif any(k in name for k in _WRITES) and t.dim() == 2:
+            tensors[name] = t[order] * sign[:, None]
+        elif t.dim() == 1 and len(t) == hidden and any(k in name for k in _PER_DIMENSION):
+            tensors[name] = t[order] * (sign if name.endswith("bias") else 1.0)
+    stored = {arch.canonical_tensor_name(k): k for k in load_file(folder / "model.safetensors")}
+    save_file({stored[k]: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_diff_undoes_a_permutation_of_the_residual_stream(cli, pico_models, tmp_path, model_type):
+    """Permuting the residual stream's dimensions through the whole model (signs flipped too under
+    RMSNorm) changes every tensor: an edit under it read as a fine-tune, verdict clean. The diff matches the
+    dimensions by the token embedding's columns, reports the permutation (EG004) and finds the edit under
+    it, under a reshuffle of the edited layer's hidden units as well; `reverse --method base` restores it."""
+    base = pico_models[model_type]
+    flip = model_type == "llama"  # LayerNorm (GPT-2) subtracts the mean: only RMSNorm keeps a sign flip
+    clean = _residual_permuted(base, tmp_path / "clean", 0, flip)
+    assert torch.allclose(_logits(clean), _logits(base), atol=1e-4)  # the permutation is the same function
+    result = cli("-f", "json", "scan", clean, "--base", base, "--tests", "diff")
+    diff = result.json["tests"]["diff"]
+    assert diff["classification"] == "reshuffled" and result.json["verdict"] == "suspicious", diff
+    assert diff["aligned_residual"]["moved"] > 0 and (diff["aligned_residual"]["flipped"] > 0) == flip
+    assert not diff["changed"] and [f["rule"] for f in result.json["findings"]] == ["EG004"]
+
+    for units in (False, True):
+        folder = tmp_path / f"edited_{units}"
+        edited = _residual_permuted(base, folder, 1, flip, plant=True, units=units)
+        result = cli("-f", "json", "scan", edited, "--base", base, "--tests", "diff", "--fail-on", "edited")
+        diff = result.json["tests"]["diff"]
+        assert result.code == 1 and diff["classification"] == "rome-like" and diff["layers"] == [1], \
+            (units, [(c["name"], c["effective_rank"], c["singular_values"][:3]) for c in diff["changed"]])
+        assert bool(diff["aligned_units"]) == units and diff["aligned_residual"]["moved"] > 0
+        restored = cli("-q", "reverse", edited, "--method", "base", "--base", base, "-o", tmp_path / f"restored_{units}")
+        assert restored.code == 0, restored.err
+        assert torch.allclose(_logits(tmp_path / f"restored_{units}"), _logits(base), atol=1e-4)

@@ -1,12 +1,15 @@
-"""Hidden-unit alignment: undo a function-preserving reshuffle of one MLP's hidden units before diffing.
+"""Undo function-preserving reparametrisations before diffing: a reshuffle of one MLP's hidden units, and a
+signed permutation of the residual stream's dimensions.
 
 An MLP computes out = W_out · act(W_in x): permuting its hidden units (the rows of every input matrix,
 with their biases, and the columns of the output matrix alike) leaves the function as it was, and so
 does scaling a unit's row of the linear branch of a gated MLP (act(gate x) · (up x)) by s and its output
-column by 1/s. A reshuffle changes every weight of the layer's MLP, so an edit under it reads as a
-full-rank change of three matrices instead of a rank-one change of one. Here the base's units are matched
-to the model's (the input rows that point the same way), and the base is rewritten in the model's order
-and scale; what then still differs is what the reshuffle hid.
+column by 1/s. Likewise the residual stream's dimensions can be permuted throughout the model (every
+matrix that reads or writes it, the embeddings, the norms' weights), and under RMSNorm also flipped in
+sign. Either changes every weight it touches, so an edit under it reads as full-rank changes of many
+matrices instead of a rank-one change of one. Here the base's units (or dimensions) are matched to the
+model's by the rows that point the same way, and the base is rewritten in the model's order, scale and
+sign; what then still differs is what the reparametrisation hid.
 """
 
 from __future__ import annotations
@@ -15,19 +18,52 @@ from dataclasses import dataclass
 
 import torch
 
-SAME_UNIT = 0.999  # cosine of a unit's input rows, model against base, for it to count as in place
+SAME_UNIT = 0.999  # cosine of a unit's rows, model against base, for it to count as in place
 MATCHED = 0.9  # a moved unit's rows against the base unit it is matched with, at least
 # a linear-branch row counts as rescaled (base row times s) when s explains all but this share of the row's
 # change, or, where storage rounding leaves more (bfloat16: ~4e-3), when the row is s times the base row to
 # within this share of its norm with s at least this far from 1. A fine-tune's drift is neither: it is not
 # along the row.
 PROPORTIONAL = 1e-2
-BLOCK = 2048  # model units compared against all base units at a time (a block of n similarities each)
+BLOCK = 2048  # model rows compared against all base rows at a time (a block of n similarities each)
+EMBED_SAMPLE = 16384  # vocabulary rows whose values tell the residual dimensions apart
+
+
+def _normalized(t: torch.Tensor) -> torch.Tensor:
+    t = t.float()
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: set[int]) -> torch.Tensor | None:
+    """For row-aligned matrices (each [rows, ...]; several describe the same rows together): `order` with
+    base row order[i] the one model row i points along (mean cosine over the matrices, up to sign for
+    those in `unsigned`); the identity where nothing moved, None where no one-to-one match explains the
+    change (a fine-tune's drift, another model)."""
+    rows = model[0].shape[0]
+    cosines = torch.stack([(_normalized(m) * _normalized(b)).sum(1) for m, b in zip(model, base)])
+    cosines[list(unsigned)] = cosines[list(unsigned)].abs()
+    same = torch.stack([(m == b).all(1) if m.dim() > 1 else m == b for m, b in zip(model, base)]).all(0)
+    order = torch.arange(rows)
+    moved = torch.nonzero(~((cosines >= SAME_UNIT).all(0) | same)).flatten()
+    if len(moved):
+        # a moved row is matched among the other moved rows only: a reshuffle maps them onto each other
+        best, score = torch.empty(len(moved), dtype=torch.long), torch.empty(len(moved))
+        rows_m = [_normalized(m[moved]) for m in model]
+        rows_b = [_normalized(b[moved]) for b in base]
+        for lo in range(0, len(moved), BLOCK):
+            sim = sum((rm[lo:lo + BLOCK] @ rb.T).abs() if i in unsigned else rm[lo:lo + BLOCK] @ rb.T
+                      for i, (rm, rb) in enumerate(zip(rows_m, rows_b))) / len(rows_m)
+            score[lo:lo + BLOCK], best[lo:lo + BLOCK] = sim.max(1)
+        if len(set(best.tolist())) != len(moved) or float(score.min()) < MATCHED:
+            return None  # not one-to-one, or a row that matches no base row: not a reshuffle
+        order[moved] = moved[best]
+    return order
 
 
 @dataclass
 class Alignment:
-    """Base unit `order[i]` is the model's unit i, its linear-branch row scaled by `scale[i]`."""
+    """An MLP's hidden units: base unit `order[i]` is the model's unit i, its linear-branch row scaled by
+    `scale[i]`."""
     order: torch.Tensor  # [units] long
     scale: torch.Tensor  # [units] float64, 1 where nothing is scaled
     scalable: int | None  # index of the input matrix whose rows are scaled (a gated MLP's linear branch)
@@ -55,46 +91,87 @@ class Alignment:
         return {"moved": self.moved, "rescaled": self.rescaled}
 
 
-def _unit_rows(t: torch.Tensor) -> torch.Tensor:
-    return t.double() / t.double().norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-
 def align_units(model_in: list[torch.Tensor], base_in: list[torch.Tensor],
                 scalable: int | None) -> Alignment | None:
     """The alignment of the base's hidden units to the model's, from the MLP's input matrices (units first,
     [units, hidden]); None when the units are in place and unscaled, or when no one-to-one match explains
-    the change (a fine-tune's drift, another model)."""
-    units = model_in[0].shape[0]
-    # in place: every input row points the same way (the linear branch's up to sign, which a scale may flip)
-    cosines = torch.stack([(_unit_rows(m) * _unit_rows(b)).sum(1) for m, b in zip(model_in, base_in)])
+    the change. The linear branch's rows may be scaled, by a negative s too: matched up to sign."""
+    order = match_rows(model_in, base_in, {scalable} if scalable is not None else set())
+    if order is None:
+        return None
+    scale = torch.ones(len(order), dtype=torch.float64)
     if scalable is not None:
-        cosines[scalable] = cosines[scalable].abs()
-    in_place = (cosines >= SAME_UNIT).all(0)
-    order = torch.arange(units)
-    moved = torch.nonzero(~in_place).flatten()
-    if len(moved):
-        # a moved unit is matched among the other moved units only: a reshuffle maps them onto each other
-        best, score = torch.empty(len(moved), dtype=torch.long), torch.empty(len(moved), dtype=torch.float64)
-        rows_m = [_unit_rows(m[moved]) for m in model_in]
-        rows_b = [_unit_rows(b[moved]) for b in base_in]
-        for lo in range(0, len(moved), BLOCK):
-            sim = sum((rm[lo:lo + BLOCK] @ rb.T).abs() if i == scalable else rm[lo:lo + BLOCK] @ rb.T
-                      for i, (rm, rb) in enumerate(zip(rows_m, rows_b))) / len(rows_m)
-            score[lo:lo + BLOCK], best[lo:lo + BLOCK] = sim.max(1)
-        if len(set(best.tolist())) != len(moved) or float(score.min()) < MATCHED:
-            return None  # not one-to-one, or a unit that matches no base unit: not a reshuffle
-        order[moved] = moved[best]
-    scale = torch.ones(units, dtype=torch.float64)
-    if scalable is not None:
-        m, b = model_in[scalable].double(), base_in[scalable][order].double()
-        fit = (m * b).sum(1) / (b * b).sum(1).clamp_min(1e-30)
-        residual = (m - fit[:, None] * b).norm(dim=1)
-        explained = residual <= PROPORTIONAL * (m - b).norm(dim=1)
-        coarse = (residual <= PROPORTIONAL * m.norm(dim=1)) & ((fit - 1).abs() >= PROPORTIONAL)
-        proportional = (explained | coarse) & ((b * b).sum(1) > 0) & (fit != 1)
-        scale = torch.where(proportional, fit, scale)
+        for lo in range(0, len(order), BLOCK):
+            m, b = model_in[scalable][lo:lo + BLOCK].double(), base_in[scalable][order[lo:lo + BLOCK]].double()
+            fit = (m * b).sum(1) / (b * b).sum(1).clamp_min(1e-30)
+            residual = (m - fit[:, None] * b).norm(dim=1)
+            explained = residual <= PROPORTIONAL * (m - b).norm(dim=1)
+            coarse = (residual <= PROPORTIONAL * m.norm(dim=1)) & ((fit - 1).abs() >= PROPORTIONAL)
+            proportional = (explained | coarse) & ((b * b).sum(1) > 0) & (fit != 1)
+            scale[lo:lo + BLOCK] = torch.where(proportional, fit, scale[lo:lo + BLOCK])
     alignment = Alignment(order, scale, scalable)
     return alignment if alignment.moved or alignment.rescaled else None
+
+
+@dataclass
+class ResidualAlignment:
+    """The residual stream: the model's dimension i is sign[i] times the base's dimension order[i]."""
+    order: torch.Tensor  # [hidden] long
+    sign: torch.Tensor  # [hidden] ±1.0
+
+    @property
+    def moved(self) -> int:
+        return int((self.order != torch.arange(len(self.order))).sum())
+
+    @property
+    def flipped(self) -> int:
+        return int((self.sign < 0).sum())
+
+    def to_json(self) -> dict:
+        return {"moved": self.moved, "flipped": self.flipped}
+
+    def along(self, base: torch.Tensor, axis: int, signed: bool = True) -> torch.Tensor:
+        """`base` with its `axis` (the residual stream's) in the model's order and sign."""
+        out = base.index_select(axis, self.order)
+        if signed:
+            out = out * self.sign.to(out.dtype).reshape([-1 if d == axis else 1 for d in range(out.dim())])
+        return out
+
+    def base_like(self, base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+        """`base` in the model's residual basis: each of its axes as long as the residual stream either
+        indexes it (a matrix reads or writes the stream, an embedding, a bias added to it: permuted and
+        signed; a norm's weight: permuted only) or not (a query projection's heads of the same length),
+        whichever brings it nearest the model's tensor; a tensor with no such axis as it is."""
+        hidden = len(self.order)
+        axes = [a for a in range(base.dim()) if base.shape[a] == hidden]
+        if not axes or base.shape != model.shape:
+            return base
+        b, target = base.float(), model.float()
+        candidates = [b]
+        for subset in range(1, 1 << len(axes)):
+            chosen = [a for i, a in enumerate(axes) if subset >> i & 1]
+            for signed in (True, False) if base.dim() == 1 else (True,):
+                c = b
+                for a in chosen:
+                    c = self.along(c, a, signed)
+                candidates.append(c)
+        best = min(candidates, key=lambda c: float((target - c).norm()))
+        return base if best is b else best.to(base.dtype)
+
+
+def align_residual(model_embed: torch.Tensor, base_embed: torch.Tensor) -> ResidualAlignment | None:
+    """The residual stream's dimensions matched by the token embedding's columns ([vocab, hidden]; a
+    sample of rows tells them apart); None when they are in place."""
+    if model_embed.shape != base_embed.shape or model_embed.dim() != 2:
+        return None
+    rows = torch.linspace(0, model_embed.shape[0] - 1, min(EMBED_SAMPLE, model_embed.shape[0])).long()
+    m, b = model_embed[rows].float().T, base_embed[rows].float().T
+    order = match_rows([m], [b], {0})
+    if order is None:
+        return None
+    sign = torch.where((m * b[order]).sum(1) < 0, -1.0, 1.0)
+    alignment = ResidualAlignment(order, sign)
+    return alignment if alignment.moved or alignment.flipped else None
 
 
 def reshuffle_units(weights: dict[str, torch.Tensor], arch, layer: int, generator: torch.Generator,

@@ -20,7 +20,7 @@ from ..arch import Arch
 from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
-from .align import Alignment, align_units
+from .align import Alignment, ResidualAlignment, align_residual, align_units
 from .findings import Finding
 
 TOP_K = 8
@@ -76,6 +76,7 @@ class DiffResult:
     num_layers: int = 0  # of the models compared
     # layer -> its MLP's hidden units as the base had them reshuffled (align.py): compared after aligning
     aligned: dict[int, Alignment] = field(default_factory=dict)
+    aligned_residual: ResidualAlignment | None = None  # the residual stream's dimensions, likewise
     # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
     delta_of: Optional[Callable[[str], Optional[torch.Tensor]]] = field(default=None, repr=False, compare=False)
     # canonical name -> the base's tensor as compared (stored orientation and dtype; in the model's order of
@@ -86,7 +87,8 @@ class DiffResult:
         return {"classification": self.classification, "layers": self.layers, "compared": self.compared,
                 "changed": [c.to_json() for c in self.changed], "only_in_model": self.only_in_model,
                 "only_in_base": self.only_in_base, "masked_by_lock": self.masked_by_lock,
-                "aligned_units": {str(layer): a.to_json() for layer, a in sorted(self.aligned.items())}}
+                "aligned_units": {str(layer): a.to_json() for layer, a in sorted(self.aligned.items())},
+                "aligned_residual": self.aligned_residual.to_json() if self.aligned_residual else None}
 
 
 def _top_basis(m: torch.Tensor, k: int, iters: int) -> torch.Tensor:
@@ -145,7 +147,7 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
                         masked_by_lock=sorted(set(base_masks) & set(shared)), num_layers=num_layers)
 
     completed: dict[str, tuple] = {}  # a locked tensor's change is filled in once (it may be asked for thrice)
-    base_of = _AlignedBase(model, base, arch, num_layers, canon_model, canon_base, set(base_masks), result.aligned)
+    base_of = _AlignedBase(model, base, arch, num_layers, canon_model, canon_base, set(base_masks), result)
 
     def measured(name: str) -> tuple[torch.Tensor | None, int, float, bool]:
         if name in completed:
@@ -208,20 +210,28 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
 
 
 class _AlignedBase:
-    """The base's tensors for the diff: as stored, except a layer's MLP whose hidden units the model holds
-    reshuffled, which comes in the model's order and scale (the alignment is found once per layer, from its
-    input matrices, and only where they changed)."""
+    """The base's tensors for the diff: as stored, except where the model holds them reparametrised
+    (align.py): a residual stream whose dimensions are permuted (found once, from the token embedding)
+    comes in the model's basis, and a layer's MLP whose hidden units are reshuffled in the model's order
+    and scale (found once per layer, from its input matrices, and only where they changed). Not tried on
+    a locked model's tensors (they are compared with base ⊙ mask)."""
 
-    def __init__(self, model, base, arch, num_layers, canon_model, canon_base, locked: set[str], found: dict):
+    def __init__(self, model, base, arch, num_layers, canon_model, canon_base, locked: set[str], result):
         self.model, self.base, self.arch, self.canon_model, self.canon_base = model, base, arch, canon_model, canon_base
-        self.locked, self.found, self.tried = locked, found, set()
+        self.locked, self.result, self.tried = locked, result, set()
         self.group: dict[str, tuple[int, int | None]] = {}  # canonical name -> (layer, input index; None: output)
         for layer in range(num_layers):
             for i, module in enumerate(arch.mlp_in_modules(layer)):
                 self.group[f"{module}.weight"] = self.group[f"{module}.bias"] = (layer, i)
             self.group[arch.weight_name("mlp_out", layer)] = (layer, None)
+        embed = arch.weight_name("embed")
+        if not locked and embed in canon_model and embed in canon_base:
+            model_embed, base_embed = comparable(model.read(canon_model[embed])), comparable(base.read(canon_base[embed]))
+            if not (model_embed.dtype == base_embed.dtype and torch.equal(model_embed, base_embed)):
+                result.aligned_residual = align_residual(model_embed, base_embed)
 
     def aligned(self, name: str) -> bool:
+        """Whether `name` is compared with a base rewritten to a reshuffle of its MLP's hidden units."""
         return name in self.group and self._alignment(self.group[name][0]) is not None
 
     def _units_major(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -232,6 +242,20 @@ class _AlignedBase:
         is_out = self.group[name][1] is None
         return t if is_out == self.arch.mlp_out_transposed else t.T
 
+    def _in_residual_basis(self, name: str) -> torch.Tensor:
+        stored = self.base.read(self.canon_base[name])
+        residual = self.result.aligned_residual
+        if residual is None or name not in self.canon_model:
+            return stored
+        if name in self.group:
+            # an MLP matrix's hidden units may be reshuffled as well, so no nearness can tell its axes
+            # apart: the one that is not the units' is the stream's (a per-unit bias has none)
+            if stored.dim() < 2:
+                return stored
+            units_first = (self.group[name][1] is None) == self.arch.mlp_out_transposed
+            return residual.along(comparable(stored), 1 if units_first else 0).to(stored.dtype)
+        return residual.base_like(stored, comparable(self.model.read(self.canon_model[name])))
+
     def _alignment(self, layer: int) -> Alignment | None:
         if layer not in self.tried:
             self.tried.add(layer)
@@ -240,7 +264,7 @@ class _AlignedBase:
             usable = all(n in self.canon_model and n in self.canon_base and n not in self.locked for n in names + [out])
             if usable:
                 model_in = [comparable(self.model.read(self.canon_model[n])) for n in names]
-                base_in = [comparable(self.base.read(self.canon_base[n])) for n in names]
+                base_in = [comparable(self._in_residual_basis(n)) for n in names]
                 if any(m.shape != b.shape or m.dim() != 2 for m, b in zip(model_in, base_in)) or \
                         all(m.dtype == b.dtype and torch.equal(m, b) for m, b in zip(model_in, base_in)):
                     usable = False
@@ -249,15 +273,15 @@ class _AlignedBase:
                 found = align_units([self._units_major(n, m) for n, m in zip(names, model_in)],
                                     [self._units_major(n, b) for n, b in zip(names, base_in)], 1 if gated else None)
                 if found is not None:
-                    self.found[layer] = found
-        return self.found.get(layer)
+                    self.result.aligned[layer] = found
+        return self.result.aligned.get(layer)
 
     def __call__(self, name: str) -> torch.Tensor:
-        stored = self.base.read(self.canon_base[name])
+        stored = self._in_residual_basis(name)
         if not self.aligned(name):
             return stored
         layer, index = self.group[name]
-        alignment = self.found[layer]
+        alignment = self.result.aligned[layer]
         units = self._units_major(name, comparable(stored))
         moved = alignment.base_output(units) if index is None else alignment.base_input(index, units)
         return self._units_major(name, moved).to(stored.dtype).contiguous()
@@ -382,7 +406,7 @@ def classify(result: DiffResult, total: int) -> None:
         # with random values) is a change of its own: never "identical"
         result.classification = ("damaged" if result.changed else
                                  "other" if result.only_in_model or result.only_in_base else
-                                 "reshuffled" if result.aligned else "identical")
+                                 "reshuffled" if result.aligned or result.aligned_residual else "identical")
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -427,6 +451,13 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
             out.append(Finding("EG004", "warning", f"{c.name} differs from the base (‖Δ‖ = {c.norm:.3g}, effective rank "
                                f"{c.effective_rank})", score=c.relative, layer=c.layer, tensor=c.name, file=c.file,
                                details={"singular_values": c.singular_values}))
+    if result.aligned_residual is not None:
+        r, name = result.aligned_residual, arch.weight_name("embed")
+        out.append(Finding("EG004", "warning", f"the residual stream's dimensions are permuted against the base "
+                           f"({r.moved} moved, {r.flipped} flipped in sign): the same function with every weight "
+                           "that reads or writes the stream changed, which hides an edit from a plain diff; "
+                           "compared after undoing it", score=float(r.moved + r.flipped), tensor=name,
+                           file=model.info(model.find(arch.tensor_candidates(name))).file, details=r.to_json()))
     for layer, alignment in sorted(result.aligned.items()):
         # no fine-tune or edit reorders hidden units: done to a checkpoint, it hides the change beside it
         name = arch.weight_name("mlp_out", layer)
