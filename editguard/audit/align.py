@@ -54,8 +54,8 @@ def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: se
             sim = sum((rm[lo:lo + BLOCK] @ rb.T).abs() if i in unsigned else rm[lo:lo + BLOCK] @ rb.T
                       for i, (rm, rb) in enumerate(zip(rows_m, rows_b))) / len(rows_m)
             score[lo:lo + BLOCK], best[lo:lo + BLOCK] = sim.max(1)
-        if len(set(best.tolist())) != len(moved) or float(score.min()) < MATCHED:
-            return None  # not one-to-one, or a row that matches no base row: not a reshuffle
+        if len(set(best.tolist())) != len(moved) or not bool((score >= MATCHED).all()):
+            return None  # not one-to-one, or a row that matches no base row (or NaN): not a reshuffle
         order[moved] = moved[best]
     return order
 

@@ -1,0 +1,51 @@
+"""Matching a reshuffle's units and a residual permutation's dimensions (audit/align.py), on plain tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from editguard.audit.align import align_residual, align_units
+
+
+def _mlp(units: int = 48, hidden: int = 16, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(units, hidden, generator=gen) for _ in range(2)]  # gate, up (units first)
+
+
+def test_a_reshuffle_is_matched_with_its_order_and_scales():
+    gate, up = _mlp()
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(1))
+    scale = torch.linspace(-1.5, 1.5, 48)  # a negative scale flips the linear branch's row: still the same unit
+    scale[scale.abs() < 0.1] = 0.7
+    found = align_units([gate[order], up[order] * scale[:, None]], [gate, up], scalable=1)
+    assert torch.equal(found.order, order) and torch.allclose(found.scale.float(), scale, atol=1e-5)
+    assert found.moved == int((order != torch.arange(48)).sum()) and found.rescaled == 48
+    assert align_units([gate[order], up[order]], [gate, up], scalable=None).rescaled == 0
+    assert align_units([gate, up], [gate, up], scalable=1) is None  # nothing moved: no alignment
+
+
+def test_drift_noise_and_damage_are_no_reshuffle():
+    gate, up = _mlp()
+    gen = torch.Generator().manual_seed(2)
+    drifted = [t + 1e-3 * torch.randn(t.shape, generator=gen) for t in (gate, up)]
+    assert align_units(drifted, [gate, up], scalable=1) is None  # a fine-tune: in place, no scale explains it
+    other = _mlp(seed=3)  # another model's units match none of these
+    assert align_units(other, [gate, up], scalable=1) is None
+    twice = [gate[[0, 0, *range(2, 48)]], up[[0, 0, *range(2, 48)]]]  # one base unit twice: not one to one
+    assert align_units(twice, [gate, up], scalable=1) is None
+    damaged = [gate.clone(), up.clone()]
+    damaged[0][5], damaged[0][6] = float("nan"), gate[5]
+    assert align_units(damaged, [gate, up], scalable=1) is None  # a NaN row matches nothing
+
+
+def test_residual_dimensions_are_matched_with_their_signs():
+    gen = torch.Generator().manual_seed(4)
+    embed = torch.randn(500, 24, generator=gen)
+    order, sign = torch.randperm(24, generator=gen), torch.where(torch.rand(24, generator=gen) < 0.5, -1.0, 1.0)
+    found = align_residual(embed[:, order] * sign, embed)
+    assert torch.equal(found.order, order) and torch.equal(found.sign, sign)
+    q = torch.randn(24, 24, generator=gen)  # reads the stream by its columns; its rows are heads
+    assert torch.equal(found.base_like(q, q[:, order] * sign), q[:, order] * sign)
+    norm = torch.rand(24, generator=gen) + 0.5  # a norm's weight: permuted, never signed
+    assert torch.equal(found.base_like(norm, norm[order]), norm[order])
+    assert align_residual(embed + 1e-3 * torch.randn(embed.shape, generator=gen), embed) is None
