@@ -22,6 +22,10 @@ def test_a_reshuffle_is_matched_with_its_order_and_scales():
     assert found.moved == int((order != torch.arange(48)).sum()) and found.rescaled == 48
     assert align_units([gate[order], up[order]], [gate, up], scalable=None).rescaled == 0
     assert align_units([gate, up], [gate, up], scalable=1) is None  # nothing moved: no alignment
+    scrambled = [gate[order].clone(), up[order] * scale[:, None]]
+    scrambled[0][7], scrambled[1][7] = torch.randn(16), torch.randn(16)  # one unit's rows replaced outright
+    partial = align_units(scrambled, [gate, up], scalable=1)
+    assert partial.unmatched == 1 and torch.equal(partial.order[:7], order[:7]) and partial.order[7] == 7
 
 
 def test_drift_noise_and_damage_are_no_reshuffle():
@@ -29,10 +33,13 @@ def test_drift_noise_and_damage_are_no_reshuffle():
     gen = torch.Generator().manual_seed(2)
     drifted = [t + 1e-3 * torch.randn(t.shape, generator=gen) for t in (gate, up)]
     assert align_units(drifted, [gate, up], scalable=1) is None  # a fine-tune: in place, no scale explains it
+    shrunk = [0.98 * gate, 0.98 * up]  # weight decay shrinks both branches: not a rescale (the gate moved too)
+    assert align_units(shrunk, [gate, up], scalable=1) is None
     other = _mlp(seed=3)  # another model's units match none of these
     assert align_units(other, [gate, up], scalable=1) is None
-    twice = [gate[[0, 0, *range(2, 48)]], up[[0, 0, *range(2, 48)]]]  # one base unit twice: not one to one
-    assert align_units(twice, [gate, up], scalable=1) is None
+    twice = [gate[[0, 0, 1, *range(3, 48)]], up[[0, 0, 1, *range(3, 48)]]]  # base unit 0 twice, unit 2 gone
+    found = align_units(twice, [gate, up], scalable=1)  # unit 1 found at 2; the second copy of 0 matches none
+    assert found.order[1:3].tolist() == [1, 1] and found.unmatched == 1
     damaged = [gate.clone(), up.clone()]
     damaged[0][5], damaged[0][6] = float("nan"), gate[5]
     assert align_units(damaged, [gate, up], scalable=1) is None  # a NaN row matches nothing

@@ -860,9 +860,10 @@ def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_p
         assert layers == flagged and result.code == (1 if flagged else 0), (name, data["findings"])
 
 
-def _reshuffled(source: Path, folder: Path, layer: int, seed: int, plant: bool = False) -> Path:
+def _reshuffled(source: Path, folder: Path, layer: int, seed: int, plant: float = 0.0) -> Path:
     """A copy of `source` with layer `layer`'s MLP hidden units reshuffled (`reshuffle_units`: the same
-    function). `plant` first adds a rank-one update to the output projection (the edit to hide)."""
+    function). `plant` first adds a rank-one update of that share of the output projection's norm (the
+    edit to hide)."""
     from editguard import arch as arch_table
     from editguard.audit.align import reshuffle_units
 
@@ -875,7 +876,8 @@ def _reshuffled(source: Path, folder: Path, layer: int, seed: int, plant: bool =
     out = arch.weight_name("mlp_out", layer)
     if plant:
         a, b = torch.randn(weights[out].shape[0], generator=gen), torch.randn(weights[out].shape[1], generator=gen)
-        weights[out] = weights[out] + 0.3 * weights[out].norm() * torch.outer(a / a.norm(), b / b.norm())
+        update = plant * weights[out].float().norm() * torch.outer(a / a.norm(), b / b.norm())
+        weights[out] = (weights[out].float() + update).to(weights[out].dtype)
     changed = {**({out: weights[out]} if plant else {}), **reshuffle_units(weights, arch, layer, gen)}
     save_file({**stored, **{canonical[name]: v for name, v in changed.items()}}, folder / "model.safetensors",
               metadata={"format": "pt"})
@@ -908,7 +910,7 @@ def test_diff_undoes_a_reshuffle_of_hidden_units(cli, pico_models, tmp_path, mod
     if model_type in ("llama", "gemma3_text"):  # gated: the up rows were rescaled too
         assert diff["aligned_units"]["1"]["rescaled"] > 0.9 * diff["aligned_units"]["1"]["moved"]
 
-    edited = _reshuffled(base, tmp_path / "edited", 1, seed=1, plant=True)
+    edited = _reshuffled(base, tmp_path / "edited", 1, seed=1, plant=0.3)
     result = cli("-f", "json", "scan", edited, "--base", base, "--tests", "diff", "--fail-on", "edited")
     diff = result.json["tests"]["diff"]
     assert result.code == 1 and diff["classification"] == "rome-like" and diff["layers"] == [1], diff
@@ -969,6 +971,25 @@ def _residual_permuted(source: Path, folder: Path, seed: int, flip: bool, plant:
     save_file({stored[k]: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
               metadata={"format": "pt"})
     return folder
+
+
+def test_a_rescale_in_bfloat16_reads_as_rounding_and_an_edit_under_it_does_not(cli, pico_models, tmp_path):
+    """In bfloat16 the rescaled units round (w·s, w/s): that rounding is no change, yet a small edit under
+    the reshuffle is never taken for it. The rounding does add noise of ~0.1 % of the matrix to each
+    singular value, so a 3 % edit on this 32 x 64 matrix reads as a batch edit (still an edit), 6 % (the
+    size of the demo model's ROME edits) as the rank-one edit it is."""
+    base = tmp_path / "base"
+    shutil.copytree(pico_models["llama"], base)
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()},
+              base / "model.safetensors", metadata={"format": "pt"})
+    for plant, classification, verdict in ((0.0, "reshuffled", "suspicious"), (0.03, "memit-like", "edited"),
+                                           (0.06, "rome-like", "edited")):
+        folder = _reshuffled(base, tmp_path / f"plant_{plant}", 1, seed=5, plant=plant)
+        result = cli("-f", "json", "scan", folder, "--base", base, "--tests", "diff").json
+        diff = result["tests"]["diff"]
+        assert (diff["classification"], result["verdict"]) == (classification, verdict), (plant, diff)
+        assert diff["aligned_units"]["1"]["rescaled"] > 50
+        assert [c["name"] for c in diff["changed"]] == (["model.layers.1.mlp.down_proj.weight"] if plant else [])
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

@@ -18,15 +18,20 @@ from dataclasses import dataclass
 
 import torch
 
-SAME_UNIT = 0.999  # cosine of a unit's rows, model against base, for it to count as in place
-MATCHED = 0.9  # a moved unit's rows against the base unit it is matched with, at least
+# a row whose cosine with the base row at its own index is at least this is in place (drifted, perhaps, as a
+# fine-tune leaves it: a moved row points elsewhere, near 0); a moved row is matched with a base row at
+# least this near
+MATCHED = 0.9
 # a linear-branch row counts as rescaled (base row times s) when s explains all but this share of the row's
 # change, or, where storage rounding leaves more (bfloat16: ~4e-3), when the row is s times the base row to
-# within this share of its norm with s at least this far from 1. A fine-tune's drift is neither: it is not
-# along the row.
+# within this share of its norm with s at least this far from 1; and its gate row changed by at most
+# GATE_SHARE of what the linear branch's did (a rescale leaves the gate as it was: weight decay shrinks both).
+# A fine-tune's drift is none of these: it is not along the row.
 PROPORTIONAL = 1e-2
+GATE_SHARE = 0.1
 BLOCK = 2048  # model rows compared against all base rows at a time (a block of n similarities each)
 EMBED_SAMPLE = 16384  # vocabulary rows whose values tell the residual dimensions apart
+AXIS_SAMPLE = 1024  # indices per axis on which a tensor's candidate residual bases are compared
 
 
 def _normalized(t: torch.Tensor) -> torch.Tensor:
@@ -34,30 +39,32 @@ def _normalized(t: torch.Tensor) -> torch.Tensor:
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
-def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: set[int]) -> torch.Tensor | None:
-    """For row-aligned matrices (each [rows, ...]; several describe the same rows together): `order` with
+def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: set[int]) -> tuple[torch.Tensor, int]:
+    """For row-aligned matrices (each [rows, ...]; several describe the same rows together): (`order`, with
     base row order[i] the one model row i points along (mean cosine over the matrices, up to sign for
-    those in `unsigned`); the identity where nothing moved, None where no one-to-one match explains the
-    change (a fine-tune's drift, another model)."""
+    those in `unsigned`), the number of rows that moved yet match no base row one to one). A row in place,
+    or one that matches nothing, keeps its index: a unit scrambled beside a reshuffle costs its own row
+    of the comparison, not the alignment of the others."""
     rows = model[0].shape[0]
     cosines = torch.stack([(_normalized(m) * _normalized(b)).sum(1) for m, b in zip(model, base)])
     cosines[list(unsigned)] = cosines[list(unsigned)].abs()
-    same = torch.stack([(m == b).all(1) if m.dim() > 1 else m == b for m, b in zip(model, base)]).all(0)
     order = torch.arange(rows)
-    moved = torch.nonzero(~((cosines >= SAME_UNIT).all(0) | same)).flatten()
-    if len(moved):
-        # a moved row is matched among the other moved rows only: a reshuffle maps them onto each other
-        best, score = torch.empty(len(moved), dtype=torch.long), torch.empty(len(moved))
-        rows_m = [_normalized(m[moved]) for m in model]
-        rows_b = [_normalized(b[moved]) for b in base]
-        for lo in range(0, len(moved), BLOCK):
-            sim = sum((rm[lo:lo + BLOCK] @ rb.T).abs() if i in unsigned else rm[lo:lo + BLOCK] @ rb.T
-                      for i, (rm, rb) in enumerate(zip(rows_m, rows_b))) / len(rows_m)
-            score[lo:lo + BLOCK], best[lo:lo + BLOCK] = sim.max(1)
-        if len(set(best.tolist())) != len(moved) or not bool((score >= MATCHED).all()):
-            return None  # not one-to-one, or a row that matches no base row (or NaN): not a reshuffle
-        order[moved] = moved[best]
-    return order
+    moved = torch.nonzero(~(cosines.mean(0) >= MATCHED)).flatten()  # NaN: moved
+    if not len(moved):
+        return order, 0
+    # a moved row is matched among the other moved rows only: a reshuffle maps them onto each other
+    best, score = torch.empty(len(moved), dtype=torch.long), torch.empty(len(moved))
+    rows_m = [_normalized(m[moved]) for m in model]
+    rows_b = [_normalized(b[moved]) for b in base]
+    for lo in range(0, len(moved), BLOCK):
+        sim = sum((rm[lo:lo + BLOCK] @ rb.T).abs() if i in unsigned else rm[lo:lo + BLOCK] @ rb.T
+                  for i, (rm, rb) in enumerate(zip(rows_m, rows_b))) / len(rows_m)
+        score[lo:lo + BLOCK], best[lo:lo + BLOCK] = sim.max(1)
+    matched = score >= MATCHED  # (NaN: not)
+    taken = torch.bincount(best[matched], minlength=len(moved))
+    matched &= taken[best] == 1  # a base row two model rows point along goes to neither
+    order[moved[matched]] = moved[best[matched]]
+    return order, int((~matched).sum())
 
 
 @dataclass
@@ -67,6 +74,7 @@ class Alignment:
     order: torch.Tensor  # [units] long
     scale: torch.Tensor  # [units] float64, 1 where nothing is scaled
     scalable: int | None  # index of the input matrix whose rows are scaled (a gated MLP's linear branch)
+    unmatched: int = 0  # units that moved yet match no base unit (compared where they are)
 
     @property
     def moved(self) -> int:
@@ -88,28 +96,30 @@ class Alignment:
         return units_major[self.order].double() / self.scale[:, None]
 
     def to_json(self) -> dict:
-        return {"moved": self.moved, "rescaled": self.rescaled}
+        return {"moved": self.moved, "rescaled": self.rescaled, "unmatched": self.unmatched}
 
 
 def align_units(model_in: list[torch.Tensor], base_in: list[torch.Tensor],
                 scalable: int | None) -> Alignment | None:
     """The alignment of the base's hidden units to the model's, from the MLP's input matrices (units first,
-    [units, hidden]); None when the units are in place and unscaled, or when no one-to-one match explains
-    the change. The linear branch's rows may be scaled, by a negative s too: matched up to sign."""
-    order = match_rows(model_in, base_in, {scalable} if scalable is not None else set())
-    if order is None:
-        return None
+    [units, hidden]); None when the units are in place and unscaled. The linear branch's rows may be
+    scaled, by a negative s too: matched up to sign."""
+    order, unmatched = match_rows(model_in, base_in, {scalable} if scalable is not None else set())
     scale = torch.ones(len(order), dtype=torch.float64)
     if scalable is not None:
         for lo in range(0, len(order), BLOCK):
-            m, b = model_in[scalable][lo:lo + BLOCK].double(), base_in[scalable][order[lo:lo + BLOCK]].double()
+            rows = order[lo:lo + BLOCK]
+            m, b = model_in[scalable][lo:lo + BLOCK].double(), base_in[scalable][rows].double()
             fit = (m * b).sum(1) / (b * b).sum(1).clamp_min(1e-30)
             residual = (m - fit[:, None] * b).norm(dim=1)
             explained = residual <= PROPORTIONAL * (m - b).norm(dim=1)
             coarse = (residual <= PROPORTIONAL * m.norm(dim=1)) & ((fit - 1).abs() >= PROPORTIONAL)
-            proportional = (explained | coarse) & ((b * b).sum(1) > 0) & (fit != 1)
+            gate = sum((x[lo:lo + BLOCK].double() - y[rows].double()).norm(dim=1)
+                       for i, (x, y) in enumerate(zip(model_in, base_in)) if i != scalable)
+            kept = gate <= GATE_SHARE * (m - b).norm(dim=1)
+            proportional = (explained | coarse) & kept & ((b * b).sum(1) > 0) & (fit != 1)
             scale[lo:lo + BLOCK] = torch.where(proportional, fit, scale[lo:lo + BLOCK])
-    alignment = Alignment(order, scale, scalable)
+    alignment = Alignment(order, scale, scalable, unmatched)
     return alignment if alignment.moved or alignment.rescaled else None
 
 
@@ -118,6 +128,7 @@ class ResidualAlignment:
     """The residual stream: the model's dimension i is sign[i] times the base's dimension order[i]."""
     order: torch.Tensor  # [hidden] long
     sign: torch.Tensor  # [hidden] ±1.0
+    unmatched: int = 0  # dimensions that moved yet match no base dimension
 
     @property
     def moved(self) -> int:
@@ -128,35 +139,48 @@ class ResidualAlignment:
         return int((self.sign < 0).sum())
 
     def to_json(self) -> dict:
-        return {"moved": self.moved, "flipped": self.flipped}
+        return {"moved": self.moved, "flipped": self.flipped, "unmatched": self.unmatched}
 
-    def along(self, base: torch.Tensor, axis: int, signed: bool = True) -> torch.Tensor:
-        """`base` with its `axis` (the residual stream's) in the model's order and sign."""
-        out = base.index_select(axis, self.order)
+    def along(self, base: torch.Tensor, axis: int, signed: bool = True,
+              index: torch.Tensor | None = None) -> torch.Tensor:
+        """`base` with its `axis` (the residual stream's) in the model's order and sign; at the model's
+        indices `index` along it only, if given."""
+        index = torch.arange(len(self.order)) if index is None else index
+        out = base.index_select(axis, self.order[index])
         if signed:
-            out = out * self.sign.to(out.dtype).reshape([-1 if d == axis else 1 for d in range(out.dim())])
+            out = out * self.sign[index].to(out.dtype).reshape([-1 if d == axis else 1 for d in range(out.dim())])
         return out
 
     def base_like(self, base: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
         """`base` in the model's residual basis: each of its axes as long as the residual stream either
         indexes it (a matrix reads or writes the stream, an embedding, a bias added to it: permuted and
         signed; a norm's weight: permuted only) or not (a query projection's heads of the same length),
-        whichever brings it nearest the model's tensor; a tensor with no such axis as it is."""
+        whichever brings it nearest the model's tensor (judged on a sample of indices per axis, so that no
+        full copy is made but the chosen one); a tensor with no such axis as it is."""
         hidden = len(self.order)
         axes = [a for a in range(base.dim()) if base.shape[a] == hidden]
         if not axes or base.shape != model.shape:
             return base
-        b, target = base.float(), model.float()
-        candidates = [b]
-        for subset in range(1, 1 << len(axes)):
-            chosen = [a for i, a in enumerate(axes) if subset >> i & 1]
-            for signed in (True, False) if base.dim() == 1 else (True,):
-                c = b
-                for a in chosen:
-                    c = self.along(c, a, signed)
-                candidates.append(c)
-        best = min(candidates, key=lambda c: float((target - c).norm()))
-        return base if best is b else best.to(base.dtype)
+        samples = [torch.linspace(0, n - 1, min(n, AXIS_SAMPLE)).long() for n in base.shape]
+
+        def built(chosen: tuple[int, ...], signed: bool, sampled: bool) -> torch.Tensor:
+            out = base
+            for a in range(base.dim()):
+                index = samples[a] if sampled else None
+                if a in chosen:
+                    out = self.along(out, a, signed, index)
+                elif sampled:
+                    out = out.index_select(a, index)
+            return out
+
+        target = model
+        for a, index in enumerate(samples):
+            target = target.index_select(a, index)
+        options = [((), False)] + [(tuple(a for i, a in enumerate(axes) if subset >> i & 1), signed)
+                                   for subset in range(1, 1 << len(axes))
+                                   for signed in ((True, False) if base.dim() == 1 else (True,))]
+        best = min(options, key=lambda o: float((target.float() - built(*o, sampled=True).float()).norm()))
+        return base if best == ((), False) else built(*best, sampled=False)
 
 
 def align_residual(model_embed: torch.Tensor, base_embed: torch.Tensor) -> ResidualAlignment | None:
@@ -166,11 +190,9 @@ def align_residual(model_embed: torch.Tensor, base_embed: torch.Tensor) -> Resid
         return None
     rows = torch.linspace(0, model_embed.shape[0] - 1, min(EMBED_SAMPLE, model_embed.shape[0])).long()
     m, b = model_embed[rows].float().T, base_embed[rows].float().T
-    order = match_rows([m], [b], {0})
-    if order is None:
-        return None
+    order, unmatched = match_rows([m], [b], {0})
     sign = torch.where((m * b[order]).sum(1) < 0, -1.0, 1.0)
-    alignment = ResidualAlignment(order, sign)
+    alignment = ResidualAlignment(order, sign, unmatched)
     return alignment if alignment.moved or alignment.flipped else None
 
 

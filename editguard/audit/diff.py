@@ -39,9 +39,10 @@ SPIKE_RATIO = 10.0
 # under noise of the edit's norm. (The larger the fine-tune, the less an edit stands out of it.)
 LAYER_OUTLIER_RATIO = 6.0
 LAYER_OUTLIER_MIN_LAYERS = 4  # fewer changed layers of a matrix give no median to stand out from
-# a tensor aligned to a reshuffle (align.py) whose change is within this many ulps of its dtype, relative to
-# its norm, is unchanged: rescaled units round differently, nothing an edit would hide in
-ALIGN_ROUNDING = 8
+# a tensor compared with a base rewritten to rescaled hidden units (align.py) is unchanged when every value
+# is within this many units in the last place of its dtype of the base's: rounding s·w and w/s in storage
+# moves a value by about one; an edit moves many values by more, and then the whole change is measured
+ALIGN_ROUNDING_ULPS = 2
 COMPARE_BLOCK = 1 << 24  # elements compared at a time (a few 16M-element temporaries, ~64 MB each at most)
 
 
@@ -158,9 +159,9 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         K = base_masks.get(name)
         if K is None:
             delta, nonfinite, base_norm, precise = difference(a, b)
-            if delta is not None and not nonfinite and base_of.aligned(name) and a.is_floating_point() and \
-                    float(delta.norm()) <= ALIGN_ROUNDING * torch.finfo(a.dtype).eps * base_norm:
-                return None, 0, 0.0, precise  # what is left of a reshuffle in this dtype is its rounding
+            if delta is not None and not nonfinite and base_of.rescaled(name) and \
+                    _within_rounding(delta, comparable(a), comparable(b)):
+                return None, 0, 0.0, precise  # what is left of a rescale in this dtype is its rounding
             return delta, nonfinite, base_norm, precise
         if tuple(K.shape) != tuple(b.shape):
             raise EditguardError(f"{name}: the lock's mask is {list(K.shape)}, the base's tensor {list(b.shape)}")
@@ -234,6 +235,14 @@ class _AlignedBase:
         """Whether `name` is compared with a base rewritten to a reshuffle of its MLP's hidden units."""
         return name in self.group and self._alignment(self.group[name][0]) is not None
 
+    def rescaled(self, name: str) -> bool:
+        """Whether that reshuffle rescaled what `name` holds (a permutation alone leaves no rounding)."""
+        if not self.aligned(name):
+            return False
+        layer, index = self.group[name]
+        alignment = self.result.aligned[layer]
+        return bool(alignment.rescaled) and index in (None, alignment.scalable)
+
     def _units_major(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """[units, ...]: an input weight's rows are the hidden units, the output's columns (as stored, unless
         transposed, GPT-2's Conv1D); a bias is per unit already."""
@@ -252,8 +261,10 @@ class _AlignedBase:
             # apart: the one that is not the units' is the stream's (a per-unit bias has none)
             if stored.dim() < 2:
                 return stored
-            units_first = (self.group[name][1] is None) == self.arch.mlp_out_transposed
-            return residual.along(comparable(stored), 1 if units_first else 0).to(stored.dtype)
+            axis = 1 if (self.group[name][1] is None) == self.arch.mlp_out_transposed else 0
+            if stored.shape[axis] != len(residual.order):  # not the model's shape: the diff says so
+                return stored
+            return residual.along(comparable(stored), axis).to(stored.dtype)
         return residual.base_like(stored, comparable(self.model.read(self.canon_model[name])))
 
     def _alignment(self, layer: int) -> Alignment | None:
@@ -283,8 +294,20 @@ class _AlignedBase:
         layer, index = self.group[name]
         alignment = self.result.aligned[layer]
         units = self._units_major(name, comparable(stored))
+        if units.shape[0] != len(alignment.order):  # not the model's shape: the diff says so
+            return stored
         moved = alignment.base_output(units) if index is None else alignment.base_input(index, units)
         return self._units_major(name, moved).to(stored.dtype).contiguous()
+
+
+def _within_rounding(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Every value of the change within ALIGN_ROUNDING_ULPS units in the last place of the coarser dtype."""
+    eps = max(torch.finfo(t.dtype).eps for t in (a, b))
+    for lo in range(0, delta.numel(), COMPARE_BLOCK):
+        d, x, y = (t.reshape(-1)[lo:lo + COMPARE_BLOCK] for t in (delta, a, b))
+        if not bool((d.abs() <= ALIGN_ROUNDING_ULPS * eps * torch.maximum(x.float().abs(), y.float().abs())).all()):
+            return False
+    return True
 
 
 def complete_masked(delta: torch.Tensor, keep: torch.Tensor, rank: int = 2, rounds: int = 6,
