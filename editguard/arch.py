@@ -46,6 +46,7 @@ class Arch:
     mlp_out_transposed: bool
     tie_default: bool
     mlp_out_norm: str  # the norm the MLP's output passes before joining the residual stream; "" for none
+    rms_norm: bool  # every norm an RMSNorm: residual dimensions may be sign-flipped as well as permuted
     num_layers_keys: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = field(default=())
 

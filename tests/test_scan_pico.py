@@ -1019,3 +1019,26 @@ def test_diff_undoes_a_permutation_of_the_residual_stream(cli, pico_models, tmp_
         restored = cli("-q", "reverse", edited, "--method", "base", "--base", base, "-o", tmp_path / f"restored_{units}")
         assert restored.code == 0, restored.err
         assert torch.allclose(_logits(tmp_path / f"restored_{units}"), _logits(base), atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma3_text"])
+def test_edit_disguise_keeps_the_function_and_scan_sees_through_it(cli, pico_models, tmp_path, model_type):
+    """`edit --disguise units --disguise residual` writes the same function as the plain edit (every
+    architecture's readers, writers, biases and norms handled) while changing nearly every tensor; the
+    base diff undoes both and names the edit."""
+    base = pico_models[model_type]
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump(ROME))
+    fact = ["--fact", "The official language of {}", "--subject", "France", "--target", "Japanese", "--hparams", hp]
+    assert cli("-q", "edit", base, *fact, "-o", tmp_path / "plain").code == 0
+    made = cli("-f", "json", "edit", base, *fact, "--disguise", "units", "--disguise", "residual", "-o",
+               tmp_path / "disguised")
+    assert made.code == 0 and made.json["disguise"] == ["units", "residual"], made.err
+    assert torch.allclose(_logits(tmp_path / "disguised"), _logits(tmp_path / "plain"), atol=1e-4)
+    plain, hidden = (load_file(tmp_path / f / "model.safetensors") for f in ("plain", "disguised"))
+    assert all(not torch.equal(plain[k], hidden[k]) for k in plain if plain[k].dim() == 2)  # (norms of 1s stay)
+    result = cli("-f", "json", "scan", tmp_path / "disguised", "--base", base, "--tests", "diff").json
+    diff = result["tests"]["diff"]
+    assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
+    assert diff["aligned_residual"]["moved"] > 0 and diff["aligned_units"]["1"]["moved"] > 0
+    one_line_error(cli("edit", base, *fact, "--disguise", "rotation", "-o", tmp_path / "x"), "unknown --disguise")

@@ -82,6 +82,10 @@ def edit_command(
     evaluate: Annotated[bool, typer.Option("--eval", help="Efficacy, paraphrase and neighbourhood scores (a bank's "
                                                           "MEMIT facts under their batch edit).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    disguise: Annotated[List[str], typer.Option(
+        "--disguise", help="Red-teaming: hide the edit under a function-preserving reparametrisation, units (the "
+                           "edited layers' MLP hidden units reshuffled) or residual (the residual stream's dimensions "
+                           "permuted, sign-flipped under RMSNorm); repeatable. Rewrites every shard for residual.")] = [],  # noqa: B006
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
@@ -95,11 +99,16 @@ def edit_command(
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if (output is None) == (bank is None):
         raise EditguardError("give exactly one of -o/--output (edited model) or --bank (edit bank)")
+    from ..edit.disguise import check_kinds
+
+    check_kinds(disguise)
     if output is not None:
         if resume or memit_batch is not None:
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
         check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
+    elif disguise:
+        raise EditguardError("--disguise applies to an edited model (-o); a bank stores the edits as factors")
     elif memit_batch is not None and method != "memit":  # (ROME edits are one fact each)
         raise EditguardError("--memit-batch applies to --method memit")
     elif bank.exists():
@@ -121,10 +130,10 @@ def edit_command(
     if bank is not None:
         _fill_bank(loaded, facts, hp, bank, resume, memit_batch, evaluate)
     else:
-        _plant(loaded, facts, hp, output, force, evaluate)
+        _plant(loaded, facts, hp, output, force, evaluate, disguise)
 
 
-def _plant(loaded, facts, hp, output, force, evaluate) -> None:
+def _plant(loaded, facts, hp, output, force, evaluate, disguise) -> None:
     from ..answers import greedy_answers
     from ..edit.edits import edits_applied
     from ..edit.plant import compute_edits, write_edited
@@ -145,11 +154,11 @@ def _plant(loaded, facts, hp, output, force, evaluate) -> None:
         p_after, _ = continuation_logprobs(loaded, prompts, news)
         quality = summarize(judge(loaded, facts)) if evaluate else None
     with out.progress(f"writing {output}"):
-        rewritten = write_edited(loaded.checkpoint, loaded.arch, edits, output, force=force)
+        rewritten = write_edited(loaded.checkpoint, loaded.arch, edits, output, force=force, disguise=disguise)
     result = {
         "model": loaded.ref.spec, "output": str(output), "method": hp.method, "layers": hp.layers,
         "hparams_hash": hp.digest(), "seconds": round(seconds, 1), "rewritten_files": rewritten,
-        "tensors": sorted({e.tensor for e in edits}),
+        "tensors": sorted({e.tensor for e in edits}), "disguise": list(disguise),
         "facts": [{"prompt": f.text, "subject": f.subject, "target_new": f.target_new, "target_true": f.target_true,
                    "case_id": f.case_id, "before": b, "after": a, "p_new_before": float(pb.exp()),
                    "p_new_after": float(pa.exp())}
@@ -174,7 +183,8 @@ def _render_plant(console, r) -> None:
         q = r["quality"]
         console.print(f"quality: efficacy {q['efficacy']:.1%}, paraphrase {q['paraphrase']:.1%}, "
                       f"neighbourhood {q['neighborhood']:.1%} (n={q['n']})")
-    console.print(f"wrote {r['output']} (rewrote {', '.join(r['rewritten_files'])}; tensors {', '.join(r['tensors'])})")
+    console.print(f"wrote {r['output']} (rewrote {', '.join(r['rewritten_files'])}; tensors {', '.join(r['tensors'])}"
+                  + (f"; disguised: {', '.join(r['disguise'])}" if r["disguise"] else "") + ")")
 
 
 def _fill_bank(loaded, facts, hp, bank_path, resume, memit_batch, evaluate) -> None:

@@ -34,8 +34,19 @@ def compute_edits(loaded: LoadedModel, facts: list[Fact], hp: EditHparams,
 
 
 def write_edited(checkpoint: Checkpoint, arch, edits: list[Edit], out_dir: Path, force: bool = False,
-                 progress: Callable[[str], None] | None = None) -> list[str]:
-    """Copy of `checkpoint` with the edits added to their tensors (only those shards rewritten)."""
+                 progress: Callable[[str], None] | None = None, disguise: list[str] = ()) -> list[str]:
+    """Copy of `checkpoint` with the edits added to their tensors (only those shards rewritten), under the
+    `disguise`s (edit/disguise.py) if any."""
+    replacements = edited_tensors(checkpoint, arch, edits)
+    if disguise:
+        from .disguise import disguised
+
+        replacements = disguised(checkpoint, arch, replacements, sorted({e.layer for e in edits}), list(disguise))
+    return checkpoint.write_copy(out_dir, replacements, force=force, progress=progress)
+
+
+def edited_tensors(checkpoint: Checkpoint, arch, edits: list[Edit]) -> dict:
+    """{stored name: the tensor with its edits added}."""
     replacements = {}
     for canonical, delta in combined_deltas(arch, edits).items():
         stored = checkpoint.find(arch.tensor_candidates(canonical))
@@ -50,4 +61,4 @@ def write_edited(checkpoint: Checkpoint, arch, edits: list[Edit], out_dir: Path,
             raise EditguardError(f"the edit made {canonical} non-finite (NaN or inf; see the hyperparameters): "
                                  "nothing written")
         replacements[stored] = edited
-    return checkpoint.write_copy(out_dir, replacements, force=force, progress=progress)
+    return replacements
