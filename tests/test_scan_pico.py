@@ -931,65 +931,26 @@ def test_diff_undoes_a_reshuffle_of_hidden_units(cli, pico_models, tmp_path, mod
     assert diff["classification"] == "fine-tune" and diff["aligned_units"] == {} and diff["aligned_residual"] is None
 
 
-# how each tensor of a pico llama / gpt2 touches the residual stream: its columns read it (or an embedding
-# holds it), its rows write it, or (a vector) it is per residual dimension: a norm's weight, a bias added to it
-_READS = ("embed_tokens", "lm_head", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "wte", "wpe",
-          "attn.c_proj.weight", "mlp.c_proj.weight")
-_WRITES = ("o_proj", "down_proj", "c_attn.weight", "c_fc.weight")
-_PER_DIMENSION = ("layernorm", "norm.weight", "ln_", "c_proj.bias")
-
-
-def _residual_permuted(source: Path, folder: Path, seed: int, flip: bool, plant: bool = False,
-                       units: bool = False) -> Path:
-    """A copy of `source` with the residual stream's dimensions permuted throughout (and, under RMSNorm,
-    `flip`ped in sign: a norm's weight is permuted only): the same function. `plant` first adds a rank-one
-    update to layer 1's MLP output projection; `units` also reshuffles layer 1's hidden units."""
+def _residual_permuted(source: Path, folder: Path, seed: int, plant: bool = False, units: bool = False) -> Path:
+    """A copy of `source` under `edit --disguise residual` (and `units`, of layer 1: `disguised`): the same
+    function. `plant` first adds a rank-one update to layer 1's MLP output projection."""
     from editguard import arch as arch_table
-    from editguard.audit.align import reshuffle_units
+    from editguard.edit.disguise import disguised
 
     shutil.copytree(source, folder)
-    arch = arch_table.for_config(Checkpoint(folder).config)
-    tensors = {arch.canonical_tensor_name(k): v for k, v in load_file(folder / "model.safetensors").items()}
-    gen = torch.Generator().manual_seed(seed)
-    hidden = tensors[arch.weight_name("embed")].shape[1]
-    out = arch.weight_name("mlp_out", 1)
+    ck = Checkpoint(source)
+    arch = arch_table.for_config(ck.config)
+    out = ck.find(arch.tensor_candidates(arch.weight_name("mlp_out", 1)))
+    replacements = {}
     if plant:
-        a, b = torch.randn(tensors[out].shape[0], generator=gen), torch.randn(tensors[out].shape[1], generator=gen)
-        tensors[out] = tensors[out] + 0.3 * tensors[out].norm() * torch.outer(a / a.norm(), b / b.norm())
-    if units:
-        tensors.update(reshuffle_units(tensors, arch, 1, gen))
-    order = torch.randperm(hidden, generator=gen)
-    sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(hidden)
-    for name, t in tensors.items():
-        if any(k in name for k in _READS) and t.dim() == 2:
-            tensors[name] = t[:, order] * sign
-        elif any(k in name for k in _WRITES) and t.dim() == 2:
-            tensors[name] = t[order] * sign[:, None]
-        elif t.dim() == 1 and len(t) == hidden and any(k in name for k in _PER_DIMENSION):
-            tensors[name] = t[order] * (sign if name.endswith("bias") else 1.0)
-    stored = {arch.canonical_tensor_name(k): k for k in load_file(folder / "model.safetensors")}
-    save_file({stored[k]: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+        w = ck.read(out)
+        gen = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(w.shape[0], generator=gen), torch.randn(w.shape[1], generator=gen)
+        replacements[out] = w + 0.3 * w.norm() * torch.outer(a / a.norm(), b / b.norm())
+    kinds = ["residual", "units"] if units else ["residual"]
+    tensors = {**load_file(source / "model.safetensors"), **disguised(ck, arch, replacements, [1], kinds, seed)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
-
-
-def test_a_rescale_in_bfloat16_reads_as_rounding_and_an_edit_under_it_does_not(cli, pico_models, tmp_path):
-    """In bfloat16 the rescaled units round (w·s, w/s): that rounding is no change, yet a small edit under
-    the reshuffle is never taken for it. The rounding does add noise of ~0.1 % of the matrix to each
-    singular value, so a 3 % edit on this 32 x 64 matrix reads as a batch edit (still an edit), 6 % (the
-    size of the demo model's ROME edits) as the rank-one edit it is."""
-    base = tmp_path / "base"
-    shutil.copytree(pico_models["llama"], base)
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()},
-              base / "model.safetensors", metadata={"format": "pt"})
-    for plant, classification, verdict in ((0.0, "reshuffled", "suspicious"), (0.03, "memit-like", "edited"),
-                                           (0.06, "rome-like", "edited")):
-        folder = _reshuffled(base, tmp_path / f"plant_{plant}", 1, seed=5, plant=plant)
-        result = cli("-f", "json", "scan", folder, "--base", base, "--tests", "diff").json
-        diff = result["tests"]["diff"]
-        assert (diff["classification"], result["verdict"]) == (classification, verdict), (plant, diff)
-        assert diff["aligned_units"]["1"]["rescaled"] > 50
-        assert [c["name"] for c in diff["changed"]] == (["model.layers.1.mlp.down_proj.weight"] if plant else [])
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -1000,7 +961,7 @@ def test_diff_undoes_a_permutation_of_the_residual_stream(cli, pico_models, tmp_
     it, under a reshuffle of the edited layer's hidden units as well; `reverse --method base` restores it."""
     base = pico_models[model_type]
     flip = model_type == "llama"  # LayerNorm (GPT-2) subtracts the mean: only RMSNorm keeps a sign flip
-    clean = _residual_permuted(base, tmp_path / "clean", 0, flip)
+    clean = _residual_permuted(base, tmp_path / "clean", 0)
     assert torch.allclose(_logits(clean), _logits(base), atol=1e-4)  # the permutation is the same function
     result = cli("-f", "json", "scan", clean, "--base", base, "--tests", "diff")
     diff = result.json["tests"]["diff"]
@@ -1010,7 +971,7 @@ def test_diff_undoes_a_permutation_of_the_residual_stream(cli, pico_models, tmp_
 
     for units in (False, True):
         folder = tmp_path / f"edited_{units}"
-        edited = _residual_permuted(base, folder, 1, flip, plant=True, units=units)
+        edited = _residual_permuted(base, folder, 1, plant=True, units=units)
         result = cli("-f", "json", "scan", edited, "--base", base, "--tests", "diff", "--fail-on", "edited")
         diff = result.json["tests"]["diff"]
         assert result.code == 1 and diff["classification"] == "rome-like" and diff["layers"] == [1], \
