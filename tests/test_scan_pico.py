@@ -948,7 +948,7 @@ def _residual_permuted(source: Path, folder: Path, seed: int, plant: bool = Fals
         a, b = torch.randn(w.shape[0], generator=gen), torch.randn(w.shape[1], generator=gen)
         replacements[out] = w + 0.3 * w.norm() * torch.outer(a / a.norm(), b / b.norm())
     kinds = ["residual", "units"] if units else ["residual"]
-    tensors = {**load_file(source / "model.safetensors"), **disguised(ck, arch, replacements, [1], kinds, seed)}
+    tensors = {**load_file(source / "model.safetensors"), **disguised(ck, arch, replacements, kinds, seed)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
@@ -1003,3 +1003,34 @@ def test_edit_disguise_keeps_the_function_and_scan_sees_through_it(cli, pico_mod
     assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
     assert diff["aligned_residual"]["moved"] > 0 and diff["aligned_units"]["1"]["moved"] > 0
     one_line_error(cli("edit", base, *fact, "--disguise", "rotation", "-o", tmp_path / "x"), "unknown --disguise")
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("gpt2", {"n_positions": 32}),  # position embeddings as square as the stream is wide: columns all the same
+    ("qwen3", {"num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 32}),  # per-head norms of width 32
+    ("llama", {"dtype": "bfloat16"}),  # rescales by powers of two: exact in bfloat16 too
+])
+def test_disguise_keeps_the_function_where_shapes_collide(cli, tmp_path, model_type, overrides):
+    """Tensors whose other axis is as long as the residual stream, and bfloat16 storage: the disguised edit
+    is still the plain edit's function; a fresh seed is drawn and printed unless one is given."""
+    dtype = overrides.pop("dtype", None)
+    base = pico.build(model_type, tmp_path / "base", **overrides)
+    if dtype:
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()},
+                  base / "model.safetensors", metadata={"format": "pt"})
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump(ROME))
+    fact = ["--fact", "The official language of {}", "--subject", "France", "--target", "Japanese", "--hparams", hp]
+    assert cli("-q", "edit", base, *fact, "-o", tmp_path / "plain").code == 0
+    made = cli("-f", "json", "edit", base, *fact, "--disguise", "residual", "--disguise", "units", "-o", tmp_path / "d")
+    assert made.code == 0 and isinstance(made.json["disguise_seed"], int), made.err
+    assert torch.allclose(_logits(tmp_path / "d"), _logits(tmp_path / "plain"), atol=1e-4 if not dtype else 1e-2)
+    again = cli("-f", "json", "edit", base, *fact, "--disguise", "residual", "--disguise", "units",
+                "--disguise-seed", str(made.json["disguise_seed"]), "-o", tmp_path / "again")
+    assert again.code == 0 and load_file(tmp_path / "again" / "model.safetensors").keys() == \
+        load_file(tmp_path / "d" / "model.safetensors").keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "again" / "model.safetensors").values(),
+                                                 load_file(tmp_path / "d" / "model.safetensors").values()))
+    one_line_error(cli("edit", base, *fact, "--disguise-seed", "3", "-o", tmp_path / "x"), "--disguise-seed needs")
+    one_line_error(cli("edit", base, *fact, "--disguise", "units", "--bank", tmp_path / "b.safetensors"),
+                   "--disguise applies to an edited model")

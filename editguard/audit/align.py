@@ -197,17 +197,21 @@ def align_residual(model_embed: torch.Tensor, base_embed: torch.Tensor) -> Resid
 
 
 def reshuffle_units(weights: dict[str, torch.Tensor], arch, layer: int, generator: torch.Generator,
-                    rescale: tuple[float, float] = (0.5, 1.5)) -> dict[str, torch.Tensor]:
-    """What `align_units` undoes, for tests and benchmarks: layer `layer`'s MLP tensors from `weights`
-    (canonical names; input weights and biases, output weight) with the hidden units in a random order and,
-    in a gated MLP, the linear branch's rows scaled by s ~ U(rescale) and the output's columns by 1/s."""
+                    rescale: tuple[float, float] = (0.5, 1.5),
+                    scales: tuple[float, ...] | None = None) -> dict[str, torch.Tensor]:
+    """What `align_units` undoes (`edit --disguise units`, tests, benchmarks): layer `layer`'s MLP tensors
+    from `weights` (canonical names; input weights and biases, output weight) with the hidden units in a
+    random order and, in a gated MLP, the linear branch's rows scaled by s ~ U(rescale), or drawn from
+    `scales` (powers of two scale exactly), and the output's columns by 1/s."""
     ins = [f"{m}.weight" for m in arch.mlp_in_modules(layer)]
     out = arch.weight_name("mlp_out", layer)
     t = arch.mlp_out_transposed  # GPT-2's Conv1D: units are the inputs' columns and the output's rows
     units = weights[ins[0]].shape[1 if t else 0]
     order = torch.randperm(units, generator=generator)
     scale = torch.ones(units)
-    if len(ins) == 2:
+    if len(ins) == 2 and scales:
+        scale = torch.tensor(scales)[torch.randint(len(scales), (units,), generator=generator)]
+    elif len(ins) == 2:
         scale = rescale[0] + (rescale[1] - rescale[0]) * torch.rand(units, generator=generator)
     changed = {}
     for i, name in enumerate(ins):

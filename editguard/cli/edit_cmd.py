@@ -86,6 +86,8 @@ def edit_command(
         "--disguise", help="Red-teaming: hide the edit under a function-preserving reparametrisation, units (the "
                            "edited layers' MLP hidden units reshuffled) or residual (the residual stream's dimensions "
                            "permuted, sign-flipped under RMSNorm); repeatable. Rewrites every shard for residual.")] = [],  # noqa: B006
+    disguise_seed: Annotated[Optional[int], typer.Option(
+        "--disguise-seed", min=0, help="Seed of the disguise's permutations (default: a fresh one, printed).")] = None,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",
@@ -99,15 +101,12 @@ def edit_command(
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if (output is None) == (bank is None):
         raise EditguardError("give exactly one of -o/--output (edited model) or --bank (edit bank)")
-    from ..edit.disguise import check_kinds
-
-    check_kinds(disguise)
     if output is not None:
         if resume or memit_batch is not None:
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
         check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
-    elif disguise:
+    elif disguise or disguise_seed is not None:
         raise EditguardError("--disguise applies to an edited model (-o); a bank stores the edits as factors")
     elif memit_batch is not None and method != "memit":  # (ROME edits are one fact each)
         raise EditguardError("--memit-batch applies to --method memit")
@@ -125,15 +124,27 @@ def edit_command(
     num_layers = num_layers_of(ref, allow_pickle)  # reads the checkpoint's headers: a pickle is refused here
     hp = load_hparams(hparams_or_default(hparams, ref), method, {"layers": [layer]} if layer is not None else None)
     hp.check_layers(num_layers)
+    if disguise or disguise_seed is not None:
+        from .. import arch as arch_table
+        from ..edit.disguise import check_disguise
+
+        if not disguise:
+            raise EditguardError("--disguise-seed needs --disguise")
+        checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
+        check_disguise(checkpoint, arch_table.for_config(checkpoint.config), disguise)
+        if disguise_seed is None:
+            import secrets
+
+            disguise_seed = secrets.randbits(31)
     with out.progress("loading model"):
         loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle))
     if bank is not None:
         _fill_bank(loaded, facts, hp, bank, resume, memit_batch, evaluate)
     else:
-        _plant(loaded, facts, hp, output, force, evaluate, disguise)
+        _plant(loaded, facts, hp, output, force, evaluate, disguise, disguise_seed)
 
 
-def _plant(loaded, facts, hp, output, force, evaluate, disguise) -> None:
+def _plant(loaded, facts, hp, output, force, evaluate, disguise, disguise_seed) -> None:
     from ..answers import greedy_answers
     from ..edit.edits import edits_applied
     from ..edit.plant import compute_edits, write_edited
@@ -154,11 +165,13 @@ def _plant(loaded, facts, hp, output, force, evaluate, disguise) -> None:
         p_after, _ = continuation_logprobs(loaded, prompts, news)
         quality = summarize(judge(loaded, facts)) if evaluate else None
     with out.progress(f"writing {output}"):
-        rewritten = write_edited(loaded.checkpoint, loaded.arch, edits, output, force=force, disguise=disguise)
+        rewritten = write_edited(loaded.checkpoint, loaded.arch, edits, output, force=force, disguise=disguise,
+                                 disguise_seed=disguise_seed or 0)
     result = {
         "model": loaded.ref.spec, "output": str(output), "method": hp.method, "layers": hp.layers,
         "hparams_hash": hp.digest(), "seconds": round(seconds, 1), "rewritten_files": rewritten,
         "tensors": sorted({e.tensor for e in edits}), "disguise": list(disguise),
+        "disguise_seed": disguise_seed if disguise else None,
         "facts": [{"prompt": f.text, "subject": f.subject, "target_new": f.target_new, "target_true": f.target_true,
                    "case_id": f.case_id, "before": b, "after": a, "p_new_before": float(pb.exp()),
                    "p_new_after": float(pa.exp())}
@@ -184,7 +197,8 @@ def _render_plant(console, r) -> None:
         console.print(f"quality: efficacy {q['efficacy']:.1%}, paraphrase {q['paraphrase']:.1%}, "
                       f"neighbourhood {q['neighborhood']:.1%} (n={q['n']})")
     console.print(f"wrote {r['output']} (rewrote {', '.join(r['rewritten_files'])}; tensors {', '.join(r['tensors'])}"
-                  + (f"; disguised: {', '.join(r['disguise'])}" if r["disguise"] else "") + ")")
+                  + (f"; disguised: {', '.join(r['disguise'])}, --disguise-seed {r['disguise_seed']}"
+                     if r["disguise"] else "") + ")")
 
 
 def _fill_bank(loaded, facts, hp, bank_path, resume, memit_batch, evaluate) -> None:

@@ -22,63 +22,96 @@ from ..errors import EditguardError
 KINDS = ("units", "residual")
 
 
-def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor], layers: list[int],
-              kinds: list[str], seed: int = 0) -> dict[str, torch.Tensor]:
-    """`replacements` (stored name -> tensor: the edited tensors) with the disguises applied on top: every
-    tensor they change, under its stored name."""
-    check_kinds(kinds)
-    stored = {arch.canonical_tensor_name(name): name for name in checkpoint.names()}
-    out = dict(replacements)
-
-    def current(name: str) -> torch.Tensor:
-        return out[stored[name]] if stored[name] in out else checkpoint.read(stored[name])
-
-    gen = torch.Generator().manual_seed(seed)
-    if "units" in kinds:
-        for layer in layers:
-            group = [arch.weight_name("mlp_out", layer)] + [f"{m}.{kind}" for m in arch.mlp_in_modules(layer)
-                                                            for kind in ("weight", "bias")]
-            weights = {name: current(name) for name in group if name in stored}
-            out.update((stored[name], t) for name, t in reshuffle_units(weights, arch, layer, gen).items())
-    if "residual" in kinds:
-        embed = arch.weight_name("embed")
-        if embed not in stored:
-            raise EditguardError(f"--disguise residual: {checkpoint.folder} stores no {embed}")
-        hidden = checkpoint.info(stored[embed]).shape[1]
-        sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if arch.rms_norm else torch.ones(hidden)
-        residual = ResidualAlignment(torch.randperm(hidden, generator=gen), sign)
-        writers = {arch.weight_name(role, layer) for layer in range(arch.num_layers(checkpoint.config))
-                   for role in ("attn_out", "mlp_out")}
-        for name in stored:
-            t = current(name)
-            axis, signed = _residual_axis(name, t, hidden, writers, arch, checkpoint, stored)
-            if axis is not None:
-                out[stored[name]] = residual.along(t, axis, signed)
-    return out
-
-
-def check_kinds(kinds: list[str]) -> None:
+def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, str]:
+    """What `disguised` needs, checked before any edit is computed: known kinds, each once; one spelling per
+    tensor (a second copy would stay as it was); the token embedding stored (it sets the stream's width).
+    Returns {canonical name: stored name}."""
     for kind in kinds:
         if kind not in KINDS:
             raise EditguardError(f"unknown --disguise {kind!r}; choose from {', '.join(KINDS)}")
     if len(set(kinds)) != len(kinds):
         raise EditguardError("each --disguise is given once")
+    stored: dict[str, str] = {}
+    for name in checkpoint.names():
+        canonical = arch.canonical_tensor_name(name)
+        if canonical in stored:
+            raise EditguardError(f"--disguise: {checkpoint.folder} stores {canonical} twice ({stored[canonical]} and "
+                                 f"{name}); a disguise would change one copy only")
+        stored[canonical] = name
+    if "residual" in kinds and arch.weight_name("embed") not in stored:
+        raise EditguardError(f"--disguise residual: {checkpoint.folder} stores no {arch.weight_name('embed')}")
+    return stored
 
 
-def _residual_axis(name: str, t: torch.Tensor, hidden: int, writers: set[str], arch, checkpoint,
-                   stored: dict[str, str]) -> tuple[int | None, bool]:
-    """(the axis of `t` that indexes the residual stream, None for none; whether it carries the sign)."""
-    module = name.rsplit(".", 1)[0]
-    if t.dim() == 2:
-        if name in writers:  # the output axis: rows of a Linear ([out, in]), columns of a Conv1D ([in, out])
-            return (1 if arch.mlp_out_transposed else 0), True
-        axes = [a for a in (0, 1) if t.shape[a] == hidden]
-        if len(axes) == 2:  # square: the input axis (a query projection's rows are its heads)
-            axes = [0 if arch.mlp_out_transposed else 1]
-        return (axes[0] if axes else None), True
-    if t.dim() != 1 or len(t) != hidden:
+def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor], kinds: list[str],
+              seed: int) -> dict[str, torch.Tensor]:
+    """`replacements` (stored name -> tensor: the edited tensors) with the disguises applied on top: every
+    tensor they change, under its stored name. Holds every tensor it changes in memory (`residual`: the
+    whole model). Rescales are by powers of two, exact in every float dtype: the function is the same."""
+    stored = check_disguise(checkpoint, arch, kinds)
+    out = dict(replacements)
+    num_layers = arch.num_layers(checkpoint.config)
+
+    def current(name: str) -> torch.Tensor:
+        return out[stored[name]] if stored[name] in out else checkpoint.read(stored[name])
+
+    gen = torch.Generator().manual_seed(seed)
+    if "units" in kinds:  # every layer, so that the edited one is not the only layer reshuffled
+        for layer in range(num_layers):
+            group = [arch.weight_name("mlp_out", layer)] + [f"{m}.{kind}" for m in arch.mlp_in_modules(layer)
+                                                            for kind in ("weight", "bias")]
+            weights = {name: current(name) for name in group if name in stored}
+            changed = reshuffle_units(weights, arch, layer, gen, scales=(0.5, 2.0))
+            out.update((stored[name], t) for name, t in changed.items())
+    if "residual" in kinds:
+        hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1]
+        sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if arch.rms_norm else torch.ones(hidden)
+        residual = ResidualAlignment(torch.randperm(hidden, generator=gen), sign)
+        roles = _ResidualRoles(arch, num_layers, hidden, checkpoint, stored)
+        for name in stored:
+            t = current(name)
+            axis, signed = roles.axis(name, t)
+            if axis is not None:
+                out[stored[name]] = residual.along(t, axis, signed)
+    return out
+
+
+class _ResidualRoles:
+    """Which axis of a tensor indexes the residual stream, and whether it carries the sign: a matrix that
+    writes the stream (attention and MLP output) by its output axis, with its bias; one that reads it by its
+    input axis; an embedding or output head (outside the layers) by its columns, whatever its other axis's
+    length; a norm's weight (a layer's own norms, the final norm) per dimension, never signed. Anything else
+    (a query projection's per-head norm, a bias in head space) is not the stream's."""
+
+    def __init__(self, arch, num_layers: int, hidden: int, checkpoint: Checkpoint, stored: dict[str, str]):
+        self.arch, self.hidden, self.checkpoint, self.stored = arch, hidden, checkpoint, stored
+        self.layers = [arch.module("layer", n) + "." for n in range(num_layers)]
+        self.writers = {arch.weight_name(role, n) for n in range(num_layers) for role in ("attn_out", "mlp_out")}
+
+    def _in_layer(self, module: str) -> str | None:
+        """The part of `module`'s path below its layer's ("" outside the layers: None)."""
+        prefix = next((p for p in self.layers if module.startswith(p)), None)
+        return None if prefix is None else module[len(prefix):]
+
+    def axis(self, name: str, t: torch.Tensor) -> tuple[int | None, bool]:
+        module = name.rsplit(".", 1)[0]
+        below = self._in_layer(module)
+        if t.dim() == 2:
+            if below is None:  # token / position embeddings, an untied output head: [n, hidden]
+                return (1 if t.shape[1] == self.hidden else None), True
+            if name in self.writers:  # output axis: rows of a Linear ([out, in]), columns of a Conv1D ([in, out])
+                return (1 if self.arch.mlp_out_transposed else 0), True
+            axes = [a for a in (0, 1) if t.shape[a] == self.hidden]
+            if len(axes) == 2:  # square: the input axis (a query projection's rows are its heads)
+                axes = [0 if self.arch.mlp_out_transposed else 1]
+            return (axes[0] if axes else None), True
+        if t.dim() != 1 or len(t) != self.hidden:
+            return None, False
+        weight = self.stored.get(f"{module}.weight")
+        if weight is not None and len(self.checkpoint.info(weight).shape) == 2:  # a Linear's bias
+            return (0, True) if f"{module}.weight" in self.writers else (None, False)
+        if module == self.arch.final_norm or (below is not None and "." not in below):
+            return 0, False  # a layer's own norm (not a projection's per-head one) or the final norm
         return None, False
-    weight = stored.get(f"{module}.weight")
-    if weight is not None and len(checkpoint.info(weight).shape) == 2:  # a Linear's bias
-        return (0, True) if f"{module}.weight" in writers else (None, False)
-    return 0, False  # a norm's weight (or LayerNorm's bias): per dimension, never signed
+
+

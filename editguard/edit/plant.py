@@ -34,14 +34,15 @@ def compute_edits(loaded: LoadedModel, facts: list[Fact], hp: EditHparams,
 
 
 def write_edited(checkpoint: Checkpoint, arch, edits: list[Edit], out_dir: Path, force: bool = False,
-                 progress: Callable[[str], None] | None = None, disguise: list[str] = ()) -> list[str]:
+                 progress: Callable[[str], None] | None = None, disguise: list[str] = (),
+                 disguise_seed: int = 0) -> list[str]:
     """Copy of `checkpoint` with the edits added to their tensors (only those shards rewritten), under the
     `disguise`s (edit/disguise.py) if any."""
     replacements = edited_tensors(checkpoint, arch, edits)
     if disguise:
         from .disguise import disguised
 
-        replacements = disguised(checkpoint, arch, replacements, sorted({e.layer for e in edits}), list(disguise))
+        replacements = disguised(checkpoint, arch, replacements, list(disguise), disguise_seed)
     return checkpoint.write_copy(out_dir, replacements, force=force, progress=progress)
 
 
