@@ -83,8 +83,8 @@ def edit_command(
                                                           "MEMIT facts under their batch edit).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     disguise: Annotated[List[str], typer.Option(
-        "--disguise", help="Red-teaming: hide the edit under a function-preserving reparametrisation, units (the "
-                           "edited layers' MLP hidden units reshuffled) or residual (the residual stream's dimensions "
+        "--disguise", help="Red-teaming: hide the edit under a function-preserving reparametrisation, units (every "
+                           "layer's MLP hidden units reshuffled) or residual (the residual stream's dimensions "
                            "permuted, sign-flipped under RMSNorm); repeatable. Rewrites every shard for residual.")] = [],  # noqa: B006
     disguise_seed: Annotated[Optional[int], typer.Option(
         "--disguise-seed", min=0, help="Seed of the disguise's permutations (default: a fresh one, printed).")] = None,

@@ -3,8 +3,8 @@ reparametrisations that change many weights, so that a plain diff against the ba
 edit as the rank-one change it is. `scan --base` undoes both (audit/align.py); a scanner that does not
 reads an edited model as a fine-tune or an unexplained change.
 
-- `units`: each edited layer's MLP hidden units in a random order, a gated MLP's linear-branch rows
-  scaled by s ~ U(0.5, 1.5) and the output's columns by 1/s.
+- `units`: every layer's MLP hidden units in a random order, a gated MLP's linear-branch rows scaled by
+  s ∈ {1/2, 2} (exact in every float dtype) and the output's columns by 1/s.
 - `residual`: the residual stream's dimensions in a random order throughout the model, and under RMSNorm
   flipped in sign at random: a matrix that reads the stream (or an embedding) has its input axis
   permuted and signed, one that writes it (attention and MLP output) its output axis and bias, a norm's
