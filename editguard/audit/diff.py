@@ -80,8 +80,8 @@ class DiffResult:
     aligned_residual: ResidualAlignment | None = None  # the residual stream's dimensions, likewise
     # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
     delta_of: Optional[Callable[[str], Optional[torch.Tensor]]] = field(default=None, repr=False, compare=False)
-    # canonical name -> the base's tensor as compared (stored orientation and dtype; in the model's order of
-    # hidden units where the diff aligned them): what restoring an edited tensor writes
+    # canonical name -> the base's tensor as compared (stored orientation and dtype; in the model's residual
+    # basis and order of hidden units where the diff aligned them): what restoring an edited tensor writes
     base_of: Optional[Callable[[str], torch.Tensor]] = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict:

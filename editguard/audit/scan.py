@@ -353,7 +353,7 @@ def _decompositions(loaded, tests: dict, diff, reversals: dict, limit: int, prog
         with weights_restored(loaded.model, edited), torch.no_grad():
             for name in edited:
                 param = weight_param(loaded.model, name)
-                param.copy_(diff.base_of(name).reshape(param.shape))  # in the model's unit order
+                param.copy_(diff.base_of(name).reshape(param.shape))  # in the model's basis and unit order
             yield
 
     variants = {"model as scanned": contextlib.nullcontext}

@@ -39,8 +39,8 @@ def svd_replacements(checkpoint: Checkpoint, arch, layers: list[int]) -> dict:
 
 def base_replacements(checkpoint: Checkpoint, arch, tensors: list[str], base_of) -> dict:
     """The base's values of `tensors` (canonical names) under the model's stored names; `base_of` reads the
-    base as the diff compared it (`DiffResult.base_of`: in the model's order of hidden units where the model
-    reshuffled them, so a restored output projection fits the inputs left as they are)."""
+    base as the diff compared it (`DiffResult.base_of`: in the model's residual basis and order of hidden
+    units where the model reparametrised them, so a restored tensor fits the ones left as they are)."""
     out = {}
     for name in tensors:
         stored = checkpoint.find(arch.tensor_candidates(name))
