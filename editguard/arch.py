@@ -163,6 +163,19 @@ def for_config(config: dict[str, Any]) -> Arch:
     return for_model_type(config.get("model_type"))
 
 
+def canonical_names(arch: Arch, checkpoint, what: str, refusing: str) -> dict[str, str]:
+    """{canonical name: stored name} of `checkpoint`'s tensors; one tensor stored under two spellings (GPT-2's
+    `h.N.` beside `transformer.h.N.`) is refused with the consequence `refusing` names: which copy
+    transformers loads is not ours to guess, and working on the other would hide (or miss) a change."""
+    out: dict[str, str] = {}
+    for stored in checkpoint.names():
+        canonical = arch.canonical_tensor_name(stored)
+        if canonical in out:
+            raise EditguardError(f"{what} stores {canonical} twice ({out[canonical]} and {stored}): {refusing}")
+        out[canonical] = stored
+    return out
+
+
 def module_names(arch: Arch, num_layers: int) -> Iterable[tuple[str, int | None, str]]:
     """Every (role, layer, module path) the table names for a model with `num_layers` layers."""
     for role in GLOBAL_ROLES:

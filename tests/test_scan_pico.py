@@ -860,6 +860,12 @@ def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_p
         assert layers == flagged and result.code == (1 if flagged else 0), (name, data["findings"])
 
 
+def _plus_rank_one(w: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """`w` plus a random rank-one update of `share` of its norm (an edit to hide), in `w`'s dtype."""
+    a, b = torch.randn(w.shape[0], generator=gen), torch.randn(w.shape[1], generator=gen)
+    return (w.float() + share * w.float().norm() * torch.outer(a / a.norm(), b / b.norm())).to(w.dtype)
+
+
 def _reshuffled(source: Path, folder: Path, layer: int, seed: int, plant: float = 0.0) -> Path:
     """A copy of `source` with layer `layer`'s MLP hidden units reshuffled (`reshuffle_units`: the same
     function). `plant` first adds a rank-one update of that share of the output projection's norm (the
@@ -875,9 +881,7 @@ def _reshuffled(source: Path, folder: Path, layer: int, seed: int, plant: float 
     gen = torch.Generator().manual_seed(seed)
     out = arch.weight_name("mlp_out", layer)
     if plant:
-        a, b = torch.randn(weights[out].shape[0], generator=gen), torch.randn(weights[out].shape[1], generator=gen)
-        update = plant * weights[out].float().norm() * torch.outer(a / a.norm(), b / b.norm())
-        weights[out] = (weights[out].float() + update).to(weights[out].dtype)
+        weights[out] = _plus_rank_one(weights[out], plant, gen)
     changed = {**({out: weights[out]} if plant else {}), **reshuffle_units(weights, arch, layer, gen)}
     save_file({**stored, **{canonical[name]: v for name, v in changed.items()}}, folder / "model.safetensors",
               metadata={"format": "pt"})
@@ -943,10 +947,7 @@ def _residual_permuted(source: Path, folder: Path, seed: int, plant: bool = Fals
     out = ck.find(arch.tensor_candidates(arch.weight_name("mlp_out", 1)))
     replacements = {}
     if plant:
-        w = ck.read(out)
-        gen = torch.Generator().manual_seed(seed)
-        a, b = torch.randn(w.shape[0], generator=gen), torch.randn(w.shape[1], generator=gen)
-        replacements[out] = w + 0.3 * w.norm() * torch.outer(a / a.norm(), b / b.norm())
+        replacements[out] = _plus_rank_one(ck.read(out), 0.3, torch.Generator().manual_seed(seed))
     kinds = ["residual", "units"] if units else ["residual"]
     tensors = {**load_file(source / "model.safetensors"), **disguised(ck, arch, replacements, kinds, seed)}
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})

@@ -68,17 +68,21 @@ def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: se
 
 
 @dataclass
-class Alignment:
-    """An MLP's hidden units: base unit `order[i]` is the model's unit i, its linear-branch row scaled by
-    `scale[i]`."""
-    order: torch.Tensor  # [units] long
-    scale: torch.Tensor  # [units] float64, 1 where nothing is scaled
-    scalable: int | None  # index of the input matrix whose rows are scaled (a gated MLP's linear branch)
-    unmatched: int = 0  # units that moved yet match no base unit (compared where they are)
+class _Reordering:
+    order: torch.Tensor  # base row order[i] is the model's row i
 
     @property
     def moved(self) -> int:
         return int((self.order != torch.arange(len(self.order))).sum())
+
+
+@dataclass
+class Alignment(_Reordering):
+    """An MLP's hidden units: base unit `order[i]` is the model's unit i, its linear-branch row scaled by
+    `scale[i]`."""
+    scale: torch.Tensor  # [units] float64, 1 where nothing is scaled
+    scalable: int | None  # index of the input matrix whose rows are scaled (a gated MLP's linear branch)
+    unmatched: int = 0  # units that moved yet match no base unit (compared where they are)
 
     @property
     def rescaled(self) -> int:
@@ -124,15 +128,10 @@ def align_units(model_in: list[torch.Tensor], base_in: list[torch.Tensor],
 
 
 @dataclass
-class ResidualAlignment:
+class ResidualAlignment(_Reordering):
     """The residual stream: the model's dimension i is sign[i] times the base's dimension order[i]."""
-    order: torch.Tensor  # [hidden] long
     sign: torch.Tensor  # [hidden] ±1.0
     unmatched: int = 0  # dimensions that moved yet match no base dimension
-
-    @property
-    def moved(self) -> int:
-        return int((self.order != torch.arange(len(self.order))).sum())
 
     @property
     def flipped(self) -> int:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..arch import Arch
+from ..arch import Arch, canonical_names
 from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
@@ -131,7 +131,9 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     base_layers = arch.num_layers(base.config)
     if base_layers != num_layers:
         raise EditguardError(f"base has {base_layers} layers, this model {num_layers}: not the same model")
-    canon_model, canon_base = _canonical_names(model, arch, "this model"), _canonical_names(base, arch, "the base")
+    refusing = "which one is loaded is ambiguous; refusing to compare"
+    canon_model, canon_base = (canonical_names(arch, ck, what, refusing)
+                               for ck, what in ((model, "this model"), (base, "the base")))
     shared = sorted(set(canon_model) & set(canon_base))
     if not shared:
         raise EditguardError("the base shares no tensor names with this model: not a checkpoint of the same model")
@@ -153,7 +155,8 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
     def measured(name: str) -> tuple[torch.Tensor | None, int, float, bool]:
         if name in completed:
             return completed[name]
-        a, b = model.read(canon_model[name]), base_of(name)
+        a = model.read(canon_model[name])
+        b = base_of(name, a)
         if a.shape != b.shape:
             raise EditguardError(f"{name}: shape {list(a.shape)} here, {list(b.shape)} in the base: not the same model")
         K = base_masks.get(name)
@@ -251,7 +254,8 @@ class _AlignedBase:
         is_out = self.group[name][1] is None
         return t if is_out == self.arch.mlp_out_transposed else t.T
 
-    def _in_residual_basis(self, name: str) -> torch.Tensor:
+    def _in_residual_basis(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
+        """`model`: the model's tensor of that name, when the caller has read it already."""
         stored = self.base.read(self.canon_base[name])
         residual = self.result.aligned_residual
         if residual is None or name not in self.canon_model:
@@ -265,7 +269,8 @@ class _AlignedBase:
             if stored.shape[axis] != len(residual.order):  # not the model's shape: the diff says so
                 return stored
             return residual.along(comparable(stored), axis).to(stored.dtype)
-        return residual.base_like(stored, comparable(self.model.read(self.canon_model[name])))
+        return residual.base_like(stored, comparable(self.model.read(self.canon_model[name]) if model is None
+                                                     else model))
 
     def _alignment(self, layer: int) -> Alignment | None:
         if layer not in self.tried:
@@ -287,8 +292,8 @@ class _AlignedBase:
                     self.result.aligned[layer] = found
         return self.result.aligned.get(layer)
 
-    def __call__(self, name: str) -> torch.Tensor:
-        stored = self._in_residual_basis(name)
+    def __call__(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
+        stored = self._in_residual_basis(name, model)
         if not self.aligned(name):
             return stored
         layer, index = self.group[name]
@@ -401,20 +406,6 @@ def _spectrum(delta: torch.Tensor, precise: bool, full: bool) -> tuple[torch.Ten
     rank = int((values > rank_tol * values[0]).sum()) if float(values[0]) > 0 else 0
     bound = not full and rank == len(values) < min(delta.reshape(delta.shape[0], -1).shape)
     return values[:TOP_K], rank, bound
-
-
-def _canonical_names(checkpoint: Checkpoint, arch: Arch, what: str) -> dict[str, str]:
-    """{canonical name: stored name}; one tensor stored under two spellings (GPT-2's `h.N.` beside
-    `transformer.h.N.`) is refused: which copy transformers loads is not ours to guess, and comparing the
-    other would hide an edit in it."""
-    out: dict[str, str] = {}
-    for stored in checkpoint.names():
-        canonical = arch.canonical_tensor_name(stored)
-        if canonical in out:
-            raise EditguardError(f"{what} stores {canonical} twice ({out[canonical]} and {stored}): which one is "
-                                 "loaded is ambiguous; refusing to compare")
-        out[canonical] = stored
-    return out
 
 
 def classify(result: DiffResult, total: int) -> None:

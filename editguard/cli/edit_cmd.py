@@ -101,12 +101,14 @@ def edit_command(
         raise EditguardError(f"unknown --method {method!r}; choose rome or memit")
     if (output is None) == (bank is None):
         raise EditguardError("give exactly one of -o/--output (edited model) or --bank (edit bank)")
+    if disguise_seed is not None and not disguise:
+        raise EditguardError("--disguise-seed needs --disguise")
     if output is not None:
         if resume or memit_batch is not None:
             raise EditguardError("--resume and --memit-batch apply to --bank, not to -o")
         # before resolving (a hub model may download first); --force never deletes what the run reads or offloads to
         check_output_folder(output, [model, data, hparams, offload_input(offload_folder)], force)
-    elif disguise or disguise_seed is not None:
+    elif disguise:
         raise EditguardError("--disguise applies to an edited model (-o); a bank stores the edits as factors")
     elif memit_batch is not None and method != "memit":  # (ROME edits are one fact each)
         raise EditguardError("--memit-batch applies to --method memit")
@@ -124,12 +126,10 @@ def edit_command(
     num_layers = num_layers_of(ref, allow_pickle)  # reads the checkpoint's headers: a pickle is refused here
     hp = load_hparams(hparams_or_default(hparams, ref), method, {"layers": [layer]} if layer is not None else None)
     hp.check_layers(num_layers)
-    if disguise or disguise_seed is not None:
+    if disguise:
         from .. import arch as arch_table
         from ..edit.disguise import check_disguise
 
-        if not disguise:
-            raise EditguardError("--disguise-seed needs --disguise")
         checkpoint = ref.checkpoint(allow_pickle=allow_pickle)
         check_disguise(checkpoint, arch_table.for_config(checkpoint.config), disguise)
         if disguise_seed is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arch import canonical_names
 from ..audit.align import ResidualAlignment, reshuffle_units
 from ..checkpoint import Checkpoint
 from ..errors import EditguardError
@@ -31,13 +32,8 @@ def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, 
             raise EditguardError(f"unknown --disguise {kind!r}; choose from {', '.join(KINDS)}")
     if len(set(kinds)) != len(kinds):
         raise EditguardError("each --disguise is given once")
-    stored: dict[str, str] = {}
-    for name in checkpoint.names():
-        canonical = arch.canonical_tensor_name(name)
-        if canonical in stored:
-            raise EditguardError(f"--disguise: {checkpoint.folder} stores {canonical} twice ({stored[canonical]} and "
-                                 f"{name}); a disguise would change one copy only")
-        stored[canonical] = name
+    stored = canonical_names(arch, checkpoint, f"--disguise: {checkpoint.folder}", "a disguise would change one "
+                             "copy only")
     if "residual" in kinds and arch.weight_name("embed") not in stored:
         raise EditguardError(f"--disguise residual: {checkpoint.folder} stores no {arch.weight_name('embed')}")
     return stored
