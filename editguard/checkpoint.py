@@ -34,6 +34,7 @@ TEMP_SUFFIX = re.compile(r"[a-z0-9_]{8}")  # what tempfile.mkstemp/mkdtemp add t
 SHARD_NAME = re.compile(r".+-\d+-of-\d+\.safetensors")  # how save_pretrained names the shards of a model
 PICKLE_WEIGHTS = "pytorch_model.bin"  # the pickle files transformers loads: this, else its shard index's
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+DIGEST_KEY = "editguard_sha256"  # header metadata of editguard's own files: `payload_digest` of their tensors
 OWN_FILE_PREFIX = "editguard-"  # files editguard writes into a model folder (lock manifest, lock mask)
 
 # safetensors dtype tag -> (torch dtype, bytes per element)
@@ -487,12 +488,49 @@ class Checkpoint:
         return ["model.safetensors"]
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temp file + rename)."""
+def payload_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: what editguard's own files
+    record when written and check when read (`digest=True`), so that a damaged payload under an intact
+    header (a flipped bit, bytes overwritten in place) is named instead of used."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{_TAGS.get(t.dtype, t.dtype)}:{list(t.shape)}:".encode())
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_checked(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An editguard-written safetensors file (`what`: "mask file", "edit bank", ...): its tensors and header
+    metadata, the tensors checked against the digest recorded at writing (files written before editguard
+    recorded one are read unchecked). Any failure is one line: "corrupted {what} {path}: ..."."""
+    from safetensors.torch import load_file
+
+    try:
+        _, metadata = read_safetensors_header(path)
+        tensors = load_file(path)
+    except EditguardError as exc:
+        raise EditguardError(f"corrupted {what} {path}: {exc.message.removeprefix(f'{path}: ')}") from None
+    except Exception as exc:  # safetensors' own error type for bad data
+        raise EditguardError(f"corrupted {what} {path}: {first_line(exc)}") from None
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded is not None and recorded != payload_digest(tensors):
+        raise EditguardError(f"corrupted {what} {path}: its tensors do not match the sha256 recorded when it was "
+                             "written (damaged on disk or in transfer)")
+    return tensors, metadata
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      digest: bool = False) -> None:
+    """Write a safetensors file atomically (temp file + rename); with `digest`, the payload's sha256 in its
+    header for `load_checked` (editguard's own files, not the model shards it writes)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
+    if digest:
+        metadata = {**(metadata or {}), DIGEST_KEY: payload_digest(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)

@@ -1,13 +1,14 @@
 """Which shipped (or user-trained) mask fits a model: the registry `inspect` and `scan` consult.
 
 Each mask folder holds `index.json`: a list of entries written by `editguard train` (model type, target
-tensor names and shapes, base-weight fingerprints). Folders searched, in order: `$EDITGUARD_MASKS`
+tensor names and shapes, base-weight fingerprints, the mask file's sha256). Folders searched, in order: `$EDITGUARD_MASKS`
 (os.pathsep-separated), the `masks/` folder of this source tree (or of the installed package),
 `$EDITGUARD_HOME/masks`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -75,6 +76,21 @@ def _well_formed(item) -> bool:
     return isinstance(targets, list) and ints(layers) and ints(edit_layers) and all(
         isinstance(t, dict) and isinstance(t.get("tensor"), str) and isinstance(t.get("stored_shape"), list)
         for t in targets) and all(isinstance(item.get(key) or 0, (int, float)) for key in ("test_rsr", "perplexity_increase"))
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def mask_path(entry: dict) -> Path:
+    """The entry's mask file, checked against the sha256 its index records (entries written before the field
+    are taken as they are): a mask damaged on disk or swapped under its name is refused, never applied."""
+    path = Path(entry["path"])
+    recorded = entry.get("sha256")
+    if isinstance(recorded, str) and path.is_file() and file_sha256(path) != recorded:  # (missing: the loader says)
+        raise EditguardError(f"{path}: the file's sha256 is not the one its mask index records (damaged, or replaced "
+                             "by hand; `editguard train` and `evaluate-mask -o` write both)")
+    return path
 
 
 def fitting(arch: Arch, checkpoint: Checkpoint) -> list[dict]:

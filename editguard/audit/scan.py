@@ -423,4 +423,4 @@ def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> 
     if not good:
         return None, (f"the fitting mask {fits[0]['file']} reverses only {100 * (fits[0].get('test_rsr') or 0):.0f} % "
                       f"of held-out edits (< {100 * MIN_SHIPPED_MASK_RSR:.0f} %); give --mask to use it anyway")
-    return Path(good[0]["path"]), ""
+    return masks_index.mask_path(good[0]), ""

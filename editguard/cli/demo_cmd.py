@@ -117,7 +117,7 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
     edited_scores = _true_vs_new(edited, fact)
     del edited
     fit = masks_index.best_fit(loaded.arch, loaded.checkpoint, [edits[0].layer], edits[0].method)
-    mask_path = Path(fit["path"]) if fit else None
+    mask_path = masks_index.mask_path(fit) if fit else None
     if mask_path:
         mask = MaskFile.load(mask_path)
         with out.progress("3/4 reversing with the shipped mask"):
@@ -141,7 +141,7 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
         from ..harden.lock import install_mask, lock_checkpoint
 
         if Path(lock_fit["path"]) != mask_path:  # reuse the reversal mask when lock takes the same file
-            mask_path = Path(lock_fit["path"])
+            mask_path = masks_index.mask_path(lock_fit)
             mask = MaskFile.load(mask_path)
         with out.progress("4/4 locking the original model"):
             locked_dir = folder / "locked"

@@ -30,7 +30,7 @@ def _mask_for(mask: str | None, arch, checkpoint, layers=None, method: str | Non
     fit = masks_index.best_fit(arch, checkpoint, layers, method, lock=lock)
     if fit is None:
         raise EditguardError("no shipped mask fits this model; give --mask FILE (`editguard train` makes one)")
-    return Path(fit["path"])
+    return masks_index.mask_path(fit)
 
 
 EVAL_TEXT_TOKENS = 8192  # reverse --eval: WikiText-2 tokens for the perplexities

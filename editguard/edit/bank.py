@@ -8,7 +8,8 @@ their hash, context templates, and one record per edit (case id, relation, subje
 object, optimisation steps and loss).
 
 Appending rewrites the file atomically (temp + rename), so a killed run loses at most the edits since
-its last flush and `--resume` continues from the case ids already stored.
+its last flush and `--resume` continues from the case ids already stored. The header records the tensors'
+sha256 (`checkpoint.load_checked`): damaged factors are refused, never planted.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..checkpoint import read_safetensors_header, write_safetensors
-from ..errors import BAD_JSON, EditguardError, first_line, malformed
+from ..checkpoint import load_checked, read_safetensors_header, write_safetensors
+from ..errors import BAD_JSON, EditguardError, malformed
 from .edits import Edit
 from .facts import Fact
 
@@ -65,12 +66,7 @@ class EditBank:
             raise EditguardError(f"corrupted edit bank {path}: metadata is not JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise EditguardError(f"{path} is not an editguard edit bank (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(path)
-        except Exception as exc:
-            raise EditguardError(f"corrupted edit bank {path}: {first_line(exc)}") from None
+        tensors, _ = load_checked(path, "edit bank")
         bank = cls(path, meta, tensors)
         try:
             bank._validate()
@@ -256,7 +252,7 @@ class EditBank:
                 self.tensors[f"memit.{g}.{e.layer}.v"] = e.v.float().reshape(e.v.shape[0], -1)
 
     def flush(self) -> None:
-        write_safetensors(self.path, self.tensors, {"editguard": json.dumps(self.meta)})
+        write_safetensors(self.path, self.tensors, {"editguard": json.dumps(self.meta)}, digest=True)
 
 
 def _record(fact: Fact) -> dict:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..checkpoint import write_safetensors
+from ..checkpoint import load_checked, write_safetensors
 from ..data.text import WIKITEXT, load_text
 from ..errors import EditguardError
 from ..home import cache_dir, file_lock, user_path
@@ -59,22 +59,20 @@ def second_moments(loaded: LoadedModel, layers: list[int], template: str, datase
                         f"second moment of {template.format(layer)}; give a longer text or a larger mom2_n_samples")
                 moment = (total / count).float()
                 write_safetensors(_stats_path(loaded, layer, dataset, n_samples),
-                                  {"mom2": moment, "count": torch.tensor([count])})
+                                  {"mom2": moment, "count": torch.tensor([count])}, digest=True)
                 result[layer] = moment
     return result
 
 
 def _cached(loaded: LoadedModel, layers: list[int], dataset: str, n_samples: int) -> dict[int, torch.Tensor]:
-    """The layers whose statistics the cache holds; an unreadable cache file counts as missing (recomputed)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """The layers whose statistics the cache holds; an unreadable or damaged cache file counts as missing
+    (recomputed)."""
     found = {}
     for layer in layers:
         path = _stats_path(loaded, layer, dataset, n_samples)
         if path.is_file():
-            with contextlib.suppress(SafetensorError, OSError, KeyError):
-                found[layer] = load_file(path)["mom2"]
+            with contextlib.suppress(EditguardError, OSError, KeyError):
+                found[layer] = load_checked(path, "statistics file")[0]["mom2"]
     return found
 
 

@@ -5,7 +5,8 @@ Tensors per target t (index in `targets`): `t{t}.bits` (uint8, numpy.packbits of
 mask, row-major; applied unless another threshold is asked for), `t{t}.scores` (float16 soft mask values
 K = sigmoid(Θ/τ_end), so another threshold can be chosen later; after a sharp anneal they may round to 1
 and tie) and `t{t}.theta` (float16 raw Θ, for resuming or re-annealing). Masks are always in [out, in]
-orientation; `transposed` records that the checkpoint stores the weight as [in, out].
+orientation; `transposed` records that the checkpoint stores the weight as [in, out]. The header records
+the tensors' sha256 (`checkpoint.load_checked`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import torch
 
 from .. import __version__
 from ..arch import oriented
-from ..checkpoint import fingerprint, read_safetensors_header, write_safetensors
-from ..errors import BAD_JSON, EditguardError, first_line, malformed
+from ..checkpoint import fingerprint, load_checked, read_safetensors_header, write_safetensors
+from ..errors import BAD_JSON, EditguardError, malformed
 
 FORMAT = "editguard-mask/1"
 
@@ -122,7 +123,7 @@ class MaskFile:
                          "fingerprint": t.fingerprint} for t in self.targets],
             "hparams": self.hparams, "data": self.data, "metrics": self.metrics, **self.extra,
         }
-        write_safetensors(Path(path), tensors, {"editguard": json.dumps(meta)})
+        write_safetensors(Path(path), tensors, {"editguard": json.dumps(meta)}, digest=True)
 
     # -- reading ------------------------------------------------------------------------------
     @classmethod
@@ -139,12 +140,7 @@ class MaskFile:
             raise EditguardError(f"corrupted mask file {path}: metadata is not JSON") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise EditguardError(f"{path} is not an editguard mask file")
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(path)
-        except Exception as exc:  # safetensors' own error type for bad data
-            raise EditguardError(f"corrupted mask file {path}: {first_line(exc)}") from None
+        tensors, _ = load_checked(path, "mask file")
         try:
             targets, binaries = [], []
             for i, t in enumerate(meta["targets"]):

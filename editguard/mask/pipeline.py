@@ -35,7 +35,7 @@ from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..home import folder_lock, path_lock
 from ..loading import LoadedModel
-from ..masks_index import INDEX, perplexity_increase, read_index
+from ..masks_index import INDEX, file_sha256, perplexity_increase, read_index
 from ..outputs import finite_dumps, write_text_atomic
 from . import plots
 from .evaluate import masks_applied, text_metrics
@@ -766,7 +766,7 @@ def update_index(path: Path, mask: MaskFile) -> None:
     with folder_lock(path.parent):
         entries = [e for e in read_index(index_path) if e.get("file") != path.name]
         entries.append({
-            "file": path.name, "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,
+            "file": path.name, "sha256": file_sha256(path), "model_id": mask.model_id, "model_type": mask.model_type, "method": mask.method,
             "layers": [t.layer for t in mask.targets], "edit_layers": mask.edit_layers(), "threshold": mask.threshold,
             "pruned_fraction": round(mask.pruned_fraction(), 4),
             "test_rsr": (mask.metrics.get("rsr", {}).get("test") or {}).get("rsr"),

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import oriented
-from ..checkpoint import write_safetensors
+from ..checkpoint import load_checked, write_safetensors
 from ..edit.edits import edits_applied
 from ..edit.facts import target_ids
 from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
-from ..errors import BAD_JSON, EditguardError, first_line
+from ..errors import BAD_JSON, EditguardError
 from ..loading import LoadedModel, real_weight
 
 
@@ -558,7 +558,7 @@ def save_checkpoint(path: Path, state: TrainState, optimizer: torch.optim.AdamW,
             tensors[f"exp_avg_sq.{i}"] = opt["exp_avg_sq"].cpu()
             tensors[f"opt_step.{i}"] = torch.as_tensor(opt["step"]).reshape(1).float().cpu()
     info = {**meta, "step": state.step, "seconds": state.seconds, "curve": state.curve, "best_step": state.best_step}
-    write_safetensors(path, tensors, {"editguard_train": json.dumps(info)})
+    write_safetensors(path, tensors, {"editguard_train": json.dumps(info)}, digest=True)
 
 
 def checkpoint_info(path: Path) -> dict:
@@ -585,7 +585,6 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "
     """The training state a checkpoint holds; with `shapes` (the masked tensors'), each Θ must fit one.
     Anything malformed is named as a corrupted checkpoint, never met later as a shape error or a mask
     silently missing a tensor."""
-    from safetensors import safe_open
 
     def corrupted(why: str) -> EditguardError:
         return EditguardError(f"corrupted training checkpoint {path}: {why}; remove it to start over")
@@ -598,29 +597,32 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "
                                             for c in curve)):
         raise corrupted("the validation curve is malformed")
     try:
-        with safe_open(str(path), "pt", device=str(device)) as handle:
-            keys = set(handle.keys())
-            n = len([k for k in keys if k.startswith("theta.")])
-            if shapes is not None and n != len(shapes):
-                raise corrupted(f"{n} Θ tensors for {len(shapes)} masked tensors")
-            missing = [f"theta.{i}" for i in range(n) if f"theta.{i}" not in keys]
-            if missing:
-                raise corrupted(f"{missing[0]} missing")
-            theta = [handle.get_tensor(f"theta.{i}") for i in range(n)]
-            state = TrainState(theta, step, float(seconds), curve)
-            if "best_theta.0" in keys:
-                state.best_theta = [handle.get_tensor(f"best_theta.{i}") for i in range(n)]
-                state.best_step = info.get("best_step")
-            optimizer = make_optimizer(state, cfg)
-            for i, t in enumerate(theta):
-                if f"exp_avg.{i}" in keys:
-                    optimizer.state[t] = {"step": torch.tensor(float(handle.get_tensor(f"opt_step.{i}")[0])),  # CPU, as Adam keeps it
-                                          "exp_avg": handle.get_tensor(f"exp_avg.{i}"),
-                                          "exp_avg_sq": handle.get_tensor(f"exp_avg_sq.{i}")}
-    except EditguardError:
-        raise
-    except Exception as exc:  # a tensor named by its siblings but absent (SafetensorError), or unreadable
-        raise corrupted(first_line(exc)) from None
+        stored, _ = load_checked(path, "training checkpoint")
+    except EditguardError as exc:
+        raise EditguardError(f"{exc.message}; remove it to start over") from None
+    keys = set(stored)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in keys:  # named by its siblings but absent
+            raise corrupted(f"{name} missing")
+        return stored[name].to(device)
+
+    n = len([k for k in keys if k.startswith("theta.")])
+    if shapes is not None and n != len(shapes):
+        raise corrupted(f"{n} Θ tensors for {len(shapes)} masked tensors")
+    theta = [get(f"theta.{i}") for i in range(n)]
+    state = TrainState(theta, step, float(seconds), curve)
+    if "best_theta.0" in keys:
+        state.best_theta = [get(f"best_theta.{i}") for i in range(n)]
+        state.best_step = info.get("best_step")
+    optimizer = make_optimizer(state, cfg)
+    for i, t in enumerate(theta):
+        if f"exp_avg.{i}" in keys:
+            step_i = get(f"opt_step.{i}").reshape(-1)
+            if not len(step_i):
+                raise corrupted(f"opt_step.{i} is empty")
+            optimizer.state[t] = {"step": torch.tensor(float(step_i[0])),  # CPU, as Adam keeps it
+                                  "exp_avg": get(f"exp_avg.{i}"), "exp_avg_sq": get(f"exp_avg_sq.{i}")}
     for i, t in enumerate(theta):
         want = tuple(shapes[i]) if shapes is not None else tuple(t.shape)
         tensors = [t, *(state.best_theta[i:i + 1] if state.best_theta else []),
