@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from .errors import EditguardError, UnsupportedError
 
-ROLES = ("layer", "mlp", "mlp_out", "attn", "attn_out")  # per-layer module templates
+ROLES = ("layer", "mlp", "mlp_out", "attn", "attn_out", "attn_norm", "mlp_norm")  # per-layer module templates
 GLOBAL_ROLES = ("base", "final_norm", "embed", "unembed")
 
 
@@ -40,6 +40,8 @@ class Arch:
     mlp_in: tuple[str, ...]  # the MLP's input projections (hidden -> intermediate), same orientation as mlp_out
     attn: str
     attn_out: str
+    attn_norm: str  # the norm whose output the attention reads
+    mlp_norm: str  # the norm whose output the MLP reads (GPT-J: the same as attn_norm)
     final_norm: str
     embed: str
     unembed: str
@@ -49,6 +51,13 @@ class Arch:
     rms_norm: bool  # every norm an RMSNorm: residual dimensions may be sign-flipped as well as permuted
     num_layers_keys: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def rotatable(self) -> bool:
+        """The residual stream may be rotated without changing the function, once the norms' weights are folded
+        into the matrices that read them: every norm an RMSNorm (rotation-equivariant without its weight) and
+        no norm on a sublayer's output before it joins the stream (Gemma's would need its weight there)."""
+        return self.rms_norm and not self.mlp_out_norm
 
     @property
     def mlp_adds_to_residual(self) -> bool:

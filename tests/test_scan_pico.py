@@ -417,6 +417,25 @@ def test_attribution_names_subject_and_object(cli, planted, tmp_path):
     assert first["prob"] > first["prob_without"]
 
 
+def test_attribution_in_a_fine_tune_reads_only_the_edit_inside_it(cli, planted, tmp_path):
+    """A fine-tune changes every MLP output projection: attribution follows the one the diff flagged as an
+    edit inside it (it attributed each layer's change, and on the demo model spent minutes on it), and
+    says why it has nothing to read in a fine-tune with no edit."""
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps({"prompt": f"The official language of {s}", "subject": s})
+                                for s in ["France", "Germany", "Spain", "Italy", "Toyota", "Paris"]))
+    gen = torch.Generator().manual_seed(5)
+    noisy = _variant(planted["rome"], tmp_path / "noisy", lambda t: {
+        k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in t.items()})
+    args = ("--tests", "diff,attribution", "--probes", probes)
+    found = cli("-f", "json", "scan", noisy, "--base", planted["base"], *args).json
+    assert found["tests"]["diff"]["classification"] == "fine-tune"
+    assert [a["layer"] for a in found["tests"]["attribution"]] == [1]  # not layer 0's noise
+    assert found["tests"]["attribution"][0]["subjects"][0]["subject"] == "France"
+    tuned = cli("-f", "json", "scan", planted["tuned"], "--base", planted["base"], *args).json
+    assert "a fine-tune and no edit inside it" in tuned["tests"]["attribution"]["skipped"]
+
+
 def test_dependence_windows_cover_the_layers():
     from editguard.audit.dependence import windows_for
 
@@ -983,6 +1002,82 @@ def test_diff_undoes_a_permutation_of_the_residual_stream(cli, pico_models, tmp_
         assert torch.allclose(_logits(tmp_path / f"restored_{units}"), _logits(base), atol=1e-4)
 
 
+def _rotated(source: Path, folder: Path, seed: int, plant: bool = False, dtype=None) -> Path:
+    """A copy of `source` (an untied RMSNorm model) as QuaRot prepares one: every norm's weight folded into
+    the matrices that read its output (norms then 1), and the residual stream rotated by a random orthogonal
+    Q (float64, then stored in `dtype` or the source's). `plant` first adds a rank-one update to layer 1's
+    MLP output projection."""
+    from editguard import arch as arch_table
+    from editguard.audit.align import ResidualRoles
+
+    shutil.copytree(source, folder)
+    ck = Checkpoint(source)
+    arch = arch_table.for_config(ck.config)
+    tensors = load_file(source / "model.safetensors")
+    hidden = ck.config["hidden_size"]
+    roles = ResidualRoles(arch, arch.num_layers(ck.config), hidden, ck, {n: n for n in tensors})
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+    if plant:
+        out = arch.weight_name("mlp_out", 1)
+        tensors[out] = _plus_rank_one(tensors[out], 0.3, gen)
+    rotated = {}
+    for name, t in tensors.items():
+        axis, signed = roles.axis(name, t)
+        x = t.double()
+        if axis is not None and not signed:
+            x = torch.ones_like(x)  # folded into its readers
+        elif axis is not None:
+            shape = [-1 if d == axis else 1 for d in range(t.dim())]
+            norm = roles.reads(name, t)
+            if norm:
+                x = x * tensors[norm].double().reshape(shape)
+            x = (x.movedim(axis, -1) @ q).movedim(-1, axis)
+        rotated[name] = x.to(dtype or t.dtype).contiguous()
+    save_file(rotated, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("model_type, dtype", [("llama", torch.float32), ("qwen3", torch.float32),
+                                               ("llama", torch.bfloat16)])
+def test_diff_undoes_a_rotation_of_the_residual_stream(cli, tmp_path, model_type, dtype):
+    """A rotation of the residual stream with the norms folded in (QuaRot, SliceGPT) changes every matrix
+    and norm: an edit under it read as a fine-tune. The diff finds the rotation from the token embedding
+    (orthogonal Procrustes), compares the base folded and rotated alike, reports it (EG004) and names the
+    edit; `reverse --method base` restores the base's function. A fine-tune is no rotation. In bfloat16
+    the rotation is rounded in storage and estimated from a rounded embedding: the same."""
+    base = pico.build(model_type, tmp_path / "base", tie_word_embeddings=False)
+    gen = torch.Generator().manual_seed(7)
+    weights = load_file(base / "model.safetensors")  # norms of 1 would fold to nothing: give them weights
+    save_file({k: ((0.5 + torch.rand(v.shape, generator=gen)) if k.endswith("norm.weight") else v).to(dtype)
+               for k, v in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    atol = 1e-4 if dtype == torch.float32 else 5e-2
+    clean = _rotated(base, tmp_path / "clean", 0)
+    assert torch.allclose(_logits(clean), _logits(base), atol=atol)  # the same function
+    plain = load_file(base / "model.safetensors")
+    assert all(not torch.equal(v, plain[k]) for k, v in load_file(clean / "model.safetensors").items()
+               if "q_norm" not in k and "k_norm" not in k)  # every tensor of the stream changed
+    result = cli("-f", "json", "scan", clean, "--base", base, "--tests", "diff")
+    diff = result.json["tests"]["diff"]
+    assert diff["classification"] == "reshuffled" and result.json["verdict"] == "suspicious", diff["changed"][:3]
+    assert diff["rotated_residual"]["fit_residual"] < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert diff["aligned_residual"] is None
+    assert not diff["changed"] and [f["rule"] for f in result.json["findings"]] == ["EG004"]
+    assert "rotated" in result.json["findings"][0]["message"]
+
+    edited = _rotated(base, tmp_path / "edited", 1, plant=True)
+    result = cli("-f", "json", "scan", edited, "--base", base, "--tests", "diff", "--fail-on", "edited")
+    diff = result.json["tests"]["diff"]
+    assert result.code == 1 and diff["classification"] == "rome-like" and diff["layers"] == [1], \
+        [(c["name"], c["effective_rank"], c["singular_values"][:3]) for c in diff["changed"]]
+    assert cli("-q", "reverse", edited, "--method", "base", "--base", base, "-o", tmp_path / "restored").code == 0
+    assert torch.allclose(_logits(tmp_path / "restored"), _logits(base), atol=atol)
+    tuned = _variant(base, tmp_path / "tuned", lambda t: {k: (v + 1e-2 * torch.randn(v.shape, generator=gen)).to(dtype)
+                                                          for k, v in t.items()})
+    diff = cli("-f", "json", "scan", tuned, "--base", base, "--tests", "diff").json["tests"]["diff"]
+    assert diff["classification"] == "fine-tune" and diff["rotated_residual"] is None
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma3_text"])
 def test_edit_disguise_keeps_the_function_and_scan_sees_through_it(cli, pico_models, tmp_path, model_type):
     """`edit --disguise units --disguise residual` writes the same function as the plain edit (every
@@ -1033,5 +1128,7 @@ def test_disguise_keeps_the_function_where_shapes_collide(cli, tmp_path, model_t
     assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "again" / "model.safetensors").values(),
                                                  load_file(tmp_path / "d" / "model.safetensors").values()))
     one_line_error(cli("edit", base, *fact, "--disguise-seed", "3", "-o", tmp_path / "x"), "--disguise-seed needs")
+    one_line_error(cli("edit", base, *fact, "--disguise", "units", "--disguise-seed", str(2**64), "-o", tmp_path / "x"),
+                   "less than or equal to 18446744073709551615")  # (checked before the edit: it failed after it)
     one_line_error(cli("edit", base, *fact, "--disguise", "units", "--bank", tmp_path / "b.safetensors"),
                    "--disguise applies to an edited model")

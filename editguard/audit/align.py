@@ -1,5 +1,6 @@
-"""Undo function-preserving reparametrisations before diffing: a reshuffle of one MLP's hidden units, and a
-signed permutation of the residual stream's dimensions.
+"""Undo function-preserving reparametrisations before diffing: a reshuffle of one MLP's hidden units, a
+signed permutation of the residual stream's dimensions, and a rotation of the stream with the norms' weights
+folded into the matrices that read them.
 
 An MLP computes out = W_out · act(W_in x): permuting its hidden units (the rows of every input matrix,
 with their biases, and the columns of the output matrix alike) leaves the function as it was, and so
@@ -22,21 +23,51 @@ import torch
 # fine-tune leaves it: a moved row points elsewhere, near 0); a moved row is matched with a base row at
 # least this near
 MATCHED = 0.9
-# a linear-branch row counts as rescaled (base row times s) when s explains all but this share of the row's
-# change, or, where storage rounding leaves more (bfloat16: ~4e-3), when the row is s times the base row to
-# within this share of its norm with s at least this far from 1; and its gate row changed by at most
-# GATE_SHARE of what the linear branch's did (a rescale leaves the gate as it was: weight decay shrinks both).
-# A fine-tune's drift is none of these: it is not along the row.
+# a linear-branch row counts as rescaled (base row times s) when what s leaves of the row's change is at most
+# EXPLAINED of it (99 % of its energy: a fine-tune's drift of a few percent under a rescale by 2 leaves that),
+# or, where storage rounding leaves more (bfloat16: ~4e-3), when the row is s times the base row to within
+# PROPORTIONAL of its norm with s at least that far from 1; and its gate row changed by at most GATE_SHARE of
+# what the linear branch's did (a rescale leaves the gate as it was: weight decay shrinks both). A
+# fine-tune's drift alone is none of these: it is not along the row.
+EXPLAINED = 0.1
 PROPORTIONAL = 1e-2
 GATE_SHARE = 0.1
 BLOCK = 2048  # model rows compared against all base rows at a time (a block of n similarities each)
 EMBED_SAMPLE = 16384  # vocabulary rows whose values tell the residual dimensions apart
 AXIS_SAMPLE = 1024  # indices per axis on which a tensor's candidate residual bases are compared
+# a rotation of the residual stream explains the token embedding's change when what it leaves is at most this
+# share of the embedding (storage rounding: bfloat16 ~3e-3) and of the change itself (a fine-tune's drift:
+# the best rotation is near the identity and leaves the drift as it was)
+ROTATION_FIT = 1e-2
 
 
 def _normalized(t: torch.Tensor) -> torch.Tensor:
     t = t.float()
     return t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+def _exact_matches(model: torch.Tensor, base: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """For each model row, the base row it equals bit for bit (up to sign if `unsigned`), or -1: a permutation
+    (and a sign flip) moves values exactly, so where nothing else changed this is the whole alignment, and
+    rows that merely point alike (an embedding's columns may have cosines of 0.99 with each other) cannot
+    take each other's place. Rows that are not unique on either side match nothing here."""
+    def keys(t: torch.Tensor) -> list[bytes]:
+        t = (t.abs() if unsigned else t).detach().cpu().contiguous()
+        raw = t.reshape(t.shape[0], -1).view(torch.uint8).numpy()  # any dtype (numpy has no bfloat16)
+        return [row.tobytes() for row in raw]
+
+    out = torch.full((model.shape[0],), -1, dtype=torch.long)
+    base_keys, model_keys = keys(base), keys(model)
+    where: dict[bytes, int] = {}
+    for i, key in enumerate(base_keys):
+        where[key] = -1 if key in where else i  # (a repeated row: ambiguous)
+    seen: dict[bytes, int] = {}
+    for key in model_keys:
+        seen[key] = seen.get(key, 0) + 1
+    for i, key in enumerate(model_keys):
+        if where.get(key, -1) >= 0 and seen[key] == 1:
+            out[i] = where[key]
+    return out
 
 
 def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: set[int]) -> tuple[torch.Tensor, int]:
@@ -46,24 +77,37 @@ def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: se
     or one that matches nothing, keeps its index: a unit scrambled beside a reshuffle costs its own row
     of the comparison, not the alignment of the others."""
     rows = model[0].shape[0]
+    order = torch.arange(rows)
+    exact = _exact_matches(model[0], base[0], 0 in unsigned)
     cosines = torch.stack([(_normalized(m) * _normalized(b)).sum(1) for m, b in zip(model, base)])
     cosines[list(unsigned)] = cosines[list(unsigned)].abs()
-    order = torch.arange(rows)
-    moved = torch.nonzero(~(cosines.mean(0) >= MATCHED)).flatten()  # NaN: moved
+    if len(model) > 1 and bool((exact >= 0).any()):  # the other matrices must agree (a row pasted over another)
+        hit = torch.nonzero(exact >= 0).flatten()
+        agree = torch.stack([(_normalized(m[hit]) * _normalized(b[exact[hit]])).sum(1) for m, b in zip(model, base)])
+        agree[list(unsigned)] = agree[list(unsigned)].abs()
+        exact[hit[~(agree.mean(0) >= MATCHED)]] = -1
+    # rows found bit for bit are matched there; the rest are in place when near their own base row (drifted,
+    # as a fine-tune leaves them), else moved
+    order[exact >= 0] = exact[exact >= 0]
+    in_place = (exact < 0) & (cosines.mean(0) >= MATCHED)
+    moved = torch.nonzero((exact < 0) & ~in_place).flatten()  # NaN: moved
     if not len(moved):
         return order, 0
-    # a moved row is matched among the other moved rows only: a reshuffle maps them onto each other
-    best, score = torch.empty(len(moved), dtype=torch.long), torch.empty(len(moved))
+    # a moved row is matched among the base rows no other row holds: a reshuffle maps them onto each other
+    free = ~in_place
+    free[exact[exact >= 0]] = False
+    candidates = torch.nonzero(free).flatten()
+    best, score = torch.zeros(len(moved), dtype=torch.long), torch.full((len(moved),), float("nan"))
     rows_m = [_normalized(m[moved]) for m in model]
-    rows_b = [_normalized(b[moved]) for b in base]
-    for lo in range(0, len(moved), BLOCK):
+    rows_b = [_normalized(b[candidates]) for b in base]
+    for lo in range(0, len(moved), BLOCK) if len(candidates) else ():
         sim = sum((rm[lo:lo + BLOCK] @ rb.T).abs() if i in unsigned else rm[lo:lo + BLOCK] @ rb.T
                   for i, (rm, rb) in enumerate(zip(rows_m, rows_b))) / len(rows_m)
         score[lo:lo + BLOCK], best[lo:lo + BLOCK] = sim.max(1)
     matched = score >= MATCHED  # (NaN: not)
-    taken = torch.bincount(best[matched], minlength=len(moved))
+    taken = torch.bincount(best[matched], minlength=max(len(candidates), 1))
     matched &= taken[best] == 1  # a base row two model rows point along goes to neither
-    order[moved[matched]] = moved[best[matched]]
+    order[moved[matched]] = candidates[best[matched]]
     return order, int((~matched).sum())
 
 
@@ -116,7 +160,7 @@ def align_units(model_in: list[torch.Tensor], base_in: list[torch.Tensor],
             m, b = model_in[scalable][lo:lo + BLOCK].double(), base_in[scalable][rows].double()
             fit = (m * b).sum(1) / (b * b).sum(1).clamp_min(1e-30)
             residual = (m - fit[:, None] * b).norm(dim=1)
-            explained = residual <= PROPORTIONAL * (m - b).norm(dim=1)
+            explained = residual <= EXPLAINED * (m - b).norm(dim=1)
             coarse = (residual <= PROPORTIONAL * m.norm(dim=1)) & ((fit - 1).abs() >= PROPORTIONAL)
             gate = sum((x[lo:lo + BLOCK].double() - y[rows].double()).norm(dim=1)
                        for i, (x, y) in enumerate(zip(model_in, base_in)) if i != scalable)
@@ -190,9 +234,107 @@ def align_residual(model_embed: torch.Tensor, base_embed: torch.Tensor) -> Resid
     rows = torch.linspace(0, model_embed.shape[0] - 1, min(EMBED_SAMPLE, model_embed.shape[0])).long()
     m, b = model_embed[rows].float().T, base_embed[rows].float().T
     order, unmatched = match_rows([m], [b], {0})
-    sign = torch.where((m * b[order]).sum(1) < 0, -1.0, 1.0)
+    # a sign only where the dimension matched (|cosine| ≥ MATCHED): one that matches nothing (a rotation
+    # of the stream) points nowhere in particular, and its sign says nothing
+    cosine = (_normalized(m) * _normalized(b[order])).sum(1)
+    sign = torch.where(cosine <= -MATCHED, -1.0, 1.0)
     alignment = ResidualAlignment(order, sign, unmatched)
+    # a permutation with a few dimensions scrambled beside it is one; most matching nothing (a rotation) is not
+    if unmatched >= alignment.moved + alignment.flipped:
+        return None
     return alignment if alignment.moved or alignment.flipped else None
+
+
+@dataclass
+class ResidualRotation:
+    """The residual stream rotated: the model's activations are the base's times `q` (orthogonal [hidden,
+    hidden]), every matrix that reads or writes the stream has that axis contracted with `q`, and the RMSNorm
+    weights, which no rotation commutes with, are folded into the matrices that read the norms' output
+    (QuaRot and SliceGPT do this to prepare a model for quantisation or slicing)."""
+    q: torch.Tensor  # float64
+    fit: float  # ‖E_base q − E_model‖ / ‖E_model‖ on the token embedding's sampled rows
+
+    def along(self, base: torch.Tensor, axis: int) -> torch.Tensor:
+        """`base` (float64) with its `axis` (the stream's) in the model's basis."""
+        return (base.double().movedim(axis, -1) @ self.q).movedim(-1, axis)
+
+    def to_json(self) -> dict:
+        return {"fit_residual": self.fit, "largest_entry": float(self.q.abs().max())}
+
+
+def align_rotation(model_embed: torch.Tensor, base_embed: torch.Tensor) -> ResidualRotation | None:
+    """The orthogonal q that best maps the base's token embedding onto the model's ([vocab, hidden]; a sample
+    of rows), when it explains the change: what is left is at most ROTATION_FIT of the embedding and of the
+    change (a fine-tune's drift is no rotation: q near the identity explains none of it). None otherwise."""
+    if model_embed.shape != base_embed.shape or model_embed.dim() != 2:
+        return None
+    rows = torch.linspace(0, model_embed.shape[0] - 1, min(EMBED_SAMPLE, model_embed.shape[0])).long()
+    m, b = model_embed[rows].double(), base_embed[rows].double()
+    if not (bool(torch.isfinite(m).all()) and bool(torch.isfinite(b).all())):
+        return None
+    u, _, vh = torch.linalg.svd(b.T @ m)  # orthogonal Procrustes
+    q = u @ vh
+    left, change, size = float((b @ q - m).norm()), float((b - m).norm()), float(m.norm())
+    if not (left <= ROTATION_FIT * size and left <= ROTATION_FIT * change):
+        return None
+    return ResidualRotation(q, left / max(size, 1e-30))
+
+
+class ResidualRoles:
+    """Which axis of a tensor indexes the residual stream, and whether it carries a sign (a permutation's)
+    or a rotation: a matrix that writes the stream (attention and MLP output) by its output axis, with its
+    bias; one that reads it by its input axis; an embedding or output head (outside the layers) by its
+    columns, whatever its other axis's length; a norm's weight (a layer's own norms, the final norm) per
+    dimension, never signed nor rotated. Anything else (a query projection's per-head norm, a bias in head
+    space) is not the stream's. `stored`: {canonical name: stored name} of `checkpoint`."""
+
+    def __init__(self, arch, num_layers: int, hidden: int, checkpoint, stored: dict[str, str]):
+        self.arch, self.hidden, self.checkpoint, self.stored = arch, hidden, checkpoint, stored
+        self.layers = [arch.module("layer", n) + "." for n in range(num_layers)]
+        self.writers = {arch.weight_name(role, n) for n in range(num_layers) for role in ("attn_out", "mlp_out")}
+
+    def _in_layer(self, module: str) -> str | None:
+        """The part of `module`'s path below its layer's ("" outside the layers: None)."""
+        prefix = next((p for p in self.layers if module.startswith(p)), None)
+        return None if prefix is None else module[len(prefix):]
+
+    def axis(self, name: str, t: torch.Tensor) -> tuple[int | None, bool]:
+        module = name.rsplit(".", 1)[0]
+        below = self._in_layer(module)
+        if t.dim() == 2:
+            if below is None:  # token / position embeddings, an untied output head: [n, hidden]
+                return (1 if t.shape[1] == self.hidden else None), True
+            if name in self.writers:  # output axis: rows of a Linear ([out, in]), columns of a Conv1D ([in, out])
+                return (1 if self.arch.mlp_out_transposed else 0), True
+            axes = [a for a in (0, 1) if t.shape[a] == self.hidden]
+            if len(axes) == 2:  # square: the input axis (a query projection's rows are its heads)
+                axes = [0 if self.arch.mlp_out_transposed else 1]
+            return (axes[0] if axes else None), True
+        if t.dim() != 1 or len(t) != self.hidden:
+            return None, False
+        weight = self.stored.get(f"{module}.weight")
+        if weight is not None and len(self.checkpoint.info(weight).shape) == 2:  # a Linear's bias
+            return (0, True) if f"{module}.weight" in self.writers else (None, False)
+        if module == self.arch.final_norm or (below is not None and "." not in below):
+            return 0, False  # a layer's own norm (not a projection's per-head one) or the final norm
+        return None, False
+
+    def reads(self, name: str, t: torch.Tensor) -> str | None:
+        """The norm (canonical weight name) whose output the matrix `name` reads from the stream: a layer's
+        attention inputs its attention norm, its MLP inputs its MLP norm, the output head the final norm;
+        None for anything else (a writer, an embedding)."""
+        axis, signed = self.axis(name, t)
+        if axis is None or not signed or t.dim() != 2 or name in self.writers:
+            return None
+        module = name.rsplit(".", 1)[0]
+        if self._in_layer(module) is None:
+            return f"{self.arch.final_norm}.weight" if module == self.arch.unembed else None
+        layer = next(n for n, p in enumerate(self.layers) if module.startswith(p))
+        if module in self.arch.mlp_in_modules(layer):
+            return self.arch.weight_name("mlp_norm", layer)
+        if module.startswith(self.arch.module("attn", layer) + "."):
+            return self.arch.weight_name("attn_norm", layer)
+        return None
 
 
 def reshuffle_units(weights: dict[str, torch.Tensor], arch, layer: int, generator: torch.Generator,

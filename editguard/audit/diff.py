@@ -20,7 +20,7 @@ from ..arch import Arch, canonical_names
 from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
-from .align import Alignment, ResidualAlignment, align_residual, align_units
+from .align import Alignment, ResidualAlignment, ResidualRoles, ResidualRotation, align_residual, align_rotation, align_units
 from .findings import Finding
 
 TOP_K = 8
@@ -43,6 +43,11 @@ LAYER_OUTLIER_MIN_LAYERS = 4  # fewer changed layers of a matrix give no median 
 # is within this many units in the last place of its dtype of the base's: rounding s·w and w/s in storage
 # moves a value by about one; an edit moves many values by more, and then the whole change is measured
 ALIGN_ROUNDING_ULPS = 2
+# a tensor compared with a base rewritten to a rotated residual stream is unchanged when its change is at most
+# this share of the base's norm, or half its dtype's step if coarser: the rotation is estimated from a rounded
+# embedding (float32: ~1e-8 relative; bfloat16 with a small vocabulary: ~1e-3), so single values may differ by
+# more than a few steps where sums cancel; an edit moves the whole by far more (the demo's ROME edits: 1-7 %)
+ROTATION_NOISE = 1e-5
 COMPARE_BLOCK = 1 << 24  # elements compared at a time (a few 16M-element temporaries, ~64 MB each at most)
 
 
@@ -78,6 +83,7 @@ class DiffResult:
     # layer -> its MLP's hidden units as the base had them reshuffled (align.py): compared after aligning
     aligned: dict[int, Alignment] = field(default_factory=dict)
     aligned_residual: ResidualAlignment | None = None  # the residual stream's dimensions, likewise
+    rotated_residual: ResidualRotation | None = None  # the residual stream rotated (norms folded), likewise
     # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
     delta_of: Optional[Callable[[str], Optional[torch.Tensor]]] = field(default=None, repr=False, compare=False)
     # canonical name -> the base's tensor as compared (stored orientation and dtype; in the model's residual
@@ -89,7 +95,8 @@ class DiffResult:
                 "changed": [c.to_json() for c in self.changed], "only_in_model": self.only_in_model,
                 "only_in_base": self.only_in_base, "masked_by_lock": self.masked_by_lock,
                 "aligned_units": {str(layer): a.to_json() for layer, a in sorted(self.aligned.items())},
-                "aligned_residual": self.aligned_residual.to_json() if self.aligned_residual else None}
+                "aligned_residual": self.aligned_residual.to_json() if self.aligned_residual else None,
+                "rotated_residual": self.rotated_residual.to_json() if self.rotated_residual else None}
 
 
 def _top_basis(m: torch.Tensor, k: int, iters: int) -> torch.Tensor:
@@ -162,9 +169,10 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         K = base_masks.get(name)
         if K is None:
             delta, nonfinite, base_norm, precise = difference(a, b)
-            if delta is not None and not nonfinite and base_of.rescaled(name) and \
-                    _within_rounding(delta, comparable(a), comparable(b)):
-                return None, 0, 0.0, precise  # what is left of a rescale in this dtype is its rounding
+            if delta is not None and not nonfinite and base_of.recomputed(name) and (
+                    _within_rounding(delta, comparable(a), comparable(b)) or
+                    (base_of.rotated(name) and _within_rotation_noise(delta, base_norm, a.dtype, b.dtype))):
+                return None, 0, 0.0, precise  # what is left of a rescale or rotation in this dtype is its rounding
             return delta, nonfinite, base_norm, precise
         if tuple(K.shape) != tuple(b.shape):
             raise EditguardError(f"{name}: the lock's mask is {list(K.shape)}, the base's tensor {list(b.shape)}")
@@ -215,8 +223,9 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
 
 class _AlignedBase:
     """The base's tensors for the diff: as stored, except where the model holds them reparametrised
-    (align.py): a residual stream whose dimensions are permuted (found once, from the token embedding)
-    comes in the model's basis, and a layer's MLP whose hidden units are reshuffled in the model's order
+    (align.py): a residual stream whose dimensions are permuted, or which is rotated with the norms' weights
+    folded into the matrices that read them (found once, from the token embedding), comes in the model's
+    basis (folded alike), and a layer's MLP whose hidden units are reshuffled in the model's order
     and scale (found once per layer, from its input matrices, and only where they changed). Not tried on
     a locked model's tensors (they are compared with base ⊙ mask)."""
 
@@ -233,6 +242,51 @@ class _AlignedBase:
             model_embed, base_embed = comparable(model.read(canon_model[embed])), comparable(base.read(canon_base[embed]))
             if not (model_embed.dtype == base_embed.dtype and torch.equal(model_embed, base_embed)):
                 result.aligned_residual = align_residual(model_embed, base_embed)
+                if result.aligned_residual is None and arch.rotatable:
+                    result.rotated_residual = align_rotation(model_embed, base_embed)
+        if result.rotated_residual is not None:
+            self.roles = ResidualRoles(arch, num_layers, model_embed.shape[1], model, canon_model)
+            self.norms: dict[tuple[str, str], torch.Tensor] = {}  # (side, norm name) -> its weight, float64
+
+    def recomputed(self, name: str) -> bool:
+        """Whether `name` is compared with a base recomputed in another basis or scale, which storage rounds."""
+        return self.rescaled(name) or self.rotated(name)
+
+    def rotated(self, name: str) -> bool:
+        """Whether `name` is compared with a base rewritten to a rotated residual stream (a matrix, embedding
+        or bias that reads or writes the stream)."""
+        if self.result.rotated_residual is None or name not in self.canon_model or name not in self.canon_base:
+            return False
+        info = self.base.info(self.canon_base[name])
+        axis, signed = self.roles.axis(name, torch.empty(info.shape, device="meta"))
+        return axis is not None and signed
+
+    def _norm(self, side: str, name: str) -> torch.Tensor | None:
+        """A norm's weight (float64) from the model or the base, None where that side lacks it."""
+        if (side, name) not in self.norms:
+            ck, canon = (self.model, self.canon_model) if side == "model" else (self.base, self.canon_base)
+            self.norms[side, name] = comparable(ck.read(canon[name])).double() if name in canon else None
+        return self.norms[side, name]
+
+    def _rotated(self, name: str, stored: torch.Tensor, model: torch.Tensor | None) -> torch.Tensor:
+        """The base tensor `stored` in the rotated stream's basis: a norm's weight is folded into the matrices
+        that read its output and compared there (the model's own is returned); a matrix that reads a norm's
+        output carries the base's norm weight before the rotation and the model's taken out after it."""
+        rotation, t = self.result.rotated_residual, comparable(stored)
+        axis, signed = self.roles.axis(name, t)
+        if axis is None or t.shape[axis] != len(rotation.q):
+            return stored
+        if not signed:
+            return self.model.read(self.canon_model[name]) if model is None else model
+        shape = [-1 if d == axis else 1 for d in range(t.dim())]
+        out, norm = t.double(), self.roles.reads(name, t)
+        g_base, g_model = (self._norm("base", norm), self._norm("model", norm)) if norm else (None, None)
+        if g_base is not None and g_model is not None:
+            out = out * g_base.reshape(shape)
+        out = rotation.along(out, axis)
+        if g_base is not None and g_model is not None:
+            out = out / torch.where(g_model == 0, 1.0, g_model).reshape(shape)
+        return out.to(stored.dtype)
 
     def aligned(self, name: str) -> bool:
         """Whether `name` is compared with a base rewritten to a reshuffle of its MLP's hidden units."""
@@ -257,6 +311,8 @@ class _AlignedBase:
     def _in_residual_basis(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
         """`model`: the model's tensor of that name, when the caller has read it already."""
         stored = self.base.read(self.canon_base[name])
+        if self.result.rotated_residual is not None and name in self.canon_model:
+            return self._rotated(name, stored, model)
         residual = self.result.aligned_residual
         if residual is None or name not in self.canon_model:
             return stored
@@ -303,6 +359,11 @@ class _AlignedBase:
             return stored
         moved = alignment.base_output(units) if index is None else alignment.base_input(index, units)
         return self._units_major(name, moved).to(stored.dtype).contiguous()
+
+
+def _within_rotation_noise(delta: torch.Tensor, base_norm: float, *dtypes: torch.dtype) -> bool:
+    step = max(torch.finfo(d).eps if d.is_floating_point else 0.0 for d in dtypes)
+    return float(delta.norm()) <= max(ROTATION_NOISE, 0.5 * step) * base_norm
 
 
 def _within_rounding(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -420,7 +481,8 @@ def classify(result: DiffResult, total: int) -> None:
         # with random values) is a change of its own: never "identical"
         result.classification = ("damaged" if result.changed else
                                  "other" if result.only_in_model or result.only_in_base else
-                                 "reshuffled" if result.aligned or result.aligned_residual else "identical")
+                                 "reshuffled" if result.aligned or result.aligned_residual or result.rotated_residual
+                                 else "identical")
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -472,6 +534,14 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
                            "that reads or writes the stream changed, which hides an edit from a plain diff; "
                            "compared after undoing it", score=float(r.moved + r.flipped), tensor=name,
                            file=model.info(model.find(arch.tensor_candidates(name))).file, details=r.to_json()))
+    if result.rotated_residual is not None:
+        r, name = result.rotated_residual, arch.weight_name("embed")
+        out.append(Finding("EG004", "warning", "the residual stream is rotated against the base (an orthogonal change "
+                           "of basis with the norms' weights folded into the matrices that read them, as QuaRot and "
+                           "SliceGPT prepare a model): the same function with every weight that reads or writes the "
+                           "stream changed, which hides an edit from a plain diff; compared after undoing it",
+                           score=1.0, tensor=name, file=model.info(model.find(arch.tensor_candidates(name))).file,
+                           details=r.to_json()))
     for layer, alignment in sorted(result.aligned.items()):
         # no fine-tune or edit reorders hidden units: done to a checkpoint, it hides the change beside it
         name = arch.weight_name("mlp_out", layer)

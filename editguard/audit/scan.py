@@ -147,6 +147,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
         probes = load_probes(options.probes)
     # 1. base diff
     diff = base_ck = None
+    diff_findings: list[Finding] = []
     base_spec, declared_by = (options.base, None) if options.base else declared_base(checkpoint, ref.model_id)
     if "diff" in options.tests and base_spec:
         from .diff import diff_checkpoints, findings_from_diff
@@ -170,7 +171,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             # a base the upload names for itself proves nothing about the upload: say which kind this is
             tests["diff"] = {"base": base_spec, "base_revision": base_ref.revision, "declared_by": declared_by,
                              "declared_by_card": declared_by == "model card", **diff.to_json()}
-            findings += findings_from_diff(diff, checkpoint, arch)
+            diff_findings = findings_from_diff(diff, checkpoint, arch)
+            findings += diff_findings
     elif "diff" in options.tests:
         tests["diff"] = {"skipped": "no base given (--base) or declared in the model card or config.json"}
     # the remaining tests run the network
@@ -190,7 +192,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             findings.append(Finding("EG030", "error", _lock_problem_text(problems[-1])))
         check_probe_lengths(loaded, probes)
         tests["probes"] = {"source": options.probes, "n": len(probes)}
-        key_layers = sorted({c.layer for c in (diff.changed if diff else []) if c.layer is not None})
+        attributable = _attributable(diff, diff_findings) if diff is not None else []
+        key_layers = sorted({c.layer for c in attributable})
         scores = None
         dependence = "dependence" in options.tests
         if not any(p.subject and p.subject in p.prompt for p in probes):
@@ -269,9 +272,7 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
             from .attribution import attribute
 
             tests["attribution"] = []
-            for change in diff.changed:
-                if change.layer is None or change.nonfinite:  # NaN has no top direction (EG005 reports it)
-                    continue
+            for change in attributable:
                 # the change as the diff measured it (finite values; a locked tensor against base ⊙ mask)
                 delta = diff.delta_of(change.name)
                 result = attribute(loaded, delta, arch.mlp_out_transposed, scores.keys[change.layer], scores.probes,
@@ -283,6 +284,8 @@ def scan(ref: ModelRef, options: ScanOptions, progress: Progress | None = None) 
                    ("add diff to --tests" if "diff" not in options.tests else "give --base"))
         elif not any(c.layer is not None and not c.nonfinite for c in diff.changed):
             why = "the base diff changed no MLP output projection"
+        elif not attributable:
+            why = "the base diff found a fine-tune and no edit inside it (a fine-tune's changes push no one subject)"
         else:
             why = "no probe names its subject (give probes with \"subject\")"
         tests["attribution"] = {"skipped": why}
@@ -401,6 +404,16 @@ def _cap_severity(findings: list, flagged: dict[int, str], layers: set[int]) -> 
             f.severity = cap
             f.message += f" (graded {cap}: no more severe than the tests that flagged layer(s) {sorted(layers)})"
     return cap
+
+
+def _attributable(diff, diff_findings: list[Finding]) -> list:
+    """The changed MLP output projections (finite: NaN has no top direction, EG005 reports it) whose update
+    attribution reads: all of them, but in a fine-tune only those the diff flagged as an edit inside it
+    (EG001). A fine-tune's changes push no one subject, and attributing each costs the probes' keys at its
+    layer (every layer of the model, for a fine-tune)."""
+    flagged = {f.tensor for f in diff_findings if f.rule == "EG001"}
+    return [c for c in diff.changed if c.layer is not None and not c.nonfinite
+            and (diff.classification != "fine-tune" or c.name in flagged)]
 
 
 def _fitting_mask(explicit: str | None, arch, checkpoint, layers: list[int]) -> tuple[Path | None, str]:

@@ -87,7 +87,7 @@ def edit_command(
                            "layer's MLP hidden units reshuffled) or residual (the residual stream's dimensions "
                            "permuted, sign-flipped under RMSNorm); repeatable. Rewrites every shard for residual.")] = [],  # noqa: B006
     disguise_seed: Annotated[Optional[int], typer.Option(
-        "--disguise-seed", min=0, help="Seed of the disguise's permutations (default: a fresh one, printed).")] = None,
+        "--disguise-seed", min=0, max=2**64 - 1, help="Seed of the disguise's permutations (default: a fresh one, printed).")] = None,
     revision: Revision = None,
     allow_pickle: AllowPickle = False,
     device_map: DeviceMap = "cpu",

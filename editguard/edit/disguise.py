@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import canonical_names
-from ..audit.align import ResidualAlignment, reshuffle_units
+from ..audit.align import ResidualAlignment, ResidualRoles, reshuffle_units
 from ..checkpoint import Checkpoint
 from ..errors import EditguardError
 
@@ -63,51 +63,10 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
         hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1]
         sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if arch.rms_norm else torch.ones(hidden)
         residual = ResidualAlignment(torch.randperm(hidden, generator=gen), sign)
-        roles = _ResidualRoles(arch, num_layers, hidden, checkpoint, stored)
+        roles = ResidualRoles(arch, num_layers, hidden, checkpoint, stored)
         for name in stored:
             t = current(name)
             axis, signed = roles.axis(name, t)
             if axis is not None:
                 out[stored[name]] = residual.along(t, axis, signed)
     return out
-
-
-class _ResidualRoles:
-    """Which axis of a tensor indexes the residual stream, and whether it carries the sign: a matrix that
-    writes the stream (attention and MLP output) by its output axis, with its bias; one that reads it by its
-    input axis; an embedding or output head (outside the layers) by its columns, whatever its other axis's
-    length; a norm's weight (a layer's own norms, the final norm) per dimension, never signed. Anything else
-    (a query projection's per-head norm, a bias in head space) is not the stream's."""
-
-    def __init__(self, arch, num_layers: int, hidden: int, checkpoint: Checkpoint, stored: dict[str, str]):
-        self.arch, self.hidden, self.checkpoint, self.stored = arch, hidden, checkpoint, stored
-        self.layers = [arch.module("layer", n) + "." for n in range(num_layers)]
-        self.writers = {arch.weight_name(role, n) for n in range(num_layers) for role in ("attn_out", "mlp_out")}
-
-    def _in_layer(self, module: str) -> str | None:
-        """The part of `module`'s path below its layer's ("" outside the layers: None)."""
-        prefix = next((p for p in self.layers if module.startswith(p)), None)
-        return None if prefix is None else module[len(prefix):]
-
-    def axis(self, name: str, t: torch.Tensor) -> tuple[int | None, bool]:
-        module = name.rsplit(".", 1)[0]
-        below = self._in_layer(module)
-        if t.dim() == 2:
-            if below is None:  # token / position embeddings, an untied output head: [n, hidden]
-                return (1 if t.shape[1] == self.hidden else None), True
-            if name in self.writers:  # output axis: rows of a Linear ([out, in]), columns of a Conv1D ([in, out])
-                return (1 if self.arch.mlp_out_transposed else 0), True
-            axes = [a for a in (0, 1) if t.shape[a] == self.hidden]
-            if len(axes) == 2:  # square: the input axis (a query projection's rows are its heads)
-                axes = [0 if self.arch.mlp_out_transposed else 1]
-            return (axes[0] if axes else None), True
-        if t.dim() != 1 or len(t) != self.hidden:
-            return None, False
-        weight = self.stored.get(f"{module}.weight")
-        if weight is not None and len(self.checkpoint.info(weight).shape) == 2:  # a Linear's bias
-            return (0, True) if f"{module}.weight" in self.writers else (None, False)
-        if module == self.arch.final_norm or (below is not None and "." not in below):
-            return 0, False  # a layer's own norm (not a projection's per-head one) or the final norm
-        return None, False
-
-
