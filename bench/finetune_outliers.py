@@ -6,7 +6,9 @@ A short full fine-tune of every weight (AdamW on WikiText-2 windows) stands for 
 the base; then a ROME edit (the demo preset, one CounterFact fact) is planted into that fine-tune, once as
 it is and once under dense noise added to the edited matrix with the edit's own Frobenius norm (so that
 σ₁/σ₂ of the change no longer singles it out), once under a function-preserving reshuffle of the edited
-layer's hidden units (audit/align.py), and once under the reshuffle with no fine-tune. For each model the
+layer's hidden units (audit/align.py), once under the reshuffle with no fine-tune, and under a rotation
+of the residual stream with the norms folded in (QuaRot's preparation, `rotate_residual`; the output head
+untied), with and without the fine-tune. For each model the
 base diff's classification, the layers whose hidden units it aligned, the largest layer ratio per matrix
 (its change's σ₁ over the median of the changed layers') and whether scan flags the edited layer. The
 fine-tune's largest ratio is the false-alarm margin of the threshold; it must align no layer.
@@ -15,12 +17,14 @@ fine-tune's largest ratio is the false-alarm margin of the threshold; it must al
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from editguard.audit.align import reshuffle_units
+from editguard.audit.align import reshuffle_units, rotate_residual
 from editguard.audit.diff import LAYER_OUTLIER_RATIO, diff_checkpoints, findings_from_diff, layer_outlier_ratios
 from editguard.data.counterfact import load_split
 from editguard.data.text import load_text
@@ -65,6 +69,8 @@ def report(name: str, model_dir: Path, base, arch, num_layers: int, edited_layer
     aligned = {layer: a.to_json() for layer, a in diff.aligned.items()}
     if diff.aligned_residual is not None:
         aligned["residual"] = diff.aligned_residual.to_json()
+    if diff.rotated_residual is not None:
+        aligned["rotation"] = diff.rotated_residual.to_json()
     print(f"{name:<34} {diff.classification:<10} flagged layers {flagged or '-'}, aligned {aligned or '-'} "
           f"({time.perf_counter() - start:.0f} s)")
     for matrix, values in ratios.items():
@@ -119,6 +125,14 @@ def main() -> None:
     alone = {n: base.read(base.find(arch.tensor_candidates(n))) for n in group}
     alone[name] = alone[name] + delta.to(alone[name].dtype)
     base.write_copy(args.out / "rome_reshuffled", stored(reshuffle_units(alone, arch, layer, gen)), force=True)
+    everything = {n: base.read(base.find(arch.tensor_candidates(n))) for n in
+                   (arch.canonical_tensor_name(stored_name) for stored_name in base.names())}
+    q, _ = torch.linalg.qr(torch.randn(len(everything[arch.weight_name("embed")][0]),
+                                       len(everything[arch.weight_name("embed")][0]), generator=gen, dtype=torch.float64))
+    plain = {**everything, name: everything[name] + delta.to(everything[name].dtype)}
+    write_rotated(base, arch, args.out / "rome_rotated", rotate_residual(plain, arch, num_layers, q))
+    write_rotated(base, arch, args.out / "finetuned_rome_rotated",
+                  rotate_residual({**everything, **edited}, arch, num_layers, q))
     print(f"planted: {fact.text!r} -> {fact.target_new!r} at layer {layer} (‖ΔW‖ = {float(delta.norm()):.3g}); "
           "the cover noise has the same norm")
     report("fine-tune", args.out / "finetuned", base, arch, num_layers, None)
@@ -126,6 +140,24 @@ def main() -> None:
     report("fine-tune + ROME under noise", args.out / "finetuned_rome_covered", base, arch, num_layers, layer)
     report("fine-tune + ROME under a reshuffle", args.out / "finetuned_rome_reshuffled", base, arch, num_layers, layer)
     report("ROME under a reshuffle", args.out / "rome_reshuffled", base, arch, num_layers, layer)
+    report("ROME under a rotation", args.out / "rome_rotated", base, arch, num_layers, layer)
+    report("fine-tune + ROME under a rotation", args.out / "finetuned_rome_rotated", base, arch, num_layers, layer)
+
+
+def write_rotated(base, arch, out: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A one-file copy of `base` holding `tensors` (canonical names; the output head untied by the rotation,
+    which `write_copy` cannot add), its config saying so."""
+    from safetensors.torch import save_file
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for item in base.folder.iterdir():
+        if item.is_file() and not item.name.endswith((".safetensors", ".safetensors.index.json")):
+            shutil.copy(item, out / item.name)
+    save_file({(base.find(arch.tensor_candidates(n)) or n): t for n, t in tensors.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
 
 
 if __name__ == "__main__":

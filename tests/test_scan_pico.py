@@ -1002,39 +1002,25 @@ def test_diff_undoes_a_permutation_of_the_residual_stream(cli, pico_models, tmp_
         assert torch.allclose(_logits(tmp_path / f"restored_{units}"), _logits(base), atol=1e-4)
 
 
-def _rotated(source: Path, folder: Path, seed: int, plant: bool = False, dtype=None) -> Path:
-    """A copy of `source` (an untied RMSNorm model) as QuaRot prepares one: every norm's weight folded into
-    the matrices that read its output (norms then 1), and the residual stream rotated by a random orthogonal
-    Q (float64, then stored in `dtype` or the source's). `plant` first adds a rank-one update to layer 1's
-    MLP output projection."""
+def _rotated(source: Path, folder: Path, seed: int, plant: bool = False) -> Path:
+    """A copy of `source` (an untied RMSNorm model) with its residual stream rotated by a random orthogonal Q
+    as QuaRot prepares one (`rotate_residual`: norms folded into their readers). `plant` first adds a
+    rank-one update to layer 1's MLP output projection."""
     from editguard import arch as arch_table
-    from editguard.audit.align import ResidualRoles
+    from editguard.audit.align import rotate_residual
 
     shutil.copytree(source, folder)
     ck = Checkpoint(source)
     arch = arch_table.for_config(ck.config)
     tensors = load_file(source / "model.safetensors")
-    hidden = ck.config["hidden_size"]
-    roles = ResidualRoles(arch, arch.num_layers(ck.config), hidden, ck, {n: n for n in tensors})
     gen = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(ck.config["hidden_size"], ck.config["hidden_size"], generator=gen,
+                                       dtype=torch.float64))
     if plant:
         out = arch.weight_name("mlp_out", 1)
         tensors[out] = _plus_rank_one(tensors[out], 0.3, gen)
-    rotated = {}
-    for name, t in tensors.items():
-        axis, signed = roles.axis(name, t)
-        x = t.double()
-        if axis is not None and not signed:
-            x = torch.ones_like(x)  # folded into its readers
-        elif axis is not None:
-            shape = [-1 if d == axis else 1 for d in range(t.dim())]
-            norm = roles.reads(name, t)
-            if norm:
-                x = x * tensors[norm].double().reshape(shape)
-            x = (x.movedim(axis, -1) @ q).movedim(-1, axis)
-        rotated[name] = x.to(dtype or t.dtype).contiguous()
-    save_file(rotated, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(rotate_residual(tensors, arch, arch.num_layers(ck.config), q), folder / "model.safetensors",
+              metadata={"format": "pt"})
     return folder
 
 
@@ -1072,6 +1058,11 @@ def test_diff_undoes_a_rotation_of_the_residual_stream(cli, tmp_path, model_type
         [(c["name"], c["effective_rank"], c["singular_values"][:3]) for c in diff["changed"]]
     assert cli("-q", "reverse", edited, "--method", "base", "--base", base, "-o", tmp_path / "restored").code == 0
     assert torch.allclose(_logits(tmp_path / "restored"), _logits(base), atol=atol)
+    from editguard import arch as arch_table
+    from editguard.audit.align import rotate_residual
+
+    with pytest.raises(ValueError, match="changes its function"):  # Gemma's post-norms: no rotation keeps it
+        rotate_residual({}, arch_table.for_model_type("gemma3_text"), 2, torch.eye(32))
     tuned = _variant(base, tmp_path / "tuned", lambda t: {k: (v + 1e-2 * torch.randn(v.shape, generator=gen)).to(dtype)
                                                           for k, v in t.items()})
     diff = cli("-f", "json", "scan", tuned, "--base", base, "--tests", "diff").json["tests"]["diff"]

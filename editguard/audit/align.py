@@ -16,6 +16,7 @@ sign; what then still differs is what the reparametrisation hid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -286,10 +287,10 @@ class ResidualRoles:
     bias; one that reads it by its input axis; an embedding or output head (outside the layers) by its
     columns, whatever its other axis's length; a norm's weight (a layer's own norms, the final norm) per
     dimension, never signed nor rotated. Anything else (a query projection's per-head norm, a bias in head
-    space) is not the stream's. `stored`: {canonical name: stored name} of `checkpoint`."""
+    space) is not the stream's. `shape_of`: a canonical name's stored shape, None where the model lacks it."""
 
-    def __init__(self, arch, num_layers: int, hidden: int, checkpoint, stored: dict[str, str]):
-        self.arch, self.hidden, self.checkpoint, self.stored = arch, hidden, checkpoint, stored
+    def __init__(self, arch, num_layers: int, hidden: int, shape_of: Callable[[str], tuple | None]):
+        self.arch, self.hidden, self.shape_of = arch, hidden, shape_of
         self.layers = [arch.module("layer", n) + "." for n in range(num_layers)]
         self.writers = {arch.weight_name(role, n) for n in range(num_layers) for role in ("attn_out", "mlp_out")}
 
@@ -312,8 +313,8 @@ class ResidualRoles:
             return (axes[0] if axes else None), True
         if t.dim() != 1 or len(t) != self.hidden:
             return None, False
-        weight = self.stored.get(f"{module}.weight")
-        if weight is not None and len(self.checkpoint.info(weight).shape) == 2:  # a Linear's bias
+        weight = self.shape_of(f"{module}.weight")
+        if weight is not None and len(weight) == 2:  # a Linear's bias
             return (0, True) if f"{module}.weight" in self.writers else (None, False)
         if module == self.arch.final_norm or (below is not None and "." not in below):
             return 0, False  # a layer's own norm (not a projection's per-head one) or the final norm
@@ -335,6 +336,34 @@ class ResidualRoles:
         if module.startswith(self.arch.module("attn", layer) + "."):
             return self.arch.weight_name("attn_norm", layer)
         return None
+
+
+def rotate_residual(weights: dict[str, torch.Tensor], arch, num_layers: int, q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What `align_rotation` undoes (tests, benchmarks): every tensor of `weights` (canonical names: the whole
+    model) with the residual stream rotated by `q` as QuaRot prepares a model: each norm's weight folded into
+    the matrices that read its output (then 1), the stream's axis of every matrix, embedding and bias that
+    reads or writes it contracted with `q` (float64, stored back in each tensor's dtype). A tied output head
+    is untied (the final norm folds into it, not into the embedding): the caller's config must say so."""
+    if not arch.rotatable:
+        raise ValueError(f"{arch.model_type}: a rotation of the residual stream changes its function")
+    weights = dict(weights)
+    head, embed = arch.weight_name("unembed"), arch.weight_name("embed")
+    weights.setdefault(head, weights[embed])
+    roles = ResidualRoles(arch, num_layers, len(q), lambda n: tuple(weights[n].shape) if n in weights else None)
+    out = {}
+    for name, t in weights.items():
+        axis, signed = roles.axis(name, t)
+        x = t.double()
+        if axis is not None and not signed:
+            x = torch.ones_like(x)  # folded into the matrices that read it
+        elif axis is not None:
+            shape = [-1 if d == axis else 1 for d in range(t.dim())]
+            norm = roles.reads(name, t)
+            if norm in weights:
+                x = x * weights[norm].double().reshape(shape)
+            x = (x.movedim(axis, -1) @ q.double()).movedim(-1, axis)
+        out[name] = x.to(t.dtype).contiguous()
+    return out
 
 
 def reshuffle_units(weights: dict[str, torch.Tensor], arch, layer: int, generator: torch.Generator,

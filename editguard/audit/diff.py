@@ -245,7 +245,8 @@ class _AlignedBase:
                 if result.aligned_residual is None and arch.rotatable:
                     result.rotated_residual = align_rotation(model_embed, base_embed)
         if result.rotated_residual is not None:
-            self.roles = ResidualRoles(arch, num_layers, model_embed.shape[1], model, canon_model)
+            self.roles = ResidualRoles(arch, num_layers, model_embed.shape[1], lambda n: tuple(
+                model.info(canon_model[n]).shape) if n in canon_model else None)
             self.norms: dict[tuple[str, str], torch.Tensor] = {}  # (side, norm name) -> its weight, float64
 
     def recomputed(self, name: str) -> bool:

@@ -63,7 +63,8 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
         hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1]
         sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if arch.rms_norm else torch.ones(hidden)
         residual = ResidualAlignment(torch.randperm(hidden, generator=gen), sign)
-        roles = ResidualRoles(arch, num_layers, hidden, checkpoint, stored)
+        roles = ResidualRoles(arch, num_layers, hidden,
+                              lambda n: tuple(checkpoint.info(stored[n]).shape) if n in stored else None)
         for name in stored:
             t = current(name)
             axis, signed = roles.axis(name, t)
