@@ -100,3 +100,18 @@ def test_a_reshuffle_over_a_fine_tune_is_still_matched_and_rescaled():
         assert torch.equal(found.order, order) and found.rescaled == 64, (drift, found.rescaled)
         assert torch.allclose(found.scale.float(), scale, rtol=0.05)
         assert align_units(tuned, [gate, up], scalable=1) is None  # the drift alone: nothing moved or rescaled
+
+
+def test_a_row_pasted_over_another_is_a_change_not_a_move():
+    """Bit-for-bit matching must not let a copy of a unit stand in for the unit it overwrote: the original,
+    drifted by a fine-tune, stays in place, and the copy is compared where it is (a change)."""
+    gate, up = _mlp()
+    gen = torch.Generator().manual_seed(9)
+    tuned = [t + 1e-3 * torch.randn(t.shape, generator=gen) for t in (gate, up)]
+    tuned[0][1], tuned[1][1] = gate[0], up[0]  # unit 1 overwritten with base unit 0, exactly
+    found = align_units(tuned, [gate, up], scalable=1)
+    assert found is None or found.order[1] == 1, found.order[:4]
+    embed = torch.randn(500, 24, generator=gen)
+    swapped = embed.clone()  # two columns swapped with their values' signs flipped one by one: no permutation
+    swapped[:, [3, 5]] = embed[:, [5, 3]] * torch.where(torch.rand(500, 2, generator=gen) < 0.5, -1.0, 1.0)
+    assert align_residual(swapped, embed) is None

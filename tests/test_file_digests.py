@@ -130,11 +130,17 @@ def test_an_index_mask_that_is_not_the_indexed_file_is_refused(cli, tmp_path, mo
     llama = Checkpoint(pico_models["llama"])
     fit = masks_index.best_fit(arch_table.for_config(llama.config), llama)
     assert masks_index.mask_path(fit) == path
+    assert masks_index.mask_path({**fit, "sha256": None}) == path  # entries written before the field: as they are
     _mask(layer=0).save(path)  # another mask, itself intact, under the indexed name
     with pytest.raises(EditguardError, match="sha256 is not the one its mask index records"):
         masks_index.mask_path(fit)
     one_line_error(cli("lock", pico_models["llama"], "-o", tmp_path / "locked"), "sha256 is not the one its mask index")
     assert not (tmp_path / "locked").exists()
+    from editguard.audit.scan import _fitting_mask  # scan: the hidden-facts test says why it did not run
+
+    (folder / "index.json").write_text(json.dumps([{**entry, "test_rsr": 0.9}]))  # (good enough to be taken)
+    path, why = _fitting_mask(None, arch_table.for_config(llama.config), llama, [1])
+    assert path is None and "sha256 is not the one its mask index records" in why
 
 
 def test_shipped_masks_are_the_files_their_index_records():

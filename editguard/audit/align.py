@@ -68,6 +68,10 @@ def _exact_matches(model: torch.Tensor, base: torch.Tensor, unsigned: bool) -> t
     for i, key in enumerate(model_keys):
         if where.get(key, -1) >= 0 and seen[key] == 1:
             out[i] = where[key]
+    if unsigned:  # equal up to sign as a whole row, not value by value
+        hit = torch.nonzero(out >= 0).flatten()
+        m, b = model[hit], base[out[hit]]
+        out[hit[~((m == b).all(1) | (m == -b).all(1))]] = -1
     return out
 
 
@@ -89,14 +93,20 @@ def match_rows(model: list[torch.Tensor], base: list[torch.Tensor], unsigned: se
         exact[hit[~(agree.mean(0) >= MATCHED)]] = -1
     # rows found bit for bit are matched there; the rest are in place when near their own base row (drifted,
     # as a fine-tune leaves them), else moved
+    near = cosines.mean(0) >= MATCHED  # each model row against the base row at its own index
+    # a bit-for-bit copy of base row i elsewhere is a move only if model row i left that place: one pasted
+    # over another row while the original stays (drifted) is a change, compared where it is
+    target = exact.clamp(min=0)
+    exact[(exact >= 0) & (exact != torch.arange(rows)) & near[target] & (exact[target] < 0)] = -1
     order[exact >= 0] = exact[exact >= 0]
-    in_place = (exact < 0) & (cosines.mean(0) >= MATCHED)
+    held = torch.zeros(rows, dtype=torch.bool)
+    held[exact[exact >= 0]] = True  # a base row matched bit for bit is no other row's, in place or moved
+    in_place = (exact < 0) & ~held & near
     moved = torch.nonzero((exact < 0) & ~in_place).flatten()  # NaN: moved
     if not len(moved):
         return order, 0
     # a moved row is matched among the base rows no other row holds: a reshuffle maps them onto each other
-    free = ~in_place
-    free[exact[exact >= 0]] = False
+    free = ~in_place & ~held
     candidates = torch.nonzero(free).flatten()
     best, score = torch.zeros(len(moved), dtype=torch.long), torch.full((len(moved),), float("nan"))
     rows_m = [_normalized(m[moved]) for m in model]
@@ -255,9 +265,15 @@ class ResidualRotation:
     q: torch.Tensor  # float64
     fit: float  # ‖E_base q − E_model‖ / ‖E_model‖ on the token embedding's sampled rows
 
-    def along(self, base: torch.Tensor, axis: int) -> torch.Tensor:
-        """`base` (float64) with its `axis` (the stream's) in the model's basis."""
-        return (base.double().movedim(axis, -1) @ self.q).movedim(-1, axis)
+    def along(self, base: torch.Tensor, axis: int, fold: torch.Tensor | None = None,
+              unfold: torch.Tensor | None = None) -> torch.Tensor:
+        """`base` (float64) with its `axis` (the stream's) in the model's basis; a matrix that reads a norm's
+        output carries that norm's weight `fold` into it first, and `unfold` (the weight the model's own norm
+        applies; zeros left alone) is taken out after."""
+        shape = [-1 if d == axis else 1 for d in range(base.dim())]
+        out = base.double() if fold is None else base.double() * fold.double().reshape(shape)
+        out = (out.movedim(axis, -1) @ self.q.double()).movedim(-1, axis)
+        return out if unfold is None else out / torch.where(unfold == 0, 1.0, unfold.double()).reshape(shape)
 
     def to_json(self) -> dict:
         return {"fit_residual": self.fit, "largest_entry": float(self.q.abs().max())}
@@ -350,19 +366,14 @@ def rotate_residual(weights: dict[str, torch.Tensor], arch, num_layers: int, q: 
     head, embed = arch.weight_name("unembed"), arch.weight_name("embed")
     weights.setdefault(head, weights[embed])
     roles = ResidualRoles(arch, num_layers, len(q), lambda n: tuple(weights[n].shape) if n in weights else None)
-    out = {}
+    rotation, out = ResidualRotation(q, 0.0), {}
     for name, t in weights.items():
         axis, signed = roles.axis(name, t)
-        x = t.double()
         if axis is not None and not signed:
-            x = torch.ones_like(x)  # folded into the matrices that read it
+            t = torch.ones_like(t)  # folded into the matrices that read it
         elif axis is not None:
-            shape = [-1 if d == axis else 1 for d in range(t.dim())]
-            norm = roles.reads(name, t)
-            if norm in weights:
-                x = x * weights[norm].double().reshape(shape)
-            x = (x.movedim(axis, -1) @ q.double()).movedim(-1, axis)
-        out[name] = x.to(t.dtype).contiguous()
+            t = rotation.along(t, axis, fold=weights.get(roles.reads(name, t))).to(t.dtype)
+        out[name] = t.contiguous()
     return out
 
 

@@ -48,6 +48,10 @@ ALIGN_ROUNDING_ULPS = 2
 # embedding (float32: ~1e-8 relative; bfloat16 with a small vocabulary: ~1e-3), so single values may differ by
 # more than a few steps where sums cancel; an edit moves the whole by far more (the demo's ROME edits: 1-7 %)
 ROTATION_NOISE = 1e-5
+# rounding noise spreads over many directions: an m x n matrix of it has σ₁ ≈ (√m + √n)/√(mn) of its norm
+# (576 x 1536: 0.07; sparse flips of one step run higher); a change with σ₁ above this many times that has a
+# direction of its own (a rank-one edit: σ₁ ≈ its norm)
+NOISE_SPREAD = 2.5
 COMPARE_BLOCK = 1 << 24  # elements compared at a time (a few 16M-element temporaries, ~64 MB each at most)
 
 
@@ -158,6 +162,10 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
 
     completed: dict[str, tuple] = {}  # a locked tensor's change is filled in once (it may be asked for thrice)
     base_of = _AlignedBase(model, base, arch, num_layers, canon_model, canon_base, set(base_masks), result)
+    for name in base_of.stand_in:  # compared after all: with what the base computes it from
+        result.only_in_model.remove(name)
+        shared = sorted([*shared, name])
+        result.compared += 1
 
     def measured(name: str) -> tuple[torch.Tensor | None, int, float, bool]:
         if name in completed:
@@ -244,10 +252,19 @@ class _AlignedBase:
                 result.aligned_residual = align_residual(model_embed, base_embed)
                 if result.aligned_residual is None and arch.rotatable:
                     result.rotated_residual = align_rotation(model_embed, base_embed)
+        # a rotation unties a tied output head (the final norm folds into it, not into the embedding): the base's
+        # head is its embedding, compared folded and rotated like any reader (so the final norm is compared too)
+        head = arch.weight_name("unembed")
+        self.stand_in = ({head: embed} if result.rotated_residual is not None and head in canon_model
+                         and head not in canon_base and embed in canon_base and arch.tied(base.config) else {})
         if result.rotated_residual is not None:
             self.roles = ResidualRoles(arch, num_layers, model_embed.shape[1], lambda n: tuple(
                 model.info(canon_model[n]).shape) if n in canon_model else None)
             self.norms: dict[tuple[str, str], torch.Tensor] = {}  # (side, norm name) -> its weight, float64
+
+    def _stored(self, name: str) -> str | None:
+        """The base's stored name for `name` (a tied head's: its embedding's)."""
+        return self.canon_base.get(self.stand_in.get(name, name))
 
     def recomputed(self, name: str) -> bool:
         """Whether `name` is compared with a base recomputed in another basis or scale, which storage rounds."""
@@ -256,9 +273,9 @@ class _AlignedBase:
     def rotated(self, name: str) -> bool:
         """Whether `name` is compared with a base rewritten to a rotated residual stream (a matrix, embedding
         or bias that reads or writes the stream)."""
-        if self.result.rotated_residual is None or name not in self.canon_model or name not in self.canon_base:
+        if self.result.rotated_residual is None or name not in self.canon_model or self._stored(name) is None:
             return False
-        info = self.base.info(self.canon_base[name])
+        info = self.base.info(self._stored(name))
         axis, signed = self.roles.axis(name, torch.empty(info.shape, device="meta"))
         return axis is not None and signed
 
@@ -279,15 +296,11 @@ class _AlignedBase:
             return stored
         if not signed:
             return self.model.read(self.canon_model[name]) if model is None else model
-        shape = [-1 if d == axis else 1 for d in range(t.dim())]
-        out, norm = t.double(), self.roles.reads(name, t)
+        norm = self.roles.reads(name, t)
         g_base, g_model = (self._norm("base", norm), self._norm("model", norm)) if norm else (None, None)
-        if g_base is not None and g_model is not None:
-            out = out * g_base.reshape(shape)
-        out = rotation.along(out, axis)
-        if g_base is not None and g_model is not None:
-            out = out / torch.where(g_model == 0, 1.0, g_model).reshape(shape)
-        return out.to(stored.dtype)
+        if g_base is None or g_model is None:  # (a side without that norm: rotated as it is)
+            g_base = g_model = None
+        return rotation.along(t, axis, fold=g_base, unfold=g_model).to(stored.dtype)
 
     def aligned(self, name: str) -> bool:
         """Whether `name` is compared with a base rewritten to a reshuffle of its MLP's hidden units."""
@@ -311,7 +324,7 @@ class _AlignedBase:
 
     def _in_residual_basis(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
         """`model`: the model's tensor of that name, when the caller has read it already."""
-        stored = self.base.read(self.canon_base[name])
+        stored = self.base.read(self._stored(name))
         if self.result.rotated_residual is not None and name in self.canon_model:
             return self._rotated(name, stored, model)
         residual = self.result.aligned_residual
@@ -363,8 +376,21 @@ class _AlignedBase:
 
 
 def _within_rotation_noise(delta: torch.Tensor, base_norm: float, *dtypes: torch.dtype) -> bool:
+    """A change small enough to be the rotation's rounding (float32: at most ROTATION_NOISE of the weight, far
+    below any edit) or, in a coarse dtype, where half a step allows more (0.4 % of the weight in bfloat16),
+    also spread like rounding: an edit of that size has one direction above the rest (on small matrices,
+    where noise has few directions too, the two cannot be told apart)."""
     step = max(torch.finfo(d).eps if d.is_floating_point else 0.0 for d in dtypes)
-    return float(delta.norm()) <= max(ROTATION_NOISE, 0.5 * step) * base_norm
+    norm = float(delta.norm())
+    if norm <= ROTATION_NOISE * base_norm:
+        return True
+    if norm > 0.5 * step * base_norm:
+        return False
+    if delta.dim() != 2:
+        return True
+    m, n = delta.shape
+    spread = min(1.0, NOISE_SPREAD * (m ** 0.5 + n ** 0.5) / (m * n) ** 0.5)
+    return float(top_singular_values(delta, 1)[0]) <= spread * norm
 
 
 def _within_rounding(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from ..arch import oriented
 from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, comparable, tensor_bytes
 from ..errors import BAD_JSON, EditguardError
+from ..masks_index import file_sha256
 from ..loading import real_weight
 from ..mask.file import MaskFile
 
@@ -130,7 +131,7 @@ def lock_state(checkpoint: Checkpoint, arch, expected_sha256: str | None = None)
                          "reason": f"sha256 {manifest['manifest_sha256']}, not the expected {expected_sha256} "
                                    "(rewritten: its hashes, mask or threshold may be another writer's)"})
     mask_path = checkpoint.folder / manifest["mask_file"]
-    if not mask_path.is_file() or hashlib.sha256(mask_path.read_bytes()).hexdigest() != manifest["mask_sha256"]:
+    if not mask_path.is_file() or file_sha256(mask_path) != manifest["mask_sha256"]:
         problems.append({"what": "mask", "kind": "mask", "file": manifest["mask_file"],
                          "reason": "mask file missing or changed"})
     # a locked tensor stored a second time under another spelling (GPT-2's `h.N.` beside `transformer.h.N.`):

@@ -668,7 +668,7 @@ def publish(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict
         write_outputs(staging / path.name, mask, masks, reports)
         check_new_mask_path(path)  # again: hours may have passed since the run checked it
         made = sorted(staging.iterdir(), key=lambda f: f.name == path.name)
-        write_text_atomic(record, json.dumps({"staging": staging.name, "files": {f.name: _sha256(f) for f in made}}))
+        write_text_atomic(record, json.dumps({"staging": staging.name, "files": {f.name: file_sha256(f) for f in made}}))
         recorded = True
         for file in made:
             moved.append(path.parent / file.name)  # before the move: an interruption between them is covered
@@ -709,12 +709,12 @@ def recover_publish(path: Path) -> None:
         staging, files = Path(str(made["staging"])).name, {str(k): str(v) for k, v in made["files"].items()}
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
         raise EditguardError(f"{record} is damaged: remove it and the card files beside the mask, then run again") from None
-    if path.is_file() and files.get(path.name) == _sha256(path):
+    if path.is_file() and files.get(path.name) == file_sha256(path):
         update_index(path, MaskFile.load(path))
     elif not path.exists():
         for name, digest in files.items():
             file = path.parent / Path(name).name
-            if file.is_file() and _sha256(file) == digest:
+            if file.is_file() and file_sha256(file) == digest:
                 file.unlink()
     if staging.startswith(f".{path.stem}."):
         shutil.rmtree(path.parent / staging, ignore_errors=True)
@@ -727,14 +727,6 @@ def _remove_orphan_staging(path: Path) -> None:
     for folder in temp_leftovers(path.parent, path.stem):
         if folder.is_dir() and all(f.is_file() and f.name.startswith(path.stem) for f in folder.iterdir()):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_outputs(path: Path, mask: MaskFile, masks: list[torch.Tensor], reports: dict) -> None:

@@ -36,7 +36,7 @@ from ..edit.edits import edits_applied
 from ..edit.facts import target_ids
 from ..edit.forward import (attention_in_groups, block_causal_mask, consecutive_groups, layers_skipped_below,
                              pack_index, pad_batch, replace_hidden_hook, unembed)
-from ..errors import BAD_JSON, EditguardError
+from ..errors import BAD_JSON, EditguardError, first_line
 from ..loading import LoadedModel, real_weight
 
 
@@ -610,19 +610,24 @@ def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device | str = "
     n = len([k for k in keys if k.startswith("theta.")])
     if shapes is not None and n != len(shapes):
         raise corrupted(f"{n} Θ tensors for {len(shapes)} masked tensors")
-    theta = [get(f"theta.{i}") for i in range(n)]
-    state = TrainState(theta, step, float(seconds), curve)
-    if "best_theta.0" in keys:
-        state.best_theta = [get(f"best_theta.{i}") for i in range(n)]
-        state.best_step = info.get("best_step")
-    optimizer = make_optimizer(state, cfg)
-    for i, t in enumerate(theta):
-        if f"exp_avg.{i}" in keys:
-            step_i = get(f"opt_step.{i}").reshape(-1)
-            if not len(step_i):
-                raise corrupted(f"opt_step.{i} is empty")
-            optimizer.state[t] = {"step": torch.tensor(float(step_i[0])),  # CPU, as Adam keeps it
-                                  "exp_avg": get(f"exp_avg.{i}"), "exp_avg_sq": get(f"exp_avg_sq.{i}")}
+    try:
+        theta = [get(f"theta.{i}") for i in range(n)]
+        state = TrainState(theta, step, float(seconds), curve)
+        if "best_theta.0" in keys:
+            state.best_theta = [get(f"best_theta.{i}") for i in range(n)]
+            state.best_step = info.get("best_step")
+        optimizer = make_optimizer(state, cfg)
+        for i, t in enumerate(theta):
+            if f"exp_avg.{i}" in keys:
+                step_i = get(f"opt_step.{i}").reshape(-1)
+                if not len(step_i):
+                    raise corrupted(f"opt_step.{i} is empty")
+                optimizer.state[t] = {"step": torch.tensor(float(step_i[0])),  # CPU, as Adam keeps it
+                                      "exp_avg": get(f"exp_avg.{i}"), "exp_avg_sq": get(f"exp_avg_sq.{i}")}
+    except EditguardError:
+        raise
+    except Exception as exc:  # a tensor of a kind the optimizer cannot take (an integer Θ, say)
+        raise corrupted(first_line(exc)) from None
     for i, t in enumerate(theta):
         want = tuple(shapes[i]) if shapes is not None else tuple(t.shape)
         tensors = [t, *(state.best_theta[i:i + 1] if state.best_theta else []),
