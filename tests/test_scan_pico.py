@@ -1086,6 +1086,31 @@ def test_diff_undoes_a_rotation_of_the_residual_stream(cli, tmp_path, model_type
     assert diff["classification"] == "fine-tune" and diff["rotated_residual"] is None
 
 
+def test_an_edit_beside_reshuffled_attention_heads_is_still_flagged(cli, pico_models, tmp_path):
+    """Attention heads are not aligned (README): swapping them changes every attention matrix, and an edit
+    beside the swap is still found, as one direction above the rest in its matrix (EG001)."""
+    base = pico_models["llama"]  # 2 heads of 16, 2 key-value heads
+    gen = torch.Generator().manual_seed(3)
+    swap = torch.cat([torch.arange(16, 32), torch.arange(0, 16)])
+
+    def change(t):
+        out = dict(t)
+        for n in range(2):
+            p = f"model.layers.{n}.self_attn."
+            for m in ("q_proj", "k_proj", "v_proj"):
+                out[p + m + ".weight"] = t[p + m + ".weight"][swap]
+            out[p + "o_proj.weight"] = t[p + "o_proj.weight"][:, swap]
+        down = "model.layers.1.mlp.down_proj.weight"
+        out[down] = _plus_rank_one(t[down], 0.3, gen)
+        return out
+
+    swapped = _variant(base, tmp_path / "swapped", change)
+    result = cli("-f", "json", "scan", swapped, "--base", base, "--tests", "diff").json
+    assert result["verdict"] == "edited" and result["tests"]["diff"]["classification"] == "other"
+    flagged = [f["tensor"] for f in result["findings"] if f["rule"] == "EG001"]
+    assert flagged == ["model.layers.1.mlp.down_proj.weight"], result["findings"]
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma3_text"])
 def test_edit_disguise_keeps_the_function_and_scan_sees_through_it(cli, pico_models, tmp_path, model_type):
     """`edit --disguise units --disguise residual` writes the same function as the plain edit (every
