@@ -310,10 +310,14 @@ class ResidualRoles:
         self.layers = [arch.module("layer", n) + "." for n in range(num_layers)]
         self.writers = {arch.weight_name(role, n) for n in range(num_layers) for role in ("attn_out", "mlp_out")}
 
+    def _layer_of(self, module: str) -> int | None:
+        """The layer `module` is in (None outside the layers)."""
+        return next((n for n, p in enumerate(self.layers) if module.startswith(p)), None)
+
     def _in_layer(self, module: str) -> str | None:
         """The part of `module`'s path below its layer's ("" outside the layers: None)."""
-        prefix = next((p for p in self.layers if module.startswith(p)), None)
-        return None if prefix is None else module[len(prefix):]
+        layer = self._layer_of(module)
+        return None if layer is None else module[len(self.layers[layer]):]
 
     def axis(self, name: str, t: torch.Tensor) -> tuple[int | None, bool]:
         module = name.rsplit(".", 1)[0]
@@ -344,9 +348,9 @@ class ResidualRoles:
         if axis is None or not signed or t.dim() != 2 or name in self.writers:
             return None
         module = name.rsplit(".", 1)[0]
-        if self._in_layer(module) is None:
+        layer = self._layer_of(module)
+        if layer is None:
             return f"{self.arch.final_norm}.weight" if module == self.arch.unembed else None
-        layer = next(n for n, p in enumerate(self.layers) if module.startswith(p))
         if module in self.arch.mlp_in_modules(layer):
             return self.arch.weight_name("mlp_norm", layer)
         if module.startswith(self.arch.module("attn", layer) + "."):

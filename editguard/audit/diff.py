@@ -177,9 +177,10 @@ def diff_checkpoints(model: Checkpoint, base: Checkpoint, arch: Arch, num_layers
         K = base_masks.get(name)
         if K is None:
             delta, nonfinite, base_norm, precise = difference(a, b)
-            if delta is not None and not nonfinite and base_of.recomputed(name) and (
+            rotated = base_of.rotated(name)
+            if delta is not None and not nonfinite and (rotated or base_of.rescaled(name)) and (
                     _within_rounding(delta, comparable(a), comparable(b)) or
-                    (base_of.rotated(name) and _within_rotation_noise(delta, base_norm, a.dtype, b.dtype))):
+                    (rotated and _within_rotation_noise(delta, base_norm, a.dtype, b.dtype))):
                 return None, 0, 0.0, precise  # what is left of a rescale or rotation in this dtype is its rounding
             return delta, nonfinite, base_norm, precise
         if tuple(K.shape) != tuple(b.shape):
@@ -265,10 +266,6 @@ class _AlignedBase:
     def _stored(self, name: str) -> str | None:
         """The base's stored name for `name` (a tied head's: its embedding's)."""
         return self.canon_base.get(self.stand_in.get(name, name))
-
-    def recomputed(self, name: str) -> bool:
-        """Whether `name` is compared with a base recomputed in another basis or scale, which storage rounds."""
-        return self.rescaled(name) or self.rotated(name)
 
     def rotated(self, name: str) -> bool:
         """Whether `name` is compared with a base rewritten to a rotated residual stream (a matrix, embedding
