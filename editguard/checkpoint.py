@@ -186,6 +186,7 @@ class Checkpoint:
         self.file_metadata: dict[str, dict[str, str]] = {}
         self._pickle_state: dict[str, dict[str, torch.Tensor]] = {}
         self._pickle_names: dict[str, str] = {}
+        self.index_file: str | None = None  # the shard index the weights were found by, if any
         self.format = self._scan()
 
     # -- discovery ----------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class Checkpoint:
                 raise EditguardError(f"{self.folder}/config.json: transformers_weights must be a plain file name "
                                      f"in the folder, not {explicit!r}")
             if explicit.endswith(".safetensors.index.json") and (self.folder / explicit).is_file():
+                self.index_file = explicit
                 return self._index_files(self.folder / explicit)
             if explicit.endswith(".safetensors") and (self.folder / explicit).is_file():
                 return [explicit]
@@ -252,6 +254,7 @@ class Checkpoint:
             return ["model.safetensors"]
         index = self.folder / SAFETENSORS_INDEX
         if index.is_file():
+            self.index_file = SAFETENSORS_INDEX
             return self._index_files(index)
         # editguard's own files beside the weights (a lock's mask) are not weights
         names = sorted(p.name for p in self.folder.glob("*.safetensors") if not p.name.startswith(OWN_FILE_PREFIX))
@@ -380,36 +383,46 @@ class Checkpoint:
         force: bool = False,
         progress: Callable[[str], None] | None = None,
         omit: Iterable[str] = (),
+        added: dict[str, torch.Tensor] | None = None,
     ) -> list[str]:
         """Write a complete model folder equal to this one with some tensors replaced.
 
         Only shards that hold a replaced tensor are rewritten (streamed, byte ranges copied); the others
-        are copied (kernel-side copy). The folder appears atomically: it is built beside
+        are copied (kernel-side copy). `added` tensors (names the folder lacks) go into the last weight file,
+        and into the shard index that maps it. The folder appears atomically: it is built beside
         `out_dir` and renamed into place, so an interrupted or failed write (disk full) leaves nothing.
-        Files named in `omit` are left out. Returns the names of the rewritten files.
+        Files named in `omit` are left out; `extra_files` are written last (over a copied file of that name).
+        Returns the names of the rewritten files.
         """
         out = check_output_folder(out_dir, [self.folder], force)
         for name in replacements:
             if name not in self:
                 raise EditguardError(f"cannot replace {name!r}: not in {self.folder}")
+        added = added or {}
+        for name in added:
+            if name in self:
+                raise EditguardError(f"cannot add {name!r}: {self.folder} already holds it")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(out)
         rewritten: list[str] = []
         try:
             if self.format == "pickle":
-                rewritten = self._write_pickle_as_safetensors(tmp, replacements)
+                rewritten = self._write_pickle_as_safetensors(tmp, replacements, added)
             else:
-                touched = {self._tensors[name].file for name in replacements}
+                home = self.files[-1]
+                touched = {self._tensors[name].file for name in replacements} | ({home} if added else set())
                 for shard in self.files:
                     if shard in touched:
                         if progress:
                             progress(f"rewriting {shard}")
-                        self._rewrite_shard(shard, tmp / shard, replacements)
+                        self._rewrite_shard(shard, tmp / shard, replacements, added if shard == home else {})
                         rewritten.append(shard)
                     else:
                         _copy(self.folder / shard, tmp / shard)
                 if (self.folder / SAFETENSORS_INDEX).is_file():
                     _copy(self.folder / SAFETENSORS_INDEX, tmp / SAFETENSORS_INDEX)
+                if added and self.index_file is not None:
+                    extra_files = {self.index_file: self._index_with(added, home), **(extra_files or {})}
             weight_files = set(self.files) | {SAFETENSORS_INDEX}
             for item in self.folder.iterdir():
                 if item.name in weight_files or item.name in omit or item.suffix in PICKLE_SUFFIXES or item.name.startswith("."):
@@ -436,26 +449,27 @@ class Checkpoint:
             raise
         return rewritten
 
-    def _rewrite_shard(self, shard: str, dest: Path, replacements: dict[str, torch.Tensor]) -> None:
+    def _rewrite_shard(self, shard: str, dest: Path, replacements: dict[str, torch.Tensor],
+                       added: dict[str, torch.Tensor]) -> None:
         entries = sorted((info for info in self._tensors.values() if info.file == shard), key=lambda i: i.start)
         header: dict = {}
         metadata = self.file_metadata.get(shard) or {}
         if metadata:
             header["__metadata__"] = metadata
-        payload: list[tuple[TensorInfo, torch.Tensor | None]] = []
+        payload: list[tuple[TensorInfo | None, torch.Tensor | None]] = []
         offset = 0
-        for info in entries:
-            new = replacements.get(info.name)
+        for info, name in [(info, info.name) for info in entries] + [(None, name) for name in sorted(added)]:
+            new = replacements.get(name) if info is not None else added[name]
             if new is not None:
                 new = new.detach().to("cpu").contiguous()
                 tag = _TAGS.get(new.dtype)
                 if tag is None:
-                    raise EditguardError(f"cannot store dtype {new.dtype} for {info.name}")
+                    raise EditguardError(f"cannot store dtype {new.dtype} for {name}")
                 size = new.numel() * new.element_size()
-                header[info.name] = {"dtype": tag, "shape": list(new.shape), "data_offsets": [offset, offset + size]}
+                header[name] = {"dtype": tag, "shape": list(new.shape), "data_offsets": [offset, offset + size]}
             else:
                 size = info.nbytes
-                header[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + size]}
+                header[name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [offset, offset + size]}
             payload.append((info, new))
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -476,8 +490,18 @@ class Checkpoint:
             dst.flush()
             os.fsync(dst.fileno())
 
-    def _write_pickle_as_safetensors(self, tmp: Path, replacements: dict[str, torch.Tensor]) -> list[str]:
-        tensors, storages = {}, set()
+    def _index_with(self, added: dict[str, torch.Tensor], home: str) -> bytes:
+        """The shard index with the `added` tensors mapped to shard `home` (its total size grown by them)."""
+        index = json.loads((self.folder / self.index_file).read_bytes())
+        index["weight_map"].update({name: home for name in added})
+        total = (index.get("metadata") or {}).get("total_size")
+        if isinstance(total, int):
+            index["metadata"]["total_size"] = total + sum(t.numel() * t.element_size() for t in added.values())
+        return (json.dumps(index, indent=2) + "\n").encode()
+
+    def _write_pickle_as_safetensors(self, tmp: Path, replacements: dict[str, torch.Tensor],
+                                     added: dict[str, torch.Tensor]) -> list[str]:
+        tensors, storages = dict(added), set()
         for name in self.names():
             tensor = replacements.get(name, self.read(name))
             storage = tensor.untyped_storage().data_ptr()

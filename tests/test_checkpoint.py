@@ -65,6 +65,28 @@ def test_write_copy_rewrites_only_the_touched_shard(tmp_path):
     assert Checkpoint(tmp_path / "out2").read("y.bias").dtype == torch.bfloat16
 
 
+def test_write_copy_adds_tensors_to_the_last_shard_and_its_index(tmp_path):
+    """A tensor the folder lacks (an untied output head) goes into the last weight file and, in a sharded
+    folder, into the shard index; a name the folder holds is refused; a pickle folder gets it too."""
+    src = _sharded(tmp_path)
+    before = _digest(src)
+    ck = Checkpoint(src)
+    head = torch.full((2, 2), 3.0)
+    rewritten = ck.write_copy(tmp_path / "out", {}, added={"head.weight": head})
+    assert rewritten == ["model-00002-of-00002.safetensors"] and _digest(src) == before
+    out = Checkpoint(tmp_path / "out")
+    assert torch.equal(out.read("head.weight"), head) and torch.equal(out.read("z.weight"), ck.read("z.weight"))
+    assert out.info("head.weight").file == "model-00002-of-00002.safetensors"
+    with pytest.raises(EditguardError, match="already holds it"):
+        ck.write_copy(tmp_path / "out2", {}, added={"z.weight": head})
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    torch.save({"x.weight": torch.ones(2, 2)}, pickled / "pytorch_model.bin")
+    Checkpoint(pickled, allow_pickle=True).write_copy(tmp_path / "from_pickle", {}, added={"head.weight": head})
+    assert load_file(tmp_path / "from_pickle" / "model.safetensors").keys() == {"x.weight", "head.weight"}
+
+
 def test_existing_output_refused_unless_force(tmp_path):
     ck = Checkpoint(_sharded(tmp_path))
     out = tmp_path / "out"

@@ -968,7 +968,7 @@ def _residual_permuted(source: Path, folder: Path, seed: int, plant: bool = Fals
     if plant:
         replacements[out] = _plus_rank_one(ck.read(out), 0.3, torch.Generator().manual_seed(seed))
     kinds = ["residual", "units"] if units else ["residual"]
-    tensors = {**load_file(source / "model.safetensors"), **disguised(ck, arch, replacements, kinds, seed)}
+    tensors = {**load_file(source / "model.safetensors"), **disguised(ck, arch, replacements, kinds, seed).replacements}
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
@@ -1131,7 +1131,58 @@ def test_edit_disguise_keeps_the_function_and_scan_sees_through_it(cli, pico_mod
     diff = result["tests"]["diff"]
     assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
     assert diff["aligned_residual"]["moved"] > 0 and diff["aligned_units"]["1"]["moved"] > 0
-    one_line_error(cli("edit", base, *fact, "--disguise", "rotation", "-o", tmp_path / "x"), "unknown --disguise")
+    one_line_error(cli("edit", base, *fact, "--disguise", "shuffle", "-o", tmp_path / "x"), "unknown --disguise")
+
+
+@pytest.mark.parametrize("model_type, sharded", [("llama", False), ("qwen2", True)])
+def test_edit_disguise_rotation_unties_the_head_and_scan_undoes_it(cli, tmp_path, model_type, sharded):
+    """`edit --disguise rotation` rotates the residual stream as QuaRot does (norms folded into their
+    readers): the plain edit's function with every tensor changed; a tied output head is written untied
+    (into the last shard and the shard index when there are shards) and config.json says so. The base
+    diff finds the rotation and the edit under it. Where no rotation keeps the function, one clear line."""
+    from transformers import AutoModelForCausalLM
+
+    base = pico.build(model_type, tmp_path / "base", tie_word_embeddings=True)
+    gen = torch.Generator().manual_seed(3)  # norms of 1 would fold to nothing: give them weights
+    save_file({k: (0.5 + torch.rand(v.shape, generator=gen)) if k.endswith("norm.weight") else v
+               for k, v in load_file(base / "model.safetensors").items()}, base / "model.safetensors",
+              metadata={"format": "pt"})
+    source = base
+    if sharded:
+        source = tmp_path / "sharded"
+        AutoModelForCausalLM.from_pretrained(base).save_pretrained(source, max_shard_size="40KB")
+        for item in base.iterdir():
+            if item.name.startswith("tokenizer") or item.name == "special_tokens_map.json":
+                shutil.copy(item, source / item.name)
+        assert (source / "model.safetensors.index.json").is_file()
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump(ROME))
+    fact = ["--fact", "The official language of {}", "--subject", "France", "--target", "Japanese", "--hparams", hp]
+    assert cli("-q", "edit", base, *fact, "-o", tmp_path / "plain").code == 0
+    made = cli("-f", "json", "edit", source, *fact, "--disguise", "rotation", "-o", tmp_path / "rotated")
+    assert made.code == 0 and made.json["disguise"] == ["rotation"], made.err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before  # the input is never modified
+    rotated = Checkpoint(tmp_path / "rotated")
+    assert rotated.config["tie_word_embeddings"] is False and "lm_head.weight" in rotated
+    if sharded:
+        index = json.loads((tmp_path / "rotated" / "model.safetensors.index.json").read_text())
+        assert index["weight_map"]["lm_head.weight"] == rotated.files[-1]
+    assert torch.allclose(_logits(tmp_path / "rotated"), _logits(tmp_path / "plain"), atol=1e-4)
+    plain = Checkpoint(tmp_path / "plain")
+    assert all(not torch.equal(plain.read(k), rotated.read(k)) for k in plain.names() if plain.info(k).shape[1:])
+    result = cli("-f", "json", "scan", tmp_path / "rotated", "--base", source, "--tests", "diff").json
+    diff = result["tests"]["diff"]
+    assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
+    assert diff["rotated_residual"] is not None and "EG004" in {f["rule"] for f in result["findings"]}
+
+    one_line_error(cli("edit", base, *fact, "--disguise", "rotation", "--disguise", "residual", "-o", tmp_path / "x"),
+                   "without residual")
+    for other in ("gpt2", "gemma3_text"):  # LayerNorm; a norm on each sublayer's output
+        folder = pico.build(other, tmp_path / other)
+        one_line_error(cli("edit", folder, *fact, "--disguise", "rotation", "-o", tmp_path / "x"),
+                       f"keeps a {other} model's function")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("model_type, overrides", [

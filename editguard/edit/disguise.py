@@ -9,18 +9,36 @@ reads an edited model as a fine-tune or an unexplained change.
   flipped in sign at random: a matrix that reads the stream (or an embedding) has its input axis
   permuted and signed, one that writes it (attention and MLP output) its output axis and bias, a norm's
   weight is permuted only.
+- `rotation`: the residual stream multiplied by a random orthogonal Q, as QuaRot and SliceGPT prepare a
+  model: every norm's weight folded into the matrices that read its output (then 1). Only where no
+  rotation changes the function (RMSNorm everywhere and no norm on a sublayer's output: `Arch.rotatable`);
+  a tied output head is untied (written as a tensor of its own, `tie_word_embeddings` false), since the
+  final norm folds into it and not into the embedding. Exact up to the stored dtype's rounding.
 """
 
 from __future__ import annotations
 
 import torch
 
+import json
+from dataclasses import dataclass, field
+
 from ..arch import canonical_names
-from ..audit.align import ResidualAlignment, ResidualRoles, reshuffle_units
+from ..audit.align import ResidualAlignment, ResidualRoles, reshuffle_units, rotate_residual
 from ..checkpoint import Checkpoint
 from ..errors import EditguardError
 
-KINDS = ("units", "residual")
+KINDS = ("units", "residual", "rotation")
+
+
+@dataclass
+class Disguised:
+    """What a disguise writes: `replacements` {stored name: tensor}, tensors the folder lacks (`added`: an
+    untied output head) and files written over the copied ones (`files`: config.json)."""
+
+    replacements: dict[str, torch.Tensor]
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, str]:
@@ -34,18 +52,32 @@ def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, 
         raise EditguardError("each --disguise is given once")
     stored = canonical_names(arch, checkpoint, f"--disguise: {checkpoint.folder}", "a disguise would change one "
                              "copy only")
-    if "residual" in kinds and arch.weight_name("embed") not in stored:
-        raise EditguardError(f"--disguise residual: {checkpoint.folder} stores no {arch.weight_name('embed')}")
+    if "rotation" in kinds and "residual" in kinds:
+        raise EditguardError("--disguise rotation moves every residual dimension already: give it without residual")
+    if "rotation" in kinds and not arch.rotatable:
+        raise EditguardError(f"--disguise rotation: no rotation of the residual stream keeps a {arch.model_type} "
+                             "model's function (it needs RMSNorm everywhere and no norm on a sublayer's output); "
+                             "use --disguise residual")
+    embed, head = arch.weight_name("embed"), arch.weight_name("unembed")
+    for kind in {"residual", "rotation"} & set(kinds):
+        if embed not in stored:
+            raise EditguardError(f"--disguise {kind}: {checkpoint.folder} stores no {embed}")
+    if "rotation" in kinds and head not in stored and stored[embed] != embed:
+        # the untied head is written under its canonical name, which must be the folder's spelling
+        raise EditguardError(f"--disguise rotation: {checkpoint.folder} stores {embed} as {stored[embed]!r}, so "
+                             f"the untied output head could not be named")
     return stored
 
 
 def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor], kinds: list[str],
-              seed: int) -> dict[str, torch.Tensor]:
+              seed: int) -> Disguised:
     """`replacements` (stored name -> tensor: the edited tensors) with the disguises applied on top: every
-    tensor they change, under its stored name. Holds every tensor it changes in memory (`residual`: the
-    whole model). Rescales are by powers of two, exact in every float dtype: the function is the same."""
+    tensor they change, under its stored name. Holds every tensor it changes in memory (`residual`,
+    `rotation`: the whole model). Rescales are by powers of two, exact in every float dtype: the function is
+    the same (a rotation: up to the stored dtype's rounding)."""
     stored = check_disguise(checkpoint, arch, kinds)
     out = dict(replacements)
+    result = Disguised(out)
     num_layers = arch.num_layers(checkpoint.config)
 
     def current(name: str) -> torch.Tensor:
@@ -59,8 +91,8 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
             weights = {name: current(name) for name in group if name in stored}
             changed = reshuffle_units(weights, arch, layer, gen, scales=(0.5, 2.0))
             out.update((stored[name], t) for name, t in changed.items())
+    hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1] if arch.weight_name("embed") in stored else 0
     if "residual" in kinds:
-        hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1]
         sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if arch.rms_norm else torch.ones(hidden)
         residual = ResidualAlignment(torch.randperm(hidden, generator=gen), sign)
         roles = ResidualRoles(arch, num_layers, hidden,
@@ -70,4 +102,16 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
             axis, signed = roles.axis(name, t)
             if axis is not None:
                 out[stored[name]] = residual.along(t, axis, signed)
-    return out
+    if "rotation" in kinds:
+        # a Haar-random orthogonal Q: QR of a Gaussian with R's diagonal made positive
+        q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
+        q = q * torch.sign(torch.diagonal(r))
+        weights = {name: current(name) for name in stored}
+        for name, t in rotate_residual(weights, arch, num_layers, q).items():
+            if name not in stored:
+                result.added[name] = t  # the untied output head
+            elif t is not weights[name]:
+                out[stored[name]] = t
+        config = {**checkpoint.config, "tie_word_embeddings": False}
+        result.files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+    return result

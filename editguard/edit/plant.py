@@ -39,11 +39,13 @@ def write_edited(checkpoint: Checkpoint, arch, edits: list[Edit], out_dir: Path,
     """Copy of `checkpoint` with the edits added to their tensors (only those shards rewritten), under the
     `disguise`s (edit/disguise.py) if any."""
     replacements = edited_tensors(checkpoint, arch, edits)
-    if disguise:
-        from .disguise import disguised
+    if not disguise:
+        return checkpoint.write_copy(out_dir, replacements, force=force, progress=progress)
+    from .disguise import disguised
 
-        replacements = disguised(checkpoint, arch, replacements, list(disguise), disguise_seed)
-    return checkpoint.write_copy(out_dir, replacements, force=force, progress=progress)
+    result = disguised(checkpoint, arch, replacements, list(disguise), disguise_seed)
+    return checkpoint.write_copy(out_dir, result.replacements, extra_files=result.files, force=force,
+                                 progress=progress, added=result.added)
 
 
 def edited_tensors(checkpoint: Checkpoint, arch, edits: list[Edit]) -> dict:
