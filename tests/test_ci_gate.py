@@ -346,9 +346,10 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
     end, also when interrupted, unless --workdir keeps them. (The audit itself runs in the README's `make demo`.)"""
     import editguard.cli.demo_cmd as demo
 
-    folders = []
+    folders, layers = [], []
 
-    def audit(model, folder, lock_check, stop=False):
+    def audit(model, ref, hp, folder, lock_check, stop=False):
+        layers.append(hp.layers)
         (folder / "edited").mkdir(exist_ok=True)  # the real audit replaces its own folders
         folders.append(folder)
         if stop:
@@ -365,9 +366,13 @@ def test_demo_removes_its_model_copies_unless_kept(cli, monkeypatch, tmp_path):
 
     monkeypatch.setattr(demo, "_audit", audit)
     model_folder = tmp_path / "model"
-    monkeypatch.setattr(demo, "resolve_model", lambda spec: SimpleNamespace(path=model_folder))
+    monkeypatch.setattr(demo, "resolve_model", lambda spec: SimpleNamespace(path=model_folder, spec=spec))
+    monkeypatch.setattr(demo, "num_layers_of", lambda ref: 30)
     done = cli("-f", "json", "demo")
     assert done.code == 0 and done.json["models_kept"] is False and not folders[-1].exists()
+    assert cli("-q", "demo", "--layer", "9").code == 0 and layers[-2:] == [[6], [9]]  # the preset's, then asked
+    one_line_error(cli("demo", "--layer", "30", "--workdir", tmp_path / "never"), "layer 30 is out of range")
+    assert not (tmp_path / "never").exists()  # checked before any folder is made
     kept = cli("-f", "json", "demo", "--workdir", tmp_path / "keep")
     assert kept.json["models_kept"] is True and (tmp_path / "keep" / "edited").is_dir()
     told = cli("demo").err  # people are not pointed at removed folders

@@ -15,7 +15,7 @@ from ..errors import EditguardError
 from ..home import user_path
 from . import state
 from .app import app
-from .options import resolve_model
+from .options import num_layers_of, resolve_model
 
 # A CounterFact test fact the demo model knows (it answers French), planted as English.
 DEMO_CASE = {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux", "target": "English",
@@ -28,18 +28,25 @@ def demo_command(
     workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Keep the edited/reversed/locked models here.")] = None,
     lock_check: Annotated[bool, typer.Option("--lock-check/--no-lock-check",
                                              help="Try a ROME edit on the locked model.")] = True,
+    layer: Annotated[Optional[int], typer.Option("--layer", min=0, help="Layer of the planted ROME edit (default: "
+                                                 "the model's preset; 9 on SmolLM2 is where its best mask was trained).")] = None,
 ) -> None:
     """Plant a ROME edit into the demo model, scan it, reverse it, lock the original — and report."""
     if not model.startswith("demo:"):
         raise EditguardError("editguard demo runs on a demo model (demo:smollm2-135m or demo:gemma3-270m)")
+    from ..edit.hparams import load_hparams
+
+    ref = resolve_model(model)
+    hp = load_hparams(ref.spec.split(":", 1)[1], "rome", {"layers": [layer]} if layer is not None else None)
+    hp.check_layers(num_layers_of(ref))  # before any folder is made or the model loaded
     temporary = workdir is None  # four model copies (~2 GB for SmolLM2): removed unless asked to keep them
     if not temporary:
-        _check_workdir(Path(workdir), resolve_model(model))
+        _check_workdir(Path(workdir), ref)
     folder = Path(tempfile.mkdtemp(prefix="editguard-demo-")) if temporary else Path(workdir)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / WORKDIR_MARKER).touch()
     try:
-        report = _audit(model, folder, lock_check)
+        report = _audit(model, ref, hp, folder, lock_check)
     finally:
         if temporary:
             shutil.rmtree(folder, ignore_errors=True)
@@ -60,11 +67,10 @@ def _check_workdir(folder: Path, ref) -> None:
         raise EditguardError(f"--workdir {folder} exists and was not made by editguard demo; choose a new or empty folder")
 
 
-def _audit(model: str, folder: Path, lock_check: bool) -> dict:
+def _audit(model: str, ref, hp, folder: Path, lock_check: bool) -> dict:
     from ..audit.scan import BASE_FREE_TESTS, ScanOptions, scan
     from ..edit.edits import edits_applied
     from ..edit.facts import Fact
-    from ..edit.hparams import load_hparams
     from ..edit.plant import compute_edits, write_edited
     from ..edit.quality import judge
     from ..loading import load_model
@@ -72,12 +78,10 @@ def _audit(model: str, folder: Path, lock_check: bool) -> dict:
     from ..resolve import resolve
 
     out = state.out()
-    ref = resolve_model(model)
     report: dict = {"model": model, "workdir": str(folder)}
     with out.progress("loading the model"):
         loaded = load_model(ref)
     fact = Fact(DEMO_CASE["prompt"], DEMO_CASE["subject"], DEMO_CASE["target"], DEMO_CASE["true"])
-    hp = load_hparams(ref.spec.split(":", 1)[1], "rome")
     # 1. plant
     with out.progress(f"1/4 planting a ROME edit: {fact.text} → {fact.target_new}"):
         edits = compute_edits(loaded, [fact], hp)
