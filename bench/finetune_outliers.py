@@ -8,23 +8,23 @@ it is and once under dense noise added to the edited matrix with the edit's own 
 σ₁/σ₂ of the change no longer singles it out), once under a function-preserving reshuffle of the edited
 layer's hidden units (audit/align.py), once under the reshuffle with no fine-tune, and under a rotation
 of the residual stream with the norms folded in (QuaRot's preparation, `rotate_residual`; the output head
-untied), with and without the fine-tune. For each model the
-base diff's classification, the layers whose hidden units it aligned, the largest layer ratio per matrix
+untied), with and without the fine-tune, and under every layer's attention heads reordered (with the
+fine-tune). For each model the base diff's classification, what it aligned (hidden units per layer,
+attention heads per layer, the residual stream), the largest layer ratio per matrix
 (its change's σ₁ over the median of the changed layers') and whether scan flags the edited layer. The
-fine-tune's largest ratio is the false-alarm margin of the threshold; it must align no layer.
+fine-tune's largest ratio is the false-alarm margin of the threshold; it must align nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from editguard.audit.align import reshuffle_units, rotate_residual
+from editguard.audit.align import reshuffle_heads, reshuffle_units, rotate_residual
 from editguard.audit.diff import LAYER_OUTLIER_RATIO, diff_checkpoints, findings_from_diff, layer_outlier_ratios
 from editguard.data.counterfact import load_split
 from editguard.data.text import load_text
@@ -67,6 +67,8 @@ def report(name: str, model_dir: Path, base, arch, num_layers: int, edited_layer
     ratios = layer_outlier_ratios([c for c in diff.changed if not c.nonfinite], arch, num_layers)
     flagged = sorted({f.layer for f in findings if f.rule == "EG001" and f.layer is not None})
     aligned = {layer: a.to_json() for layer, a in diff.aligned.items()}
+    if diff.aligned_heads:
+        aligned["heads"] = f"{len(diff.aligned_heads)} layers, {sum(a.moved for a in diff.aligned_heads.values())} moved"
     if diff.aligned_residual is not None:
         aligned["residual"] = diff.aligned_residual.to_json()
     if diff.rotated_residual is not None:
@@ -133,6 +135,11 @@ def main() -> None:
     write_rotated(base, arch, args.out / "rome_rotated", rotate_residual(plain, arch, num_layers, q))
     write_rotated(base, arch, args.out / "finetuned_rome_rotated",
                   rotate_residual({**everything, **edited}, arch, num_layers, q))
+    heads = {}
+    for n in range(num_layers):
+        group = [arch.weight_name("attn_out", n), *(f"{m}.weight" for m in arch.attn_in_modules(n))]
+        heads.update(reshuffle_heads({k: edited[k] for k in group}, arch, n, *arch.heads(base.config), gen))
+    base.write_copy(args.out / "finetuned_rome_heads", stored({**edited, **heads}), force=True)
     print(f"planted: {fact.text!r} -> {fact.target_new!r} at layer {layer} (‖ΔW‖ = {float(delta.norm()):.3g}); "
           "the cover noise has the same norm")
     report("fine-tune", args.out / "finetuned", base, arch, num_layers, None)
@@ -142,22 +149,16 @@ def main() -> None:
     report("ROME under a reshuffle", args.out / "rome_reshuffled", base, arch, num_layers, layer)
     report("ROME under a rotation", args.out / "rome_rotated", base, arch, num_layers, layer)
     report("fine-tune + ROME under a rotation", args.out / "finetuned_rome_rotated", base, arch, num_layers, layer)
+    report("fine-tune + ROME, heads reordered", args.out / "finetuned_rome_heads", base, arch, num_layers, layer)
 
 
 def write_rotated(base, arch, out: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A one-file copy of `base` holding `tensors` (canonical names; the output head untied by the rotation,
-    which `write_copy` cannot add), its config saying so."""
-    from safetensors.torch import save_file
-
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for item in base.folder.iterdir():
-        if item.is_file() and not item.name.endswith((".safetensors", ".safetensors.index.json")):
-            shutil.copy(item, out / item.name)
-    save_file({(base.find(arch.tensor_candidates(n)) or n): t for n, t in tensors.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}, indent=2))
+    """A copy of `base` holding `tensors` (canonical names; the output head untied by the rotation, added
+    as a tensor of its own), its config saying so."""
+    stored = {n: base.find(arch.tensor_candidates(n)) for n in tensors}
+    config = json.dumps({**base.config, "tie_word_embeddings": False}, indent=2).encode()
+    base.write_copy(out, {stored[n]: t for n, t in tensors.items() if stored[n] is not None}, force=True,
+                    added={n: t for n, t in tensors.items() if stored[n] is None}, extra_files={"config.json": config})
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ class Arch:
     rms_norm: bool  # every norm an RMSNorm: residual dimensions may be sign-flipped as well as permuted
     num_layers_keys: tuple[str, ...]
     aliases: tuple[tuple[str, str], ...] = field(default=())
+    # the attention's query, key and value projections, each a matrix of its own (empty: one fused matrix)
+    attn_in: tuple[str, ...] = field(default=())
+    heads_keys: tuple[str, ...] = field(default=())
+    kv_heads_keys: tuple[str, ...] = field(default=())
 
     @property
     def rotatable(self) -> bool:
@@ -75,6 +79,10 @@ class Arch:
 
     def mlp_in_modules(self, layer: int) -> list[str]:
         return [template.format(layer=layer) for template in self.mlp_in]
+
+    def attn_in_modules(self, layer: int) -> list[str]:
+        """The query, key and value projections of layer `layer` (none where one fused matrix holds them)."""
+        return [template.format(layer=layer) for template in self.attn_in]
 
     def weight_name(self, role: str, layer: int | None = None) -> str:
         """Canonical tensor name (as the transformers module tree names it)."""
@@ -128,6 +136,17 @@ class Arch:
             return config[key]
         raise EditguardError(f"config.json of this {self.model_type} model has none of {list(self.num_layers_keys)}")
 
+    def heads(self, config: dict[str, Any]) -> tuple[int, int] | None:
+        """(query heads, key/value heads) from the config; None where it does not say, or says something no
+        attention could have (a key/value head count that does not divide the query heads')."""
+        config = _text_config(config)
+        found = [next((config[k] for k in keys if isinstance(config.get(k), int) and not isinstance(config[k], bool)),
+                      None) for keys in (self.heads_keys, self.kv_heads_keys)]
+        heads, kv_heads = found[0], found[1] if found[1] is not None else found[0]
+        if heads is None or kv_heads is None or heads < 1 or kv_heads < 1 or heads % kv_heads:
+            return None
+        return heads, kv_heads
+
     def tied(self, config: dict[str, Any]) -> bool:
         value = config.get("tie_word_embeddings")
         if value is None:
@@ -161,8 +180,12 @@ def for_model_type(model_type: str | None) -> Arch:
         )
     return Arch(
         model_type=model_type,
-        **{k: v for k, v in row.items() if k not in ("num_layers_keys", "aliases", "mlp_in")},
+        **{k: v for k, v in row.items() if k not in ("num_layers_keys", "aliases", "mlp_in", "attn_in", "heads_keys",
+                                                     "kv_heads_keys")},
         mlp_in=tuple(row["mlp_in"]),
+        attn_in=tuple(row["attn_in"]),
+        heads_keys=tuple(row["heads_keys"]),
+        kv_heads_keys=tuple(row["kv_heads_keys"]),
         num_layers_keys=tuple(row["num_layers_keys"]),
         aliases=tuple(tuple(pair) for pair in row["aliases"]),
     )
@@ -194,5 +217,7 @@ def module_names(arch: Arch, num_layers: int) -> Iterable[tuple[str, int | None,
             yield role, layer, arch.module(role, layer)
         for path in arch.mlp_in_modules(layer):
             yield "mlp_in", layer, path
+        for path in arch.attn_in_modules(layer):
+            yield "attn_in", layer, path
         if arch.mlp_out_norm:
             yield "mlp_out_norm", layer, arch.module("mlp_out_norm", layer)

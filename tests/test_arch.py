@@ -32,7 +32,7 @@ def test_templates_resolve_on_module_and_file(model_type, pico_models):
     model = AutoModelForCausalLM.from_pretrained(folder)
     for role, layer, path in module_names(arch, num_layers):
         module = model.get_submodule(path)  # raises if the template is wrong
-        if role in ("mlp_out", "mlp_in", "attn_out", "embed", "unembed"):
+        if role in ("mlp_out", "mlp_in", "attn_in", "attn_out", "embed", "unembed"):
             canonical = path + ".weight"
             stored = checkpoint.find(arch.tensor_candidates(canonical))
             tied_unembed = role == "unembed" and arch.tied(checkpoint.config)
@@ -57,6 +57,17 @@ def test_templates_resolve_on_module_and_file(model_type, pico_models):
         w = model.get_submodule(path).weight
         assert ((w.shape[1], w.shape[0]) if arch.mlp_out_transposed else tuple(w.shape)) == (in_dim, hidden)
     assert arch.tied(checkpoint.config) == bool(model.config.tie_word_embeddings)
+    # the head counts, and the query / key / value projections they split (rows: heads x head size)
+    heads, kv_heads = arch.heads(checkpoint.config)
+    text = model.config.get_text_config()
+    assert heads == text.num_attention_heads
+    assert kv_heads == (getattr(text, "num_key_value_heads", None) or heads)
+    if arch.attn_in:
+        rows = [model.get_submodule(path).weight.shape[0] for path in arch.attn_in_modules(0)]
+        assert rows[0] % heads == 0 and rows[1] % kv_heads == 0 and rows[1] == rows[2]
+        assert model.get_submodule(arch.module("attn_out", 0)).weight.shape[1] == rows[0]
+    else:  # one fused matrix holds query, key and value
+        assert model_type in ("gpt2", "gpt_neox")
 
 
 def test_gpt2_alias_names_without_transformer_prefix(pico_models, tmp_path):

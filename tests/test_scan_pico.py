@@ -952,6 +952,7 @@ def test_diff_undoes_a_reshuffle_of_hidden_units(cli, pico_models, tmp_path, mod
     save_file(tensors, noisy / "model.safetensors", metadata={"format": "pt"})
     diff = cli("-f", "json", "scan", noisy, "--base", base, "--tests", "diff").json["tests"]["diff"]
     assert diff["classification"] == "fine-tune" and diff["aligned_units"] == {} and diff["aligned_residual"] is None
+    assert diff["aligned_heads"] == {}
 
 
 def _residual_permuted(source: Path, folder: Path, seed: int, plant: bool = False, units: bool = False) -> Path:
@@ -1086,9 +1087,10 @@ def test_diff_undoes_a_rotation_of_the_residual_stream(cli, tmp_path, model_type
     assert diff["classification"] == "fine-tune" and diff["rotated_residual"] is None
 
 
-def test_an_edit_beside_reshuffled_attention_heads_is_still_flagged(cli, pico_models, tmp_path):
-    """Attention heads are not aligned (README): swapping them changes every attention matrix, and an edit
-    beside the swap is still found, as one direction above the rest in its matrix (EG001)."""
+def test_diff_undoes_a_swap_of_attention_heads_made_by_hand(cli, pico_models, tmp_path):
+    """Swapping two attention heads (their query, key and value rows, the output's columns) changes every
+    attention matrix: the diff matches the heads, reports the reordering (EG004) and reads the edit beside
+    it as the rank-one edit it is."""
     base = pico_models["llama"]  # 2 heads of 16, 2 key-value heads
     gen = torch.Generator().manual_seed(3)
     swap = torch.cat([torch.arange(16, 32), torch.arange(0, 16)])
@@ -1106,9 +1108,48 @@ def test_an_edit_beside_reshuffled_attention_heads_is_still_flagged(cli, pico_mo
 
     swapped = _variant(base, tmp_path / "swapped", change)
     result = cli("-f", "json", "scan", swapped, "--base", base, "--tests", "diff").json
-    assert result["verdict"] == "edited" and result["tests"]["diff"]["classification"] == "other"
-    flagged = [f["tensor"] for f in result["findings"] if f["rule"] == "EG001"]
-    assert flagged == ["model.layers.1.mlp.down_proj.weight"], result["findings"]
+    diff = result["tests"]["diff"]
+    assert result["verdict"] == "edited" and (diff["classification"], diff["layers"]) == ("rome-like", [1]), diff
+    assert diff["aligned_heads"] == {"0": {"moved": 2, "kv_moved": 2}, "1": {"moved": 2, "kv_moved": 2}}
+    assert [f["layer"] for f in result["findings"] if "attention heads are reordered" in f["message"]] == [0, 1]
+    assert cli("-q", "reverse", swapped, "--method", "base", "--base", base, "-o", tmp_path / "restored").code == 0
+    assert torch.allclose(_logits(tmp_path / "restored"), _logits(base), atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2}),  # groups of two query heads
+    ("gptj", {"n_head": 4}),
+    ("qwen2", {}),  # query, key and value biases
+    ("qwen3", {"num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}),  # per-head norms
+    ("gemma3_text", {"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 8}),
+])
+def test_edit_disguise_heads_keeps_the_function_and_scan_undoes_it(cli, tmp_path, model_type, overrides):
+    """`edit --disguise heads` reorders every layer's attention heads (key/value groups whole, query heads
+    within them): the plain edit's function; the base diff matches the heads back and names the edit.
+    Fused query-key-value matrices (GPT-2, GPT-NeoX) are one clear line."""
+    base = pico.build(model_type, tmp_path / "base", **overrides)
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump(ROME))
+    fact = ["--fact", "The official language of {}", "--subject", "France", "--target", "Japanese", "--hparams", hp]
+    assert cli("-q", "edit", base, *fact, "-o", tmp_path / "plain").code == 0
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    for seed in range(8):  # (a seed that moves some head: with two heads a layer keeps its order half the time)
+        folder = tmp_path / f"heads{seed}"
+        made = cli("-f", "json", "edit", base, *fact, "--disguise", "heads", "--disguise-seed", str(seed), "-o", folder)
+        assert made.code == 0, made.err
+        hidden = load_file(folder / "model.safetensors")
+        if any(not torch.equal(plain[k], hidden[k]) for k in plain if ".attn" in k or "self_attn" in k):
+            break
+    else:
+        raise AssertionError("no seed reordered a head")
+    assert torch.allclose(_logits(folder), _logits(tmp_path / "plain"), atol=1e-4)
+    result = cli("-f", "json", "scan", folder, "--base", base, "--tests", "diff").json
+    diff = result["tests"]["diff"]
+    assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
+    assert diff["aligned_heads"] and all(a["moved"] > 0 for a in diff["aligned_heads"].values())
+    for fused in ("gpt2", "gpt_neox"):
+        one_line_error(cli("edit", pico.build(fused, tmp_path / fused), *fact, "--disguise", "heads", "-o",
+                           tmp_path / "x"), "fused")
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma3_text"])

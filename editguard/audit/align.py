@@ -183,6 +183,49 @@ def align_units(model_in: list[torch.Tensor], base_in: list[torch.Tensor],
 
 
 @dataclass
+class HeadAlignment(_Reordering):
+    """A layer's attention heads: the base's query head `order[i]` is the model's query head i, and its
+    key/value head `kv_order[j]` the model's key/value head j. Heads move whole (rows of the query, key and
+    value projections and their biases, columns of the output projection), a query head with its key/value
+    group: that, and nothing else, keeps the attention's function."""
+    kv_order: torch.Tensor
+
+    def rows(self, base: torch.Tensor, heads: int, kv: bool) -> torch.Tensor:
+        """`base` with its first axis (a projection's rows or its bias; `heads` blocks of equal size) in the
+        model's head order: the key/value heads' if `kv`, else the query heads'."""
+        order = self.kv_order if kv else self.order
+        blocks = base.reshape(heads, -1, *base.shape[1:])
+        return blocks[order].reshape(base.shape)
+
+    def to_json(self) -> dict:
+        return {"moved": self.moved, "kv_moved": int((self.kv_order != torch.arange(len(self.kv_order))).sum())}
+
+
+def _head_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[heads, ...]: a projection's rows (or an output projection's columns, given transposed) cut into
+    `heads` equal blocks, each flattened: one row per head for `match_rows`."""
+    return t.reshape(heads, -1)
+
+
+def align_heads(model: list[torch.Tensor], base: list[torch.Tensor], heads: int, kv_heads: int) -> HeadAlignment | None:
+    """The base's attention heads matched to the model's from [q, k, v, o] weights ([out, in]; o's columns
+    are the query heads' outputs): key/value heads by their key and value rows, query heads by their query
+    rows and output columns. None when nothing moved, or when the matches are no reordering that keeps the
+    function (a query head matched into another key/value group than its own)."""
+    q, k, v, o = model
+    bq, bk, bv, bo = base
+    kv_order, _ = match_rows([_head_blocks(k, kv_heads), _head_blocks(v, kv_heads)],
+                             [_head_blocks(bk, kv_heads), _head_blocks(bv, kv_heads)], set())
+    order, _ = match_rows([_head_blocks(q, heads), _head_blocks(o.T, heads)],
+                          [_head_blocks(bq, heads), _head_blocks(bo.T, heads)], set())
+    group = heads // kv_heads
+    if not bool((kv_order[torch.arange(heads) // group] == order // group).all()):
+        return None
+    alignment = HeadAlignment(order, kv_order)
+    return alignment if alignment.moved or bool((kv_order != torch.arange(kv_heads)).any()) else None
+
+
+@dataclass
 class ResidualAlignment(_Reordering):
     """The residual stream: the model's dimension i is sign[i] times the base's dimension order[i]."""
     sign: torch.Tensor  # [hidden] ±1.0
@@ -407,4 +450,26 @@ def reshuffle_units(weights: dict[str, torch.Tensor], arch, layer: int, generato
             changed[bias] = weights[bias][order] * s
     s = scale.to(weights[out].dtype)
     changed[out] = (weights[out][order] / s[:, None]) if t else weights[out][:, order] / s
+    return changed
+
+
+def reshuffle_heads(weights: dict[str, torch.Tensor], arch, layer: int, heads: int, kv_heads: int,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """What `align_heads` undoes (`edit --disguise heads`, tests): layer `layer`'s attention tensors from
+    `weights` (canonical names: the query, key and value projections with their biases, the output
+    projection) with the key/value heads in a random order, each group's query heads moving with it and
+    reordered within it."""
+    group = heads // kv_heads
+    kv_order = torch.randperm(kv_heads, generator=generator)
+    within = torch.stack([torch.randperm(group, generator=generator) for _ in range(kv_heads)])
+    alignment = HeadAlignment((kv_order[:, None] * group + within).reshape(-1), kv_order)
+    changed = {}
+    for i, module in enumerate(arch.attn_in_modules(layer)):
+        n = heads if i == 0 else kv_heads
+        for kind in ("weight", "bias"):
+            name = f"{module}.{kind}"
+            if name in weights:
+                changed[name] = alignment.rows(weights[name], n, kv=i > 0)
+    out = arch.weight_name("attn_out", layer)
+    changed[out] = alignment.rows(weights[out].T, heads, kv=False).T.contiguous()
     return changed

@@ -20,7 +20,8 @@ from ..arch import Arch, canonical_names
 from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
-from .align import Alignment, ResidualAlignment, ResidualRoles, ResidualRotation, align_residual, align_rotation, align_units
+from .align import (Alignment, HeadAlignment, ResidualAlignment, ResidualRoles, ResidualRotation, align_heads,
+                    align_residual, align_rotation, align_units)
 from .findings import Finding
 
 TOP_K = 8
@@ -86,6 +87,7 @@ class DiffResult:
     num_layers: int = 0  # of the models compared
     # layer -> its MLP's hidden units as the base had them reshuffled (align.py): compared after aligning
     aligned: dict[int, Alignment] = field(default_factory=dict)
+    aligned_heads: dict[int, HeadAlignment] = field(default_factory=dict)  # layer -> its attention heads, likewise
     aligned_residual: ResidualAlignment | None = None  # the residual stream's dimensions, likewise
     rotated_residual: ResidualRotation | None = None  # the residual stream rotated (norms folded), likewise
     # canonical name -> the change as measured here (float32, None when none): what attribution decomposes
@@ -99,6 +101,7 @@ class DiffResult:
                 "changed": [c.to_json() for c in self.changed], "only_in_model": self.only_in_model,
                 "only_in_base": self.only_in_base, "masked_by_lock": self.masked_by_lock,
                 "aligned_units": {str(layer): a.to_json() for layer, a in sorted(self.aligned.items())},
+                "aligned_heads": {str(layer): a.to_json() for layer, a in sorted(self.aligned_heads.items())},
                 "aligned_residual": self.aligned_residual.to_json() if self.aligned_residual else None,
                 "rotated_residual": self.rotated_residual.to_json() if self.rotated_residual else None}
 
@@ -235,8 +238,9 @@ class _AlignedBase:
     (align.py): a residual stream whose dimensions are permuted, or which is rotated with the norms' weights
     folded into the matrices that read them (found once, from the token embedding), comes in the model's
     basis (folded alike), and a layer's MLP whose hidden units are reshuffled in the model's order
-    and scale (found once per layer, from its input matrices, and only where they changed). Not tried on
-    a locked model's tensors (they are compared with base ⊙ mask)."""
+    and scale (found once per layer, from its input matrices, and only where they changed), and a layer's
+    attention heads in the model's order (likewise, from its query, key, value and output projections). Not
+    tried on a locked model's tensors (they are compared with base ⊙ mask)."""
 
     def __init__(self, model, base, arch, num_layers, canon_model, canon_base, locked: set[str], result):
         self.model, self.base, self.arch, self.canon_model, self.canon_base = model, base, arch, canon_model, canon_base
@@ -246,6 +250,13 @@ class _AlignedBase:
             for i, module in enumerate(arch.mlp_in_modules(layer)):
                 self.group[f"{module}.weight"] = self.group[f"{module}.bias"] = (layer, i)
             self.group[arch.weight_name("mlp_out", layer)] = (layer, None)
+        # canonical name -> (layer, 0 query / 1 key / 2 value / 3 output projection), where heads can be matched
+        self.heads, self.head_group, self.heads_tried = arch.heads(model.config), {}, set()
+        if len(arch.attn_in) == 3 and self.heads is not None and self.heads == arch.heads(base.config):
+            for layer in range(num_layers):
+                for i, module in enumerate(arch.attn_in_modules(layer)):
+                    self.head_group[f"{module}.weight"] = self.head_group[f"{module}.bias"] = (layer, i)
+                self.head_group[arch.weight_name("attn_out", layer)] = (layer, 3)
         embed = arch.weight_name("embed")
         if not locked and embed in canon_model and embed in canon_base:
             model_embed, base_embed = comparable(model.read(canon_model[embed])), comparable(base.read(canon_base[embed]))
@@ -359,8 +370,41 @@ class _AlignedBase:
                     self.result.aligned[layer] = found
         return self.result.aligned.get(layer)
 
+    def _head_alignment(self, layer: int) -> HeadAlignment | None:
+        if layer not in self.heads_tried:
+            self.heads_tried.add(layer)
+            names = [f"{m}.weight" for m in self.arch.attn_in_modules(layer)] + [self.arch.weight_name("attn_out", layer)]
+            if all(n in self.canon_model and n in self.canon_base and n not in self.locked for n in names):
+                model = [comparable(self.model.read(self.canon_model[n])) for n in names]
+                base = [comparable(self._in_residual_basis(n)) for n in names]
+                heads, kv_heads = self.heads
+                fits = all(m.shape == b.shape and m.dim() == 2 for m, b in zip(model, base)) and \
+                    model[0].shape[0] % heads == 0 and model[1].shape[0] % kv_heads == 0 and \
+                    model[2].shape[0] % kv_heads == 0 and model[3].shape[1] == model[0].shape[0]
+                if fits and not all(m.dtype == b.dtype and torch.equal(m, b) for m, b in zip(model, base)):
+                    found = align_heads(model, base, heads, kv_heads)
+                    if found is not None:
+                        self.result.aligned_heads[layer] = found
+        return self.result.aligned_heads.get(layer)
+
+    def _in_head_order(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """An attention tensor of the base in the model's order of heads, where the diff found them reordered."""
+        layer, index = self.head_group[name]
+        alignment = self._head_alignment(layer)
+        if alignment is None:
+            return stored
+        heads = self.heads[0] if index in (0, 3) else self.heads[1]
+        axis = 1 if index == 3 else 0  # the output projection's columns are the query heads'
+        if stored.dim() <= axis or stored.shape[axis] % heads:  # not the model's shape: the diff says so
+            return stored
+        if index == 3:
+            return alignment.rows(stored.T, heads, kv=False).T.contiguous()
+        return alignment.rows(stored, heads, kv=index > 0).contiguous()
+
     def __call__(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
         stored = self._in_residual_basis(name, model)
+        if name in self.head_group:
+            return self._in_head_order(name, stored)
         if not self.aligned(name):
             return stored
         layer, index = self.group[name]
@@ -505,8 +549,8 @@ def classify(result: DiffResult, total: int) -> None:
         # with random values) is a change of its own: never "identical"
         result.classification = ("damaged" if result.changed else
                                  "other" if result.only_in_model or result.only_in_base else
-                                 "reshuffled" if result.aligned or result.aligned_residual or result.rotated_residual
-                                 else "identical")
+                                 "reshuffled" if result.aligned or result.aligned_heads or result.aligned_residual
+                                 or result.rotated_residual else "identical")
         return
     mlp = [c for c in changed if c.layer is not None]
     layers = sorted(c.layer for c in mlp)
@@ -566,6 +610,13 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
                            "stream changed, which hides an edit from a plain diff; compared after undoing it",
                            score=1.0, tensor=name, file=model.info(model.find(arch.tensor_candidates(name))).file,
                            details=r.to_json()))
+    for layer, heads in sorted(result.aligned_heads.items()):
+        name = arch.weight_name("attn_out", layer)
+        out.append(Finding("EG004", "warning", f"layer {layer}'s attention heads are reordered against the base "
+                           f"({heads.moved} query heads moved): the same function with every weight of that "
+                           "attention changed, which hides a change beside it from a plain diff; compared after "
+                           "undoing it", score=float(heads.moved), layer=layer, tensor=name,
+                           file=model.info(model.find(arch.tensor_candidates(name))).file, details=heads.to_json()))
     for layer, alignment in sorted(result.aligned.items()):
         # no fine-tune or edit reorders hidden units: done to a checkpoint, it hides the change beside it
         name = arch.weight_name("mlp_out", layer)

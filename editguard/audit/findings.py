@@ -9,8 +9,10 @@ RULES: dict[str, tuple[str, str]] = {
     "EG001": ("rome-like-edit", "A rank-one change in one MLP output projection (ROME-style knowledge edit)."),
     "EG002": ("memit-like-edit", "Low-rank changes in the MLP output projections of a few layers (MEMIT-style batch edit)."),
     "EG003": ("fine-tune", "Changes spread over most tensors (fine-tuning), not a locate-and-edit update."),
-    "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune, or an "
-                         "MLP's hidden units are reshuffled against the base (the same function, every weight changed)."),
+    "EG004": ("weight-change", "Tensors differ from the base in a pattern that is neither an edit nor a fine-tune, or the "
+                         "model is reparametrised against the base (an MLP's hidden units or an attention's heads "
+                         "reordered, the residual stream permuted or rotated: the same function, every weight "
+                         "changed)."),
     "EG005": ("non-finite-weights", "A tensor holds NaN or infinite values that the base does not have."),
     "EG010": ("activation-outlier", "A subject drives an MLP output far beyond the other subjects (base-free test)."),
     "EG011": ("edited-answer", "An answer collapses when the MLP outputs at its subject's last token in a few "

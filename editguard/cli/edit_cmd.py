@@ -84,7 +84,7 @@ def edit_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     disguise: Annotated[List[str], typer.Option(
         "--disguise", help="Red-teaming: hide the edit under a function-preserving reparametrisation, units (every "
-                           "layer's MLP hidden units reshuffled), residual (the residual stream's dimensions "
+                           "layer's MLP hidden units reshuffled), heads (every layer's attention heads reordered), residual (the residual stream's dimensions "
                            "permuted, sign-flipped under RMSNorm) or rotation (the stream rotated, norms folded in, "
                            "a tied output head untied: Llama, Mistral, Qwen); repeatable. Rewrites every shard for "
                            "residual and rotation.")] = [],  # noqa: B006
