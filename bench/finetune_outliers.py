@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from editguard.audit.align import reshuffle_heads, reshuffle_units, rotate_residual
+from editguard.audit.align import attention_tensors, reshuffle_heads, reshuffle_units, rotate_residual
 from editguard.audit.diff import LAYER_OUTLIER_RATIO, diff_checkpoints, findings_from_diff, layer_outlier_ratios
 from editguard.data.counterfact import load_split
 from editguard.data.text import load_text
@@ -137,8 +137,8 @@ def main() -> None:
                   rotate_residual({**everything, **edited}, arch, num_layers, q))
     heads = {}
     for n in range(num_layers):
-        group = [arch.weight_name("attn_out", n), *(f"{m}.weight" for m in arch.attn_in_modules(n))]
-        heads.update(reshuffle_heads({k: edited[k] for k in group}, arch, n, *arch.heads(base.config), gen))
+        group = {k: edited[k] for k, _ in attention_tensors(arch, n) if k in edited}
+        heads.update(reshuffle_heads(group, arch, n, *arch.heads(base.config), gen))
     base.write_copy(args.out / "finetuned_rome_heads", stored({**edited, **heads}), force=True)
     print(f"planted: {fact.text!r} -> {fact.target_new!r} at layer {layer} (‖ΔW‖ = {float(delta.norm()):.3g}); "
           "the cover noise has the same norm")

@@ -53,6 +53,8 @@ class Arch:
     aliases: tuple[tuple[str, str], ...] = field(default=())
     # the attention's query, key and value projections, each a matrix of its own (empty: one fused matrix)
     attn_in: tuple[str, ...] = field(default=())
+    attn_qkv: str = ""  # the one matrix holding query, key and value where they are fused ("" where separate)
+    qkv_layout: str = ""  # its output axis: "sections" (all q, all k, all v) or "per_head" (q, k, v per head)
     heads_keys: tuple[str, ...] = field(default=())
     kv_heads_keys: tuple[str, ...] = field(default=())
 
@@ -219,5 +221,7 @@ def module_names(arch: Arch, num_layers: int) -> Iterable[tuple[str, int | None,
             yield "mlp_in", layer, path
         for path in arch.attn_in_modules(layer):
             yield "attn_in", layer, path
+        if arch.attn_qkv:
+            yield "attn_qkv", layer, arch.module("attn_qkv", layer)
         if arch.mlp_out_norm:
             yield "mlp_out_norm", layer, arch.module("mlp_out_norm", layer)

@@ -32,7 +32,7 @@ def test_templates_resolve_on_module_and_file(model_type, pico_models):
     model = AutoModelForCausalLM.from_pretrained(folder)
     for role, layer, path in module_names(arch, num_layers):
         module = model.get_submodule(path)  # raises if the template is wrong
-        if role in ("mlp_out", "mlp_in", "attn_in", "attn_out", "embed", "unembed"):
+        if role in ("mlp_out", "mlp_in", "attn_in", "attn_qkv", "attn_out", "embed", "unembed"):
             canonical = path + ".weight"
             stored = checkpoint.find(arch.tensor_candidates(canonical))
             tied_unembed = role == "unembed" and arch.tied(checkpoint.config)
@@ -67,7 +67,9 @@ def test_templates_resolve_on_module_and_file(model_type, pico_models):
         assert rows[0] % heads == 0 and rows[1] % kv_heads == 0 and rows[1] == rows[2]
         assert model.get_submodule(arch.module("attn_out", 0)).weight.shape[1] == rows[0]
     else:  # one fused matrix holds query, key and value
-        assert model_type in ("gpt2", "gpt_neox")
+        assert arch.qkv_layout in ("sections", "per_head") and heads == kv_heads
+        fused = model.get_submodule(arch.module("attn_qkv", 0)).weight
+        assert fused.shape[0 if not arch.mlp_out_transposed else 1] == 3 * hidden
 
 
 def test_gpt2_alias_names_without_transformer_prefix(pico_models, tmp_path):

@@ -201,28 +201,97 @@ class HeadAlignment(_Reordering):
         return {"moved": self.moved, "kv_moved": int((self.kv_order != torch.arange(len(self.kv_order))).sum())}
 
 
-def _head_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """[heads, ...]: a projection's rows (or an output projection's columns, given transposed) cut into
-    `heads` equal blocks, each flattened: one row per head for `match_rows`."""
-    return t.reshape(heads, -1)
+def attention_tensors(arch, layer: int) -> list[tuple[str, int | str]]:
+    """Layer `layer`'s attention tensors that heads index, as (canonical name, part): 0 / 1 / 2 the query /
+    key / value projection's weight or bias, "qkv" the fused matrix (or its bias) that holds all three, 3 the
+    output projection's weight. Empty where the table names neither."""
+    if arch.attn_qkv:
+        module = arch.module("attn_qkv", layer)
+        parts: list[tuple[str, int | str]] = [(f"{module}.weight", "qkv"), (f"{module}.bias", "qkv")]
+    else:
+        parts = [(f"{m}.{kind}", i) for i, m in enumerate(arch.attn_in_modules(layer)) for kind in ("weight", "bias")]
+    return parts + [(arch.weight_name("attn_out", layer), 3)] if parts else []
+
+
+def split_qkv(t: torch.Tensor, layout: str, heads: int, transposed: bool) -> list[torch.Tensor]:
+    """A fused query-key-value weight (stored; [in, out] if `transposed`) or bias as [q, k, v], each rows
+    first ([heads x head size, ...])."""
+    rows = t.T if transposed and t.dim() == 2 else t
+    if layout == "sections":
+        return list(rows.chunk(3, 0))
+    per_head = rows.reshape(heads, 3, -1, *rows.shape[1:])  # "per_head": each head's q, k, v together
+    return [per_head[:, i].reshape(-1, *rows.shape[1:]) for i in range(3)]
+
+
+def join_qkv(parts: list[torch.Tensor], layout: str, heads: int, transposed: bool) -> torch.Tensor:
+    """The inverse of `split_qkv`."""
+    if layout == "sections":
+        rows = torch.cat(parts, 0)
+    else:
+        rows = torch.stack([p.reshape(heads, -1, *p.shape[1:]) for p in parts], 1).reshape(-1, *parts[0].shape[1:])
+    return (rows.T if transposed and rows.dim() == 2 else rows).contiguous()
+
+
+def head_matrices(arch, tensors: dict[str, torch.Tensor], layer: int, heads: int) -> list[torch.Tensor] | None:
+    """[q, k, v, o] of layer `layer` from its stored weights in `tensors` (canonical names), each [out, in]
+    (o's columns are the query heads' outputs); None where one is missing or the shapes do not split."""
+    named = [(name, part) for name, part in attention_tensors(arch, layer) if name.endswith(".weight")]
+    if not named or any(name not in tensors for name, _ in named):
+        return None
+    t = arch.mlp_out_transposed  # (GPT-2's Conv1D attention is stored [in, out] like its MLP)
+    weights = [tensors[name] for name, _ in named]
+    if any(w.dim() != 2 for w in weights):
+        return None
+    if arch.attn_qkv:
+        width = weights[0].shape[1 if t else 0]
+        if width % (3 * heads):
+            return None
+        q, k, v = split_qkv(weights[0], arch.qkv_layout, heads, t)
+    else:
+        q, k, v = weights[:3]
+    o = weights[-1].T if t else weights[-1]
+    return [q, k, v, o] if o.shape[1] == q.shape[0] else None
 
 
 def align_heads(model: list[torch.Tensor], base: list[torch.Tensor], heads: int, kv_heads: int) -> HeadAlignment | None:
-    """The base's attention heads matched to the model's from [q, k, v, o] weights ([out, in]; o's columns
-    are the query heads' outputs): key/value heads by their key and value rows, query heads by their query
-    rows and output columns. None when nothing moved, or when the matches are no reordering that keeps the
-    function (a query head matched into another key/value group than its own)."""
+    """The base's attention heads matched to the model's from [q, k, v, o] (`head_matrices`): key/value heads
+    by their key and value rows, query heads by their query rows and output columns. None when nothing
+    moved, when the shapes do not split into the heads, or when the matches are no reordering that keeps
+    the function (a query head matched into another key/value group than its own)."""
     q, k, v, o = model
     bq, bk, bv, bo = base
-    kv_order, _ = match_rows([_head_blocks(k, kv_heads), _head_blocks(v, kv_heads)],
-                             [_head_blocks(bk, kv_heads), _head_blocks(bv, kv_heads)], set())
-    order, _ = match_rows([_head_blocks(q, heads), _head_blocks(o.T, heads)],
-                          [_head_blocks(bq, heads), _head_blocks(bo.T, heads)], set())
+    if any(m.shape != b.shape for m, b in zip(model, base)) or q.shape[0] % heads or k.shape[0] % kv_heads or \
+            v.shape[0] % kv_heads:
+        return None
+    kv_order, _ = match_rows([k.reshape(kv_heads, -1), v.reshape(kv_heads, -1)],
+                             [bk.reshape(kv_heads, -1), bv.reshape(kv_heads, -1)], set())
+    order, _ = match_rows([q.reshape(heads, -1), o.T.reshape(heads, -1)],
+                          [bq.reshape(heads, -1), bo.T.reshape(heads, -1)], set())
     group = heads // kv_heads
     if not bool((kv_order[torch.arange(heads) // group] == order // group).all()):
         return None
     alignment = HeadAlignment(order, kv_order)
     return alignment if alignment.moved or bool((kv_order != torch.arange(kv_heads)).any()) else None
+
+
+def in_head_order(alignment: HeadAlignment, arch, part: int | str, t: torch.Tensor, heads: int,
+                  kv_heads: int) -> torch.Tensor:
+    """A stored attention tensor (`part` as `attention_tensors` names it) in the head order `alignment`
+    gives; as it is where its shape does not split into the heads (the diff then reports the shape)."""
+    transposed = arch.mlp_out_transposed and t.dim() == 2
+    if part == "qkv":
+        if t.shape[1 if transposed else 0] % (3 * heads):
+            return t
+        parts = split_qkv(t, arch.qkv_layout, heads, transposed)
+        return join_qkv([alignment.rows(p, heads, kv=False) for p in parts], arch.qkv_layout, heads, transposed)
+    if part == 3:  # the output projection: its input axis holds the query heads' outputs
+        if t.dim() != 2 or t.shape[0 if transposed else 1] % heads:
+            return t
+        rows_first = t if transposed else t.T
+        moved = alignment.rows(rows_first, heads, kv=False)
+        return (moved if transposed else moved.T).contiguous()
+    n = heads if part == 0 else kv_heads
+    return alignment.rows(t, n, kv=part != 0).contiguous() if t.dim() and t.shape[0] % n == 0 else t
 
 
 @dataclass
@@ -455,21 +524,12 @@ def reshuffle_units(weights: dict[str, torch.Tensor], arch, layer: int, generato
 
 def reshuffle_heads(weights: dict[str, torch.Tensor], arch, layer: int, heads: int, kv_heads: int,
                     generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """What `align_heads` undoes (`edit --disguise heads`, tests): layer `layer`'s attention tensors from
-    `weights` (canonical names: the query, key and value projections with their biases, the output
-    projection) with the key/value heads in a random order, each group's query heads moving with it and
-    reordered within it."""
+    """What `align_heads` undoes (`edit --disguise heads`, tests, benchmarks): layer `layer`'s attention
+    tensors from `weights` (canonical names, `attention_tensors`) with the key/value heads in a random
+    order, each group's query heads moving with it and reordered within it."""
     group = heads // kv_heads
     kv_order = torch.randperm(kv_heads, generator=generator)
     within = torch.stack([torch.randperm(group, generator=generator) for _ in range(kv_heads)])
     alignment = HeadAlignment((kv_order[:, None] * group + within).reshape(-1), kv_order)
-    changed = {}
-    for i, module in enumerate(arch.attn_in_modules(layer)):
-        n = heads if i == 0 else kv_heads
-        for kind in ("weight", "bias"):
-            name = f"{module}.{kind}"
-            if name in weights:
-                changed[name] = alignment.rows(weights[name], n, kv=i > 0)
-    out = arch.weight_name("attn_out", layer)
-    changed[out] = alignment.rows(weights[out].T, heads, kv=False).T.contiguous()
-    return changed
+    return {name: in_head_order(alignment, arch, part, weights[name], heads, kv_heads)
+            for name, part in attention_tensors(arch, layer) if name in weights}

@@ -21,7 +21,7 @@ from ..checkpoint import Checkpoint, comparable
 from ..errors import EditguardError
 from ..mask.file import weight_times_mask
 from .align import (Alignment, HeadAlignment, ResidualAlignment, ResidualRoles, ResidualRotation, align_heads,
-                    align_residual, align_rotation, align_units)
+                    align_residual, align_rotation, align_units, attention_tensors, head_matrices, in_head_order)
 from .findings import Finding
 
 TOP_K = 8
@@ -250,13 +250,11 @@ class _AlignedBase:
             for i, module in enumerate(arch.mlp_in_modules(layer)):
                 self.group[f"{module}.weight"] = self.group[f"{module}.bias"] = (layer, i)
             self.group[arch.weight_name("mlp_out", layer)] = (layer, None)
-        # canonical name -> (layer, 0 query / 1 key / 2 value / 3 output projection), where heads can be matched
+        # canonical name -> (layer, part: align.attention_tensors), where heads can be matched
         self.heads, self.head_group, self.heads_tried = arch.heads(model.config), {}, set()
-        if len(arch.attn_in) == 3 and self.heads is not None and self.heads == arch.heads(base.config):
+        if self.heads is not None and self.heads == arch.heads(base.config):
             for layer in range(num_layers):
-                for i, module in enumerate(arch.attn_in_modules(layer)):
-                    self.head_group[f"{module}.weight"] = self.head_group[f"{module}.bias"] = (layer, i)
-                self.head_group[arch.weight_name("attn_out", layer)] = (layer, 3)
+                self.head_group.update((name, (layer, part)) for name, part in attention_tensors(arch, layer))
         embed = arch.weight_name("embed")
         if not locked and embed in canon_model and embed in canon_base:
             model_embed, base_embed = comparable(model.read(canon_model[embed])), comparable(base.read(canon_base[embed]))
@@ -373,33 +371,22 @@ class _AlignedBase:
     def _head_alignment(self, layer: int) -> HeadAlignment | None:
         if layer not in self.heads_tried:
             self.heads_tried.add(layer)
-            names = [f"{m}.weight" for m in self.arch.attn_in_modules(layer)] + [self.arch.weight_name("attn_out", layer)]
+            names = [n for n, _ in attention_tensors(self.arch, layer) if n.endswith(".weight")]
             if all(n in self.canon_model and n in self.canon_base and n not in self.locked for n in names):
-                model = [comparable(self.model.read(self.canon_model[n])) for n in names]
-                base = [comparable(self._in_residual_basis(n)) for n in names]
-                heads, kv_heads = self.heads
-                fits = all(m.shape == b.shape and m.dim() == 2 for m, b in zip(model, base)) and \
-                    model[0].shape[0] % heads == 0 and model[1].shape[0] % kv_heads == 0 and \
-                    model[2].shape[0] % kv_heads == 0 and model[3].shape[1] == model[0].shape[0]
-                if fits and not all(m.dtype == b.dtype and torch.equal(m, b) for m, b in zip(model, base)):
-                    found = align_heads(model, base, heads, kv_heads)
+                model = {n: comparable(self.model.read(self.canon_model[n])) for n in names}
+                base = {n: comparable(self._in_residual_basis(n)) for n in names}
+                if not all(model[n].dtype == base[n].dtype and torch.equal(model[n], base[n]) for n in names):
+                    m, b = (head_matrices(self.arch, t, layer, self.heads[0]) for t in (model, base))
+                    found = align_heads(m, b, *self.heads) if m is not None and b is not None else None
                     if found is not None:
                         self.result.aligned_heads[layer] = found
         return self.result.aligned_heads.get(layer)
 
     def _in_head_order(self, name: str, stored: torch.Tensor) -> torch.Tensor:
         """An attention tensor of the base in the model's order of heads, where the diff found them reordered."""
-        layer, index = self.head_group[name]
+        layer, part = self.head_group[name]
         alignment = self._head_alignment(layer)
-        if alignment is None:
-            return stored
-        heads = self.heads[0] if index in (0, 3) else self.heads[1]
-        axis = 1 if index == 3 else 0  # the output projection's columns are the query heads'
-        if stored.dim() <= axis or stored.shape[axis] % heads:  # not the model's shape: the diff says so
-            return stored
-        if index == 3:
-            return alignment.rows(stored.T, heads, kv=False).T.contiguous()
-        return alignment.rows(stored, heads, kv=index > 0).contiguous()
+        return stored if alignment is None else in_head_order(alignment, self.arch, part, stored, *self.heads)
 
     def __call__(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
         stored = self._in_residual_basis(name, model)

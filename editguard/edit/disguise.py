@@ -6,8 +6,8 @@ reads an edited model as a fine-tune or an unexplained change.
 - `units`: every layer's MLP hidden units in a random order, a gated MLP's linear-branch rows scaled by
   s ∈ {1/2, 2} (exact in every float dtype) and the output's columns by 1/s.
 - `heads`: every layer's attention heads in a random order (key/value heads, each group's query heads
-  moving with it and reordered within it; the output projection's columns alike). Where query, key and
-  value are matrices of their own (not GPT-2's or GPT-NeoX's fused one).
+  moving with it and reordered within it; the output projection's columns alike; a fused query-key-value
+  matrix split by its layout).
 - `residual`: the residual stream's dimensions in a random order throughout the model, and under RMSNorm
   flipped in sign at random: a matrix that reads the stream (or an embedding) has its input axis
   permuted and signed, one that writes it (attention and MLP output) its output axis and bias, a norm's
@@ -27,7 +27,8 @@ import json
 from dataclasses import dataclass, field
 
 from ..arch import canonical_names
-from ..audit.align import ResidualAlignment, ResidualRoles, reshuffle_heads, reshuffle_units, rotate_residual
+from ..audit.align import (ResidualAlignment, ResidualRoles, attention_tensors, reshuffle_heads, reshuffle_units,
+                           rotate_residual)
 from ..checkpoint import Checkpoint
 from ..errors import EditguardError
 
@@ -55,10 +56,9 @@ def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, 
         raise EditguardError("each --disguise is given once")
     stored = canonical_names(arch, checkpoint, f"--disguise: {checkpoint.folder}", "a disguise would change one "
                              "copy only")
-    if "heads" in kinds and (len(arch.attn_in) != 3 or arch.heads(checkpoint.config) is None):
-        why = ("holds query, key and value in one fused matrix" if len(arch.attn_in) != 3 else
-               "config.json does not give its head counts")
-        raise EditguardError(f"--disguise heads: this {arch.model_type} model {why}")
+    if "heads" in kinds and arch.heads(checkpoint.config) is None:
+        raise EditguardError(f"--disguise heads: config.json of this {arch.model_type} model does not give its head "
+                             "counts")
     if "rotation" in kinds and "residual" in kinds:
         raise EditguardError("--disguise rotation moves every residual dimension already: give it without residual")
     if "rotation" in kinds and not arch.rotatable:
@@ -101,9 +101,7 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
     if "heads" in kinds:
         heads, kv_heads = arch.heads(checkpoint.config)
         for layer in range(num_layers):
-            group = [arch.weight_name("attn_out", layer)] + [f"{m}.{kind}" for m in arch.attn_in_modules(layer)
-                                                             for kind in ("weight", "bias")]
-            weights = {name: current(name) for name in group if name in stored}
+            weights = {name: current(name) for name, _ in attention_tensors(arch, layer) if name in stored}
             changed = reshuffle_heads(weights, arch, layer, heads, kv_heads, gen)
             out.update((stored[name], t) for name, t in changed.items())
     hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1] if arch.weight_name("embed") in stored else 0
