@@ -492,11 +492,12 @@ class Checkpoint:
 
     def _index_with(self, added: dict[str, torch.Tensor], home: str) -> bytes:
         """The shard index with the `added` tensors mapped to shard `home` (its total size grown by them)."""
-        index = json.loads((self.folder / self.index_file).read_bytes())
+        index = json.loads((self.folder / self.index_file).read_bytes())  # (read as valid when the folder was)
         index["weight_map"].update({name: home for name in added})
-        total = (index.get("metadata") or {}).get("total_size")
-        if isinstance(total, int):
-            index["metadata"]["total_size"] = total + sum(t.numel() * t.element_size() for t in added.values())
+        metadata = index.get("metadata")
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
+        if isinstance(total, int) and not isinstance(total, bool):
+            metadata["total_size"] = total + sum(t.numel() * t.element_size() for t in added.values())
         return (json.dumps(index, indent=2) + "\n").encode()
 
     def _write_pickle_as_safetensors(self, tmp: Path, replacements: dict[str, torch.Tensor],

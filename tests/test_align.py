@@ -115,3 +115,26 @@ def test_a_row_pasted_over_another_is_a_change_not_a_move():
     swapped = embed.clone()  # two columns swapped with their values' signs flipped one by one: no permutation
     swapped[:, [3, 5]] = embed[:, [5, 3]] * torch.where(torch.rand(500, 2, generator=gen) < 0.5, -1.0, 1.0)
     assert align_residual(swapped, embed) is None
+
+
+def test_fused_qkv_splits_by_its_layout_and_odd_shapes_pass_through():
+    """GPT-2 stores [in, out] with all queries, then keys, then values; GPT-NeoX [out, in] with each head's
+    query, key and value together: split and join are inverse, and a tensor that does not split into the
+    heads (a 0-d bias, a width not 3 x heads) comes back as it is instead of failing the diff."""
+    from editguard import arch as arch_table
+    from editguard.audit.align import HeadAlignment, in_head_order, join_qkv, split_qkv
+
+    heads, size, hidden = 2, 3, 5
+    for layout, transposed, shape in (("sections", True, (hidden, 3 * heads * size)),
+                                      ("per_head", False, (3 * heads * size, hidden))):
+        t = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+        q, k, v = split_qkv(t, layout, heads, transposed)
+        assert q.shape == (heads * size, hidden)
+        assert torch.equal(join_qkv([q, k, v], layout, heads, transposed), t)
+        rows = t.T if transposed else t
+        assert torch.equal(q[:size], rows[:size])  # head 0's query rows come first either way
+        assert torch.equal(k[:size], rows[size:2 * size] if layout == "per_head" else rows[heads * size:heads * size + size])
+    swap = HeadAlignment(torch.tensor([1, 0]), torch.tensor([1, 0]))
+    gpt2 = arch_table.for_model_type("gpt2")
+    for odd in (torch.tensor(1.0), torch.zeros(7), torch.zeros(4, 7)):
+        assert in_head_order(swap, gpt2, "qkv", odd, heads, heads) is odd

@@ -73,10 +73,19 @@ def test_write_copy_adds_tensors_to_the_last_shard_and_its_index(tmp_path):
     ck = Checkpoint(src)
     head = torch.full((2, 2), 3.0)
     rewritten = ck.write_copy(tmp_path / "out", {}, added={"head.weight": head})
-    assert rewritten == ["model-00002-of-00002.safetensors"] and _digest(src) == before
+    assert rewritten == ["model-00002-of-00002.safetensors"] and _digest(src) == before  # the input never changes
     out = Checkpoint(tmp_path / "out")
     assert torch.equal(out.read("head.weight"), head) and torch.equal(out.read("z.weight"), ck.read("z.weight"))
     assert out.info("head.weight").file == "model-00002-of-00002.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["head.weight"] == "model-00002-of-00002.safetensors"
+    for metadata, total in (({"total_size": 100}, 116), ([], None), ("x", None)):  # (16 bytes added)
+        listed = json.loads((src / "model.safetensors.index.json").read_text())
+        (src / "model.safetensors.index.json").write_text(json.dumps({**listed, "metadata": metadata}))
+        Checkpoint(src).write_copy(tmp_path / "meta", {}, added={"head.weight": head}, force=True)
+        written = json.loads((tmp_path / "meta" / "model.safetensors.index.json").read_text())
+        assert written["weight_map"]["head.weight"] and (written["metadata"] == metadata if total is None
+                                                         else written["metadata"]["total_size"] == total)
     with pytest.raises(EditguardError, match="already holds it"):
         ck.write_copy(tmp_path / "out2", {}, added={"z.weight": head})
     pickled = tmp_path / "pickled"

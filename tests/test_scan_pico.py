@@ -1149,6 +1149,11 @@ def test_edit_disguise_heads_keeps_the_function_and_scan_undoes_it(cli, tmp_path
     diff = result["tests"]["diff"]
     assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
     assert diff["aligned_heads"] and all(a["moved"] > 0 for a in diff["aligned_heads"].values())
+    if model_type == "llama":  # head counts the weights do not split into: refused before the model loads
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8}))
+        one_line_error(cli("edit", base, *fact, "--disguise", "heads", "-o", tmp_path / "x"), "do not split into")
+        assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox", "llama", "qwen2", "gemma3_text"])
@@ -1216,6 +1221,15 @@ def test_edit_disguise_rotation_unties_the_head_and_scan_undoes_it(cli, tmp_path
     assert (diff["classification"], diff["layers"], result["verdict"]) == ("rome-like", [1], "edited"), diff
     assert diff["rotated_residual"] is not None and "EG004" in {f["rule"] for f in result["findings"]}
 
+    if not sharded:  # a tied config over a stored head of its own: transformers 5 loads that head untied
+        stray = tmp_path / "stray"
+        shutil.copytree(base, stray)
+        tensors = load_file(base / "model.safetensors")
+        save_file({**tensors, "lm_head.weight": torch.randn(tensors["model.embed_tokens.weight"].shape, generator=gen)},
+                  stray / "model.safetensors", metadata={"format": "pt"})
+        for disguise in ([], ["--disguise", "rotation"]):
+            assert cli("-q", "edit", stray, *fact, *disguise, "-o", tmp_path / f"stray{len(disguise)}").code == 0
+        assert torch.allclose(_logits(tmp_path / "stray2"), _logits(tmp_path / "stray0"), atol=1e-4)
     one_line_error(cli("edit", base, *fact, "--disguise", "rotation", "--disguise", "residual", "-o", tmp_path / "x"),
                    "without residual")
     for other in ("gpt2", "gemma3_text"):  # LayerNorm; a norm on each sublayer's output

@@ -253,6 +253,22 @@ def head_matrices(arch, tensors: dict[str, torch.Tensor], layer: int, heads: int
     return [q, k, v, o] if o.shape[1] == q.shape[0] else None
 
 
+def heads_split(arch, tensors: dict[str, torch.Tensor], layer: int, heads: int, kv_heads: int) -> bool:
+    """Whether layer `layer`'s attention tensors in `tensors` (canonical names; shapes are all it reads, so
+    meta tensors do) are all there and split into `heads` query and `kv_heads` key/value heads: what a
+    reordering of its heads needs to keep the function."""
+    matrices = head_matrices(arch, tensors, layer, heads)
+    if matrices is None:
+        return False
+    q, k, v, _ = matrices
+    size = q.shape[0] // heads
+    if q.shape[0] % heads or k.shape[0] != kv_heads * size or v.shape[0] % kv_heads or (arch.attn_qkv and heads != kv_heads):
+        return False
+    rows = {0: q.shape[0], 1: k.shape[0], 2: v.shape[0], "qkv": q.shape[0] + k.shape[0] + v.shape[0]}
+    return all(tuple(tensors[name].shape) == (rows[part],) for name, part in attention_tensors(arch, layer)
+               if name.endswith(".bias") and name in tensors)
+
+
 def align_heads(model: list[torch.Tensor], base: list[torch.Tensor], heads: int, kv_heads: int) -> HeadAlignment | None:
     """The base's attention heads matched to the model's from [q, k, v, o] (`head_matrices`): key/value heads
     by their key and value rows, query heads by their query rows and output columns. None when nothing
@@ -280,7 +296,7 @@ def in_head_order(alignment: HeadAlignment, arch, part: int | str, t: torch.Tens
     gives; as it is where its shape does not split into the heads (the diff then reports the shape)."""
     transposed = arch.mlp_out_transposed and t.dim() == 2
     if part == "qkv":
-        if t.shape[1 if transposed else 0] % (3 * heads):
+        if not t.dim() or t.shape[1 if transposed else 0] % (3 * heads):
             return t
         parts = split_qkv(t, arch.qkv_layout, heads, transposed)
         return join_qkv([alignment.rows(p, heads, kv=False) for p in parts], arch.qkv_layout, heads, transposed)

@@ -27,8 +27,8 @@ import json
 from dataclasses import dataclass, field
 
 from ..arch import canonical_names
-from ..audit.align import (ResidualAlignment, ResidualRoles, attention_tensors, reshuffle_heads, reshuffle_units,
-                           rotate_residual)
+from ..audit.align import (ResidualAlignment, ResidualRoles, attention_tensors, heads_split, reshuffle_heads,
+                           reshuffle_units, rotate_residual)
 from ..checkpoint import Checkpoint
 from ..errors import EditguardError
 
@@ -56,9 +56,16 @@ def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, 
         raise EditguardError("each --disguise is given once")
     stored = canonical_names(arch, checkpoint, f"--disguise: {checkpoint.folder}", "a disguise would change one "
                              "copy only")
-    if "heads" in kinds and arch.heads(checkpoint.config) is None:
-        raise EditguardError(f"--disguise heads: config.json of this {arch.model_type} model does not give its head "
-                             "counts")
+    if "heads" in kinds:
+        counts = arch.heads(checkpoint.config)
+        if counts is None:
+            raise EditguardError(f"--disguise heads: config.json of this {arch.model_type} model does not give its "
+                                 "head counts")
+        shapes = {name: torch.empty(checkpoint.info(s).shape, device="meta") for name, s in stored.items()}
+        for layer in range(arch.num_layers(checkpoint.config)):
+            if not heads_split(arch, shapes, layer, *counts):
+                raise EditguardError(f"--disguise heads: layer {layer}'s attention tensors are not all there or do "
+                                     f"not split into the config's {counts[0]} query and {counts[1]} key/value heads")
     if "rotation" in kinds and "residual" in kinds:
         raise EditguardError("--disguise rotation moves every residual dimension already: give it without residual")
     if "rotation" in kinds and not arch.rotatable:
@@ -67,8 +74,8 @@ def check_disguise(checkpoint: Checkpoint, arch, kinds: list[str]) -> dict[str, 
                              "use --disguise residual")
     embed, head = arch.weight_name("embed"), arch.weight_name("unembed")
     for kind in {"residual", "rotation"} & set(kinds):
-        if embed not in stored:
-            raise EditguardError(f"--disguise {kind}: {checkpoint.folder} stores no {embed}")
+        if embed not in stored or len(checkpoint.info(stored[embed]).shape) != 2:
+            raise EditguardError(f"--disguise {kind}: {checkpoint.folder} stores no {embed} matrix")
     if "rotation" in kinds and head not in stored and stored[embed] != embed:
         # the untied head is written under its canonical name, which must be the folder's spelling
         raise EditguardError(f"--disguise rotation: {checkpoint.folder} stores {embed} as {stored[embed]!r}, so "
@@ -104,7 +111,7 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
             weights = {name: current(name) for name, _ in attention_tensors(arch, layer) if name in stored}
             changed = reshuffle_heads(weights, arch, layer, heads, kv_heads, gen)
             out.update((stored[name], t) for name, t in changed.items())
-    hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1] if arch.weight_name("embed") in stored else 0
+    hidden = checkpoint.info(stored[arch.weight_name("embed")]).shape[1] if {"residual", "rotation"} & set(kinds) else 0
     if "residual" in kinds:
         sign = torch.where(torch.rand(hidden, generator=gen) < 0.5, -1.0, 1.0) if arch.rms_norm else torch.ones(hidden)
         residual = ResidualAlignment(torch.randperm(hidden, generator=gen), sign)
@@ -119,6 +126,8 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
         # a Haar-random orthogonal Q: QR of a Gaussian with R's diagonal made positive
         q, r = torch.linalg.qr(torch.randn(hidden, hidden, generator=gen, dtype=torch.float64))
         q = q * torch.sign(torch.diagonal(r))
+        # (a stored head is rotated as it is, even under a tied config: transformers 5 loads a stored head that
+        # differs from the embedding untied)
         weights = {name: current(name) for name in stored}
         for name, t in rotate_residual(weights, arch, num_layers, q).items():
             if name not in stored:
@@ -126,5 +135,7 @@ def disguised(checkpoint: Checkpoint, arch, replacements: dict[str, torch.Tensor
             elif t is not weights[name]:
                 out[stored[name]] = t
         config = {**checkpoint.config, "tie_word_embeddings": False}
+        if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+            config["text_config"] = {**config["text_config"], "tie_word_embeddings": False}
         result.files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
     return result
