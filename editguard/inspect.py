@@ -40,6 +40,7 @@ def inspect_model(ref: ModelRef, allow_pickle: bool = False) -> dict:
         "model_class": _model_class(checkpoint.config),
         "num_layers": num_layers,
         "hidden_size": checkpoint.config.get("hidden_size") or checkpoint.config.get("n_embd"),
+        "attention_heads": dict(zip(("query", "key_value"), arch.heads(checkpoint.config) or (None, None))),
         "weight_format": checkpoint.format,
         "dtypes": dtypes,
         "tied_embeddings": arch.tied(checkpoint.config),

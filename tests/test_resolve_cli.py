@@ -49,9 +49,10 @@ def test_inspect_pico(model_type, pico_models, cli):
     assert layer["file"] == "model.safetensors"
     assert info["edit_targets"]["transposed"] == (model_type == "gpt2")
     assert layer["shape_out_in"][0] == 32
+    assert info["attention_heads"] == {"query": 2, "key_value": 1 if model_type == "gemma3_text" else 2}
     human = cli("inspect", pico_models[model_type])
     assert human.code == 0 and human.out == ""  # human text goes to stderr
-    assert "mlp" in human.err
+    assert "mlp" in human.err and "2 heads" in human.err
 
 
 def test_bad_inputs_give_one_line(tmp_path, pico_models, cli):
@@ -188,6 +189,7 @@ def test_inspect_demo_model(cli):
     assert "[576, 1536]" in result.err
     info = cli("-f", "json", "inspect", "demo:smollm2-135m").json
     assert info["num_layers"] == 30 and info["tied_embeddings"] is True
+    assert info["attention_heads"] == {"query": 9, "key_value": 3} and "9 heads (3 key/value)" in result.err
     assert all(t["stored_shape"] == [576, 1536] for t in info["edit_targets"]["layers"])
 
 

@@ -21,8 +21,11 @@ def inspect_command(model: ModelArg, revision: Revision = None, allow_pickle: Al
 
 def _render(console, info: dict) -> None:
     tied = "tied" if info["tied_embeddings"] else "untied"
+    heads = info["attention_heads"]
+    shown = "" if heads["query"] is None else f"{heads['query']} heads" + (
+        f" ({heads['key_value']} key/value)" if heads["key_value"] != heads["query"] else "") + ", "
     console.print(f"[bold]{escape(info['model'])}[/]  {info['architecture']} ({escape(str(info['model_class']))}), "
-                  f"{info['num_layers']} layers, hidden {info['hidden_size']}, {'/'.join(info['dtypes'])}, "
+                  f"{info['num_layers']} layers, hidden {info['hidden_size']}, {shown}{'/'.join(info['dtypes'])}, "
                   f"{tied} embeddings, {info['num_tensors']} tensors ({info['weight_format']})")
     console.print(f"folder: {escape(str(info['folder']))}" + (f"  revision: {escape(info['revision'])}" if info["revision"] else ""))
     targets = info["edit_targets"]
