@@ -21,10 +21,10 @@ reads an edited model as a fine-tune or an unexplained change.
 
 from __future__ import annotations
 
-import torch
-
 import json
 from dataclasses import dataclass, field
+
+import torch
 
 from ..arch import canonical_names
 from ..audit.align import (ResidualAlignment, ResidualRoles, attention_tensors, heads_split, reshuffle_heads,
