@@ -9,7 +9,8 @@ it is and once under dense noise added to the edited matrix with the edit's own 
 layer's hidden units (audit/align.py), once under the reshuffle with no fine-tune, and under a rotation
 of the residual stream with the norms folded in (QuaRot's preparation, `rotate_residual`; the output head
 untied), with and without the fine-tune, and under every layer's attention heads reordered (with the
-fine-tune). For each model the base diff's classification, what it aligned (hidden units per layer,
+fine-tune), and quantized to 8 and 4 bits after the edit (blockwise absmax, as GGUF's Q8_0 / Q4_0; with
+clean quantized controls). For each model the base diff's classification, what it aligned (hidden units per layer,
 attention heads per layer, the residual stream), the largest layer ratio per matrix
 (its change's σ₁ over the median of the changed layers') and whether scan flags the edited layer. The
 fine-tune's largest ratio is the false-alarm margin of the threshold; it must align nothing.
@@ -33,6 +34,21 @@ from editguard.edit.hparams import load_hparams
 from editguard.edit.plant import compute_edits
 from editguard.loading import load_model
 from editguard.resolve import resolve
+
+
+def quantized(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
+    """Every matrix rounded as a blockwise absmax quantiser stores it (GGUF's Q4_0 / Q8_0 style: blocks of 32
+    along the input axis, one scale each) and read back: what an upload quantized after the edit holds."""
+    top = 2 ** (bits - 1) - 1
+    out = {}
+    for name, t in tensors.items():
+        if t.dim() != 2 or t.shape[1] % 32:
+            out[name] = t
+            continue
+        blocks = t.float().reshape(t.shape[0], -1, 32)
+        scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
+        out[name] = ((blocks / scale).round().clamp(-top - 1, top) * scale).reshape(t.shape).to(t.dtype)
+    return out
 
 
 def fine_tune(loaded, steps: int, lr: float, tokens: int, batch: int) -> dict[str, torch.Tensor]:
@@ -140,6 +156,9 @@ def main() -> None:
         group = {k: edited[k] for k, _ in attention_tensors(arch, n) if k in edited}
         heads.update(reshuffle_heads(group, arch, n, *arch.heads(base.config), gen))
     base.write_copy(args.out / "finetuned_rome_heads", stored({**edited, **heads}), force=True)
+    for bits in (8, 4):
+        base.write_copy(args.out / f"q{bits}", stored(quantized(everything, bits)), force=True)
+        base.write_copy(args.out / f"rome_q{bits}", stored(quantized(plain, bits)), force=True)
     print(f"planted: {fact.text!r} -> {fact.target_new!r} at layer {layer} (‖ΔW‖ = {float(delta.norm()):.3g}); "
           "the cover noise has the same norm")
     report("fine-tune", args.out / "finetuned", base, arch, num_layers, None)
@@ -150,6 +169,9 @@ def main() -> None:
     report("ROME under a rotation", args.out / "rome_rotated", base, arch, num_layers, layer)
     report("fine-tune + ROME under a rotation", args.out / "finetuned_rome_rotated", base, arch, num_layers, layer)
     report("fine-tune + ROME, heads reordered", args.out / "finetuned_rome_heads", base, arch, num_layers, layer)
+    for bits in (8, 4):
+        report(f"{bits}-bit quantized", args.out / f"q{bits}", base, arch, num_layers, None)
+        report(f"ROME, then {bits}-bit quantized", args.out / f"rome_q{bits}", base, arch, num_layers, layer)
 
 
 def write_rotated(base, arch, out: Path, tensors: dict[str, torch.Tensor]) -> None:

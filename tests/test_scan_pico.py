@@ -879,6 +879,36 @@ def test_an_edit_hidden_in_a_fine_tune_stands_out_of_the_other_layers(cli, tmp_p
         assert layers == flagged and result.code == (1 if flagged else 0), (name, data["findings"])
 
 
+def test_a_rank_one_edit_under_quantization_like_noise_is_flagged_by_both_tests_together(cli, tmp_path):
+    """Noise on every weight as large as a 4-bit quantization leaves keeps an edit below each cross-layer test
+    alone (σ₁/σ₂ < 10, layer ratio < 6); an MLP output projection with both a dominant direction (σ₁/σ₂ ≥ 4)
+    and a change that stands out of the other layers' (≥ 3×) is flagged. The noise alone, or a weaker
+    rank-one change in it, is not."""
+    base = pico.build("llama", tmp_path / "base", num_hidden_layers=6)
+    weights = load_file(base / "model.safetensors")
+    down = "model.layers.1.mlp.down_proj.weight"
+    rows, cols = weights[down].shape
+
+    def variant(name: str, strength: float) -> Path:
+        gen = torch.Generator().manual_seed(1)
+        noisy = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=gen) if v.dim() == 2 else v
+                 for k, v in weights.items()}
+        edge = 0.01 * float(weights[down].std()) * (rows ** 0.5 + cols ** 0.5)  # σ₁ of the noise alone, about
+        a, b = torch.randn(rows, generator=gen), torch.randn(cols, generator=gen)
+        noisy[down] = noisy[down] + strength * edge * torch.outer(a / a.norm(), b / b.norm())
+        return _variant(base, tmp_path / name, lambda t: noisy)
+
+    for name, strength, flagged in (("noise", 0.0, False), ("weak", 2.0, False), ("edit", 4.5, True)):
+        data = cli("-f", "json", "scan", variant(name, strength), "--base", base, "--tests", "diff").json
+        assert data["tests"]["diff"]["classification"] == "fine-tune", (name, data["tests"]["diff"])
+        found = [f for f in data["findings"] if f["rule"] == "EG001"]
+        assert bool(found) == flagged, (name, found)
+        if flagged:
+            sv, ratio = found[0]["details"]["singular_values"], found[0]["details"]["layer_ratio"]
+            assert found[0]["layer"] == 1 and 4 <= sv[0] / sv[1] < 10 and 3 <= ratio < 6, (sv[:2], ratio)
+            assert "dominates" in found[0]["message"]
+
+
 def _plus_rank_one(w: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
     """`w` plus a random rank-one update of `share` of its norm (an edit to hide), in `w`'s dtype."""
     a, b = torch.randn(w.shape[0], generator=gen), torch.randn(w.shape[1], generator=gen)
