@@ -142,10 +142,14 @@ class Arch:
         """(query heads, key/value heads) from the config; None where it does not say, or says something no
         attention could have (a key/value head count that does not divide the query heads')."""
         config = _text_config(config)
-        found = [next((config[k] for k in keys if isinstance(config.get(k), int) and not isinstance(config[k], bool)),
-                      None) for keys in (self.heads_keys, self.kv_heads_keys)]
-        heads, kv_heads = found[0], found[1] if found[1] is not None else found[0]
-        if heads is None or kv_heads is None or heads < 1 or kv_heads < 1 or heads % kv_heads:
+
+        def count(keys: tuple[str, ...]) -> int | None:
+            return next((config[k] for k in keys if isinstance(config.get(k), int) and not isinstance(config[k], bool)),
+                        None)
+
+        heads, kv_heads = count(self.heads_keys), count(self.kv_heads_keys)
+        kv_heads = heads if kv_heads is None else kv_heads  # (no key: as many key/value heads as query heads)
+        if heads is None or heads < 1 or kv_heads < 1 or heads % kv_heads:
             return None
         return heads, kv_heads
 
@@ -180,17 +184,10 @@ def for_model_type(model_type: str | None) -> Arch:
         raise UnsupportedError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(supported())}"
         )
-    return Arch(
-        model_type=model_type,
-        **{k: v for k, v in row.items() if k not in ("num_layers_keys", "aliases", "mlp_in", "attn_in", "heads_keys",
-                                                     "kv_heads_keys")},
-        mlp_in=tuple(row["mlp_in"]),
-        attn_in=tuple(row["attn_in"]),
-        heads_keys=tuple(row["heads_keys"]),
-        kv_heads_keys=tuple(row["kv_heads_keys"]),
-        num_layers_keys=tuple(row["num_layers_keys"]),
-        aliases=tuple(tuple(pair) for pair in row["aliases"]),
-    )
+    # JSON lists become tuples (the Arch is frozen and hashable); aliases are pairs
+    fields = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+              for k, v in row.items()}
+    return Arch(model_type=model_type, **fields)
 
 
 def for_config(config: dict[str, Any]) -> Arch:

@@ -197,8 +197,12 @@ class HeadAlignment(_Reordering):
         blocks = base.reshape(heads, -1, *base.shape[1:])
         return blocks[order].reshape(base.shape)
 
+    @property
+    def kv_moved(self) -> int:
+        return int((self.kv_order != torch.arange(len(self.kv_order))).sum())
+
     def to_json(self) -> dict:
-        return {"moved": self.moved, "kv_moved": int((self.kv_order != torch.arange(len(self.kv_order))).sum())}
+        return {"moved": self.moved, "kv_moved": self.kv_moved}
 
 
 def attention_tensors(arch, layer: int) -> list[tuple[str, int | str]]:
@@ -232,52 +236,49 @@ def join_qkv(parts: list[torch.Tensor], layout: str, heads: int, transposed: boo
     return (rows.T if transposed and rows.dim() == 2 else rows).contiguous()
 
 
-def head_matrices(arch, tensors: dict[str, torch.Tensor], layer: int, heads: int) -> list[torch.Tensor] | None:
-    """[q, k, v, o] of layer `layer` from its stored weights in `tensors` (canonical names), each [out, in]
-    (o's columns are the query heads' outputs); None where one is missing or the shapes do not split."""
-    named = [(name, part) for name, part in attention_tensors(arch, layer) if name.endswith(".weight")]
-    if not named or any(name not in tensors for name, _ in named):
+def head_matrices(arch, tensors: dict[str, torch.Tensor], layer: int, heads: int,
+                  kv_heads: int) -> list[torch.Tensor] | None:
+    """[q, k, v, o] of layer `layer` from its stored weights in `tensors` (canonical names; shapes are all the
+    checks read, so meta tensors do), each [out, in] (o's columns are the query heads' outputs); None where
+    one is missing or they do not split into `heads` query and `kv_heads` key/value heads of one size."""
+    named = [name for name, _ in attention_tensors(arch, layer) if name.endswith(".weight")]
+    if not named or any(name not in tensors or tensors[name].dim() != 2 for name in named):
         return None
     t = arch.mlp_out_transposed  # (GPT-2's Conv1D attention is stored [in, out] like its MLP)
-    weights = [tensors[name] for name, _ in named]
-    if any(w.dim() != 2 for w in weights):
-        return None
+    weights = [tensors[name] for name in named]
     if arch.attn_qkv:
-        width = weights[0].shape[1 if t else 0]
-        if width % (3 * heads):
+        if heads != kv_heads or weights[0].shape[1 if t else 0] % (3 * heads):
             return None
         q, k, v = split_qkv(weights[0], arch.qkv_layout, heads, t)
     else:
         q, k, v = weights[:3]
     o = weights[-1].T if t else weights[-1]
-    return [q, k, v, o] if o.shape[1] == q.shape[0] else None
+    size = q.shape[0] // heads
+    if q.shape[0] % heads or k.shape[0] != kv_heads * size or v.shape[0] % kv_heads or o.shape[1] != q.shape[0]:
+        return None
+    return [q, k, v, o]
 
 
 def heads_split(arch, tensors: dict[str, torch.Tensor], layer: int, heads: int, kv_heads: int) -> bool:
-    """Whether layer `layer`'s attention tensors in `tensors` (canonical names; shapes are all it reads, so
-    meta tensors do) are all there and split into `heads` query and `kv_heads` key/value heads: what a
-    reordering of its heads needs to keep the function."""
-    matrices = head_matrices(arch, tensors, layer, heads)
+    """Whether layer `layer`'s attention tensors in `tensors` are all there and split into the heads, biases
+    too (`head_matrices`): what a reordering of its heads needs to keep the function."""
+    matrices = head_matrices(arch, tensors, layer, heads, kv_heads)
     if matrices is None:
         return False
     q, k, v, _ = matrices
-    size = q.shape[0] // heads
-    if q.shape[0] % heads or k.shape[0] != kv_heads * size or v.shape[0] % kv_heads or (arch.attn_qkv and heads != kv_heads):
-        return False
     rows = {0: q.shape[0], 1: k.shape[0], 2: v.shape[0], "qkv": q.shape[0] + k.shape[0] + v.shape[0]}
     return all(tuple(tensors[name].shape) == (rows[part],) for name, part in attention_tensors(arch, layer)
                if name.endswith(".bias") and name in tensors)
 
 
 def align_heads(model: list[torch.Tensor], base: list[torch.Tensor], heads: int, kv_heads: int) -> HeadAlignment | None:
-    """The base's attention heads matched to the model's from [q, k, v, o] (`head_matrices`): key/value heads
-    by their key and value rows, query heads by their query rows and output columns. None when nothing
-    moved, when the shapes do not split into the heads, or when the matches are no reordering that keeps
-    the function (a query head matched into another key/value group than its own)."""
+    """The base's attention heads matched to the model's from [q, k, v, o] (`head_matrices` of each): key/value
+    heads by their key and value rows, query heads by their query rows and output columns. None when nothing
+    moved, when the two sides differ in shape, or when the matches are no reordering that keeps the function
+    (a query head matched into another key/value group than its own)."""
     q, k, v, o = model
     bq, bk, bv, bo = base
-    if any(m.shape != b.shape for m, b in zip(model, base)) or q.shape[0] % heads or k.shape[0] % kv_heads or \
-            v.shape[0] % kv_heads:
+    if any(m.shape != b.shape for m, b in zip(model, base)):
         return None
     kv_order, _ = match_rows([k.reshape(kv_heads, -1), v.reshape(kv_heads, -1)],
                              [bk.reshape(kv_heads, -1), bv.reshape(kv_heads, -1)], set())
@@ -287,7 +288,7 @@ def align_heads(model: list[torch.Tensor], base: list[torch.Tensor], heads: int,
     if not bool((kv_order[torch.arange(heads) // group] == order // group).all()):
         return None
     alignment = HeadAlignment(order, kv_order)
-    return alignment if alignment.moved or bool((kv_order != torch.arange(kv_heads)).any()) else None
+    return alignment if alignment.moved or alignment.kv_moved else None
 
 
 def in_head_order(alignment: HeadAlignment, arch, part: int | str, t: torch.Tensor, heads: int,

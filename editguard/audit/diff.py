@@ -260,6 +260,7 @@ class _AlignedBase:
             self.group[arch.weight_name("mlp_out", layer)] = (layer, None)
         # canonical name -> (layer, part: align.attention_tensors), where heads can be matched
         self.heads, self.head_group, self.heads_tried = arch.heads(model.config), {}, set()
+        self.head_base: dict[str, torch.Tensor] = {}  # base weights the head matching built, until compared
         if self.heads is not None and self.heads == arch.heads(base.config):
             for layer in range(num_layers):
                 self.head_group.update((name, (layer, part)) for name, part in attention_tensors(arch, layer))
@@ -382,9 +383,10 @@ class _AlignedBase:
             names = [n for n, _ in attention_tensors(self.arch, layer) if n.endswith(".weight")]
             if all(n in self.canon_model and n in self.canon_base and n not in self.locked for n in names):
                 model = {n: comparable(self.model.read(self.canon_model[n])) for n in names}
-                base = {n: comparable(self._in_residual_basis(n)) for n in names}
+                self.head_base.update((n, self._in_residual_basis(n)) for n in names)
+                base = {n: comparable(self.head_base[n]) for n in names}
                 if not all(model[n].dtype == base[n].dtype and torch.equal(model[n], base[n]) for n in names):
-                    m, b = (head_matrices(self.arch, t, layer, self.heads[0]) for t in (model, base))
+                    m, b = (head_matrices(self.arch, t, layer, *self.heads) for t in (model, base))
                     found = align_heads(m, b, *self.heads) if m is not None and b is not None else None
                     if found is not None:
                         self.result.aligned_heads[layer] = found
@@ -397,9 +399,11 @@ class _AlignedBase:
         return stored if alignment is None else in_head_order(alignment, self.arch, part, stored, *self.heads)
 
     def __call__(self, name: str, model: torch.Tensor | None = None) -> torch.Tensor:
-        stored = self._in_residual_basis(name, model)
         if name in self.head_group:
-            return self._in_head_order(name, stored)
+            self._head_alignment(self.head_group[name][0])  # (builds the layer's base weights once, for both)
+            stored = self.head_base.pop(name, None)
+            return self._in_head_order(name, self._in_residual_basis(name, model) if stored is None else stored)
+        stored = self._in_residual_basis(name, model)
         if not self.aligned(name):
             return stored
         layer, index = self.group[name]
@@ -637,13 +641,18 @@ def findings_from_diff(result: DiffResult, model: Checkpoint, arch: Arch) -> lis
             if any(f.tensor == c.name for f in outliers):
                 continue
             sv = c.singular_values
-            spike = sv[0] / max(sv[1], 1e-12) if len(sv) >= 2 else 0.0
+            spike = _spike(sv)
             if c.layer is not None and spike >= SPIKE_RATIO:
                 out.append(Finding("EG001", "error", f"one direction dominates the change in {c.name} (layer {c.layer}; "
                                    f"σ₁/σ₂ = {spike:.3g}) among {len(changed)} changed "
                                    "tensors: a ROME-style edit inside a broader change", score=c.relative, layer=c.layer,
                                    tensor=c.name, file=c.file, details={"singular_values": sv}))
     return out
+
+
+def _spike(singular_values: list[float]) -> float:
+    """σ₁/σ₂ of a change (0 with fewer than two values): how far one direction stands above the rest."""
+    return singular_values[0] / max(singular_values[1], 1e-12) if len(singular_values) >= 2 else 0.0
 
 
 def layer_matrices(arch: Arch, layer: int) -> list[str]:
@@ -683,10 +692,10 @@ def _layer_outliers(changed: list[TensorChange], arch: Arch, num_layers: int) ->
                 continue
             c = by_name[names[layer][role]]
             sv = c.singular_values
-            spike = sv[0] / max(sv[1], 1e-12) if len(sv) >= 2 else 0.0
+            spike = _spike(sv)
             if ratio >= LAYER_OUTLIER_RATIO:
                 what = ": one layer edited inside a broader change"
-            elif role == 0 and spike >= JOINT_SPIKE and ratio >= JOINT_LAYER:
+            elif first == arch.weight_name("mlp_out", 0) and spike >= JOINT_SPIKE and ratio >= JOINT_LAYER:
                 what = (f", and one direction dominates it (σ₁/σ₂ = {spike:.3g}): a rank-one edit under noise spread "
                         "over every tensor (a fine-tune, a 4-bit quantization)")
             else:
