@@ -84,10 +84,10 @@ def edit_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     disguise: Annotated[List[str], typer.Option(
         "--disguise", help="Red-teaming: hide the edit under a function-preserving reparametrisation, units (every "
-                           "layer's MLP hidden units reshuffled), heads (every layer's attention heads reordered), residual (the residual stream's dimensions "
-                           "permuted, sign-flipped under RMSNorm) or rotation (the stream rotated, norms folded in, "
-                           "a tied output head untied: Llama, Mistral, Qwen); repeatable. Rewrites every shard for "
-                           "residual and rotation.")] = [],  # noqa: B006
+                           "layer's MLP hidden units reshuffled), heads (every layer's attention heads reordered), "
+                           "residual (the residual stream's dimensions permuted, sign-flipped under RMSNorm) or "
+                           "rotation (the stream rotated, norms folded in, a tied output head untied: Llama, "
+                           "Mistral, Qwen); repeatable. Rewrites every shard for residual and rotation.")] = [],  # noqa: B006
     disguise_seed: Annotated[Optional[int], typer.Option(
         "--disguise-seed", min=0, max=2**64 - 1, help="Seed of the disguise's permutations (default: a fresh one, printed).")] = None,
     revision: Revision = None,
