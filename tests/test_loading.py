@@ -75,6 +75,22 @@ def test_warning_is_one_line_on_the_cli(cli, pico_models, monkeypatch, tmp_path)
     assert quiet.code == 0 and "slower than float32" not in quiet.err
 
 
+def test_train_suggests_bfloat16_where_the_cpu_runs_it_faster(cli, pico_models, monkeypatch, tmp_path):
+    from editguard import cpu_precision
+
+    # --layer 9 of a 2-layer model: refused after the hint and before the slow load
+    args = ["train", "--model", pico_models["llama"], "--hparams", "rome-smollm2-135m", "--layer", "9",
+            "-o", tmp_path / "m.safetensors"]
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.32)
+    result = cli(*args)
+    assert result.code == 2 and "layer" in result.err.splitlines()[-1]
+    assert "bfloat16 matrix products run 3.1x faster than float32 on this CPU: --dtype bfloat16" in result.err
+    for quiet in (cli(*args, "--dtype", "bfloat16"), cli("-q", *args), cli("-f", "json", *args)):
+        assert quiet.code == 2 and "faster than float32" not in quiet.err
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.9)  # no bf16 units
+    assert "faster than float32" not in cli(*args).err
+
+
 def test_missing_weights_are_refused_and_extra_ones_reported(pico_models, tmp_path, cli):
     """transformers would fill a missing tensor with random values (and say so only in a silenced log)."""
     import shutil

@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from .. import arch as arch_table
+from ..cpu_precision import bfloat16_hint
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
 from ..loading import load_model
@@ -140,6 +141,8 @@ def train_command(
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
                    memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layers=tuple(mask_layer or ()))
+    if dtype == "float32" and device_map == "cpu" and not bank_only and (hint := bfloat16_hint()):
+        state.out().note(hint)
     num_layers = num_layers_of(ref, allow_pickle)
     hp.check_layers(num_layers)  # these, and preflight's checks, before the slow load
     check_mask_layers(num_layers, hp, job.mask_layers)
