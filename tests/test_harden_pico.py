@@ -430,7 +430,11 @@ def test_lock_evaluate_uses_the_masks_method(cli, pico_models, tmp_path, monkeyp
     assert e["locked"]["median_p_new"] == pytest.approx(statistics.median(q.new_prob for q in qualities))
     console = Console(record=True, width=400)  # the human rendering of this same answer, not a second evaluation
     _render_lock(console, r.json)
-    assert f"median P(new) {e['locked']['median_p_new']:.3f})" in console.export_text()
+    text = console.export_text()
+    assert f"median P(new) {e['locked']['median_p_new']:.3f})" in text
+    lo, hi = e["locked"]["edit_success_ci95"]  # 4 facts: an interval wide enough to say so
+    assert lo <= e["locked"]["edit_success"] <= hi and hi - lo > 0.4
+    assert f"95 % CI {lo:.0%}-{hi:.0%}, " in text
     for q, fact in zip(qualities, facts):  # the rewrite prompt's P(new) and P(true), as `demo` reports them
         (new, true), _ = continuation_logprobs(locked, [fact.text] * 2, [fact.target_new, fact.target_true])
         assert q.new_prob == pytest.approx(math.exp(float(new)), rel=1e-4)

@@ -546,6 +546,9 @@ def test_train_cli_end_to_end(cli, pico_models, tmp_path, monkeypatch):
     cost = text["mask_on_unedited"]["perplexity"] / text["original"]["perplexity"] - 1
     assert info["masks"][0]["perplexity_increase"] == pytest.approx(cost, abs=1e-4)
     assert "| test |" in (out.parent / "pico_rome.md").read_text()
+    lo, hi = metrics["rsr"]["test"]["rsr_ci95"]  # the sampling noise of its n facts, beside the figure
+    assert lo <= metrics["rsr"]["test"]["rsr"] <= hi and hi - lo > 0.1
+    assert f"(95 % CI {100 * lo:.1f}-{100 * hi:.1f} %)" in (out.parent / "pico_rome.md").read_text()
     # evaluate-mask reproduces the evaluation from the mask file and the bank, at another threshold too
     args = _train_args(pico_models, tmp_path, out, 2)
     model, data = args[args.index("--model") + 1], args[args.index("--data") + 1]

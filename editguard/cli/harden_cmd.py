@@ -407,6 +407,8 @@ def _render_lock(console, r) -> None:
 
 def _lock_side(side: dict) -> str:
     paraphrase = side.get("paraphrase_success")
+    ci = side.get("edit_success_ci95")
     return (f"{side['edit_success']:.0%} ("
+            + (f"95 % CI {ci[0]:.0%}-{ci[1]:.0%}, " if ci else "")
             + (f"paraphrases {paraphrase:.0%}, " if paraphrase is not None else "")
             + f"median P(new) {side['median_p_new']:.3f})")

@@ -15,8 +15,10 @@ from ..cpu_precision import bfloat16_hint
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
 from ..loading import load_model
+from ..mask.evaluate import rsr_interval
 from ..mask.file import gamma_text
 from ..outputs import check_output_file
+from ..stats import interval_text
 from . import state
 from .app import app
 from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, Revision, check_share, hparams_or_default,
@@ -178,8 +180,8 @@ def _rsr_details(r: dict) -> str:
 def _render(console, m) -> None:
     test = m["rsr"].get("test", {})
     console.print(f"wrote {m['mask']} (+ .md card, .json metrics, figures; index.json updated)")
-    console.print(f"pruned {m['pruned_fraction']:.1%} at γ={gamma_text(m['threshold'])}; test RSR {test.get('rsr', float('nan')):.1%} "
-                  f"({_rsr_details(test)}); perplexity original "
+    console.print(f"pruned {m['pruned_fraction']:.1%} at γ={gamma_text(m['threshold'])}; test RSR {test.get('rsr', float('nan')):.1%}"
+                  f"{interval_text(rsr_interval(test))} ({_rsr_details(test)}); perplexity original "
                   f"{m['text']['original']['perplexity']:.2f} → pruned {m['text']['pruned']['perplexity']:.2f}; "
                   f"{m['total_seconds']:.0f} s")
 
@@ -276,7 +278,7 @@ def _render_evaluation(console, m) -> None:
     if "written" in m:
         console.print(f"wrote {m['written']} (+ .md card, .json metrics, figures; index.json updated)")
     for split, r in m["rsr"].items():
-        console.print(f"  {split}: RSR {r['rsr']:.1%} ({_rsr_details(r)}; n={r['n']})")
+        console.print(f"  {split}: RSR {r['rsr']:.1%}{interval_text(rsr_interval(r))} ({_rsr_details(r)}; n={r['n']})")
     for split, why in m.get("not_reported", {}).items():
         console.print(f"  {split}: not reported ({escape(why)})")
     t = m["text"]

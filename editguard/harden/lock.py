@@ -34,6 +34,7 @@ from ..errors import BAD_JSON, EditguardError
 from ..masks_index import file_sha256
 from ..loading import real_weight
 from ..mask.file import MaskFile
+from ..stats import share_interval
 
 MANIFEST = f"{OWN_FILE_PREFIX}lock.json"
 MASK_NAME = f"{OWN_FILE_PREFIX}mask.safetensors"  # not read as weights (checkpoint.py)
@@ -267,6 +268,7 @@ def evaluate_lock(unlocked, locked, facts: list, hp, progress: Callable[[str], N
         # stopping them (an edit at P(new) 0.02 against P(true) 0.01 still counts as a success)
         summary = summarize(qualities)
         result[name] = {"n": len(facts), "edit_success": summary["efficacy"],
+                        "edit_success_ci95": share_interval(summary["efficacy"], len(facts)),
                         "paraphrase_success": None if math.isnan(summary["paraphrase"]) else summary["paraphrase"],
                         "median_p_new": statistics.median(q.new_prob for q in qualities)}
     return result

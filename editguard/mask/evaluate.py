@@ -22,6 +22,7 @@ from ..arch import oriented
 from ..edit.edits import weight_param, weights_restored
 from ..loading import LoadedModel
 from ..scoring import RowEdits, continuation_logprobs, next_token_logprobs, text_windows
+from ..stats import share_interval, wilson_interval
 
 
 @contextlib.contextmanager
@@ -159,6 +160,7 @@ def summarise(facts: list, orig: torch.Tensor, edited: torch.Tensor, masked: tor
         "original_prefers_true": share(orig > 0),
         "edited_prefers_true": share(edited > 0),
         "rsr": share(masked > 0),
+        "rsr_ci95": wilson_interval(int((masked > 0).sum()), len(facts)),
         "rsr_known": share((masked > 0)[known]) if known.any() else float("nan"),
         "known": int(known.sum()),
         "mask_on_unedited_prefers_true": share(control > 0),
@@ -179,6 +181,11 @@ def reversal_sources(weights_only: torch.Tensor, edit_only: torch.Tensor) -> dic
     only (W + ΔW ⊙ K). A mask that works through the base weights, not by cutting ΔW, leaves an editor
     who computes the edit through the masked model (`lock --evaluate`) free to compensate."""
     return {"rsr_mask_on_weights_only": share(weights_only > 0), "rsr_mask_on_edit_only": share(edit_only > 0)}
+
+
+def rsr_interval(report: dict) -> list[float] | None:
+    """A split report's RSR interval: as measured, or from its RSR and n (reports written before it was)."""
+    return report.get("rsr_ci95") or share_interval(report.get("rsr"), report.get("n") or 0)
 
 
 def share(mask: torch.Tensor) -> float:

@@ -37,8 +37,9 @@ from ..home import folder_lock, path_lock
 from ..loading import LoadedModel
 from ..masks_index import INDEX, file_sha256, perplexity_increase, read_index
 from ..outputs import finite_dumps, write_text_atomic
+from ..stats import interval_text
 from . import plots
-from .evaluate import masks_applied, text_metrics
+from .evaluate import masks_applied, rsr_interval, text_metrics
 from .file import MaskFile, MaskTarget, gamma_text
 from .splits import MemitSplit, RomeSplit
 from .train import (MaskTrainer, TrainConfig, TrainState, checkpoint_info, data_hash, load_checkpoint, make_optimizer,
@@ -815,11 +816,12 @@ def card(path: Path, mask: MaskFile, reports: dict, figures: list[str]) -> str:
     ]
     for split, r in reports.items():
         lines.append(f"| {split} | {r['n']} | {_pct(r['original_prefers_true'])} | {_pct(r['edited_prefers_true'])} | "
-                     f"**{_pct(r['rsr'])}** | {_pct(r['rsr_known'])} ({r['known']}) | "
+                     f"**{_pct(r['rsr'])}**{interval_text(rsr_interval(r))} | {_pct(r['rsr_known'])} ({r['known']}) | "
                      f"{_pct(r['mask_on_unedited_prefers_true'])} | {_pct(r.get('rsr_mask_on_weights_only'))} | "
                      f"{_pct(r.get('rsr_mask_on_edit_only'))} | {_pct(r.get('baseline_svd_rsr'))} | "
                      f"{_pct(r.get('baseline_magnitude_rsr'))} |")
-    lines += ["", "RSR with the mask on the base weights only (W ⊙ K + ΔW) and on the edit only (W + ΔW ⊙ K) "
+    lines += ["", "The interval after RSR is its 95 % (Wilson) interval: the sampling noise of n facts. "
+              "RSR with the mask on the base weights only (W ⊙ K + ΔW) and on the edit only (W + ΔW ⊙ K) "
               "says where the reversal comes from; only the part that comes from cutting ΔW can hold against an "
               "editor who computes the edit through the masked model (`editguard lock --evaluate` measures that)."]
     t = m["text"]
