@@ -14,11 +14,11 @@ from .. import arch as arch_table
 from ..cpu_precision import bfloat16_hint
 from ..edit.hparams import load_hparams
 from ..errors import EditguardError
+from ..intervals import interval_text
 from ..loading import load_model
 from ..mask.evaluate import rsr_interval
 from ..mask.file import gamma_text
 from ..outputs import check_output_file
-from ..stats import interval_text
 from . import state
 from .app import app
 from .options import (AllowPickle, DeviceMap, Dtype, MaxMemory, OffloadFolder, Revision, check_share, hparams_or_default,
@@ -143,8 +143,6 @@ def train_command(
                    data=data, bank=bank, threshold=threshold, target_pruned=target_pruned, resume=resume,
                    text_tokens=text_tokens, baselines=not no_baselines, bank_only=bank_only, select=select,
                    memit_batch=memit_batch, whole_mlp=whole_mlp, mask_layers=tuple(mask_layer or ()))
-    if dtype == "float32" and device_map == "cpu" and not bank_only and (hint := bfloat16_hint()):
-        state.out().note(hint)
     num_layers = num_layers_of(ref, allow_pickle)
     hp.check_layers(num_layers)  # these, and preflight's checks, before the slow load
     check_mask_layers(num_layers, hp, job.mask_layers)
@@ -154,9 +152,11 @@ def train_command(
         if whole_mlp:
             arch = arch_table.for_config(ref.checkpoint(allow_pickle=allow_pickle).config)
             keep = [path for layer in job.mask_layers or hp.layers for path in arch.mlp_in_modules(layer)]
+        options = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)
+        if dtype == "float32" and device_map == "cpu" and not bank_only and (hint := bfloat16_hint()):
+            state.out().note(hint)  # after every check: bad input still answers with one line
         with state.out().progress("loading model"):
-            loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
-                                keep_on_device=keep)
+            loaded = load_model(ref, **options, keep_on_device=keep)
         with ExitStack() as stack:
             metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
         if bank_only:

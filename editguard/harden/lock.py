@@ -31,10 +31,10 @@ from torch.nn.utils import parametrize
 from ..arch import oriented
 from ..checkpoint import OWN_FILE_PREFIX, Checkpoint, comparable, tensor_bytes
 from ..errors import BAD_JSON, EditguardError
+from ..intervals import share_interval
 from ..masks_index import file_sha256
 from ..loading import real_weight
 from ..mask.file import MaskFile
-from ..stats import share_interval
 
 MANIFEST = f"{OWN_FILE_PREFIX}lock.json"
 MASK_NAME = f"{OWN_FILE_PREFIX}mask.safetensors"  # not read as weights (checkpoint.py)

@@ -20,9 +20,9 @@ import torch
 
 from ..arch import oriented
 from ..edit.edits import weight_param, weights_restored
+from ..intervals import share_interval, wilson_interval
 from ..loading import LoadedModel
 from ..scoring import RowEdits, continuation_logprobs, next_token_logprobs, text_windows
-from ..stats import share_interval, wilson_interval
 
 
 @contextlib.contextmanager

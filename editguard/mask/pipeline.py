@@ -34,10 +34,10 @@ from ..edit.generate import dtype_name, fill_bank, target_fingerprints
 from ..edit.hparams import EditHparams
 from ..errors import EditguardError
 from ..home import folder_lock, path_lock
+from ..intervals import interval_text
 from ..loading import LoadedModel
 from ..masks_index import INDEX, file_sha256, perplexity_increase, read_index
 from ..outputs import finite_dumps, write_text_atomic
-from ..stats import interval_text
 from . import plots
 from .evaluate import masks_applied, rsr_interval, text_metrics
 from .file import MaskFile, MaskTarget, gamma_text

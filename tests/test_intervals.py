@@ -3,7 +3,7 @@ import pytest
 
 def test_rsr_interval_is_wilsons():
     from editguard.mask.evaluate import rsr_interval
-    from editguard.stats import interval_text, wilson_interval
+    from editguard.intervals import interval_text, wilson_interval
 
     assert wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)  # the textbook 0-of-10 case
     assert wilson_interval(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
