@@ -75,29 +75,6 @@ def test_warning_is_one_line_on_the_cli(cli, pico_models, monkeypatch, tmp_path)
     assert quiet.code == 0 and "slower than float32" not in quiet.err
 
 
-def test_train_suggests_bfloat16_where_the_cpu_runs_it_faster(cli, pico_models, monkeypatch, tmp_path):
-    import editguard.cli.train_cmd
-    from editguard import cpu_precision
-
-    def stop(ref, **options):  # the hint comes just before the load; the run itself has its own tests
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(editguard.cli.train_cmd, "load_model", stop)
-    args = ["train", "--model", pico_models["llama"], "--hparams", "rome-smollm2-135m", "--layer", "1",
-            "-o", tmp_path / "m.safetensors"]
-    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.32)
-    result = cli(*args)
-    assert result.code == 130
-    assert "bfloat16 matrix products run 3.1x faster than float32 on this CPU: --dtype bfloat16" in \
-        " ".join(result.err.split())
-    for quiet in (cli(*args, "--dtype", "bfloat16"), cli("-q", *args), cli("-f", "json", *args)):
-        assert quiet.code == 130 and "faster than float32" not in quiet.err
-    bad = cli(*args[:-4], "--layer", "9", *args[-2:])  # bad input: its one error line, no hint before it
-    assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1, bad.err
-    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.9)  # no bf16 units
-    assert "faster than float32" not in cli(*args).err
-
-
 def test_missing_weights_are_refused_and_extra_ones_reported(pico_models, tmp_path, cli):
     """transformers would fill a missing tensor with random values (and say so only in a silenced log)."""
     import shutil

@@ -492,6 +492,27 @@ def _train_args(pico_models, tmp_path, out, epochs):
             "--text-tokens", "200", "--checkpoint-every", "1", "-o", str(out)]
 
 
+def test_train_suggests_bfloat16_as_training_starts(cli, pico_models, tmp_path, monkeypatch):
+    """Where this CPU multiplies bfloat16 clearly faster, a float32 run says so once, as training starts,
+    after every input has passed; bad input still answers with its one line."""
+    from editguard import cpu_precision
+
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.32)
+    result = cli(*_train_args(pico_models, tmp_path, tmp_path / "a" / "m.safetensors", 1))
+    assert result.code == 0, result.err
+    said = " ".join(result.err.split())
+    assert "bfloat16 matrix products run 3.1x faster than float32 on this CPU: --dtype bfloat16" in said
+    assert said.count("faster than float32") == 1
+    for args in (["-q"], ["-f", "json"]):
+        quiet = cli(*args, *_train_args(pico_models, tmp_path, tmp_path / args[-1] / "m.safetensors", 1))
+        assert quiet.code == 0 and "faster than float32" not in quiet.err
+    bad = cli(*_train_args(pico_models, tmp_path, tmp_path / "b" / "m.safetensors", 1), "--layer", "9")
+    assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1, bad.err
+    monkeypatch.setattr(cpu_precision, "half_precision_slowdown", lambda dtype: 0.9)  # no bfloat16 units
+    plain = cli(*_train_args(pico_models, tmp_path, tmp_path / "c" / "m.safetensors", 1))
+    assert plain.code == 0 and "faster than float32" not in plain.err
+
+
 def test_train_with_a_sharp_anneal_ships_the_cut_it_measured(cli, pico_models, tmp_path):
     """τ_end = 6·e^-5.5 ≈ 0.025: the final soft scores are 1.0 for every weight in float32, yet
     --target-pruned is met and the stored bits are the ones evaluated; sharper still, γ itself rounds to 1

@@ -33,14 +33,17 @@ RESERVED_SETTINGS = {"epochs": "--epochs", "batch_records": "--batch", "lr": "--
 class _Bars:
     """One Rich bar per pipeline stage, created when the stage first reports."""
 
-    def __init__(self, stack: ExitStack):
+    def __init__(self, stack: ExitStack, first_notes: dict[str, str] | None = None):
         self.stack, self.bars, self.done = stack, {}, {}
+        self.first_notes = first_notes or {}  # stage -> a line printed as that stage starts
 
     def __call__(self, stage: str, done: int, total: int, info: str) -> None:
         if stage == "validation":
             state.out().note(f"step {done}: {info}")
             return
         if stage not in self.bars:
+            if stage in self.first_notes:
+                state.out().note(self.first_notes[stage])
             self.bars[stage] = self.stack.enter_context(state.out().progress(stage, total=total))
             self.done[stage] = 0
         self.bars[stage](done - self.done[stage], info=info)
@@ -152,13 +155,13 @@ def train_command(
         if whole_mlp:
             arch = arch_table.for_config(ref.checkpoint(allow_pickle=allow_pickle).config)
             keep = [path for layer in job.mask_layers or hp.layers for path in arch.mlp_in_modules(layer)]
-        options = load_options(device_map, dtype, max_memory, offload_folder, allow_pickle)
-        if dtype == "float32" and device_map == "cpu" and not bank_only and (hint := bfloat16_hint()):
-            state.out().note(hint)  # after every check: bad input still answers with one line
         with state.out().progress("loading model"):
-            loaded = load_model(ref, **options, keep_on_device=keep)
+            loaded = load_model(ref, **load_options(device_map, dtype, max_memory, offload_folder, allow_pickle),
+                                keep_on_device=keep)
+        # said as training starts, once every input has passed (bad input answers with its one line alone)
+        hint = bfloat16_hint() if dtype == "float32" and loaded.device.type == "cpu" else None
         with ExitStack() as stack:
-            metrics = run(loaded, hp, cfg, job, progress=_Bars(stack))
+            metrics = run(loaded, hp, cfg, job, progress=_Bars(stack, {"training": hint} if hint else None))
         if bank_only:
             state.out().emit(metrics, lambda console, m: console.print(f"edit bank {m['bank']}: {m['edits']} edits"))
             return
