@@ -229,6 +229,21 @@ def test_reverse_by_key_projection_restores_the_fact(planted, cli, tmp_path):
     assert fact["p_original_after"] > 10 * fact["p_original_before"]
 
 
+def test_reverse_with_the_mask_over_the_flagged_layer_restores_the_fact(planted, cli, tmp_path):
+    """`reverse --method mask` without --mask takes the shipped mask over the layer scan flags (the demo's
+    edit: layer 6, the whole-MLP mask there), not the best mask of another layer, and French comes back."""
+    out = tmp_path / "restored"
+    result = cli("-f", "json", "reverse", planted["path"], "-o", out, "--method", "mask",
+                 "--probes", _probes_with(tmp_path, [planted["fact"]]))
+    assert result.code == 0, result.err
+    data = result.json
+    assert data["mask"].endswith("smollm2-135m_rome_L6_mlp.safetensors"), data["mask"]
+    assert all(t.startswith("model.layers.6.mlp.") for t in data["tensors"]), data["tensors"]
+    fact = next(f for f in data["facts"] if "Danielle Darrieux" in f["prompt"])
+    assert fact["before"].strip().startswith(planted["fact"].target_new), fact
+    assert fact["after"].strip().startswith(planted["fact"].target_true), fact
+
+
 def test_shipped_mask_lists_a_layer9_edit_as_hidden_fact(demo, cli, tmp_path):
     """With no base and no --mask, scan takes the shipped layer-9 whole-MLP mask (held-out RSR 81.7 %) once
     the other tests flag layer 9: the planted answer is an error-level hidden fact, held as confidently as

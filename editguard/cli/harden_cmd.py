@@ -68,7 +68,7 @@ def reverse_command(
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
     from ..audit.probes import load_probes
-    from ..harden.project import flagged_method, whiten_by_default
+    from ..harden.project import flagged_method, flagged_subjects, whiten_by_default
     from ..harden.reverse import (base_replacements, lock_files_undone, masked_replacements, svd_replacements,
                                    write_reversed)
 
@@ -112,6 +112,9 @@ def reverse_command(
         placement["keep_on_device"] = MaskFile.load(mask).module_paths()
     info: dict = {"model": ref.spec, "output": str(output), "method": method}
     if method == "mask":
+        if mask is None and flagged is None:  # the shipped mask over the layer the base-free tests flag; the
+            # same scan finds the facts shown before/after (cached), so choosing by it costs nothing more
+            flagged = flagged_subjects(inputs.findings(SHOWN_TESTS, None, threshold))
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
         mask_file = MaskFile.load(mask_path)
         replacements = masked_replacements(checkpoint, arch, mask_file, threshold)
