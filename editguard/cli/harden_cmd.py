@@ -68,7 +68,7 @@ def reverse_command(
 ) -> None:
     """Reverse edits in MODEL and write a restored checkpoint; prints answers before and after."""
     from ..audit.probes import load_probes
-    from ..harden.project import flagged_method, flagged_subjects, whiten_by_default
+    from ..harden.project import flagged_method, whiten_by_default
     from ..harden.reverse import (base_replacements, lock_files_undone, masked_replacements, svd_replacements,
                                    write_reversed)
 
@@ -114,7 +114,7 @@ def reverse_command(
     if method == "mask":
         if mask is None and flagged is None:  # the shipped mask over the layer the base-free tests flag; the
             # same scan finds the facts shown before/after (cached), so choosing by it costs nothing more
-            flagged = flagged_subjects(inputs.findings(SHOWN_TESTS, None, threshold))
+            flagged = inputs.flagged(SHOWN_TESTS, required=False, threshold=threshold)
         mask_path = _mask_for(mask, arch, checkpoint, sorted(flagged or []), flagged_method(flagged))
         mask_file = MaskFile.load(mask_path)
         replacements = masked_replacements(checkpoint, arch, mask_file, threshold)
@@ -224,11 +224,13 @@ class _ReverseInput:
             self._scans[key] = result["_findings"]
         return self._scans[key]
 
-    def flagged(self, tests: tuple[str, ...], required: bool = True) -> dict[int, list[dict]]:
-        """{layer: facts whose subject the layer carries an edit for} from the base-free tests."""
+    def flagged(self, tests: tuple[str, ...], required: bool = True,
+                threshold: float | None = None) -> dict[int, list[dict]]:
+        """{layer: facts whose subject the layer carries an edit for} from the base-free tests (with "hidden",
+        under the shipped mask cut at `threshold`: the same scan `shown_facts` reads)."""
         from ..harden.project import flagged_subjects
 
-        flagged = flagged_subjects(self.findings(tests))
+        flagged = flagged_subjects(self.findings(tests, None, threshold))
         if not flagged and required:
             raise EditguardError("scan's base-free tests flag no layer; give --layers (svd) or --base")
         return flagged

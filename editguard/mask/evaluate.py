@@ -154,14 +154,14 @@ def rsr_report(loaded: LoadedModel, facts: list, module_path: str, transposed: b
 def summarise(facts: list, orig: torch.Tensor, edited: torch.Tensor, masked: torch.Tensor,
               control: torch.Tensor) -> dict:
     """RSR with its ceiling and controls from the four preference vectors (log p(true) − log p(new))."""
-    known = orig > 0
+    known, reversed_ = orig > 0, masked > 0
     report = {
         "n": len(facts),
-        "original_prefers_true": share(orig > 0),
+        "original_prefers_true": share(known),
         "edited_prefers_true": share(edited > 0),
-        "rsr": share(masked > 0),
-        "rsr_ci95": wilson_interval(int((masked > 0).sum()), len(facts)),
-        "rsr_known": share((masked > 0)[known]) if known.any() else float("nan"),
+        "rsr": share(reversed_),
+        "rsr_ci95": wilson_interval(int(reversed_.sum()), len(facts)),
+        "rsr_known": share(reversed_[known]) if known.any() else float("nan"),
         "known": int(known.sum()),
         "mask_on_unedited_prefers_true": share(control > 0),
         "per_relation": {},
